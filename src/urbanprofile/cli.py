@@ -1,0 +1,270 @@
+"""Command-line interface: a thin shell over data, methods, evaluation and the benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from urbanprofile.errors import UrbanProfileError
+
+app = typer.Typer(
+    help="urbanprofile: urban region profiling with leak-free evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+datasets_app = typer.Typer(help="Datasets found in the data directory.", no_args_is_help=True)
+methods_app = typer.Typer(help="Registered methods.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(methods_app, name="methods")
+
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Data directory (default: $URBANPROFILE_DATA).", show_default=False),
+]
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+def _seeds(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _split(value) or []]
+    except ValueError:
+        raise UrbanProfileError(f"--seeds must be comma-separated integers, got {value!r}") from None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+@datasets_app.command("list")
+def datasets_list(data_dir: DataDir = None) -> None:
+    """List the datasets discovered in the data directory (reads no arrays)."""
+    from urbanprofile.data.registry import discover
+
+    entries = discover(data_dir)
+    table = Table("dataset", "family", "path", "status")
+    for name, entry in entries.items():
+        status = "ok" if entry.complete else f"incomplete: missing {', '.join(entry.missing)}"
+        table.add_row(name, entry.family, str(entry.path), status)
+    out.print(table)
+
+
+@datasets_app.command("info")
+def datasets_info(
+    name: Annotated[str, typer.Argument(help="Dataset name, e.g. hafusion-nyc.")],
+    data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Regions, views, tasks and label statistics of one dataset."""
+    from urbanprofile.data.registry import load_dataset
+    from urbanprofile.data.tasks import task_data
+
+    city = load_dataset(name, data_dir)
+    summary = city.summary()
+    summary["task_rows"] = {t: task_data(city, t).describe() for t in city.tasks}
+    if as_json:
+        out.print_json(json.dumps(summary, default=str))
+        return
+    out.print(f"[bold]{city.name}[/bold]: {city.meta.get('description', '')}")
+    out.print(f"source: {city.meta.get('source')}")
+    out.print(f"locations: {city.meta.get('location_source')}")
+    views = Table("view", "shape")
+    for view, shape in summary["views"].items():
+        views.add_row(view, " x ".join(map(str, shape)))
+    out.print(views)
+    labels = Table("task", "n", "missing", "zeros", "mean", "std", "min", "max", "used for evaluation")
+    for task, stats in summary["tasks"].items():
+        labels.add_row(task, *(_fmt(stats[k], 1) for k in ("n", "missing", "zeros", "mean", "std", "min", "max")),
+                       summary["task_rows"][task])
+    out.print(labels)
+    for note in city.meta.get("notes", []):
+        out.print(f"note: {note}")
+
+
+# -- methods -----------------------------------------------------------------------------------------
+@methods_app.command("list")
+def methods_list() -> None:
+    """List registered methods and what they need."""
+    from urbanprofile.methods import get_method, list_methods
+
+    table = Table("method", "head", "needs", "seeds", "description")
+    for name in list_methods():
+        spec = get_method(name)
+        needs = ", ".join([*spec.requires_views, *(["locations"] if spec.needs_locations else [])])
+        table.add_row(name, spec.head, needs or "-", "several" if spec.stochastic else "one", spec.description)
+    out.print(table)
+
+
+# -- embed -------------------------------------------------------------------------------------------
+@app.command()
+def embed(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet or .csv file.")],
+    seed: Annotated[int, typer.Option("--seed", help="random_state of the method.")] = 0,
+    data_dir: DataDir = None,
+) -> None:
+    """Fit a method on a dataset and write one embedding row per region."""
+    from urbanprofile.data.registry import load_dataset
+    from urbanprofile.methods import get_method
+
+    spec = get_method(method)
+    suffix = out_path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise UrbanProfileError(f"{out_path}: output must end in .parquet or .csv")
+    city = load_dataset(name, data_dir)
+    spec.check_available(city)
+    with err.status(f"fitting {method} on {name}"):
+        embedding = spec.build(random_state=seed).fit_transform(city)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and move into place: a failure leaves no partial file.
+    handle, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=suffix)
+    os.close(handle)
+    try:
+        if suffix == ".parquet":
+            embedding.to_parquet(tmp)
+        else:
+            embedding.to_csv(tmp)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}")
+
+
+# -- evaluate and benchmark --------------------------------------------------------------------------
+def _print_rows_json(row: dict[str, Any]) -> None:
+    from urbanprofile.benchmark.runner import row_to_json
+
+    sys.stdout.write(json.dumps(row_to_json(row)) + "\n")
+    sys.stdout.flush()
+
+
+def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> Table:
+    from urbanprofile.benchmark.runner import format_mean_std, leaderboard
+
+    board = leaderboard(rows)
+    table = Table("dataset", "task", "protocol", "method", "n", "R²", "MAE", "RMSE", "worst-block R²",
+                  "Moran's I", "fit s", "seeds", title=title)
+    for r in board.to_dict("records"):
+        protocol = "paper (peers', for comparison)" if r["protocol"] == "paper" else r["protocol"]
+        table.add_row(
+            r["dataset"], r["task"], protocol, r["method"], str(r["n_regions"]),
+            format_mean_std(r["r2_mean"], r["r2_std"]), format_mean_std(r["mae_mean"], r["mae_std"], 1),
+            format_mean_std(r["rmse_mean"], r["rmse_std"], 1), _fmt(r["worst_block_r2_mean"]),
+            _fmt(r["morans_i_mean"]), _fmt(r["fit_seconds_mean"], 2), str(r["n_seeds"]),
+        )
+    return table
+
+
+@app.command()
+def evaluate(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
+    task: Annotated[str, typer.Option("--task", "-t", help="Task (indicator) name.")],
+    protocol: Annotated[str, typer.Option("--protocol", "-p", help="paper, nested or spatial.")] = "nested",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2,3,4",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Evaluate one method on one task under one protocol, over seeds."""
+    from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
+
+    plan = BenchmarkPlan(datasets=[name], methods=[method], tasks=[task], protocols=[protocol], seeds=_seeds(seeds))
+    outcome = run_benchmark(plan, data_dir, store=None, progress=not as_json,
+                            on_row=_print_rows_json if as_json else None)
+    if not outcome.rows and outcome.skipped:
+        raise UrbanProfileError(outcome.skipped[0])
+    for line in outcome.skipped:
+        err.print(f"skipped: {line}")
+    if not as_json and outcome.rows:
+        out.print(_leaderboard_table(outcome.rows, f"{method} on {name}"))
+
+
+@app.command()
+def benchmark(
+    datasets: Annotated[str | None, typer.Option("--datasets", help="Comma-separated datasets (default all).")] = None,
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (default all).")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated tasks (default all).")] = None,
+    protocols: Annotated[str, typer.Option("--protocols", help="Comma-separated protocols.")] = "paper,nested,spatial",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (stochastic methods).")] = "0,1,2,3,4",
+    store_path: Annotated[Path, typer.Option("--store", help="DuckDB results store.")] = Path(
+        "results/urbanprofile.duckdb"),
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per new result on stdout.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Run a grid of datasets x methods x tasks x protocols x seeds; finished rows are skipped on re-runs."""
+    from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark, validate_plan
+    from urbanprofile.benchmark.store import ResultStore
+    from urbanprofile.methods import get_method
+
+    plan = BenchmarkPlan(
+        datasets=_split(datasets), methods=_split(methods), tasks=_split(tasks),
+        protocols=_split(protocols) or [], seeds=_seeds(seeds),
+    )
+    names, specs = validate_plan(plan, data_dir)
+    with ResultStore(store_path) as store:
+        outcome = run_benchmark(plan, data_dir, store=store, progress=True,
+                                on_row=_print_rows_json if as_json else None)
+        hashes = {get_method(s.name).config_hash for s in specs}
+        rows = [
+            r for r in store.rows({"dataset": names, "method": [s.name for s in specs],
+                                   "protocol": plan.protocols})
+            if r["config_hash"] in hashes and r["seed"] in set(plan.seeds)
+            and (plan.tasks is None or r["task"] in plan.tasks)
+        ]
+    for line in outcome.skipped:
+        err.print(f"skipped: {line}")
+    console = err if as_json else out
+    if rows:
+        console.print(_leaderboard_table(rows, "leaderboard (mean ± std over seeds)"))
+    console.print(
+        f"{len(outcome.rows)} new results, {outcome.n_resumed} already in {store_path}, "
+        f"{outcome.wall_seconds:.1f} s"
+    )
+
+
+def main() -> None:
+    """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except UrbanProfileError as error:
+        message = " ".join(str(error).split())  # always one line
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as error:
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Readers for untrusted data files that fail with one line naming the file and what is wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from urbanprofile.errors import DataError
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+
+
+def load_npy(path: Path, ndim: int | None = None, shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+    """Load a ``.npy`` array without pickle and check its rank and shape.
+
+    Args:
+        path: The file.
+        ndim: Required number of dimensions.
+        shape: Required shape; ``None`` entries match any length.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "pickle" in str(err).lower():
+            raise DataError(f"{path}: holds an object array that needs pickle; refused (store numbers)") from None
+        raise DataError(f"{path}: not a readable .npy file ({err})") from None
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy file ({err})") from None
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{path}: expected a single array, got {type(array).__name__}")
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path}: expected numbers, got dtype {array.dtype}")
+    if ndim is not None and array.ndim != ndim:
+        raise DataError(f"{path}: expected a {ndim}-D array, got shape {array.shape}")
+    if shape is not None and (
+        len(shape) != array.ndim or any(s is not None and s != a for s, a in zip(shape, array.shape, strict=True))
+    ):
+        want = "x".join("N" if s is None else str(s) for s in shape)
+        raise DataError(f"{path}: wrong shape {array.shape}, expected {want}")
+    return array
+
+
+def load_json(path: Path) -> Any:
+    """Load a JSON file, naming it on failure."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_vector(path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
+    """Read a vector file (shapefile, GeoPackage, GeoJSON, GeoParquet) into EPSG:4326.
+
+    Args:
+        path: The file.
+        crs: CRS to assume when the file declares none; without it such a file is an error.
+    """
+    import geopandas as gpd
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path, engine="pyogrio")
+    except Exception as err:  # the GIS readers raise many types for a corrupt file
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: cannot read vector data ({first})") from None
+    if frame.crs is None:
+        if crs is None:
+            raise DataError(f"{path}: has no CRS (no .prj); pass the CRS it is in (e.g. --crs EPSG:4326)")
+        frame = frame.set_crs(crs)
+    if not frame.crs.equals("EPSG:4326"):
+        frame = frame.to_crs("EPSG:4326")
+    return frame

@@ -1,0 +1,121 @@
+"""Discover datasets from the layout of a data directory (no hard-coded list) and load them by name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from urbanprofile.errors import DatasetNotFoundError, unknown_name
+
+if TYPE_CHECKING:
+    from urbanprofile.data.city import CityData
+
+ENV_VAR = "URBANPROFILE_DATA"
+
+#: Files every ``hafusion/<city>/`` folder must hold to be a dataset.
+HAFUSION_REQUIRED = (
+    "poi_dist.npy",
+    "landUse_dist.npy",
+    "mob_dist.npy",
+    "check_counts.npy",
+    "crime_counts.npy",
+    "serviceCall_counts.npy",
+)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A dataset found in the data directory, not yet loaded."""
+
+    name: str
+    family: str
+    path: Path
+    missing: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def load(self) -> CityData:
+        """Read and validate the dataset."""
+        from urbanprofile.errors import DataError
+
+        if self.missing:
+            raise DataError(f"{self.path / self.missing[0]}: file not found (required for dataset {self.name!r})")
+        loader = _LOADERS[self.family]
+        return loader(self).validate()
+
+
+def _load_hafusion(entry: DatasetEntry) -> CityData:
+    from urbanprofile.data.hafusion import load_hafusion_city
+
+    return load_hafusion_city(entry.path, entry.name)
+
+
+def _load_cityview(entry: DatasetEntry) -> CityData:
+    from urbanprofile.data.cityview import load_cityview_city
+
+    return load_cityview_city(entry.path, entry.name)
+
+
+_LOADERS: dict[str, Callable[[DatasetEntry], CityData]] = {
+    "hafusion": _load_hafusion,
+    "cityview": _load_cityview,
+}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory: the argument, else ``$URBANPROFILE_DATA``; it must exist."""
+    chosen = data_dir if data_dir is not None else os.environ.get(ENV_VAR)
+    if not chosen:
+        raise DatasetNotFoundError(f"no data directory: pass --data-dir or set {ENV_VAR}")
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"data directory {path} does not exist")
+    return path
+
+
+def discover(data_dir: str | os.PathLike[str] | None = None) -> dict[str, DatasetEntry]:
+    """Every dataset in the data directory, by name, without reading any array.
+
+    ``hafusion/<city>/`` holding any of the multi-view files is ``hafusion-<city>`` (listed as incomplete
+    when some required file is missing); ``cityview/labels/<City>.csv`` is ``cityview-<city>``.
+    """
+    root = resolve_data_dir(data_dir)
+    found: dict[str, DatasetEntry] = {}
+    hafusion = root / "hafusion"
+    if hafusion.is_dir():
+        for folder in sorted(p for p in hafusion.iterdir() if p.is_dir()):
+            present = [f for f in HAFUSION_REQUIRED if (folder / f).is_file()]
+            if not present:
+                continue
+            missing = tuple(f for f in HAFUSION_REQUIRED if f not in present)
+            name = f"hafusion-{folder.name.lower()}"
+            found[name] = DatasetEntry(name, "hafusion", folder, missing)
+    labels = root / "cityview" / "labels"
+    if labels.is_dir():
+        for csv in sorted(labels.glob("*.csv")):
+            name = f"cityview-{csv.stem.lower()}"
+            found[name] = DatasetEntry(name, "cityview", csv)
+    return found
+
+
+def list_datasets(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Names of the datasets in the data directory."""
+    return sorted(discover(data_dir))
+
+
+def get_entry(name: str, data_dir: str | os.PathLike[str] | None = None) -> DatasetEntry:
+    """The entry of a dataset, or a one-line error listing the valid names."""
+    entries = discover(data_dir)
+    if name not in entries:
+        raise unknown_name("dataset", name, entries)
+    return entries[name]
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> CityData:
+    """Load and validate a dataset by name."""
+    return get_entry(name, data_dir).load()

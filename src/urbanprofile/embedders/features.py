@@ -1,0 +1,50 @@
+"""Feature matrices shared by the baselines: stacked raw views and location encodings."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from urbanprofile.data.city import CityData
+
+#: The views stacked by ``raw-all`` (and fed to PCA and the autoencoder).
+ALL_VIEWS = ("poi_counts", "landuse_counts", "od_flows")
+
+
+def mobility_profiles(city: CityData) -> np.ndarray:
+    """Out-flow (OD row) and in-flow (OD column) trip counts of every region, side by side."""
+    od = city.view("od_flows").to_numpy(dtype=float)
+    return np.hstack([od, od.T])
+
+
+def view_matrix(city: CityData, view: str) -> np.ndarray:
+    """One view as a float matrix; ``od_flows`` becomes out- and in-flow profiles."""
+    if view == "od_flows":
+        return mobility_profiles(city)
+    return city.view(view).to_numpy(dtype=float)
+
+
+def stacked_views(city: CityData, views: tuple[str, ...] = ALL_VIEWS) -> np.ndarray:
+    return np.hstack([view_matrix(city, v) for v in views])
+
+
+class LogScaler:
+    """log1p of counts, then zero mean and unit variance per column, with statistics kept from ``fit``."""
+
+    def fit(self, matrix: np.ndarray) -> LogScaler:
+        logged = np.log1p(np.clip(matrix, 0, None))
+        self.mean_ = logged.mean(axis=0)
+        std = logged.std(axis=0)
+        self.scale_ = np.where(std > 0, std, 1.0)  # constant columns stay zero
+        return self
+
+    def transform(self, matrix: np.ndarray) -> np.ndarray:
+        return (np.log1p(np.clip(matrix, 0, None)) - self.mean_) / self.scale_
+
+
+def sinusoidal_location(xy_km: np.ndarray, wavelengths_km: tuple[float, ...]) -> np.ndarray:
+    """Multi-scale sinusoidal features of planar coordinates (sin and cos per axis and wavelength)."""
+    columns = [xy_km]
+    for wavelength in wavelengths_km:
+        phase = 2 * np.pi * xy_km / wavelength
+        columns += [np.sin(phase), np.cos(phase)]
+    return np.hstack(columns)

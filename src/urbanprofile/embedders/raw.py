@@ -1,0 +1,84 @@
+"""Raw-feature baselines: the views themselves, and coordinates, as embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from urbanprofile.data.city import CityData
+from urbanprofile.embedders.base import Embedder, as_embedding
+from urbanprofile.embedders.features import ALL_VIEWS, sinusoidal_location, stacked_views
+
+
+class RawViews(Embedder):
+    """Concatenate raw views (counts as they are; ``od_flows`` as out- and in-flow profiles).
+
+    Args:
+        views: Views to stack, e.g. ``("poi_counts",)``.
+    """
+
+    def __init__(self, views: tuple[str, ...] = ALL_VIEWS, random_state: int | None = None) -> None:
+        self.views = views
+        self.random_state = random_state
+
+    @property
+    def required_views(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self.views)
+
+    def fit(self, city: CityData) -> RawViews:
+        if not self.views:
+            raise ValueError("views must name at least one view")
+        for view in self.views:
+            city.view(view)
+        self.n_features_ = stacked_views(city, tuple(self.views)).shape[1]
+        return self
+
+    def transform(self, city: CityData) -> pd.DataFrame:
+        self._check_fitted("n_features_")
+        return as_embedding(stacked_views(city, tuple(self.views)), city.region_ids)
+
+
+class SinusoidalLocation(Embedder):
+    """Multi-scale sinusoidal features of region centroids (a location-only baseline).
+
+    Args:
+        wavelengths_km: Wavelengths of the sin/cos features; the default spans a block to a city.
+    """
+
+    needs_locations = True
+
+    def __init__(
+        self,
+        wavelengths_km: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
+        random_state: int | None = None,
+    ) -> None:
+        self.wavelengths_km = wavelengths_km
+        self.random_state = random_state
+
+    def fit(self, city: CityData) -> SinusoidalLocation:
+        if not self.wavelengths_km or min(self.wavelengths_km) <= 0:
+            raise ValueError(f"wavelengths_km must be positive, got {self.wavelengths_km}")
+        self.origin_ = city.coordinates().mean(axis=0)
+        return self
+
+    def transform(self, city: CityData) -> pd.DataFrame:
+        self._check_fitted("origin_")
+        return as_embedding(sinusoidal_location(city.coordinates_km(), tuple(self.wavelengths_km)), city.region_ids)
+
+
+class Coordinates(Embedder):
+    """Centroids in local kilometres: the input of the k-nearest-neighbour location baseline."""
+
+    needs_locations = True
+
+    def __init__(self, random_state: int | None = None) -> None:
+        self.random_state = random_state
+
+    def fit(self, city: CityData) -> Coordinates:
+        self.n_features_ = 2
+        city.coordinates()
+        return self
+
+    def transform(self, city: CityData) -> pd.DataFrame:
+        self._check_fitted("n_features_")
+        return as_embedding(np.asarray(city.coordinates_km()), city.region_ids)

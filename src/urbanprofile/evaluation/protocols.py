@@ -1,0 +1,185 @@
+"""Evaluation protocols (paper, nested, spatial) applied to a region embedding, with geographic bias.
+
+A protocol knows nothing about any method: it receives an embedding (a DataFrame indexed by
+``region_id``) and the kind of head to probe it with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import KFold
+
+from urbanprofile.data.city import CityData
+from urbanprofile.data.tasks import TaskData, task_data
+from urbanprofile.errors import DataError, MethodUnavailableError, unknown_name
+from urbanprofile.evaluation.metrics import regression_metrics
+from urbanprofile.evaluation.spatial import BLOCK_SEED, adjacency_weights, morans_i, spatial_blocks
+from urbanprofile.heads.probes import make_probe
+
+PROTOCOLS = {
+    "paper": "the peers' protocol: Ridge(alpha=1) on the raw embedding, their folds; for comparison only",
+    "nested": "same outer folds; alpha, scaling and log1p target chosen by inner CV on training folds",
+    "spatial": "spatial block 5-fold (whole k-means blocks of centroids per fold); inner CV grouped by block",
+}
+#: Folds of the spatial protocol; each holds whole blocks.
+N_SPATIAL_FOLDS = 5
+#: Blocks per-block bias is measured on (large areas: a fifth of the city each).
+N_BIAS_BLOCKS = 5
+#: About this many regions per block of the spatial protocol, with 5 to 50 blocks in all.
+REGIONS_PER_BLOCK = 20
+
+
+def n_spatial_blocks(n_regions: int) -> int:
+    """Blocks of the spatial protocol: ~20 regions each (NYC 9, Chicago 5, a CityView city 50)."""
+    return int(np.clip(round(n_regions / REGIONS_PER_BLOCK), N_SPATIAL_FOLDS, 50))
+
+
+@dataclass
+class ProtocolResult:
+    """Pooled out-of-fold predictions of one (task, protocol) with metrics and bias figures."""
+
+    task: str
+    protocol: str
+    region_ids: pd.Index
+    y: np.ndarray
+    pred: np.ndarray
+    fold: np.ndarray
+    metrics: dict[str, float]
+    bias: dict[str, Any]
+    chosen: list[dict[str, Any]] = field(default_factory=list)
+    head_seconds: float = 0.0
+    task_info: str = ""
+
+    @property
+    def n_regions(self) -> int:
+        return len(self.y)
+
+    def predictions(self) -> pd.DataFrame:
+        frame = pd.DataFrame(
+            {"y": self.y, "pred": self.pred, "residual": self.y - self.pred, "fold": self.fold},
+            index=self.region_ids,
+        )
+        frame.index.name = "region_id"
+        return frame
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise unknown_name("protocol", protocol, PROTOCOLS)
+
+
+def outer_splits(city: CityData, task: TaskData, protocol: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Outer folds as index arrays into the task's regions."""
+    check_protocol(protocol)
+    n = len(task.y)
+    if protocol == "spatial":
+        n_blocks = n_spatial_blocks(city.n_regions)
+        blocks = _task_blocks(city, task, n_blocks)
+        # Deal whole blocks to folds in a fixed shuffled order, so no block is split across folds.
+        fold_of_block = np.random.default_rng(BLOCK_SEED).permutation(n_blocks) % N_SPATIAL_FOLDS
+        folds = fold_of_block[blocks]
+        return [(np.where(folds != f)[0], np.where(folds == f)[0]) for f in np.unique(folds)]
+    settings = city.meta.get("paper_folds", {"n_splits": 10, "shuffle": True, "random_state": 2024})
+    n_splits = min(int(settings["n_splits"]), n)
+    shuffle = bool(settings["shuffle"])
+    splitter = KFold(n_splits=n_splits, shuffle=shuffle, random_state=settings["random_state"] if shuffle else None)
+    return list(splitter.split(np.zeros(n)))
+
+
+def _task_blocks(city: CityData, task: TaskData, n_blocks: int) -> np.ndarray:
+    blocks = pd.Series(spatial_blocks(city, n_blocks), index=city.region_ids)
+    return blocks.loc[task.region_ids].to_numpy()
+
+
+def evaluate_embedding(
+    city: CityData,
+    embedding: pd.DataFrame,
+    task: str,
+    protocol: str = "nested",
+    head: str = "ridge",
+    random_state: int | None = 0,
+) -> ProtocolResult:
+    """Cross-validate a probe on an embedding and measure its error and geographic bias.
+
+    Args:
+        city: The city (targets, locations, folds settings).
+        embedding: One row per region, indexed by ``region_id``.
+        task: Indicator to predict.
+        protocol: ``paper``, ``nested`` or ``spatial``.
+        head: ``ridge`` or ``knn``.
+        random_state: Seed of the inner folds.
+    """
+    check_protocol(protocol)
+    if protocol == "spatial" and not city.has_locations:
+        raise MethodUnavailableError(f"spatial protocol needs region locations; {city.name!r} has none")
+    td = task_data(city, task)
+    missing = td.region_ids.difference(embedding.index)
+    if len(missing):
+        raise DataError(f"embedding has no row for region {missing[0]} of {city.name!r}")
+    X = embedding.loc[td.region_ids].to_numpy(dtype=float)
+    if not np.isfinite(X).all():
+        raise DataError(f"embedding has NaN or infinite values for {city.name!r}")
+    y = td.y
+    inner_groups = _task_blocks(city, td, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
+
+    pred = np.zeros_like(y)
+    fold = np.zeros(len(y), dtype=int)
+    chosen: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for k, (train, test) in enumerate(outer_splits(city, td, protocol)):
+        probe = make_probe(head, protocol, random_state)
+        groups = inner_groups[train] if inner_groups is not None else None
+        probe.fit(X[train], y[train], groups=groups)
+        pred[test] = probe.predict(X[test])
+        fold[test] = k
+        chosen.append(probe.chosen())
+    head_seconds = time.perf_counter() - start
+    return ProtocolResult(
+        task=task,
+        protocol=protocol,
+        region_ids=td.region_ids,
+        y=y,
+        pred=pred,
+        fold=fold,
+        metrics=regression_metrics(y, pred),
+        bias=geographic_bias(city, td, y, pred),
+        chosen=chosen,
+        head_seconds=head_seconds,
+        task_info=td.describe(),
+    )
+
+
+def geographic_bias(city: CityData, td: TaskData, y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """Per-block R^2 and MAE, the worst block's gap to the whole, and Moran's I of the residuals."""
+    nan = float("nan")
+    if not city.has_locations:
+        return {"block_r2": {}, "block_mae": {}, "worst_block_r2": nan, "r2_gap": nan,
+                "worst_block_mae": nan, "morans_i": nan, "weights": "no locations"}
+    blocks = _task_blocks(city, td, N_BIAS_BLOCKS)
+    per_r2: dict[str, float] = {}
+    per_mae: dict[str, float] = {}
+    for b in np.unique(blocks):
+        inside = blocks == b
+        m = regression_metrics(y[inside], pred[inside])
+        per_r2[str(int(b))] = m["r2"]
+        per_mae[str(int(b))] = m["mae"]
+    overall = regression_metrics(y, pred)["r2"]
+    finite_r2 = [v for v in per_r2.values() if np.isfinite(v)]
+    worst = min(finite_r2) if finite_r2 else nan
+    weights, source = adjacency_weights(city)
+    position = pd.Series(np.arange(city.n_regions), index=city.region_ids).loc[td.region_ids].to_numpy()
+    sub = weights[position][:, position]
+    return {
+        "block_r2": per_r2,
+        "block_mae": per_mae,
+        "worst_block_r2": worst,
+        "r2_gap": overall - worst,
+        "worst_block_mae": max(per_mae.values()),
+        "morans_i": morans_i(y - pred, sub.tocsr()),
+        "weights": source,
+    }

@@ -1,0 +1,72 @@
+"""Spatial structure for evaluation: blocks from clustering locations, and region adjacency weights."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+
+from urbanprofile.data.city import CityData
+
+#: Seed of the block clustering, fixed so that blocks are the same for every method and run.
+BLOCK_SEED = 2024
+
+
+def spatial_blocks(city: CityData, n_blocks: int) -> np.ndarray:
+    """Cluster region centroids (local km) into ``n_blocks`` contiguous blocks; one label per region."""
+    from sklearn.cluster import KMeans
+
+    key = ("spatial_blocks", n_blocks)
+    if key not in city.cache:
+        xy = city.coordinates_km()
+        n = min(n_blocks, len(xy))
+        city.cache[key] = KMeans(n_clusters=n, n_init=10, random_state=BLOCK_SEED).fit_predict(xy)
+    return np.asarray(city.cache[key])
+
+
+def adjacency_weights(city: CityData, k: int = 6) -> tuple[sparse.csr_matrix, str]:
+    """Binary symmetric region adjacency: shared borders when known, else k nearest centroids.
+
+    Returns:
+        The (N, N) weights in the order of ``city.regions`` and a word on where they came from.
+    """
+    key = ("adjacency_weights", k)
+    if key in city.cache:
+        return city.cache[key]
+    n = city.n_regions
+    if city.neighbors is not None and any(city.neighbors.values()):
+        position = {region: i for i, region in enumerate(city.region_ids)}
+        rows, cols = [], []
+        for region, adjacent in city.neighbors.items():
+            for other in adjacent:
+                rows.append(position[region])
+                cols.append(position[other])
+        source = "neighbors"
+    else:
+        from sklearn.neighbors import NearestNeighbors
+
+        xy = city.coordinates_km()
+        k = min(k, n - 1)
+        _, idx = NearestNeighbors(n_neighbors=k + 1).fit(xy).kneighbors(xy)
+        rows = np.repeat(np.arange(n), k).tolist()
+        cols = idx[:, 1:].ravel().tolist()
+        source = f"{k} nearest centroids"
+    weights = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    weights = ((weights + weights.T) > 0).astype(float)
+    weights.setdiag(0)
+    weights.eliminate_zeros()
+    city.cache[key] = (sparse.csr_matrix(weights), source)
+    return city.cache[key]
+
+
+def morans_i(values: np.ndarray, weights: sparse.csr_matrix) -> float:
+    """Moran's I of ``values`` under binary ``weights`` (regions without neighbours are ignored)."""
+    has = np.asarray(weights.sum(axis=1)).ravel() > 0
+    if has.sum() < 3:
+        return float("nan")
+    w = weights[has][:, has]
+    z = values[has] - values[has].mean()
+    denom = float(z @ z)
+    total = float(w.sum())
+    if denom == 0 or total == 0:
+        return float("nan")
+    return float(len(z) / total * (z @ (w @ z)) / denom)

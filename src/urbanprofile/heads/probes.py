@@ -1,0 +1,251 @@
+"""Probes that turn embeddings into predictions, choosing their settings by inner cross-validation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.model_selection import GroupKFold, KFold
+from sklearn.neighbors import NearestNeighbors
+
+DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-3, 5, 17))
+DEFAULT_KS = (1, 2, 3, 5, 8, 12, 20, 30, 50)
+
+
+def inner_splits(
+    n: int, cv: int, groups: np.ndarray | None, random_state: int | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Inner folds over the training regions: grouped (spatial) when groups are given, else shuffled."""
+    if groups is not None and len(np.unique(groups)) >= 2:
+        n_splits = min(cv, len(np.unique(groups)))
+        yield from GroupKFold(n_splits=n_splits).split(np.zeros(n), groups=groups)
+    else:
+        yield from KFold(n_splits=min(cv, n), shuffle=True, random_state=random_state).split(np.zeros(n))
+
+
+def _standardize(train: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return (train - mean) / std, (other - mean) / std
+
+
+def ridge_path(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_eval: np.ndarray,
+    alphas: np.ndarray,
+    svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Ridge predictions (with intercept) for many alphas from one SVD: shape (n_eval, n_alphas).
+
+    Args:
+        svd: ``np.linalg.svd`` of the centred ``x_train`` when already known (it does not depend on y).
+    """
+    x_mean = x_train.mean(axis=0)
+    y_mean = y_train.mean()
+    u, s, vt = svd if svd is not None else np.linalg.svd(x_train - x_mean, full_matrices=False)
+    projected = u.T @ (y_train - y_mean)
+    shrink = s[None, :] / (s[None, :] ** 2 + alphas[:, None])  # (n_alphas, rank)
+    coefs = (shrink * projected[None, :]) @ vt  # (n_alphas, n_features)
+    return (x_eval - x_mean) @ coefs.T + y_mean
+
+
+class _Target:
+    """The optional log1p target transform; predictions are capped at twice the largest training label.
+
+    Without a cap one outlying region (NYC's 1.5 M-trip self-loop) makes a linear fit extrapolate to
+    absurd values; the cap comes from training labels only.
+    """
+
+    def __init__(self, log: bool, y_train: np.ndarray, capped: bool = True) -> None:
+        self.log = log
+        self.cap = 2 * max(float(y_train.max()), 1.0) if capped else np.inf
+
+    def forward(self, y: np.ndarray) -> np.ndarray:
+        return np.log1p(np.clip(y, 0, None)) if self.log else y
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        if self.log:
+            return np.expm1(np.clip(z, None, np.log1p(self.cap)))
+        return np.clip(z, None, self.cap)
+
+
+def _features(
+    x_train: np.ndarray, x_other: np.ndarray, log: bool, scale: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the feature options, with statistics from the training rows only."""
+    if log:
+        x_train, x_other = np.log1p(x_train), np.log1p(np.clip(x_other, 0, None))
+    if scale:
+        x_train, x_other = _standardize(x_train, x_other)
+    return x_train, x_other
+
+
+class RidgeProbe(BaseEstimator, RegressorMixin):
+    """Ridge regression whose alpha, feature transform and target transform are chosen by inner CV.
+
+    With single options (``RidgeProbe(alphas=(1.0,), log_features=(False,), scale=(False,),
+    log_target=(False,))``) it is the peers' plain ``Ridge(alpha=1)``. Selection minimises the pooled
+    inner-fold squared error in the original label units; predictions are clipped at 0 (the labels are
+    counts or amounts) and, when any option is selected, capped at twice the largest training label.
+
+    Args:
+        alphas: Regularisation strengths to choose from.
+        log_features: log1p feature options (only tried when every training feature is >= 0, i.e. counts).
+        scale: Standardisation options (fit on the training rows only).
+        log_target: Target options (``True`` fits on log1p(y)).
+        cv: Inner folds.
+        random_state: Seed of the inner fold shuffle.
+    """
+
+    def __init__(
+        self,
+        alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+        log_features: tuple[bool, ...] = (False, True),
+        scale: tuple[bool, ...] = (True, False),
+        log_target: tuple[bool, ...] = (False, True),
+        cv: int = 5,
+        random_state: int | None = 0,
+    ) -> None:
+        self.alphas = alphas
+        self.log_features = log_features
+        self.scale = scale
+        self.log_target = log_target
+        self.cv = cv
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> RidgeProbe:
+        X = np.asarray(X, dtype=float)
+        y = np.asarray(y, dtype=float)
+        if X.ndim != 2 or len(X) != len(y):
+            raise ValueError(f"X must be 2-D with one row per label, got {X.shape} and {y.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError("embedding has NaN or infinite values")
+        alphas = np.asarray(self.alphas, dtype=float)
+        counts = bool((X >= 0).all())
+        feature_options = [(lf, sc) for lf in self.log_features if counts or not lf for sc in self.scale]
+        if not feature_options:
+            raise ValueError("log_features=(True,) needs non-negative features")
+        n_options = len(feature_options) * len(self.log_target)
+        if n_options == 1 and len(alphas) == 1:
+            best = (*feature_options[0], self.log_target[0], float(alphas[0]))
+        else:
+            options = [(lf, sc, lt) for lf, sc in feature_options for lt in self.log_target]
+            errors = np.zeros((len(options), len(alphas)))
+            for train, val in inner_splits(len(y), self.cv, groups, self.random_state):
+                for lf, sc in feature_options:
+                    x_tr, x_va = _features(X[train], X[val], lf, sc)
+                    svd = np.linalg.svd(x_tr - x_tr.mean(axis=0), full_matrices=False)
+                    for lt in self.log_target:
+                        target = _Target(lt, y[train])
+                        z = ridge_path(x_tr, target.forward(y[train]), x_va, alphas, svd)
+                        pred = np.clip(target.inverse(z), 0, None)
+                        errors[options.index((lf, sc, lt))] += ((pred - y[val, None]) ** 2).sum(axis=0)
+            o, a = np.unravel_index(int(np.argmin(errors)), errors.shape)
+            best = (*options[o], float(alphas[a]))
+        self.log_features_, self.scale_, self.log_target_, self.alpha_ = best
+        self.capped_ = not (n_options == 1 and len(alphas) == 1)
+        self.X_train_, self.y_train_ = X, y
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=float)
+        x_tr, x_ev = _features(self.X_train_, X, self.log_features_, self.scale_)
+        target = _Target(self.log_target_, self.y_train_, capped=self.capped_)
+        z = ridge_path(x_tr, target.forward(self.y_train_), x_ev, np.array([self.alpha_]))[:, 0]
+        return np.clip(target.inverse(z), 0, None)
+
+    def chosen(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha_,
+            "log_features": bool(self.log_features_),
+            "scale": bool(self.scale_),
+            "log_target": bool(self.log_target_),
+        }
+
+
+class KNNProbe(BaseEstimator, RegressorMixin):
+    """k-nearest-neighbour regression whose k and weighting are chosen by inner CV.
+
+    Args:
+        ks: Neighbour counts to choose from.
+        weights: ``"uniform"`` and/or ``"distance"``.
+        cv: Inner folds.
+        random_state: Seed of the inner fold shuffle.
+    """
+
+    def __init__(
+        self,
+        ks: tuple[int, ...] = DEFAULT_KS,
+        weights: tuple[str, ...] = ("uniform", "distance"),
+        cv: int = 5,
+        random_state: int | None = 0,
+    ) -> None:
+        self.ks = ks
+        self.weights = weights
+        self.cv = cv
+        self.random_state = random_state
+
+    @staticmethod
+    def _predict_all(
+        x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, ks: np.ndarray, weighting: str
+    ) -> np.ndarray:
+        k_max = int(min(ks.max(), len(x_train)))
+        dist, idx = NearestNeighbors(n_neighbors=k_max).fit(x_train).kneighbors(x_eval)
+        w = 1.0 / np.maximum(dist, 1e-9) if weighting == "distance" else np.ones_like(dist)
+        num = np.cumsum(w * y_train[idx], axis=1)
+        den = np.cumsum(w, axis=1)
+        cols = np.minimum(ks, k_max) - 1
+        return num[:, cols] / den[:, cols]  # (n_eval, n_ks)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> KNNProbe:
+        X = np.asarray(X, dtype=float)
+        y = np.asarray(y, dtype=float)
+        if X.ndim != 2 or len(X) != len(y):
+            raise ValueError(f"X must be 2-D with one row per label, got {X.shape} and {y.shape}")
+        bad = [w for w in self.weights if w not in ("uniform", "distance")]
+        if bad or not self.weights:
+            raise ValueError(f"weights must be 'uniform' and/or 'distance', got {self.weights}")
+        ks = np.asarray(self.ks, dtype=int)
+        if (ks < 1).any():
+            raise ValueError(f"ks must be >= 1, got {self.ks}")
+        if len(ks) == 1 and len(self.weights) == 1:
+            self.k_, self.weighting_ = int(ks[0]), self.weights[0]
+        else:
+            errors = np.zeros((len(self.weights), len(ks)))
+            for train, val in inner_splits(len(y), self.cv, groups, self.random_state):
+                for w, weighting in enumerate(self.weights):
+                    pred = self._predict_all(X[train], y[train], X[val], ks, weighting)
+                    errors[w] += ((pred - y[val, None]) ** 2).sum(axis=0)
+            best_w, best_k = np.unravel_index(int(np.argmin(errors)), errors.shape)
+            self.k_, self.weighting_ = int(ks[best_k]), self.weights[best_w]
+        self.X_train_, self.y_train_ = X, y
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=float)
+        ks = np.array([self.k_])
+        return self._predict_all(self.X_train_, self.y_train_, X, ks, self.weighting_)[:, 0]
+
+    def chosen(self) -> dict[str, Any]:
+        return {"k": self.k_, "weights": self.weighting_}
+
+
+#: Head kinds a method can ask for.
+HEADS = ("ridge", "knn")
+
+
+def make_probe(head: str, protocol: str, random_state: int | None = 0) -> RidgeProbe | KNNProbe:
+    """The probe for a head kind under a protocol: fixed peer settings for ``paper``, selected otherwise."""
+    if head == "ridge":
+        if protocol == "paper":
+            return RidgeProbe(alphas=(1.0,), log_features=(False,), scale=(False,), log_target=(False,))
+        return RidgeProbe(random_state=random_state)
+    if head == "knn":
+        if protocol == "paper":
+            return KNNProbe(ks=(5,), weights=("uniform",))
+        return KNNProbe(random_state=random_state)
+    raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")

@@ -1,0 +1,140 @@
+"""The method registry: every embedder by name, what it needs, and how it is probed.
+
+Methods are described by a :class:`MethodSpec` and imported only when built, so listing them or
+running data commands never imports torch. A new method plugs in with :func:`register_method` (or an
+``urbanprofile.methods`` entry point returning a ``MethodSpec``); the CLI and benchmark pick it up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from urbanprofile.errors import MethodUnavailableError, unknown_name
+
+if TYPE_CHECKING:
+    from urbanprofile.data.city import CityData
+    from urbanprofile.embedders.base import Embedder
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to build and evaluate one method.
+
+    Attributes:
+        name: Registry name, e.g. ``raw-poi``.
+        factory: ``"module:Class"`` of the :class:`Embedder`.
+        params: Constructor arguments (``random_state`` is added per seed).
+        head: Probe kind: ``ridge`` (linear probe) or ``knn``.
+        requires_views: Views the dataset must have.
+        needs_locations: Whether region locations are required.
+        stochastic: Whether results vary with the seed (then run over several seeds).
+        family: ``baseline`` or the paper the method comes from.
+        description: One line for ``urbanprofile methods``.
+    """
+
+    name: str
+    factory: str
+    params: dict[str, Any] = field(default_factory=dict)
+    head: str = "ridge"
+    requires_views: tuple[str, ...] = ()
+    needs_locations: bool = False
+    stochastic: bool = False
+    family: str = "baseline"
+    description: str = ""
+
+    def build(self, random_state: int | None = 0) -> Embedder:
+        module_name, _, class_name = self.factory.partition(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        embedder: Embedder = cls(**self.params, random_state=random_state)
+        return embedder
+
+    def unavailable_reason(self, city: CityData) -> str | None:
+        """Why this method cannot run on ``city`` (one line), or ``None`` if it can."""
+        missing = [v for v in self.requires_views if v not in city.views]
+        if missing:
+            return f"{self.name} needs the {missing[0]!r} view, which {city.name} lacks"
+        if self.needs_locations and not city.has_locations:
+            return f"{self.name} needs region locations, which {city.name} lacks"
+        return None
+
+    def check_available(self, city: CityData) -> None:
+        reason = self.unavailable_reason(city)
+        if reason:
+            raise MethodUnavailableError(reason)
+
+    @property
+    def config_hash(self) -> str:
+        """A short hash of everything that defines this configuration (for the results store)."""
+        payload = json.dumps(
+            {"factory": self.factory, "params": self.params, "head": self.head}, sort_keys=True, default=str
+        )
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+_POI = ("poi_counts",)
+_LANDUSE = ("landuse_counts",)
+_OD = ("od_flows",)
+_ALL = ("poi_counts", "landuse_counts", "od_flows")
+
+_BUILTIN = [
+    MethodSpec("raw-poi", "urbanprofile.embedders.raw:RawViews", {"views": _POI}, requires_views=_POI,
+               description="POI counts per category"),
+    MethodSpec("raw-landuse", "urbanprofile.embedders.raw:RawViews", {"views": _LANDUSE}, requires_views=_LANDUSE,
+               description="land-use counts per class"),
+    MethodSpec("raw-mobility", "urbanprofile.embedders.raw:RawViews", {"views": _OD}, requires_views=_OD,
+               description="out-flow and in-flow trip profiles (OD rows and columns)"),
+    MethodSpec("raw-all", "urbanprofile.embedders.raw:RawViews", {"views": _ALL}, requires_views=_ALL,
+               description="POI, land use and mobility profiles side by side"),
+    MethodSpec("pca", "urbanprofile.embedders.pca:PCAEmbedder", {"n_components": 32}, requires_views=_ALL,
+               description="32 principal components of the log-standardised raw views"),
+    MethodSpec("autoencoder", "urbanprofile.embedders.autoencoder:AutoencoderEmbedder",
+               {"n_components": 32, "epochs": 300}, requires_views=_ALL, stochastic=True,
+               description="MLP autoencoder (torch) of the log-standardised raw views, 32-d"),
+    MethodSpec("raw-location", "urbanprofile.embedders.raw:SinusoidalLocation", {}, needs_locations=True,
+               description="multi-scale sinusoidal features of the region centroid"),
+    MethodSpec("knn-location", "urbanprofile.embedders.raw:Coordinates", {}, head="knn", needs_locations=True,
+               description="k-nearest-neighbour regression on centroids (k chosen in training folds)"),
+]
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_entry_points_loaded = False
+
+
+def register_method(spec: MethodSpec, replace: bool = False) -> MethodSpec:
+    """Add a method to the registry (``replace=True`` to override one of the same name)."""
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_loaded() -> None:
+    global _entry_points_loaded
+    if not _REGISTRY:
+        for spec in _BUILTIN:
+            register_method(spec)
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        for point in entry_points(group="urbanprofile.methods"):
+            spec = point.load()
+            if isinstance(spec, MethodSpec) and spec.name not in _REGISTRY:
+                register_method(spec)
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method."""
+    _ensure_loaded()
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of a method, or a one-line error listing the valid names."""
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise unknown_name("method", name, _REGISTRY)
+    return _REGISTRY[name]

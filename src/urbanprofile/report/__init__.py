@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from urbanprofile.report.tables import PUBLISHED_R2, markdown_leaderboard
+from urbanprofile.report.tables import PUBLISHED_R2, markdown_leaderboard, markdown_summary
 
-__all__ = ["PUBLISHED_R2", "markdown_leaderboard"]
+__all__ = ["PUBLISHED_R2", "markdown_leaderboard", "markdown_summary"]

@@ -64,3 +64,35 @@ def best_by_protocol(rows: list[dict[str, Any]]) -> pd.DataFrame:
         return board
     idx = board.groupby(["dataset", "task", "protocol"])["r2_mean"].idxmax()
     return board.loc[idx, ["dataset", "task", "protocol", "method", "r2_mean", "r2_std"]].reset_index(drop=True)
+
+
+def markdown_summary(rows: list[dict[str, Any]], bias_protocol: str = "spatial") -> str:
+    """One compact table: R² of every method under every protocol per (dataset, task), published figures
+    beside them, and the bias columns (worst-block R², Moran's I of residuals) under ``bias_protocol``."""
+    board = leaderboard(rows)
+    if board.empty:
+        return "_no results_\n"
+    protocols = [p for p in ("paper", "nested", "spatial") if p in set(board["protocol"])]
+    header = ["dataset", "task", "method", *[f"R² {p}" for p in protocols],
+              f"worst-block R² ({bias_protocol})", f"Moran's I ({bias_protocol})"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (dataset, task), group in board.groupby(["dataset", "task"], sort=True):
+        for label, value in (PUBLISHED_R2.get((str(dataset), str(task))) or {}).items():
+            cells = [f"*{value:.3f}*" if p == "paper" else "" for p in protocols]
+            lines.append(f"| {dataset} | {task} | *published: {label}* | " + " | ".join(cells) + " | | |")
+        by_method = group.set_index(["method", "protocol"])
+        methods = list(dict.fromkeys(group.sort_values("r2_mean", ascending=False)["method"]))
+        if "nested" in protocols:  # order by the leak-free protocol
+            nested = group[group["protocol"] == "nested"].sort_values("r2_mean", ascending=False)["method"]
+            methods = list(dict.fromkeys([*nested, *methods]))
+        for method in methods:
+            cells = []
+            for p in protocols:
+                key = (method, p)
+                cells.append(format_mean_std(by_method.loc[key, "r2_mean"], by_method.loc[key, "r2_std"])
+                             if key in by_method.index else "-")
+            bias = (method, bias_protocol)
+            worst = _num(by_method.loc[bias, "worst_block_r2_mean"]) if bias in by_method.index else "-"
+            moran = _num(by_method.loc[bias, "morans_i_mean"]) if bias in by_method.index else "-"
+            lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + f" | {worst} | {moran} |")
+    return "\n".join(lines) + "\n"

@@ -61,10 +61,25 @@ def _load_cityview(entry: DatasetEntry) -> CityData:
     return load_cityview_city(entry.path, entry.name)
 
 
+def _load_built(entry: DatasetEntry) -> CityData:
+    from urbanprofile.data.built import load_built
+
+    return load_built(entry.path, entry.name)
+
+
 _LOADERS: dict[str, Callable[[DatasetEntry], CityData]] = {
     "hafusion": _load_hafusion,
     "cityview": _load_cityview,
+    "built": _load_built,
 }
+
+#: Folder under the data directory where built datasets (``built/<city>/manifest.json``) are discovered.
+BUILT_DIR = "built"
+
+
+def built_entry(folder: Path) -> DatasetEntry:
+    """The entry of a built dataset folder: ``built-<folder name>``."""
+    return DatasetEntry(f"built-{folder.name.lower()}", "built", folder)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -82,7 +97,8 @@ def discover(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Datase
     """Every dataset in the data directory, by name, without reading any array.
 
     ``hafusion/<city>/`` holding any of the multi-view files is ``hafusion-<city>`` (listed as incomplete
-    when some required file is missing); ``cityview/labels/<City>.csv`` is ``cityview-<city>``.
+    when some required file is missing); ``cityview/labels/<City>.csv`` is ``cityview-<city>``;
+    ``built/<city>/manifest.json`` (written by ``urbanprofile build``) is ``built-<city>``.
     """
     root = resolve_data_dir(data_dir)
     found: dict[str, DatasetEntry] = {}
@@ -100,6 +116,11 @@ def discover(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Datase
         for csv in sorted(labels.glob("*.csv")):
             name = f"cityview-{csv.stem.lower()}"
             found[name] = DatasetEntry(name, "cityview", csv)
+    built = root / BUILT_DIR
+    if built.is_dir():
+        for folder in sorted(p for p in built.iterdir() if p.is_dir() and (p / "manifest.json").is_file()):
+            entry = built_entry(folder)
+            found[entry.name] = entry
     return found
 
 
@@ -109,13 +130,22 @@ def list_datasets(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
 
 
 def get_entry(name: str, data_dir: str | os.PathLike[str] | None = None) -> DatasetEntry:
-    """The entry of a dataset, or a one-line error listing the valid names."""
+    """The entry of a dataset, or a one-line error listing the valid names.
+
+    ``name`` may also be the path of a built dataset folder (one holding ``manifest.json``); then no data
+    directory is needed.
+    """
+    folder = Path(name).expanduser()
+    if (folder / "manifest.json").is_file():
+        return built_entry(folder.resolve())
+    if os.sep in name:
+        raise DatasetNotFoundError(f"{folder}: not a built dataset folder (no manifest.json)")
     entries = discover(data_dir)
     if name not in entries:
         raise unknown_name("dataset", name, entries)
     return entries[name]
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> CityData:
-    """Load and validate a dataset by name."""
-    return get_entry(name, data_dir).load()
+def load_dataset(name: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> CityData:
+    """Load and validate a dataset by name, or from the path of a built dataset folder."""
+    return get_entry(os.fspath(name), data_dir).load()

@@ -1,0 +1,928 @@
+"""Build a dataset from raw geodata files: regionalize, load, join, aggregate, write (srai's verbs).
+
+A city analyst brings region polygons (or only a boundary, cut into H3 cells), POI points with a
+category, land-use polygons, trips and indicator values; :func:`build_dataset` turns them into a
+built dataset folder (:mod:`urbanprofile.data.built`) that the registry discovers and every
+embedder and protocol accepts. Each step is a public function that can be used on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from urbanprofile.data.built import MAX_DENSE_PATTERN_CELLS, patterns_view, write_built
+from urbanprofile.data.city import CityData, frame_from_array
+from urbanprofile.data.io import load_json, read_vector
+from urbanprofile.data.osm import OSM_CATEGORIES, is_osm_extract, osm_extent, read_osm_landuse, read_osm_pois
+from urbanprofile.errors import DataError, UrbanProfileError, require
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+
+#: The category that POIs of unknown category are counted under.
+OTHER = "other"
+#: Spatial join engines; ``auto`` picks :data:`DEFAULT_ENGINE` (the faster one in ``benchmarks/build_city.py``).
+JOIN_ENGINES = ("auto", "geopandas", "duckdb")
+DEFAULT_ENGINE = "geopandas"
+#: Trip-table columns recognised without ``trip_columns``: region ids, or coordinates of both ends.
+TRIP_ID_COLUMNS = ("origin", "destination")
+TRIP_COORD_COLUMNS = ("o_lon", "o_lat", "d_lon", "d_lat")
+LABEL_AGGREGATIONS = ("mean", "sum", "median", "max", "min")
+_CITY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+# -- what to build and what happened ---------------------------------------------------------------
+@dataclass
+class BuildSpec:
+    """Inputs of a build: files, the columns to read and how to join them.
+
+    Attributes:
+        city: Short lowercase name (``[a-z0-9_-]``); the dataset is called ``built-<city>``.
+        regions: Region polygons (GeoParquet, GeoJSON, GeoPackage, shapefile), or ``None`` with ``boundary``.
+        region_id_column: Field holding region ids (default ``region_id`` when present, else 0..N-1).
+        region_name_column: Field holding a human-readable region name (shown on maps).
+        boundary: A city boundary (vector file, ``.osm.pbf`` extract, or ``W,S,E,N`` in degrees) cut into H3 cells.
+        h3_resolution: H3 resolution (0-15) of the cells cut from ``boundary``.
+        pois: POI points (GeoParquet, GeoJSON, GeoPackage, shapefile, CSV/Parquet with lon/lat, ``.osm.pbf``).
+        category_column: Field holding the POI category (``category`` by default).
+        categories: Category list (others count as ``other``), or a mapping ``{category: [raw values]}``
+            (``key=*`` matches every value of an OSM key); ``None``: every value found (OSM: broad classes).
+        lon_column, lat_column: Coordinate columns of CSV/Parquet point tables.
+        landuse: Land-use polygons with a class field (or an ``.osm.pbf`` extract).
+        landuse_class_column: Field holding the land-use class.
+        trips: A CSV/Parquet table of trips: origin/destination region ids, or o_lon/o_lat/d_lon/d_lat.
+        trip_columns: Two id columns or four coordinate columns, when not the default names.
+        trip_time_column: Departure time (datetime or hour of day) that splits trips into time patterns.
+        n_time_patterns: Equal time-of-day bins of the patterns.
+        labels: A CSV/Parquet table keyed by region id, or points with values aggregated per region; with
+            ``label_columns`` and no ``labels``, fields of the regions file are the labels.
+        label_id_column: Region-id column of a labels table.
+        label_columns: Indicator columns (default: every numeric column but the id).
+        label_agg: How point values are aggregated per region.
+        crs: CRS of inputs that declare none (and of CSV coordinates); required for such files.
+        join_engine: ``geopandas`` (sjoin), ``duckdb`` (spatial extension) or ``auto``.
+    """
+
+    city: str
+    regions: Path | None = None
+    region_id_column: str | None = None
+    region_name_column: str | None = None
+    boundary: str | None = None
+    h3_resolution: int | None = None
+    pois: Path | None = None
+    category_column: str | None = None
+    categories: list[str] | dict[str, list[str]] | None = None
+    lon_column: str = "lon"
+    lat_column: str = "lat"
+    landuse: Path | None = None
+    landuse_class_column: str = "class"
+    trips: Path | None = None
+    trip_columns: list[str] | None = None
+    trip_time_column: str | None = None
+    n_time_patterns: int = 4
+    labels: Path | None = None
+    label_id_column: str = "region_id"
+    label_columns: list[str] | None = None
+    label_agg: str = "mean"
+    crs: str | None = None
+    join_engine: str = "auto"
+
+    def check(self) -> None:
+        """Raise a one-line error for an inconsistent spec, before any file is read."""
+        if not _CITY_NAME.match(self.city):
+            raise UrbanProfileError(f"city name {self.city!r} must be lowercase letters, digits, '-' or '_'")
+        if (self.regions is None) == (self.boundary is None):
+            raise UrbanProfileError("give either --regions (polygons) or --boundary with --h3-res (H3 cells)")
+        if self.boundary is not None and self.h3_resolution is None:
+            raise UrbanProfileError("--boundary needs --h3-res (H3 resolution 0-15)")
+        if self.h3_resolution is not None and not 0 <= self.h3_resolution <= 15:
+            raise UrbanProfileError(f"--h3-res must be in 0..15, got {self.h3_resolution}")
+        if self.join_engine not in JOIN_ENGINES:
+            raise UrbanProfileError(f"unknown join engine {self.join_engine!r}; valid: {', '.join(JOIN_ENGINES)}")
+        if self.label_agg not in LABEL_AGGREGATIONS:
+            valid = ", ".join(LABEL_AGGREGATIONS)
+            raise UrbanProfileError(f"unknown label aggregation {self.label_agg!r}; valid: {valid}")
+        if self.n_time_patterns < 1:
+            raise UrbanProfileError(f"n_time_patterns must be >= 1, got {self.n_time_patterns}")
+        if self.trip_columns is not None and len(self.trip_columns) not in (2, 4):
+            raise UrbanProfileError("--trip-columns takes 2 region-id columns or 4 coordinate columns "
+                                    f"(o_lon,o_lat,d_lon,d_lat), got {len(self.trip_columns)}")
+        for path in (self.regions, self.pois, self.landuse, self.trips, self.labels):
+            if path is not None and not Path(path).exists():
+                raise DataError(f"{path}: file not found")
+
+    @property
+    def engine(self) -> str:
+        return DEFAULT_ENGINE if self.join_engine == "auto" else self.join_engine
+
+
+@dataclass
+class BuildReport:
+    """What a build did: counts of what was read, joined, dropped or repaired, and step timings."""
+
+    city: str
+    region_kind: str = ""
+    n_regions: int = 0
+    n_geometries_repaired: int = 0
+    join_engine: str = ""
+    n_pois_read: int = 0
+    n_pois_missing_location: int = 0
+    n_pois_joined: int = 0
+    n_pois_outside: int = 0
+    n_pois_unknown_category: int = 0
+    unknown_categories: dict[str, int] = field(default_factory=dict)
+    n_categories: int = 0
+    n_landuse_polygons: int = 0
+    n_landuse_classes: int = 0
+    n_trips_read: int = 0
+    n_trips_missing: int = 0
+    n_trips_outside: int = 0
+    n_trips_kept: int = 0
+    n_time_patterns: int = 0
+    n_label_rows: int = 0
+    n_label_rows_unmatched: int = 0
+    n_regions_unlabelled: int = 0
+    tasks: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    output: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def warnings(self) -> list[str]:
+        """One line per thing the user should know was dropped, remapped or repaired."""
+        lines = []
+        if self.n_geometries_repaired:
+            lines.append(f"{self.n_geometries_repaired} invalid region geometries repaired (make_valid)")
+        if self.n_pois_missing_location:
+            lines.append(f"{self.n_pois_missing_location} POIs without a location dropped")
+        if self.n_pois_outside:
+            lines.append(f"{self.n_pois_outside} of {self.n_pois_read} POIs lie outside every region (not counted)")
+        if self.n_pois_unknown_category:
+            top = ", ".join(f"{k} ({v})" for k, v in list(self.unknown_categories.items())[:5])
+            lines.append(f"{self.n_pois_unknown_category} POIs of unknown category counted as {OTHER!r}: {top}")
+        if self.n_trips_missing:
+            lines.append(f"{self.n_trips_missing} trips with a missing origin or destination dropped")
+        if self.n_trips_outside:
+            lines.append(f"{self.n_trips_outside} trips starting or ending outside every region dropped")
+        if self.n_label_rows_unmatched:
+            lines.append(f"{self.n_label_rows_unmatched} label rows match no region (ignored)")
+        if self.n_regions_unlabelled:
+            lines.append(f"{self.n_regions_unlabelled} regions have no label (left missing)")
+        return lines
+
+
+@dataclass
+class BuiltCity:
+    """The result of :func:`build_city`: the city in memory, its report, and what the folder needs."""
+
+    city: CityData
+    report: BuildReport
+    sources: dict[str, Any]
+    od_pattern_rows: pd.DataFrame | None = None
+
+
+# -- regions -----------------------------------------------------------------------------------------
+def region_ids(values: pd.Series) -> pd.Index:
+    """Region ids as clean values: integral floats (``28801.0``) become ints, text is stripped."""
+    if pd.api.types.is_bool_dtype(values):
+        return pd.Index(values.astype(str), name="region_id")
+    if pd.api.types.is_numeric_dtype(values):
+        numbers = values.to_numpy(dtype=float)
+        if np.isfinite(numbers).all() and (numbers == np.round(numbers)).all():
+            return pd.Index(numbers.astype(np.int64), name="region_id")
+    return pd.Index(values.astype(str).str.strip(), name="region_id")
+
+
+def _id_keys(values: pd.Series | pd.Index) -> pd.Index:
+    """Ids as text for matching across files (``12``, ``12.0`` and ``"12"`` are the same region)."""
+    return pd.Index(region_ids(pd.Series(values)).astype(str))
+
+
+def _polygonal(geom: Any) -> Any:
+    """The polygonal part of a (repaired) geometry, or ``None``."""
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon
+
+    if geom is None or geom.is_empty:
+        return None
+    if isinstance(geom, Polygon | MultiPolygon):
+        return geom
+    parts = [p for p in shapely.get_parts(geom) if isinstance(p, Polygon | MultiPolygon) and not p.is_empty]
+    return shapely.union_all(parts) if parts else None
+
+
+def repair_polygons(geoms: gpd.GeoSeries, where: str, ids: pd.Index) -> tuple[gpd.GeoSeries, int]:
+    """Repair invalid polygons with ``make_valid`` (keeping the polygonal part); report what cannot be used."""
+    geoms = geoms.copy()
+    invalid = geoms.notna() & ~geoms.is_valid
+    if invalid.any():
+        geoms[invalid] = geoms[invalid].make_valid().map(_polygonal)
+    for i, geom in enumerate(geoms):
+        if geom is None or geom.is_empty:
+            raise DataError(f"{where}: region {ids[i]!r} has an empty geometry")
+        if geom.geom_type not in ("Polygon", "MultiPolygon"):
+            raise DataError(f"{where}: region {ids[i]!r} is a {geom.geom_type}, regions must be polygons")
+    return geoms, int(invalid.sum())
+
+
+def centroid_lonlat(geoms: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids of EPSG:4326 polygons, computed in the local UTM zone, as lon/lat degrees."""
+    utm = geoms.estimate_utm_crs()
+    centroids = geoms.to_crs(utm).centroid.to_crs("EPSG:4326")
+    return centroids.x.to_numpy(), centroids.y.to_numpy()
+
+
+def regions_from_file(
+    path: Path, id_column: str | None = None, name_column: str | None = None, crs: str | None = None
+) -> tuple[gpd.GeoDataFrame, pd.DataFrame, int]:
+    """Read region polygons into the CityData layout (EPSG:4326, indexed by ``region_id``).
+
+    Returns:
+        The regions (``name`` when a name column is given, ``lon``/``lat`` centroids, ``geometry``), their
+        other attributes (indexed the same way, usable as labels) and the number of repaired geometries.
+    """
+    import geopandas as gpd
+
+    frame = read_vector(path, crs)
+    if len(frame) == 0:
+        raise DataError(f"{path}: holds no regions")
+    column = id_column or ("region_id" if "region_id" in frame.columns else None)
+    if column is not None and column not in frame.columns:
+        raise DataError(f"{path}: no field {column!r} for region ids (fields: {_listed(frame.columns)})")
+    ids = region_ids(frame[column]) if column else pd.Index(np.arange(len(frame)), name="region_id")
+    if ids.has_duplicates:
+        raise DataError(f"{path}: duplicate region ids in {column!r}: {_few(ids[ids.duplicated()])}")
+    if name_column is not None and name_column not in frame.columns:
+        raise DataError(f"{path}: no field {name_column!r} for region names (fields: {_listed(frame.columns)})")
+    geoms, repaired = repair_polygons(frame.geometry.reset_index(drop=True), str(path), ids)
+    regions = gpd.GeoDataFrame(index=ids, geometry=geoms.to_numpy(), crs="EPSG:4326")
+    if name_column is not None:
+        regions.insert(0, "name", frame[name_column].astype(str).to_numpy())
+    regions["lon"], regions["lat"] = centroid_lonlat(regions.geometry)
+    regions = regions[[*(["name"] if name_column else []), "lon", "lat", "geometry"]]
+    attributes = pd.DataFrame(frame.drop(columns=frame.geometry.name).to_numpy(), index=ids,
+                              columns=[c for c in frame.columns if c != frame.geometry.name])
+    return regions, attributes, repaired
+
+
+def read_boundary(spec: str, crs: str | None = None) -> gpd.GeoDataFrame:
+    """A boundary from a vector file, the extent of an ``.osm.pbf`` extract, or ``W,S,E,N`` degrees."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    parts = spec.split(",")
+    if len(parts) == 4:
+        try:
+            west, south, east, north = (float(p) for p in parts)
+        except ValueError:
+            pass
+        else:
+            if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+                raise DataError(f"boundary {spec!r}: expected W,S,E,N in degrees with W < E and S < N")
+            return gpd.GeoDataFrame(geometry=[box(west, south, east, north)], crs="EPSG:4326")
+    path = Path(spec)
+    if is_osm_extract(path):
+        return osm_extent(path)
+    frame = read_vector(path, crs)
+    polygons = frame[frame.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if polygons.empty:
+        raise DataError(f"{path}: the boundary holds no polygon")
+    return polygons
+
+
+def h3_regions(boundary: gpd.GeoDataFrame, resolution: int) -> gpd.GeoDataFrame:
+    """Cut a boundary into the H3 cells whose centre lies inside it; region ids are H3 cell strings."""
+    import geopandas as gpd
+    from shapely.geometry import Polygon
+
+    h3 = require("h3", "build")
+    shape = boundary.to_crs("EPSG:4326").geometry.make_valid().union_all()
+    cells = sorted(h3.geo_to_cells(shape, resolution)) if not shape.is_empty else []
+    if not cells:
+        raise DataError(f"the boundary holds no H3 cell centre at resolution {resolution} (try a finer --h3-res)")
+    polygons = [Polygon([(lng, lat) for lat, lng in h3.cell_to_boundary(c)]) for c in cells]
+    centres = np.array([h3.cell_to_latlng(c) for c in cells])
+    ids = pd.Index(cells, name="region_id", dtype=str)
+    return gpd.GeoDataFrame({"lon": centres[:, 1], "lat": centres[:, 0]}, index=ids, geometry=polygons,
+                            crs="EPSG:4326")
+
+
+# -- points and the spatial join ---------------------------------------------------------------------
+def _xy_to_lonlat(x: np.ndarray, y: np.ndarray, crs: str | None, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates of a plain table as lon/lat: reprojected from ``crs``, else checked to be degrees."""
+    if crs is not None:
+        from pyproj import Transformer
+        from pyproj.exceptions import CRSError
+
+        try:
+            transformer = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        except CRSError as err:
+            raise DataError(f"--crs {crs!r} is not a CRS pyproj knows ({err})") from None
+        lon, lat = transformer.transform(x, y)
+        return np.asarray(lon, dtype=float), np.asarray(lat, dtype=float)
+    finite = np.isfinite(x) & np.isfinite(y)
+    if (np.abs(x[finite]) > 180).any() or (np.abs(y[finite]) > 90).any():
+        raise DataError(f"{where}: coordinates are not lon/lat degrees; pass the CRS they are in (--crs EPSG:...)")
+    return x, y
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A plain CSV or Parquet table (untrusted: no pickle, named on failure)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv", ".txt"):
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", low_memory=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except Exception as err:  # pandas and pyarrow raise many types for a corrupt file
+        raise DataError(f"{path}: cannot read table ({_first_line(err)})") from None
+    raise DataError(f"{path}: unsupported table format {suffix!r} (use .csv or .parquet)")
+
+
+def _has_geo_metadata(path: Path) -> bool:
+    if path.suffix.lower() != ".parquet":
+        return True
+    import pyarrow.parquet as pq
+
+    try:
+        return b"geo" in (pq.read_schema(path).metadata or {})
+    except Exception as err:  # a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+
+
+def read_points(
+    path: Path, crs: str | None = None, lon_column: str = "lon", lat_column: str = "lat"
+) -> tuple[pd.DataFrame, int]:
+    """Read points as a table with ``lon``/``lat`` degrees and the file's other columns.
+
+    Vector files are reprojected to EPSG:4326 (lines and polygons become their representative point);
+    CSV and plain Parquet tables need ``lon_column``/``lat_column``. ``.osm.pbf`` extracts give POIs with
+    their ``key=value`` tag in ``category``.
+
+    Returns:
+        The points with a location, and how many rows had none (dropped).
+    """
+    if is_osm_extract(path):
+        frame: pd.DataFrame = read_osm_pois(path)
+    elif path.suffix.lower() in (".csv", ".tsv", ".txt") or not _has_geo_metadata(path):
+        table = read_table(path)
+        missing = [c for c in (lon_column, lat_column) if c not in table.columns]
+        if missing:
+            raise DataError(
+                f"{path}: no column {missing[0]!r} for point coordinates (columns: {_listed(table.columns)})")
+        x = pd.to_numeric(table[lon_column], errors="coerce").to_numpy(dtype=float)
+        y = pd.to_numeric(table[lat_column], errors="coerce").to_numpy(dtype=float)
+        lon, lat = _xy_to_lonlat(x, y, crs, str(path))
+        frame = table.drop(columns=[lon_column, lat_column]).assign(lon=lon, lat=lat)
+        keep = np.isfinite(lon) & np.isfinite(lat)
+        return frame[keep].reset_index(drop=True), int((~keep).sum())
+    else:
+        frame = read_vector(path, crs)
+    geoms = frame.geometry
+    located = geoms.notna() & ~geoms.is_empty
+    geoms = geoms[located]
+    points = geoms.where(geoms.geom_type == "Point", geoms.representative_point())
+    table = pd.DataFrame(frame[located].drop(columns=frame.geometry.name))
+    table["lon"] = points.x.to_numpy()
+    table["lat"] = points.y.to_numpy()
+    return table.reset_index(drop=True), int((~located).sum())
+
+
+def spatial_extension_path() -> str:
+    """The DuckDB spatial extension shipped by ``duckdb-extension-spatial`` (loaded offline, never downloaded)."""
+    duckdb = require("duckdb", "build")
+    package = require("duckdb_extension_spatial", "build")
+    shipped = Path(str(package.__file__)).parent / "extensions"
+    path = shipped / f"v{duckdb.__version__}" / "spatial.duckdb_extension"
+    if not path.is_file():
+        found = sorted(p.name for p in shipped.glob("v*"))
+        raise UrbanProfileError(
+            f"duckdb-extension-spatial ships {', '.join(found) or 'no extension'} but duckdb is "
+            f"{duckdb.__version__}: pip install 'urbanprofile[build]'"
+        )
+    return str(path)
+
+
+def assign_points(lon: np.ndarray, lat: np.ndarray, regions: gpd.GeoDataFrame, engine: str = "auto") -> np.ndarray:
+    """The position (0..N-1) of the region each point falls in, or -1 outside every region.
+
+    A point on a shared border goes to the first region in ``regions`` order, with either engine.
+
+    Args:
+        lon, lat: Point coordinates in degrees.
+        regions: Polygons in EPSG:4326.
+        engine: ``geopandas`` (``sjoin``), ``duckdb`` (spatial extension) or ``auto``.
+    """
+    engine = DEFAULT_ENGINE if engine == "auto" else engine
+    if engine == "geopandas":
+        return _assign_geopandas(lon, lat, regions)
+    if engine == "duckdb":
+        return _assign_duckdb(lon, lat, regions)
+    raise UrbanProfileError(f"unknown join engine {engine!r}; valid: {', '.join(JOIN_ENGINES)}")
+
+
+def _assign_geopandas(lon: np.ndarray, lat: np.ndarray, regions: gpd.GeoDataFrame) -> np.ndarray:
+    import geopandas as gpd
+
+    points = gpd.GeoDataFrame(geometry=gpd.points_from_xy(lon, lat), crs="EPSG:4326")
+    polygons = gpd.GeoDataFrame({"position": np.arange(len(regions))}, geometry=regions.geometry.to_numpy(),
+                                crs="EPSG:4326")
+    joined = gpd.sjoin(points, polygons, how="inner", predicate="intersects")
+    first = joined.groupby(level=0)["position"].min()
+    out = np.full(len(lon), -1, dtype=np.int64)
+    out[first.index.to_numpy()] = first.to_numpy()
+    return out
+
+
+def _assign_duckdb(lon: np.ndarray, lat: np.ndarray, regions: gpd.GeoDataFrame) -> np.ndarray:
+    import pyarrow as pa
+    import shapely
+
+    duckdb = require("duckdb", "build")
+    extension = spatial_extension_path()
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        con.execute(f"LOAD '{extension}'")
+        points = pa.table({"pid": np.arange(len(lon)), "lon": lon, "lat": lat})
+        polygons = pa.table({"position": np.arange(len(regions)),
+                             "wkb": shapely.to_wkb(regions.geometry.to_numpy())})
+        con.register("points_in", points)
+        con.register("polygons_in", polygons)
+        con.execute("CREATE TEMP TABLE polygons AS SELECT position, ST_GeomFromWKB(wkb) AS geom FROM polygons_in")
+        con.execute("CREATE TEMP TABLE points AS SELECT pid, ST_Point(lon, lat) AS geom FROM points_in")
+        result = con.execute(
+            "SELECT p.pid, min(r.position) FROM points p JOIN polygons r ON ST_Intersects(r.geom, p.geom) "
+            "GROUP BY p.pid"
+        ).fetchnumpy()
+    finally:
+        con.close()
+    out = np.full(len(lon), -1, dtype=np.int64)
+    keys = list(result)
+    out[np.asarray(result[keys[0]], dtype=np.int64)] = np.asarray(result[keys[1]], dtype=np.int64)
+    return out
+
+
+def map_categories(
+    raw: pd.Series, categories: list[str] | dict[str, list[str]] | None
+) -> tuple[np.ndarray, list[str], dict[str, int]]:
+    """Map raw category values onto a category list; anything else counts as ``other``.
+
+    Args:
+        raw: Raw values (e.g. ``restaurant`` or, for OSM, ``amenity=restaurant``).
+        categories: ``None`` (every value found is a category), a list of categories, or a mapping
+            ``{category: [raw values]}`` where ``key=*`` matches any ``key=value``.
+
+    Returns:
+        Category codes per point, the category names (``other`` last), and unknown raw values with counts
+        (most frequent first; missing values as ``<missing>``).
+    """
+    values = raw.astype("string")
+    if categories is None:
+        names = sorted(str(v) for v in values.dropna().unique())
+        mapped = values
+    elif isinstance(categories, dict):
+        names = [str(k) for k in categories]
+        exact = {str(v): str(k) for k, vs in categories.items() for v in vs if not str(v).endswith("=*")}
+        exact.update({n: n for n in names})
+        wildcard = {str(v)[:-2]: str(k) for k, vs in categories.items() for v in vs if str(v).endswith("=*")}
+        mapped = values.map(exact)
+        key = values.str.split("=", n=1).str[0]
+        mapped = mapped.fillna(key.map(wildcard))
+    else:
+        names = [str(c) for c in categories]
+        mapped = values.where(values.isin(names))
+    unknown = mapped.isna()
+    counts = values[unknown].fillna("<missing>").value_counts()
+    all_names = [*(n for n in names if n != OTHER), OTHER]
+    codes = pd.Categorical(mapped.fillna(OTHER).astype(str), categories=all_names).codes
+    return np.asarray(codes), all_names, {str(k): int(v) for k, v in counts.items()}
+
+
+def poi_counts(
+    points: pd.DataFrame, regions: gpd.GeoDataFrame, category_column: str,
+    categories: list[str] | dict[str, list[str]] | None, engine: str, report: BuildReport, where: str = "POIs",
+) -> pd.DataFrame:
+    """Count POIs per region and category (the ``poi_counts`` view); fills the POI figures of ``report``."""
+    if category_column not in points.columns:
+        raise DataError(f"{where}: no column {category_column!r} for POI categories "
+                        f"(columns: {_listed(c for c in points.columns if c not in ('lon', 'lat'))})")
+    codes, names, unknown = map_categories(points[category_column], categories)
+    position = assign_points(points["lon"].to_numpy(float), points["lat"].to_numpy(float), regions, engine)
+    inside = position >= 0
+    counts = np.zeros((len(regions), len(names)), dtype=np.int64)
+    np.add.at(counts, (position[inside], codes[inside]), 1)
+    report.n_pois_read += len(points)
+    report.n_pois_joined = int(inside.sum())
+    report.n_pois_outside = int((~inside).sum())
+    report.n_pois_unknown_category = int(sum(unknown.values()))
+    report.unknown_categories = dict(list(unknown.items())[:20])
+    report.n_categories = len(names)
+    return frame_from_array(counts, regions.index, names)
+
+
+# -- land use ----------------------------------------------------------------------------------------
+def landuse_shares(regions: gpd.GeoDataFrame, landuse: gpd.GeoDataFrame, class_column: str) -> pd.DataFrame:
+    """Share of each region's area covered by each land-use class (overlay in the local UTM zone)."""
+    import geopandas as gpd
+
+    utm = regions.estimate_utm_crs()
+    cells = gpd.GeoDataFrame({"position": np.arange(len(regions))}, geometry=regions.geometry.to_numpy(),
+                             crs="EPSG:4326").to_crs(utm)
+    parcels = landuse[[class_column, landuse.geometry.name]].to_crs(utm)
+    parcels = parcels.assign(**{class_column: parcels[class_column].astype(str)})
+    pieces = gpd.overlay(cells, parcels, how="intersection", keep_geom_type=True)
+    classes = sorted(parcels[class_column].unique())
+    area = pd.DataFrame({"position": pieces["position"], "cls": pieces[class_column], "area": pieces.area})
+    table = area.pivot_table(index="position", columns="cls", values="area", aggfunc="sum", fill_value=0.0)
+    table = table.reindex(index=range(len(regions)), columns=classes, fill_value=0.0)
+    shares = table.to_numpy() / cells.area.to_numpy()[:, None]
+    return frame_from_array(np.clip(shares, 0.0, None), regions.index, classes)
+
+
+def read_landuse(path: Path, class_column: str, crs: str | None) -> gpd.GeoDataFrame:
+    """Land-use polygons with a class field (``.osm.pbf``: the ``landuse`` tag), repaired when invalid."""
+    if is_osm_extract(path):
+        return read_osm_landuse(path).rename(columns={"class": class_column})
+    frame = read_vector(path, crs)
+    if class_column not in frame.columns:
+        raise DataError(f"{path}: no field {class_column!r} for land-use classes (fields: {_listed(frame.columns)})")
+    frame = frame[frame.geometry.notna() & frame.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if frame.empty:
+        raise DataError(f"{path}: holds no land-use polygons")
+    invalid = ~frame.geometry.is_valid
+    if invalid.any():
+        frame = frame.assign(geometry=frame.geometry.make_valid().map(_polygonal)).dropna(subset=["geometry"])
+    return frame[frame[class_column].notna()]
+
+
+# -- trips -------------------------------------------------------------------------------------------
+def _trip_hours(values: pd.Series, where: str, column: str) -> np.ndarray:
+    """Hour of day (0-24) from datetimes or from numbers that already are hours."""
+    if pd.api.types.is_numeric_dtype(values):
+        hours = values.to_numpy(dtype=float)
+    else:
+        stamps = pd.to_datetime(values, errors="coerce", format="mixed")
+        if stamps.notna().sum() == 0 and values.notna().any():
+            raise DataError(f"{where}: column {column!r} holds neither times nor hours of day")
+        hours = (stamps.dt.hour + stamps.dt.minute / 60 + stamps.dt.second / 3600).to_numpy(dtype=float)
+    finite = np.isfinite(hours)
+    if ((hours[finite] < 0) | (hours[finite] >= 24)).any():
+        raise DataError(f"{where}: column {column!r}: hours of day must be in [0, 24)")
+    return hours
+
+
+def od_from_trips(
+    trips: pd.DataFrame, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport, where: str = "trips"
+) -> tuple[np.ndarray, pd.DataFrame | None]:
+    """Trip counts between regions (the OD matrix) and, with a time column, per time-of-day pattern.
+
+    Trips with a missing end are dropped and counted; so are trips with an end outside every region.
+
+    Returns:
+        The (N, N) OD matrix and (pattern, origin, destination, trips) rows, or ``None`` without times.
+    """
+    columns = list(spec.trip_columns) if spec.trip_columns else None
+    if columns is None:
+        if set(TRIP_ID_COLUMNS) <= set(trips.columns):
+            columns = list(TRIP_ID_COLUMNS)
+        elif set(TRIP_COORD_COLUMNS) <= set(trips.columns):
+            columns = list(TRIP_COORD_COLUMNS)
+        else:
+            raise DataError(f"{where}: needs columns origin,destination (region ids) or o_lon,o_lat,d_lon,d_lat "
+                            f"(or --trip-columns); columns: {_listed(trips.columns)}")
+    missing = [c for c in columns if c not in trips.columns]
+    if missing:
+        raise DataError(f"{where}: no column {missing[0]!r} (columns: {_listed(trips.columns)})")
+    n = len(regions)
+    report.n_trips_read = len(trips)
+    if len(columns) == 2:
+        keys = pd.Series(np.arange(n), index=_id_keys(regions.index))
+        ends = []
+        present = trips[columns[0]].notna() & trips[columns[1]].notna()
+        for column in columns:
+            found = keys.reindex(_id_keys(trips[column].where(present, "")).to_numpy())
+            ends.append(np.where(present.to_numpy(), found.fillna(-1).to_numpy(dtype=np.int64), -1))
+        origin, dest = ends
+    else:
+        xy = [pd.to_numeric(trips[c], errors="coerce").to_numpy(dtype=float) for c in columns]
+        present = pd.Series(np.isfinite(np.column_stack(xy)).all(axis=1), index=trips.index)
+        o_lon, o_lat = _xy_to_lonlat(xy[0], xy[1], spec.crs, where)
+        d_lon, d_lat = _xy_to_lonlat(xy[2], xy[3], spec.crs, where)
+        keep = present.to_numpy()
+        both = assign_points(np.concatenate([o_lon[keep], d_lon[keep]]), np.concatenate([o_lat[keep], d_lat[keep]]),
+                             regions, spec.engine)
+        origin = np.full(len(trips), -1, dtype=np.int64)
+        dest = np.full(len(trips), -1, dtype=np.int64)
+        origin[keep], dest[keep] = both[: keep.sum()], both[keep.sum():]
+    hours = None
+    time_column = spec.trip_time_column or ("time" if "time" in trips.columns else None)
+    if time_column is not None:
+        if time_column not in trips.columns:
+            raise DataError(f"{where}: no time column {time_column!r} (columns: {_listed(trips.columns)})")
+        hours = _trip_hours(trips[time_column], where, time_column)
+    present_mask = present.to_numpy()
+    if hours is not None:
+        present_mask = present_mask & np.isfinite(hours)
+    inside = present_mask & (origin >= 0) & (dest >= 0)
+    report.n_trips_missing = int((~present_mask).sum())
+    report.n_trips_outside = int((present_mask & ~inside).sum())
+    report.n_trips_kept = int(inside.sum())
+    od = np.zeros((n, n), dtype=np.int64)
+    np.add.at(od, (origin[inside], dest[inside]), 1)
+    if hours is None:
+        return od, None
+    report.n_time_patterns = spec.n_time_patterns
+    pattern = np.minimum((hours[inside] / (24 / spec.n_time_patterns)).astype(np.int64), spec.n_time_patterns - 1)
+    rows = pd.DataFrame({"pattern": pattern, "o": origin[inside], "d": dest[inside]})
+    grouped = rows.groupby(["pattern", "o", "d"]).size().reset_index(name="trips")
+    ids = regions.index
+    pattern_rows = pd.DataFrame({"pattern": grouped["pattern"].to_numpy(), "origin": ids[grouped["o"].to_numpy()],
+                                 "destination": ids[grouped["d"].to_numpy()], "trips": grouped["trips"].to_numpy()})
+    return od, pattern_rows
+
+
+# -- labels ------------------------------------------------------------------------------------------
+def _numeric_columns(table: pd.DataFrame, wanted: list[str] | None, exclude: set[str], where: str) -> pd.DataFrame:
+    if wanted is not None:
+        missing = [c for c in wanted if c not in table.columns]
+        if missing:
+            raise DataError(f"{where}: no label column {missing[0]!r} (columns: {_listed(table.columns)})")
+        chosen = table[wanted]
+    else:
+        chosen = table[[c for c in table.columns if c not in exclude and pd.api.types.is_numeric_dtype(table[c])]]
+        if chosen.shape[1] == 0:
+            raise DataError(f"{where}: no numeric label column (columns: {_listed(table.columns)})")
+    out = chosen.apply(pd.to_numeric, errors="coerce").astype(float)
+    empty = [c for c in out.columns if out[c].isna().all() and chosen[c].notna().any()]
+    if empty:
+        raise DataError(f"{where}: label column {empty[0]!r} is not numeric")
+    if np.isinf(out.to_numpy()).any():
+        raise DataError(f"{where}: label column {out.columns[np.isinf(out.to_numpy()).any(axis=0)][0]!r} "
+                        "has infinite values")
+    out.columns = [str(c) for c in out.columns]
+    return out
+
+
+def labels_for_regions(
+    regions: gpd.GeoDataFrame, attributes: pd.DataFrame | None, spec: BuildSpec, report: BuildReport
+) -> pd.DataFrame:
+    """Indicator values per region: from a table keyed by region id, from points, or from region fields."""
+    ids = regions.index
+    if spec.labels is None:
+        if attributes is None:
+            raise DataError("label columns from the regions file need --regions (H3 cells have no fields)")
+        values = _numeric_columns(attributes, spec.label_columns, set(), "regions file")
+        report.n_label_rows = len(values)
+        report.n_regions_unlabelled = int(values.isna().all(axis=1).sum())
+        return values.set_axis(ids)
+    path = Path(spec.labels)
+    table = None
+    if path.suffix.lower() in (".csv", ".tsv", ".txt") or not _has_geo_metadata(path):
+        table = read_table(path)
+        has_points = {spec.lon_column, spec.lat_column} <= set(table.columns)
+        if spec.label_id_column not in table.columns and not has_points:
+            raise DataError(f"{path}: no id column {spec.label_id_column!r} (columns: {_listed(table.columns)}; "
+                            "use --label-id-column, or give lon/lat columns for point values)")
+        if spec.label_id_column not in table.columns:
+            table = None
+    if table is not None:
+        keys = _id_keys(table[spec.label_id_column])
+        if keys.has_duplicates:
+            raise DataError(f"{path}: duplicate region ids {_few(keys[keys.duplicated()])}")
+        region_keys = _id_keys(ids)
+        matched = keys.isin(region_keys)
+        if not matched.any():
+            raise DataError(f"{path}: no id in column {spec.label_id_column!r} matches a region "
+                            f"(labels have {_few(keys)}; regions have {_few(region_keys)})")
+        values = _numeric_columns(table, spec.label_columns, {spec.label_id_column}, str(path))
+        values.index = keys
+        report.n_label_rows = len(table)
+        report.n_label_rows_unmatched = int((~matched).sum())
+        out = values[matched].reindex(region_keys).set_axis(ids)
+    else:
+        points, dropped = read_points(path, spec.crs, spec.lon_column, spec.lat_column)
+        values = _numeric_columns(points, spec.label_columns, {"lon", "lat"}, str(path))
+        position = assign_points(points["lon"].to_numpy(float), points["lat"].to_numpy(float), regions, spec.engine)
+        inside = position >= 0
+        report.n_label_rows = len(points) + dropped
+        report.n_label_rows_unmatched = int((~inside).sum()) + dropped
+        if not inside.any():
+            raise DataError(f"{path}: no labelled point lies inside a region")
+        grouped = values[inside].groupby(position[inside]).agg(spec.label_agg)
+        out = grouped.reindex(range(len(ids))).set_axis(ids)
+    out.index.name = "region_id"
+    report.n_regions_unlabelled = int(out.isna().all(axis=1).sum())
+    return out
+
+
+# -- the whole build ---------------------------------------------------------------------------------
+UNITS = {
+    "poi_counts": "POIs per region and category",
+    "landuse_counts": "share of the region's area (0-1) per land-use class",
+    "od_flows": "trips from origin region (row) to destination region (column)",
+    "od_patterns": "trips per time-of-day pattern (equal bins of the day), origin x destination",
+}
+
+
+def _load_categories(value: list[str] | dict[str, list[str]] | str | None) -> list[str] | dict[str, list[str]] | None:
+    """Categories from a list, a mapping, or a JSON file holding either."""
+    if value is None or isinstance(value, list | dict):
+        return value
+    path = Path(value)
+    loaded = load_json(path)
+    if isinstance(loaded, list) and all(isinstance(v, str) for v in loaded):
+        return loaded
+    if isinstance(loaded, dict) and all(isinstance(v, list) for v in loaded.values()):
+        return {str(k): [str(x) for x in v] for k, v in loaded.items()}
+    raise DataError(f"{path}: categories must be a JSON list of names or an object {{category: [raw values]}}")
+
+
+def _source(path: Path | str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        return {"value": str(path)}
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(file.resolve()), "bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+
+
+class _Steps:
+    """Times each step and, when asked, shows a rich progress bar on stderr."""
+
+    def __init__(self, total: int, show: bool, report: BuildReport) -> None:
+        self.report = report
+        self.progress: Any = None
+        if show:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("building", total=total)
+
+    @contextmanager
+    def step(self, name: str, description: str) -> Iterator[None]:
+        if self.progress is not None:
+            self.progress.update(self.task, description=description)
+        start = time.perf_counter()
+        yield
+        self.report.seconds[name] = round(time.perf_counter() - start, 3)
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def build_city(spec: BuildSpec, progress: bool = False) -> BuiltCity:
+    """Read every input of ``spec`` and aggregate it per region, in memory (nothing is written)."""
+    spec.check()
+    categories = _load_categories(spec.categories)
+    report = BuildReport(city=spec.city, join_engine=spec.engine)
+    n_steps = 1 + sum(x is not None for x in (spec.pois, spec.landuse, spec.trips)) + (
+        spec.labels is not None or spec.label_columns is not None)
+    steps = _Steps(n_steps, progress, report)
+    start = time.perf_counter()
+    sources: dict[str, Any] = {}
+    views: dict[str, pd.DataFrame] = {}
+    meta: dict[str, Any] = {}
+    pattern_rows = None
+    try:
+        attributes = None
+        with steps.step("regions", "reading regions"):
+            if spec.regions is not None:
+                regions, attributes, report.n_geometries_repaired = regions_from_file(
+                    Path(spec.regions), spec.region_id_column, spec.region_name_column, spec.crs)
+                report.region_kind = "polygon"
+                sources["regions"] = _source(spec.regions)
+            else:
+                assert spec.boundary is not None and spec.h3_resolution is not None
+                regions = h3_regions(read_boundary(spec.boundary, spec.crs), spec.h3_resolution)
+                report.region_kind = "h3"
+                meta["h3_resolution"] = spec.h3_resolution
+                sources["boundary"] = _source(spec.boundary)
+            report.n_regions = len(regions)
+        if spec.pois is not None:
+            with steps.step("pois", f"joining POIs to {len(regions)} regions ({spec.engine})"):
+                pois_path = Path(spec.pois)
+                points, report.n_pois_missing_location = read_points(pois_path, spec.crs, spec.lon_column,
+                                                                     spec.lat_column)
+                report.n_pois_read = report.n_pois_missing_location
+                osm = is_osm_extract(pois_path)
+                column = spec.category_column or "category"
+                chosen = OSM_CATEGORIES if osm and categories is None else categories
+                views["poi_counts"] = poi_counts(points, regions, column, chosen, spec.engine, report, str(pois_path))
+                sources["pois"] = _source(pois_path)
+        if spec.landuse is not None:
+            with steps.step("landuse", "overlaying land use"):
+                landuse = read_landuse(Path(spec.landuse), spec.landuse_class_column, spec.crs)
+                report.n_landuse_polygons = len(landuse)
+                views["landuse_counts"] = landuse_shares(regions, landuse, spec.landuse_class_column)
+                report.n_landuse_classes = views["landuse_counts"].shape[1]
+                sources["landuse"] = _source(spec.landuse)
+        if spec.trips is not None:
+            with steps.step("trips", "assigning trips to regions"):
+                od, pattern_rows = od_from_trips(read_table(Path(spec.trips)), regions, spec, report, str(spec.trips))
+                views["od_flows"] = frame_from_array(od, regions.index, regions.index)
+                if pattern_rows is not None and spec.n_time_patterns * len(regions) ** 2 <= MAX_DENSE_PATTERN_CELLS:
+                    views["od_patterns"] = patterns_view(pattern_rows, regions.index, spec.n_time_patterns)
+                sources["trips"] = _source(spec.trips)
+        targets = pd.DataFrame(index=regions.index)
+        if spec.labels is not None or spec.label_columns is not None:
+            with steps.step("labels", "matching labels"):
+                targets = labels_for_regions(regions, attributes, spec, report)
+                report.tasks = list(targets.columns)
+                sources["labels"] = _source(spec.labels) if spec.labels is not None else {"value": "regions file"}
+    finally:
+        steps.close()
+    report.seconds["total"] = round(time.perf_counter() - start, 3)
+    meta.update({
+        "source": f"build of {spec.city}",
+        "family": "built",
+        "city": spec.city,
+        "region_kind": report.region_kind,
+        "paper_folds": {"n_splits": 10, "shuffle": True, "random_state": 2024},
+        "drop_zero": [],
+        "location_source": f"{report.region_kind} regions",
+        "units": {k: v for k, v in UNITS.items() if k in views or (k == "od_patterns" and pattern_rows is not None)},
+        "notes": report.warnings(),
+    })
+    city = CityData(name=f"built-{spec.city}", regions=regions, views=views, targets=targets, meta=meta).validate()
+    return BuiltCity(city=city, report=report, sources=sources, od_pattern_rows=pattern_rows)
+
+
+def build_dataset(
+    spec: BuildSpec, out: str | Path, overwrite: bool = False, progress: bool = False, command: str | None = None
+) -> BuildReport:
+    """Build a dataset folder from raw files; nothing is written unless every step succeeds.
+
+    Example:
+        >>> spec = BuildSpec("helsinki", boundary="Helsinki.osm.pbf", h3_resolution=9, pois=Path("Helsinki.osm.pbf"))
+        >>> report = build_dataset(spec, "data/built/helsinki")  # doctest: +SKIP
+
+    Args:
+        spec: What to read and how.
+        out: Folder to create (``<data_dir>/built/<city>`` makes it ``built-<city>`` in the registry).
+        overwrite: Replace an existing folder.
+        progress: Show a progress bar on stderr.
+        command: The command line that ran the build (recorded in the manifest).
+
+    Raises:
+        DataError: A file is missing, unreadable or inconsistent (the message names it).
+    """
+    start = time.perf_counter()
+    built = build_city(spec, progress=progress)
+    report = built.report
+    spec_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items() if v is not None}
+    extra = {
+        "city": spec.city,
+        "units": {**built.city.meta["units"], **{t: f"as in {built.sources['labels'].get('path', 'the regions file')}"
+                                                 for t in built.city.targets.columns}},
+        "sources": built.sources,
+        "build_command": command or f"urbanprofile.data.build.build_dataset(BuildSpec(**{spec_record!r}))",
+        "build_spec": spec_record,
+        "n_time_patterns": spec.n_time_patterns,
+        "notes": report.warnings(),
+    }
+    with_write = time.perf_counter()
+    target = write_built(built.city, out, {**extra, "report": report.to_dict()}, overwrite=overwrite,
+                         od_pattern_rows=built.od_pattern_rows if "od_patterns" not in built.city.views else None)
+    report.seconds["write"] = round(time.perf_counter() - with_write, 3)
+    report.seconds["total"] = round(time.perf_counter() - start, 3)
+    report.output = str(target)
+    return report
+
+
+# -- messages ----------------------------------------------------------------------------------------
+def _first_line(err: Exception) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _listed(columns: Any, limit: int = 12) -> str:
+    names = [str(c) for c in columns]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _few(values: Any, limit: int = 3) -> str:
+    items = list(dict.fromkeys(str(v) for v in values))
+    more = ", ..." if len(items) > limit else ""
+    return ", ".join(repr(v) for v in items[:limit]) + more

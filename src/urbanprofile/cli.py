@@ -246,6 +246,77 @@ def benchmark(
     )
 
 
+# -- build and map -----------------------------------------------------------------------------------
+def _opt(help_text: str) -> Any:
+    return typer.Option(help=help_text, show_default=False)
+
+
+@app.command()
+def build(
+    city: Annotated[str, typer.Argument(help="Short lowercase city name; the dataset is built-<city>.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to create (e.g. DATA/built/<city>).")],
+    regions: Annotated[Path | None, typer.Option(help="Region polygons (GeoParquet, GeoJSON, GPKG, shapefile).",
+                                                 show_default=False)] = None,
+    region_id_column: Annotated[str | None, _opt("Field holding region ids (default region_id, else 0..N-1).")] = None,
+    region_name_column: Annotated[str | None, _opt("Field holding region names (shown on maps).")] = None,
+    boundary: Annotated[str | None, _opt("Boundary to cut into H3 cells: vector file, .osm.pbf, or W,S,E,N.")] = None,
+    h3_res: Annotated[int | None, typer.Option("--h3-res", help="H3 resolution (0-15).", show_default=False)] = None,
+    pois: Annotated[Path | None, _opt("POI points (vector file, CSV/Parquet with lon/lat, or .osm.pbf).")] = None,
+    category_column: Annotated[str | None, _opt("POI category field (default: category).")] = None,
+    categories: Annotated[str | None, _opt("Comma-separated categories, or a JSON list/mapping file.")] = None,
+    lon_column: Annotated[str, typer.Option(help="Longitude column of CSV/Parquet tables.")] = "lon",
+    lat_column: Annotated[str, typer.Option(help="Latitude column of CSV/Parquet tables.")] = "lat",
+    landuse: Annotated[Path | None, _opt("Land-use polygons with a class field (or .osm.pbf).")] = None,
+    landuse_class_column: Annotated[str, typer.Option(help="Land-use class field.")] = "class",
+    trips: Annotated[Path | None, _opt("Trips (CSV/Parquet): origin,destination ids or o_lon,o_lat,d_lon,d_lat.")
+                     ] = None,
+    trip_columns: Annotated[str | None, _opt("2 id columns or 4 coordinate columns, comma-separated.")] = None,
+    trip_time_column: Annotated[str | None, _opt("Departure time column (default: time, when present).")] = None,
+    time_patterns: Annotated[int, typer.Option(help="Time-of-day patterns the trips are split into.")] = 4,
+    labels: Annotated[Path | None, _opt("Labels: CSV/Parquet keyed by region id, or points with values.")] = None,
+    label_id_column: Annotated[str, typer.Option(help="Region-id column of the labels table.")] = "region_id",
+    label_columns: Annotated[str | None, _opt("Comma-separated label columns (of --labels, else of --regions).")
+                             ] = None,
+    label_agg: Annotated[str, typer.Option(help="Aggregation of point labels per region.")] = "mean",
+    crs: Annotated[str | None, _opt("CRS of inputs that declare none (and of CSV coordinates), e.g. EPSG:31983.")
+                   ] = None,
+    join_engine: Annotated[str, typer.Option(help="Spatial join: auto, geopandas or duckdb.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Build a dataset folder from raw geodata files (regions or H3 cells, POIs, land use, trips, labels)."""
+    import shlex
+
+    from urbanprofile.data.build import BuildSpec, build_dataset
+
+    spec = BuildSpec(
+        city=city, regions=regions, region_id_column=region_id_column, region_name_column=region_name_column,
+        boundary=boundary, h3_resolution=h3_res, pois=pois, category_column=category_column,
+        categories=categories if categories is None or categories.endswith(".json") else _split(categories),
+        lon_column=lon_column, lat_column=lat_column, landuse=landuse, landuse_class_column=landuse_class_column,
+        trips=trips, trip_columns=_split(trip_columns), trip_time_column=trip_time_column,
+        n_time_patterns=time_patterns, labels=labels, label_id_column=label_id_column,
+        label_columns=_split(label_columns), label_agg=label_agg, crs=crs, join_engine=join_engine,
+    )
+    command = "urbanprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = build_dataset(spec, out_dir, overwrite=overwrite, progress=True, command=command)
+    for line in report.warnings():
+        err.print(f"warning: {line}")
+    table = Table("figure", "value", title=f"built-{city}: {report.region_kind} regions, {report.join_engine} join")
+    rows = [
+        ("regions", report.n_regions),
+        ("POIs joined / read", f"{report.n_pois_joined} / {report.n_pois_read}" if pois else "-"),
+        ("POI categories", report.n_categories or "-"),
+        ("land-use classes", report.n_landuse_classes or "-"),
+        ("trips kept / read", f"{report.n_trips_kept} / {report.n_trips_read}" if trips else "-"),
+        ("tasks", ", ".join(report.tasks) or "-"),
+        ("seconds", f"{report.seconds['total']:.1f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    out.print(table)
+    out.print(f"wrote {report.output}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:

@@ -56,7 +56,8 @@ class BuildSpec:
         pois: POI points (GeoParquet, GeoJSON, GeoPackage, shapefile, CSV/Parquet with lon/lat, ``.osm.pbf``).
         category_column: Field holding the POI category (``category`` by default).
         categories: Category list (others count as ``other``), or a mapping ``{category: [raw values]}``
-            (``key=*`` matches every value of an OSM key); ``None``: every value found (OSM: broad classes).
+            (``key=*`` matches every value of an OSM key), or a JSON file holding either; ``None``: every value
+            found (for an OSM extract: the broad classes of :data:`OSM_CATEGORIES`).
         lon_column, lat_column: Coordinate columns of CSV/Parquet point tables.
         landuse: Land-use polygons with a class field (or an ``.osm.pbf`` extract).
         landuse_class_column: Field holding the land-use class.
@@ -81,7 +82,7 @@ class BuildSpec:
     h3_resolution: int | None = None
     pois: Path | None = None
     category_column: str | None = None
-    categories: list[str] | dict[str, list[str]] | None = None
+    categories: list[str] | dict[str, list[str]] | str | None = None
     lon_column: str = "lon"
     lat_column: str = "lat"
     landuse: Path | None = None

@@ -100,6 +100,9 @@ def write_built(
         raise DataError(f"{target}: already exists and is not empty (pass --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
     try:
         manifest = _write_files(city, tmp, manifest_extra, od_pattern_rows)
         _dump_json(tmp / MANIFEST, manifest)

@@ -317,6 +317,31 @@ def build(
     out.print(f"wrote {report.output}")
 
 
+@app.command("map")
+def map_command(
+    name: Annotated[str, typer.Argument(help="Dataset name, or the path of a built dataset folder.")],
+    layer: Annotated[str, typer.Option("--layer", "-l", help=(
+        "view:<view>[:<column>], label:<task>, prediction:<task>, residual:<task> or bias:<task>."))],
+    out_paths: Annotated[list[Path], typer.Option("--out", "-o", help="Output .png or .html (repeatable).")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Method for prediction/residual/bias layers.")
+                      ] = "raw-poi",
+    protocol: Annotated[str, typer.Option("--protocol", "-p", help="Protocol for the model layers.")] = "nested",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the method and protocol.")] = 0,
+    data_dir: DataDir = None,
+) -> None:
+    """Draw a choropleth of a view, label, prediction, residual or per-block bias as PNG and/or HTML."""
+    from urbanprofile.data.registry import load_dataset
+    from urbanprofile.report.maps import check_map_path, map_city
+
+    for path in out_paths:
+        check_map_path(path)
+    city = load_dataset(name, data_dir)
+    with err.status(f"mapping {layer} of {city.name}"):
+        written = map_city(city, layer, list(out_paths), method=method, protocol=protocol, seed=seed)
+    for path in written:
+        err.print(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:

@@ -1,0 +1,343 @@
+"""Choropleth maps of a city: any view, label, prediction, residual or per-block bias, as PNG or HTML.
+
+PNGs are drawn with matplotlib (no basemap, nothing downloaded); the HTML page is standalone: inline
+SVG, a few lines of inline script for zoom, pan and a hover panel, and every region id, name and title
+escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from urbanprofile.data.city import CityData
+from urbanprofile.errors import UrbanProfileError, require, unknown_name
+
+#: Layer kinds: ``view:<view>[:<column>]``, ``label:<task>``, and ``<kind>:<task>`` for the model layers.
+LAYER_KINDS = ("view", "label", "prediction", "residual", "bias")
+MAP_FORMATS = (".png", ".html")
+_MISSING = "#d9d9d9"
+
+
+@dataclass
+class MapLayer:
+    """Values to colour regions by.
+
+    Attributes:
+        values: One value per region, indexed by ``region_id``; NaN draws the region grey.
+        title: What the values are.
+        diverging: Centre the colour scale on zero (residuals, R^2).
+        legend: How the value is described in the hover panel.
+    """
+
+    values: pd.Series
+    title: str
+    diverging: bool = False
+    legend: str = "value"
+
+
+def layer_values(
+    city: CityData, layer: str, method: str = "raw-poi", protocol: str = "nested", seed: int = 0
+) -> MapLayer:
+    """Resolve a layer name to values per region.
+
+    Args:
+        city: The city.
+        layer: ``view:<view>`` (row totals; ``od_flows``: trips leaving), ``view:<view>:<column>``,
+            ``label:<task>``, ``prediction:<task>``, ``residual:<task>`` (label minus out-of-fold
+            prediction) or ``bias:<task>`` (R^2 of the spatial block each region lies in).
+        method: Method whose embedding is probed for the model layers.
+        protocol: Evaluation protocol of the model layers.
+        seed: Seed of the method and the protocol.
+    """
+    kind, _, rest = layer.partition(":")
+    if kind not in LAYER_KINDS or not rest:
+        raise UrbanProfileError(
+            f"layer {layer!r} must be view:<view>[:<column>], label:<task>, prediction:<task>, residual:<task> "
+            "or bias:<task>"
+        )
+    if kind == "view":
+        view_name, _, column = rest.partition(":")
+        frame = city.view(view_name)
+        if not column:
+            what = "trips leaving" if view_name == "od_flows" else "total"
+            return MapLayer(frame.sum(axis=1).astype(float), f"{view_name}: {what} per region", legend=what)
+        names = {str(c): c for c in frame.columns}
+        if column not in names:
+            raise unknown_name(f"column of view {view_name!r}", column, names)
+        return MapLayer(frame[names[column]].astype(float), f"{view_name}: {column}", legend=column)
+    if rest not in city.targets.columns:
+        raise unknown_name(f"task for dataset {city.name!r}", rest, city.targets.columns)
+    if kind == "label":
+        return MapLayer(city.targets[rest].astype(float), f"{rest} (label)", legend=rest)
+    return _model_layer(city, kind, rest, method, protocol, seed)
+
+
+def _model_layer(city: CityData, kind: str, task: str, method: str, protocol: str, seed: int) -> MapLayer:
+    from urbanprofile.evaluation.protocols import N_BIAS_BLOCKS, evaluate_embedding
+    from urbanprofile.evaluation.spatial import spatial_blocks
+    from urbanprofile.methods import get_method
+
+    spec = get_method(method)
+    spec.check_available(city)
+    embedding = spec.build(random_state=seed).fit_transform(city)
+    result = evaluate_embedding(city, embedding, task, protocol=protocol, head=spec.head, random_state=seed)
+    frame = result.predictions().reindex(city.region_ids)
+    r2 = result.metrics["r2"]
+    where = f"{method}, {protocol} protocol, R² {r2:.3f}"
+    if kind == "prediction":
+        return MapLayer(frame["pred"], f"{task}: out-of-fold prediction ({where})", legend="prediction")
+    if kind == "residual":
+        return MapLayer(frame["residual"], f"{task}: label − prediction ({where})", diverging=True, legend="residual")
+    if not city.has_locations:
+        raise UrbanProfileError(f"per-block bias needs region locations; {city.name!r} has none")
+    blocks = pd.Series(spatial_blocks(city, N_BIAS_BLOCKS), index=city.region_ids)
+    block_r2 = {int(k): v for k, v in result.bias["block_r2"].items()}
+    values = blocks.map(block_r2).where(frame["y"].notna())
+    return MapLayer(values.astype(float), f"{task}: R² per spatial block ({where})", diverging=True,
+                    legend="block R²")
+
+
+# -- colours -----------------------------------------------------------------------------------------
+def _colours(layer: MapLayer) -> tuple[list[str], Any, Any]:
+    """Hex colour per region (grey where missing), the colormap and the norm."""
+    colors = require("matplotlib.colors", "maps")
+    cm = require("matplotlib", "maps")
+    values = layer.values.to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if layer.diverging:
+        bound = max(abs(low), abs(high)) or 1.0
+        norm = colors.TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
+        cmap = cm.colormaps["RdBu_r"]
+    else:
+        norm = colors.Normalize(vmin=low, vmax=high if high > low else low + 1.0)
+        cmap = cm.colormaps["viridis"]
+    hexes = [colors.to_hex(cmap(norm(v))) if np.isfinite(v) else _MISSING for v in values]
+    return hexes, cmap, norm
+
+
+def _check_layer(city: CityData, layer: MapLayer) -> pd.Series:
+    values = layer.values.reindex(city.region_ids)
+    if not np.isfinite(values.to_numpy(dtype=float)).any():
+        raise UrbanProfileError(f"nothing to map: {layer.title} has no value for any region of {city.name!r}")
+    return values
+
+
+def _has_polygons(city: CityData) -> bool:
+    geoms = city.regions.geometry
+    return bool(geoms.notna().any() and geoms.geom_type.isin(["Polygon", "MultiPolygon"]).any())
+
+
+# -- PNG ---------------------------------------------------------------------------------------------
+def render_png(city: CityData, layer: MapLayer, path: Path, dpi: int = 110) -> None:
+    """Draw the choropleth with matplotlib (polygons, or centroid dots when a city has none)."""
+    require("matplotlib", "maps")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure
+
+    layer = MapLayer(_check_layer(city, layer), layer.title, layer.diverging, layer.legend)
+    hexes, cmap, norm = _colours(layer)
+    fig = Figure(figsize=(7.0, 6.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if _has_polygons(city):
+        city.regions.plot(ax=ax, color=hexes, edgecolor="white", linewidth=0.15)
+    else:
+        lonlat = city.coordinates()
+        ax.scatter(lonlat[:, 0], lonlat[:, 1], c=hexes, s=12, linewidths=0)
+    lat0 = float(np.nanmean(city.regions["lat"])) if "lat" in city.regions else 0.0
+    ax.set_aspect(1 / max(np.cos(np.deg2rad(lat0)), 0.1))
+    ax.set_axis_off()
+    ax.set_title(f"{city.name}: {layer.title}", fontsize=9, wrap=True)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7, label=layer.legend)
+    fig.savefig(path, dpi=dpi, format="png")
+
+
+# -- HTML --------------------------------------------------------------------------------------------
+def _svg_paths(city: CityData, width: float) -> tuple[list[str], float]:
+    """SVG path data per region in a local equirectangular projection, and the drawing's height."""
+    import shapely
+
+    regions = city.regions
+    polygons = _has_polygons(city)
+    if polygons:
+        geoms = regions.geometry
+        minx, miny, maxx, maxy = geoms.total_bounds
+    else:
+        lonlat = city.coordinates()
+        minx, miny = lonlat.min(axis=0)
+        maxx, maxy = lonlat.max(axis=0)
+    kx = float(np.cos(np.deg2rad((miny + maxy) / 2)))
+    span_x = max((maxx - minx) * kx, 1e-9)
+    span_y = max(maxy - miny, 1e-9)
+    scale = width / max(span_x, span_y * width / 700.0)
+    height = span_y * scale
+
+    def xy(coords: np.ndarray) -> str:
+        x = (coords[:, 0] - minx) * kx * scale
+        y = (maxy - coords[:, 1]) * scale
+        return " L".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y, strict=True))
+
+    paths = []
+    if polygons:
+        tolerance = max(maxx - minx, maxy - miny) / 3000
+        for geom in regions.geometry:
+            if geom is None or geom.is_empty:
+                paths.append("")
+                continue
+            simple = shapely.simplify(geom, tolerance, preserve_topology=True)
+            rings = []
+            for part in shapely.get_parts(simple):
+                if part.geom_type != "Polygon":
+                    continue
+                for ring in [part.exterior, *part.interiors]:
+                    rings.append("M" + xy(np.asarray(ring.coords)) + " Z")
+            paths.append(" ".join(rings))
+    else:
+        for lon, lat in city.coordinates():
+            x, y = (lon - minx) * kx * scale, (maxy - lat) * scale
+            paths.append(f"M{x - 3:.1f},{y:.1f} a3,3 0 1,0 6,0 a3,3 0 1,0 -6,0")
+    return paths, height
+
+
+_SCRIPT = """
+(function () {
+  var svg = document.getElementById('map'), info = document.getElementById('info');
+  var vb = svg.viewBox.baseVal, drag = null;
+  svg.addEventListener('wheel', function (e) {
+    e.preventDefault();
+    var f = e.deltaY < 0 ? 0.8 : 1.25, r = svg.getBoundingClientRect();
+    var mx = vb.x + (e.clientX - r.left) / r.width * vb.width, my = vb.y + (e.clientY - r.top) / r.height * vb.height;
+    vb.x = mx - (mx - vb.x) * f; vb.y = my - (my - vb.y) * f; vb.width *= f; vb.height *= f;
+  }, {passive: false});
+  svg.addEventListener('mousedown', function (e) { drag = [e.clientX, e.clientY]; });
+  window.addEventListener('mouseup', function () { drag = null; });
+  window.addEventListener('mousemove', function (e) {
+    if (!drag) return;
+    var r = svg.getBoundingClientRect();
+    vb.x -= (e.clientX - drag[0]) / r.width * vb.width; vb.y -= (e.clientY - drag[1]) / r.height * vb.height;
+    drag = [e.clientX, e.clientY];
+  });
+  svg.addEventListener('mouseover', function (e) {
+    var t = e.target.closest('path[data-region]');
+    if (t) info.textContent = t.getAttribute('data-label');
+  });
+})();
+"""
+
+
+def render_html(city: CityData, layer: MapLayer, width: float = 900.0) -> str:
+    """A standalone HTML page with the choropleth as inline SVG (no external script, style or tiles)."""
+    values = _check_layer(city, layer)
+    layer = MapLayer(values, layer.title, layer.diverging, layer.legend)
+    hexes, cmap, norm = _colours(layer)
+    colors = require("matplotlib.colors", "maps")
+    paths, height = _svg_paths(city, width)
+    names = city.regions["name"] if "name" in city.regions.columns else None
+    esc = html.escape
+    shapes = []
+    for i, (region, d) in enumerate(zip(city.region_ids, paths, strict=True)):
+        if not d:
+            continue
+        value = values.iloc[i]
+        shown = "no value" if not np.isfinite(value) else f"{value:.4g}"
+        name = f" ({names.iloc[i]})" if names is not None and pd.notna(names.iloc[i]) else ""
+        label = f"region {region}{name}: {layer.legend} = {shown}"
+        shapes.append(
+            f'<path d="{d}" fill="{hexes[i]}" data-region="{esc(str(region))}" data-label="{esc(label)}">'
+            f"<title>{esc(label)}</title></path>"
+        )
+    low, high = float(norm.vmin), float(norm.vmax)
+    stops = "".join(
+        f'<stop offset="{k / 10:.1f}" stop-color="{colors.to_hex(cmap(k / 10))}"/>' for k in range(11)
+    )
+    title = esc(f"{city.name}: {layer.title}")
+    pad = 10
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1em; color: #222; }}
+#map {{ width: 100%; max-width: {width + 2 * pad:.0f}px; border: 1px solid #ccc; cursor: grab; background: #fafafa; }}
+#map path[data-region] {{ stroke: #fff; stroke-width: 0.4; fill-rule: evenodd; }}
+#map path[data-region]:hover {{ stroke: #000; stroke-width: 1.5; }}
+#info {{ min-height: 1.4em; font-size: 0.95em; }}
+</style></head>
+<body>
+<h1 style="font-size:1.1em">{title}</h1>
+<p id="info">Hover over a region; scroll to zoom, drag to pan.</p>
+<svg id="map" xmlns="http://www.w3.org/2000/svg" viewBox="{-pad} {-pad} {width + 2 * pad:.1f} {height + 2 * pad:.1f}">
+{chr(10).join(shapes)}
+</svg>
+<svg width="320" height="44" xmlns="http://www.w3.org/2000/svg" aria-label="legend">
+<defs><linearGradient id="legend">{stops}</linearGradient></defs>
+<rect x="10" y="4" width="300" height="14" fill="url(#legend)"/>
+<text x="10" y="34" font-size="12">{low:.4g}</text>
+<text x="310" y="34" font-size="12" text-anchor="end">{high:.4g}</text>
+<text x="160" y="34" font-size="12" text-anchor="middle">{esc(layer.legend)}</text>
+</svg>
+<p style="font-size:0.8em;color:#666">{len(shapes)} regions; grey: no value. Made by urbanprofile.</p>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+
+
+# -- writing -----------------------------------------------------------------------------------------
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write beside the target and move into place, so a failure leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_map_path(path: Path) -> None:
+    if path.suffix.lower() not in MAP_FORMATS:
+        raise UrbanProfileError(f"{path}: a map must end in {' or '.join(MAP_FORMATS)}")
+
+
+def write_map(city: CityData, layer: MapLayer, path: str | os.PathLike[str]) -> Path:
+    """Write the choropleth as ``.png`` or ``.html`` (chosen by the suffix)."""
+    target = Path(path)
+    check_map_path(target)
+    if target.suffix.lower() == ".png":
+        _write_atomic(target, lambda tmp: render_png(city, layer, tmp))
+    else:
+        page = render_html(city, layer)
+        _write_atomic(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return target
+
+
+def map_city(
+    city: CityData, layer: str, out: str | os.PathLike[str] | list[str | os.PathLike[str]],
+    method: str = "raw-poi", protocol: str = "nested", seed: int = 0,
+) -> list[Path]:
+    """Resolve ``layer`` on ``city`` and write it to one or more ``.png``/``.html`` files.
+
+    Example:
+        >>> city = load_dataset("data/built/helsinki")  # doctest: +SKIP
+        >>> map_city(city, "view:poi_counts:food", ["food.png", "food.html"])  # doctest: +SKIP
+    """
+    targets = [Path(p) for p in (out if isinstance(out, list) else [out])]
+    for target in targets:
+        check_map_path(target)
+    resolved = layer_values(city, layer, method=method, protocol=protocol, seed=seed)
+    return [write_map(city, resolved, target) for target in targets]

@@ -49,12 +49,13 @@ class BenchmarkOutcome:
 def validate_plan(plan: BenchmarkPlan, data_dir: str | Path | None) -> tuple[list[str], list[MethodSpec]]:
     """Resolve names up front so that a typo fails before any work, with the valid names listed."""
     datasets = list(plan.datasets) if plan.datasets else list_datasets(data_dir)
+    known_tasks = set(KNOWN_TASKS)
     for name in datasets:
-        get_entry(name, data_dir)
+        known_tasks.update(get_entry(name, data_dir).declared_tasks)
     methods = [get_method(m) for m in (plan.methods or list_methods())]
     for task in plan.tasks or ():
-        if task not in KNOWN_TASKS:
-            raise unknown_name("task", task, KNOWN_TASKS)
+        if task not in known_tasks:
+            raise unknown_name("task", task, known_tasks)
     for protocol in plan.protocols:
         check_protocol(protocol)
     if not plan.seeds:

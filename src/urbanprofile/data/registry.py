@@ -39,6 +39,16 @@ class DatasetEntry:
     def complete(self) -> bool:
         return not self.missing
 
+    @property
+    def declared_tasks(self) -> tuple[str, ...]:
+        """Tasks a built dataset's manifest declares (its own indicators); empty for the benchmark families."""
+        if self.family != "built":
+            return ()
+        from urbanprofile.data.built import read_manifest
+
+        labels = read_manifest(self.path).get("labels") or {}
+        return tuple(str(t) for t in labels.get("tasks", []))
+
     def load(self) -> CityData:
         """Read and validate the dataset."""
         from urbanprofile.errors import DataError

@@ -322,7 +322,11 @@ def write_map(city: CityData, layer: MapLayer, path: str | os.PathLike[str]) -> 
         _write_atomic(target, lambda tmp: render_png(city, layer, tmp))
     else:
         page = render_html(city, layer)
-        _write_atomic(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+
+        def write_page(tmp: Path) -> None:
+            tmp.write_text(page, encoding="utf-8")
+
+        _write_atomic(target, write_page)
     return target
 
 

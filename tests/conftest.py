@@ -53,3 +53,52 @@ def make_data_dir(tmp_path: Path) -> Callable[..., Path]:
         return tmp_path
 
     return make
+
+
+def write_raw_city(folder: Path, seed: int = 0, n_pois: int = 600, n_trips: int = 300) -> dict[str, Path]:
+    """Write the raw files a city analyst brings (seeded): a 6 x 5 grid of region polygons with string ids and
+    names, POIs (CSV, some outside the grid, one unknown category), land use, trips (CSV, one missing
+    coordinate) and a labels table keyed by region id. Cells are 0.01 degrees, the grid spans lon 0-0.06,
+    lat 0-0.05, so the region of a point is known without a GIS."""
+    import geopandas as gpd
+    import pandas as pd
+    from shapely.geometry import box
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids, names, cells = [], [], []
+    for i in range(6):
+        for j in range(5):
+            ids.append(f"c{i}{j}")
+            names.append(f"block {i}-{j}")
+            cells.append(box(i * 0.01, j * 0.01, (i + 1) * 0.01, (j + 1) * 0.01))
+    regions = gpd.GeoDataFrame({"region_id": ids, "name": names, "households": rng.integers(10, 500, len(ids))},
+                               geometry=cells, crs="EPSG:4326")
+    regions.to_file(folder / "regions.gpkg")
+    pois = pd.DataFrame({
+        "lon": rng.uniform(-0.005, 0.0651, n_pois) + 1e-7,
+        "lat": rng.uniform(0.0005, 0.0495, n_pois) + 1e-7,
+        "category": rng.choice(["food", "shop", "school"], n_pois),
+    })
+    pois.loc[:4, "category"] = "casino"
+    pois.to_csv(folder / "pois.csv", index=False)
+    landuse = gpd.GeoDataFrame({"class": ["park", "housing"]},
+                               geometry=[box(0, 0, 0.03, 0.05), box(0.03, 0, 0.06, 0.05)], crs="EPSG:4326")
+    landuse.to_file(folder / "landuse.geojson")
+    trips = pd.DataFrame({
+        "o_lon": rng.uniform(0.0001, 0.0599, n_trips), "o_lat": rng.uniform(0.0001, 0.0499, n_trips),
+        "d_lon": rng.uniform(0.0001, 0.0599, n_trips), "d_lat": rng.uniform(0.0001, 0.0499, n_trips),
+        "time": pd.date_range("2024-03-01", periods=n_trips, freq="37min").astype(str),
+    })
+    trips.loc[7, "d_lat"] = np.nan
+    trips.to_csv(folder / "trips.csv", index=False)
+    labels = pd.DataFrame({"region_id": ids, "crime": rng.poisson(20, len(ids)).astype(float)})
+    labels.to_csv(folder / "labels.csv", index=False)
+    return {k: folder / f for k, f in [("regions", "regions.gpkg"), ("pois", "pois.csv"),
+                                       ("landuse", "landuse.geojson"), ("trips", "trips.csv"),
+                                       ("labels", "labels.csv")]}
+
+
+@pytest.fixture
+def raw_city(tmp_path: Path) -> dict[str, Path]:
+    return write_raw_city(tmp_path / "raw")

@@ -69,7 +69,7 @@ def helsinki(work: Path) -> list[dict[str, Any]]:
 def synthetic_city(work: Path, n_pois: int = 100_000, n_trips: int = 20_000) -> dict[str, Any]:
     """A seeded city: ~5,000 H3 cells (resolution 9), clustered POIs and trips, built with each join engine."""
     rng = np.random.default_rng(SEED)
-    bbox = (24.80, 60.10, 25.164, 60.282)  # about 20 km x 20 km: ~5,000 resolution-9 cells
+    bbox = (24.80, 60.10, 25.158, 60.279)  # about 20 km x 20 km: ~5,000 resolution-9 cells
     boundary = ",".join(map(str, bbox))
     centres = np.column_stack([rng.uniform(bbox[0], bbox[2], 40), rng.uniform(bbox[1], bbox[3], 40)])
 

@@ -116,7 +116,12 @@ def test_boundary_and_categories() -> None:
     with pytest.raises(DataError, match="W,S,E,N"):
         read_boundary("1,1,0,0")
     with pytest.raises(DataError, match="finer"):
-        h3_regions(read_boundary("0,0,0.0001,0.0001"), 5)
+        h3_regions(read_boundary("0,0,0.0001,0.0001"), 5, cover=False)
+    tiny = h3_regions(read_boundary("0,0,0.0001,0.0001"), 5)
+    assert len(tiny) == 1 and tiny.geometry.iloc[0].contains(read_boundary("0,0,0.0001,0.0001").geometry.iloc[0])
+    bbox = read_boundary("0,0,0.06,0.05")
+    covered, centres = h3_regions(bbox, 9), h3_regions(bbox, 9, cover=False)
+    assert set(centres.index) < set(covered.index) and covered.union_all().contains(bbox.union_all())
     codes, names, unknown = map_categories(
         pd.Series(["amenity=cafe", "shop=bakery", "amenity=bench", None]),
         {"food": ["amenity=cafe"], "shopping": ["shop=*"]},

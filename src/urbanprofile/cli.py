@@ -261,6 +261,8 @@ def build(
     region_name_column: Annotated[str | None, _opt("Field holding region names (shown on maps).")] = None,
     boundary: Annotated[str | None, _opt("Boundary to cut into H3 cells: vector file, .osm.pbf, or W,S,E,N.")] = None,
     h3_res: Annotated[int | None, typer.Option("--h3-res", help="H3 resolution (0-15).", show_default=False)] = None,
+    h3_centres_only: Annotated[bool, typer.Option(
+        "--h3-centres-only", help="Keep only H3 cells whose centre is inside the boundary.")] = False,
     pois: Annotated[Path | None, _opt("POI points (vector file, CSV/Parquet with lon/lat, or .osm.pbf).")] = None,
     category_column: Annotated[str | None, _opt("POI category field (default: category).")] = None,
     categories: Annotated[str | None, _opt("Comma-separated categories, or a JSON list/mapping file.")] = None,
@@ -290,7 +292,8 @@ def build(
 
     spec = BuildSpec(
         city=city, regions=regions, region_id_column=region_id_column, region_name_column=region_name_column,
-        boundary=boundary, h3_resolution=h3_res, pois=pois, category_column=category_column,
+        boundary=boundary, h3_resolution=h3_res, h3_cover=not h3_centres_only, pois=pois,
+        category_column=category_column,
         categories=categories if categories is None or categories.endswith(".json") else _split(categories),
         lon_column=lon_column, lat_column=lat_column, landuse=landuse, landuse_class_column=landuse_class_column,
         trips=trips, trip_columns=_split(trip_columns), trip_time_column=trip_time_column,

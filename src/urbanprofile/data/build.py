@@ -53,6 +53,7 @@ class BuildSpec:
         region_name_column: Field holding a human-readable region name (shown on maps).
         boundary: A city boundary (vector file, ``.osm.pbf`` extract, or ``W,S,E,N`` in degrees) cut into H3 cells.
         h3_resolution: H3 resolution (0-15) of the cells cut from ``boundary``.
+        h3_cover: Keep every cell overlapping the boundary (default), else only cells whose centre is inside.
         pois: POI points (GeoParquet, GeoJSON, GeoPackage, shapefile, CSV/Parquet with lon/lat, ``.osm.pbf``).
         category_column: Field holding the POI category (``category`` by default).
         categories: Category list (others count as ``other``), or a mapping ``{category: [raw values]}``
@@ -80,6 +81,7 @@ class BuildSpec:
     region_name_column: str | None = None
     boundary: str | None = None
     h3_resolution: int | None = None
+    h3_cover: bool = True
     pois: Path | None = None
     category_column: str | None = None
     categories: list[str] | dict[str, list[str]] | str | None = None
@@ -302,19 +304,40 @@ def read_boundary(spec: str, crs: str | None = None) -> gpd.GeoDataFrame:
     return polygons
 
 
-def h3_regions(boundary: gpd.GeoDataFrame, resolution: int) -> gpd.GeoDataFrame:
-    """Cut a boundary into the H3 cells whose centre lies inside it; region ids are H3 cell strings."""
+def h3_regions(boundary: gpd.GeoDataFrame, resolution: int, cover: bool = True) -> gpd.GeoDataFrame:
+    """Cut a boundary into H3 cells; region ids are H3 cell strings.
+
+    Args:
+        boundary: Polygons in any CRS.
+        resolution: H3 resolution (0-15).
+        cover: Keep every cell that overlaps the boundary (nothing inside is left out, as srai's buffered
+            H3 regionalizer); ``False`` keeps only cells whose centre lies inside.
+    """
     import geopandas as gpd
     from shapely.geometry import Polygon
 
     h3 = require("h3", "build")
     shape = boundary.to_crs("EPSG:4326").geometry.make_valid().union_all()
-    cells = sorted(h3.geo_to_cells(shape, resolution)) if not shape.is_empty else []
+    cells = set(h3.geo_to_cells(shape, resolution)) if not shape.is_empty else set()
+
+    def polygon(cell: str) -> Polygon:
+        return Polygon([(lng, lat) for lat, lng in h3.cell_to_boundary(cell)])
+
+    if cover and not shape.is_empty:
+        if not cells:  # a boundary smaller than one cell
+            point = shape.representative_point()
+            cells = {h3.latlng_to_cell(point.y, point.x, resolution)}
+        frontier = set(cells)
+        while frontier:  # grow outwards while neighbouring cells still overlap the boundary
+            ring = {n for c in frontier for n in h3.grid_disk(c, 1)} - cells
+            frontier = {c for c in ring if polygon(c).intersects(shape)}
+            cells |= frontier
     if not cells:
         raise DataError(f"the boundary holds no H3 cell centre at resolution {resolution} (try a finer --h3-res)")
-    polygons = [Polygon([(lng, lat) for lat, lng in h3.cell_to_boundary(c)]) for c in cells]
-    centres = np.array([h3.cell_to_latlng(c) for c in cells])
-    ids = pd.Index(cells, name="region_id", dtype=str)
+    ordered = sorted(cells)
+    polygons = [polygon(c) for c in ordered]
+    centres = np.array([h3.cell_to_latlng(c) for c in ordered])
+    ids = pd.Index(ordered, name="region_id", dtype=str)
     return gpd.GeoDataFrame({"lon": centres[:, 1], "lat": centres[:, 0]}, index=ids, geometry=polygons,
                             crs="EPSG:4326")
 
@@ -815,7 +838,7 @@ def build_city(spec: BuildSpec, progress: bool = False) -> BuiltCity:
                 sources["regions"] = _source(spec.regions)
             else:
                 assert spec.boundary is not None and spec.h3_resolution is not None
-                regions = h3_regions(read_boundary(spec.boundary, spec.crs), spec.h3_resolution)
+                regions = h3_regions(read_boundary(spec.boundary, spec.crs), spec.h3_resolution, spec.h3_cover)
                 report.region_kind = "h3"
                 meta["h3_resolution"] = spec.h3_resolution
                 sources["boundary"] = _source(spec.boundary)

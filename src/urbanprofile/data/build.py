@@ -22,7 +22,7 @@ import pandas as pd
 
 from urbanprofile.data.built import MAX_DENSE_PATTERN_CELLS, patterns_view, write_built
 from urbanprofile.data.city import CityData, frame_from_array
-from urbanprofile.data.io import load_json, read_vector
+from urbanprofile.data.io import first_line, load_json, read_table, read_vector
 from urbanprofile.data.osm import OSM_CATEGORIES, is_osm_extract, osm_extent, read_osm_landuse, read_osm_pois
 from urbanprofile.errors import DataError, UrbanProfileError, require
 
@@ -164,25 +164,18 @@ class BuildReport:
 
     def warnings(self) -> list[str]:
         """One line per thing the user should know was dropped, remapped or repaired."""
-        lines = []
-        if self.n_geometries_repaired:
-            lines.append(f"{self.n_geometries_repaired} invalid region geometries repaired (make_valid)")
-        if self.n_pois_missing_location:
-            lines.append(f"{self.n_pois_missing_location} POIs without a location dropped")
-        if self.n_pois_outside:
-            lines.append(f"{self.n_pois_outside} of {self.n_pois_read} POIs lie outside every region (not counted)")
-        if self.n_pois_unknown_category:
-            top = ", ".join(f"{k} ({v})" for k, v in list(self.unknown_categories.items())[:5])
-            lines.append(f"{self.n_pois_unknown_category} POIs of unknown category counted as {OTHER!r}: {top}")
-        if self.n_trips_missing:
-            lines.append(f"{self.n_trips_missing} trips with a missing origin or destination dropped")
-        if self.n_trips_outside:
-            lines.append(f"{self.n_trips_outside} trips starting or ending outside every region dropped")
-        if self.n_label_rows_unmatched:
-            lines.append(f"{self.n_label_rows_unmatched} label rows match no region (ignored)")
-        if self.n_regions_unlabelled:
-            lines.append(f"{self.n_regions_unlabelled} regions have no label (left missing)")
-        return lines
+        top = ", ".join(f"{k} ({v})" for k, v in list(self.unknown_categories.items())[:5])
+        checks = [
+            (self.n_geometries_repaired, "invalid region geometries repaired (make_valid)"),
+            (self.n_pois_missing_location, "POIs without a location dropped"),
+            (self.n_pois_outside, f"of {self.n_pois_read} POIs lie outside every region (not counted)"),
+            (self.n_pois_unknown_category, f"POIs of unknown category counted as {OTHER!r}: {top}"),
+            (self.n_trips_missing, "trips with a missing origin or destination dropped"),
+            (self.n_trips_outside, "trips starting or ending outside every region dropped"),
+            (self.n_label_rows_unmatched, "label rows match no region (ignored)"),
+            (self.n_regions_unlabelled, "regions have no label (left missing)"),
+        ]
+        return [f"{count} {what}" for count, what in checks if count]
 
 
 @dataclass
@@ -361,21 +354,6 @@ def _xy_to_lonlat(x: np.ndarray, y: np.ndarray, crs: str | None, where: str) -> 
     return x, y
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A plain CSV or Parquet table (untrusted: no pickle, named on failure)."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".csv", ".tsv", ".txt"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", low_memory=False)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-    except Exception as err:  # pandas and pyarrow raise many types for a corrupt file
-        raise DataError(f"{path}: cannot read table ({_first_line(err)})") from None
-    raise DataError(f"{path}: unsupported table format {suffix!r} (use .csv or .parquet)")
-
-
 def _has_geo_metadata(path: Path) -> bool:
     if path.suffix.lower() != ".parquet":
         return True
@@ -384,7 +362,7 @@ def _has_geo_metadata(path: Path) -> bool:
     try:
         return b"geo" in (pq.read_schema(path).metadata or {})
     except Exception as err:  # a corrupt file
-        raise DataError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
 
 
 def read_points(
@@ -935,10 +913,6 @@ def build_dataset(
 
 
 # -- messages ----------------------------------------------------------------------------------------
-def _first_line(err: Exception) -> str:
-    text = str(err)
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def _listed(columns: Any, limit: int = 12) -> str:
     names = [str(c) for c in columns]

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.data.city import SQUARE_VIEWS, CityData, frame_from_array
-from urbanprofile.data.io import load_json
+from urbanprofile.data.io import first_line, load_json, read_table
 from urbanprofile.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -198,7 +198,7 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
     try:
         table = gpd.read_parquet(regions_file)
     except Exception as err:  # pyarrow and geopandas raise many types for a corrupt file
-        raise DataError(f"{regions_file}: cannot read GeoParquet regions ({_first_line(err)})") from None
+        raise DataError(f"{regions_file}: cannot read GeoParquet regions ({first_line(err)})") from None
     if "region_id" not in table.columns:
         raise DataError(f"{regions_file}: no 'region_id' column")
     regions = table.set_index("region_id")
@@ -209,7 +209,7 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
     notes: list[str] = list(manifest.get("notes", []))
     for view, spec in manifest["views"].items():
         path = root / spec["file"]
-        frame = _read_table(path)
+        frame = read_table(path)
         layout = spec.get("layout", "dense")
         if layout == "dense":
             views[view] = _dense_view(path, frame, ids)
@@ -226,7 +226,7 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
     targets = pd.DataFrame(index=ids)
     if manifest.get("labels"):
         path = root / manifest["labels"]["file"]
-        targets = _dense_view(path, _read_table(path), ids).astype(float)
+        targets = _dense_view(path, read_table(path), ids).astype(float)
     protocol = manifest.get("protocol") or {}
     meta: dict[str, Any] = {
         "source": str(root),
@@ -246,19 +246,6 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
     regions.index.name = "region_id"
     return CityData(name=name or manifest["name"], regions=regions, views=views, targets=targets, meta=meta)
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err)
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        return pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises many types for a corrupt file
-        raise DataError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
 
 
 def _dense_view(path: Path, frame: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:

@@ -7,11 +7,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from urbanprofile.errors import DataError
 
 if TYPE_CHECKING:
     import geopandas as gpd
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (readers of corrupt files raise long, many-line ones)."""
+    text = str(err)
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_npy(path: Path, ndim: int | None = None, shape: tuple[int | None, ...] | None = None) -> np.ndarray:
@@ -57,6 +64,21 @@ def load_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON ({err})") from None
 
 
+def read_table(path: Path) -> pd.DataFrame:
+    """A plain CSV or Parquet table (untrusted: no pickle, named on failure)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv", ".txt"):
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", low_memory=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except Exception as err:  # pandas and pyarrow raise many types for a corrupt file
+        raise DataError(f"{path}: cannot read table ({first_line(err)})") from None
+    raise DataError(f"{path}: unsupported table format {suffix!r} (use .csv or .parquet)")
+
+
 def read_vector(path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
     """Read a vector file (shapefile, GeoPackage, GeoJSON, GeoParquet) into EPSG:4326.
 
@@ -71,8 +93,7 @@ def read_vector(path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
     try:
         frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path, engine="pyogrio")
     except Exception as err:  # the GIS readers raise many types for a corrupt file
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{path}: cannot read vector data ({first})") from None
+        raise DataError(f"{path}: cannot read vector data ({first_line(err)})") from None
     if frame.crs is None:
         if crs is None:
             raise DataError(f"{path}: has no CRS (no .prj); pass the CRS it is in (e.g. --crs EPSG:4326)")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from urbanprofile.data.io import first_line
 from urbanprofile.errors import DataError, require
 
 if TYPE_CHECKING:
@@ -57,8 +58,7 @@ def _open(path: Path) -> object:
     try:
         return pyrosm.OSM(str(path))
     except Exception as err:  # pyrosm raises many types for a corrupt extract
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{path}: cannot read OSM extract ({reason})") from None
+        raise DataError(f"{path}: cannot read OSM extract ({first_line(err)})") from None
 
 
 def _nonempty(path: Path, frame: gpd.GeoDataFrame | None, what: str) -> gpd.GeoDataFrame:

@@ -99,6 +99,18 @@ _BUILTIN = [
                description="multi-scale sinusoidal features of the region centroid"),
     MethodSpec("knn-location", "urbanprofile.embedders.raw:Coordinates", {}, head="knn", needs_locations=True,
                description="k-nearest-neighbour regression on centroids (k chosen in training folds)"),
+    MethodSpec("mvure", "urbanprofile.embedders.mvure:MVUREEmbedder", {}, requires_views=_ALL, stochastic=True,
+               family="MVURE (IJCAI 2020)",
+               description="per-view graph attention, cross-view sharing, attentive fusion; multi-task loss"),
+    MethodSpec("mgfn", "urbanprofile.embedders.mgfn:MGFNEmbedder", {}, requires_views=("od_patterns",),
+               stochastic=True, family="MGFN (IJCAI 2022)",
+               description="mobility pattern graphs fused by intra-/inter-pattern attention; mobility loss"),
+    MethodSpec("hafusion", "urbanprofile.embedders.hafusion:HAFusionEmbedder", {}, requires_views=_ALL,
+               stochastic=True, family="HAFusion (ICDE 2024)",
+               description="intra-/inter-view attentive fusion + inter-region self-attention; multi-task loss"),
+    MethodSpec("srel", "urbanprofile.embedders.srel:SRELEmbedder", {}, requires_views=_ALL, stochastic=True,
+               family="ToPT (SREL)",
+               description="view fusion + Graphormer attention with distance bias and centrality (sparse if large)"),
 ]
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -166,11 +166,14 @@ def run_benchmark(
                         continue
                     bar.update(job, description=f"{name} {spec.name} seed {seed}")
                     t0 = time.perf_counter()
-                    embedding = spec.build(random_state=int(seed)).fit_transform(city)
+                    embedder = spec.build(random_state=int(seed))
+                    embedding = embedder.fit_transform(city)
                     embed_seconds = time.perf_counter() - t0
+                    candidates = getattr(embedder, "candidates_", None)
                     for task, protocol in todo:
                         try:
-                            result = evaluate_embedding(city, embedding, task, protocol, spec.head, int(seed))
+                            result = evaluate_embedding(city, embedding, task, protocol, spec.head, int(seed),
+                                                        candidates=candidates)
                         except MethodUnavailableError as err:
                             outcome.skipped.append(f"{name}: {err}")
                             bar.advance(job)

@@ -103,6 +103,7 @@ def evaluate_embedding(
     protocol: str = "nested",
     head: str = "ridge",
     random_state: int | None = 0,
+    candidates: dict[str, pd.DataFrame] | None = None,
 ) -> ProtocolResult:
     """Cross-validate a probe on an embedding and measure its error and geographic bias.
 
@@ -113,6 +114,9 @@ def evaluate_embedding(
         protocol: ``paper``, ``nested`` or ``spatial``.
         head: ``ridge`` or ``knn``.
         random_state: Seed of the inner folds.
+        candidates: Other label-free embeddings of the same method (e.g. training checkpoints). Under
+            ``nested`` and ``spatial`` each outer fold uses the candidate with the lowest inner-CV error
+            on its training regions; ``paper`` ignores them and uses ``embedding``.
     """
     check_protocol(protocol)
     if protocol == "spatial" and not city.has_locations:
@@ -121,9 +125,16 @@ def evaluate_embedding(
     missing = td.region_ids.difference(embedding.index)
     if len(missing):
         raise DataError(f"embedding has no row for region {missing[0]} of {city.name!r}")
-    X = embedding.loc[td.region_ids].to_numpy(dtype=float)
-    if not np.isfinite(X).all():
-        raise DataError(f"embedding has NaN or infinite values for {city.name!r}")
+    options = {"final": embedding}
+    if candidates and protocol != "paper":
+        options = dict(candidates)
+    matrices = {}
+    for label, frame in options.items():
+        if len(td.region_ids.difference(frame.index)):
+            raise DataError(f"candidate embedding {label!r} lacks regions of {city.name!r}")
+        matrices[label] = frame.loc[td.region_ids].to_numpy(dtype=float)
+        if not np.isfinite(matrices[label]).all():
+            raise DataError(f"embedding {label!r} has NaN or infinite values for {city.name!r}")
     y = td.y
     inner_groups = _task_blocks(city, td, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
 
@@ -132,12 +143,14 @@ def evaluate_embedding(
     chosen: list[dict[str, Any]] = []
     start = time.perf_counter()
     for k, (train, test) in enumerate(outer_splits(city, td, protocol)):
-        probe = make_probe(head, protocol, random_state)
         groups = inner_groups[train] if inner_groups is not None else None
-        probe.fit(X[train], y[train], groups=groups)
-        pred[test] = probe.predict(X[test])
+        fits = {}
+        for label, X in matrices.items():
+            fits[label] = make_probe(head, protocol, random_state).fit(X[train], y[train], groups=groups)
+        label = min(fits, key=lambda name: fits[name].cv_error_) if len(fits) > 1 else next(iter(fits))
+        pred[test] = fits[label].predict(matrices[label][test])
         fold[test] = k
-        chosen.append(probe.chosen())
+        chosen.append({**fits[label].chosen(), **({"candidate": label} if len(fits) > 1 else {})})
     head_seconds = time.perf_counter() - start
     return ProtocolResult(
         task=task,

@@ -130,6 +130,7 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
         if not feature_options:
             raise ValueError("log_features=(True,) needs non-negative features")
         n_options = len(feature_options) * len(self.log_target)
+        self.cv_error_ = float("nan")
         if n_options == 1 and len(alphas) == 1:
             best = (*feature_options[0], self.log_target[0], float(alphas[0]))
         else:
@@ -146,6 +147,7 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
                         errors[options.index((lf, sc, lt))] += ((pred - y[val, None]) ** 2).sum(axis=0)
             o, a = np.unravel_index(int(np.argmin(errors)), errors.shape)
             best = (*options[o], float(alphas[a]))
+            self.cv_error_ = float(errors[o, a]) / len(y)
         self.log_features_, self.scale_, self.log_target_, self.alpha_ = best
         self.capped_ = not (n_options == 1 and len(alphas) == 1)
         self.X_train_, self.y_train_ = X, y
@@ -212,6 +214,7 @@ class KNNProbe(BaseEstimator, RegressorMixin):
         ks = np.asarray(self.ks, dtype=int)
         if (ks < 1).any():
             raise ValueError(f"ks must be >= 1, got {self.ks}")
+        self.cv_error_ = float("nan")
         if len(ks) == 1 and len(self.weights) == 1:
             self.k_, self.weighting_ = int(ks[0]), self.weights[0]
         else:
@@ -222,6 +225,7 @@ class KNNProbe(BaseEstimator, RegressorMixin):
                     errors[w] += ((pred - y[val, None]) ** 2).sum(axis=0)
             best_w, best_k = np.unravel_index(int(np.argmin(errors)), errors.shape)
             self.k_, self.weighting_ = int(ks[best_k]), self.weights[best_w]
+            self.cv_error_ = float(errors[best_w, best_k]) / len(y)
         self.X_train_, self.y_train_ = X, y
         return self
 

@@ -1,0 +1,203 @@
+"""Torch layers shared by the multi-view embedders: region attention (dense or k-nearest), view fusion.
+
+Regions are the tokens. Attention is either dense (every region attends to every region, O(N^2)) or
+restricted to a neighbourhood index (each region attends to its k neighbours, O(N k)); both take an
+optional additive bias per head, which is how spatial priors enter (Graphormer style).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RegionAttention(nn.Module):
+    """Multi-head self-attention over regions.
+
+    Args:
+        d: Model width.
+        n_heads: Heads (``d`` must be divisible by it).
+        dropout: Dropout on the attention weights.
+    """
+
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d % n_heads:
+            raise ValueError(f"d={d} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = d // n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, h: torch.Tensor, neighbors: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend.
+
+        Args:
+            h: (N, d) region features.
+            neighbors: ``None`` for dense attention, else (N, k) indices each region attends to.
+            bias: Additive logits per head: (H, N, N) dense, or (H, N, k) with ``neighbors``.
+        """
+        n = h.shape[0]
+        q, k, v = self.qkv(h).view(n, 3, self.n_heads, self.head_dim).unbind(1)  # (N, H, dh) each
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if neighbors is None:
+            logits = torch.einsum("nhd,mhd->hnm", q, k) * scale
+            if bias is not None:
+                logits = logits + bias
+            weights = self.dropout(torch.softmax(logits, dim=-1))
+            mixed = torch.einsum("hnm,mhd->nhd", weights, v)
+        else:
+            logits = torch.einsum("nhd,nkhd->hnk", q, k[neighbors]) * scale
+            if bias is not None:
+                logits = logits + bias
+            weights = self.dropout(torch.softmax(logits, dim=-1))
+            mixed = torch.einsum("hnk,nkhd->nhd", weights, v[neighbors])
+        return self.out(mixed.reshape(n, -1))
+
+
+class RegionBlock(nn.Module):
+    """Region attention then a position-wise feed-forward network, each with residual and LayerNorm."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.1, ffn_mult: int = 2) -> None:
+        super().__init__()
+        self.attention = RegionAttention(d, n_heads, dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
+        self.norm1 = nn.LayerNorm(d)
+        self.norm2 = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, h: torch.Tensor, neighbors: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.norm1(h + self.dropout(self.attention(h, neighbors, bias)))
+        return self.norm2(h + self.dropout(self.ffn(h)))
+
+
+class ViewEncoder(nn.Module):
+    """One view's features -> region embeddings, refined by intra-view region attention.
+
+    Args:
+        in_dim: Feature width of the view.
+        d: Embedding width.
+        n_layers: Intra-view attention blocks (0 for a plain MLP).
+        n_heads: Attention heads.
+        dropout: Dropout.
+    """
+
+    def __init__(self, in_dim: int, d: int, n_layers: int = 1, n_heads: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(in_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor, neighbors: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.project(x)
+        for block in self.blocks:
+            h = block(h, neighbors)
+        return h
+
+
+class ViewFusion(nn.Module):
+    """Inter-view fusion: view tokens of each region attend to each other, then attentive pooling.
+
+    The pooling weights are one softmax over views from the mean over regions of q . tanh(W z + b)
+    (MVURE/HAFusion's attentive fusion), so they say how much each view counts; the last ones are kept
+    in ``view_weights``.
+
+    Args:
+        d: Embedding width.
+        n_heads: Heads of the inter-view attention.
+        mix_views: Run inter-view attention before pooling (off: pooling only).
+        dropout: Dropout.
+    """
+
+    def __init__(self, d: int, n_heads: int = 4, mix_views: bool = True, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.mix = (
+            nn.TransformerEncoderLayer(d, n_heads, 2 * d, dropout, batch_first=True) if mix_views else None
+        )
+        self.score = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
+        self.view_weights = torch.zeros(0)
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        z = torch.stack(views, dim=1)  # (N, V, d)
+        if self.mix is not None:
+            z = self.mix(z)
+        weights = torch.softmax(self.score(z).mean(dim=0).squeeze(-1), dim=0)  # (V,)
+        self.view_weights = weights.detach()
+        return (z * weights[None, :, None]).sum(dim=1)
+
+
+class SpatialBias(nn.Module):
+    """Graphormer-style spatial bias per head: lambda * (a_h * A_ij + b_h[bucket_ij]).
+
+    ``A`` is the distance-based adjacency and ``bucket`` a hop or distance bucket; ``a_h`` starts at 1 and
+    ``b_h`` at 0, so training starts from the paper's bias "derived from A" and may reshape it.
+
+    Args:
+        n_heads: Heads.
+        n_buckets: Number of hop/distance buckets.
+        weight: lambda, the weight of the spatial bias.
+    """
+
+    def __init__(self, n_heads: int, n_buckets: int, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.scale = nn.Parameter(torch.ones(n_heads))
+        self.bucket = nn.Embedding(n_buckets, n_heads)
+        nn.init.zeros_(self.bucket.weight)
+
+    def forward(self, adjacency: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """(N, N) or (N, k) adjacency and buckets -> (H, N, N) or (H, N, k) bias."""
+        per_head = self.scale[:, None, None] * adjacency[None] + self.bucket(buckets).permute(2, 0, 1)
+        return self.weight * per_head
+
+
+def mlp(d_in: int, d_out: int, hidden: int | None = None) -> nn.Sequential:
+    """A two-layer MLP, the light output refinement of the region embedders."""
+    hidden = hidden or d_out
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
+class ReconstructionHeads(nn.Module):
+    """Linear heads from the region embedding to the spaces each objective compares in.
+
+    ``source``/``destination`` give e_s and e_d of the mobility objective; one head per similarity view
+    gives the vectors whose dot products reconstruct that view's similarity.
+    """
+
+    def __init__(self, d: int, similarity_views: tuple[str, ...] = ("poi", "landuse")) -> None:
+        super().__init__()
+        self.source = nn.Linear(d, d)
+        self.destination = nn.Linear(d, d)
+        self.similarity = nn.ModuleDict({view: nn.Linear(d, d) for view in similarity_views})
+
+
+class MultiViewFusion(nn.Module):
+    """View-specific embeddings with intra-view region attention, fused across views into H~ (N, d).
+
+    The multi-view learning stage that HAFusion introduced and ToPT's SREL reuses.
+
+    Args:
+        in_dims: Feature width of each view, by name.
+        d: Embedding width.
+        n_intra_layers: Intra-view attention blocks per view.
+        n_heads: Attention heads.
+        dropout: Dropout.
+    """
+
+    def __init__(self, in_dims: dict[str, int], d: int, n_intra_layers: int = 1, n_heads: int = 4,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.view_names = list(in_dims)
+        self.encoders = nn.ModuleDict(
+            {v: ViewEncoder(dim, d, n_intra_layers, n_heads, dropout) for v, dim in in_dims.items()}
+        )
+        self.fusion = ViewFusion(d, n_heads, mix_views=True, dropout=dropout)
+
+    def forward(self, features: dict[str, torch.Tensor], neighbors: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fusion([self.encoders[v](features[v], neighbors) for v in self.view_names])

@@ -1,0 +1,349 @@
+"""Multi-view region embedding: inputs from a city, the peers' multi-task objectives, and one training loop.
+
+The objectives are those of MVURE, reused by MGFN, HREP, HAFusion and ToPT's SREL:
+
+- mobility: for each origin, the KL divergence between its empirical destination distribution and
+  softmax_j(e_s_i . e_d_j), and the same for each destination over origins;
+- similarity: e_i . e_j regressed on the POI and land-use similarity matrices.
+
+Large cities (``sparse=True``) use sampled versions with O(N) memory: each origin keeps its top
+destinations plus uniformly drawn negatives, and similarity pairs are drawn at random with cosine
+targets computed from the count views.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from urbanprofile.data.city import CityData
+from urbanprofile.embedders.base import Embedder, as_embedding
+from urbanprofile.embedders.features import LogScaler
+from urbanprofile.errors import TrainingError
+
+#: Similarity views the objectives reconstruct, by the count view they describe.
+SIMILARITY_VIEWS = {"poi": ("poi_counts", "poi_similarity"), "landuse": ("landuse_counts", "landuse_similarity")}
+#: Destinations kept per origin, and negatives drawn per origin, in the sampled mobility objective.
+TOP_DESTINATIONS = 32
+NEGATIVES = 64
+#: Pairs drawn per region per epoch in the sampled similarity objective.
+SIMILARITY_PAIRS = 16
+
+
+@dataclass
+class MultiViewInputs:
+    """Label-free arrays the multi-view embedders train on.
+
+    Attributes:
+        features: View name (``poi``, ``landuse``, ``mobility``) -> (N, F) standardised features.
+        od: Trip counts (N, N): dense array, or CSR for large cities.
+        similarity: View -> dense (N, N) similarity targets (empty in sparse mode).
+        counts: View -> (N, F) raw counts, for cosine targets in sparse mode.
+        sparse: Whether the sampled objectives are used.
+    """
+
+    features: dict[str, np.ndarray]
+    od: np.ndarray | sparse.csr_matrix
+    similarity: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+    sparse: bool = False
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.od.shape[0])
+
+    @classmethod
+    def from_city(cls, city: CityData, sparse_mode: bool = False, mobility_dims: int = 64) -> MultiViewInputs:
+        """POI, land-use and mobility features of a city (log1p + standardised).
+
+        Mobility features are the out- and in-flow profiles (OD rows and columns); in sparse mode they are
+        reduced to ``mobility_dims`` components each by a truncated SVD of log1p(OD).
+        """
+        od_frame = city.view("od_flows")
+        od = od_frame.to_numpy(dtype=float)
+        features = {
+            "poi": LogScaler().fit(city.view("poi_counts").to_numpy(dtype=float)),
+            "landuse": LogScaler().fit(city.view("landuse_counts").to_numpy(dtype=float)),
+        }
+        scaled = {
+            "poi": features["poi"].transform(city.view("poi_counts").to_numpy(dtype=float)),
+            "landuse": features["landuse"].transform(city.view("landuse_counts").to_numpy(dtype=float)),
+        }
+        counts = {v: city.view(c).to_numpy(dtype=float) for v, (c, _) in SIMILARITY_VIEWS.items()}
+        if sparse_mode:
+            od_sparse = sparse.csr_matrix(od)
+            scaled["mobility"] = mobility_svd(od_sparse, mobility_dims)
+            return cls(scaled, od_sparse, {}, counts, True)
+        profiles = np.hstack([od, od.T])
+        scaled["mobility"] = LogScaler().fit(profiles).transform(profiles)
+        similarity = {}
+        for view, (_, sim_view) in SIMILARITY_VIEWS.items():
+            if sim_view in city.views:
+                similarity[view] = city.view(sim_view).to_numpy(dtype=float)
+            else:
+                similarity[view] = cosine_similarity(counts[view])
+        return cls(scaled, od, similarity, counts, False)
+
+
+def cosine_similarity(counts: np.ndarray) -> np.ndarray:
+    unit = counts / np.maximum(np.linalg.norm(counts, axis=1, keepdims=True), 1e-12)
+    return unit @ unit.T
+
+
+def mobility_svd(od: sparse.csr_matrix, dims: int) -> np.ndarray:
+    """Out- and in-flow structure of a large OD matrix: truncated SVD of log1p(OD), standardised."""
+    from sklearn.utils.extmath import randomized_svd
+
+    logged = od.astype(float).log1p()
+    dims = max(1, min(dims, min(od.shape) - 1))
+    u, s, vt = randomized_svd(logged, n_components=dims, random_state=0)
+    features = np.hstack([u * s, vt.T * s])
+    std = features.std(axis=0)
+    return (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+def _top_k_rows(matrix: sparse.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest entries as (indices, probabilities); empty rows get zero weights."""
+    n = matrix.shape[0]
+    idx = np.zeros((n, k), dtype=np.int64)
+    weight = np.zeros((n, k))
+    for i in range(n):
+        start, end = matrix.indptr[i], matrix.indptr[i + 1]
+        cols, vals = matrix.indices[start:end], matrix.data[start:end]
+        if len(cols) > k:
+            keep = np.argpartition(-vals, k - 1)[:k]
+            cols, vals = cols[keep], vals[keep]
+        idx[i, : len(cols)] = cols
+        total = vals.sum()
+        if total > 0:
+            weight[i, : len(cols)] = vals / total
+    return idx, weight
+
+
+class MultiTaskObjective:
+    """The peers' multi-task loss on an embedding, with named parts (``mobility``, ``poi``, ``landuse``).
+
+    Args:
+        inputs: The city's arrays.
+        views: Similarity views to reconstruct (a subset of ``poi``, ``landuse``).
+        random_state: Seed of the negative and pair sampling (sparse mode).
+    """
+
+    def __init__(self, inputs: MultiViewInputs, views: tuple[str, ...] = ("poi", "landuse"),
+                 random_state: int | None = 0) -> None:
+        import torch
+
+        self.torch = torch
+        self.sparse = inputs.sparse
+        self.views = views
+        self.n = inputs.n_regions
+        self.generator = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
+        if self.sparse:
+            od = sparse.csr_matrix(inputs.od, dtype=float)
+            out_idx, out_w = _top_k_rows(od, TOP_DESTINATIONS)
+            in_idx, in_w = _top_k_rows(od.T.tocsr(), TOP_DESTINATIONS)
+            self.out_idx, self.out_w = torch.as_tensor(out_idx), torch.as_tensor(out_w, dtype=torch.float32)
+            self.in_idx, self.in_w = torch.as_tensor(in_idx), torch.as_tensor(in_w, dtype=torch.float32)
+            self.unit = {}
+            for v in views:
+                c = inputs.counts[v]
+                unit = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+                self.unit[v] = torch.as_tensor(unit, dtype=torch.float32)
+        else:
+            od = np.asarray(inputs.od, dtype=float)
+            out_total = od.sum(axis=1, keepdims=True)
+            in_total = od.sum(axis=0, keepdims=True)
+            self.p_out = torch.as_tensor(np.divide(od, out_total, out=np.zeros_like(od), where=out_total > 0),
+                                         dtype=torch.float32)
+            self.p_in = torch.as_tensor(np.divide(od, in_total, out=np.zeros_like(od), where=in_total > 0),
+                                        dtype=torch.float32)
+            self.has_out = torch.as_tensor(out_total.ravel() > 0)
+            self.has_in = torch.as_tensor(in_total.ravel() > 0)
+            self.similarity = {v: torch.as_tensor(np.array(inputs.similarity[v]), dtype=torch.float32)
+                               for v in views}
+
+    def mobility(self, source: Any, destination: Any) -> Any:
+        """KL(empirical || model) of destinations per origin plus of origins per destination (up to a constant)."""
+        torch = self.torch
+        if not self.sparse:
+            logits = source @ destination.T
+            out = -(self.p_out * torch.log_softmax(logits, dim=1)).sum(dim=1)
+            inn = -(self.p_in * torch.log_softmax(logits, dim=0)).sum(dim=0)
+            return _masked_mean(out, self.has_out) + _masked_mean(inn, self.has_in)
+        return self._sampled(source, destination, self.out_idx, self.out_w) + self._sampled(
+            destination, source, self.in_idx, self.in_w
+        )
+
+    def _sampled(self, query: Any, key: Any, idx: Any, weight: Any) -> Any:
+        torch = self.torch
+        negatives = torch.randint(0, self.n, (self.n, NEGATIVES), generator=self.generator)
+        pos = (query[:, None, :] * key[idx]).sum(-1)
+        neg = (query[:, None, :] * key[negatives]).sum(-1) + float(np.log(self.n / NEGATIVES))
+        log_z = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1, keepdim=True)
+        per_row = -(weight * (pos - log_z)).sum(dim=1)
+        return _masked_mean(per_row, weight.sum(dim=1) > 0)
+
+    def similarity_loss(self, view: str, embedding: Any) -> Any:
+        """Mean squared error between e_i . e_j and the view's similarity s_ij."""
+        torch = self.torch
+        if not self.sparse:
+            return torch.mean((embedding @ embedding.T - self.similarity[view]) ** 2)
+        i = torch.arange(self.n).repeat_interleave(SIMILARITY_PAIRS)
+        j = torch.randint(0, self.n, (self.n * SIMILARITY_PAIRS,), generator=self.generator)
+        target = (self.unit[view][i] * self.unit[view][j]).sum(-1)
+        return torch.mean(((embedding[i] * embedding[j]).sum(-1) - target) ** 2)
+
+
+def _masked_mean(values: Any, mask: Any) -> Any:
+    return values[mask].mean() if bool(mask.any()) else values.sum() * 0.0
+
+
+@dataclass
+class TrainingLog:
+    """What a training run did: per-part losses, timings and optional embedding snapshots."""
+
+    losses: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    epochs: int = 0
+    snapshots: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.seconds / max(self.epochs, 1)
+
+
+def train_loop(
+    name: str,
+    network: Any,
+    step: Callable[[], dict[str, Any]],
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    checkpoints: tuple[int, ...] = (),
+) -> TrainingLog:
+    """Full-batch Adam on the sum of named loss parts, stopping with a one-line error on a NaN.
+
+    Args:
+        name: Method name, for error messages.
+        network: The torch module; ``network()`` is the (N, d) embedding.
+        step: Computes the named loss parts (``{"mobility": ..., "poi": ...}``).
+        epochs: Number of epochs.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        checkpoints: Epochs whose embedding is kept in ``snapshots`` (label-free; a protocol may choose
+            among them by inner cross-validation on training folds, never by test folds).
+    """
+    import torch
+
+    parameters = list(network.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    log = TrainingLog()
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        optimizer.zero_grad()
+        parts = step()
+        for part, value in parts.items():
+            if not torch.isfinite(value):
+                raise TrainingError(
+                    f"{name}: the {part} loss became {float(value.detach())} at epoch {epoch}; "
+                    f"check the {part} view for degenerate values or lower the learning rate"
+                )
+        total = sum(parts.values())
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 5.0)
+        optimizer.step()
+        log.losses.append({k: float(v.detach()) for k, v in parts.items()})
+        log.epochs = epoch
+        if epoch in checkpoints:
+            with torch.no_grad():
+                log.snapshots[epoch] = _in_eval_mode(network, network).numpy().astype(float)
+    log.seconds = time.perf_counter() - start
+    return log
+
+
+def _in_eval_mode(network: Any, compute: Callable[[], Any]) -> Any:
+    """Run ``compute`` with dropout off, then put the network back in training mode."""
+    network.eval()
+    try:
+        return compute()
+    finally:
+        network.train()
+
+
+class MultiViewEmbedder(Embedder):
+    """Base of the transductive multi-view embedders: train on a city, embed that city's regions.
+
+    Subclasses build a torch network from :class:`MultiViewInputs` and say which loss parts it trains
+    on. ``fit`` trains for ``epochs`` epochs and keeps the final epoch's embedding; the embeddings at
+    ``n_checkpoints`` evenly spaced epochs are kept too (``candidates_``), so that the ``nested`` and
+    ``spatial`` protocols can choose the epoch by inner cross-validation on training folds only.
+    """
+
+    #: Evenly spaced epochs kept as candidate embeddings (the last is the final epoch).
+    n_checkpoints: int = 5
+
+    required_views: tuple[str, ...] = ("poi_counts", "landuse_counts", "od_flows")
+    epochs: int
+    lr: float
+    weight_decay: float
+    random_state: int | None
+
+    def inputs(self, city: CityData) -> MultiViewInputs:
+        return MultiViewInputs.from_city(city)
+
+    @abc.abstractmethod
+    def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
+        """Return (network, step): the torch module to train and a function computing the loss parts."""
+
+    def fit(self, city: CityData) -> MultiViewEmbedder:
+        """Train on the city's views (never its targets)."""
+        import torch
+
+        for view in self.required_views:
+            city.view(view)
+        if self.epochs < 1 or self.lr <= 0:
+            raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={self.epochs}, lr={self.lr}")
+        torch.manual_seed(0 if self.random_state is None else int(self.random_state))
+        inputs = self.inputs(city)
+        network, step = self.build(city, inputs)
+        name = type(self).__name__
+        checkpoints = tuple(sorted({max(1, round(self.epochs * (k + 1) / self.n_checkpoints))
+                                    for k in range(self.n_checkpoints)}))
+        network.train()
+        self.log_ = train_loop(name, network, step, self.epochs, self.lr, self.weight_decay, checkpoints)
+        values = self.log_.snapshots[self.epochs]
+        for epoch, snapshot in self.log_.snapshots.items():
+            if not np.isfinite(snapshot).all():
+                raise TrainingError(f"{name}: the embedding has NaN values at epoch {epoch}")
+        self.network_ = network
+        self.embedding_ = as_embedding(values, city.region_ids)
+        self.candidates_ = {f"epoch {e}": as_embedding(v, city.region_ids) for e, v in self.log_.snapshots.items()}
+        return self
+
+    def transform(self, city: CityData) -> pd.DataFrame:
+        self._check_fitted("embedding_")
+        if not city.region_ids.equals(self.embedding_.index):
+            raise ValueError(f"{type(self).__name__} is transductive: transform the city it was fit on")
+        return self.embedding_.copy()
+
+
+def multitask_step(network: Any, heads: Any, objective: MultiTaskObjective,
+                   mobility_only: bool = False) -> Callable[[], dict[str, Any]]:
+    """The loss parts of one epoch: mobility from e_s/e_d, and each similarity view (unless ``mobility_only``)."""
+
+    def step() -> dict[str, Any]:
+        embedding = network()
+        parts = {"mobility": objective.mobility(heads.source(embedding), heads.destination(embedding))}
+        if not mobility_only:
+            for view in objective.views:
+                parts[view] = objective.similarity_loss(view, heads.similarity[view](embedding))
+        return parts
+
+    return step

@@ -23,6 +23,7 @@ from urbanprofile.methods import MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
     from urbanprofile.benchmark.store import ResultStore
+    from urbanprofile.embedders.base import Embedder
 
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
@@ -102,6 +103,7 @@ def run_benchmark(
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     cities: dict[str, CityData] | None = None,
+    on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None,
 ) -> BenchmarkOutcome:
     """Run the grid; rows already in ``store`` are skipped, new ones are written as they finish.
 
@@ -115,6 +117,7 @@ def run_benchmark(
         progress: Show a progress bar on stderr.
         on_row: Called with each new row (e.g. to print JSON lines).
         cities: Already loaded cities by name (skips loading; used for synthetic data).
+        on_embedding: Called with each fitted embedder (e.g. to study its checkpoints or timings).
     """
     start = time.perf_counter()
     cities = dict(cities or {})
@@ -170,6 +173,8 @@ def run_benchmark(
                     embedding = embedder.fit_transform(city)
                     embed_seconds = time.perf_counter() - t0
                     candidates = getattr(embedder, "candidates_", None)
+                    if on_embedding is not None:
+                        on_embedding(city, spec, int(seed), embedder)
                     for task, protocol in todo:
                         try:
                             result = evaluate_embedding(city, embedding, task, protocol, spec.head, int(seed),

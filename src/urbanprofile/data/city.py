@@ -201,14 +201,34 @@ def _validate_view(where: str, name: str, frame: pd.DataFrame, ids: pd.Index) ->
         raise DataError(f"{where}: view {name!r} is not indexed by the dataset's region_id in the same order")
     if name in SQUARE_VIEWS and frame.shape[0] != frame.shape[1]:
         raise DataError(f"{where}: view {name!r} must be square (regions x regions), got shape {frame.shape}")
-    values = frame.to_numpy(dtype=float)
+    if is_sparse_view(frame):
+        # Check the stored entries only: a large sparse OD matrix is never densified.
+        coo = frame.sparse.to_coo()  # type: ignore[attr-defined]
+        rows, values = coo.row, coo.data.astype(float)
+    else:
+        dense = frame.to_numpy(dtype=float)
+        rows = np.repeat(np.arange(dense.shape[0]), dense.shape[1])
+        values = dense.ravel()
     bad = ~np.isfinite(values)
     if bad.any():
-        row = int(np.where(bad.any(axis=1))[0][0])
-        raise DataError(f"{where}: view {name!r} has NaN or infinite values (region {ids[row]})")
-    if name in COUNT_VIEWS and (values < 0).any():
-        row = int(np.where((values < 0).any(axis=1))[0][0])
-        raise DataError(f"{where}: view {name!r} has negative counts (region {ids[row]})")
+        raise DataError(f"{where}: view {name!r} has NaN or infinite values (region {ids[rows[np.argmax(bad)]]})")
+    negative = values < 0
+    if name in COUNT_VIEWS and negative.any():
+        raise DataError(f"{where}: view {name!r} has negative counts (region {ids[rows[np.argmax(negative)]]})")
+
+
+def is_sparse_view(frame: pd.DataFrame) -> bool:
+    """Whether a view is stored sparse (pandas ``SparseDtype`` columns, e.g. the OD matrix of a large city)."""
+    return frame.shape[1] > 0 and all(isinstance(dtype, pd.SparseDtype) for dtype in frame.dtypes)
+
+
+def view_csr(frame: pd.DataFrame) -> Any:
+    """A view as a SciPy CSR matrix, without densifying a sparse view."""
+    from scipy import sparse
+
+    if is_sparse_view(frame):
+        return frame.sparse.to_coo().tocsr().astype(float)  # type: ignore[attr-defined]
+    return sparse.csr_matrix(frame.to_numpy(dtype=float))
 
 
 def frame_from_array(array: np.ndarray, ids: pd.Index, columns: list[Any] | pd.Index | None = None) -> pd.DataFrame:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -19,6 +21,28 @@ def _smooth_fields(xy: np.ndarray, n_fields: int, length_km: float, rng: np.rand
     return fields.T  # (n_regions, n_fields)
 
 
+#: Cities larger than this get a sparse OD view by default.
+SPARSE_OD_ABOVE = 3000
+#: Destinations a trip may go to in the sparse OD model: the nearest cells.
+SPARSE_OD_NEIGHBOURS = 64
+
+
+def _sparse_gravity(
+    xy: np.ndarray, population: np.ndarray, attraction: np.ndarray, side: float, rng: np.random.Generator
+) -> Any:
+    """Gravity-model trips restricted to each cell's nearest cells, as a CSR matrix (O(N k) memory)."""
+    from scipy import sparse
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(xy)
+    k = min(SPARSE_OD_NEIGHBOURS, n)
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(xy).kneighbors(xy)
+    gravity = population[:, None] * attraction[idx] * np.exp(-dist / (side / 4))
+    trips = rng.poisson(gravity / gravity.sum() * 30 * n * k**0.5)
+    rows = np.repeat(np.arange(n), k)
+    return sparse.csr_matrix((trips.ravel(), (rows, idx.ravel())), shape=(n, n))
+
+
 def make_synthetic_city(
     n_regions: int = 100,
     n_poi_categories: int = 12,
@@ -26,6 +50,7 @@ def make_synthetic_city(
     cell_km: float = 1.0,
     noise: float = 0.2,
     with_geometry: bool = True,
+    sparse_od: bool | None = None,
     random_state: int | None = 0,
 ) -> CityData:
     """Build a city on a grid of square cells whose views and labels depend on each other.
@@ -43,6 +68,9 @@ def make_synthetic_city(
         cell_km: Cell side in kilometres.
         noise: Multiplicative log-normal label noise.
         with_geometry: Give regions square polygons (else centroids only).
+        sparse_od: Draw trips only between each cell and its 64 nearest cells and keep ``od_flows`` as a
+            sparse view, with no N x N similarity views (default: above 3,000 cells), so that cities of
+            tens of thousands of cells fit in memory.
         random_state: Seed; the same seed gives the same city.
     """
     import geopandas as gpd
@@ -70,9 +98,16 @@ def make_synthetic_city(
 
     population = 500 * shares[:, 0] * np.exp(-dist_down / side) + 50
     attraction = poi.sum(1) + 1.0
-    dist = np.linalg.norm(xy[:, None, :] - xy[None, :, :], axis=-1)
-    gravity = population[:, None] * attraction[None, :] * np.exp(-dist / (side / 4))
-    od = rng.poisson(gravity / gravity.sum() * 30 * n_regions**1.5)
+    if sparse_od is None:
+        sparse_od = n_regions > SPARSE_OD_ABOVE
+    if sparse_od:
+        od = _sparse_gravity(xy, population, attraction, side, rng)
+    else:
+        dist = np.linalg.norm(xy[:, None, :] - xy[None, :, :], axis=-1)
+        gravity = population[:, None] * attraction[None, :] * np.exp(-dist / (side / 4))
+        od = rng.poisson(gravity / gravity.sum() * 30 * n_regions**1.5)
+    out_flow = np.asarray(od.sum(1)).ravel()
+    in_flow = np.asarray(od.sum(0)).ravel()
 
     def noisy(mean: np.ndarray) -> np.ndarray:
         return np.round(mean * rng.lognormal(0.0, noise, size=mean.shape))
@@ -80,9 +115,9 @@ def make_synthetic_city(
     nightlife = poi[:, : max(1, n_poi_categories // 4)].sum(1)
     targets = pd.DataFrame(
         {
-            "checkin": noisy(2.0 * poi.sum(1) + 0.05 * od.sum(0)),
+            "checkin": noisy(2.0 * poi.sum(1) + 0.05 * in_flow),
             "crime": noisy(0.05 * population + 0.8 * nightlife + 5),
-            "service_calls": noisy(0.3 * population + 0.1 * od.sum(1) + 10),
+            "service_calls": noisy(0.3 * population + 0.1 * out_flow + 10),
         }
     )
     ids = pd.Index(np.arange(n_regions), name="region_id")
@@ -119,11 +154,16 @@ def make_synthetic_city(
     views = {
         "poi_counts": frame_from_array(poi, ids, [f"poi_{k}" for k in range(n_poi_categories)]),
         "landuse_counts": frame_from_array(landuse, ids, [f"landuse_{k}" for k in range(n_landuse_classes)]),
-        "od_flows": frame_from_array(od, ids, ids),
-        "od_target": frame_from_array(od, ids, ids),
-        "poi_similarity": frame_from_array(cosine(poi.astype(float)), ids, ids),
-        "landuse_similarity": frame_from_array(cosine(landuse.astype(float)), ids, ids),
     }
+    if sparse_od:
+        flows = pd.DataFrame.sparse.from_spmatrix(od, index=ids, columns=ids)  # type: ignore[attr-defined]
+        flows.index.name = "region_id"
+        views["od_flows"] = flows
+    else:
+        views["od_flows"] = frame_from_array(od, ids, ids)
+        views["od_target"] = frame_from_array(od, ids, ids)
+        views["poi_similarity"] = frame_from_array(cosine(poi.astype(float)), ids, ids)
+        views["landuse_similarity"] = frame_from_array(cosine(landuse.astype(float)), ids, ids)
     meta = {
         "source": f"make_synthetic_city(n_regions={n_regions}, random_state={random_state})",
         "family": "synthetic",

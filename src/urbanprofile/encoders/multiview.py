@@ -7,8 +7,8 @@ The objectives are those of MVURE, reused by MGFN, HREP, HAFusion and ToPT's SRE
 - similarity: e_i . e_j regressed on the POI and land-use similarity matrices.
 
 Large cities (``sparse=True``) use sampled versions with O(N) memory: each origin keeps its top
-destinations plus uniformly drawn negatives, and similarity pairs are drawn at random with cosine
-targets computed from the count views.
+destinations, scored against uniformly drawn negatives shared by all origins in an epoch, and
+similarity pairs are drawn at random with cosine targets computed from the count views.
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from urbanprofile.data.city import CityData
+from urbanprofile.data.city import CityData, view_csr
 from urbanprofile.embedders.base import Embedder, as_embedding
 from urbanprofile.embedders.features import LogScaler
 from urbanprofile.errors import TrainingError
 
 #: Similarity views the objectives reconstruct, by the count view they describe.
 SIMILARITY_VIEWS = {"poi": ("poi_counts", "poi_similarity"), "landuse": ("landuse_counts", "landuse_similarity")}
-#: Destinations kept per origin, and negatives drawn per origin, in the sampled mobility objective.
+#: Destinations kept per origin, and negatives drawn per epoch (shared by all origins), in the sampled
+#: mobility objective.
 TOP_DESTINATIONS = 32
-NEGATIVES = 64
+NEGATIVES = 256
 #: Pairs drawn per region per epoch in the sampled similarity objective.
 SIMILARITY_PAIRS = 16
 
@@ -67,7 +68,9 @@ class MultiViewInputs:
         reduced to ``mobility_dims`` components each by a truncated SVD of log1p(OD).
         """
         od_frame = city.view("od_flows")
-        od = od_frame.to_numpy(dtype=float)
+        if sparse_mode:
+            od_sparse = view_csr(od_frame)
+        od = None if sparse_mode else od_frame.to_numpy(dtype=float)
         features = {
             "poi": LogScaler().fit(city.view("poi_counts").to_numpy(dtype=float)),
             "landuse": LogScaler().fit(city.view("landuse_counts").to_numpy(dtype=float)),
@@ -77,8 +80,7 @@ class MultiViewInputs:
             "landuse": features["landuse"].transform(city.view("landuse_counts").to_numpy(dtype=float)),
         }
         counts = {v: city.view(c).to_numpy(dtype=float) for v, (c, _) in SIMILARITY_VIEWS.items()}
-        if sparse_mode:
-            od_sparse = sparse.csr_matrix(od)
+        if od is None:
             scaled["mobility"] = mobility_svd(od_sparse, mobility_dims)
             return cls(scaled, od_sparse, {}, counts, True)
         profiles = np.hstack([od, od.T])
@@ -182,10 +184,11 @@ class MultiTaskObjective:
         )
 
     def _sampled(self, query: Any, key: Any, idx: Any, weight: Any) -> Any:
+        """Sampled softmax: each row's top entries against negatives shared by all rows this epoch."""
         torch = self.torch
-        negatives = torch.randint(0, self.n, (self.n, NEGATIVES), generator=self.generator)
-        pos = (query[:, None, :] * key[idx]).sum(-1)
-        neg = (query[:, None, :] * key[negatives]).sum(-1) + float(np.log(self.n / NEGATIVES))
+        negatives = torch.randint(0, self.n, (NEGATIVES,), generator=self.generator)
+        pos = torch.einsum("nd,nmd->nm", query, key[idx])
+        neg = query @ key[negatives].T + float(np.log(self.n / NEGATIVES))
         log_z = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1, keepdim=True)
         per_row = -(weight * (pos - log_z)).sum(dim=1)
         return _masked_mean(per_row, weight.sum(dim=1) > 0)
@@ -197,8 +200,8 @@ class MultiTaskObjective:
             return torch.mean((embedding @ embedding.T - self.similarity[view]) ** 2)
         i = torch.arange(self.n).repeat_interleave(SIMILARITY_PAIRS)
         j = torch.randint(0, self.n, (self.n * SIMILARITY_PAIRS,), generator=self.generator)
-        target = (self.unit[view][i] * self.unit[view][j]).sum(-1)
-        return torch.mean(((embedding[i] * embedding[j]).sum(-1) - target) ** 2)
+        target = torch.einsum("pd,pd->p", self.unit[view][i], self.unit[view][j])
+        return torch.mean((torch.einsum("pd,pd->p", embedding[i], embedding[j]) - target) ** 2)
 
 
 def _masked_mean(values: Any, mask: Any) -> Any:

@@ -133,3 +133,24 @@ def test_registry_lists_the_learned_methods() -> None:
         spec = get_method(name)
         assert spec.stochastic
     assert get_method("mgfn").requires_views == ("od_patterns",)
+
+
+def test_large_city_path_never_densifies_the_od_matrix() -> None:
+    city = make_synthetic_city(n_regions=300, with_geometry=False, sparse_od=True, random_state=0)
+    od = city.views["od_flows"]
+    assert all(isinstance(dtype, pd.SparseDtype) for dtype in od.dtypes)
+    assert "poi_similarity" not in city.views  # similarity targets come from counts in sparse mode
+    model = SRELEmbedder(d=16, epochs=5, attention="sparse", k_neighbors=8, random_state=0).fit(city)
+    assert model.transform(city).shape == (300, 16)
+    assert np.isfinite(model.transform(city).to_numpy()).all()
+
+
+def test_sparse_view_validation_names_the_region() -> None:
+    from urbanprofile.errors import DataError
+
+    city = make_synthetic_city(n_regions=100, with_geometry=False, sparse_od=True, random_state=0)
+    dense = city.views["od_flows"].sparse.to_dense()
+    dense.iloc[7, 3] = -2
+    city.views["od_flows"] = dense.astype(pd.SparseDtype(float, 0.0))
+    with pytest.raises(DataError, match=r"negative counts \(region 7\)"):
+        city.validate()

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench bench-embedders bench-build clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/baselines.py
+
+# Longer studies (not part of the main job): learned embedders (~40 min on 2 cores), dataset building.
+bench-embedders: $(STAMP)
+	$(BIN)/python benchmarks/embedders.py
+
+bench-build: $(STAMP)
+	$(BIN)/python benchmarks/build_city.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

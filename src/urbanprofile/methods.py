@@ -111,6 +111,10 @@ _BUILTIN = [
     MethodSpec("srel", "urbanprofile.embedders.srel:SRELEmbedder", {}, requires_views=_ALL, stochastic=True,
                family="ToPT (SREL)",
                description="view fusion + Graphormer attention with distance bias and centrality (sparse if large)"),
+    MethodSpec("srel-deep", "urbanprofile.embedders.srel:SRELEmbedder",
+               {"n_layers": 5, "lr": 2e-4, "spatial_weight": 0.4}, requires_views=_ALL, stochastic=True,
+               family="ToPT (SREL)",
+               description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4"),
 ]
 
 _REGISTRY: dict[str, MethodSpec] = {}

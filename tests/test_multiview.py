@@ -154,3 +154,11 @@ def test_sparse_view_validation_names_the_region() -> None:
     city.views["od_flows"] = dense.astype(pd.SparseDtype(float, 0.0))
     with pytest.raises(DataError, match=r"negative counts \(region 7\)"):
         city.validate()
+
+
+def test_on_epoch_reports_every_epoch(city: CityData) -> None:
+    seen: list[tuple[int, int]] = []
+    model = HAFusionEmbedder(d=16, epochs=7, random_state=0)
+    model.on_epoch = lambda epoch, total: seen.append((epoch, total))
+    model.fit(city)
+    assert seen == [(e, 7) for e in range(1, 8)]

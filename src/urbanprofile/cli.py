@@ -136,8 +136,18 @@ def embed(
         raise UrbanProfileError(f"{out_path}: output must end in .parquet or .csv")
     city = load_dataset(name, data_dir)
     spec.check_available(city)
-    with err.status(f"fitting {method} on {name}"):
-        embedding = spec.build(random_state=seed).fit_transform(city)
+    embedder = spec.build(random_state=seed)
+    if hasattr(embedder, "on_epoch"):  # a trained method: show its epochs
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn(f"training {method} on {name}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=err) as bar:
+            job = bar.add_task("train", total=None)
+            embedder.on_epoch = lambda epoch, total: bar.update(job, completed=epoch, total=total)
+            embedding = embedder.fit_transform(city)
+    else:
+        with err.status(f"fitting {method} on {name}"):
+            embedding = embedder.fit_transform(city)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and move into place: a failure leaves no partial file.
     handle, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=suffix)

@@ -230,6 +230,7 @@ def train_loop(
     lr: float,
     weight_decay: float,
     checkpoints: tuple[int, ...] = (),
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> TrainingLog:
     """Full-batch Adam on the sum of named loss parts, stopping with a one-line error on a NaN.
 
@@ -242,6 +243,7 @@ def train_loop(
         weight_decay: Adam weight decay.
         checkpoints: Epochs whose embedding is kept in ``snapshots`` (label-free; a protocol may choose
             among them by inner cross-validation on training folds, never by test folds).
+        on_epoch: Called with (epoch, epochs) after each epoch, e.g. to advance a progress bar.
     """
     import torch
 
@@ -264,6 +266,8 @@ def train_loop(
         optimizer.step()
         log.losses.append({k: float(v.detach()) for k, v in parts.items()})
         log.epochs = epoch
+        if on_epoch is not None:
+            on_epoch(epoch, epochs)
         if epoch in checkpoints:
             with torch.no_grad():
                 log.snapshots[epoch] = _in_eval_mode(network, network).numpy().astype(float)
@@ -291,6 +295,8 @@ class MultiViewEmbedder(Embedder):
 
     #: Evenly spaced epochs kept as candidate embeddings (the last is the final epoch).
     n_checkpoints: int = 5
+    #: Called with (epoch, epochs) after each training epoch (the CLI sets it to drive a progress bar).
+    on_epoch: Callable[[int, int], None] | None = None
 
     required_views: tuple[str, ...] = ("poi_counts", "landuse_counts", "od_flows")
     epochs: int
@@ -320,7 +326,8 @@ class MultiViewEmbedder(Embedder):
         checkpoints = tuple(sorted({max(1, round(self.epochs * (k + 1) / self.n_checkpoints))
                                     for k in range(self.n_checkpoints)}))
         network.train()
-        self.log_ = train_loop(name, network, step, self.epochs, self.lr, self.weight_decay, checkpoints)
+        self.log_ = train_loop(name, network, step, self.epochs, self.lr, self.weight_decay, checkpoints,
+                               self.on_epoch)
         values = self.log_.snapshots[self.epochs]
         for epoch, snapshot in self.log_.snapshots.items():
             if not np.isfinite(snapshot).all():

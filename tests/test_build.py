@@ -222,3 +222,20 @@ def test_cli_bad_options(raw_city: dict[str, Path], tmp_path: Path, extra: tuple
         args += ["--boundary", "0,0,0.06,0.05"]
     assert_user_error(run_cli(*args, cwd=tmp_path), *fragments)
     _nothing_written(out)
+
+
+def test_large_built_city_keeps_od_sparse(raw_city: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import urbanprofile.data.built as built
+
+    out = tmp_path / "toy"
+    build_dataset(_spec(raw_city), out)
+    dense = load_dataset(out).views["od_flows"]
+    monkeypatch.setattr(built, "SPARSE_VIEW_ABOVE", 10)  # the toy city's 30 regions count as "large"
+    city = load_dataset(out)
+    od = city.views["od_flows"]
+    assert all(isinstance(dtype, pd.SparseDtype) for dtype in od.dtypes)
+    assert np.array_equal(od.sparse.to_dense().to_numpy(), dense.to_numpy())
+    # Its rows are written back without densifying it.
+    rows = built._sparse_rows(od, "value")
+    assert int(rows["value"].sum()) == 299 and (rows["value"] > 0).all()

@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from urbanprofile.data.city import SQUARE_VIEWS, CityData, frame_from_array
+from urbanprofile.data.city import (
+    SPARSE_VIEW_ABOVE,
+    SQUARE_VIEWS,
+    CityData,
+    frame_from_array,
+    sparse_square_view,
+    view_csr,
+)
 from urbanprofile.data.io import first_line, load_json, read_table
 from urbanprofile.errors import DataError
 
@@ -58,11 +65,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def _sparse_rows(frame: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Non-zero cells of a square view as (origin, destination, value) rows."""
-    matrix = frame.to_numpy()
-    rows, cols = np.nonzero(matrix)
+    """Non-zero cells of a square view as (origin, destination, value) rows (a sparse view is not densified)."""
+    coo = view_csr(frame).tocoo()
+    keep = coo.data != 0
     ids = frame.index
-    return pd.DataFrame({"origin": ids[rows], "destination": ids[cols], value: matrix[rows, cols]})
+    return pd.DataFrame({"origin": ids[coo.row[keep]], "destination": ids[coo.col[keep]], value: coo.data[keep]})
 
 
 def _pattern_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -214,7 +221,10 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
         if layout == "dense":
             views[view] = _dense_view(path, frame, ids)
         elif layout == "sparse":
-            views[view] = frame_from_array(_square_from_rows(path, frame, ids, "value"), ids, ids)
+            matrix = _square_from_rows(path, frame, ids, "value")
+            # A large city's square view stays sparse in memory, as on disk (validated without densifying).
+            views[view] = (sparse_square_view(matrix, ids) if len(ids) > SPARSE_VIEW_ABOVE
+                           else frame_from_array(matrix.toarray(), ids, ids))
         elif layout == "patterns":
             n_patterns = int(spec.get("n_patterns", 0))
             if n_patterns * len(ids) ** 2 > MAX_DENSE_PATTERN_CELLS:
@@ -269,15 +279,19 @@ def _positions(path: Path | str, column: pd.Series, ids: pd.Index) -> np.ndarray
     return np.asarray(position)
 
 
-def _square_from_rows(path: Path, frame: pd.DataFrame, ids: pd.Index, value: str) -> np.ndarray:
+def _square_from_rows(path: Path, frame: pd.DataFrame, ids: pd.Index, value: str) -> Any:
+    """(origin, destination, value) rows -> a CSR matrix in region order (repeated pairs are summed)."""
+    from scipy import sparse
+
     for column in ("origin", "destination", value):
         if column not in frame.columns:
             raise DataError(f"{path}: no {column!r} column")
     n = len(ids)
     values = frame[value].to_numpy()
-    matrix = np.zeros((n, n), dtype=values.dtype if values.dtype.kind in "iuf" else float)
-    np.add.at(matrix, (_positions(path, frame["origin"], ids), _positions(path, frame["destination"], ids)), values)
-    return matrix
+    values = values if values.dtype.kind in "iuf" else values.astype(float)
+    rows = _positions(path, frame["origin"], ids)
+    cols = _positions(path, frame["destination"], ids)
+    return sparse.coo_matrix((values, (rows, cols)), shape=(n, n)).tocsr()
 
 
 def patterns_view(rows: pd.DataFrame, ids: pd.Index, n_patterns: int, where: str = "od_patterns") -> pd.DataFrame:

@@ -222,6 +222,17 @@ def is_sparse_view(frame: pd.DataFrame) -> bool:
     return frame.shape[1] > 0 and all(isinstance(dtype, pd.SparseDtype) for dtype in frame.dtypes)
 
 
+#: Cities with more regions than this keep square views (the OD matrix) sparse in memory.
+SPARSE_VIEW_ABOVE = 3000
+
+
+def sparse_square_view(matrix: Any, ids: pd.Index) -> pd.DataFrame:
+    """Wrap a SciPy sparse (N, N) matrix as a sparse view indexed by ``region_id`` on both axes."""
+    frame = pd.DataFrame.sparse.from_spmatrix(matrix, index=ids, columns=ids)  # type: ignore[attr-defined]
+    frame.index.name = "region_id"
+    return frame
+
+
 def view_csr(frame: pd.DataFrame) -> Any:
     """A view as a SciPy CSR matrix, without densifying a sparse view."""
     from scipy import sparse

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from urbanprofile.data.city import CityData, frame_from_array
+from urbanprofile.data.city import SPARSE_VIEW_ABOVE, CityData, frame_from_array, sparse_square_view
 
 
 def _smooth_fields(xy: np.ndarray, n_fields: int, length_km: float, rng: np.random.Generator) -> np.ndarray:
@@ -21,8 +21,6 @@ def _smooth_fields(xy: np.ndarray, n_fields: int, length_km: float, rng: np.rand
     return fields.T  # (n_regions, n_fields)
 
 
-#: Cities larger than this get a sparse OD view by default.
-SPARSE_OD_ABOVE = 3000
 #: Destinations a trip may go to in the sparse OD model: the nearest cells.
 SPARSE_OD_NEIGHBOURS = 64
 
@@ -99,7 +97,7 @@ def make_synthetic_city(
     population = 500 * shares[:, 0] * np.exp(-dist_down / side) + 50
     attraction = poi.sum(1) + 1.0
     if sparse_od is None:
-        sparse_od = n_regions > SPARSE_OD_ABOVE
+        sparse_od = n_regions > SPARSE_VIEW_ABOVE
     if sparse_od:
         od = _sparse_gravity(xy, population, attraction, side, rng)
     else:
@@ -156,9 +154,7 @@ def make_synthetic_city(
         "landuse_counts": frame_from_array(landuse, ids, [f"landuse_{k}" for k in range(n_landuse_classes)]),
     }
     if sparse_od:
-        flows = pd.DataFrame.sparse.from_spmatrix(od, index=ids, columns=ids)  # type: ignore[attr-defined]
-        flows.index.name = "region_id"
-        views["od_flows"] = flows
+        views["od_flows"] = sparse_square_view(od, ids)
     else:
         views["od_flows"] = frame_from_array(od, ids, ids)
         views["od_target"] = frame_from_array(od, ids, ids)

@@ -10,8 +10,9 @@ Parts (each prints tables and writes benchmarks/results/embedders_<part>.json, q
   epoch, peak resident memory.
 - scale: SREL on synthetic cities of 1,000 to 20,000 regions, dense and sparse (k-nearest) attention:
   seconds per epoch and peak memory.
+- maps: NYC crime residuals under the spatial protocol, best raw baseline beside srel (PNG).
 
-    URBANPROFILE_DATA=../shared/data python benchmarks/embedders.py [--parts quality,speed,scale] [--quick]
+    URBANPROFILE_DATA=../shared/data python benchmarks/embedders.py [--parts quality,speed,scale,maps] [--quick]
 """
 
 from __future__ import annotations
@@ -245,9 +246,24 @@ def scale(epochs: int) -> dict[str, Any]:
     return {"runs": runs, "epochs": epochs}
 
 
+def maps() -> dict[str, Any]:
+    """Residual maps (NYC crime, spatial protocol, seed 0): the best raw baseline beside srel."""
+    from urbanprofile.data import load_dataset
+    from urbanprofile.report.maps import map_city
+
+    city = load_dataset("hafusion-nyc")
+    written = {}
+    for method in ("raw-all", "srel"):
+        paths = map_city(city, "residual:crime", [RESULTS / f"nyc_crime_residual_{method}.png"], method=method,
+                         protocol="spatial", seed=0)
+        written[method] = [str(p.relative_to(RESULTS.parent.parent)) for p in paths]
+        print(f"wrote {written[method]}")
+    return {"maps": written}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="quality,speed,scale")
+    parser.add_argument("--parts", default="quality,speed,scale,maps")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--methods", default=None,
                         help="quality: only these methods (comma-separated); other methods' rows are kept")
@@ -274,8 +290,10 @@ def main() -> int:
             payload = speed()
         elif part == "scale":
             payload = scale(epochs=3)
+        elif part == "maps":
+            payload = maps()
         else:
-            raise UrbanProfileError(f"unknown part {part!r}; valid: quality, speed, scale")
+            raise UrbanProfileError(f"unknown part {part!r}; valid: quality, speed, scale, maps")
         payload.update(part=part, environment=environment(), part_seconds=time.perf_counter() - start)
         (RESULTS / f"embedders_{part}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
         print(f"wrote {RESULTS / f'embedders_{part}.json'}")

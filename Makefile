@@ -26,7 +26,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/baselines.py
 
-# Longer studies (not part of the main job): learned embedders (~40 min on 2 cores), dataset building.
+# Longer studies (not part of the main job): learned embedders (~50 min on 2 cores), dataset building.
 bench-embedders: $(STAMP)
 	$(BIN)/python benchmarks/embedders.py
 

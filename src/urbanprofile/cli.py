@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -148,19 +146,9 @@ def embed(
     else:
         with err.status(f"fitting {method} on {name}"):
             embedding = embedder.fit_transform(city)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and move into place: a failure leaves no partial file.
-    handle, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        if suffix == ".parquet":
-            embedding.to_parquet(tmp)
-        else:
-            embedding.to_csv(tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from urbanprofile.data.io import write_atomic
+
+    write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
     err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}")
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from urbanprofile.data.built import MAX_DENSE_PATTERN_CELLS, patterns_view, write_built
 from urbanprofile.data.city import CityData, frame_from_array
-from urbanprofile.data.io import first_line, load_json, read_table, read_vector
+from urbanprofile.data.io import centroid_lonlat, first_line, load_json, read_table, read_vector
 from urbanprofile.data.osm import OSM_CATEGORIES, is_osm_extract, osm_extent, read_osm_landuse, read_osm_pois
 from urbanprofile.errors import DataError, UrbanProfileError, require
 
@@ -230,13 +230,6 @@ def repair_polygons(geoms: gpd.GeoSeries, where: str, ids: pd.Index) -> tuple[gp
         if geom.geom_type not in ("Polygon", "MultiPolygon"):
             raise DataError(f"{where}: region {ids[i]!r} is a {geom.geom_type}, regions must be polygons")
     return geoms, int(invalid.sum())
-
-
-def centroid_lonlat(geoms: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids of EPSG:4326 polygons, computed in the local UTM zone, as lon/lat degrees."""
-    utm = geoms.estimate_utm_crs()
-    centroids = geoms.to_crs(utm).centroid.to_crs("EPSG:4326")
-    return centroids.x.to_numpy(), centroids.y.to_numpy()
 
 
 def regions_from_file(

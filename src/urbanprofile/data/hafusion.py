@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.data.city import CityData, frame_from_array
-from urbanprofile.data.io import load_json, load_npy, read_vector
+from urbanprofile.data.io import centroid_lonlat, load_json, load_npy, read_vector
 from urbanprofile.errors import DataError
 
 #: Label files and the task names they become.
@@ -125,10 +125,7 @@ def _regions(folder: Path, ids: pd.Index) -> Any:
             raise DataError(f"{shapes[0]}: invalid geometry for region {int(np.where(invalid)[0][0])}")
         geometry = frame.geometry.to_numpy()
         regions = gpd.GeoDataFrame(index=ids, geometry=list(geometry), crs="EPSG:4326")
-        utm = regions.estimate_utm_crs()
-        centroids = regions.geometry.to_crs(utm).centroid.to_crs("EPSG:4326")
-        regions["lon"] = centroids.x.to_numpy()
-        regions["lat"] = centroids.y.to_numpy()
+        regions["lon"], regions["lat"] = centroid_lonlat(regions.geometry)
         regions.attrs["location_source"] = f"polygons ({shapes[0].name})"
         return regions
     prompts = folder / "prompts" / "prompt_data.json"

@@ -1,8 +1,12 @@
-"""Readers for untrusted data files that fail with one line naming the file and what is wrong."""
+"""Readers for untrusted data files that fail with one line naming the file and what is wrong, and an
+atomic writer (nothing half-written)."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,3 +105,29 @@ def read_vector(path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
     if not frame.crs.equals("EPSG:4326"):
         frame = frame.to_crs("EPSG:4326")
     return frame
+
+
+def centroid_lonlat(geoms: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids of EPSG:4326 polygons, computed in the local UTM zone, as lon/lat degrees."""
+    utm = geoms.estimate_utm_crs()
+    centroids = geoms.to_crs(utm).centroid.to_crs("EPSG:4326")
+    return centroids.x.to_numpy(), centroids.y.to_numpy()
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write beside the target and move into place, so a failure leaves no partial file.
+
+    Args:
+        path: The target file.
+        write: Writes the content to the temporary path it is given.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

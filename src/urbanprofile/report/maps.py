@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import UrbanProfileError, require, unknown_name
 
 #: Layer kinds: ``view:<view>[:<column>]``, ``label:<task>``, and ``<kind>:<task>`` for the model layers.
@@ -295,20 +294,6 @@ body {{ font-family: system-ui, sans-serif; margin: 1em; color: #222; }}
 
 
 # -- writing -----------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write beside the target and move into place, so a failure leaves no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def check_map_path(path: Path) -> None:
     if path.suffix.lower() not in MAP_FORMATS:
         raise UrbanProfileError(f"{path}: a map must end in {' or '.join(MAP_FORMATS)}")
@@ -319,14 +304,14 @@ def write_map(city: CityData, layer: MapLayer, path: str | os.PathLike[str]) -> 
     target = Path(path)
     check_map_path(target)
     if target.suffix.lower() == ".png":
-        _write_atomic(target, lambda tmp: render_png(city, layer, tmp))
+        write_atomic(target, lambda tmp: render_png(city, layer, tmp))
     else:
         page = render_html(city, layer)
 
         def write_page(tmp: Path) -> None:
             tmp.write_text(page, encoding="utf-8")
 
-        _write_atomic(target, write_page)
+        write_atomic(target, write_page)
     return target
 
 

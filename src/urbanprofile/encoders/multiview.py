@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import sparse
 
 from urbanprofile.data.city import CityData, view_csr
@@ -67,22 +68,13 @@ class MultiViewInputs:
         Mobility features are the out- and in-flow profiles (OD rows and columns); in sparse mode they are
         reduced to ``mobility_dims`` components each by a truncated SVD of log1p(OD).
         """
-        od_frame = city.view("od_flows")
-        if sparse_mode:
-            od_sparse = view_csr(od_frame)
-        od = None if sparse_mode else od_frame.to_numpy(dtype=float)
-        features = {
-            "poi": LogScaler().fit(city.view("poi_counts").to_numpy(dtype=float)),
-            "landuse": LogScaler().fit(city.view("landuse_counts").to_numpy(dtype=float)),
-        }
-        scaled = {
-            "poi": features["poi"].transform(city.view("poi_counts").to_numpy(dtype=float)),
-            "landuse": features["landuse"].transform(city.view("landuse_counts").to_numpy(dtype=float)),
-        }
         counts = {v: city.view(c).to_numpy(dtype=float) for v, (c, _) in SIMILARITY_VIEWS.items()}
-        if od is None:
+        scaled = {v: LogScaler().fit(raw).transform(raw) for v, raw in counts.items()}
+        if sparse_mode:
+            od_sparse = view_csr(city.view("od_flows"))
             scaled["mobility"] = mobility_svd(od_sparse, mobility_dims)
             return cls(scaled, od_sparse, {}, counts, True)
+        od = city.view("od_flows").to_numpy(dtype=float)
         profiles = np.hstack([od, od.T])
         scaled["mobility"] = LogScaler().fit(profiles).transform(profiles)
         similarity = {}
@@ -140,9 +132,6 @@ class MultiTaskObjective:
 
     def __init__(self, inputs: MultiViewInputs, views: tuple[str, ...] = ("poi", "landuse"),
                  random_state: int | None = 0) -> None:
-        import torch
-
-        self.torch = torch
         self.sparse = inputs.sparse
         self.views = views
         self.n = inputs.n_regions
@@ -173,7 +162,6 @@ class MultiTaskObjective:
 
     def mobility(self, source: Any, destination: Any) -> Any:
         """KL(empirical || model) of destinations per origin plus of origins per destination (up to a constant)."""
-        torch = self.torch
         if not self.sparse:
             logits = source @ destination.T
             out = -(self.p_out * torch.log_softmax(logits, dim=1)).sum(dim=1)
@@ -185,7 +173,6 @@ class MultiTaskObjective:
 
     def _sampled(self, query: Any, key: Any, idx: Any, weight: Any) -> Any:
         """Sampled softmax: each row's top entries against negatives shared by all rows this epoch."""
-        torch = self.torch
         negatives = torch.randint(0, self.n, (NEGATIVES,), generator=self.generator)
         pos = torch.einsum("nd,nmd->nm", query, key[idx])
         neg = query @ key[negatives].T + float(np.log(self.n / NEGATIVES))
@@ -195,7 +182,6 @@ class MultiTaskObjective:
 
     def similarity_loss(self, view: str, embedding: Any) -> Any:
         """Mean squared error between e_i . e_j and the view's similarity s_ij."""
-        torch = self.torch
         if not self.sparse:
             return torch.mean((embedding @ embedding.T - self.similarity[view]) ** 2)
         i = torch.arange(self.n).repeat_interleave(SIMILARITY_PAIRS)
@@ -245,8 +231,6 @@ def train_loop(
             among them by inner cross-validation on training folds, never by test folds).
         on_epoch: Called with (epoch, epochs) after each epoch, e.g. to advance a progress bar.
     """
-    import torch
-
     parameters = list(network.parameters())
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     log = TrainingLog()
@@ -313,8 +297,6 @@ class MultiViewEmbedder(Embedder):
 
     def fit(self, city: CityData) -> MultiViewEmbedder:
         """Train on the city's views (never its targets)."""
-        import torch
-
         for view in self.required_views:
             city.view(view)
         if self.epochs < 1 or self.lr <= 0:

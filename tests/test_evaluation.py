@@ -76,3 +76,15 @@ def test_cityview_location_baseline_is_strong(data_dir: Path) -> None:
     embedding = spec.build().fit_transform(city)
     result = evaluate_embedding(city, embedding, "carbon", "spatial", head=spec.head)
     assert result.metrics["r2"] > 0.7  # coordinates alone explain most of a smooth gridded product
+
+
+def test_embedding_with_missing_rows_or_nans_is_refused(city: CityData) -> None:
+    from urbanprofile.errors import DataError
+
+    embedding = city.views["poi_counts"].astype(float)
+    with pytest.raises(DataError, match="has no row for region 5"):
+        evaluate_embedding(city, embedding.drop(index=5), "crime", "nested")
+    broken = embedding.copy()
+    broken.iloc[3, 0] = np.nan
+    with pytest.raises(DataError, match="NaN or infinite"):
+        evaluate_embedding(city, broken, "crime", "paper")

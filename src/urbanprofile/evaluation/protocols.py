@@ -122,16 +122,12 @@ def evaluate_embedding(
     if protocol == "spatial" and not city.has_locations:
         raise MethodUnavailableError(f"spatial protocol needs region locations; {city.name!r} has none")
     td = task_data(city, task)
-    missing = td.region_ids.difference(embedding.index)
-    if len(missing):
-        raise DataError(f"embedding has no row for region {missing[0]} of {city.name!r}")
-    options = {"final": embedding}
-    if candidates and protocol != "paper":
-        options = dict(candidates)
+    options = dict(candidates) if candidates and protocol != "paper" else {"final": embedding}
     matrices = {}
     for label, frame in options.items():
-        if len(td.region_ids.difference(frame.index)):
-            raise DataError(f"candidate embedding {label!r} lacks regions of {city.name!r}")
+        missing = td.region_ids.difference(frame.index)
+        if len(missing):
+            raise DataError(f"embedding {label!r} has no row for region {missing[0]} of {city.name!r}")
         matrices[label] = frame.loc[td.region_ids].to_numpy(dtype=float)
         if not np.isfinite(matrices[label]).all():
             raise DataError(f"embedding {label!r} has NaN or infinite values for {city.name!r}")

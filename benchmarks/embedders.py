@@ -11,9 +11,10 @@ Parts (each prints tables and writes benchmarks/results/embedders_<part>.json, q
 - scale: SREL on synthetic cities of 1,000 to 20,000 regions, dense and sparse (k-nearest) attention:
   seconds per epoch and peak memory.
 - leaky: hafusion's `paper` R^2 at every 25th epoch, final vs best-on-test (LEAKY) epoch, 5 seeds.
+- selection: srel under nested, final epoch only vs checkpoint chosen by inner CV, 5 seeds.
 - maps: NYC crime residuals under the spatial protocol, best raw baseline beside srel (PNG).
 
-    URBANPROFILE_DATA=../shared/data python benchmarks/embedders.py [--parts quality,leaky,speed,scale,maps] [--quick]
+    URBANPROFILE_DATA=../shared/data python benchmarks/embedders.py [--parts quality,...,maps] [--quick]
 """
 
 from __future__ import annotations
@@ -286,6 +287,34 @@ def leaky_epochs(seeds: list[int], n_checkpoints: int = 20) -> dict[str, Any]:
     return {"table": table, "mean_paper_r2_by_epoch": curves, "seeds": seeds}
 
 
+def selection(seeds: list[int]) -> dict[str, Any]:
+    """srel under `nested`: the final epoch only vs the checkpoint chosen by inner CV per outer fold."""
+    from urbanprofile.data import load_dataset
+    from urbanprofile.methods import get_method
+
+    lines = ["### srel under `nested`: final epoch only vs checkpoint chosen by inner CV (inner folds seed 0)", "",
+             "| dataset | task | final epoch only | checkpoint by inner CV |", "|---|---|---|---|"]
+    scores: dict[str, dict[str, list[float]]] = {}
+    for dataset in DATASETS:
+        city = load_dataset(dataset)
+        for seed in seeds:
+            embedder = get_method("srel").build(random_state=seed).fit(city)
+            for task in city.tasks:
+                final = evaluate_embedding(city, embedder.transform(city), task, "nested").metrics["r2"]
+                chosen = evaluate_embedding(city, embedder.transform(city), task, "nested",
+                                            candidates=embedder.candidates_).metrics["r2"]
+                entry = scores.setdefault(f"{dataset}/{task}", {"final": [], "inner_cv": []})
+                entry["final"].append(final)
+                entry["inner_cv"].append(chosen)
+    for key, entry in scores.items():
+        dataset, task = key.split("/")
+        lines.append(f"| {dataset} | {task} | {np.mean(entry['final']):.3f} ± {np.std(entry['final'], ddof=1):.3f} "
+                     f"| {np.mean(entry['inner_cv']):.3f} ± {np.std(entry['inner_cv'], ddof=1):.3f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    return {"table": table, "r2": scores, "seeds": seeds}
+
+
 def maps() -> dict[str, Any]:
     """Residual maps (NYC crime, spatial protocol, seed 0): the best raw baseline beside srel."""
     from urbanprofile.data import load_dataset
@@ -303,7 +332,7 @@ def maps() -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="quality,leaky,speed,scale,maps")
+    parser.add_argument("--parts", default="quality,leaky,selection,speed,scale,maps")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--methods", default=None,
                         help="quality: only these methods (comma-separated); other methods' rows are kept")
@@ -334,8 +363,10 @@ def main() -> int:
             payload = maps()
         elif part == "leaky":
             payload = leaky_epochs(seeds)
+        elif part == "selection":
+            payload = selection(seeds)
         else:
-            raise UrbanProfileError(f"unknown part {part!r}; valid: quality, speed, scale, maps, leaky")
+            raise UrbanProfileError(f"unknown part {part!r}; valid: quality, leaky, selection, speed, scale, maps")
         payload.update(part=part, environment=environment(), part_seconds=time.perf_counter() - start)
         (RESULTS / f"embedders_{part}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
         print(f"wrote {RESULTS / f'embedders_{part}.json'}")

@@ -204,17 +204,22 @@ def _validate_view(where: str, name: str, frame: pd.DataFrame, ids: pd.Index) ->
     if is_sparse_view(frame):
         # Check the stored entries only: a large sparse OD matrix is never densified.
         coo = frame.sparse.to_coo()  # type: ignore[attr-defined]
-        rows, values = coo.row, coo.data.astype(float)
+        values = coo.data.astype(float)
+
+        def region(entry: int) -> Any:
+            return ids[coo.row[entry]]
     else:
-        dense = frame.to_numpy(dtype=float)
-        rows = np.repeat(np.arange(dense.shape[0]), dense.shape[1])
-        values = dense.ravel()
+        values = frame.to_numpy(dtype=float).ravel()
+        width = max(frame.shape[1], 1)
+
+        def region(entry: int) -> Any:
+            return ids[entry // width]
     bad = ~np.isfinite(values)
     if bad.any():
-        raise DataError(f"{where}: view {name!r} has NaN or infinite values (region {ids[rows[np.argmax(bad)]]})")
+        raise DataError(f"{where}: view {name!r} has NaN or infinite values (region {region(int(np.argmax(bad)))})")
     negative = values < 0
     if name in COUNT_VIEWS and negative.any():
-        raise DataError(f"{where}: view {name!r} has negative counts (region {ids[rows[np.argmax(negative)]]})")
+        raise DataError(f"{where}: view {name!r} has negative counts (region {region(int(np.argmax(negative)))})")
 
 
 def is_sparse_view(frame: pd.DataFrame) -> bool:

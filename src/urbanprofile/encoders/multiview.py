@@ -253,17 +253,17 @@ def train_loop(
         if on_epoch is not None:
             on_epoch(epoch, epochs)
         if epoch in checkpoints:
-            with torch.no_grad():
-                log.snapshots[epoch] = _in_eval_mode(network, network).numpy().astype(float)
+            log.snapshots[epoch] = _embed(network)
     log.seconds = time.perf_counter() - start
     return log
 
 
-def _in_eval_mode(network: Any, compute: Callable[[], Any]) -> Any:
-    """Run ``compute`` with dropout off, then put the network back in training mode."""
+def _embed(network: Any) -> np.ndarray:
+    """The network's embedding with dropout off and no gradients; the network goes back to training mode."""
     network.eval()
     try:
-        return compute()
+        with torch.no_grad():
+            return np.asarray(network().numpy(), dtype=float)
     finally:
         network.train()
 

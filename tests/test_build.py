@@ -239,3 +239,65 @@ def test_large_built_city_keeps_od_sparse(raw_city: dict[str, Path], tmp_path: P
     # Its rows are written back without densifying it.
     rows = built._sparse_rows(od, "value")
     assert int(rows["value"].sum()) == 299 and (rows["value"] > 0).all()
+
+
+# -- trip tables as public sources name their columns ----------------------------------------------------
+PUBLIC_TRIP_SCHEMAS = {
+    "nyc-taxi": (["pickup_longitude", "pickup_latitude", "dropoff_longitude", "dropoff_latitude"],
+                 "tpep_pickup_datetime"),
+    "chicago-taxi": (["Pickup Centroid Longitude", "Pickup Centroid Latitude", "Dropoff Centroid Longitude",
+                      "Dropoff Centroid Latitude"], "Trip Start Timestamp"),
+    "divvy": (["start_lng", "start_lat", "end_lng", "end_lat"], "started_at"),
+    "citibike-2019": (["start station longitude", "start station latitude", "end station longitude",
+                       "end station latitude"], "starttime"),
+    "prefixed": (["origin_longitude", "origin_latitude", "destination_longitude", "destination_latitude"], "time"),
+}
+
+
+def test_trip_columns_of_public_tables(raw_city: dict[str, Path]) -> None:
+    """Renamed to a public schema (with distractor station ids), the trips give the same OD matrix and patterns."""
+    import geopandas as gpd
+
+    from urbanprofile.data.build import BuildReport, od_from_trips
+
+    regions = gpd.read_file(raw_city["regions"]).set_index("region_id")
+    trips = pd.read_csv(raw_city["trips"])
+    spec = _spec(raw_city)
+    od, patterns = od_from_trips(trips, regions, spec, BuildReport(city="toy"))
+    assert patterns is not None and int(od.sum()) == 299
+    for schema, (names, time_name) in PUBLIC_TRIP_SCHEMAS.items():
+        renamed = trips.rename(columns=dict(zip(["o_lon", "o_lat", "d_lon", "d_lat", "time"], [*names, time_name],
+                                                strict=True)))
+        renamed.insert(0, "start_station_id", np.arange(len(trips)) % 7)  # a station id is not a region id
+        renamed.insert(1, "end_station_id", np.arange(len(trips)) % 5)
+        report = BuildReport(city="toy")
+        their_od, their_patterns = od_from_trips(renamed, regions, spec, report)
+        assert report.trip_columns == names, schema
+        assert np.array_equal(their_od, od), schema
+        assert their_patterns is not None and their_patterns.equals(patterns), schema
+
+
+def test_trip_columns_ids_ambiguity_and_override() -> None:
+    from urbanprofile.data.build import trip_columns
+
+    assert trip_columns(["origin", "destination", "o_lon"]) == ["origin", "destination"]
+    assert trip_columns(["tpep_pickup_datetime", "PULocationID", "DOLocationID"]) == ["PULocationID", "DOLocationID"]
+    assert trip_columns(["origin_id", "destination_id"]) == ["origin_id", "destination_id"]
+    with pytest.raises(DataError, match="no trip ends recognised.*start_station_id"):
+        trip_columns(["start_station_id", "end_station_id"])
+    with pytest.raises(DataError, match="'start_lat', 'start_station_latitude'.*--trip-columns"):
+        trip_columns(["start_lat", "start_station_latitude", "start_lng", "end_lat", "end_lng"])
+
+
+def test_cli_trip_columns_still_accepted(raw_city: dict[str, Path], tmp_path: Path) -> None:
+    trips = pd.read_csv(raw_city["trips"]).rename(columns={"o_lon": "ax", "o_lat": "ay", "d_lon": "bx",
+                                                           "d_lat": "by"})
+    trips.to_csv(tmp_path / "odd.csv", index=False)
+    out = tmp_path / "out" / "toy"
+    result = run_cli(*_build_args(raw_city, out, "--trips", str(tmp_path / "odd.csv"), "--trip-columns",
+                                  "ax,ay,bx,by"))
+    assert result.returncode == 0, result.stderr
+    assert "ax, ay, bx, by" in result.stdout
+    assert int(load_dataset(out).views["od_flows"].to_numpy().sum()) == 299
+    with pytest.raises(DataError, match=r"odd.csv: no trip ends recognised.*--trip-columns"):
+        build_dataset(_spec(raw_city, trips=tmp_path / "odd.csv"), tmp_path / "out2")

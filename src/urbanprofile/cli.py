@@ -24,8 +24,16 @@ methods_app = typer.Typer(help="Registered methods.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(methods_app, name="methods")
 
-out = Console()
-err = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    """A console that wraps to the terminal, or never cuts a table when output goes to a pipe or file."""
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, width=100_000)
+
+
+out = _console()
+err = _console(stderr=True)
 
 DataDir = Annotated[
     Path | None,
@@ -268,8 +276,9 @@ def build(
     lat_column: Annotated[str, typer.Option(help="Latitude column of CSV/Parquet tables.")] = "lat",
     landuse: Annotated[Path | None, _opt("Land-use polygons with a class field (or .osm.pbf).")] = None,
     landuse_class_column: Annotated[str, typer.Option(help="Land-use class field.")] = "class",
-    trips: Annotated[Path | None, _opt("Trips (CSV/Parquet): origin,destination ids or o_lon,o_lat,d_lon,d_lat.")
-                     ] = None,
+    trips: Annotated[Path | None, _opt(
+        "Trips (CSV/Parquet): origin,destination ids, or both ends' coordinates (o_lon..., pickup_/dropoff_ "
+        "longitude/latitude, start_/end_ lat/lng, origin_/destination_ ...).")] = None,
     trip_columns: Annotated[str | None, _opt("2 id columns or 4 coordinate columns, comma-separated.")] = None,
     trip_time_column: Annotated[str | None, _opt("Departure time column (default: time, when present).")] = None,
     time_patterns: Annotated[int, typer.Option(help="Time-of-day patterns the trips are split into.")] = 4,
@@ -309,6 +318,7 @@ def build(
         ("POI categories", report.n_categories or "-"),
         ("land-use classes", report.n_landuse_classes or "-"),
         ("trips kept / read", f"{report.n_trips_kept} / {report.n_trips_read}" if trips else "-"),
+        ("trip columns", ", ".join(report.trip_columns) or "-"),
         ("tasks", ", ".join(report.tasks) or "-"),
         ("seconds", f"{report.seconds['total']:.1f}"),
     ]

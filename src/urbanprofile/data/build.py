@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +37,21 @@ DEFAULT_ENGINE = "geopandas"
 #: Trip-table columns recognised without ``trip_columns``: region ids, or coordinates of both ends.
 TRIP_ID_COLUMNS = ("origin", "destination")
 TRIP_COORD_COLUMNS = ("o_lon", "o_lat", "d_lon", "d_lat")
+#: How public trip tables name the two ends (names are compared lower-case, with spaces and dashes as ``_``):
+#: NYC TLC taxi (pickup/dropoff, PU/DO), Chicago taxi (``Pickup Centroid Latitude``), bike shares (start/end,
+#: ``start station latitude``), and ``origin_``/``destination_`` prefixes.
+_TRIP_ENDS = {
+    "o": ("o", "origin", "orig", "pickup", "pick_up", "pu", "start", "from", "source", "src"),
+    "d": ("d", "destination", "dest", "dropoff", "drop_off", "do", "end", "to", "target", "dst"),
+}
+_TRIP_INFIX = r"(?:_?(?:station|centroid|stop|point|location))?_?"
+_TRIP_COORD = {"lon": ("lon", "lng", "long", "longitude", "x"), "lat": ("lat", "latitude", "y")}
+#: Region-id names only: station ids of bike shares are not region ids, so their coordinates are used instead.
+_TRIP_REGION = ("region", "region_id", "zone", "zone_id", "locationid", "location_id", "community_area",
+                "area", "id")
+#: Departure-time columns recognised without ``trip_time_column`` (first present wins).
+TRIP_TIME_COLUMNS = ("time", "departure_time", "start_time", "starttime", "started_at", "pickup_datetime",
+                     "tpep_pickup_datetime", "lpep_pickup_datetime", "trip_start_timestamp", "pickup_time")
 LABEL_AGGREGATIONS = ("mean", "sum", "median", "max", "min")
 _CITY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -62,7 +77,8 @@ class BuildSpec:
         lon_column, lat_column: Coordinate columns of CSV/Parquet point tables.
         landuse: Land-use polygons with a class field (or an ``.osm.pbf`` extract).
         landuse_class_column: Field holding the land-use class.
-        trips: A CSV/Parquet table of trips: origin/destination region ids, or o_lon/o_lat/d_lon/d_lat.
+        trips: A CSV/Parquet table of trips: origin/destination region ids, or coordinates of both ends under
+            the names public trip tables use (see :func:`trip_columns`).
         trip_columns: Two id columns or four coordinate columns, when not the default names.
         trip_time_column: Departure time (datetime or hour of day) that splits trips into time patterns.
         n_time_patterns: Equal time-of-day bins of the patterns.
@@ -151,6 +167,7 @@ class BuildReport:
     n_trips_missing: int = 0
     n_trips_outside: int = 0
     n_trips_kept: int = 0
+    trip_columns: list[str] = field(default_factory=list)
     n_time_patterns: int = 0
     n_label_rows: int = 0
     n_label_rows_unmatched: int = 0
@@ -579,6 +596,53 @@ def _trip_hours(values: pd.Series, where: str, column: str) -> np.ndarray:
     return hours
 
 
+def _normalised(column: object) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", str(column).strip().lower()).strip("_")
+
+
+def trip_columns(columns: Iterable[object], where: str = "trips") -> list[str]:
+    """The columns holding the two ends of each trip, recognised by name.
+
+    Tried in order: ``origin,destination`` (region ids); coordinates of both ends (``o_lon`` ...,
+    ``pickup_longitude``, ``start_lat``/``start_lng``, ``Pickup Centroid Latitude``,
+    ``origin_lon`` ...); region ids of both ends (``origin_id``, ``PULocationID``,
+    ``pickup_community_area`` ...).
+
+    Returns:
+        Two id columns (origin, destination) or four coordinate columns (o_lon, o_lat, d_lon, d_lat).
+
+    Raises:
+        DataError: If no set of columns is recognised, or one end has two candidates for the same role.
+    """
+    names = [str(c) for c in columns]
+    if set(TRIP_ID_COLUMNS) <= set(names):
+        return list(TRIP_ID_COLUMNS)
+    found: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        key = _normalised(name)
+        for end, prefixes in _TRIP_ENDS.items():
+            ends = "|".join(sorted(prefixes, key=len, reverse=True))
+            roles = [*((role, alias) for role, aliases in _TRIP_COORD.items() for alias in aliases),
+                     *(("id", alias) for alias in _TRIP_REGION)]
+            for role, alias in roles:
+                infix = _TRIP_INFIX if role != "id" else "_?"  # a station id is no region id
+                if re.fullmatch(rf"(?:{ends}){infix}{alias}", key):
+                    found.setdefault((end, role), []).append(name)
+                    break
+    for roles in (("lon", "lat"), ("id",)):
+        slots = [(end, role) for end in ("o", "d") for role in roles]
+        if all(slot in found for slot in slots):
+            for slot in slots:
+                if len(found[slot]) > 1:
+                    raise DataError(f"{where}: columns {', '.join(map(repr, found[slot]))} could all be the "
+                                    f"{'origin' if slot[0] == 'o' else 'destination'} {slot[1]}; "
+                                    "name the columns with --trip-columns")
+            return [found[slot][0] for slot in slots]
+    raise DataError(f"{where}: no trip ends recognised: needs origin,destination (region ids), o_lon,o_lat,d_lon,"
+                    f"d_lat, pickup_/dropoff_ or start_/end_ coordinates (or --trip-columns); columns: "
+                    f"{_listed(names)}")
+
+
 def od_from_trips(
     trips: pd.DataFrame, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport, where: str = "trips"
 ) -> tuple[np.ndarray, pd.DataFrame | None]:
@@ -589,18 +653,11 @@ def od_from_trips(
     Returns:
         The (N, N) OD matrix and (pattern, origin, destination, trips) rows, or ``None`` without times.
     """
-    columns = list(spec.trip_columns) if spec.trip_columns else None
-    if columns is None:
-        if set(TRIP_ID_COLUMNS) <= set(trips.columns):
-            columns = list(TRIP_ID_COLUMNS)
-        elif set(TRIP_COORD_COLUMNS) <= set(trips.columns):
-            columns = list(TRIP_COORD_COLUMNS)
-        else:
-            raise DataError(f"{where}: needs columns origin,destination (region ids) or o_lon,o_lat,d_lon,d_lat "
-                            f"(or --trip-columns); columns: {_listed(trips.columns)}")
+    columns = list(spec.trip_columns) if spec.trip_columns else trip_columns(trips.columns, where)
     missing = [c for c in columns if c not in trips.columns]
     if missing:
         raise DataError(f"{where}: no column {missing[0]!r} (columns: {_listed(trips.columns)})")
+    report.trip_columns = list(columns)
     n = len(regions)
     report.n_trips_read = len(trips)
     if len(columns) == 2:
@@ -623,7 +680,8 @@ def od_from_trips(
         dest = np.full(len(trips), -1, dtype=np.int64)
         origin[keep], dest[keep] = both[: keep.sum()], both[keep.sum():]
     hours = None
-    time_column = spec.trip_time_column or ("time" if "time" in trips.columns else None)
+    time_column = spec.trip_time_column or next(
+        (c for c in trips.columns if _normalised(c) in TRIP_TIME_COLUMNS), None)
     if time_column is not None:
         if time_column not in trips.columns:
             raise DataError(f"{where}: no time column {time_column!r} (columns: {_listed(trips.columns)})")

@@ -68,6 +68,13 @@ def test_benchmark_cli_json_and_resume(data_dir: Path, tmp_path: Path) -> None:
         assert key in rows[0]
     paper = next(r for r in rows if r["method"] == "raw-poi" and r["protocol"] == "paper")
     assert round(paper["r2"], 3) == 0.915 and paper["n_regions"] == 74
+    assert not any(r["resumed"] for r in rows)
+    # A re-run computes nothing and still prints every requested row, marked as resumed.
     second = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and second.stdout == ""
-    assert "4 already in" in second.stderr
+    assert second.returncode == 0, second.stderr
+    again = [json.loads(line) for line in second.stdout.splitlines()]
+    assert all(r["resumed"] for r in again) and "0 new results, 4 already in" in second.stderr
+    assert sorted((r["method"], r["protocol"], r["r2"]) for r in again) == sorted(
+        (r["method"], r["protocol"], r["r2"]) for r in rows)
+    # Piped, the leaderboard is printed whole: no number cut to fit 80 columns.
+    assert "0.915" in second.stderr and "…" not in second.stderr

@@ -283,9 +283,9 @@ def test_trip_columns_ids_ambiguity_and_override() -> None:
     assert trip_columns(["origin", "destination", "o_lon"]) == ["origin", "destination"]
     assert trip_columns(["tpep_pickup_datetime", "PULocationID", "DOLocationID"]) == ["PULocationID", "DOLocationID"]
     assert trip_columns(["origin_id", "destination_id"]) == ["origin_id", "destination_id"]
-    with pytest.raises(DataError, match="no trip ends recognised.*start_station_id"):
+    with pytest.raises(DataError, match=r"no trip ends recognised.*start_station_id"):
         trip_columns(["start_station_id", "end_station_id"])
-    with pytest.raises(DataError, match="'start_lat', 'start_station_latitude'.*--trip-columns"):
+    with pytest.raises(DataError, match=r"'start_lat', 'start_station_latitude'.*--trip-columns"):
         trip_columns(["start_lat", "start_station_latitude", "start_lng", "end_lat", "end_lng"])
 
 

@@ -218,37 +218,50 @@ def benchmark(
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (stochastic methods).")] = "0,1,2,3,4",
     store_path: Annotated[Path, typer.Option("--store", help="DuckDB results store.")] = Path(
         "results/urbanprofile.duckdb"),
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per new result on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per requested row on stdout (stored earlier or now: see 'resumed').")] = False,
+    executor: Annotated[str, typer.Option(
+        "--executor", help="Where units run: serial, processes (see --jobs) or ray (pip install 'urbanprofile[ray]').")
+    ] = "serial",
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", help="Local worker processes (or CPUs of a local Ray instance).", show_default=False)] = None,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="Ray cluster to join: auto or HOST:PORT (default: a local Ray instance).",
+        show_default=False)] = None,
+    retries: Annotated[int, typer.Option("--retries", help="Retries of a unit whose worker died or raised.")] = 2,
     data_dir: DataDir = None,
 ) -> None:
-    """Run a grid of datasets x methods x tasks x protocols x seeds; finished rows are skipped on re-runs."""
-    from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark, validate_plan
+    """Run a grid of datasets x methods x tasks x protocols x seeds; rows stored by the same code are reused."""
+    from urbanprofile.benchmark.executors import make_executor
+    from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark, validate_plan
     from urbanprofile.benchmark.store import ResultStore
-    from urbanprofile.methods import get_method
 
     plan = BenchmarkPlan(
         datasets=_split(datasets), methods=_split(methods), tasks=_split(tasks),
         protocols=_split(protocols) or [], seeds=_seeds(seeds),
     )
-    names, specs = validate_plan(plan, data_dir)
+    if retries < 0:
+        raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
+    runner = make_executor(executor, jobs=jobs, address=address, retries=retries)
+    validate_plan(plan, data_dir)
     with ResultStore(store_path) as store:
         outcome = run_benchmark(plan, data_dir, store=store, progress=True,
-                                on_row=_print_rows_json if as_json else None)
-        hashes = {get_method(s.name).config_hash for s in specs}
-        rows = [
-            r for r in store.rows({"dataset": names, "method": [s.name for s in specs],
-                                   "protocol": plan.protocols})
-            if r["config_hash"] in hashes and r["seed"] in set(plan.seeds)
-            and (plan.tasks is None or r["task"] in plan.tasks)
-        ]
+                                on_row=_print_rows_json if as_json else None, executor=runner)
     for line in outcome.skipped:
         err.print(f"skipped: {line}")
+    for line in describe_recomputed(outcome):
+        err.print(f"recomputed: {line}")
+    for row in outcome.failed:
+        err.print(f"failed: {row['dataset']} {row['task']} {row['method']} {row['protocol']} seed {row['seed']}: "
+                  f"{row['error']}")
     console = err if as_json else out
-    if rows:
+    rows = outcome.resumed_rows + outcome.rows
+    if any(r.get("status") != "failed" for r in rows):
         console.print(_leaderboard_table(rows, "leaderboard (mean ± std over seeds)"))
+    failed = f", {len(outcome.failed)} failed" if outcome.failed else ""
     console.print(
-        f"{len(outcome.rows)} new results, {outcome.n_resumed} already in {store_path}, "
-        f"{outcome.wall_seconds:.1f} s"
+        f"{len(outcome.rows) - len(outcome.failed)} new results{failed}, {outcome.n_resumed} already in "
+        f"{store_path}, {outcome.n_units} units on {runner.name}, {outcome.wall_seconds:.1f} s"
     )
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile import __version__
+from urbanprofile.benchmark.store import KEY
+from urbanprofile.benchmark.versions import CodeVersion, code_version
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import get_entry, list_datasets
 from urbanprofile.data.tasks import KNOWN_TASKS
@@ -22,6 +24,7 @@ from urbanprofile.evaluation.protocols import PROTOCOLS, ProtocolResult, check_p
 from urbanprofile.methods import MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
+    from urbanprofile.benchmark.executors import Executor
     from urbanprofile.benchmark.store import ResultStore
     from urbanprofile.embedders.base import Embedder
 
@@ -41,10 +44,37 @@ class BenchmarkPlan:
 
 @dataclass
 class BenchmarkOutcome:
+    """What a run did. ``rows`` are new (including failed rows), ``resumed_rows`` were reused from the store;
+    ``recomputed`` pairs each stored row that was replaced (computed by other code, or failed) with its new row."""
+
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     n_resumed: int = 0
     wall_seconds: float = 0.0
+    resumed_rows: list[dict[str, Any]] = field(default_factory=list)
+    recomputed: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    n_units: int = 0
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("status") == "failed"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: fit ``spec`` on ``dataset`` with ``seed``, then probe it on each (task, protocol)."""
+
+    dataset: str
+    spec: MethodSpec
+    seed: int
+    cells: tuple[tuple[str, str], ...]
+
+    def keys(self) -> list[tuple[Any, ...]]:
+        return [(self.dataset, t, self.spec.name, self.spec.config_hash, p, self.seed) for t, p in self.cells]
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} {self.spec.name} seed {self.seed}"
 
 
 def validate_plan(plan: BenchmarkPlan, data_dir: str | Path | None) -> tuple[list[str], list[MethodSpec]]:
@@ -71,6 +101,7 @@ def result_row(
 ) -> dict[str, Any]:
     """One store row from a protocol result."""
     bias = result.bias
+    version = code_version(spec.factory)
     return {
         "dataset": city.name,
         "task": result.task,
@@ -93,7 +124,129 @@ def result_row(
         "fit_seconds": embed_seconds + result.head_seconds,
         "package_version": __version__,
         "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        "code_version": version.version,
+        "code_modules": version.modules,
+        "status": "ok",
+        "error": None,
     }
+
+
+def failed_rows(unit: Unit, reason: str) -> list[dict[str, Any]]:
+    """Rows that say a unit failed (every metric missing) and why, in one line."""
+    version = code_version(unit.spec.factory)
+    reason = " ".join(reason.split())
+    return [
+        {"dataset": unit.dataset, "task": task, "method": unit.spec.name, "config_hash": unit.spec.config_hash,
+         "protocol": protocol, "seed": unit.seed, "package_version": __version__,
+         "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None), "code_version": version.version,
+         "code_modules": version.modules, "status": "failed", "error": reason}
+        for task, protocol in unit.cells
+    ]
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of an exception."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
+
+
+def run_unit(
+    unit: Unit, city: CityData, on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Fit one method with one seed and probe it on every (task, protocol) of the unit.
+
+    A user-level error (e.g. a diverged training) gives failed rows at once: it would recur on a retry with
+    the same seed. Any other exception propagates, so that the executor can retry the unit.
+
+    Returns:
+        The unit's rows and the cells skipped (with their one-line reason).
+    """
+    spec, seed = unit.spec, unit.seed
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    try:
+        t0 = time.perf_counter()
+        embedder = spec.build(random_state=seed)
+        embedding = embedder.fit_transform(city)
+        embed_seconds = time.perf_counter() - t0
+    except MethodUnavailableError as err:
+        return [], [f"{unit.dataset}: {err}"]
+    except UrbanProfileError as err:
+        return failed_rows(unit, one_line(err)), []
+    candidates = getattr(embedder, "candidates_", None)
+    if on_embedding is not None:
+        on_embedding(city, spec, seed, embedder)
+    for task, protocol in unit.cells:
+        try:
+            result = evaluate_embedding(city, embedding, task, protocol, spec.head, seed, candidates=candidates)
+        except MethodUnavailableError as err:
+            skipped.append(f"{unit.dataset}: {err}")
+            continue
+        except UrbanProfileError as err:
+            rows += failed_rows(Unit(unit.dataset, spec, seed, ((task, protocol),)), one_line(err))
+            continue
+        rows.append(result_row(city, spec, seed, result, embed_seconds))
+    return rows, skipped
+
+
+def plan_units(
+    plan: BenchmarkPlan,
+    data_dir: str | Path | None = None,
+    cities: dict[str, CityData] | None = None,
+    stored: dict[tuple[Any, ...], tuple[str | None, str | None]] | None = None,
+) -> tuple[list[Unit], list[tuple[Any, ...]], list[tuple[Any, ...]], list[str], dict[str, CityData]]:
+    """Split the grid into units, leaving out cells whose stored row is current.
+
+    A stored row is reused only if it succeeded and was computed by the same code version; a failed row or
+    one from other code is recomputed (and replaced).
+
+    Returns:
+        The units to run, the keys reused, the keys to recompute, what was skipped, and the loaded cities.
+    """
+    cities = dict(cities or {})
+    datasets = list(plan.datasets) if plan.datasets else None
+    if datasets is None or any(d not in cities for d in datasets):
+        datasets, methods = validate_plan(plan, data_dir)
+    else:
+        methods = [get_method(m) for m in (plan.methods or list_methods())]
+        for protocol in plan.protocols:
+            check_protocol(protocol)
+    stored = stored or {}
+    units: list[Unit] = []
+    reused: list[tuple[Any, ...]] = []
+    replaced: list[tuple[Any, ...]] = []
+    skipped: list[str] = []
+    for name in datasets:
+        if name not in cities:
+            cities[name] = get_entry(name, data_dir).load()
+        city = cities[name]
+        tasks = [t for t in (plan.tasks or city.tasks) if t in city.tasks]
+        for t in plan.tasks or ():
+            if t not in city.tasks:
+                skipped.append(f"{name}: no task {t!r} (it has {', '.join(city.tasks)})")
+        protocols = list(plan.protocols)
+        if "spatial" in protocols and not city.has_locations:
+            protocols.remove("spatial")
+            skipped.append(f"{name}: spatial protocol skipped (no region locations)")
+        for spec in methods:
+            reason = spec.unavailable_reason(city)
+            if reason:
+                skipped.append(f"{name}: {reason}")
+                continue
+            version = code_version(spec.factory).version
+            for seed in list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]:
+                todo = []
+                for task, protocol in ((t, p) for t in tasks for p in protocols):
+                    key = (name, task, spec.name, spec.config_hash, protocol, int(seed))
+                    if key in stored and stored[key] == (version, "ok"):
+                        reused.append(key)
+                        continue
+                    if key in stored:
+                        replaced.append(key)
+                    todo.append((task, protocol))
+                if todo:
+                    units.append(Unit(name, spec, int(seed), tuple(todo)))
+    return units, reused, replaced, skipped, cities
 
 
 def run_benchmark(
@@ -104,98 +257,112 @@ def run_benchmark(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     cities: dict[str, CityData] | None = None,
     on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None,
+    executor: Executor | None = None,
 ) -> BenchmarkOutcome:
-    """Run the grid; rows already in ``store`` are skipped, new ones are written as they finish.
+    """Run the grid; current rows in ``store`` are reused, new ones are written unit by unit as they finish.
 
     Deterministic methods run once (the first seed); stochastic ones once per seed. An embedding is fit
-    once per (dataset, method, seed) and reused by every task and protocol: embedders never see labels.
+    once per (dataset, method, seed) -- one unit -- and reused by every task and protocol: embedders never
+    see labels. A stored row is reused only if it was computed by the same version of the method's code
+    (:mod:`urbanprofile.benchmark.versions`); otherwise it is recomputed, replaced, and listed in
+    ``outcome.recomputed``.
 
     Args:
         plan: What to run.
         data_dir: Data directory (default ``$URBANPROFILE_DATA``).
         store: Results store for resuming and writing; ``None`` keeps results in memory only.
         progress: Show a progress bar on stderr.
-        on_row: Called with each new row (e.g. to print JSON lines).
+        on_row: Called with every requested row: first the reused ones (with ``resumed=True``), then each new
+            one as its unit finishes (``resumed=False``); e.g. to print JSON lines.
         cities: Already loaded cities by name (skips loading; used for synthetic data).
-        on_embedding: Called with each fitted embedder (e.g. to study its checkpoints or timings).
+        on_embedding: Called with each fitted embedder (serial executor only).
+        executor: Where units run (default: serially in this process); see
+            :mod:`urbanprofile.benchmark.executors`.
     """
-    start = time.perf_counter()
-    cities = dict(cities or {})
-    datasets = list(plan.datasets) if plan.datasets else None
-    if datasets is None or any(d not in cities for d in datasets):
-        datasets, methods = validate_plan(plan, data_dir)
-    else:
-        methods = [get_method(m) for m in (plan.methods or list_methods())]
-        for protocol in plan.protocols:
-            check_protocol(protocol)
-    done = store.done_keys() if store is not None else set()
-    outcome = BenchmarkOutcome()
+    from urbanprofile.benchmark.executors import SerialExecutor
 
-    # Work is planned per dataset once loaded; the bar's total grows as datasets are read.
+    start = time.perf_counter()
+    executor = executor or SerialExecutor()
+    if on_embedding is not None and not isinstance(executor, SerialExecutor):
+        raise ValueError("on_embedding needs the serial executor (fitted embedders stay in their worker)")
+    stored = store.stored() if store is not None else {}
+    units, reused, replaced, skipped, cities = plan_units(plan, data_dir, cities, stored)
+    outcome = BenchmarkOutcome(skipped=skipped, n_resumed=len(reused), n_units=len(units))
+    if store is not None and (reused or replaced):
+        wanted = set(reused) | set(replaced)
+        by_key = {tuple(r[k] for k in KEY): r for r in store.rows({
+            "dataset": sorted({k[0] for k in wanted}), "method": sorted({k[2] for k in wanted})})}
+        outcome.resumed_rows = [by_key[k] for k in reused]
+        old_rows = {k: by_key[k] for k in replaced}
+    else:
+        old_rows = {}
+    if on_row is not None:
+        for row in outcome.resumed_rows:
+            on_row({**row, "resumed": True})
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    total = len(reused) + sum(len(u.cells) for u in units)
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         disable=not progress, transient=False, console=Console(stderr=True),
     )
     with bar:
-        job = bar.add_task("benchmark", total=None)
-        total = 0
-        for name in datasets:
-            city = cities.get(name) or get_entry(name, data_dir).load()
-            tasks = [t for t in (plan.tasks or city.tasks) if t in city.tasks]
-            for t in plan.tasks or ():
-                if t not in city.tasks:
-                    outcome.skipped.append(f"{name}: no task {t!r} (it has {', '.join(city.tasks)})")
-            protocols = list(plan.protocols)
-            if "spatial" in protocols and not city.has_locations:
-                protocols.remove("spatial")
-                outcome.skipped.append(f"{name}: spatial protocol skipped (no region locations)")
-            for spec in methods:
-                reason = spec.unavailable_reason(city)
-                if reason:
-                    outcome.skipped.append(f"{name}: {reason}")
-                    continue
-                seeds = list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]
-                for seed in seeds:
-                    cells = [(t, p) for t in tasks for p in protocols]
-                    todo = [(t, p) for t, p in cells
-                            if (name, t, spec.name, spec.config_hash, p, int(seed)) not in done]
-                    total += len(cells)
-                    outcome.n_resumed += len(cells) - len(todo)
-                    bar.update(job, total=total, advance=len(cells) - len(todo))
-                    if not todo:
-                        continue
-                    bar.update(job, description=f"{name} {spec.name} seed {seed}")
-                    t0 = time.perf_counter()
-                    embedder = spec.build(random_state=int(seed))
-                    embedding = embedder.fit_transform(city)
-                    embed_seconds = time.perf_counter() - t0
-                    candidates = getattr(embedder, "candidates_", None)
-                    if on_embedding is not None:
-                        on_embedding(city, spec, int(seed), embedder)
-                    for task, protocol in todo:
-                        try:
-                            result = evaluate_embedding(city, embedding, task, protocol, spec.head, int(seed),
-                                                        candidates=candidates)
-                        except MethodUnavailableError as err:
-                            outcome.skipped.append(f"{name}: {err}")
-                            bar.advance(job)
-                            continue
-                        row = result_row(city, spec, int(seed), result, embed_seconds)
-                        if store is not None:
-                            store.add(row)
-                        outcome.rows.append(row)
-                        if on_row is not None:
-                            on_row(row)
-                        bar.advance(job)
+        job = bar.add_task(f"benchmark ({executor.name})", total=total, completed=len(reused))
+        for unit, rows, unit_skipped in executor.run(units, cities, on_embedding=on_embedding):
+            if store is not None:
+                store.put(rows)  # one transaction per unit: a killed run keeps every finished unit
+            outcome.skipped += unit_skipped
+            for row in rows:
+                key = tuple(row[k] for k in KEY)
+                if key in old_rows:
+                    outcome.recomputed.append((old_rows[key], row))
+                outcome.rows.append(row)
+                if on_row is not None:
+                    on_row({**row, "resumed": False})
+            bar.update(job, advance=len(unit.cells), description=f"{unit.label} done ({executor.name})")
     outcome.wall_seconds = time.perf_counter() - start
     return outcome
 
 
+def describe_recomputed(outcome: BenchmarkOutcome) -> list[str]:
+    """One line per method whose stored rows were replaced: why, and how far R^2 moved."""
+    by_method: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for old, new in outcome.recomputed:
+        by_method.setdefault(new["method"], []).append((old, new))
+    lines = []
+    for method, pairs in sorted(by_method.items()):
+        failed = [p for p in pairs if p[0].get("status") == "failed"]
+        changed = [p for p in pairs if p[0].get("status") != "failed"]
+        if failed:
+            lines.append(f"{method}: {len(failed)} failed rows retried")
+        if not changed:
+            continue
+        modules: set[str] = set()
+        unknown = 0
+        for old, new in changed:
+            if not old.get("code_modules"):
+                unknown += 1
+            else:
+                current = CodeVersion(new["code_version"], new["code_modules"] or {})
+                modules.update(current.changed_modules(old["code_modules"]))
+        deltas = [abs(new["r2"] - old["r2"]) for old, new in changed
+                  if new.get("r2") is not None and old.get("r2") is not None]
+        why = ", ".join(m.removeprefix("urbanprofile.") for m in sorted(modules)) or "-"
+        if unknown:
+            why = (f"{why}; " if modules else "") + f"{unknown} rows recorded no code version"
+        moved = f"; R² moved by up to {max(deltas):.3f}" if deltas else ""
+        lines.append(f"{method}: {len(changed)} stored rows came from other code and were recomputed "
+                     f"(changed: {why}){moved}")
+    return lines
+
+
 def leaderboard(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Mean and standard deviation over seeds per (dataset, task, protocol, method), best R^2 first."""
+    """Mean and standard deviation over seeds per (dataset, task, protocol, method), best R^2 first.
+
+    Failed rows are left out (they carry no figures)."""
+    rows = [r for r in rows if r.get("status") != "failed"]
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)

@@ -1,4 +1,10 @@
-"""An embedded DuckDB results store: one row per (dataset, task, method, config, protocol, seed)."""
+"""An embedded DuckDB results store: one row per (dataset, task, method, config, protocol, seed).
+
+Each row records the version of the code that computed it (``code_version``, with per-module hashes in
+``code_modules``) and whether it succeeded (``status`` ``ok`` or ``failed``, with the one-line ``error``).
+The store's schema version is kept in a ``store_info`` table; an older store gains the columns it lacks when
+opened, a newer one is refused with a one-line error.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +42,15 @@ COLUMNS: dict[str, str] = {
     "fit_seconds": "DOUBLE",
     "package_version": "VARCHAR",
     "created_at": "TIMESTAMP",
+    "code_version": "VARCHAR",
+    "code_modules": "VARCHAR",
+    "status": "VARCHAR",
+    "error": "VARCHAR",
 }
-_JSON_COLUMNS = ("block_r2", "block_mae", "chosen")
+_JSON_COLUMNS = ("block_r2", "block_mae", "chosen", "code_modules")
+#: Version of the store layout. 1: the first layout (no ``store_info``); 2: code versions and failed rows.
+#: Opening an older store adds every column of :data:`COLUMNS` that it lacks (new columns are NULL there).
+SCHEMA_VERSION = 2
 
 
 class ResultStore:
@@ -48,17 +61,57 @@ class ResultStore:
         path: The ``.duckdb`` file (created with its folder if needed).
     """
 
-    def __init__(self, path: str | Path = DEFAULT_STORE) -> None:
+    def __init__(self, path: str | Path = DEFAULT_STORE, read_only: bool = False) -> None:
         import duckdb
 
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.path.is_file():
+            raise DataError(f"{self.path}: no results store there (run `urbanprofile benchmark --store {self.path}`)")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._con = duckdb.connect(str(self.path))
+            self._con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.Error as err:
-            raise DataError(f"{self.path}: cannot open the results store ({str(err).splitlines()[0]})") from None
+            raise DataError(_open_error(self.path, err)) from None
+        try:
+            self._check_schema(read_only)
+        except BaseException:
+            self._con.close()
+            raise
+
+    def _check_schema(self, read_only: bool) -> None:
+        tables = {r[0] for r in self._con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        version = 1 if "results" in tables else SCHEMA_VERSION
+        if "store_info" in tables:
+            found = self._con.execute("SELECT value FROM store_info WHERE key = 'schema_version'").fetchone()
+            version = int(found[0]) if found else version
+        if version > SCHEMA_VERSION:
+            raise DataError(f"{self.path}: written by a newer urbanprofile (store schema {version}; this one reads "
+                            f"up to {SCHEMA_VERSION}): upgrade urbanprofile or use another --store")
+        if "results" in tables:
+            present = {r[0] for r in self._con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'results'").fetchall()}
+            lacking = [k for k in KEY if k not in present]
+            if lacking:
+                raise DataError(f"{self.path}: not a results store (table 'results' has no column {lacking[0]!r})")
+            missing = [name for name in COLUMNS if name not in present]
+        elif read_only:
+            raise DataError(f"{self.path}: not a results store (no table 'results')")
+        else:
+            missing = []
+        if read_only:
+            if missing or version < SCHEMA_VERSION:
+                raise DataError(f"{self.path}: store schema {version} needs upgrading to {SCHEMA_VERSION}: run "
+                                "`urbanprofile benchmark` on it once (it migrates in place)")
+            return
+        self._con.execute("BEGIN TRANSACTION")
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         self._con.execute(f"CREATE TABLE IF NOT EXISTS results ({columns}, PRIMARY KEY ({', '.join(KEY)}))")
+        for name in missing:  # migration from an older layout: new columns, NULL in old rows
+            self._con.execute(f"ALTER TABLE results ADD COLUMN {name} {COLUMNS[name]}")
+        self._con.execute("CREATE TABLE IF NOT EXISTS store_info (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        self._con.execute("INSERT OR REPLACE INTO store_info VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        self._con.execute("COMMIT")
 
     def close(self) -> None:
         self._con.close()
@@ -73,6 +126,11 @@ class ResultStore:
         """Keys of the rows already stored."""
         rows = self._con.execute(f"SELECT {', '.join(KEY)} FROM results").fetchall()
         return {tuple(r) for r in rows}
+
+    def stored(self) -> dict[tuple[Any, ...], tuple[str | None, str | None]]:
+        """``(code_version, status)`` of every stored row by key (``None`` in rows of an older store)."""
+        rows = self._con.execute(f"SELECT {', '.join(KEY)}, code_version, status FROM results").fetchall()
+        return {tuple(r[: len(KEY)]): (r[len(KEY)], r[len(KEY) + 1]) for r in rows}
 
     def add(self, row: dict[str, Any]) -> bool:
         """Insert one result in its own transaction; returns False if its key was already stored."""
@@ -93,6 +151,24 @@ class ResultStore:
             self._con.execute("ROLLBACK")
             raise
         return True
+
+    def put(self, rows: list[dict[str, Any]]) -> None:
+        """Write the rows of one finished unit in one transaction, replacing stored rows of the same keys
+        (a failed row, or one computed by other code)."""
+        if not rows:
+            return
+        where = " AND ".join(f"{k} = ?" for k in KEY)
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        self._con.execute("BEGIN TRANSACTION")
+        try:
+            for row in rows:
+                self._con.execute(f"DELETE FROM results WHERE {where}", [row[k] for k in KEY])
+                self._con.execute(f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                                  [_to_sql(name, row.get(name)) for name in COLUMNS])
+            self._con.execute("COMMIT")
+        except Exception:
+            self._con.execute("ROLLBACK")
+            raise
 
     def rows(self, where: dict[str, Iterable[Any]] | None = None) -> list[dict[str, Any]]:
         """Stored rows, optionally filtered (``{"dataset": ["hafusion-nyc"], ...}``)."""
@@ -116,6 +192,21 @@ class ResultStore:
             row["created_at"] = str(row["created_at"])
             out.append(row)
         return out
+
+
+def _open_error(path: Path, err: Exception) -> str:
+    """One line for a store that cannot be opened: locked by another process, another format, or unreadable."""
+    import re
+
+    message = str(err)
+    if "lock" in message.lower():
+        pid = re.search(r"PID (\d+)", message)
+        holder = f" (PID {pid.group(1)})" if pid else ""
+        return (f"{path}: the results store is in use by another process{holder}; wait for it to finish "
+                "or use another --store")
+    if "version" in message.lower() or "serialization" in message.lower():
+        return f"{path}: written by another DuckDB storage version ({message.splitlines()[0]}); use another --store"
+    return f"{path}: cannot open the results store ({message.splitlines()[0]})"
 
 
 def _to_sql(name: str, value: Any) -> Any:

@@ -629,8 +629,9 @@ def trip_columns(columns: Iterable[object], where: str = "trips") -> list[str]:
                 if re.fullmatch(rf"(?:{ends}){infix}{alias}", key):
                     found.setdefault((end, role), []).append(name)
                     break
-    for roles in (("lon", "lat"), ("id",)):
-        slots = [(end, role) for end in ("o", "d") for role in roles]
+    role_sets: tuple[tuple[str, ...], ...] = (("lon", "lat"), ("id",))
+    for wanted in role_sets:
+        slots = [(end, role) for end in ("o", "d") for role in wanted]
         if all(slot in found for slot in slots):
             for slot in slots:
                 if len(found[slot]) > 1:

@@ -1,0 +1,131 @@
+"""The version of a method's code: a hash of the source of every urbanprofile module its result depends on.
+
+A stored result is reused only when it was computed by the same code. The modules a method depends on are
+found statically: its factory module, the evaluation code that probes every embedding, and every
+``urbanprofile`` module they import (at any depth, also inside functions). ``from package import Name`` is
+followed to the submodule that defines ``Name`` when the package re-exports it, so that a change to, say,
+the dataset builder does not invalidate results of methods that only use ``CityData``.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Modules whose code shapes every row, whatever the method: protocols, probes, metrics, spatial blocks.
+EVALUATION_MODULES = ("urbanprofile.evaluation.protocols",)
+_PACKAGE = "urbanprofile"
+
+
+@dataclass(frozen=True)
+class CodeVersion:
+    """A short hash over module source hashes, and the per-module hashes (to say what changed)."""
+
+    version: str
+    modules: dict[str, str]
+
+    def changed_modules(self, other: dict[str, str] | None) -> list[str]:
+        """Modules whose source differs from (or is missing in) ``other``."""
+        other = other or {}
+        names = set(self.modules) | set(other)
+        return sorted(n for n in names if self.modules.get(n) != other.get(n))
+
+
+@functools.cache
+def _source(module: str) -> tuple[Path, str] | None:
+    """The file and text of an ``urbanprofile`` module, found on disk (importing it could pull in torch)."""
+    parts = module.split(".")
+    if parts[0] != _PACKAGE:
+        return None
+    base = Path(__file__).resolve().parents[1].joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path, path.read_text(encoding="utf-8")
+    return None
+
+
+def _is_package(module: str) -> bool:
+    found = _source(module)
+    return found is not None and found[0].name == "__init__.py"
+
+
+@functools.cache
+def _imports(module: str) -> tuple[str, ...]:
+    """The ``urbanprofile`` modules that ``module`` imports (resolved to the defining submodule)."""
+    found = _source(module)
+    if found is None:
+        return ()
+    path, text = found
+    tree = ast.parse(text, filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [alias.name for alias in node.names if alias.name.split(".")[0] == _PACKAGE]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            if base.split(".")[0] != _PACKAGE:
+                continue
+            for alias in node.names:
+                out.append(_defining_module(base, alias.name))
+    return tuple(dict.fromkeys(out))
+
+
+def _defining_module(base: str, name: str) -> str:
+    """Where ``from base import name`` gets ``name``: a submodule, the module a package re-exports it from,
+    or ``base`` itself."""
+    if _source(f"{base}.{name}") is not None:
+        return f"{base}.{name}"
+    if _is_package(base):
+        found = _source(base)
+        assert found is not None
+        for node in ast.walk(ast.parse(found[1])):
+            if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+                target = node.module or ""
+                if node.level:
+                    parts = base.split(".")
+                    parent = ".".join(parts[: len(parts) - node.level + 1])
+                    target = f"{parent}.{target}" if target else parent
+                if target.split(".")[0] == _PACKAGE:
+                    return _defining_module(target, name) if _is_package(target) else target
+    return base
+
+
+def module_closure(roots: tuple[str, ...]) -> list[str]:
+    """Every ``urbanprofile`` module reachable by imports from ``roots`` (sorted)."""
+    seen: set[str] = set()
+    stack = [r for r in roots if r.split(".")[0] == _PACKAGE]
+    while stack:
+        module = stack.pop()
+        if module in seen or _source(module) is None:
+            continue
+        seen.add(module)
+        stack += [m for m in _imports(module) if m not in seen]
+    return sorted(seen)
+
+
+@functools.cache
+def code_version(factory: str) -> CodeVersion:
+    """The code version of a method built by ``factory`` (``"module:Class"``) and evaluated by the protocols.
+
+    Args:
+        factory: The method's factory, as in :class:`urbanprofile.methods.MethodSpec`.
+
+    Returns:
+        A 12-hex-digit version and the source hash of each module it covers.
+    """
+    module = factory.partition(":")[0]
+    modules = {}
+    for name in module_closure((module, *EVALUATION_MODULES)):
+        found = _source(name)
+        assert found is not None
+        modules[name] = hashlib.sha1(found[1].encode()).hexdigest()[:12]
+    digest = hashlib.sha1("".join(f"{k}={v};" for k, v in sorted(modules.items())).encode()).hexdigest()[:12]
+    return CodeVersion(digest, modules)

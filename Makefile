@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint bench bench-embedders bench-build clean
+.PHONY: install test lint bench bench-embedders bench-build bench-scale-out clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,build,maps]'
+	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +32,10 @@ bench-embedders: $(STAMP)
 
 bench-build: $(STAMP)
 	$(BIN)/python benchmarks/build_city.py
+
+# Serial vs 2 local worker processes vs a local Ray instance on one grid (~20 min on 2 shared cores).
+bench-scale-out: $(STAMP)
+	$(BIN)/python benchmarks/scale_out.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

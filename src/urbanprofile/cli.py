@@ -265,6 +265,24 @@ def benchmark(
     )
 
 
+@app.command()
+def report(
+    store_path: Annotated[Path, typer.Option("--store", help="DuckDB results store to report on.")] = Path(
+        "results/urbanprofile.duckdb"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for index.html.")] = Path("report"),
+    no_maps: Annotated[bool, typer.Option("--no-maps", help="Leave out the per-block maps (needs no data).")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Write a static, self-contained HTML report of a results store (leaderboards, bias, seeds, maps)."""
+    from urbanprofile.report.html import write_report
+
+    with err.status(f"writing the report of {store_path}"):
+        written = write_report(store_path, out_dir, data_dir=data_dir, with_maps=not no_maps)
+    for note in written.notes:
+        err.print(f"note: {note}")
+    err.print(f"wrote {written.path} ({written.n_rows} rows, {written.n_datasets} datasets, {written.maps} maps)")
+
+
 # -- build and map -----------------------------------------------------------------------------------
 def _opt(help_text: str) -> Any:
     return typer.Option(help=help_text, show_default=False)

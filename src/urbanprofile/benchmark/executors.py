@@ -257,6 +257,9 @@ def make_executor(kind: str = "serial", jobs: int | None = None, address: str | 
     if address is not None and kind != "ray":
         raise UrbanProfileError("--address needs --executor ray")
     if kind == "ray":
+        require("ray", "ray")  # fail before any data is read
+        if address not in (None, "auto"):
+            check_ray_address(str(address))
         return RayExecutor(address=address, retries=retries, num_cpus=jobs)
     if kind == "processes" or (jobs is not None and jobs > 1):
         return ProcessExecutor(jobs=jobs or 2, retries=retries)

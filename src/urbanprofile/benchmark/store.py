@@ -74,6 +74,7 @@ class ResultStore:
         except duckdb.Error as err:
             raise DataError(_open_error(self.path, err)) from None
         try:
+            self._absent: set[str] = set()
             self._check_schema(read_only)
         except BaseException:
             self._con.close()
@@ -99,10 +100,8 @@ class ResultStore:
             raise DataError(f"{self.path}: not a results store (no table 'results')")
         else:
             missing = []
-        if read_only:
-            if missing or version < SCHEMA_VERSION:
-                raise DataError(f"{self.path}: store schema {version} needs upgrading to {SCHEMA_VERSION}: run "
-                                "`urbanprofile benchmark` on it once (it migrates in place)")
+        self._absent = set(missing)
+        if read_only:  # an older store is read as it is: its missing columns read as NULL
             return
         self._con.execute("BEGIN TRANSACTION")
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
@@ -112,6 +111,7 @@ class ResultStore:
         self._con.execute("CREATE TABLE IF NOT EXISTS store_info (key VARCHAR PRIMARY KEY, value VARCHAR)")
         self._con.execute("INSERT OR REPLACE INTO store_info VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         self._con.execute("COMMIT")
+        self._absent = set()
 
     def close(self) -> None:
         self._con.close()
@@ -172,7 +172,7 @@ class ResultStore:
 
     def rows(self, where: dict[str, Iterable[Any]] | None = None) -> list[dict[str, Any]]:
         """Stored rows, optionally filtered (``{"dataset": ["hafusion-nyc"], ...}``)."""
-        sql = f"SELECT {', '.join(COLUMNS)} FROM results"
+        sql = "SELECT " + ", ".join("NULL" if c in self._absent else c for c in COLUMNS) + " FROM results"
         params: list[Any] = []
         clauses = []
         for column, allowed in (where or {}).items():

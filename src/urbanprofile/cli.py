@@ -203,6 +203,10 @@ def evaluate(
                             on_row=_print_rows_json if as_json else None)
     if not outcome.rows and outcome.skipped:
         raise UrbanProfileError(outcome.skipped[0])
+    if outcome.failed and len(outcome.failed) == len(outcome.rows):
+        raise UrbanProfileError(f"{method} on {name} failed: {outcome.failed[0]['error']}")
+    for row in outcome.failed:
+        err.print(f"failed: {row['task']} {row['protocol']} seed {row['seed']}: {row['error']}")
     for line in outcome.skipped:
         err.print(f"skipped: {line}")
     if not as_json and outcome.rows:

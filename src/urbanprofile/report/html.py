@@ -141,7 +141,7 @@ def _block_colour(value: float) -> str:
     return str(colors.to_hex(colormaps["RdBu"]((min(max(value, -1.0), 1.0) + 1) / 2)))
 
 
-def block_map_svg(city: Any, block_r2: dict[str, float], title: str, width: float = 330.0) -> str:
+def block_map_svg(city: Any, block_r2: dict[str, float], title: str, width: float = 300.0) -> str:
     """Regions coloured by the R^2 of the spatial bias block they lie in (mean over seeds)."""
     from urbanprofile.evaluation.protocols import N_BIAS_BLOCKS
     from urbanprofile.evaluation.spatial import spatial_blocks
@@ -167,7 +167,7 @@ def _legend_svg() -> str:
     stops = "".join(f'<stop offset="{k / 10:.1f}" stop-color="{_block_colour(-1 + k / 5)}"/>' for k in range(11))
     return ('<svg width="230" height="34" role="img" aria-label="block R² colour scale"><defs>'
             f'<linearGradient id="r2scale">{stops}</linearGradient></defs><rect x="8" y="2" width="214" height="10" '
-            'fill="url(#r2scale)"/><text x="8" y="26" class="tick" text-anchor="start">≤ −1</text>'
+            'fill="url(#r2scale)"/><text x="2" y="26" class="tick" text-anchor="start">≤ −1</text>'
             '<text x="115" y="26" class="tick">block R² 0</text>'
             '<text x="222" y="26" class="tick" text-anchor="end">1</text></svg>')
 
@@ -241,7 +241,8 @@ def _glance(board: pd.DataFrame) -> tuple[str, str]:
             gap = f'<td class="num {"pos" if delta > 0 else "neg"}">{delta:+.3f}</td>'
         else:
             gap = "<td>–</td>"
-        pub = "<br>".join(f"{esc(k)} {v:.3f}{'†' if k in TEST_SELECTED else ''}" for k, v in published.items()) or "–"
+        pub = "<br>".join(f"<span>{esc(k)} {v:.3f}{'†' if k in TEST_SELECTED else ''}</span>"
+                          for k, v in published.items()) or "–"
         worst = _f(spatial["worst_block_r2_mean"]) if spatial else "–"
         anchor = f"{dataset}-{task}"
         rows.append(
@@ -274,7 +275,7 @@ table { border-collapse: collapse; background: #fff; margin: 6px 0 12px; }
 th, td { padding: 3px 8px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: middle; }
 th { font-weight: 600; font-size: 12px; color: #333; background: #f1f1ef; white-space: nowrap; }
 td.num, span.num { font-variant-numeric: tabular-nums; text-align: right; white-space: nowrap; }
-table.glance td { white-space: nowrap; } table.glance td.pub { white-space: normal; max-width: 220px; }
+table.glance td { white-space: nowrap; }
 table.glance th { white-space: normal; vertical-align: bottom; }
 table.glance .who { color: var(--muted); font-size: 12px; }
 td.pos { color: #0a7d32; } td.neg { color: #b3261e; }
@@ -293,7 +294,8 @@ svg text { font: 11px system-ui, sans-serif; fill: #333; }
 svg text.label { text-anchor: end; }
 svg text.tick { text-anchor: middle; fill: #777; font-size: 10px; }
 svg text.legend { font-size: 11px; fill: #444; }
-figure.map { margin: 0; } figure.map figcaption { font-size: 12px; color: #333; max-width: 340px; }
+.maps { display: grid; grid-template-columns: repeat(2, 312px); gap: 14px; }
+figure.map { margin: 0; } figure.map figcaption { font-size: 12px; color: #333; max-width: 310px; }
 nav { font-size: 12.5px; margin: 8px 0; color: var(--muted); } nav a { margin-right: 10px; }
 footer { color: var(--muted); font-size: 12px; margin-top: 30px; }
 a { color: #1f5fa0; text-decoration: none; } a:hover { text-decoration: underline; }
@@ -373,7 +375,7 @@ def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | 
                     figures.append(block_map_svg(city, _mean_blocks(picked), title))
                     n_maps += 1
                 if figures:
-                    maps = ('<div><h4 class="note">R² per spatial block (5 k-means blocks)</h4><div class="grid">'
+                    maps = ('<div><h4 class="note">R² per spatial block (5 k-means blocks)</h4><div class="maps">'
                             + "".join(figures) + f"</div>{_legend_svg()}</div>")
             sections.append(
                 f'<h3 id="{esc(dataset)}-{esc(str(task))}">{esc(dataset)} · {esc(str(task))} '
@@ -385,10 +387,9 @@ def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | 
         items = "".join(f"<li>{esc(r['dataset'])} · {esc(r['task'])} · {esc(r['method'])} · {esc(r['protocol'])} "
                         f"seed {r['seed']}: {esc(str(r.get('error')))}</li>" for r in failed)
         failed_html = f"<h2>Failed units ({len(failed)} rows)</h2><ul>{items}</ul>"
-    versions = sorted({str(r.get("code_version")) for r in ok})
     seeds_used = sorted({int(r["seed"]) for r in ok})
     meta = (f"{len(ok)} results · {len(datasets)} datasets · {len(set(frame['method']))} methods · seeds "
-            f"{', '.join(map(str, seeds_used))} · {len(versions)} code version(s) · "
+            f"{', '.join(map(str, seeds_used))} · "
             f"generated {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
     notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
     page = f"""<!DOCTYPE html>

@@ -173,3 +173,15 @@ def test_image_tower_alignment_scores_matched_pairs_above_mismatched() -> None:
     matched = clip_score(iv, tv).mean()
     mismatched = clip_score(iv, np.roll(tv, 1, axis=0)).mean()
     assert matched > mismatched + 0.3
+
+
+def test_caption_cut_and_token_spacing() -> None:
+    from urbanprofile.embedders.urbanvlp_inputs import evenly_spaced_tokens, truncate_words
+
+    assert truncate_words("a b c d e", 3) == "a b c"
+    assert truncate_words("a b", 3) == "a b"
+    assert truncate_words("a b c", None) == "a b c"
+    tokens = np.arange(10)[:, None] * np.ones((1, 2))
+    kept = evenly_spaced_tokens(tokens, 4)
+    assert kept[:, 0].tolist() == [0, 3, 6, 9]
+    assert evenly_spaced_tokens(tokens[:3], 4).shape == (3, 2)

@@ -115,6 +115,10 @@ _BUILTIN = [
                {"n_layers": 5, "lr": 2e-4, "spatial_weight": 0.4}, requires_views=_ALL, stochastic=True,
                family="ToPT (SREL)",
                description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4"),
+    MethodSpec("urbanvlp", "urbanprofile.embedders.urbanvlp:UrbanVLPEmbedder", {}, needs_locations=True,
+               stochastic=True, family="UrbanVLP (AAAI 2025)",
+               description="tile + street-view branches fused, CLIP loss to tile captions, token loss to "
+                           "street-view captions; frozen encoders (needs tile captions)"),
 ]
 
 _REGISTRY: dict[str, MethodSpec] = {}

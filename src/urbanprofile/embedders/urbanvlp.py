@@ -380,7 +380,7 @@ class UrbanVLPEmbedder(Embedder):
         d: int = 64,
         epochs: int = 30,
         batch_size: int = 256,
-        token_batch: int = 256,
+        token_batch: int = 128,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         alpha: float = 1.0,

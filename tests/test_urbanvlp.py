@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -185,3 +186,49 @@ def test_caption_cut_and_token_spacing() -> None:
     kept = evenly_spaced_tokens(tokens, 4)
     assert kept[:, 0].tolist() == [0, 3, 6, 9]
     assert evenly_spaced_tokens(tokens[:3], 4).shape == (3, 2)
+
+
+def test_inputs_from_a_city_skip_and_report_bad_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real frozen encoders on a six-tile city: a corrupt photo and a tile without caption are reported."""
+    pytest.importorskip("transformers")
+    Image = pytest.importorskip("PIL.Image")
+    import geopandas as gpd
+
+    from urbanprofile.data.city import CityData
+    from urbanprofile.embedders.urbanvlp_inputs import vlp_inputs_from_city
+
+    monkeypatch.setenv("URBANPROFILE_CACHE", str(tmp_path / "cache"))
+    ids = pd.Index([f"16_1_{k}" for k in range(6)], name="region_id")
+    lon, lat = 116.3 + 0.01 * np.arange(6), np.full(6, 39.9)
+    regions = gpd.GeoDataFrame({"lon": lon, "lat": lat}, index=ids, geometry=gpd.points_from_xy(lon, lat),
+                               crs="EPSG:4326")
+    good, corrupt, photo = tmp_path / "good.jpg", tmp_path / "bad.jpg", tmp_path / "sv.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    Image.fromarray(np.full((48, 48, 3), 90, np.uint8)).save(photo)
+    corrupt.write_bytes(b"not a jpeg")
+    words = ["dense residential blocks", "a factory with trucks", "farmland and a river", "a park", "a rail yard"]
+    modalities = {
+        "tile_caption": pd.DataFrame({"region_id": [ids[k % 5] for k in range(10)],
+                                      "text": [f"The tile shows {words[k % 5]}." for k in range(10)]}),
+        "tile_image": pd.DataFrame({"region_id": [ids[0], ids[1]], "image": [str(good), str(corrupt)]}),
+        "streetview_caption": pd.DataFrame({
+            "region_id": [ids[0], ids[0], ids[2], ids[5]], "item": ["a", "b", "c", "d"],
+            "text": ["A street lined with shops and bicycles " * 8, "Trees and a bus stop.", "A gate.", "A wall."],
+            "lon": lon[[0, 0, 2, 5]] + 0.001, "lat": lat[[0, 0, 2, 5]]}),
+        "streetview_image": pd.DataFrame({"region_id": [ids[2]], "image": [str(photo)], "item": ["c"],
+                                          "lon": [lon[2] + 0.001], "lat": [lat[2]]}),
+    }
+    city = CityData(name="tiny", regions=regions, targets=pd.DataFrame(index=ids), modalities=modalities)
+    inputs = vlp_inputs_from_city(city, max_tokens=8, max_words=16, progress=False)
+    assert inputs.has_tile_text.tolist() == [True] * 5 + [False]
+    assert inputs.has_tile_image is not None and inputs.has_tile_image.tolist() == [True] + [False] * 5
+    assert any("1 tile photo(s) skipped as unreadable" in note for note in inputs.notes)
+    assert any("1 of 6 tiles have no caption" in note for note in inputs.notes)
+    assert any("1 of 4 street-view captions encoded from their first 16 words" in n for n in inputs.notes)
+    assert inputs.item_token_mask is not None and inputs.item_token_mask.shape == (4, 8)
+    assert inputs.item_token_mask[0].all() and not inputs.item_token_mask[3].all()
+    assert inputs.has_item_image is not None and inputs.has_item_image.tolist() == [False, False, True, False]
+    np.testing.assert_allclose(np.linalg.norm(inputs.tile_text[:5], axis=1), 1.0, rtol=1e-5)
+    model = UrbanVLPEmbedder(d=8, epochs=2, batch_size=4, random_state=0).fit_inputs(inputs)
+    emb = model.transform_inputs(inputs)
+    assert emb.shape == (6, 40) and np.isfinite(emb.to_numpy()).all()

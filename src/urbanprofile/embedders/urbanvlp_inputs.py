@@ -34,6 +34,19 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return np.asarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
+def _by_length(texts: list[str]) -> np.ndarray:
+    """An order of ``texts`` from shortest to longest: batches of similar length pad less."""
+    return np.argsort([len(t) for t in texts], kind="stable")
+
+
+def encode_sentences(encoder: Any, texts: list[str], progress: bool = True) -> np.ndarray:
+    """Sentence vectors in the order of ``texts``, encoded shortest first (cached per text)."""
+    order = _by_length(texts)
+    out = np.empty((len(texts), encoder.dim), dtype=np.float32)
+    out[order] = encoder.encode([texts[k] for k in order], progress=progress)
+    return out
+
+
 def truncate_words(text: str, max_words: int | None) -> str:
     """The first ``max_words`` words of ``text`` (all of it when ``None``)."""
     if max_words is None:
@@ -100,7 +113,7 @@ def vlp_inputs_from_city(
 
     # Tile captions: the mean sentence vector of each tile.
     captions = city.modalities["tile_caption"]
-    sentence = text_encoder.encode(captions["text"].astype(str).tolist(), progress=progress)
+    sentence = encode_sentences(text_encoder, captions["text"].astype(str).tolist(), progress=progress)
     rows = position.loc[captions["region_id"]].to_numpy()
     tile_text = np.zeros((n, sentence.shape[1]), dtype=np.float32)
     np.add.at(tile_text, rows, sentence)
@@ -198,10 +211,11 @@ def _add_streetview(
         token_array = np.zeros((m, max_tokens, text_encoder.dim), dtype=np.float16)
         token_mask = np.zeros((m, max_tokens), dtype=bool)
         rows = np.flatnonzero(has_text)
+        order = _by_length(texts)
         for start in range(0, len(rows), TOKEN_CHUNK):
-            chunk = rows[start:start + TOKEN_CHUNK]
-            blocks = text_encoder.encode_tokens(texts[start:start + TOKEN_CHUNK], progress=progress)
-            for row, block in zip(chunk, blocks, strict=True):
+            chunk = order[start:start + TOKEN_CHUNK]
+            blocks = text_encoder.encode_tokens([texts[k] for k in chunk], progress=progress)
+            for row, block in zip(rows[chunk], blocks, strict=True):
                 item_text[row] = block.mean(axis=0)
                 kept_tokens = evenly_spaced_tokens(block, max_tokens)
                 token_array[row, :len(kept_tokens)] = kept_tokens

@@ -318,6 +318,10 @@ def main() -> int:
         raise UrbanProfileError(f"unknown part {unknown[0]!r}; valid: {', '.join(PARTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
+    # One BLAS thread too: on shared cores a multi-threaded OpenBLAS made each Ridge SVD ~60x slower.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     params = urbanvlp_params()
     if args.epochs is not None:

@@ -207,8 +207,8 @@ class UrbanVLPNetwork(nn.Module):
         """The macro, micro and location branch vectors of a batch of regions, and their fusion."""
         b = batch.n_regions
         macro = self.no_image.expand(b, -1)
-        if batch.tile_image is not None and batch.has_tile_image is not None and bool(batch.has_tile_image.any()):
-            macro = torch.where(batch.has_tile_image[:, None], self.encode_image(batch.tile_image), macro)
+        if batch.tile_image is not None and batch.has_tile_image is not None:
+            macro = _fill_rows(macro, batch.has_tile_image, batch.tile_image, self.encode_image)
         d = self.d
         location_sum = self.location(batch.tile_location)
         location_count = torch.ones(b, 1)
@@ -216,9 +216,9 @@ class UrbanVLPNetwork(nn.Module):
         if batch.item_region.numel():
             content = torch.zeros(batch.item_region.numel(), d)
             if batch.item_text is not None and batch.has_item_text is not None:
-                content = torch.where(batch.has_item_text[:, None], self.encode_text(batch.item_text), content)
-            if batch.item_image is not None and batch.has_item_image is not None and bool(batch.has_item_image.any()):
-                content = torch.where(batch.has_item_image[:, None], self.encode_image(batch.item_image), content)
+                content = _fill_rows(content, batch.has_item_text, batch.item_text, self.encode_text)
+            if batch.item_image is not None and batch.has_item_image is not None:
+                content = _fill_rows(content, batch.has_item_image, batch.item_image, self.encode_image)
             count = torch.zeros(b, 1).index_add_(0, batch.item_region, torch.ones(len(batch.item_region), 1))
             summed = torch.zeros(b, d).index_add_(0, batch.item_region, content)
             micro = torch.where(count > 0, summed / count.clamp(min=1), micro)
@@ -234,9 +234,21 @@ class UrbanVLPNetwork(nn.Module):
         tokens = [self.location(batch.item_location[items])]
         masks = [torch.ones(len(items), dtype=torch.bool)]
         if batch.item_image is not None and batch.has_item_image is not None and self.image is not None:
-            tokens.append(self.encode_image(batch.item_image[items]))
-            masks.append(batch.has_item_image[items])
+            has_photo = batch.has_item_image[items]
+            if bool(has_photo.any()):
+                photo = _fill_rows(torch.zeros_like(tokens[0]), has_photo, batch.item_image[items], self.encode_image)
+                tokens.append(photo)
+                masks.append(has_photo)
         return torch.stack(tokens, dim=1), torch.stack(masks, dim=1)
+
+
+def _fill_rows(base: torch.Tensor, mask: torch.Tensor, features: torch.Tensor,
+               encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``base`` with the rows under ``mask`` replaced by ``encode(features[mask])`` (only those are encoded)."""
+    rows = torch.nonzero(mask, as_tuple=True)[0]
+    if not len(rows):
+        return base
+    return base.index_put((rows,), encode(features[rows]))
 
 
 @dataclass
@@ -378,7 +390,7 @@ class UrbanVLPEmbedder(Embedder):
     def __init__(
         self,
         d: int = 64,
-        epochs: int = 30,
+        epochs: int = 20,
         batch_size: int = 256,
         token_batch: int = 128,
         lr: float = 1e-3,

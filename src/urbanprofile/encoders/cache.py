@@ -28,6 +28,8 @@ from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import DataError
 
 ENV_VAR = "URBANPROFILE_CACHE"
+#: Items encoded between two shard writes.
+FLUSH_EVERY = 2048
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -208,6 +210,9 @@ def _cached_blocks(
     new_keys: list[bytes] = []
     new_blocks: list[np.ndarray] = []
     for batch in _batches(unique, batch_size, progress, name):
+        if store is not None and len(new_keys) >= FLUSH_EVERY:  # a long run interrupted keeps its work
+            store.put(new_keys, new_blocks)
+            new_keys, new_blocks = [], []
         out = encode_batch([items[i] for i in batch])
         parts = list(out) if ragged else [np.asarray(out)[j : j + 1] for j in range(len(batch))]
         for i, part in zip(batch, parts, strict=True):

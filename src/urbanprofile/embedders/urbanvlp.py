@@ -389,7 +389,7 @@ class UrbanVLPEmbedder(Embedder):
 
     def __init__(
         self,
-        d: int = 64,
+        d: int = 32,
         epochs: int = 20,
         batch_size: int = 256,
         token_batch: int = 128,

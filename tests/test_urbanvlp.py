@@ -229,6 +229,6 @@ def test_inputs_from_a_city_skip_and_report_bad_items(tmp_path: Path, monkeypatc
     assert inputs.item_token_mask[0].all() and not inputs.item_token_mask[3].all()
     assert inputs.has_item_image is not None and inputs.has_item_image.tolist() == [False, False, True, False]
     np.testing.assert_allclose(np.linalg.norm(inputs.tile_text[:5], axis=1), 1.0, rtol=1e-5)
-    model = UrbanVLPEmbedder(d=8, epochs=2, batch_size=4, random_state=0).fit_inputs(inputs)
-    emb = model.transform_inputs(inputs)
+    model = UrbanVLPEmbedder(d=8, epochs=2, batch_size=4, max_tokens=8, random_state=0).fit(city)
+    emb = model.transform(city)
     assert emb.shape == (6, 40) and np.isfinite(emb.to_numpy()).all()

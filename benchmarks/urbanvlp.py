@@ -109,6 +109,8 @@ def pretrain(inputs: VLPInputs, seed: int, params: dict[str, Any]) -> tuple[Urba
 def result_row(city: CityData, method: str, seed: int, task: str, protocol: str, emb: pd.DataFrame,
                head: str = "ridge", **extra: Any) -> dict[str, Any]:
     res = evaluate_embedding(city, emb, task=task, protocol=protocol, head=head, random_state=seed)
+    if city.meta.get("task_scale", {}).get(task) == "log1p":  # also on the labels' own scale
+        extra["r2_raw_scale"] = regression_metrics(np.expm1(res.y), np.expm1(res.pred))["r2"]
     return {"dataset": city.name, "method": method, "seed": seed, "task": task, "protocol": protocol,
             **{k: float(v) for k, v in res.metrics.items()}, "worst_block_r2": float(res.bias["worst_block_r2"]),
             "morans_i": float(res.bias["morans_i"]), **extra}
@@ -220,10 +222,14 @@ def part_houseprice(cache: Inputs, seeds: list[int], params: dict[str, Any]) -> 
         td_y = _labels(city, "houseprice")
         peer = city.regions.loc[td_y.index, column].to_numpy(dtype=float)
         scale = city.meta.get("task_scale", {}).get("houseprice", "raw")
-        peer = np.log1p(peer) if scale == "log1p" else peer
+        raw_y = np.expm1(td_y.to_numpy()) if scale == "log1p" else td_y.to_numpy()
+        n_negative = int((peer < 0).sum())
+        # Their predictions are in yuan/m2 and a few are negative: on the log scale those are clipped to 0.
+        log_peer = np.log1p(np.clip(peer, 0, None)) if scale == "log1p" else peer
         rows.append({"dataset": name, "method": "UrbanVLP's houseprice_predict (published)", "seed": 0,
                      "task": "houseprice", "protocol": "as published",
-                     **regression_metrics(td_y.to_numpy(), peer)})
+                     **regression_metrics(td_y.to_numpy(), log_peer),
+                     "r2_raw_scale": regression_metrics(raw_y, peer)["r2"], "n_negative_predictions": n_negative})
     sub_inputs = cache.get(name, params)
     for baseline in ("knn-location", "raw-location", "raw-poi", "tfidf-captions"):
         if baseline not in list_methods() or get_method(baseline).unavailable_reason(city):
@@ -293,18 +299,23 @@ def summarise(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    group = frame.groupby(["dataset", "task", "protocol", "method"], sort=True)["r2"]
-    out = group.agg(["mean", "std", "count"]).reset_index()
+    keys = ["dataset", "task", "protocol", "method"]
+    out = frame.groupby(keys, sort=True)["r2"].agg(["mean", "std", "count"]).reset_index()
+    if "r2_raw_scale" in frame:
+        raw = frame.groupby(keys, sort=True)["r2_raw_scale"].mean().rename("raw").reset_index()
+        out = out.merge(raw, on=keys)
     return out
 
 
 def markdown(frame: pd.DataFrame, title: str) -> str:
     if frame.empty:
         return f"## {title}\n\n(no rows)\n"
-    lines = [f"## {title}", "", "| dataset | task | protocol | method | R² | seeds |", "|---|---|---|---|---|---|"]
+    lines = [f"## {title}", "", "| dataset | task | protocol | method | R² | R² (labels' own scale) | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for r in frame.itertuples(index=False):
         std = f" ± {r.std:.3f}" if r.count > 1 and np.isfinite(r.std) else ""
-        lines.append(f"| {r.dataset} | {r.task} | {r.protocol} | {r.method} | {r.mean:.3f}{std} | {r.count} |")
+        raw = f"{r.raw:.3f}" if "raw" in frame and np.isfinite(r.raw) else "-"
+        lines.append(f"| {r.dataset} | {r.task} | {r.protocol} | {r.method} | {r.mean:.3f}{std} | {raw} | {r.count} |")
     return "\n".join(lines) + "\n"
 
 

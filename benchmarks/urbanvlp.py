@@ -50,7 +50,7 @@ CITIES = ("cityview-beijing", "cityview-guangzhou")
 TASKS = ("carbon", "population")
 PROTOCOLS = ("spatial", "nested")
 #: ``concat`` (the frozen outputs side by side, ~2,600-d) is left out here: its nested Ridge SVDs on 4,587 tiles
-#: take tens of minutes on the shared cores; UrbanFusion's benchmark reports it on CityView.
+#: take tens of minutes on the shared cores.
 BASELINES = ("knn-location", "raw-location", "tfidf-captions")
 
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint bench bench-embedders bench-build clean
+.PHONY: install test lint bench bench-embedders bench-build bench-urbanvlp clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench-embedders: $(STAMP)
 
 bench-build: $(STAMP)
 	$(BIN)/python benchmarks/build_city.py
+
+# UrbanVLP on CityView (~30 min with a warm encoder cache; the first encoding of the captions adds ~25 min).
+bench-urbanvlp: $(STAMP)
+	$(BIN)/python benchmarks/urbanvlp.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

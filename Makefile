@@ -5,13 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint bench bench-embedders bench-build bench-scale-out clean
+.PHONY: install test lint bench bench-embedders bench-build bench-scale-out bench-urbanvlp clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report]'
+	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal]'
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 geoclip==1.3.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +37,10 @@ bench-build: $(STAMP)
 # Serial vs 2 local worker processes vs a local Ray instance on one grid (~20 min on 2 shared cores).
 bench-scale-out: $(STAMP)
 	$(BIN)/python benchmarks/scale_out.py
+
+# UrbanVLP on CityView (~30 min with a warm encoder cache; the first encoding of the captions adds ~25 min).
+bench-urbanvlp: $(STAMP)
+	$(BIN)/python benchmarks/urbanvlp.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

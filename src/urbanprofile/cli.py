@@ -193,11 +193,17 @@ def evaluate(
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="paper, nested or spatial.")] = "nested",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2,3,4",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
+    modalities: Annotated[str | None, typer.Option(
+        "--modalities", help="Modalities used at inference, e.g. location,text (urbanfusion, concat).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate one method on one task under one protocol, over seeds."""
     from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
 
+    if modalities is not None:
+        from urbanprofile.methods import get_method, with_modalities
+
+        method = with_modalities(get_method(method), _split(modalities) or []).name
     plan = BenchmarkPlan(datasets=[name], methods=[method], tasks=[task], protocols=[protocol], seeds=_seeds(seeds))
     outcome = run_benchmark(plan, data_dir, store=None, progress=not as_json,
                             on_row=_print_rows_json if as_json else None)

@@ -13,14 +13,23 @@ Parts (each prints tables and writes benchmarks/results/embedders_<part>.json, q
 - leaky: hafusion's `paper` R^2 at every 25th epoch, final vs best-on-test (LEAKY) epoch, 5 seeds.
 - selection: srel under nested, final epoch only vs checkpoint chosen by inner CV, 5 seeds.
 - maps: NYC crime residuals under the spatial protocol, best raw baseline beside srel (PNG).
+- fidelity: our hafusion against the authors' code on the same data and seeds, `paper` (final epoch)
+  and `nested` side by side, seconds per epoch and parameters. With `--authors-code PATH` (a checkout
+  of MiRuacle24/HAFusion, run outside the project by benchmarks/authors_hafusion.py) their code is
+  run too (`--authors-seeds`, `--authors-datasets`); otherwise the figures the issue measured with it
+  are shown, labelled as such.
+- ablation: one-change experiments on hafusion's objective and read-out (Chicago seeds 0-2, NYC seed 0):
+  which part of the authors' objective matters.
 
     URBANPROFILE_DATA=../shared/data python benchmarks/embedders.py [--parts quality,...,maps] [--quick]
+    python benchmarks/embedders.py --parts fidelity --authors-code /path/to/HAFusion --authors-datasets hafusion-chicago
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -330,6 +339,169 @@ def maps() -> dict[str, Any]:
     return {"maps": written}
 
 
+# -- fidelity to the authors' code ---------------------------------------------------------------------
+#: The authors' HAFusion code (MiRuacle24/HAFusion, unmodified; 2000 epochs, their defaults; final epoch,
+#: eval-mode forward) as measured in issue 7 on this machine with the toolkit's evaluation: `paper` NYC one
+#: seed, Chicago mean of 3 seeds; `nested` on the same embeddings (final epoch only).
+AUTHORS_FROM_ISSUE: dict[str, dict[str, Any]] = {
+    "hafusion-nyc": {"paper": {"checkin": 0.856, "crime": 0.746, "service_calls": 0.452},
+                     "nested": {"checkin": 0.823, "crime": 0.703, "service_calls": 0.461},
+                     "seconds_per_epoch": 0.43, "epochs": 2000, "parameters": 12.2e6, "seeds": "1 seed"},
+    "hafusion-chicago": {"paper": {"checkin": 0.837, "crime": 0.663, "service_calls": 0.619},
+                         "nested": {"checkin": 0.805, "crime": 0.712, "service_calls": 0.533},
+                         "seconds_per_epoch": 0.095, "epochs": 2000, "parameters": 2.5e6, "seeds": "3 seeds"},
+}
+AUTHORS_CITY = {"hafusion-nyc": "NY", "hafusion-chicago": "Chi"}
+
+
+def n_parameters(network: Any) -> int:
+    return int(sum(p.numel() for p in network.parameters()))
+
+
+def run_authors(code: Path, dataset: str, seed: int) -> dict[str, Any]:
+    """The authors' code on our copy of the data in a child process: final-epoch embedding and timings."""
+    from urbanprofile.data.registry import get_entry
+
+    folder = Path(str(get_entry(dataset).path))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "emb.npy"
+        result = subprocess.run([sys.executable, str(Path(__file__).with_name("authors_hafusion.py")), "--code",
+                                 str(code), "--city", AUTHORS_CITY[dataset], "--data", str(folder), "--seed",
+                                 str(seed), "--out", str(out)], capture_output=True, text=True, timeout=3600)
+        if result.returncode != 0:
+            raise UrbanProfileError(f"the authors' code failed on {dataset}: "
+                                    f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        record = dict(json.loads(result.stdout.strip().splitlines()[-1]))
+        record["embedding"] = np.load(out, allow_pickle=False)
+    return record
+
+
+def fidelity(seeds: list[int], authors_code: Path | None, authors_seeds: list[int],
+             authors_datasets: list[str]) -> dict[str, Any]:
+    """Our hafusion beside the authors' code under `paper` (final epoch) and `nested`, with speed and size."""
+    from urbanprofile.data import load_dataset
+    from urbanprofile.embedders.base import as_embedding
+    from urbanprofile.methods import get_method
+
+    records: list[dict[str, Any]] = []
+    for dataset in DATASETS:
+        city = load_dataset(dataset)
+        for seed in seeds:
+            start = time.perf_counter()
+            embedder: Any = get_method("hafusion").build(random_state=seed).fit(city)
+            wall = time.perf_counter() - start
+            record: dict[str, Any] = {"dataset": dataset, "who": "ours", "seed": seed, "wall_seconds": wall,
+                                      "epochs": embedder.log_.epochs,
+                                      "seconds_per_epoch": embedder.log_.seconds_per_epoch,
+                                      "parameters": n_parameters(embedder.network_), "load": os.getloadavg()[0]}
+            for task in city.tasks:
+                emb = embedder.transform(city)
+                record[f"paper/{task}"] = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
+                record[f"nested/{task}"] = evaluate_embedding(city, emb, task, "nested",
+                                                              candidates=embedder.candidates_).metrics["r2"]
+                record[f"nested-final/{task}"] = evaluate_embedding(city, emb, task, "nested").metrics["r2"]
+            records.append(record)
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}, flush=True)
+        if authors_code is not None and dataset in authors_datasets:
+            for seed in authors_seeds:
+                theirs = run_authors(authors_code, dataset, seed)
+                emb = as_embedding(theirs.pop("embedding"), city.region_ids)
+                record = {"dataset": dataset, "who": "authors (measured here)", "seed": seed, **theirs,
+                          "load": os.getloadavg()[0]}
+                for task in city.tasks:
+                    record[f"paper/{task}"] = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
+                    record[f"nested/{task}"] = evaluate_embedding(city, emb, task, "nested").metrics["r2"]
+                records.append(record)
+                print({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}, flush=True)
+    table = fidelity_table(records)
+    print(table)
+    (RESULTS / "embedders_fidelity.md").write_text(
+        f"<!-- generated by benchmarks/embedders.py --parts fidelity -->\n\n{table}", encoding="utf-8")
+    return {"records": records, "authors_from_issue": AUTHORS_FROM_ISSUE, "table": table, "seeds": seeds}
+
+
+def fidelity_table(records: list[dict[str, Any]]) -> str:
+    """R² side by side (mean over seeds) and the speed/size rows."""
+    tasks = ["checkin", "crime", "service_calls"]
+    lines = ["### hafusion: ours vs the authors' code (R², mean over seeds; `paper` = final epoch, Ridge(alpha=1); "
+             "`nested` ours = checkpoint by inner CV, authors = their final epoch)", "",
+             "| city | protocol | task | authors' code | source | ours | ours − authors |",
+             "|---|---|---|---|---|---|---|"]
+    speed = ["", "| city | who | seeds | epochs | s/epoch | wall s per run | parameters | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for dataset in DATASETS:
+        ours = [r for r in records if r["dataset"] == dataset and r["who"] == "ours"]
+        measured = [r for r in records if r["dataset"] == dataset and r["who"] != "ours"]
+        issue = AUTHORS_FROM_ISSUE[dataset]
+        for protocol in ("paper", "nested"):
+            for task in tasks:
+                if measured:
+                    theirs, source = float(np.mean([r[f"{protocol}/{task}"] for r in measured])), \
+                        f"measured here, {len(measured)} seed(s)"
+                else:
+                    theirs, source = issue[protocol][task], f"issue 7, {issue['seeds']}"
+                mine = [r[f"{protocol}/{task}"] for r in ours]
+                spread = f" ± {np.std(mine, ddof=1):.3f}" if len(mine) > 1 else ""
+                lines.append(f"| {dataset} | {protocol} | {task} | {theirs:.3f} | {source} "
+                             f"| {np.mean(mine):.3f}{spread} | {np.mean(mine) - theirs:+.3f} |")
+        rows = [("authors (issue 7)", issue["seeds"], issue["epochs"], issue["seconds_per_epoch"],
+                 issue["seconds_per_epoch"] * issue["epochs"], issue["parameters"], float("nan"))]
+        for who, group in (("authors (measured here)", measured), ("ours", ours)):
+            if group:
+                rows.append((who, str(len(group)), group[0]["epochs"], np.mean([r["seconds_per_epoch"] for r in group]),
+                             np.mean([r["wall_seconds"] for r in group]), group[0]["parameters"],
+                             np.mean([r["load"] for r in group])))
+        for who, n, epochs, spe, wall, params, load in rows:
+            speed.append(f"| {dataset} | {who} | {n} | {epochs} | {spe:.3f} | {wall:.0f} | {params / 1e6:.2f} M "
+                         f"| {load:.1f} |")
+    return "\n".join(lines + speed) + "\n"
+
+
+#: One change each from the registry's hafusion (the authors' objective and read-out).
+ABLATION: dict[str, dict[str, Any]] = {
+    "hafusion (authors' objective, DeepFc read-out)": {},
+    "objective: all of the previous (row distributions of od_flows, exact log, dot similarity, clip)":
+        {"objective": "distribution"},
+    "mobility weighting: per-row distributions (mean over rows)": {"objective": {"weighting": "row"}},
+    "mobility target: od_flows instead of od_target": {"objective": {"target": "od_flows"}},
+    "log: exact log-softmax (no +1e-4)": {"objective": {"epsilon": 0.0}},
+    "similarity: dot product instead of cosine": {"objective": {"similarity": "dot"}},
+    "read-out: Linear-GELU-Linear (previous)": {"readout": "mlp"},
+}
+ABLATION_RUNS = [("hafusion-chicago", 0), ("hafusion-chicago", 1), ("hafusion-chicago", 2), ("hafusion-nyc", 0)]
+
+
+def ablation(variants: list[str] | None = None) -> dict[str, Any]:
+    """hafusion with one change at a time: `paper` (final epoch) and `nested` R² per city and task."""
+    from urbanprofile.data import load_dataset
+    from urbanprofile.embedders.hafusion import HAFusionEmbedder
+
+    cities = {d: load_dataset(d) for d in dict.fromkeys(d for d, _ in ABLATION_RUNS)}
+    results: dict[str, dict[str, list[list[float]]]] = {}
+    for name in variants or list(ABLATION):
+        for dataset, seed in ABLATION_RUNS:
+            city = cities[dataset]
+            embedder = HAFusionEmbedder(**ABLATION[name], random_state=seed).fit(city)
+            emb = embedder.transform(city)
+            for task in city.tasks:
+                paper = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
+                nested = evaluate_embedding(city, emb, task, "nested", candidates=embedder.candidates_).metrics["r2"]
+                results.setdefault(name, {}).setdefault(f"{dataset}/{task}", []).append([paper, nested])
+        print(name, {k: np.round(np.mean(v, axis=0), 3).tolist() for k, v in results[name].items()}, flush=True)
+    keys = list(next(iter(results.values())))
+    head = " | ".join(k.replace("hafusion-", "") for k in keys)
+    lines = ["### hafusion, one change at a time (R² `paper` final epoch / `nested`; Chicago mean of seeds 0-2, "
+             "NYC seed 0)", "", f"| variant | {head} |", "|---|" + "---|" * len(keys)]
+    for name, per_key in results.items():
+        cells = " | ".join(f"{np.mean(per_key[k], axis=0)[0]:.3f} / {np.mean(per_key[k], axis=0)[1]:.3f}" for k in keys)
+        lines.append(f"| {name} | {cells} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    (RESULTS / "embedders_ablation.md").write_text(
+        f"<!-- generated by benchmarks/embedders.py --parts ablation -->\n\n{table}", encoding="utf-8")
+    return {"r2_paper_nested": results, "runs": ABLATION_RUNS, "table": table}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="quality,leaky,selection,speed,scale,maps")
@@ -337,6 +509,13 @@ def main() -> int:
     parser.add_argument("--methods", default=None,
                         help="quality: only these methods (comma-separated); other methods' rows are kept")
     parser.add_argument("--quick", action="store_true", help="one seed; scale up to 5,000 regions")
+    parser.add_argument("--authors-code", type=Path, default=None,
+                        help="fidelity: a checkout of MiRuacle24/HAFusion to run beside ours")
+    parser.add_argument("--authors-seeds", default="0", help="fidelity: seeds of the authors' code")
+    parser.add_argument("--authors-datasets", default=",".join(DATASETS),
+                        help="fidelity: datasets to run the authors' code on (it is slow: 2000 epochs)")
+    parser.add_argument("--variants", default=None, help="ablation: only these variants (comma-separated)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     parser.add_argument("--fit-one", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--n-regions", type=int, default=1000, help=argparse.SUPPRESS)
@@ -346,7 +525,11 @@ def main() -> int:
     if args.fit_one:
         fit_one(args)
         return 0
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    # numpy's BLAS too: on a shared machine idle BLAS threads spin and slow small SVDs down tenfold.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     if args.quick:
@@ -365,8 +548,14 @@ def main() -> int:
             payload = leaky_epochs(seeds)
         elif part == "selection":
             payload = selection(seeds)
+        elif part == "fidelity":
+            payload = fidelity(seeds, args.authors_code, [int(s) for s in args.authors_seeds.split(",")],
+                               args.authors_datasets.split(","))
+        elif part == "ablation":
+            payload = ablation(args.variants.split(";") if args.variants else None)
         else:
-            raise UrbanProfileError(f"unknown part {part!r}; valid: quality, leaky, selection, speed, scale, maps")
+            raise UrbanProfileError(f"unknown part {part!r}; valid: quality, leaky, selection, speed, scale, maps, "
+                                    "fidelity, ablation")
         payload.update(part=part, environment=environment(), part_seconds=time.perf_counter() - start)
         (RESULTS / f"embedders_{part}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
         print(f"wrote {RESULTS / f'embedders_{part}.json'}")

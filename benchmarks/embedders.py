@@ -79,11 +79,36 @@ def clustering_scores(city: CityData, embedding: np.ndarray, seed: int) -> dict[
             "ari": float(adjusted_rand_score(labels, clusters))}
 
 
-def quality(seeds: list[int], methods: list[str]) -> dict[str, Any]:
-    """Run the grid for ``methods``; rows and studies of other methods from an earlier run are kept."""
+def quality(seeds: list[int], methods: list[str], datasets: list[str] | None = None) -> dict[str, Any]:
+    """Run the grid for ``methods``; rows and studies of other (dataset, method, seed) from earlier runs are kept.
+
+    A ``<method>+raw`` variant listed beside ``<method>`` reuses that method's training of each seed (the
+    learned part is the same embedder), probed with its own head on the learned + raw embedding.
+    """
+    from urbanprofile.benchmark.runner import result_row
+    from urbanprofile.methods import get_method
+
     extras: list[dict[str, Any]] = []
+    reused_rows: list[dict[str, Any]] = []
+    reuse = {m.removesuffix("+raw") for m in methods if m.endswith("+raw") and m.removesuffix("+raw") in methods}
+    protocols = ["paper", "nested", "spatial"]
+
+    def with_raw_rows(city: CityData, name: str, seed: int, embedder: Any) -> None:
+        spec = get_method(f"{name}+raw")
+        start = time.perf_counter()
+        combined = spec.build(random_state=seed).use_fitted(embedder, city)
+        extra = time.perf_counter() - start
+        embedding = combined.transform(city)
+        for task in city.tasks:
+            for protocol in protocols:
+                result = evaluate_embedding(city, embedding, task, protocol, spec.head, seed,
+                                            candidates=combined.candidates_)
+                reused_rows.append(row_to_json(result_row(city, spec, seed, result,
+                                                          embedder.log_.seconds + extra)))
 
     def study(city: CityData, spec: Any, seed: int, embedder: Any) -> None:
+        if spec.name in reuse:
+            with_raw_rows(city, spec.name, seed, embedder)
         record: dict[str, Any] = {"dataset": city.name, "method": spec.name, "seed": seed}
         if "landuse_district" in city.regions:
             record["clustering"] = clustering_scores(city, embedder.transform(city).to_numpy(), seed)
@@ -98,23 +123,26 @@ def quality(seeds: list[int], methods: list[str]) -> dict[str, Any]:
                 record["leaky_best_checkpoint"][task] = {"checkpoint": best, "r2": scores[best]}
         extras.append(record)
 
-    plan = BenchmarkPlan(datasets=DATASETS, methods=methods, protocols=["paper", "nested", "spatial"], seeds=seeds)
+    grid = [m for m in methods if not (m.endswith("+raw") and m.removesuffix("+raw") in reuse)]
+    datasets = datasets or DATASETS
+    plan = BenchmarkPlan(datasets=datasets, methods=grid, protocols=protocols, seeds=seeds)
     with tempfile.TemporaryDirectory() as tmp, ResultStore(Path(tmp) / "r.duckdb") as store:
         start = time.perf_counter()
         outcome = run_benchmark(plan, store=store, progress=True, on_embedding=study)
         wall = time.perf_counter() - start
-    rows = [row_to_json(r) for r in outcome.rows]
+    rows = [row_to_json(r) for r in outcome.rows] + reused_rows
     previous = RESULTS / "embedders_quality.json"
-    if previous.is_file() and set(methods) != {*BASELINES, *LEARNED}:
+    if previous.is_file():
         earlier = json.loads(previous.read_text(encoding="utf-8"))
-        rows = [r for r in earlier["rows"] if r["method"] not in methods] + rows
-        extras = [e for e in earlier["extras"] if e["method"] not in methods] + extras
+        ran = {(d, m, s) for d in datasets for m in methods for s in seeds}
+        rows = [r for r in earlier["rows"] if (r["dataset"], r["method"], r["seed"]) not in ran] + rows
+        extras = [e for e in earlier["extras"] if (e["dataset"], e["method"], e["seed"]) not in ran] + extras
     board = leaderboard(rows)
     print(f"\n## quality: {len(rows)} results in {wall:.0f} s\n")
     print(markdown_summary(rows))
     leaky = leaky_table(rows, extras)
     clusters = clustering_table(extras)
-    claims = claim_check(board)
+    claims = claim_check(board, rows)
     print(leaky, clusters, claims, sep="\n")
     for line in outcome.skipped:
         print(f"skipped: {line}")
@@ -157,34 +185,59 @@ def clustering_table(extras: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def claim_check(board: Any) -> str:
-    """Under `nested`: does each SREL setting beat the best raw baseline and hafusion on each pair?"""
-    nested = board[board["protocol"] == "nested"]
+def claim_check(board: Any, rows: list[dict[str, Any]] | None = None) -> str:
+    """Does each learned method (alone or beside raw features) beat the best raw baseline, per protocol?"""
     parts = []
-    for srel in ("srel", "srel-deep"):
-        lines = [f"### Under `nested` (mean of seeds): {srel} vs the best raw baseline and hafusion", "",
-                 f"| dataset | task | {srel} | best raw (method) | hafusion | beats both | gap to best raw |",
-                 "|---|---|---|---|---|---|---|"]
-        wins = pairs = 0
-        worst_gap = 0.0
-        for (dataset, task), group in nested.groupby(["dataset", "task"], sort=True):
+    for protocol in ("nested", "spatial"):
+        sub = board[board["protocol"] == protocol]
+        lines = [f"### Under `{protocol}` (mean of seeds): learned methods vs the best raw baseline", "",
+                 "| dataset | task | best raw (method) | " + " | ".join(CLAIM_METHODS) + " |",
+                 "|---|---|---|" + "---|" * len(CLAIM_METHODS)]
+        wins = dict.fromkeys(CLAIM_METHODS, 0)
+        pairs = 0
+        for (dataset, task), group in sub.groupby(["dataset", "task"], sort=True):
             scores = dict(zip(group["method"], group["r2_mean"], strict=True))
-            if srel not in scores:
-                continue
             raw = {m: scores[m] for m in RAW if m in scores}
+            if not raw:
+                continue
             best_raw = max(raw, key=lambda m: raw[m])
-            beats = scores[srel] > raw[best_raw] and scores[srel] > scores.get("hafusion", -np.inf)
-            wins += beats
             pairs += 1
-            gap = scores[srel] - raw[best_raw]
-            worst_gap = min(worst_gap, gap)
-            lines.append(f"| {dataset} | {task} | {scores[srel]:.3f} | {raw[best_raw]:.3f} ({best_raw}) "
-                         f"| {scores.get('hafusion', float('nan')):.3f} | {'yes' if beats else 'no'} | {gap:+.3f} |")
-        if pairs:
-            lines.append(f"\n{srel} beats both on {wins} of {pairs} pairs; its worst gap to the best raw baseline "
-                         f"is {worst_gap:+.3f} R².")
-            parts.append("\n".join(lines) + "\n")
+            cells = []
+            for method in CLAIM_METHODS:
+                if method not in scores:
+                    cells.append("-")
+                    continue
+                beats = scores[method] > raw[best_raw]
+                wins[method] += beats
+                cells.append(f"{'**' if beats else ''}{scores[method]:.3f}{'**' if beats else ''} "
+                             f"({scores[method] - raw[best_raw]:+.3f})")
+            lines.append(f"| {dataset} | {task} | {raw[best_raw]:.3f} ({best_raw}) | " + " | ".join(cells) + " |")
+        present = [m for m in CLAIM_METHODS if m in set(sub["method"])]
+        lines.append("\nBold: above the best raw baseline (difference in brackets). Pairs won of " + str(pairs) + ": "
+                     + ", ".join(f"{m} {wins[m]}" for m in present) + ".")
+        if rows:
+            lines.append("\n" + block_weight_note(rows, protocol))
+        parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+#: Methods the claim tables compare with the best raw baseline.
+CLAIM_METHODS = ["hafusion", "hafusion+raw", "srel", "srel+raw", "srel-deep"]
+
+
+def block_weight_note(rows: list[dict[str, Any]], protocol: str) -> str:
+    """How often the +raw variants' probe kept the learned block (weight > 0) across outer folds."""
+    notes = []
+    for method in ("hafusion+raw", "srel+raw"):
+        weights = [c.get("block_weight") for r in rows if r["method"] == method and r["protocol"] == protocol
+                   for c in (r.get("chosen") or [])]
+        weights = [w for w in weights if w is not None]
+        if weights:
+            kept = np.mean([w > 0 for w in weights])
+            alone = np.mean([np.isinf(w) for w in weights])
+            notes.append(f"{method}: the inner CV kept the learned block in {kept:.0%} of outer folds "
+                         f"(learned block alone in {alone:.0%}, raw alone in {1 - kept:.0%})")
+    return "; ".join(notes) + "." if notes else ""
 
 
 # -- speed and scale (each run in a fresh process, so peak memory is its own) --------------------------
@@ -209,7 +262,8 @@ def fit_one(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - start
     print(json.dumps({"dataset": city.name, "method": name, "n_regions": city.n_regions, "wall_seconds": wall,
                       "epochs": embedder.log_.epochs, "seconds_per_epoch": embedder.log_.seconds_per_epoch,
-                      "peak_rss_mb": peak_rss_mb(), "attention": getattr(embedder, "prior_source_", "dense")}))
+                      "peak_rss_mb": peak_rss_mb(), "attention": getattr(embedder, "prior_source_", "dense"),
+                      "parameters": n_parameters(embedder.network_), "load": os.getloadavg()[0]}))
 
 
 def child(*extra: str, timeout: int = 900) -> dict[str, Any]:
@@ -378,57 +432,67 @@ def run_authors(code: Path, dataset: str, seed: int) -> dict[str, Any]:
 
 def fidelity(seeds: list[int], authors_code: Path | None, authors_seeds: list[int],
              authors_datasets: list[str]) -> dict[str, Any]:
-    """Our hafusion beside the authors' code under `paper` (final epoch) and `nested`, with speed and size."""
+    """Our hafusion beside the authors' code under `paper` (final epoch) and `nested`, with speed and size.
+
+    Our R² comes from the quality part's rows when it has hafusion for ``seeds`` (same code, same seeds),
+    else from training here; speed from one fresh child process per city (2 threads, like the authors').
+    """
     from urbanprofile.data import load_dataset
     from urbanprofile.embedders.base import as_embedding
     from urbanprofile.methods import get_method
 
+    quality_file = RESULTS / "embedders_quality.json"
+    stored = json.loads(quality_file.read_text(encoding="utf-8"))["rows"] if quality_file.is_file() else []
     records: list[dict[str, Any]] = []
+    timings: list[dict[str, Any]] = []
     for dataset in DATASETS:
         city = load_dataset(dataset)
         for seed in seeds:
-            start = time.perf_counter()
-            embedder: Any = get_method("hafusion").build(random_state=seed).fit(city)
-            wall = time.perf_counter() - start
-            record: dict[str, Any] = {"dataset": dataset, "who": "ours", "seed": seed, "wall_seconds": wall,
-                                      "epochs": embedder.log_.epochs,
-                                      "seconds_per_epoch": embedder.log_.seconds_per_epoch,
-                                      "parameters": n_parameters(embedder.network_), "load": os.getloadavg()[0]}
-            for task in city.tasks:
-                emb = embedder.transform(city)
-                record[f"paper/{task}"] = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
-                record[f"nested/{task}"] = evaluate_embedding(city, emb, task, "nested",
-                                                              candidates=embedder.candidates_).metrics["r2"]
-                record[f"nested-final/{task}"] = evaluate_embedding(city, emb, task, "nested").metrics["r2"]
+            rows = [r for r in stored if r["dataset"] == dataset and r["method"] == "hafusion" and r["seed"] == seed]
+            record: dict[str, Any] = {"dataset": dataset, "who": "ours", "seed": seed}
+            if {(r["task"], r["protocol"]) for r in rows} >= {(t, p) for t in city.tasks for p in ("paper", "nested")}:
+                record.update({f"{r['protocol']}/{r['task']}": r["r2"] for r in rows}, source="quality part")
+            else:
+                embedder: Any = get_method("hafusion").build(random_state=seed).fit(city)
+                for task in city.tasks:
+                    emb = embedder.transform(city)
+                    record[f"paper/{task}"] = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
+                    record[f"nested/{task}"] = evaluate_embedding(city, emb, task, "nested",
+                                                                  candidates=embedder.candidates_).metrics["r2"]
+                record["source"] = "trained here"
             records.append(record)
-            print({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}, flush=True)
+        timing = child("--fit-one", dataset, "--method", "hafusion")
+        timings.append({**timing, "who": "ours"})
+        print(timings[-1], flush=True)
         if authors_code is not None and dataset in authors_datasets:
             for seed in authors_seeds:
                 theirs = run_authors(authors_code, dataset, seed)
                 emb = as_embedding(theirs.pop("embedding"), city.region_ids)
-                record = {"dataset": dataset, "who": "authors (measured here)", "seed": seed, **theirs,
-                          "load": os.getloadavg()[0]}
+                record = {"dataset": dataset, "who": "authors (measured here)", "seed": seed}
                 for task in city.tasks:
                     record[f"paper/{task}"] = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
                     record[f"nested/{task}"] = evaluate_embedding(city, emb, task, "nested").metrics["r2"]
                 records.append(record)
-                print({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}, flush=True)
-    table = fidelity_table(records)
+                timings.append({**theirs, "dataset": dataset, "who": "authors (measured here)", "seed": seed,
+                                "load": os.getloadavg()[0]})
+                print(record, timings[-1], flush=True)
+    table = fidelity_table(records, timings)
     print(table)
     (RESULTS / "embedders_fidelity.md").write_text(
         f"<!-- generated by benchmarks/embedders.py --parts fidelity -->\n\n{table}", encoding="utf-8")
-    return {"records": records, "authors_from_issue": AUTHORS_FROM_ISSUE, "table": table, "seeds": seeds}
+    return {"records": records, "timings": timings, "authors_from_issue": AUTHORS_FROM_ISSUE, "table": table,
+            "seeds": seeds}
 
 
-def fidelity_table(records: list[dict[str, Any]]) -> str:
+def fidelity_table(records: list[dict[str, Any]], timings: list[dict[str, Any]]) -> str:
     """R² side by side (mean over seeds) and the speed/size rows."""
     tasks = ["checkin", "crime", "service_calls"]
     lines = ["### hafusion: ours vs the authors' code (R², mean over seeds; `paper` = final epoch, Ridge(alpha=1); "
              "`nested` ours = checkpoint by inner CV, authors = their final epoch)", "",
              "| city | protocol | task | authors' code | source | ours | ours − authors |",
              "|---|---|---|---|---|---|---|"]
-    speed = ["", "| city | who | seeds | epochs | s/epoch | wall s per run | parameters | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|"]
+    speed = ["", "| city | who | epochs | s/epoch | wall s per run | parameters | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|"]
     for dataset in DATASETS:
         ours = [r for r in records if r["dataset"] == dataset and r["who"] == "ours"]
         measured = [r for r in records if r["dataset"] == dataset and r["who"] != "ours"]
@@ -436,24 +500,20 @@ def fidelity_table(records: list[dict[str, Any]]) -> str:
         for protocol in ("paper", "nested"):
             for task in tasks:
                 if measured:
-                    theirs, source = float(np.mean([r[f"{protocol}/{task}"] for r in measured])), \
-                        f"measured here, {len(measured)} seed(s)"
+                    theirs = float(np.mean([r[f"{protocol}/{task}"] for r in measured]))
+                    source = f"measured here, {len(measured)} seed(s)"
                 else:
                     theirs, source = issue[protocol][task], f"issue 7, {issue['seeds']}"
                 mine = [r[f"{protocol}/{task}"] for r in ours]
                 spread = f" ± {np.std(mine, ddof=1):.3f}" if len(mine) > 1 else ""
                 lines.append(f"| {dataset} | {protocol} | {task} | {theirs:.3f} | {source} "
-                             f"| {np.mean(mine):.3f}{spread} | {np.mean(mine) - theirs:+.3f} |")
-        rows = [("authors (issue 7)", issue["seeds"], issue["epochs"], issue["seconds_per_epoch"],
-                 issue["seconds_per_epoch"] * issue["epochs"], issue["parameters"], float("nan"))]
-        for who, group in (("authors (measured here)", measured), ("ours", ours)):
-            if group:
-                rows.append((who, str(len(group)), group[0]["epochs"], np.mean([r["seconds_per_epoch"] for r in group]),
-                             np.mean([r["wall_seconds"] for r in group]), group[0]["parameters"],
-                             np.mean([r["load"] for r in group])))
-        for who, n, epochs, spe, wall, params, load in rows:
-            speed.append(f"| {dataset} | {who} | {n} | {epochs} | {spe:.3f} | {wall:.0f} | {params / 1e6:.2f} M "
-                         f"| {load:.1f} |")
+                             f"| {np.mean(mine):.3f}{spread} ({len(mine)} seeds) | {np.mean(mine) - theirs:+.3f} |")
+        speed.append(f"| {dataset} | authors (issue 7) | {issue['epochs']} | {issue['seconds_per_epoch']:.3f} "
+                     f"| {issue['seconds_per_epoch'] * issue['epochs']:.0f} | {issue['parameters'] / 1e6:.2f} M | - |")
+        for t in timings:
+            if t["dataset"] == dataset and "error" not in t:
+                speed.append(f"| {dataset} | {t['who']} | {t['epochs']} | {t['seconds_per_epoch']:.3f} "
+                             f"| {t['wall_seconds']:.0f} | {t['parameters'] / 1e6:.2f} M | {t['load']:.1f} |")
     return "\n".join(lines + speed) + "\n"
 
 
@@ -514,6 +574,8 @@ def main() -> int:
     parser.add_argument("--authors-seeds", default="0", help="fidelity: seeds of the authors' code")
     parser.add_argument("--authors-datasets", default=",".join(DATASETS),
                         help="fidelity: datasets to run the authors' code on (it is slow: 2000 epochs)")
+    parser.add_argument("--datasets", default=None,
+                        help="quality: only these datasets; rows of other (dataset, method) pairs are kept")
     parser.add_argument("--variants", default=None, help="ablation: only these variants (comma-separated)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     parser.add_argument("--fit-one", help=argparse.SUPPRESS)
@@ -537,7 +599,8 @@ def main() -> int:
     for part in args.parts.split(","):
         start = time.perf_counter()
         if part == "quality":
-            payload = quality(seeds, args.methods.split(",") if args.methods else [*BASELINES, *LEARNED])
+            payload = quality(seeds, args.methods.split(",") if args.methods else [*BASELINES, *LEARNED],
+                              args.datasets.split(",") if args.datasets else None)
         elif part == "speed":
             payload = speed()
         elif part == "scale":

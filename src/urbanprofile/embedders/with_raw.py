@@ -57,10 +57,14 @@ class WithRawFeatures(Embedder):
 
     def fit(self, city: CityData) -> WithRawFeatures:
         """Fit the learned embedder (never on targets) and keep its checkpoints, each beside the raw features."""
+        return self.use_fitted(self._build_learned().fit(city), city)
+
+    def use_fitted(self, learned: Embedder, city: CityData) -> WithRawFeatures:
+        """Take an already fitted learned embedder of ``city`` (e.g. to reuse one training for both variants)."""
         if not self.raw_views:
             raise ValueError("raw_views must name at least one view")
         raw = self._raw(city)
-        self.learned_ = self._build_learned().fit(city)
+        self.learned_ = learned
         self.embedding_ = self._join(self.learned_.transform(city), raw)
         candidates = getattr(self.learned_, "candidates_", None) or {}
         self.candidates_ = {label: self._join(frame, raw) for label, frame in candidates.items()}

@@ -80,7 +80,7 @@ def clustering_scores(city: CityData, embedding: np.ndarray, seed: int) -> dict[
 
 
 def quality(seeds: list[int], methods: list[str], datasets: list[str] | None = None) -> dict[str, Any]:
-    """Run the grid for ``methods``; rows and studies of other (dataset, method, seed) from earlier runs are kept.
+    """Run the grid for ``methods``; rows and studies of other (dataset, method) pairs from earlier runs are kept.
 
     A ``<method>+raw`` variant listed beside ``<method>`` reuses that method's training of each seed (the
     learned part is the same embedder), probed with its own head on the learned + raw embedding.
@@ -134,9 +134,9 @@ def quality(seeds: list[int], methods: list[str], datasets: list[str] | None = N
     previous = RESULTS / "embedders_quality.json"
     if previous.is_file():
         earlier = json.loads(previous.read_text(encoding="utf-8"))
-        ran = {(d, m, s) for d in datasets for m in methods for s in seeds}
-        rows = [r for r in earlier["rows"] if (r["dataset"], r["method"], r["seed"]) not in ran] + rows
-        extras = [e for e in earlier["extras"] if (e["dataset"], e["method"], e["seed"]) not in ran] + extras
+        ran = {(d, m) for d in datasets for m in methods}  # every earlier seed of these is replaced
+        rows = [r for r in earlier["rows"] if (r["dataset"], r["method"]) not in ran] + rows
+        extras = [e for e in earlier["extras"] if (e["dataset"], e["method"]) not in ran] + extras
     board = leaderboard(rows)
     print(f"\n## quality: {len(rows)} results in {wall:.0f} s\n")
     print(markdown_summary(rows))
@@ -256,6 +256,8 @@ def fit_one(args: argparse.Namespace) -> None:
     else:
         city = load_dataset(args.fit_one)
         embedder = get_method(args.method).build(random_state=0)
+        if args.timing_epochs:
+            embedder.epochs = args.timing_epochs
         name = args.method
     start = time.perf_counter()
     embedder.fit(city)
@@ -412,7 +414,7 @@ def n_parameters(network: Any) -> int:
     return int(sum(p.numel() for p in network.parameters()))
 
 
-def run_authors(code: Path, dataset: str, seed: int) -> dict[str, Any]:
+def run_authors(code: Path, dataset: str, seed: int, epochs: int | None = None, threads: int = 1) -> dict[str, Any]:
     """The authors' code on our copy of the data in a child process: final-epoch embedding and timings."""
     from urbanprofile.data.registry import get_entry
 
@@ -421,7 +423,9 @@ def run_authors(code: Path, dataset: str, seed: int) -> dict[str, Any]:
         out = Path(tmp) / "emb.npy"
         result = subprocess.run([sys.executable, str(Path(__file__).with_name("authors_hafusion.py")), "--code",
                                  str(code), "--city", AUTHORS_CITY[dataset], "--data", str(folder), "--seed",
-                                 str(seed), "--out", str(out)], capture_output=True, text=True, timeout=3600)
+                                 str(seed), "--out", str(out), "--threads", str(threads),
+                                 *(["--epochs", str(epochs)] if epochs else [])],
+                                capture_output=True, text=True, timeout=3600)
         if result.returncode != 0:
             raise UrbanProfileError(f"the authors' code failed on {dataset}: "
                                     f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -431,11 +435,14 @@ def run_authors(code: Path, dataset: str, seed: int) -> dict[str, Any]:
 
 
 def fidelity(seeds: list[int], authors_code: Path | None, authors_seeds: list[int],
-             authors_datasets: list[str]) -> dict[str, Any]:
+             authors_datasets: list[str], timing_epochs: int = 50) -> dict[str, Any]:
     """Our hafusion beside the authors' code under `paper` (final epoch) and `nested`, with speed and size.
 
     Our R² comes from the quality part's rows when it has hafusion for ``seeds`` (same code, same seeds),
-    else from training here; speed from one fresh child process per city (2 threads, like the authors').
+    else from training here. Speed: ``timing_epochs`` epochs of ours and (with ``authors_code``) of theirs
+    back to back in fresh child processes with 2 threads each, so both see the same machine load; the wall
+    time per run is that s/epoch times each code's own number of epochs. The authors' R² is measured
+    here for ``authors_seeds`` on ``authors_datasets`` (2000 epochs each), else taken from issue 7.
     """
     from urbanprofile.data import load_dataset
     from urbanprofile.embedders.base import as_embedding
@@ -461,9 +468,17 @@ def fidelity(seeds: list[int], authors_code: Path | None, authors_seeds: list[in
                                                                   candidates=embedder.candidates_).metrics["r2"]
                 record["source"] = "trained here"
             records.append(record)
-        timing = child("--fit-one", dataset, "--method", "hafusion")
-        timings.append({**timing, "who": "ours"})
+        full_epochs = get_method("hafusion").build().epochs  # type: ignore[attr-defined]
+        timing = child("--fit-one", dataset, "--method", "hafusion", "--timing-epochs", str(timing_epochs))
+        timings.append({**timing, "who": "ours", "epochs": full_epochs,
+                        "wall_seconds": timing.get("seconds_per_epoch", float("nan")) * full_epochs})
         print(timings[-1], flush=True)
+        if authors_code is not None:
+            theirs = run_authors(authors_code, dataset, 0, epochs=timing_epochs, threads=2)
+            theirs.pop("embedding")
+            timings.append({**theirs, "dataset": dataset, "who": "authors (timed here)", "epochs": 2000,
+                            "wall_seconds": theirs["seconds_per_epoch"] * 2000, "load": os.getloadavg()[0]})
+            print(timings[-1], flush=True)
         if authors_code is not None and dataset in authors_datasets:
             for seed in authors_seeds:
                 theirs = run_authors(authors_code, dataset, seed)
@@ -473,9 +488,7 @@ def fidelity(seeds: list[int], authors_code: Path | None, authors_seeds: list[in
                     record[f"paper/{task}"] = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
                     record[f"nested/{task}"] = evaluate_embedding(city, emb, task, "nested").metrics["r2"]
                 records.append(record)
-                timings.append({**theirs, "dataset": dataset, "who": "authors (measured here)", "seed": seed,
-                                "load": os.getloadavg()[0]})
-                print(record, timings[-1], flush=True)
+                print(record, flush=True)
     table = fidelity_table(records, timings)
     print(table)
     (RESULTS / "embedders_fidelity.md").write_text(
@@ -517,18 +530,31 @@ def fidelity_table(records: list[dict[str, Any]], timings: list[dict[str, Any]])
     return "\n".join(lines + speed) + "\n"
 
 
-#: One change each from the registry's hafusion (the authors' objective and read-out).
+#: One change each from the registry's hafusion (the authors' objective and read-out), in the order run.
 ABLATION: dict[str, dict[str, Any]] = {
-    "hafusion (authors' objective, DeepFc read-out)": {},
     "objective: all of the previous (row distributions of od_flows, exact log, dot similarity, clip)":
         {"objective": "distribution"},
+    "hafusion (authors' objective, DeepFc read-out)": {},
     "mobility weighting: per-row distributions (mean over rows)": {"objective": {"weighting": "row"}},
     "mobility target: od_flows instead of od_target": {"objective": {"target": "od_flows"}},
     "log: exact log-softmax (no +1e-4)": {"objective": {"epsilon": 0.0}},
     "similarity: dot product instead of cosine": {"objective": {"similarity": "dot"}},
     "read-out: Linear-GELU-Linear (previous)": {"readout": "mlp"},
 }
-ABLATION_RUNS = [("hafusion-chicago", 0), ("hafusion-chicago", 1), ("hafusion-chicago", 2), ("hafusion-nyc", 0)]
+ABLATION_RUNS = [("hafusion-chicago", 0), ("hafusion-chicago", 1)]
+
+
+def ablation_table(results: dict[str, dict[str, list[list[float]]]]) -> str:
+    keys = list(next(iter(results.values())))
+    head = " | ".join(k.replace("hafusion-", "") for k in keys)
+    seeds = ", ".join(str(seed) for _, seed in ABLATION_RUNS)
+    lines = [f"### hafusion, one change at a time (R² `paper` final epoch / `nested`; mean of runs: "
+             f"{', '.join(sorted({d for d, _ in ABLATION_RUNS}))}, seeds {seeds})", "",
+             f"| variant | {head} |", "|---|" + "---|" * len(keys)]
+    for name, per_key in results.items():
+        cells = " | ".join(f"{np.mean(per_key[k], axis=0)[0]:.3f} / {np.mean(per_key[k], axis=0)[1]:.3f}" for k in keys)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def ablation(variants: list[str] | None = None) -> dict[str, Any]:
@@ -548,17 +574,13 @@ def ablation(variants: list[str] | None = None) -> dict[str, Any]:
                 nested = evaluate_embedding(city, emb, task, "nested", candidates=embedder.candidates_).metrics["r2"]
                 results.setdefault(name, {}).setdefault(f"{dataset}/{task}", []).append([paper, nested])
         print(name, {k: np.round(np.mean(v, axis=0), 3).tolist() for k, v in results[name].items()}, flush=True)
-    keys = list(next(iter(results.values())))
-    head = " | ".join(k.replace("hafusion-", "") for k in keys)
-    lines = ["### hafusion, one change at a time (R² `paper` final epoch / `nested`; Chicago mean of seeds 0-2, "
-             "NYC seed 0)", "", f"| variant | {head} |", "|---|" + "---|" * len(keys)]
-    for name, per_key in results.items():
-        cells = " | ".join(f"{np.mean(per_key[k], axis=0)[0]:.3f} / {np.mean(per_key[k], axis=0)[1]:.3f}" for k in keys)
-        lines.append(f"| {name} | {cells} |")
-    table = "\n".join(lines) + "\n"
+        table = ablation_table(results)  # written after every variant, so a time-boxed run keeps what it did
+        (RESULTS / "embedders_ablation.md").write_text(
+            f"<!-- generated by benchmarks/embedders.py --parts ablation -->\n\n{table}", encoding="utf-8")
+        (RESULTS / "embedders_ablation.json").write_text(json.dumps(
+            {"r2_paper_nested": results, "runs": ABLATION_RUNS, "table": table, "part": "ablation",
+             "environment": environment()}, indent=1), encoding="utf-8")
     print(table)
-    (RESULTS / "embedders_ablation.md").write_text(
-        f"<!-- generated by benchmarks/embedders.py --parts ablation -->\n\n{table}", encoding="utf-8")
     return {"r2_paper_nested": results, "runs": ABLATION_RUNS, "table": table}
 
 
@@ -571,7 +593,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one seed; scale up to 5,000 regions")
     parser.add_argument("--authors-code", type=Path, default=None,
                         help="fidelity: a checkout of MiRuacle24/HAFusion to run beside ours")
-    parser.add_argument("--authors-seeds", default="0", help="fidelity: seeds of the authors' code")
+    parser.add_argument("--authors-seeds", default="",
+                        help="fidelity: seeds of full (2000-epoch) runs of the authors' code for R² (default none: "
+                             "the issue's figures)")
+    parser.add_argument("--timing-epochs", type=int, default=None, help="fidelity: epochs of each timing run (50)")
     parser.add_argument("--authors-datasets", default=",".join(DATASETS),
                         help="fidelity: datasets to run the authors' code on (it is slow: 2000 epochs)")
     parser.add_argument("--datasets", default=None,
@@ -612,8 +637,8 @@ def main() -> int:
         elif part == "selection":
             payload = selection(seeds)
         elif part == "fidelity":
-            payload = fidelity(seeds, args.authors_code, [int(s) for s in args.authors_seeds.split(",")],
-                               args.authors_datasets.split(","))
+            payload = fidelity(seeds, args.authors_code, [int(s) for s in args.authors_seeds.split(",") if s],
+                               args.authors_datasets.split(","), args.timing_epochs or 50)
         elif part == "ablation":
             payload = ablation(args.variants.split(";") if args.variants else None)
         else:

@@ -115,10 +115,13 @@ _BUILTIN = [
     MethodSpec("srel", _SREL, {}, requires_views=_ALL, stochastic=True,
                family="ToPT (SREL)",
                description="view fusion + Graphormer attention with distance bias and centrality (sparse if large)"),
-    MethodSpec("srel-deep", "urbanprofile.embedders.srel:SRELEmbedder",
-               {"n_layers": 5, "lr": 2e-4, "spatial_weight": 0.4}, requires_views=_ALL, stochastic=True,
+    # srel-deep keeps the objective and read-out it was benchmarked with (before the authors' objective).
+    MethodSpec("srel-deep", _SREL,
+               {"n_layers": 5, "lr": 2e-4, "spatial_weight": 0.4, "objective": "distribution", "readout": "mlp",
+                "weight_decay": 1e-5}, requires_views=_ALL, stochastic=True,
                family="ToPT (SREL)",
-               description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4"),
+               description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4 "
+                           "(previous objective)"),
     MethodSpec("hafusion+raw", _WITH_RAW, {"learned": _HAFUSION, "learned_params": {}}, head="ridge-blocks",
                requires_views=_ALL, stochastic=True, family="HAFusion (ICDE 2024)",
                description="hafusion's embedding beside raw-all's features; block weights chosen by inner CV"),

@@ -13,14 +13,24 @@ Parts (each prints tables and writes benchmarks/results/embedders_<part>.json, q
 - leaky: hafusion's `paper` R^2 at every 25th epoch, final vs best-on-test (LEAKY) epoch, 5 seeds.
 - selection: srel under nested, final epoch only vs checkpoint chosen by inner CV, 5 seeds.
 - maps: NYC crime residuals under the spatial protocol, best raw baseline beside srel (PNG).
+- fidelity: our hafusion against the authors' code on the same data and seeds, `paper` (final epoch)
+  and `nested` side by side, seconds per epoch and parameters. With `--authors-code PATH` (a checkout
+  of MiRuacle24/HAFusion, run outside the project by benchmarks/authors_hafusion.py) their code is
+  run too (`--authors-seeds`, `--authors-datasets`); otherwise the figures the issue measured with it
+  are shown, labelled as such.
+- ablation: one-change experiments on hafusion's objective and read-out (Chicago seeds 0-2, NYC seed 0):
+  which part of the authors' objective matters.
 
     URBANPROFILE_DATA=../shared/data python benchmarks/embedders.py [--parts quality,...,maps] [--quick]
+    python benchmarks/embedders.py --parts fidelity --authors-code /path/to/HAFusion --authors-datasets hafusion-chicago
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -70,11 +80,36 @@ def clustering_scores(city: CityData, embedding: np.ndarray, seed: int) -> dict[
             "ari": float(adjusted_rand_score(labels, clusters))}
 
 
-def quality(seeds: list[int], methods: list[str]) -> dict[str, Any]:
-    """Run the grid for ``methods``; rows and studies of other methods from an earlier run are kept."""
+def quality(seeds: list[int], methods: list[str], datasets: list[str] | None = None) -> dict[str, Any]:
+    """Run the grid for ``methods``; rows and studies of other (dataset, method) pairs from earlier runs are kept.
+
+    A ``<method>+raw`` variant listed beside ``<method>`` reuses that method's training of each seed (the
+    learned part is the same embedder), probed with its own head on the learned + raw embedding.
+    """
+    from urbanprofile.benchmark.runner import result_row
+    from urbanprofile.methods import get_method
+
     extras: list[dict[str, Any]] = []
+    reused_rows: list[dict[str, Any]] = []
+    reuse = {m.removesuffix("+raw") for m in methods if m.endswith("+raw") and m.removesuffix("+raw") in methods}
+    protocols = ["paper", "nested", "spatial"]
+
+    def with_raw_rows(city: CityData, name: str, seed: int, embedder: Any) -> None:
+        spec = get_method(f"{name}+raw")
+        start = time.perf_counter()
+        combined = spec.build(random_state=seed).use_fitted(embedder, city)
+        extra = time.perf_counter() - start
+        embedding = combined.transform(city)
+        for task in city.tasks:
+            for protocol in protocols:
+                result = evaluate_embedding(city, embedding, task, protocol, spec.head, seed,
+                                            candidates=combined.candidates_)
+                reused_rows.append(row_to_json(result_row(city, spec, seed, result,
+                                                          embedder.log_.seconds + extra)))
 
     def study(city: CityData, spec: Any, seed: int, embedder: Any) -> None:
+        if spec.name in reuse:
+            with_raw_rows(city, spec.name, seed, embedder)
         record: dict[str, Any] = {"dataset": city.name, "method": spec.name, "seed": seed}
         if "landuse_district" in city.regions:
             record["clustering"] = clustering_scores(city, embedder.transform(city).to_numpy(), seed)
@@ -89,23 +124,28 @@ def quality(seeds: list[int], methods: list[str]) -> dict[str, Any]:
                 record["leaky_best_checkpoint"][task] = {"checkpoint": best, "r2": scores[best]}
         extras.append(record)
 
-    plan = BenchmarkPlan(datasets=DATASETS, methods=methods, protocols=["paper", "nested", "spatial"], seeds=seeds)
+    grid = [m for m in methods if not (m.endswith("+raw") and m.removesuffix("+raw") in reuse)]
+    datasets = datasets or DATASETS
+    plan = BenchmarkPlan(datasets=datasets, methods=grid, protocols=protocols, seeds=seeds)
     with tempfile.TemporaryDirectory() as tmp, ResultStore(Path(tmp) / "r.duckdb") as store:
         start = time.perf_counter()
         outcome = run_benchmark(plan, store=store, progress=True, on_embedding=study)
         wall = time.perf_counter() - start
-    rows = [row_to_json(r) for r in outcome.rows]
+    rows = [row_to_json(r) for r in outcome.rows] + reused_rows
     previous = RESULTS / "embedders_quality.json"
-    if previous.is_file() and set(methods) != {*BASELINES, *LEARNED}:
+    lock = open(RESULTS / ".embedders_quality.lock", "w")  # noqa: SIM115  (held until the merged file is written)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if previous.is_file():
         earlier = json.loads(previous.read_text(encoding="utf-8"))
-        rows = [r for r in earlier["rows"] if r["method"] not in methods] + rows
-        extras = [e for e in earlier["extras"] if e["method"] not in methods] + extras
+        ran = {(d, m) for d in datasets for m in methods}  # every earlier seed of these is replaced
+        rows = [r for r in earlier["rows"] if (r["dataset"], r["method"]) not in ran] + rows
+        extras = [e for e in earlier["extras"] if (e["dataset"], e["method"]) not in ran] + extras
     board = leaderboard(rows)
     print(f"\n## quality: {len(rows)} results in {wall:.0f} s\n")
     print(markdown_summary(rows))
     leaky = leaky_table(rows, extras)
     clusters = clustering_table(extras)
-    claims = claim_check(board)
+    claims = claim_check(board, rows)
     print(leaky, clusters, claims, sep="\n")
     for line in outcome.skipped:
         print(f"skipped: {line}")
@@ -113,7 +153,12 @@ def quality(seeds: list[int], methods: list[str]) -> dict[str, Any]:
         f"<!-- generated by benchmarks/embedders.py --parts quality; this run: {','.join(methods)} in "
         f"{wall:.0f} s; rows of other methods kept from the previous run -->\n\n"
         f"{markdown_summary(rows)}\n{leaky}\n{clusters}\n{claims}", encoding="utf-8")
-    return {"wall_seconds": wall, "rows": rows, "extras": extras, "skipped": outcome.skipped}
+    payload = {"wall_seconds": wall, "rows": rows, "extras": extras, "skipped": outcome.skipped, "part": "quality",
+               "environment": environment()}
+    previous.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+    return payload
 
 
 def leaky_table(rows: list[dict[str, Any]], extras: list[dict[str, Any]]) -> str:
@@ -148,34 +193,59 @@ def clustering_table(extras: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def claim_check(board: Any) -> str:
-    """Under `nested`: does each SREL setting beat the best raw baseline and hafusion on each pair?"""
-    nested = board[board["protocol"] == "nested"]
+def claim_check(board: Any, rows: list[dict[str, Any]] | None = None) -> str:
+    """Does each learned method (alone or beside raw features) beat the best raw baseline, per protocol?"""
     parts = []
-    for srel in ("srel", "srel-deep"):
-        lines = [f"### Under `nested` (mean of seeds): {srel} vs the best raw baseline and hafusion", "",
-                 f"| dataset | task | {srel} | best raw (method) | hafusion | beats both | gap to best raw |",
-                 "|---|---|---|---|---|---|---|"]
-        wins = pairs = 0
-        worst_gap = 0.0
-        for (dataset, task), group in nested.groupby(["dataset", "task"], sort=True):
+    for protocol in ("nested", "spatial"):
+        sub = board[board["protocol"] == protocol]
+        lines = [f"### Under `{protocol}` (mean of seeds): learned methods vs the best raw baseline", "",
+                 "| dataset | task | best raw (method) | " + " | ".join(CLAIM_METHODS) + " |",
+                 "|---|---|---|" + "---|" * len(CLAIM_METHODS)]
+        wins = dict.fromkeys(CLAIM_METHODS, 0)
+        pairs = 0
+        for (dataset, task), group in sub.groupby(["dataset", "task"], sort=True):
             scores = dict(zip(group["method"], group["r2_mean"], strict=True))
-            if srel not in scores:
-                continue
             raw = {m: scores[m] for m in RAW if m in scores}
+            if not raw:
+                continue
             best_raw = max(raw, key=lambda m: raw[m])
-            beats = scores[srel] > raw[best_raw] and scores[srel] > scores.get("hafusion", -np.inf)
-            wins += beats
             pairs += 1
-            gap = scores[srel] - raw[best_raw]
-            worst_gap = min(worst_gap, gap)
-            lines.append(f"| {dataset} | {task} | {scores[srel]:.3f} | {raw[best_raw]:.3f} ({best_raw}) "
-                         f"| {scores.get('hafusion', float('nan')):.3f} | {'yes' if beats else 'no'} | {gap:+.3f} |")
-        if pairs:
-            lines.append(f"\n{srel} beats both on {wins} of {pairs} pairs; its worst gap to the best raw baseline "
-                         f"is {worst_gap:+.3f} R².")
-            parts.append("\n".join(lines) + "\n")
+            cells = []
+            for method in CLAIM_METHODS:
+                if method not in scores:
+                    cells.append("-")
+                    continue
+                beats = scores[method] > raw[best_raw]
+                wins[method] += beats
+                cells.append(f"{'**' if beats else ''}{scores[method]:.3f}{'**' if beats else ''} "
+                             f"({scores[method] - raw[best_raw]:+.3f})")
+            lines.append(f"| {dataset} | {task} | {raw[best_raw]:.3f} ({best_raw}) | " + " | ".join(cells) + " |")
+        present = [m for m in CLAIM_METHODS if m in set(sub["method"])]
+        lines.append("\nBold: above the best raw baseline (difference in brackets). Pairs won of " + str(pairs) + ": "
+                     + ", ".join(f"{m} {wins[m]}" for m in present) + ".")
+        if rows:
+            lines.append("\n" + block_weight_note(rows, protocol))
+        parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+#: Methods the claim tables compare with the best raw baseline.
+CLAIM_METHODS = ["hafusion", "hafusion+raw", "srel", "srel+raw", "srel-deep"]
+
+
+def block_weight_note(rows: list[dict[str, Any]], protocol: str) -> str:
+    """How often the +raw variants' probe kept the learned block (weight > 0) across outer folds."""
+    notes = []
+    for method in ("hafusion+raw", "srel+raw"):
+        weights = [c.get("block_weight") for r in rows if r["method"] == method and r["protocol"] == protocol
+                   for c in (r.get("chosen") or [])]
+        weights = [w for w in weights if w is not None]
+        if weights:
+            kept = np.mean([w > 0 for w in weights])
+            alone = np.mean([np.isinf(w) for w in weights])
+            notes.append(f"{method}: the inner CV kept the learned block in {kept:.0%} of outer folds "
+                         f"(learned block alone in {alone:.0%}, raw alone in {1 - kept:.0%})")
+    return "; ".join(notes) + "." if notes else ""
 
 
 # -- speed and scale (each run in a fresh process, so peak memory is its own) --------------------------
@@ -194,13 +264,16 @@ def fit_one(args: argparse.Namespace) -> None:
     else:
         city = load_dataset(args.fit_one)
         embedder = get_method(args.method).build(random_state=0)
+        if args.timing_epochs:
+            embedder.epochs = args.timing_epochs
         name = args.method
     start = time.perf_counter()
     embedder.fit(city)
     wall = time.perf_counter() - start
     print(json.dumps({"dataset": city.name, "method": name, "n_regions": city.n_regions, "wall_seconds": wall,
                       "epochs": embedder.log_.epochs, "seconds_per_epoch": embedder.log_.seconds_per_epoch,
-                      "peak_rss_mb": peak_rss_mb(), "attention": getattr(embedder, "prior_source_", "dense")}))
+                      "peak_rss_mb": peak_rss_mb(), "attention": getattr(embedder, "prior_source_", "dense"),
+                      "parameters": n_parameters(embedder.network_), "load": os.getloadavg()[0]}))
 
 
 def child(*extra: str, timeout: int = 900) -> dict[str, Any]:
@@ -330,6 +403,196 @@ def maps() -> dict[str, Any]:
     return {"maps": written}
 
 
+# -- fidelity to the authors' code ---------------------------------------------------------------------
+#: The authors' HAFusion code (MiRuacle24/HAFusion, unmodified; 2000 epochs, their defaults; final epoch,
+#: eval-mode forward) as measured in issue 7 on this machine with the toolkit's evaluation: `paper` NYC one
+#: seed, Chicago mean of 3 seeds; `nested` on the same embeddings (final epoch only).
+AUTHORS_FROM_ISSUE: dict[str, dict[str, Any]] = {
+    "hafusion-nyc": {"paper": {"checkin": 0.856, "crime": 0.746, "service_calls": 0.452},
+                     "nested": {"checkin": 0.823, "crime": 0.703, "service_calls": 0.461},
+                     "seconds_per_epoch": 0.43, "epochs": 2000, "parameters": 12.2e6, "seeds": "1 seed"},
+    "hafusion-chicago": {"paper": {"checkin": 0.837, "crime": 0.663, "service_calls": 0.619},
+                         "nested": {"checkin": 0.805, "crime": 0.712, "service_calls": 0.533},
+                         "seconds_per_epoch": 0.095, "epochs": 2000, "parameters": 2.5e6, "seeds": "3 seeds"},
+}
+AUTHORS_CITY = {"hafusion-nyc": "NY", "hafusion-chicago": "Chi"}
+
+
+def n_parameters(network: Any) -> int:
+    return int(sum(p.numel() for p in network.parameters()))
+
+
+def run_authors(code: Path, dataset: str, seed: int, epochs: int | None = None, threads: int = 1) -> dict[str, Any]:
+    """The authors' code on our copy of the data in a child process: final-epoch embedding and timings."""
+    from urbanprofile.data.registry import get_entry
+
+    folder = Path(str(get_entry(dataset).path))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "emb.npy"
+        result = subprocess.run([sys.executable, str(Path(__file__).with_name("authors_hafusion.py")), "--code",
+                                 str(code), "--city", AUTHORS_CITY[dataset], "--data", str(folder), "--seed",
+                                 str(seed), "--out", str(out), "--threads", str(threads),
+                                 *(["--epochs", str(epochs)] if epochs else [])],
+                                capture_output=True, text=True, timeout=3600)
+        if result.returncode != 0:
+            raise UrbanProfileError(f"the authors' code failed on {dataset}: "
+                                    f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        record = dict(json.loads(result.stdout.strip().splitlines()[-1]))
+        record["embedding"] = np.load(out, allow_pickle=False)
+    return record
+
+
+def fidelity(seeds: list[int], authors_code: Path | None, authors_seeds: list[int],
+             authors_datasets: list[str], timing_epochs: int = 50, reuse_timings: bool = False) -> dict[str, Any]:
+    """Our hafusion beside the authors' code under `paper` (final epoch) and `nested`, with speed and size.
+
+    Our R² comes from the quality part's rows of hafusion for ``seeds`` (same code, same seeds; run the
+    quality part first). Speed (or, with ``reuse_timings``, the previous run's timings): ``timing_epochs``
+    epochs of ours and (with ``authors_code``) of theirs back to back in fresh child processes with 2
+    threads each, so both see the same machine load; the wall
+    time per run is that s/epoch times each code's own number of epochs. The authors' R² is measured
+    here for ``authors_seeds`` on ``authors_datasets`` (2000 epochs each), else taken from issue 7.
+    """
+    from urbanprofile.data import load_dataset
+    from urbanprofile.embedders.base import as_embedding
+    from urbanprofile.methods import get_method
+
+    previous = RESULTS / "embedders_fidelity.json"
+    timings: list[dict[str, Any]] = []
+    if reuse_timings and previous.is_file():
+        timings = json.loads(previous.read_text(encoding="utf-8")).get("timings", [])
+    else:
+        for dataset in DATASETS:
+            full_epochs = get_method("hafusion").build().epochs  # type: ignore[attr-defined]
+            timing = child("--fit-one", dataset, "--method", "hafusion", "--timing-epochs", str(timing_epochs))
+            timings.append({**timing, "who": "ours", "epochs": full_epochs,
+                            "wall_seconds": timing.get("seconds_per_epoch", float("nan")) * full_epochs})
+            print(timings[-1], flush=True)
+            if authors_code is not None:
+                theirs = run_authors(authors_code, dataset, 0, epochs=timing_epochs, threads=2)
+                theirs.pop("embedding")
+                timings.append({**theirs, "dataset": dataset, "who": "authors (timed here)", "epochs": 2000,
+                                "wall_seconds": theirs["seconds_per_epoch"] * 2000, "load": os.getloadavg()[0]})
+                print(timings[-1], flush=True)
+    quality_file = RESULTS / "embedders_quality.json"
+    stored = json.loads(quality_file.read_text(encoding="utf-8"))["rows"] if quality_file.is_file() else []
+    records: list[dict[str, Any]] = []
+    for dataset in DATASETS:
+        city = load_dataset(dataset)
+        for seed in seeds:
+            rows = [r for r in stored if r["dataset"] == dataset and r["method"] == "hafusion" and r["seed"] == seed]
+            if {(r["task"], r["protocol"]) for r in rows} >= {(t, p) for t in city.tasks for p in ("paper", "nested")}:
+                records.append({"dataset": dataset, "who": "ours", "seed": seed,
+                                **{f"{r['protocol']}/{r['task']}": r["r2"] for r in rows}})
+        if authors_code is not None and dataset in authors_datasets:
+            for seed in authors_seeds:
+                theirs = run_authors(authors_code, dataset, seed)
+                emb = as_embedding(theirs.pop("embedding"), city.region_ids)
+                record = {"dataset": dataset, "who": "authors (measured here)", "seed": seed}
+                for task in city.tasks:
+                    record[f"paper/{task}"] = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
+                    record[f"nested/{task}"] = evaluate_embedding(city, emb, task, "nested").metrics["r2"]
+                records.append(record)
+                print(record, flush=True)
+    table = fidelity_table(records, timings)
+    print(table)
+    (RESULTS / "embedders_fidelity.md").write_text(
+        f"<!-- generated by benchmarks/embedders.py --parts fidelity -->\n\n{table}", encoding="utf-8")
+    return {"records": records, "timings": timings, "authors_from_issue": AUTHORS_FROM_ISSUE, "table": table,
+            "seeds": seeds}
+
+
+def fidelity_table(records: list[dict[str, Any]], timings: list[dict[str, Any]]) -> str:
+    """R² side by side (mean over seeds) and the speed/size rows."""
+    tasks = ["checkin", "crime", "service_calls"]
+    lines = ["### hafusion: ours vs the authors' code (R², mean over seeds; `paper` = final epoch, Ridge(alpha=1); "
+             "`nested` ours = checkpoint by inner CV, authors = their final epoch)", "",
+             "| city | protocol | task | authors' code | source | ours | ours − authors |",
+             "|---|---|---|---|---|---|---|"]
+    speed = ["", "| city | who | epochs | s/epoch | wall s per run | parameters | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|"]
+    for dataset in DATASETS:
+        ours = [r for r in records if r["dataset"] == dataset and r["who"] == "ours"]
+        measured = [r for r in records if r["dataset"] == dataset and r["who"] != "ours"]
+        issue = AUTHORS_FROM_ISSUE[dataset]
+        for protocol in ("paper", "nested"):
+            for task in tasks:
+                if measured:
+                    theirs = float(np.mean([r[f"{protocol}/{task}"] for r in measured]))
+                    source = f"measured here, {len(measured)} seed(s)"
+                else:
+                    theirs, source = issue[protocol][task], f"issue 7, {issue['seeds']}"
+                mine = [r[f"{protocol}/{task}"] for r in ours]
+                spread = f" ± {np.std(mine, ddof=1):.3f}" if len(mine) > 1 else ""
+                lines.append(f"| {dataset} | {protocol} | {task} | {theirs:.3f} | {source} "
+                             f"| {np.mean(mine):.3f}{spread} ({len(mine)} seeds) | {np.mean(mine) - theirs:+.3f} |")
+        speed.append(f"| {dataset} | authors (issue 7) | {issue['epochs']} | {issue['seconds_per_epoch']:.3f} "
+                     f"| {issue['seconds_per_epoch'] * issue['epochs']:.0f} | {issue['parameters'] / 1e6:.2f} M | - |")
+        for t in timings:
+            if t["dataset"] == dataset and "error" not in t:
+                speed.append(f"| {dataset} | {t['who']} | {t['epochs']} | {t['seconds_per_epoch']:.3f} "
+                             f"| {t['wall_seconds']:.0f} | {t['parameters'] / 1e6:.2f} M | {t['load']:.1f} |")
+    return "\n".join(lines + speed) + "\n"
+
+
+#: One change each from the registry's hafusion (the authors' objective and read-out), in the order run.
+ABLATION: dict[str, dict[str, Any]] = {
+    "objective: all of the previous (row distributions of od_flows, exact log, dot similarity, clip)":
+        {"objective": "distribution"},
+    "hafusion (authors' objective, DeepFc read-out)": {},
+    "mobility weighting: per-row distributions (mean over rows)": {"objective": {"weighting": "row"}},
+    "mobility target: od_flows instead of od_target": {"objective": {"target": "od_flows"}},
+    "log: exact log-softmax (no +1e-4)": {"objective": {"epsilon": 0.0}},
+    "similarity: dot product instead of cosine": {"objective": {"similarity": "dot"}},
+    "read-out: Linear-GELU-Linear (previous)": {"readout": "mlp"},
+}
+ABLATION_RUNS = [("hafusion-chicago", 0), ("hafusion-chicago", 1)]
+
+
+def ablation_table(results: dict[str, dict[str, list[list[float]]]]) -> str:
+    keys = list(next(iter(results.values())))
+    head = " | ".join(k.replace("hafusion-", "") for k in keys)
+    seeds = ", ".join(str(seed) for _, seed in ABLATION_RUNS)
+    lines = [f"### hafusion, one change at a time (R² `paper` final epoch / `nested`; mean of runs: "
+             f"{', '.join(sorted({d for d, _ in ABLATION_RUNS}))}, seeds {seeds})", "",
+             f"| variant | {head} |", "|---|" + "---|" * len(keys)]
+    for name, per_key in results.items():
+        cells = " | ".join(f"{np.mean(per_key[k], axis=0)[0]:.3f} / {np.mean(per_key[k], axis=0)[1]:.3f}" for k in keys)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation(variants: list[str] | None = None) -> dict[str, Any]:
+    """hafusion with one change at a time: `paper` (final epoch) and `nested` R² per city and task."""
+    from urbanprofile.data import load_dataset
+    from urbanprofile.embedders.hafusion import HAFusionEmbedder
+
+    cities = {d: load_dataset(d) for d in dict.fromkeys(d for d, _ in ABLATION_RUNS)}
+    results: dict[str, dict[str, list[list[float]]]] = {}
+    earlier = RESULTS / "embedders_ablation.json"
+    if earlier.is_file():  # variants of an earlier (time-boxed) run that this one does not repeat are kept
+        kept = json.loads(earlier.read_text(encoding="utf-8")).get("r2_paper_nested", {})
+        results.update({k: v for k, v in kept.items() if k not in (variants or list(ABLATION))})
+    for name in variants or list(ABLATION):
+        for dataset, seed in ABLATION_RUNS:
+            city = cities[dataset]
+            embedder = HAFusionEmbedder(**ABLATION[name], random_state=seed).fit(city)
+            emb = embedder.transform(city)
+            for task in city.tasks:
+                paper = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
+                nested = evaluate_embedding(city, emb, task, "nested", candidates=embedder.candidates_).metrics["r2"]
+                results.setdefault(name, {}).setdefault(f"{dataset}/{task}", []).append([paper, nested])
+        print(name, {k: np.round(np.mean(v, axis=0), 3).tolist() for k, v in results[name].items()}, flush=True)
+        table = ablation_table(results)  # written after every variant, so a time-boxed run keeps what it did
+        (RESULTS / "embedders_ablation.md").write_text(
+            f"<!-- generated by benchmarks/embedders.py --parts ablation -->\n\n{table}", encoding="utf-8")
+        (RESULTS / "embedders_ablation.json").write_text(json.dumps(
+            {"r2_paper_nested": results, "runs": ABLATION_RUNS, "table": table, "part": "ablation",
+             "environment": environment()}, indent=1), encoding="utf-8")
+    print(table)
+    return {"r2_paper_nested": results, "runs": ABLATION_RUNS, "table": table}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="quality,leaky,selection,speed,scale,maps")
@@ -337,6 +600,20 @@ def main() -> int:
     parser.add_argument("--methods", default=None,
                         help="quality: only these methods (comma-separated); other methods' rows are kept")
     parser.add_argument("--quick", action="store_true", help="one seed; scale up to 5,000 regions")
+    parser.add_argument("--authors-code", type=Path, default=None,
+                        help="fidelity: a checkout of MiRuacle24/HAFusion to run beside ours")
+    parser.add_argument("--authors-seeds", default="",
+                        help="fidelity: seeds of full (2000-epoch) runs of the authors' code for R² (default none: "
+                             "the issue's figures)")
+    parser.add_argument("--timing-epochs", type=int, default=None, help="fidelity: epochs of each timing run (50)")
+    parser.add_argument("--authors-datasets", default=",".join(DATASETS),
+                        help="fidelity: datasets to run the authors' code on (it is slow: 2000 epochs)")
+    parser.add_argument("--reuse-timings", action="store_true",
+                        help="fidelity: take the timings of the previous fidelity run (only rebuild the table)")
+    parser.add_argument("--datasets", default=None,
+                        help="quality: only these datasets; rows of other (dataset, method) pairs are kept")
+    parser.add_argument("--variants", default=None, help="ablation: only these variants (comma-separated)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     parser.add_argument("--fit-one", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--n-regions", type=int, default=1000, help=argparse.SUPPRESS)
@@ -346,7 +623,11 @@ def main() -> int:
     if args.fit_one:
         fit_one(args)
         return 0
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    # numpy's BLAS too: on a shared machine idle BLAS threads spin and slow small SVDs down tenfold.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     if args.quick:
@@ -354,7 +635,8 @@ def main() -> int:
     for part in args.parts.split(","):
         start = time.perf_counter()
         if part == "quality":
-            payload = quality(seeds, args.methods.split(",") if args.methods else [*BASELINES, *LEARNED])
+            payload = quality(seeds, args.methods.split(",") if args.methods else [*BASELINES, *LEARNED],
+                              args.datasets.split(",") if args.datasets else None)
         elif part == "speed":
             payload = speed()
         elif part == "scale":
@@ -365,10 +647,17 @@ def main() -> int:
             payload = leaky_epochs(seeds)
         elif part == "selection":
             payload = selection(seeds)
+        elif part == "fidelity":
+            payload = fidelity(seeds, args.authors_code, [int(s) for s in args.authors_seeds.split(",") if s],
+                               args.authors_datasets.split(","), args.timing_epochs or 50, args.reuse_timings)
+        elif part == "ablation":
+            payload = ablation(args.variants.split(";") if args.variants else None)
         else:
-            raise UrbanProfileError(f"unknown part {part!r}; valid: quality, leaky, selection, speed, scale, maps")
+            raise UrbanProfileError(f"unknown part {part!r}; valid: quality, leaky, selection, speed, scale, maps, "
+                                    "fidelity, ablation")
         payload.update(part=part, environment=environment(), part_seconds=time.perf_counter() - start)
-        (RESULTS / f"embedders_{part}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        if part != "quality":  # quality writes its merged file itself, under a lock
+            (RESULTS / f"embedders_{part}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
         print(f"wrote {RESULTS / f'embedders_{part}.json'}")
     return 0
 

@@ -29,7 +29,8 @@ class MethodSpec:
         name: Registry name, e.g. ``raw-poi``.
         factory: ``"module:Class"`` of the :class:`Embedder`.
         params: Constructor arguments (``random_state`` is added per seed).
-        head: Probe kind: ``ridge`` (linear probe) or ``knn``.
+        head: Probe kind: ``ridge`` (linear probe), ``knn``, or ``ridge-blocks`` (a learned embedding beside
+            raw features, the blocks' weights chosen by inner CV).
         requires_views: Views the dataset must have.
         needs_locations: Whether region locations are required.
         stochastic: Whether results vary with the seed (then run over several seeds).
@@ -80,6 +81,9 @@ _POI = ("poi_counts",)
 _LANDUSE = ("landuse_counts",)
 _OD = ("od_flows",)
 _ALL = ("poi_counts", "landuse_counts", "od_flows")
+_HAFUSION = "urbanprofile.embedders.hafusion:HAFusionEmbedder"
+_SREL = "urbanprofile.embedders.srel:SRELEmbedder"
+_WITH_RAW = "urbanprofile.embedders.with_raw:WithRawFeatures"
 
 _BUILTIN = [
     MethodSpec("raw-poi", "urbanprofile.embedders.raw:RawViews", {"views": _POI}, requires_views=_POI,
@@ -105,16 +109,19 @@ _BUILTIN = [
     MethodSpec("mgfn", "urbanprofile.embedders.mgfn:MGFNEmbedder", {}, requires_views=("od_patterns",),
                stochastic=True, family="MGFN (IJCAI 2022)",
                description="mobility pattern graphs fused by intra-/inter-pattern attention; mobility loss"),
-    MethodSpec("hafusion", "urbanprofile.embedders.hafusion:HAFusionEmbedder", {}, requires_views=_ALL,
+    MethodSpec("hafusion", _HAFUSION, {}, requires_views=_ALL,
                stochastic=True, family="HAFusion (ICDE 2024)",
                description="intra-/inter-view attentive fusion + inter-region self-attention; multi-task loss"),
-    MethodSpec("srel", "urbanprofile.embedders.srel:SRELEmbedder", {}, requires_views=_ALL, stochastic=True,
+    MethodSpec("srel", _SREL, {}, requires_views=_ALL, stochastic=True,
                family="ToPT (SREL)",
                description="view fusion + Graphormer attention with distance bias and centrality (sparse if large)"),
-    MethodSpec("srel-deep", "urbanprofile.embedders.srel:SRELEmbedder",
-               {"n_layers": 5, "lr": 2e-4, "spatial_weight": 0.4}, requires_views=_ALL, stochastic=True,
+    # srel-deep keeps the objective and read-out it was benchmarked with (before the authors' objective).
+    MethodSpec("srel-deep", _SREL,
+               {"n_layers": 5, "lr": 2e-4, "spatial_weight": 0.4, "objective": "distribution", "readout": "mlp",
+                "weight_decay": 1e-5}, requires_views=_ALL, stochastic=True,
                family="ToPT (SREL)",
-               description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4"),
+               description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4 "
+                           "(previous objective)"),
     MethodSpec("urbanfusion", "urbanprofile.embedders.urbanfusion:UrbanFusionEmbedder", {}, stochastic=True,
                family="UrbanFusion (2025)",
                description="frozen modality encoders -> Transformer fusion; stochastic multimodal fusion (InfoNCE + "
@@ -127,6 +134,12 @@ _BUILTIN = [
                stochastic=True, family="UrbanVLP (AAAI 2025)",
                description="tile + street-view branches fused, CLIP loss to tile captions, token loss to "
                            "street-view captions; frozen encoders (needs tile captions)"),
+    MethodSpec("hafusion+raw", _WITH_RAW, {"learned": _HAFUSION, "learned_params": {}}, head="ridge-blocks",
+               requires_views=_ALL, stochastic=True, family="HAFusion (ICDE 2024)",
+               description="hafusion's embedding beside raw-all's features; block weights chosen by inner CV"),
+    MethodSpec("srel+raw", _WITH_RAW, {"learned": _SREL, "learned_params": {}}, head="ridge-blocks",
+               requires_views=_ALL, stochastic=True, family="ToPT (SREL)",
+               description="srel's embedding beside raw-all's features; block weights chosen by inner CV"),
 ]
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -10,21 +10,21 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.encoders.layers import MultiViewFusion, ReconstructionHeads, RegionBlock, mlp
+from urbanprofile.encoders.layers import MultiViewFusion, ReconstructionHeads, RegionBlock, readout
 from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 
 
 class HAFusionNetwork(nn.Module):
-    """View fusion -> inter-region self-attention blocks -> MLP."""
+    """View fusion -> inter-region self-attention blocks -> read-out."""
 
     def __init__(self, features: dict[str, torch.Tensor], d: int, n_intra_layers: int, n_layers: int,
-                 n_heads: int, dropout: float) -> None:
+                 n_heads: int, dropout: float, readout_kind: str = "deepfc") -> None:
         super().__init__()
         self.features = features
         self.views = MultiViewFusion({v: x.shape[1] for v, x in features.items()}, d, n_intra_layers, n_heads,
                                      dropout)
         self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout) for _ in range(n_layers))
-        self.out = mlp(d, d)
+        self.out = readout(readout_kind, d, d)
         self.heads = ReconstructionHeads(d)
 
     def forward(self) -> torch.Tensor:
@@ -46,12 +46,17 @@ class HAFusionEmbedder(MultiViewEmbedder):
         epochs: Full-batch epochs; the final epoch's embedding is the embedding, and evenly spaced
             checkpoints are candidates a protocol may choose among by inner CV on training folds.
         lr: Adam learning rate.
-        weight_decay: Adam weight decay.
+        weight_decay: Adam weight decay (the authors' 5e-4).
+        objective: The multi-task objective: ``authors`` (the authors' code: volume-weighted mobility on
+            ``od_target``, cosine similarities), ``distribution``, or a dict of settings
+            (:data:`~urbanprofile.encoders.multiview.OBJECTIVES`).
+        readout: ``deepfc`` (the authors' code: ends in LeakyReLU(0.3)) or ``mlp``.
         random_state: Seed of the initialisation.
     """
 
     def __init__(self, d: int = 144, n_intra_layers: int = 1, n_layers: int = 2, n_heads: int = 4,
-                 dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4, weight_decay: float = 1e-5,
+                 dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4, weight_decay: float = 5e-4,
+                 objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
                  random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
@@ -61,10 +66,13 @@ class HAFusionEmbedder(MultiViewEmbedder):
         self.epochs = epochs
         self.lr = lr
         self.weight_decay = weight_decay
+        self.objective = objective
+        self.readout = readout
         self.random_state = random_state
 
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
         features = {v: torch.as_tensor(x, dtype=torch.float32) for v, x in inputs.features.items()}
-        network = HAFusionNetwork(features, self.d, self.n_intra_layers, self.n_layers, self.n_heads, self.dropout)
-        objective = MultiTaskObjective(inputs, random_state=self.random_state)
+        network = HAFusionNetwork(features, self.d, self.n_intra_layers, self.n_layers, self.n_heads, self.dropout,
+                                  self.readout)
+        objective = MultiTaskObjective(inputs, random_state=self.random_state, objective=self.objective)
         return network, multitask_step(network, network.heads, objective)

@@ -71,12 +71,14 @@ class MVUREEmbedder(MultiViewEmbedder):
         epochs: Full-batch epochs (the final one is the embedding; checkpoints are candidates).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        objective: The multi-task objective (``distribution``, ``authors`` or a dict of settings).
         random_state: Seed.
     """
 
     def __init__(self, d: int = 144, n_layers: int = 2, n_heads: int = 4, k_neighbors: int = 10,
                  sharing: float = 0.2, dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4,
-                 weight_decay: float = 1e-5, random_state: int | None = 0) -> None:
+                 weight_decay: float = 1e-5, objective: str | dict[str, Any] = "distribution",
+                 random_state: int | None = 0) -> None:
         self.d = d
         self.n_layers = n_layers
         self.n_heads = n_heads
@@ -86,6 +88,7 @@ class MVUREEmbedder(MultiViewEmbedder):
         self.epochs = epochs
         self.lr = lr
         self.weight_decay = weight_decay
+        self.objective = objective
         self.random_state = random_state
 
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
@@ -99,5 +102,5 @@ class MVUREEmbedder(MultiViewEmbedder):
         }
         graphs = {v: torch.as_tensor(g) for v, g in view_graphs(inputs, self.k_neighbors + 1).items()}
         network = MVURENetwork(features, graphs, self.d, self.n_layers, self.n_heads, self.sharing, self.dropout)
-        objective = MultiTaskObjective(inputs, random_state=self.random_state)
+        objective = MultiTaskObjective(inputs, random_state=self.random_state, objective=self.objective)
         return network, multitask_step(network, network.heads, objective)

@@ -10,20 +10,21 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.encoders.layers import MultiViewFusion, ReconstructionHeads, RegionBlock, SpatialBias, mlp
+from urbanprofile.encoders.layers import MultiViewFusion, ReconstructionHeads, RegionBlock, SpatialBias, readout
 from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 from urbanprofile.encoders.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
 
 
 class SRELNetwork(nn.Module):
-    """H~ from the view fusion, + projected centrality -> L biased attention blocks -> MLP.
+    """H~ from the view fusion, + projected centrality -> L biased attention blocks -> read-out.
 
     With a sparse prior every attention (intra-view and inter-region) is restricted to each region's k
     nearest regions, so memory and time grow linearly with the number of regions.
     """
 
     def __init__(self, features: dict[str, torch.Tensor], prior: SpatialPrior, d: int, n_intra_layers: int,
-                 n_layers: int, n_heads: int, spatial_weight: float, dropout: float) -> None:
+                 n_layers: int, n_heads: int, spatial_weight: float, dropout: float,
+                 readout_kind: str = "deepfc") -> None:
         super().__init__()
         self.features = features
         self.adjacency = torch.as_tensor(prior.adjacency, dtype=torch.float32)
@@ -35,7 +36,7 @@ class SRELNetwork(nn.Module):
         self.centrality_projection = nn.Linear(1, d)
         self.bias = SpatialBias(n_heads, N_BUCKETS, spatial_weight)
         self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout) for _ in range(n_layers))
-        self.out = mlp(d, d)
+        self.out = readout(readout_kind, d, d)
         self.heads = ReconstructionHeads(d)
 
     def forward(self) -> torch.Tensor:
@@ -59,7 +60,9 @@ class SRELEmbedder(MultiViewEmbedder):
         epochs: Full-batch epochs; the final epoch's embedding is the embedding, and evenly spaced
             checkpoints are candidates a protocol may choose among by inner CV on training folds.
         lr: Adam learning rate (paper: 2e-4 to 8e-4).
-        weight_decay: Adam weight decay.
+        weight_decay: Adam weight decay (the authors' 5e-4).
+        objective: The multi-task objective shared with HAFusion (``authors``, ``distribution`` or a dict).
+        readout: ``deepfc`` (HAFusion's code) or ``mlp``.
         attention: ``auto`` (dense up to ``dense_limit`` regions, else sparse), ``dense`` or ``sparse``.
         k_neighbors: Neighbourhood size of the sparse attention.
         dense_limit: Largest city trained with dense N x N attention under ``auto``.
@@ -68,8 +71,9 @@ class SRELEmbedder(MultiViewEmbedder):
 
     def __init__(self, d: int = 144, n_intra_layers: int = 1, n_layers: int = 2, n_heads: int = 4,
                  spatial_weight: float = 0.3, dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4,
-                 weight_decay: float = 1e-5, attention: str = "auto",
-                 k_neighbors: int = 32, dense_limit: int = 2000, random_state: int | None = 0) -> None:
+                 weight_decay: float = 5e-4, objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
+                 attention: str = "auto", k_neighbors: int = 32, dense_limit: int = 2000,
+                 random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
         self.n_layers = n_layers
@@ -79,6 +83,8 @@ class SRELEmbedder(MultiViewEmbedder):
         self.epochs = epochs
         self.lr = lr
         self.weight_decay = weight_decay
+        self.objective = objective
+        self.readout = readout
         self.attention = attention
         self.k_neighbors = k_neighbors
         self.dense_limit = dense_limit
@@ -98,6 +104,6 @@ class SRELEmbedder(MultiViewEmbedder):
         self.prior_source_ = prior.source
         features = {v: torch.as_tensor(x, dtype=torch.float32) for v, x in inputs.features.items()}
         network = SRELNetwork(features, prior, self.d, self.n_intra_layers, self.n_layers, self.n_heads,
-                              self.spatial_weight, self.dropout)
-        objective = MultiTaskObjective(inputs, random_state=self.random_state)
+                              self.spatial_weight, self.dropout, self.readout)
+        objective = MultiTaskObjective(inputs, random_state=self.random_state, objective=self.objective)
         return network, multitask_step(network, network.heads, objective)

@@ -163,6 +163,28 @@ def mlp(d_in: int, d_out: int, hidden: int | None = None) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
 
 
+def deep_fc(d_in: int, d_out: int, slope: float = 0.3) -> nn.Sequential:
+    """HAFusion's read-out: two linear maps to twice the width, LeakyReLU, a linear map, LeakyReLU.
+
+    The final LeakyReLU (slope 0.3) shrinks negative coordinates, which keeps the embedding low-rank.
+    """
+    return nn.Sequential(nn.Linear(d_in, 2 * d_in), nn.Linear(2 * d_in, 2 * d_in), nn.LeakyReLU(slope),
+                         nn.Linear(2 * d_in, d_out), nn.LeakyReLU(slope))
+
+
+#: Read-outs of the region embedders, by name.
+READOUTS = ("deepfc", "mlp")
+
+
+def readout(kind: str, d_in: int, d_out: int) -> nn.Sequential:
+    """The output refinement: ``deepfc`` (HAFusion's code) or ``mlp`` (Linear-GELU-Linear)."""
+    if kind == "deepfc":
+        return deep_fc(d_in, d_out)
+    if kind == "mlp":
+        return mlp(d_in, d_out)
+    raise ValueError(f"unknown readout {kind!r}; valid: {', '.join(READOUTS)}")
+
+
 class ReconstructionHeads(nn.Module):
     """Linear heads from the region embedding to the spaces each objective compares in.
 

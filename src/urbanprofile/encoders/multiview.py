@@ -1,10 +1,17 @@
 """Multi-view region embedding: inputs from a city, the peers' multi-task objectives, and one training loop.
 
-The objectives are those of MVURE, reused by MGFN, HREP, HAFusion and ToPT's SREL:
+The objectives are those of MVURE, reused by MGFN, HREP, HAFusion and ToPT's SREL. Two forms exist:
 
-- mobility: for each origin, the KL divergence between its empirical destination distribution and
-  softmax_j(e_s_i . e_d_j), and the same for each destination over origins;
-- similarity: e_i . e_j regressed on the POI and land-use similarity matrices.
+- ``authors`` (default; what the HAFusion and MVURE code computes): with M the mobility target
+  (``od_target``, HAFusion's ``mob-adj.npy``, else ``od_flows``) divided by its mean, the sum over *all*
+  N x N pairs of -M_ij log(softmax_j(e_s_i . e_d_j) + 1e-4), plus the same for destinations over
+  origins; so each origin weighs by its trip volume and the mobility term dwarfs the similarity
+  terms (cos(e_i, e_j) regressed on the POI and land-use similarities, mean squared error);
+- ``distribution`` (this toolkit's first reading of the papers): per origin the cross-entropy between
+  its row-normalised ``od_flows`` and the softmax, averaged over regions, and the same per destination;
+  e_i . e_j regressed on the similarities.
+
+The parts can be switched one at a time (:data:`OBJECTIVES`, ``objective={...}``) to see which matters.
 
 Large cities (``sparse=True``) use sampled versions with O(N) memory: each origin keeps its top
 destinations, scored against uniformly drawn negatives shared by all origins in an epoch, and
@@ -38,6 +45,42 @@ NEGATIVES = 256
 #: Pairs drawn per region per epoch in the sampled similarity objective.
 SIMILARITY_PAIRS = 16
 
+#: Named forms of the multi-task objective. ``weighting``: ``volume`` (sum over pairs of the mobility
+#: target divided by its mean, the authors' code) or ``row`` (per-row distributions, mean over rows);
+#: ``target``: ``od_target`` (falls back to ``od_flows`` when a city lacks it) or ``od_flows``;
+#: ``epsilon``: added to the softmax inside the log (0 = exact log-softmax); ``similarity``: ``cosine``
+#: or ``dot`` (what e_i, e_j reconstruct the similarity views with); ``clip``: gradient norm clipping
+#: (``None``: none, as the authors).
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "authors": {"weighting": "volume", "target": "od_target", "epsilon": 1e-4, "similarity": "cosine",
+                "clip": None},
+    "distribution": {"weighting": "row", "target": "od_flows", "epsilon": 0.0, "similarity": "dot", "clip": 5.0},
+}
+
+
+def objective_settings(objective: str | dict[str, Any]) -> dict[str, Any]:
+    """The settings of a named objective, or of ``authors`` overridden by a dict of settings.
+
+    Raises:
+        ValueError: On an unknown name, setting or value.
+    """
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+        return dict(OBJECTIVES[objective])
+    settings = dict(OBJECTIVES[str(objective.get("base", "authors"))])
+    unknown = set(objective) - set(settings) - {"base"}
+    if unknown:
+        raise ValueError(f"unknown objective setting {sorted(unknown)[0]!r}; valid: {', '.join(settings)}")
+    settings.update({k: v for k, v in objective.items() if k != "base"})
+    checks = {"weighting": ("volume", "row"), "target": ("od_target", "od_flows"), "similarity": ("cosine", "dot")}
+    for key, valid in checks.items():
+        if settings[key] not in valid:
+            raise ValueError(f"objective {key} must be one of {', '.join(valid)}, got {settings[key]!r}")
+    if not 0 <= float(settings["epsilon"]) < 1:
+        raise ValueError(f"objective epsilon must be in [0, 1), got {settings['epsilon']}")
+    return settings
+
 
 @dataclass
 class MultiViewInputs:
@@ -46,6 +89,8 @@ class MultiViewInputs:
     Attributes:
         features: View name (``poi``, ``landuse``, ``mobility``) -> (N, F) standardised features.
         od: Trip counts (N, N): dense array, or CSR for large cities.
+        od_target: The mobility objective's target matrix (the ``od_target`` view), or ``None`` when the
+            city has none (then ``od`` is the target).
         similarity: View -> dense (N, N) similarity targets (empty in sparse mode).
         counts: View -> (N, F) raw counts, for cosine targets in sparse mode.
         sparse: Whether the sampled objectives are used.
@@ -55,6 +100,7 @@ class MultiViewInputs:
     od: np.ndarray | sparse.csr_matrix
     similarity: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, np.ndarray] = field(default_factory=dict)
+    od_target: np.ndarray | sparse.csr_matrix | None = None
     sparse: bool = False
 
     @property
@@ -70,10 +116,12 @@ class MultiViewInputs:
         """
         counts = {v: city.view(c).to_numpy(dtype=float) for v, (c, _) in SIMILARITY_VIEWS.items()}
         scaled = {v: LogScaler().fit(raw).transform(raw) for v, raw in counts.items()}
+        has_target = "od_target" in city.views
         if sparse_mode:
             od_sparse = view_csr(city.view("od_flows"))
             scaled["mobility"] = mobility_svd(od_sparse, mobility_dims)
-            return cls(scaled, od_sparse, {}, counts, True)
+            target = view_csr(city.view("od_target")) if has_target else None
+            return cls(scaled, od_sparse, {}, counts, target, sparse=True)
         od = city.view("od_flows").to_numpy(dtype=float)
         profiles = np.hstack([od, od.T])
         scaled["mobility"] = LogScaler().fit(profiles).transform(profiles)
@@ -83,7 +131,8 @@ class MultiViewInputs:
                 similarity[view] = city.view(sim_view).to_numpy(dtype=float)
             else:
                 similarity[view] = cosine_similarity(counts[view])
-        return cls(scaled, od, similarity, counts, False)
+        target = city.view("od_target").to_numpy(dtype=float) if has_target else None
+        return cls(scaled, od, similarity, counts, target)
 
 
 def cosine_similarity(counts: np.ndarray) -> np.ndarray:
@@ -103,8 +152,11 @@ def mobility_svd(od: sparse.csr_matrix, dims: int) -> np.ndarray:
     return (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
 
 
-def _top_k_rows(matrix: sparse.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k largest entries as (indices, probabilities); empty rows get zero weights."""
+def _top_k_rows(matrix: sparse.csr_matrix, k: int, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest entries as (indices, weights); empty rows get zero weights.
+
+    Weights are the row's probabilities, or with ``scale`` the entries divided by ``scale`` (volumes).
+    """
     n = matrix.shape[0]
     idx = np.zeros((n, k), dtype=np.int64)
     weight = np.zeros((n, k))
@@ -115,7 +167,7 @@ def _top_k_rows(matrix: sparse.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarr
             keep = np.argpartition(-vals, k - 1)[:k]
             cols, vals = cols[keep], vals[keep]
         idx[i, : len(cols)] = cols
-        total = vals.sum()
+        total = vals.sum() if scale is None else scale
         if total > 0:
             weight[i, : len(cols)] = vals / total
     return idx, weight
@@ -128,18 +180,28 @@ class MultiTaskObjective:
         inputs: The city's arrays.
         views: Similarity views to reconstruct (a subset of ``poi``, ``landuse``).
         random_state: Seed of the negative and pair sampling (sparse mode).
+        objective: A name in :data:`OBJECTIVES` or a dict of settings overriding ``authors``.
     """
 
     def __init__(self, inputs: MultiViewInputs, views: tuple[str, ...] = ("poi", "landuse"),
-                 random_state: int | None = 0) -> None:
+                 random_state: int | None = 0, objective: str | dict[str, Any] = "authors") -> None:
+        settings = objective_settings(objective)
+        self.settings = settings
+        self.volume = settings["weighting"] == "volume"
+        self.epsilon = float(settings["epsilon"])
+        self.cosine = settings["similarity"] == "cosine"
         self.sparse = inputs.sparse
         self.views = views
         self.n = inputs.n_regions
         self.generator = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
+        use_target = settings["target"] == "od_target" and inputs.od_target is not None
+        target = inputs.od_target if use_target else inputs.od
         if self.sparse:
-            od = sparse.csr_matrix(inputs.od, dtype=float)
-            out_idx, out_w = _top_k_rows(od, TOP_DESTINATIONS)
-            in_idx, in_w = _top_k_rows(od.T.tocsr(), TOP_DESTINATIONS)
+            od = sparse.csr_matrix(target, dtype=float)
+            # Volume weighting: entries over the mean of all N x N entries, as the dense form.
+            scale = max(float(od.sum()) / self.n**2, 1e-12) if self.volume else None
+            out_idx, out_w = _top_k_rows(od, TOP_DESTINATIONS, scale)
+            in_idx, in_w = _top_k_rows(od.T.tocsr(), TOP_DESTINATIONS, scale)
             self.out_idx, self.out_w = torch.as_tensor(out_idx), torch.as_tensor(out_w, dtype=torch.float32)
             self.in_idx, self.in_w = torch.as_tensor(in_idx), torch.as_tensor(in_w, dtype=torch.float32)
             self.unit = {}
@@ -148,25 +210,40 @@ class MultiTaskObjective:
                 unit = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
                 self.unit[v] = torch.as_tensor(unit, dtype=torch.float32)
         else:
-            od = np.asarray(inputs.od, dtype=float)
-            out_total = od.sum(axis=1, keepdims=True)
-            in_total = od.sum(axis=0, keepdims=True)
-            self.p_out = torch.as_tensor(np.divide(od, out_total, out=np.zeros_like(od), where=out_total > 0),
-                                         dtype=torch.float32)
-            self.p_in = torch.as_tensor(np.divide(od, in_total, out=np.zeros_like(od), where=in_total > 0),
-                                        dtype=torch.float32)
-            self.has_out = torch.as_tensor(out_total.ravel() > 0)
-            self.has_in = torch.as_tensor(in_total.ravel() > 0)
+            od = np.asarray(target, dtype=float)
+            if self.volume:
+                mean = od.mean()
+                weights = od / mean if mean > 0 else np.zeros_like(od)
+                self.p_out = torch.as_tensor(weights, dtype=torch.float32)
+                self.p_in = self.p_out
+            else:
+                out_total = od.sum(axis=1, keepdims=True)
+                in_total = od.sum(axis=0, keepdims=True)
+                self.p_out = torch.as_tensor(np.divide(od, out_total, out=np.zeros_like(od), where=out_total > 0),
+                                             dtype=torch.float32)
+                self.p_in = torch.as_tensor(np.divide(od, in_total, out=np.zeros_like(od), where=in_total > 0),
+                                            dtype=torch.float32)
+            self.has_out = torch.as_tensor(od.sum(axis=1) > 0)
+            self.has_in = torch.as_tensor(od.sum(axis=0) > 0)
             self.similarity = {v: torch.as_tensor(np.array(inputs.similarity[v]), dtype=torch.float32)
                                for v in views}
 
+    def _log_p(self, logits: Any, dim: int) -> Any:
+        if self.epsilon > 0:
+            return torch.log(torch.softmax(logits, dim=dim) + self.epsilon)
+        return torch.log_softmax(logits, dim=dim)
+
+    def _reduce(self, per_row: Any, mask: Any) -> Any:
+        """Volume weighting sums over rows (rows weigh by their trips); else the mean over non-empty rows."""
+        return per_row.sum() if self.volume else _masked_mean(per_row, mask)
+
     def mobility(self, source: Any, destination: Any) -> Any:
-        """KL(empirical || model) of destinations per origin plus of origins per destination (up to a constant)."""
+        """Cross-entropy of destinations per origin plus of origins per destination (KL up to a constant)."""
         if not self.sparse:
             logits = source @ destination.T
-            out = -(self.p_out * torch.log_softmax(logits, dim=1)).sum(dim=1)
-            inn = -(self.p_in * torch.log_softmax(logits, dim=0)).sum(dim=0)
-            return _masked_mean(out, self.has_out) + _masked_mean(inn, self.has_in)
+            out = -(self.p_out * self._log_p(logits, 1)).sum(dim=1)
+            inn = -(self.p_in * self._log_p(logits, 0)).sum(dim=0)
+            return self._reduce(out, self.has_out) + self._reduce(inn, self.has_in)
         return self._sampled(source, destination, self.out_idx, self.out_w) + self._sampled(
             destination, source, self.in_idx, self.in_w
         )
@@ -177,17 +254,28 @@ class MultiTaskObjective:
         pos = torch.einsum("nd,nmd->nm", query, key[idx])
         neg = query @ key[negatives].T + float(np.log(self.n / NEGATIVES))
         log_z = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1, keepdim=True)
-        per_row = -(weight * (pos - log_z)).sum(dim=1)
-        return _masked_mean(per_row, weight.sum(dim=1) > 0)
+        log_p = torch.log(torch.exp(pos - log_z) + self.epsilon) if self.epsilon > 0 else pos - log_z
+        per_row = -(weight * log_p).sum(dim=1)
+        return self._reduce(per_row, weight.sum(dim=1) > 0)
+
+    def _pairs(self, a: Any, b: Any) -> Any:
+        if self.cosine:
+            return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
+        return (a * b).sum(dim=-1)
 
     def similarity_loss(self, view: str, embedding: Any) -> Any:
-        """Mean squared error between e_i . e_j and the view's similarity s_ij."""
+        """Mean squared error between cos(e_i, e_j) (or e_i . e_j) and the view's similarity s_ij."""
         if not self.sparse:
-            return torch.mean((embedding @ embedding.T - self.similarity[view]) ** 2)
+            if self.cosine:
+                unit = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-8)
+                predicted = unit @ unit.T
+            else:
+                predicted = embedding @ embedding.T
+            return torch.mean((predicted - self.similarity[view]) ** 2)
         i = torch.arange(self.n).repeat_interleave(SIMILARITY_PAIRS)
         j = torch.randint(0, self.n, (self.n * SIMILARITY_PAIRS,), generator=self.generator)
         target = torch.einsum("pd,pd->p", self.unit[view][i], self.unit[view][j])
-        return torch.mean((torch.einsum("pd,pd->p", embedding[i], embedding[j]) - target) ** 2)
+        return torch.mean((self._pairs(embedding[i], embedding[j]) - target) ** 2)
 
 
 def _masked_mean(values: Any, mask: Any) -> Any:
@@ -217,6 +305,7 @@ def train_loop(
     weight_decay: float,
     checkpoints: tuple[int, ...] = (),
     on_epoch: Callable[[int, int], None] | None = None,
+    clip: float | None = 5.0,
 ) -> TrainingLog:
     """Full-batch Adam on the sum of named loss parts, stopping with a one-line error on a NaN.
 
@@ -230,6 +319,7 @@ def train_loop(
         checkpoints: Epochs whose embedding is kept in ``snapshots`` (label-free; a protocol may choose
             among them by inner cross-validation on training folds, never by test folds).
         on_epoch: Called with (epoch, epochs) after each epoch, e.g. to advance a progress bar.
+        clip: Largest gradient norm (``None``: no clipping).
     """
     parameters = list(network.parameters())
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
@@ -246,7 +336,8 @@ def train_loop(
                 )
         total = sum(parts.values())
         total.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 5.0)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
         log.losses.append({k: float(v.detach()) for k, v in parts.items()})
         log.epochs = epoch
@@ -287,6 +378,8 @@ class MultiViewEmbedder(Embedder):
     lr: float
     weight_decay: float
     random_state: int | None
+    #: The multi-task objective (a name in OBJECTIVES or a dict of settings); subclasses take it as a parameter.
+    objective: str | dict[str, Any] = "authors"
 
     def inputs(self, city: CityData) -> MultiViewInputs:
         return MultiViewInputs.from_city(city)
@@ -301,6 +394,7 @@ class MultiViewEmbedder(Embedder):
             city.view(view)
         if self.epochs < 1 or self.lr <= 0:
             raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={self.epochs}, lr={self.lr}")
+        settings = objective_settings(self.objective)
         torch.manual_seed(0 if self.random_state is None else int(self.random_state))
         inputs = self.inputs(city)
         network, step = self.build(city, inputs)
@@ -309,7 +403,7 @@ class MultiViewEmbedder(Embedder):
                                     for k in range(self.n_checkpoints)}))
         network.train()
         self.log_ = train_loop(name, network, step, self.epochs, self.lr, self.weight_decay, checkpoints,
-                               self.on_epoch)
+                               self.on_epoch, clip=settings["clip"])
         values = self.log_.snapshots[self.epochs]
         for epoch, snapshot in self.log_.snapshots.items():
             if not np.isfinite(snapshot).all():

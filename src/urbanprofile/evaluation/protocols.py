@@ -112,7 +112,8 @@ def evaluate_embedding(
         embedding: One row per region, indexed by ``region_id``.
         task: Indicator to predict.
         protocol: ``paper``, ``nested`` or ``spatial``.
-        head: ``ridge`` or ``knn``.
+        head: ``ridge``, ``knn`` or ``ridge-blocks`` (an embedding whose ``emb_*`` columns are learned and
+            whose other columns are raw counts; the probe weighs the two blocks, chosen by inner CV).
         random_state: Seed of the inner folds.
         candidates: Other label-free embeddings of the same method (e.g. training checkpoints). Under
             ``nested`` and ``spatial`` each outer fold uses the candidate with the lowest inner-CV error
@@ -132,6 +133,8 @@ def evaluate_embedding(
         if not np.isfinite(matrices[label]).all():
             raise DataError(f"embedding {label!r} has NaN or infinite values for {city.name!r}")
     y = td.y
+    # The learned block of a learned + raw embedding: its leading emb_* columns.
+    n_learned = int(next(iter(options.values())).columns.str.startswith("emb_").sum())
     inner_groups = _task_blocks(city, td, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
 
     pred = np.zeros_like(y)
@@ -142,7 +145,8 @@ def evaluate_embedding(
         groups = inner_groups[train] if inner_groups is not None else None
         fits = {}
         for label, X in matrices.items():
-            fits[label] = make_probe(head, protocol, random_state).fit(X[train], y[train], groups=groups)
+            probe = make_probe(head, protocol, random_state, n_learned=n_learned)
+            fits[label] = probe.fit(X[train], y[train], groups=groups)
         label = min(fits, key=lambda name: fits[name].cv_error_) if len(fits) > 1 else next(iter(fits))
         pred[test] = fits[label].predict(matrices[label][test])
         fold[test] = k

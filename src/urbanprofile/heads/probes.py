@@ -117,6 +117,19 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
         self.cv = cv
         self.random_state = random_state
 
+    def _feature_options(self, X: np.ndarray) -> list[Any]:
+        """The feature transforms to choose among: (log1p, standardise) pairs; log1p only for counts."""
+        counts = bool((X >= 0).all())
+        options = [(lf, sc) for lf in self.log_features if counts or not lf for sc in self.scale]
+        if not options:
+            raise ValueError("log_features=(True,) needs non-negative features")
+        return options
+
+    def _apply(self, x_train: np.ndarray, x_other: np.ndarray, option: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One feature option, with statistics from the training rows only."""
+        log, scale = option
+        return _features(x_train, x_other, log, scale)
+
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> RidgeProbe:
         X = np.asarray(X, dtype=float)
         y = np.asarray(y, dtype=float)
@@ -125,37 +138,38 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
         if not np.isfinite(X).all():
             raise ValueError("embedding has NaN or infinite values")
         alphas = np.asarray(self.alphas, dtype=float)
-        counts = bool((X >= 0).all())
-        feature_options = [(lf, sc) for lf in self.log_features if counts or not lf for sc in self.scale]
-        if not feature_options:
-            raise ValueError("log_features=(True,) needs non-negative features")
+        feature_options = self._feature_options(X)
         n_options = len(feature_options) * len(self.log_target)
         self.cv_error_ = float("nan")
         if n_options == 1 and len(alphas) == 1:
-            best = (*feature_options[0], self.log_target[0], float(alphas[0]))
+            best = (feature_options[0], self.log_target[0], float(alphas[0]))
         else:
-            options = [(lf, sc, lt) for lf, sc in feature_options for lt in self.log_target]
+            options = [(fo, lt) for fo in feature_options for lt in self.log_target]
             errors = np.zeros((len(options), len(alphas)))
             for train, val in inner_splits(len(y), self.cv, groups, self.random_state):
-                for lf, sc in feature_options:
-                    x_tr, x_va = _features(X[train], X[val], lf, sc)
+                for f, fo in enumerate(feature_options):
+                    x_tr, x_va = self._apply(X[train], X[val], fo)
                     svd = np.linalg.svd(x_tr - x_tr.mean(axis=0), full_matrices=False)
-                    for lt in self.log_target:
+                    for t, lt in enumerate(self.log_target):
                         target = _Target(lt, y[train])
                         z = ridge_path(x_tr, target.forward(y[train]), x_va, alphas, svd)
                         pred = np.clip(target.inverse(z), 0, None)
-                        errors[options.index((lf, sc, lt))] += ((pred - y[val, None]) ** 2).sum(axis=0)
+                        errors[f * len(self.log_target) + t] += ((pred - y[val, None]) ** 2).sum(axis=0)
             o, a = np.unravel_index(int(np.argmin(errors)), errors.shape)
             best = (*options[o], float(alphas[a]))
             self.cv_error_ = float(errors[o, a]) / len(y)
-        self.log_features_, self.scale_, self.log_target_, self.alpha_ = best
+        self.feature_option_, self.log_target_, self.alpha_ = best
+        self._set_chosen_features(self.feature_option_)
         self.capped_ = not (n_options == 1 and len(alphas) == 1)
         self.X_train_, self.y_train_ = X, y
         return self
 
+    def _set_chosen_features(self, option: Any) -> None:
+        self.log_features_, self.scale_ = option
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=float)
-        x_tr, x_ev = _features(self.X_train_, X, self.log_features_, self.scale_)
+        x_tr, x_ev = self._apply(self.X_train_, X, self.feature_option_)
         target = _Target(self.log_target_, self.y_train_, capped=self.capped_)
         z = ridge_path(x_tr, target.forward(self.y_train_), x_ev, np.array([self.alpha_]))[:, 0]
         return np.clip(target.inverse(z), 0, None)
@@ -238,13 +252,86 @@ class KNNProbe(BaseEstimator, RegressorMixin):
         return {"k": self.k_, "weights": self.weighting_}
 
 
-#: Head kinds a method can ask for.
-HEADS = ("ridge", "knn")
+#: Weight of the learned block against the raw block (after each column is standardised) that
+#: :class:`BlockRidgeProbe` chooses among; ``inf`` keeps the learned block only (raw weight 0).
+BLOCK_WEIGHTS = (0.0, 0.5, 2.0, float("inf"))
 
 
-def make_probe(head: str, protocol: str, random_state: int | None = 0) -> RidgeProbe | KNNProbe:
-    """The probe for a head kind under a protocol: fixed peer settings for ``paper``, selected otherwise."""
-    if head == "ridge":
+class BlockRidgeProbe(RidgeProbe):
+    """Ridge on a learned embedding beside raw count features, the blocks' relative scale chosen by inner CV.
+
+    The columns are two consecutive blocks: ``n_learned`` learned columns, then raw counts. Each column is
+    standardised on the training rows (the raw block optionally after log1p, chosen), then the learned
+    block is multiplied by a weight w from ``block_weights``: w = 0 is the raw features alone, ``inf``
+    the learned embedding alone, and in between a Ridge whose penalty on the learned block is alpha / w².
+    w, alpha, the raw log1p and the log1p target are chosen together by inner CV on the training rows.
+
+    Args:
+        n_learned: Width of the learned block (the first columns).
+        block_weights: Learned-block weights to choose from.
+        alphas: Regularisation strengths to choose from.
+        log_features: log1p options for the raw block.
+        log_target: Target options.
+        cv: Inner folds.
+        random_state: Seed of the inner fold shuffle.
+    """
+
+    def __init__(
+        self,
+        n_learned: int = 0,
+        block_weights: tuple[float, ...] = BLOCK_WEIGHTS,
+        alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+        log_features: tuple[bool, ...] = (False, True),
+        log_target: tuple[bool, ...] = (False, True),
+        cv: int = 5,
+        random_state: int | None = 0,
+    ) -> None:
+        super().__init__(alphas=alphas, log_features=log_features, scale=(True,), log_target=log_target, cv=cv,
+                         random_state=random_state)
+        self.n_learned = n_learned
+        self.block_weights = block_weights
+
+    def _feature_options(self, X: np.ndarray) -> list[Any]:
+        """(raw log1p, learned weight) pairs; log1p only when the raw block holds counts."""
+        if not 0 < self.n_learned < X.shape[1]:
+            raise ValueError(f"n_learned must leave both blocks non-empty, got {self.n_learned} of {X.shape[1]}")
+        if not self.block_weights or min(self.block_weights) < 0:
+            raise ValueError(f"block_weights must be non-negative, got {self.block_weights}")
+        counts = bool((X[:, self.n_learned:] >= 0).all())
+        logs = [lf for lf in self.log_features if counts or not lf] or [False]
+        return [(lf, float(w)) for lf in logs for w in self.block_weights]
+
+    def _apply(self, x_train: np.ndarray, x_other: np.ndarray, option: Any) -> tuple[np.ndarray, np.ndarray]:
+        raw_log, weight = option
+        k = self.n_learned
+        learned_tr, learned_ot = _standardize(x_train[:, :k], x_other[:, :k])
+        if np.isinf(weight):
+            return learned_tr, learned_ot
+        raw_tr, raw_ot = _features(x_train[:, k:], x_other[:, k:], raw_log, True)
+        return np.hstack([weight * learned_tr, raw_tr]), np.hstack([weight * learned_ot, raw_ot])
+
+    def _set_chosen_features(self, option: Any) -> None:
+        self.raw_log_, self.block_weight_ = option
+        self.log_features_, self.scale_ = self.raw_log_, True
+
+    def chosen(self) -> dict[str, Any]:
+        return {"alpha": self.alpha_, "log_features": bool(self.raw_log_), "scale": True,
+                "log_target": bool(self.log_target_), "block_weight": float(self.block_weight_)}
+
+
+#: Head kinds a method can ask for (``ridge-blocks``: :class:`BlockRidgeProbe` on a learned + raw embedding).
+HEADS = ("ridge", "knn", "ridge-blocks")
+
+
+def make_probe(head: str, protocol: str, random_state: int | None = 0, n_learned: int = 0) -> RidgeProbe | KNNProbe:
+    """The probe for a head kind under a protocol: fixed peer settings for ``paper``, selected otherwise.
+
+    ``n_learned`` is the width of the learned block of a ``ridge-blocks`` embedding; under ``paper`` that
+    head is the peers' plain Ridge on the concatenation.
+    """
+    if head == "ridge-blocks" and protocol != "paper":
+        return BlockRidgeProbe(n_learned=n_learned, random_state=random_state)
+    if head in ("ridge", "ridge-blocks"):
         if protocol == "paper":
             return RidgeProbe(alphas=(1.0,), log_features=(False,), scale=(False,), log_target=(False,))
         return RidgeProbe(random_state=random_state)

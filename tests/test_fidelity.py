@@ -1,0 +1,132 @@
+"""Fidelity to the authors' code (objective, read-out) and learned + raw probing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from urbanprofile.data import CityData
+from urbanprofile.embedders.hafusion import HAFusionEmbedder
+from urbanprofile.encoders.layers import readout
+from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewInputs, objective_settings
+from urbanprofile.evaluation import evaluate_embedding
+from urbanprofile.heads.probes import BlockRidgeProbe, RidgeProbe, make_probe
+from urbanprofile.methods import get_method
+
+
+def _log_softmax_np(x: np.ndarray, axis: int) -> np.ndarray:
+    z = x - x.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def _mobility(city: CityData, objective: str | dict, seed: int = 0) -> tuple[float, np.ndarray, np.ndarray]:
+    inputs = MultiViewInputs.from_city(city)
+    rng = np.random.default_rng(seed)
+    s, d = rng.normal(size=(city.n_regions, 8)), rng.normal(size=(city.n_regions, 8))
+    loss = MultiTaskObjective(inputs, objective=objective).mobility(torch.tensor(s, dtype=torch.float32),
+                                                                     torch.tensor(d, dtype=torch.float32))
+    return float(loss), s, d
+
+
+def test_authors_objective_is_the_volume_weighted_sum_over_all_pairs(city: CityData) -> None:
+    target = city.views["od_flows"].to_numpy(dtype=float).copy()
+    target[0, 1] += 500.0  # od_target differs from od_flows: the objective must read od_target
+    city.views["od_target"] = pd.DataFrame(target, index=city.region_ids, columns=city.region_ids)
+    loss, s, d = _mobility(city, "authors")
+    m = target / target.mean()
+    logits = s @ d.T
+    p_dest = np.exp(_log_softmax_np(logits, 1))
+    p_orig = np.exp(_log_softmax_np(logits.T, 1))
+    expected = -(m * np.log(p_dest + 1e-4)).sum() - (m.T * np.log(p_orig + 1e-4)).sum()
+    assert loss == pytest.approx(expected, rel=1e-4)
+    flows_loss, _, _ = _mobility(city, {"target": "od_flows"})
+    assert flows_loss != pytest.approx(loss, rel=1e-4)
+
+
+def test_distribution_objective_is_the_mean_per_row_cross_entropy(city: CityData) -> None:
+    loss, s, d = _mobility(city, "distribution")
+    od = city.views["od_flows"].to_numpy(dtype=float)
+    logits = s @ d.T
+    out = od / od.sum(axis=1, keepdims=True)
+    inn = od / od.sum(axis=0, keepdims=True)
+    expected = -(out * _log_softmax_np(logits, 1)).sum(1).mean() - (inn * _log_softmax_np(logits, 0)).sum(0).mean()
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_objective_settings_validate_names_and_values() -> None:
+    assert objective_settings({"epsilon": 0.0})["weighting"] == "volume"
+    assert objective_settings({"base": "distribution", "similarity": "cosine"})["weighting"] == "row"
+    for bad in ("nope", {"weighting": "nope"}, {"epsilon": 2.0}, {"lr": 1}):
+        with pytest.raises(ValueError):
+            objective_settings(bad)
+
+
+def test_cosine_similarity_part_ignores_the_embedding_scale(city: CityData) -> None:
+    objective = MultiTaskObjective(MultiViewInputs.from_city(city))
+    e = torch.randn(city.n_regions, 8)
+    assert float(objective.similarity_loss("poi", e)) == pytest.approx(float(objective.similarity_loss("poi", 5 * e)),
+                                                                        rel=1e-4)
+
+
+def test_deepfc_readout_ends_in_leaky_relu_and_names_are_checked() -> None:
+    out = readout("deepfc", 8, 4)(torch.randn(50, 8))
+    negative = out[out < 0]
+    assert out.shape == (50, 4) and len(negative) > 0
+    with pytest.raises(ValueError, match="unknown readout"):
+        readout("nope", 8, 4)
+
+
+def test_hafusion_trains_with_each_objective(city: CityData) -> None:
+    for objective in ("authors", "distribution"):
+        model = HAFusionEmbedder(d=16, epochs=8, objective=objective, random_state=0).fit(city)
+        assert np.isfinite(model.transform(city).to_numpy()).all()
+        assert model.log_.losses[-1]["mobility"] < model.log_.losses[0]["mobility"]
+
+
+def _blocks(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    learned = rng.normal(size=(n, 6))
+    raw = rng.poisson(5, size=(n, 10)).astype(float)
+    return learned, raw, rng.normal(0, 0.1, n)
+
+
+def test_block_probe_weighs_the_informative_block() -> None:
+    learned, raw, noise = _blocks()
+    y_learned = 20 + 3 * learned[:, 0] + noise  # only the learned block matters
+    probe = BlockRidgeProbe(n_learned=6).fit(np.hstack([learned, raw]), y_learned)
+    assert probe.chosen()["block_weight"] >= 2.0
+    y_raw = 5 + raw[:, 0] + raw[:, 3] + noise  # only the raw counts matter
+    probe = BlockRidgeProbe(n_learned=6).fit(np.hstack([learned, raw]), y_raw)
+    assert probe.chosen()["block_weight"] <= 0.5
+
+
+def test_block_probe_with_the_learned_block_alone_is_a_scaled_ridge() -> None:
+    learned, raw, noise = _blocks()
+    y = 20 + 3 * learned[:, 0] + noise
+    X = np.hstack([learned, raw])
+    probe = BlockRidgeProbe(n_learned=6, block_weights=(float("inf"),), log_features=(False,),
+                            log_target=(False,)).fit(X[:100], y[:100])
+    plain = RidgeProbe(alphas=(probe.alpha_,), log_features=(False,), scale=(True,), log_target=(False,))
+    plain.fit(learned[:100], y[:100])
+    plain.capped_ = True
+    np.testing.assert_allclose(probe.predict(X[100:]), plain.predict(learned[100:]), rtol=1e-8)
+    with pytest.raises(ValueError, match="n_learned"):
+        BlockRidgeProbe(n_learned=16).fit(X, y)
+    assert not isinstance(make_probe("ridge-blocks", "paper", n_learned=6), BlockRidgeProbe)
+
+
+def test_learned_plus_raw_method_keeps_both_blocks_and_its_checkpoints(city: CityData) -> None:
+    spec = get_method("hafusion+raw")
+    embedder = spec.build(random_state=0)
+    embedder.learned_params = {"d": 16, "epochs": 10}  # a tiny model
+    emb = embedder.fit(city).transform(city)
+    n_raw = 2 * city.n_regions + city.views["poi_counts"].shape[1] + city.views["landuse_counts"].shape[1]
+    assert list(emb.columns[:16]) == [f"emb_{k}" for k in range(16)] and emb.shape[1] == 16 + n_raw
+    assert all(frame.columns.equals(emb.columns) for frame in embedder.candidates_.values())
+    two = dict(list(embedder.candidates_.items())[-2:])
+    nested = evaluate_embedding(city, emb, "crime", "nested", head=spec.head, candidates=two)
+    assert all("block_weight" in c and "candidate" in c for c in nested.chosen)
+    paper = evaluate_embedding(city, emb, "crime", "paper", head=spec.head)
+    assert np.isfinite(paper.metrics["r2"])

@@ -3,7 +3,9 @@
 Modalities (what a region has decides which are present):
 
 =============  ==========================================================================================
-``location``   GeoCLIP (512-d) of the region centroid
+``location``   GeoCLIP (512-d) of the region centroid, beside the multi-scale sinusoidal features of
+               ``raw-location`` (34-d, about the city's mean centre): GeoCLIP's finest random-Fourier scale
+               varies over tens of kilometres, too coarse alone to tell apart 1 km tiles of one city
 ``text``       mean MiniLM vector (384-d) of the region's tile captions (``tile_caption``), or of its geo-text
                (``geo_text``, Chicago)
 ``streetview`` mean over the street-view photos inside the region of the MiniLM vector of the photo's caption,
@@ -136,8 +138,11 @@ def region_modalities(
 def _compute(city: CityData, name: str, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     n = city.n_regions
     if name == "location":
+        from urbanprofile.encoders.location import SinusoidalLocationEncoder
+
         latlon = city.regions[["lat", "lon"]].to_numpy(dtype=float)
-        return _encoder("location").encode(latlon, progress=progress), np.ones(n, bool), {}
+        geoclip = _encoder("location").encode(latlon, progress=progress)
+        return np.hstack([geoclip, SinusoidalLocationEncoder().encode(latlon)]), np.ones(n, bool), {}
     if name in ("poi", "landuse"):
         view = city.view(f"{name}_counts").to_numpy(dtype=float)
         return np.log1p(np.clip(view, 0, None)), np.ones(n, bool), {}

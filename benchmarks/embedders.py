@@ -133,7 +133,7 @@ def quality(seeds: list[int], methods: list[str], datasets: list[str] | None = N
         wall = time.perf_counter() - start
     rows = [row_to_json(r) for r in outcome.rows] + reused_rows
     previous = RESULTS / "embedders_quality.json"
-    lock = open(RESULTS / ".embedders_quality.lock", "w")  # noqa: SIM115  (held until the merged file is written)
+    lock = open(Path(tempfile.gettempdir()) / "urbanprofile-embedders-quality.lock", "w")  # noqa: SIM115
     fcntl.flock(lock, fcntl.LOCK_EX)
     if previous.is_file():
         earlier = json.loads(previous.read_text(encoding="utf-8"))

@@ -100,3 +100,26 @@ def test_smollm2_gguf_converts_once_and_encodes(tmp_path: Path, monkeypatch: pyt
     vectors = encoder.encode(["Region with many restaurants.", "A quiet park."])
     assert vectors.shape == (2, 576) and np.isfinite(vectors).all()
     assert not np.allclose(vectors[0], vectors[1])
+
+
+def test_shared_prefix_pairs_equal_the_concatenated_tokens(
+    tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("URBANPROFILE_CACHE", str(tmp_path / "cache"))
+    encoder = llm.LLMPromptEncoder(tiny_lm, progress=False)
+    prefixes, suffixes = ["the region has many shops", "a city"], ["", "crime is high", "parks"]
+    pairs = encoder.encode_pairs(prefixes, suffixes)
+    assert pairs.shape == (2, 3, 16)
+    model, tokenizer = llm.load_causal_lm(tiny_lm)
+    for i, prefix in enumerate(prefixes):
+        for j, suffix in enumerate(suffixes):
+            ids = tokenizer(prefix, return_tensors="pt")["input_ids"]
+            if suffix:
+                extra = tokenizer(suffix, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                ids = torch.cat([ids, extra], dim=1)
+            with torch.no_grad():
+                full = model(input_ids=ids, output_hidden_states=True).hidden_states[-1].mean(dim=1)[0]
+            np.testing.assert_allclose(pairs[i, j], full.numpy(), atol=1e-5)
+    assert not encoder.last_from_cache
+    encoder.encode_pairs(prefixes, suffixes)
+    assert encoder.last_from_cache

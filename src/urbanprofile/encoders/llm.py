@@ -252,34 +252,18 @@ class LLMPromptEncoder:
             self._loaded = load_causal_lm(self.model)
         return self._loaded
 
-    def _cache_path(self, texts: Sequence[str]) -> Path:
-        key = hashlib.sha256(f"{self.name}|{text_hash(texts)}".encode()).hexdigest()[:32]
-        return cache_dir() / "vectors" / f"{key}.npy"
-
-    def encode(self, texts: Sequence[str], on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Encode texts.
-
-        Args:
-            texts: The texts (any number, non-empty strings).
-            on_batch: Called with (texts done, total) after each batch.
-
-        Returns:
-            ``(len(texts), hidden_size)`` float32.
-        """
-        texts = list(texts)
-        if not texts:
-            raise DataError("no texts to encode")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"text {i} is empty or not a string")
-        path = self._cache_path(texts) if self.cache else None
+    def _cached(self, key: str, compute: Callable[[], np.ndarray], rows: int) -> np.ndarray:
+        """Read the vectors stored under ``key`` or compute and store them (atomically)."""
+        path = cache_dir() / "vectors" / f"{key}.npy" if self.cache else None
         if path is not None and path.is_file():
             vectors = np.load(path, allow_pickle=False)
-            if vectors.shape[0] == len(texts):
+            if vectors.shape[0] == rows:
                 self.last_from_cache = True
                 return vectors
         self.last_from_cache = False
-        vectors = self._encode_uncached(texts, on_batch)
+        vectors = compute()
+        if not np.isfinite(vectors).all():
+            raise DataError(f"model {self.model}: prompt vectors have NaN or infinite values")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
@@ -288,31 +272,114 @@ class LLMPromptEncoder:
             os.replace(tmp, path)
         return vectors
 
-    def _encode_uncached(self, texts: list[str], on_batch: Callable[[int, int], None] | None) -> np.ndarray:
-        import torch
+    def _key(self, *parts: str) -> str:
+        return hashlib.sha256("|".join([self.name, *parts]).encode()).hexdigest()[:32]
+
+    def encode(self, texts: Sequence[str], on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Encode texts: the mean last hidden state over each text's tokens.
+
+        Args:
+            texts: The texts (any number, non-empty strings).
+            on_batch: Called with (texts done, total) after each batch.
+
+        Returns:
+            ``(len(texts), hidden_size)`` float32.
+        """
+        texts = _check_texts(texts, "text")
+        return self._cached(self._key("texts", text_hash(texts)), lambda: self._encode_batches(texts, on_batch),
+                            len(texts))
+
+    def encode_pairs(self, prefixes: Sequence[str], suffixes: Sequence[str]) -> np.ndarray:
+        """Encode every ``prefix + suffix`` pair, running each prefix through the model once.
+
+        The vector of a pair is the mean last hidden state over the prefix's tokens followed by the
+        suffix's tokens (the suffix tokenised without special tokens). A causal model's hidden states of the
+        prefix do not depend on what follows, so the prefix is encoded once and its key/value cache is reused
+        for every suffix: for a geo-text per region and a few task prompts this is several times cheaper
+        than encoding the concatenated texts. An empty suffix gives the prefix's own vector.
+
+        Returns:
+            ``(len(prefixes), len(suffixes), hidden_size)`` float32.
+        """
+        prefixes = _check_texts(prefixes, "prefix")
+        suffixes = list(suffixes)
+        if not suffixes or not all(isinstance(x, str) for x in suffixes):
+            raise DataError("suffixes must be a non-empty list of strings ('' for the prefix alone)")
+        key = self._key("pairs", text_hash(prefixes), text_hash(suffixes))
+        return self._cached(key, lambda: self._encode_pairs(prefixes, suffixes), len(prefixes))
+
+    def _progress(self, label: str) -> Any:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=Console(stderr=True), disable=not self.progress, transient=True)
+
+    def _base(self) -> tuple[Any, Any]:
+        """The transformer without its vocabulary projection (its last hidden state is all we need)."""
         model, tokenizer = self._model()
         tokenizer.padding_side = "right"  # real tokens keep positions 0..n-1 and never see padding
+        return getattr(model, "base_model", model), tokenizer
+
+    def _encode_batches(self, texts: list[str], on_batch: Callable[[int, int], None] | None) -> np.ndarray:
+        import torch
+
+        base, tokenizer = self._base()
         # Longest first: batches of similar length waste less padding; the order is restored below.
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.zeros((len(texts), int(model.config.hidden_size)), dtype=np.float32)
-        bar = Progress(TextColumn("prompt vectors"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       console=Console(stderr=True), disable=not self.progress, transient=True)
-        with bar, torch.inference_mode():
+        out = np.zeros((len(texts), int(base.config.hidden_size)), dtype=np.float32)
+        with self._progress("prompt vectors") as bar, torch.inference_mode():
             job = bar.add_task("encode", total=len(texts))
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                                   max_length=self.max_length)
-                hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+                hidden = base(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
                 out[idx] = mean.float().numpy()
                 bar.advance(job, len(idx))
                 if on_batch is not None:
                     on_batch(min(start + self.batch_size, len(texts)), len(texts))
-        if not np.isfinite(out).all():
-            raise DataError(f"model {self.model}: prompt vectors have NaN or infinite values")
         return out
+
+    def _encode_pairs(self, prefixes: list[str], suffixes: list[str]) -> np.ndarray:
+        import copy
+        import warnings
+
+        import torch
+
+        base, tokenizer = self._base()
+        suffix_ids = [tokenizer(s, add_special_tokens=False, return_tensors="pt")["input_ids"] if s else None
+                      for s in suffixes]
+        out = np.zeros((len(prefixes), len(suffixes), int(base.config.hidden_size)), dtype=np.float32)
+        with self._progress("prompt vectors (shared prefixes)") as bar, torch.inference_mode(), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # `past_key_values` is renamed in newer transformers
+            job = bar.add_task("encode", total=len(prefixes))
+            for i, prefix in enumerate(prefixes):
+                ids = tokenizer(prefix, return_tensors="pt", truncation=True, max_length=self.max_length)["input_ids"]
+                result = base(input_ids=ids, use_cache=True)
+                prefix_sum = result.last_hidden_state[0].sum(dim=0)
+                n_prefix = ids.shape[1]
+                for j, extra in enumerate(suffix_ids):
+                    if extra is None:
+                        out[i, j] = (prefix_sum / n_prefix).float().numpy()
+                        continue
+                    positions = torch.arange(n_prefix, n_prefix + extra.shape[1]).unsqueeze(0)
+                    cont = base(input_ids=extra, past_key_values=copy.deepcopy(result.past_key_values),
+                                position_ids=positions, use_cache=True)
+                    total = prefix_sum + cont.last_hidden_state[0].sum(dim=0)
+                    out[i, j] = (total / (n_prefix + extra.shape[1])).float().numpy()
+                bar.advance(job)
+        return out
+
+
+def _check_texts(texts: Sequence[str], what: str) -> list[str]:
+    texts = list(texts)
+    if not texts:
+        raise DataError(f"no {what}s to encode")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{what} {i} is empty or not a string")
+    return texts

@@ -188,6 +188,8 @@ def evaluate(
         "--head", help="Head: ridge, knn, mlp, mlp-multitask, moe, prompt4re-<model>[-notask], concat-<model> "
         "(default: the method's own).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
+    modalities: Annotated[str | None, typer.Option(
+        "--modalities", help="Modalities used at inference, e.g. location,text (urbanfusion, concat).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
@@ -196,6 +198,10 @@ def evaluate(
 
     if head:
         parse_head(head)  # a typo fails before any data is read
+    if modalities is not None:
+        from urbanprofile.methods import get_method, with_modalities
+
+        method = with_modalities(get_method(method), _split(modalities) or []).name
     plan = BenchmarkPlan(datasets=[name], methods=[method], tasks=None if task == "all" else [task],
                          protocols=[protocol], seeds=_seeds(seeds), heads=[head] if head else None)
     outcome = run_benchmark(plan, data_dir, store=None, progress=not as_json,

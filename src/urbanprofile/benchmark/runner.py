@@ -89,6 +89,7 @@ def result_row(
         "dataset": city.name,
         "task": result.task,
         "method": spec.name,
+        "modalities": list(spec.params["modalities"]) if spec.params.get("modalities") else None,
         "config_hash": spec.config_hash,
         "protocol": result.protocol,
         "seed": int(seed),

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint bench bench-embedders bench-build clean
+.PHONY: install test lint bench bench-embedders bench-build bench-heads clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench-embedders: $(STAMP)
 
 bench-build: $(STAMP)
 	$(BIN)/python benchmarks/build_city.py
+
+# Task-aware heads (Prompt4RE on Chicago, UrbanMoE on 4 cities, SmolLM2 prompt-vector time); resumable.
+bench-heads: $(STAMP)
+	$(BIN)/python benchmarks/heads.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

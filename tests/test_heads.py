@@ -28,6 +28,7 @@ def test_head_names_parse_and_unknown_ones_list_the_valid_names() -> None:
     notask = parse_head("prompt4re-qwen-notask")
     assert notask.prompt_model == "qwen" and not notask.task_prompt and notask.align
     assert not parse_head("concat-smollm2").align
+    assert parse_head("prompt4re-llama-notask-region").attention == "region"
     assert parse_head("prompt4re-local:/models/x").prompt_model == "local:/models/x"
     assert parse_head("moe").multitask and not parse_head("mlp").multitask
     with pytest.raises(UnknownNameError, match=r"unknown head 'prompt4re-gpt'.*valid: .*concat-llama"):
@@ -145,3 +146,13 @@ def test_cli_unknown_head_is_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown head 'prompt4re-gpt5'") and result.stderr.count("\n") == 1
+
+
+def test_modality_blocks_name_their_columns(small_city: CityData) -> None:
+    from urbanprofile.methods import get_method
+
+    frame = get_method("modalities").build(0).fit_transform(small_city)
+    names, sizes = embedding_blocks(frame.columns)
+    assert {"poi", "landuse", "mobility"} <= set(names)
+    assert sum(sizes) == frame.shape[1] and max(sizes) <= 33
+    assert np.isfinite(frame.to_numpy()).all()

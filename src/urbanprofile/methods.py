@@ -125,6 +125,11 @@ _BUILTIN = [
                description="TF-IDF + truncated SVD (128-d) of each region's caption text"),
 ]
 
+_BUILTIN.append(
+    MethodSpec("modalities", "urbanprofile.embedders.modal_blocks:ModalityBlocks", {},
+               description="every modality as its own standardised block (<modality>__k columns; moe reads them)"),
+)
+
 _REGISTRY: dict[str, MethodSpec] = {}
 _entry_points_loaded = False
 

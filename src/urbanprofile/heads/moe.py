@@ -131,7 +131,7 @@ class UrbanMoE(BaseEstimator, RegressorMixin):
         batch_size: Mini-batch size (0: full batch).
         ridge_skip: Add a per-task linear path from the inputs that starts at the ridge solution of the
             training rows (towers start at zero, so epoch 0 is ridge; the same start as the ``mlp`` heads).
-        inner_folds: Inner folds averaged for the epoch search (``None``: 3 below 500 regions, else 1).
+        inner_folds: Inner folds averaged for the epoch search (``None``: 2 below 500 regions, else 1).
         random_state: Seed.
     """
 

@@ -43,8 +43,8 @@ def check_xy(X: Any, Y: Any, multi: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def inner_folds(n: int, requested: int | None) -> int:
-    """Inner folds for the epoch search: as requested, else 3 for small training sets and 1 for large ones."""
-    return int(requested) if requested else (3 if n < 500 else 1)
+    """Inner folds for the epoch search: as requested, else 2 for small training sets and 1 for large ones."""
+    return int(requested) if requested else (2 if n < 500 else 1)
 
 
 class Scaler:
@@ -272,7 +272,7 @@ class MLPHead(BaseEstimator, RegressorMixin):
         ridge_skip: Add a linear path that starts at the ridge solution of the training rows (the MLP's
             output layer starts at zero, so epoch 0 is the ridge fit and the epoch search may keep it).
         inner_folds: Inner folds whose validation curves are averaged to choose the epoch count
-            (``None``: 3 below 500 training regions, else 1).
+            (``None``: 2 below 500 training regions, else 1).
         random_state: Seed.
     """
 

@@ -132,8 +132,8 @@ class Prompt4REHead(BaseEstimator, RegressorMixin):
         dropout: float = 0.1,
         lr: float = 1e-3,
         weight_decay: float = 1e-3,
-        max_epochs: int = 400,
-        patience: int = 50,
+        max_epochs: int = 150,
+        patience: int = 25,
         ridge_init: bool = True,
         random_state: int | None = 0,
     ) -> None:

@@ -12,7 +12,8 @@ Names:
 * ``prompt4re-<model>``: ToPT's Prompt4RE (cross-attention alignment of prompt vectors to the embedding)
   with prompt vectors from ``llama`` or ``qwen`` (the vectors shipped for Chicago), ``minilm`` or
   ``smollm2`` (computed offline), or ``local:<folder>`` (a local causal language model).
-  ``prompt4re-<model>-notask``: the same with task-free prompt vectors (geo-text only);
+  ``prompt4re-<model>-notask``: the same with task-free prompt vectors (geo-text only); a ``-region``
+  suffix makes each region attend over its own prompt vector only (default: over all training regions');
   ``concat-<model>``: the prompt vectors concatenated to the embedding, no alignment.
 """
 
@@ -47,6 +48,8 @@ class HeadSpec:
         prompt_model: Source of prompt vectors (prompt heads only).
         task_prompt: Whether the prompt vectors come from the task-specific prompt.
         align: Whether prompt vectors are aligned by cross-attention (``False``: plain concatenation).
+        attention: ``all`` (each region attends over every training region's prompts, as the released code)
+            or ``region`` (each region attends over its own prompts only; name suffix ``-region``).
     """
 
     name: str
@@ -55,6 +58,7 @@ class HeadSpec:
     prompt_model: str | None = None
     task_prompt: bool = True
     align: bool = True
+    attention: str = "all"
 
     @property
     def needs_prompts(self) -> bool:
@@ -73,15 +77,18 @@ def parse_head(name: str) -> HeadSpec:
         if not name.startswith(prefix):
             continue
         model = name[len(prefix):]
-        task_prompt = True
+        task_prompt, attention = True, "all"
+        if align and model.endswith("-region"):
+            model, attention = model[: -len("-region")], "region"
         if model.startswith("local:"):
             if len(model) > len("local:"):
-                return HeadSpec(name, "prompt4re", prompt_model=model, align=align)
+                return HeadSpec(name, "prompt4re", prompt_model=model, align=align, attention=attention)
             break
         if align and model.endswith("-notask"):
             model, task_prompt = model[: -len("-notask")], False
         if model in PROMPT_MODELS:
-            return HeadSpec(name, "prompt4re", prompt_model=model, task_prompt=task_prompt, align=align)
+            return HeadSpec(name, "prompt4re", prompt_model=model, task_prompt=task_prompt, align=align,
+                            attention=attention)
     raise unknown_name("head", name, HEAD_NAMES)
 
 
@@ -145,5 +152,6 @@ def build_head(
 
         if n_region_features is None:
             raise ValueError("prompt heads need n_region_features")
-        return Prompt4REHead(n_region_features=n_region_features, align=spec.align, random_state=random_state)
+        return Prompt4REHead(n_region_features=n_region_features, align=spec.align, attention=spec.attention,
+                             random_state=random_state)
     raise unknown_name("head", spec.name, HEAD_NAMES)

@@ -61,13 +61,13 @@ def _md(frame: pd.DataFrame) -> str:
 
 
 # -- smollm2 ----------------------------------------------------------------------------------------------
-def part_smollm2() -> None:
+def part_smollm2(n_regions: int) -> None:
     from urbanprofile.data.registry import load_dataset
     from urbanprofile.encoders.llm import LLMPromptEncoder, cache_dir
     from urbanprofile.heads.prompts import geo_texts, task_prompt
 
     city = load_dataset("hafusion-chicago")
-    prefixes = geo_texts(city)
+    prefixes = geo_texts(city)[:n_regions]
     suffixes = ["", *("\n\n" + task_prompt(t) for t in city.tasks)]
     encoder = LLMPromptEncoder("smollm2")
     t0 = time.perf_counter()
@@ -87,7 +87,9 @@ def part_smollm2() -> None:
                      "shape": list(vectors.shape)})
     load = os.getloadavg()[0]
     frame = pd.DataFrame(runs)
-    md = (f"### SmolLM2-135M prompt vectors, Chicago 77 regions x {len(suffixes)} prompts\n\n{_md(frame)}\n"
+    cold = runs[0]
+    md = (f"### SmolLM2-135M prompt vectors, Chicago {len(prefixes)} of 77 regions x {len(suffixes)} prompts\n\n"
+          f"{_md(frame)}\nCPU time scaled to all 77 regions: {cold['cpu_s'] * 77 / len(prefixes):.0f} s.\n"
           f"Model load (GGUF conversion cached): {load_s:.1f} s. torch threads: {_threads()}. "
           f"1-min load average at the end: {load:.1f} on 2 cores (the machine is shared).\n")
     _write("smollm2", {"runs": runs, "load_s": load_s, "loadavg": load}, md)
@@ -278,6 +280,7 @@ def main() -> None:
     parser.add_argument("--cityview-seeds", default="0", help="seeds of the CityView cities in the moe part")
     parser.add_argument("--heads", default=",".join(PROMPT_HEADS), help="heads of the prompt part")
     parser.add_argument("--method", default="pca", help="embedder of the prompt part")
+    parser.add_argument("--smollm2-regions", type=int, default=77, help="regions of the smollm2 timing")
     parser.add_argument("--datasets", default="hafusion-chicago,hafusion-nyc,cityview-beijing,cityview-guangzhou")
     args = parser.parse_args()
     import torch
@@ -286,7 +289,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for part in args.parts.split(","):
         if part == "smollm2":
-            part_smollm2()
+            part_smollm2(args.smollm2_regions)
         elif part == "prompt":
             part_prompt(seeds, args.heads.split(","), args.method)
         elif part == "moe":

@@ -149,9 +149,9 @@ def test_cli_unknown_head_is_one_line(tmp_path: Path) -> None:
 
 
 def test_modality_blocks_name_their_columns(small_city: CityData) -> None:
-    from urbanprofile.methods import get_method
+    from urbanprofile.embedders.modal_blocks import ModalityBlocks
 
-    frame = get_method("modalities").build(0).fit_transform(small_city)
+    frame = ModalityBlocks(modalities=("poi", "landuse", "mobility")).fit_transform(small_city)
     names, sizes = embedding_blocks(frame.columns)
     assert {"poi", "landuse", "mobility"} <= set(names)
     assert sum(sizes) == frame.shape[1] and max(sizes) <= 33

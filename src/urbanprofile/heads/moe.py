@@ -208,7 +208,7 @@ class UrbanMoE(BaseEstimator, RegressorMixin):
         X = np.asarray(X, dtype=float)
         with torch.no_grad():
             z, _ = self.module_(torch.as_tensor(self.x_scaler_.forward(X), dtype=torch.float32))
-        return np.clip(self.y_scaler_.inverse(z.numpy().astype(float)), 0, None)
+        return self.y_scaler_.clip(self.y_scaler_.inverse(z.numpy().astype(float)))
 
     def expert_utilisation(self, X: Any, task_names: list[str] | None = None) -> pd.DataFrame:
         """Fraction of regions routed to each expert (non-zero gate weight, no noise), per task.

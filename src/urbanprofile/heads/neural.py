@@ -48,12 +48,21 @@ def inner_folds(n: int, requested: int | None) -> int:
 
 
 class Scaler:
-    """Column standardisation with statistics from the rows it was fit on (NaN-aware)."""
+    """Column standardisation with statistics from the rows it was fit on (NaN-aware).
+
+    ``cap`` (for targets): twice the largest training value per column; :meth:`clip` bounds predictions to
+    [0, cap], as the ridge probe does (one outlying region, e.g. NYC's 1.5 M-trip self-loop, would
+    otherwise make a fitted head extrapolate to absurd values).
+    """
 
     def __init__(self, values: np.ndarray) -> None:
         self.mean = np.nanmean(values, axis=0)
         std = np.nanstd(values, axis=0)
         self.std = np.where(std > 0, std, 1.0)
+        self.cap = 2 * np.maximum(np.nanmax(values, axis=0), 1.0)
+
+    def clip(self, values: np.ndarray) -> np.ndarray:
+        return np.clip(values, 0, self.cap)
 
     def forward(self, values: np.ndarray) -> np.ndarray:
         return (values - self.mean) / self.std
@@ -323,7 +332,7 @@ class MLPHead(BaseEstimator, RegressorMixin):
         X = np.asarray(X, dtype=float)
         with torch.no_grad():
             z, _ = self.module_(torch.as_tensor(self.x_scaler_.forward(X), dtype=torch.float32))
-        pred = np.clip(self.y_scaler_.inverse(z.numpy().astype(float)), 0, None)  # labels are >= 0
+        pred = self.y_scaler_.clip(self.y_scaler_.inverse(z.numpy().astype(float)))  # labels are >= 0
         return pred if self.multitask else pred[:, 0]
 
     def chosen(self) -> dict[str, Any]:

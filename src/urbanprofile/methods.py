@@ -142,6 +142,11 @@ _BUILTIN = [
                description="srel's embedding beside raw-all's features; block weights chosen by inner CV"),
 ]
 
+_BUILTIN.append(
+    MethodSpec("modalities", "urbanprofile.embedders.modal_blocks:ModalityBlocks", {},
+               description="every modality as its own standardised block (<modality>__k columns; moe reads them)"),
+)
+
 _REGISTRY: dict[str, MethodSpec] = {}
 _entry_points_loaded = False
 

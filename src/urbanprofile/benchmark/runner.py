@@ -1,4 +1,4 @@
-"""Run a grid of (dataset, method, seed, task, protocol), resumable through the results store."""
+"""Run a grid of (dataset, method, seed, task, protocol, head), resumable through the results store."""
 
 from __future__ import annotations
 
@@ -20,7 +20,14 @@ from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import get_entry, list_datasets
 from urbanprofile.data.tasks import KNOWN_TASKS
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
-from urbanprofile.evaluation.protocols import PROTOCOLS, ProtocolResult, check_protocol, evaluate_embedding
+from urbanprofile.evaluation.protocols import (
+    PROTOCOLS,
+    ProtocolResult,
+    check_protocol,
+    evaluate_embedding,
+    evaluate_tasks,
+)
+from urbanprofile.heads.registry import parse_head
 from urbanprofile.methods import MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
@@ -33,13 +40,18 @@ DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 @dataclass
 class BenchmarkPlan:
-    """What to run; ``None`` means every dataset, method, task or protocol available."""
+    """What to run; ``None`` means every dataset, method, task or protocol available.
+
+    ``heads``: head names to probe every embedding with; ``None`` gives each method its own head (ridge,
+    or knn for knn-location). Multi-task heads (``moe``, ``mlp-multitask``) fit the plan's tasks jointly.
+    """
 
     datasets: Sequence[str] | None = None
     methods: Sequence[str] | None = None
     tasks: Sequence[str] | None = None
     protocols: Sequence[str] = ("paper", "nested", "spatial")
     seeds: Sequence[int] = DEFAULT_SEEDS
+    heads: Sequence[str] | None = None
 
 
 @dataclass
@@ -62,15 +74,15 @@ class BenchmarkOutcome:
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work: fit ``spec`` on ``dataset`` with ``seed``, then probe it on each (task, protocol)."""
+    """One unit of work: fit ``spec`` on ``dataset`` with ``seed``, then probe it on each (task, protocol, head)."""
 
     dataset: str
     spec: MethodSpec
     seed: int
-    cells: tuple[tuple[str, str], ...]
+    cells: tuple[tuple[str, str, str], ...]
 
     def keys(self) -> list[tuple[Any, ...]]:
-        return [(self.dataset, t, self.spec.name, self.spec.config_hash, p, self.seed) for t, p in self.cells]
+        return [(self.dataset, t, self.spec.name, self.spec.config_hash, p, self.seed, h) for t, p, h in self.cells]
 
     @property
     def label(self) -> str:
@@ -89,6 +101,8 @@ def validate_plan(plan: BenchmarkPlan, data_dir: str | Path | None) -> tuple[lis
             raise unknown_name("task", task, known_tasks)
     for protocol in plan.protocols:
         check_protocol(protocol)
+    for head in plan.heads or ():
+        parse_head(head)
     if not plan.seeds:
         raise UrbanProfileError("at least one seed is needed (--seeds 0,1,2)")
     if not plan.protocols:
@@ -110,6 +124,7 @@ def result_row(
         "config_hash": spec.config_hash,
         "protocol": result.protocol,
         "seed": int(seed),
+        "head": result.head,
         "n_regions": result.n_regions,
         **result.metrics,
         "worst_block_r2": bias["worst_block_r2"],
@@ -138,10 +153,10 @@ def failed_rows(unit: Unit, reason: str) -> list[dict[str, Any]]:
     reason = " ".join(reason.split())
     return [
         {"dataset": unit.dataset, "task": task, "method": unit.spec.name, "config_hash": unit.spec.config_hash,
-         "protocol": protocol, "seed": unit.seed, "package_version": __version__,
+         "protocol": protocol, "seed": unit.seed, "head": head, "package_version": __version__,
          "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None), "code_version": version.version,
          "code_modules": version.modules, "status": "failed", "error": reason}
-        for task, protocol in unit.cells
+        for task, protocol, head in unit.cells
     ]
 
 
@@ -154,7 +169,9 @@ def one_line(error: BaseException) -> str:
 def run_unit(
     unit: Unit, city: CityData, on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Fit one method with one seed and probe it on every (task, protocol) of the unit.
+    """Fit one method with one seed and probe it on every (task, protocol, head) of the unit.
+
+    A multi-task head (``moe``, ``mlp-multitask``) is fit once per protocol on all the unit's tasks jointly.
 
     A user-level error (e.g. a diverged training) gives failed rows at once: it would recur on a retry with
     the same seed. Any other exception propagates, so that the executor can retry the unit.
@@ -177,16 +194,31 @@ def run_unit(
     candidates = getattr(embedder, "candidates_", None)
     if on_embedding is not None:
         on_embedding(city, spec, seed, embedder)
-    for task, protocol in unit.cells:
+    joint: dict[tuple[str, str], list[str]] = {}  # (protocol, multi-task head) -> tasks
+    for task, protocol, head in unit.cells:
+        if parse_head(head).multitask:
+            joint.setdefault((protocol, head), []).append(task)
+            continue
         try:
-            result = evaluate_embedding(city, embedding, task, protocol, spec.head, seed, candidates=candidates)
+            result = evaluate_embedding(city, embedding, task, protocol, head, seed, candidates=candidates)
         except MethodUnavailableError as err:
             skipped.append(f"{unit.dataset}: {err}")
             continue
         except UrbanProfileError as err:
-            rows += failed_rows(Unit(unit.dataset, spec, seed, ((task, protocol),)), one_line(err))
+            rows += failed_rows(Unit(unit.dataset, spec, seed, ((task, protocol, head),)), one_line(err))
             continue
         rows.append(result_row(city, spec, seed, result, embed_seconds))
+    for (protocol, head), tasks in joint.items():
+        cells = tuple((t, protocol, head) for t in tasks)
+        try:
+            results = evaluate_tasks(city, embedding, tasks, protocol, head, seed)
+        except MethodUnavailableError as err:
+            skipped.append(f"{unit.dataset}: {err}")
+            continue
+        except UrbanProfileError as err:
+            rows += failed_rows(Unit(unit.dataset, spec, seed, cells), one_line(err))
+            continue
+        rows += [result_row(city, spec, seed, result, embed_seconds) for result in results]
     return rows, skipped
 
 
@@ -212,6 +244,8 @@ def plan_units(
         methods = [get_method(m) for m in (plan.methods or list_methods())]
         for protocol in plan.protocols:
             check_protocol(protocol)
+        for head in plan.heads or ():
+            parse_head(head)
     stored = stored or {}
     units: list[Unit] = []
     reused: list[tuple[Any, ...]] = []
@@ -235,16 +269,21 @@ def plan_units(
                 skipped.append(f"{name}: {reason}")
                 continue
             version = code_version(spec.factory).version
-            for seed in list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]:
+            heads = list(plan.heads or [spec.head])
+            seeds = list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]
+            # Heads with weights vary with the seed too, so every seed runs when one is asked for.
+            if not spec.stochastic and any(parse_head(h).kind not in ("ridge", "knn", "ridge-blocks") for h in heads):
+                seeds = list(plan.seeds)
+            for seed in seeds:
                 todo = []
-                for task, protocol in ((t, p) for t in tasks for p in protocols):
-                    key = (name, task, spec.name, spec.config_hash, protocol, int(seed))
+                for task, protocol, head in ((t, p, h) for t in tasks for p in protocols for h in heads):
+                    key = (name, task, spec.name, spec.config_hash, protocol, int(seed), head)
                     if key in stored and stored[key] == (version, "ok"):
                         reused.append(key)
                         continue
                     if key in stored:
                         replaced.append(key)
-                    todo.append((task, protocol))
+                    todo.append((task, protocol, head))
                 if todo:
                     units.append(Unit(name, spec, int(seed), tuple(todo)))
     return units, reused, replaced, skipped, cities
@@ -360,15 +399,17 @@ def describe_recomputed(outcome: BenchmarkOutcome) -> list[str]:
 
 
 def leaderboard(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Mean and standard deviation over seeds per (dataset, task, protocol, method), best R^2 first.
+    """Mean and standard deviation over seeds per (dataset, task, protocol, method, head), best R^2 first.
 
     Failed rows are left out (they carry no figures)."""
     rows = [r for r in rows if r.get("status") != "failed"]
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
+    if "head" not in frame:
+        frame["head"] = "ridge"
     metrics = ["r2", "mae", "rmse", "worst_block_r2", "r2_gap", "morans_i", "fit_seconds"]
-    grouped = frame.groupby(["dataset", "task", "protocol", "method"], sort=False)
+    grouped = frame.groupby(["dataset", "task", "protocol", "method", "head"], sort=False)
     table = grouped[metrics].agg(["mean", "std"])
     table.columns = pd.Index(["_".join(map(str, column)) for column in table.columns])
     table["n_seeds"] = grouped.size()

@@ -1,9 +1,10 @@
-"""An embedded DuckDB results store: one row per (dataset, task, method, config, protocol, seed).
+"""An embedded DuckDB results store: one row per (dataset, task, method, config, protocol, seed, head).
 
 Each row records the version of the code that computed it (``code_version``, with per-module hashes in
 ``code_modules``) and whether it succeeded (``status`` ``ok`` or ``failed``, with the one-line ``error``).
-The store's schema version is kept in a ``store_info`` table; an older store gains the columns it lacks when
-opened, a newer one is refused with a one-line error.
+The store's schema version is kept in a ``store_info`` table; an older store is brought up to date when
+opened for writing (keeping every row), read as it is otherwise, and a newer one is refused with a one-line
+error.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from urbanprofile.errors import DataError
 
 DEFAULT_STORE = Path("results") / "urbanprofile.duckdb"
 
-KEY = ("dataset", "task", "method", "config_hash", "protocol", "seed")
+KEY = ("dataset", "task", "method", "config_hash", "protocol", "seed", "head")
 COLUMNS: dict[str, str] = {
     "dataset": "VARCHAR",
     "task": "VARCHAR",
@@ -25,6 +26,7 @@ COLUMNS: dict[str, str] = {
     "config_hash": "VARCHAR",
     "protocol": "VARCHAR",
     "seed": "INTEGER",
+    "head": "VARCHAR",
     "n_regions": "INTEGER",
     "mae": "DOUBLE",
     "rmse": "DOUBLE",
@@ -48,9 +50,12 @@ COLUMNS: dict[str, str] = {
     "error": "VARCHAR",
 }
 _JSON_COLUMNS = ("block_r2", "block_mae", "chosen", "code_modules")
-#: Version of the store layout. 1: the first layout (no ``store_info``); 2: code versions and failed rows.
-#: Opening an older store adds every column of :data:`COLUMNS` that it lacks (new columns are NULL there).
-SCHEMA_VERSION = 2
+#: Version of the store layout. 1: the first layout (no ``store_info``); 2: code versions and failed rows;
+#: 3: the head joins the key. Opening an older store adds every column of :data:`COLUMNS` that it lacks (new
+#: columns are NULL there); a store without ``head`` is rebuilt once with each row's method's own head.
+SCHEMA_VERSION = 3
+#: Key columns that an older store may lack (filled in by the migration).
+_ADDED_KEYS = ("head",)
 
 
 class ResultStore:
@@ -92,7 +97,7 @@ class ResultStore:
         if "results" in tables:
             present = {r[0] for r in self._con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'results'").fetchall()}
-            lacking = [k for k in KEY if k not in present]
+            lacking = [k for k in KEY if k not in present and k not in _ADDED_KEYS]
             if lacking:
                 raise DataError(f"{self.path}: not a results store (table 'results' has no column {lacking[0]!r})")
             missing = [name for name in COLUMNS if name not in present]
@@ -106,12 +111,30 @@ class ResultStore:
         self._con.execute("BEGIN TRANSACTION")
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         self._con.execute(f"CREATE TABLE IF NOT EXISTS results ({columns}, PRIMARY KEY ({', '.join(KEY)}))")
-        for name in missing:  # migration from an older layout: new columns, NULL in old rows
-            self._con.execute(f"ALTER TABLE results ADD COLUMN {name} {COLUMNS[name]}")
+        if missing and "head" in missing:
+            self._rebuild_with_heads(present)
+        else:
+            for name in missing:  # migration from an older layout: new columns, NULL in old rows
+                self._con.execute(f"ALTER TABLE results ADD COLUMN {name} {COLUMNS[name]}")
         self._con.execute("CREATE TABLE IF NOT EXISTS store_info (key VARCHAR PRIMARY KEY, value VARCHAR)")
         self._con.execute("INSERT OR REPLACE INTO store_info VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
         self._con.execute("COMMIT")
         self._absent = set()
+
+    def _rebuild_with_heads(self, present: set[str]) -> None:
+        """Rebuild a store from before heads were an axis (no ``head`` column, a key without it) with the current
+        schema, inside the open transaction, keeping every row: each gets its method's own head (``ridge``, or
+        ``knn`` for ``knn-location``; ``ridge`` for methods no longer registered)."""
+        shared = [c for c in COLUMNS if c in present]
+        columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
+        self._con.execute(f"CREATE TABLE results_migrated ({columns}, PRIMARY KEY ({', '.join(KEY)}))")
+        self._con.execute(f"INSERT INTO results_migrated ({', '.join(shared)}, head) "
+                          f"SELECT {', '.join(shared)}, 'ridge' FROM results")
+        for method, head in _default_heads().items():
+            if head != "ridge":
+                self._con.execute("UPDATE results_migrated SET head = ? WHERE method = ?", [head, method])
+        self._con.execute("DROP TABLE results")
+        self._con.execute("ALTER TABLE results_migrated RENAME TO results")
 
     def close(self) -> None:
         self._con.close()
@@ -133,7 +156,11 @@ class ResultStore:
         return {tuple(r[: len(KEY)]): (r[len(KEY)], r[len(KEY) + 1]) for r in rows}
 
     def add(self, row: dict[str, Any]) -> bool:
-        """Insert one result in its own transaction; returns False if its key was already stored."""
+        """Insert one result in its own transaction; returns False if its key was already stored.
+
+        A row without a ``head`` is a default-head (``ridge``) row, as written by older callers.
+        """
+        row = {**row, "head": row.get("head") or "ridge"}
         values = [_to_sql(name, row.get(name)) for name in COLUMNS]
         placeholders = ", ".join("?" for _ in COLUMNS)
         self._con.execute("BEGIN TRANSACTION")
@@ -183,13 +210,16 @@ class ResultStore:
             params += allowed
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY dataset, task, protocol, method, seed"
+        order = [c for c in ("dataset", "task", "protocol", "method", "head", "seed") if c not in self._absent]
+        sql += " ORDER BY " + ", ".join(order)
         out = []
         for record in self._con.execute(sql, params).fetchall():
             row = dict(zip(COLUMNS, record, strict=True))
             for name in _JSON_COLUMNS:
                 row[name] = json.loads(row[name]) if row[name] else None
             row["created_at"] = str(row["created_at"])
+            if row["head"] is None:  # read from a store written before heads were an axis
+                row["head"] = _default_heads().get(row["method"], "ridge")
             out.append(row)
         return out
 
@@ -213,3 +243,10 @@ def _to_sql(name: str, value: Any) -> Any:
     if name in _JSON_COLUMNS:
         return json.dumps(value, default=float)
     return value
+
+
+def _default_heads() -> dict[str, str]:
+    """Each registered method's own head (what a row of a store without a ``head`` column was probed with)."""
+    from urbanprofile.methods import get_method, list_methods
+
+    return {name: get_method(name).head for name in list_methods()}

@@ -56,9 +56,21 @@ def _family(method: str) -> str:
     from urbanprofile.methods import get_method
 
     try:
-        return get_method(method).family
+        return get_method(method.split(" · ", 1)[0]).family
     except UrbanProfileError:
         return "unregistered"
+
+
+def _with_head(row: dict[str, Any]) -> dict[str, Any]:
+    """A row whose method name says its head when that is not the method's own (``pca · moe``)."""
+    from urbanprofile.methods import get_method
+
+    try:
+        own = get_method(row["method"]).head
+    except UrbanProfileError:
+        own = "ridge"
+    head = row.get("head") or own
+    return row if head == own else {**row, "method": f"{row['method']} · {head}"}
 
 
 def _is_baseline(method: str) -> bool:
@@ -429,7 +441,7 @@ def write_report(store: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     from urbanprofile.data.io import write_atomic
 
     with ResultStore(Path(store), read_only=True) as results:
-        rows = results.rows()
+        rows = [_with_head(r) for r in results.rows()]
     page, n_maps, notes = render_report(rows, str(store), data_dir, with_maps)
     target = Path(out_dir)
     if target.exists() and not target.is_dir():

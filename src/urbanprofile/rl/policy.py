@@ -71,25 +71,51 @@ def load_policy(name_or_path: str, random_state: int = 0) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def chat_prompt(tokenizer: Any, user_message: str) -> str:
-    """The prompt text with the model's chat template (a plain ``User:``/``Assistant:`` layout without one)."""
+def chat_prompt(tokenizer: Any, user_message: str, answer_prefix: str = "") -> str:
+    """The prompt text with the model's chat template (a plain ``User:``/``Assistant:`` layout without one).
+
+    Args:
+        answer_prefix: Text that starts the assistant's turn (e.g. ``<answer>``), so the model continues it.
+    """
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_message}]
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return str(text)
-    return f"{SYSTEM_PROMPT}\n\nUser: {user_message}\nAssistant:"
+        return str(text) + answer_prefix
+    return f"{SYSTEM_PROMPT}\n\nUser: {user_message}\nAssistant:" + (" " + answer_prefix if answer_prefix else "")
 
 
-def lora_config(rank: int = 16, alpha: int = 32, dropout: float = 0.0) -> Any:
-    """LoRA on every attention and MLP projection that the model has."""
+def linear_names(model: Any) -> list[str]:
+    """Names of the linear projections inside the decoder layers (``q_proj``, ``up_proj``, ...)."""
+    names = {
+        name.rpartition(".")[2]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"
+    }
+    return sorted(names)
+
+
+def lora_config(
+    rank: int = 16, alpha: int = 32, dropout: float = 0.0, layers: list[int] | None = None, model: Any = None
+) -> Any:
+    """LoRA on every attention and MLP projection (of the given decoder layers; all when ``None``)."""
     peft = require("peft", "rl")
+    targets: str | list[str] = linear_names(model) if model is not None and layers is not None else "all-linear"
     return peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules="all-linear",
+        target_modules=targets,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
+
+
+def top_layers(model: Any, n: int) -> list[int] | None:
+    """Indices of the last ``n`` decoder layers (``None`` = all layers, for ``n = 0``)."""
+    total = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    if n <= 0 or total == 0 or n >= total:
+        return None
+    return list(range(total - n, total))
 
 
 @torch.no_grad()

@@ -30,9 +30,10 @@ TASK_WORDS = {
 }
 ANSWER_KINDS = ("level", "number")
 _TAGGED = re.compile(r"<answer>\s*([-+]?\d+(?:\.\d+)?)\s*</answer>", re.IGNORECASE)
+_ID_NAME = re.compile(r"^[A-Za-z]+_\d+$")
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
-SYSTEM_PROMPT = "You are an urban analyst. You estimate indicators of city regions from their description."
+SYSTEM_PROMPT = "You estimate urban indicators."
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def _percentile(column: pd.Series) -> pd.Series:
 
 
 def _fmt_int(value: float) -> str:
-    return f"{int(round(value)):,}"
+    return str(round(value))
 
 
 @dataclass
@@ -124,7 +125,7 @@ class RegionDescriber:
 
     city: CityData
     city_label: str | None = None
-    top_categories: int = 5
+    top_categories: int = 3
     captions: pd.Series | None = None
     _derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
@@ -154,36 +155,41 @@ class RegionDescriber:
         return self.city_label or self.city.name
 
     def describe(self, region_id: Any) -> str:
-        """A few lines of text about one region."""
+        """A few short lines about one region (short prompts: every token costs on 2 CPU cores)."""
         d = self._derived
-        lines = [f"Region {region_id} of {self.label}."]
+        head = f"{self.label}, region {region_id}"
         if self.city.has_locations:
             lon, lat = self.city.regions.loc[region_id, ["lon", "lat"]].to_numpy(dtype=float)
-            lines.append(f"Centroid: latitude {lat:.3f}, longitude {lon:.3f}.")
+            head += f" at ({lat:.3f}, {lon:.3f})"
+        lines = [head + "."]
         if "poi" in d:
             row = d["poi"].loc[region_id]
-            top = row[row > 0].sort_values(ascending=False).head(self.top_categories)
-            listed = ", ".join(f"{name} {_fmt_int(v)}" for name, v in top.items()) or "none"
+            top = row[row > 0].sort_values(ascending=False).head(self.top_categories if _named(row.index) else 0)
+            listed = ", ".join(f"{name} {_fmt_int(v)}" for name, v in top.items())
             lines.append(
-                f"Points of interest: {_fmt_int(d['poi_total'].loc[region_id])} in total "
-                f"(more than {d['poi_pct'].loc[region_id]}% of regions in the city); most common: {listed}."
+                f"POIs: {_fmt_int(d['poi_total'].loc[region_id])}, more than {d['poi_pct'].loc[region_id]}% of "
+                f"regions" + (f" ({listed})." if listed else ".")
             )
-        if "landuse_share" in d:
+        if "landuse_share" in d and _named(d["landuse_share"].columns):
             share = d["landuse_share"].loc[region_id]
-            top = share[share > 0].sort_values(ascending=False).head(self.top_categories)
-            listed = ", ".join(f"{name} {round(100 * v)}%" for name, v in top.items()) or "unknown"
-            lines.append(f"Land use: {listed}.")
+            top = share[share > 0].sort_values(ascending=False).head(2)
+            if len(top):
+                lines.append("Land use: " + ", ".join(f"{name} {round(100 * v)}%" for name, v in top.items()) + ".")
         if "trips_out" in d:
             lines.append(
-                f"Taxi trips: {_fmt_int(d['trips_out'].loc[region_id])} starting and "
-                f"{_fmt_int(d['trips_in'].loc[region_id])} ending here "
-                f"(more than {d['trips_pct'].loc[region_id]}% of regions in the city)."
+                f"Taxi trips: {_fmt_int(d['trips_out'].loc[region_id])} out, {_fmt_int(d['trips_in'].loc[region_id])}"
+                f" in, more than {d['trips_pct'].loc[region_id]}% of regions."
             )
         if self.captions is not None and region_id in self.captions.index:
             caption = str(self.captions.loc[region_id]).strip()
             if caption:
-                lines.append(f"Description: {caption}")
+                lines.append(caption)
         return "\n".join(lines)
+
+
+def _named(columns: pd.Index) -> bool:
+    """Whether category names mean something (``poi_3``-style ids only cost prompt tokens)."""
+    return not all(_ID_NAME.match(str(c)) for c in columns)
 
 
 def _is_sparse(frame: pd.DataFrame) -> bool:
@@ -195,11 +201,10 @@ def question(task: str, city_label: str, answer: str, n_levels: int) -> str:
     what = TASK_WORDS.get(task, task.replace("_", " "))
     if answer == "level":
         return (
-            f"Question: how many {what} does this region have compared with other regions of {city_label}? "
-            f"Answer with a level from 0 (lowest) to {n_levels - 1} (highest); each level holds an equal share "
-            f"of the regions. Write it as <answer>level</answer>."
+            f"Level of {what} here, from 0 (fewest) to {n_levels - 1} (most), each level an equal share of the "
+            f"regions of {city_label}? Reply <answer>level</answer>."
         )
-    return f"Question: how many {what} does this region have? Answer with a number, written as <answer>number</answer>."
+    return f"Number of {what} here? Reply <answer>number</answer>."
 
 
 def check_answer_kind(answer: str, n_levels: int) -> None:

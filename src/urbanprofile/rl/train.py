@@ -23,6 +23,8 @@ from urbanprofile.rl.prompts import accuracy_reward, format_reward, parse_answer
 from urbanprofile.rl.task import R1Data, R1Example, TaskSpec, balanced_order, build_task
 
 CONFIG_FILE = "config.json"
+ENGINES = ("prefix", "trl")
+ANSWER_OPEN = "<answer>"
 REWARD_LOG = "reward_log.jsonl"
 
 
@@ -43,10 +45,17 @@ class R1Config:
         epsilon: Clip range of the policy ratio.
         temperature: Sampling temperature of the completions.
         lora_rank: LoRA rank (0: full fine-tuning).
+        lora_layers: LoRA on the last this many decoder layers only (0: all layers); the backward pass then
+            stops there, which is what makes CPU steps cheap.
+        engine: ``prefix`` (our prompt-sharing GRPO step, :mod:`urbanprofile.rl.grpo`: each prompt runs once
+            per step) or ``trl`` (trl's ``GRPOTrainer``, which runs each prompt once per completion; for GPUs).
+        answer_prefix: Start the assistant's turn with ``<answer>`` (a structured answer template), so the
+            model writes the value and the closing tag; the reward still checks both.
         balanced: One prompt per group in every batch (False: prompts drawn uniformly from all training
             regions, same batch size; the ablation).
         save_every: Checkpoint every this many steps.
-        sft_epochs: Epochs of the SFT baseline over the training regions (0: no SFT).
+        sft: Also train the SFT baseline: as many steps as GRPO, as many prompts per step (shuffled passes
+            over the training regions), so both see the same number of prompts.
         sft_learning_rate: Learning rate of the SFT baseline.
         random_state: Seed of sampling, initialisation and batching.
     """
@@ -61,18 +70,29 @@ class R1Config:
     blocks_per_city: int = 2
     steps: int = 60
     generations: int = 4
-    max_new_tokens: int = 8
-    learning_rate: float = 2e-4
+    max_new_tokens: int = 4
+    learning_rate: float = 5e-4
     beta: float = 0.04
     epsilon: float = 0.2
     temperature: float = 1.0
     lora_rank: int = 16
+    lora_layers: int = 4
+    engine: str = "prefix"
+    answer_prefix: bool = True
     balanced: bool = True
     save_every: int = 10
-    sft_epochs: int = 2
-    sft_learning_rate: float = 2e-4
+    sft: bool = True
+    sft_learning_rate: float = 5e-4
     random_state: int = 0
     data_dir: str | None = field(default=None, metadata={"identity": False})
+
+    @property
+    def prefix(self) -> str:
+        return ANSWER_OPEN if self.answer_prefix else ""
+
+    def full_completion(self, completion: str) -> str:
+        """The completion as the parser sees it (with the answer prefix the prompt ended with)."""
+        return self.prefix + completion
 
     def spec(self) -> TaskSpec:
         return TaskSpec(self.task, self.answer, self.n_levels, self.protocol, self.fold, self.blocks_per_city)
@@ -84,8 +104,10 @@ class R1Config:
                 raise UrbanProfileError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.generations < 2:
             raise UrbanProfileError("generations must be >= 2 (GRPO compares completions of one prompt)")
-        if self.lora_rank < 0 or self.sft_epochs < 0:
-            raise UrbanProfileError("lora_rank and sft_epochs must be >= 0")
+        if self.lora_rank < 0 or self.lora_layers < 0:
+            raise UrbanProfileError("lora_rank and lora_layers must be >= 0")
+        if self.engine not in ENGINES:
+            raise UrbanProfileError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,13 +175,14 @@ def training_order(data: R1Data, config: R1Config) -> list[R1Example]:
 class RewardLog:
     """The two reward functions trl calls, recording each completion's reward by step and group."""
 
-    def __init__(self, path: Path, answer: str, n_levels: int) -> None:
+    def __init__(self, path: Path, answer: str, n_levels: int, prefix: str = "") -> None:
         self.path = path
         self.answer = answer
         self.n_levels = n_levels
+        self.prefix = prefix
 
     def _parse(self, completions: list[Any]) -> list[Any]:
-        return [parse_answer(_text(c), self.answer, self.n_levels) for c in completions]
+        return [parse_answer(self.prefix + _text(c), self.answer, self.n_levels) for c in completions]
 
     def functions(self) -> list[Callable[..., list[float]]]:
         def format_reward_fn(completions: list[Any], **kwargs: Any) -> list[float]:
@@ -218,11 +241,7 @@ def train_grpo(
     """
     import torch
 
-    require("trl", "rl")
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from urbanprofile.rl.policy import chat_prompt, check_model_path, load_policy, lora_config
+    from urbanprofile.rl.policy import check_model_path
 
     config.check()
     check_model_path(config.model)
@@ -230,7 +249,11 @@ def train_grpo(
     data = data if data is not None else prepare_task(config, cities)
     _write_config(run_dir, config, resume)
     checkpoints = run_dir / "checkpoints"
-    last = _last_checkpoint(checkpoints) if resume else None
+    if not resume:
+        import shutil
+
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    last = _last_checkpoint(checkpoints)
     reward_path = run_dir / REWARD_LOG
     if last is None:
         reward_path.unlink(missing_ok=True)
@@ -238,11 +261,46 @@ def train_grpo(
         _trim_reward_log(reward_path, int(last.name.rpartition("-")[2]))
 
     torch.manual_seed(config.random_state)
+    start_step = int(last.name.rpartition("-")[2]) if last is not None else 0
+    start = time.perf_counter()
+    if config.engine == "trl":
+        tokenizer = _train_with_trl(config, run_dir, data, last, reward_path)
+    else:
+        tokenizer = _train_prefix(config, run_dir, data, last, reward_path)
+    seconds = time.perf_counter() - start
+    n_groups = len(data.groups)
+    summary = {
+        "engine": config.engine,
+        "steps": config.steps,
+        "steps_this_call": config.steps - start_step,
+        "resumed_from_step": start_step,
+        "seconds": seconds,
+        "seconds_per_step": seconds / max(config.steps - start_step, 1),
+        "groups": data.groups,
+        "n_train": len(data.split("train")),
+        "n_test": len(data.split("test")),
+        "completions_per_step": n_groups * config.generations,
+    }
+    del tokenizer
+    summary.update(reward_summary(reward_path))
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    plot_reward_curves(run_dir)
+    return summary
+
+
+def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | None, reward_path: Path) -> Any:
+    require("trl", "rl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
+
+    checkpoints = run_dir / "checkpoints"
     model, tokenizer = load_policy(config.model, config.random_state)
     steps = training_order(data, config)
     n_groups = len(data.groups)
     dataset = Dataset.from_list(
-        [{"prompt": chat_prompt(tokenizer, e.prompt), "target": e.target, "group": e.group} for e in steps]
+        [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group} for e in steps]
     )
     args = GRPOConfig(
         output_dir=str(checkpoints),
@@ -275,39 +333,110 @@ def train_grpo(
         log_completions=False,
         gradient_checkpointing=False,  # short sequences: memory is not the limit, compute is
     )
-    reward_log = RewardLog(reward_path, config.answer, config.n_levels)
+    reward_log = RewardLog(reward_path, config.answer, config.n_levels, config.prefix)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward_log.functions(),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(config.lora_rank, 2 * config.lora_rank) if config.lora_rank > 0 else None,
+        peft_config=(lora_config(config.lora_rank, 2 * config.lora_rank, layers=top_layers(model, config.lora_layers), model=model)
+                     if config.lora_rank > 0 else None),
     )
-    start = time.perf_counter()
-    start_step = int(last.name.rpartition("-")[2]) if last is not None else 0
     trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
-    seconds = time.perf_counter() - start
     final = run_dir / "final"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
     history = [row for row in trainer.state.log_history if "loss" in row or "reward" in row]
     (run_dir / "train_log.json").write_text(json.dumps(history, indent=1, default=float))
-    summary = {
-        "steps": config.steps,
-        "steps_this_call": config.steps - start_step,
-        "resumed_from_step": start_step,
-        "seconds": seconds,
-        "seconds_per_step": seconds / max(config.steps - start_step, 1),
-        "groups": data.groups,
-        "n_train": len(data.split("train")),
-        "n_test": len(data.split("test")),
-        "completions_per_step": n_groups * config.generations,
-    }
-    summary.update(reward_summary(reward_path))
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    plot_reward_curves(run_dir)
-    return summary
+    return tokenizer
+
+
+def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | None, reward_path: Path) -> Any:
+    """Our prompt-sharing GRPO loop; checkpoints hold the adapter (or model), the optimizer and the log."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from urbanprofile.rl.grpo import grpo_step
+    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
+
+    model, tokenizer = load_policy(config.model, config.random_state)
+    ref_model = None
+    if config.lora_rank > 0:
+        peft = require("peft", "rl")
+        layers = top_layers(model, config.lora_layers)
+        model = peft.get_peft_model(model, lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model))
+    elif config.beta > 0:
+        ref_model = copy.deepcopy(model).eval()
+        ref_model.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    history: list[dict[str, Any]] = []
+    start_step = 0
+    if last is not None:
+        weights = last / ("adapter_model.safetensors" if config.lora_rank > 0 else "model.safetensors")
+        state = load_file(str(weights))
+        if config.lora_rank > 0:
+            peft.set_peft_model_state_dict(model, state)
+        else:
+            model.load_state_dict(state, strict=False)
+        optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+        history = json.loads((last / "history.json").read_text())
+        start_step = int(last.name.rpartition("-")[2])
+    order = training_order(data, config)
+    n_groups = len(data.groups)
+    prompts = [chat_prompt(tokenizer, e.prompt, config.prefix) for e in order]
+    checkpoints = run_dir / "checkpoints"
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", unit="step")
+    for step in bar:
+        batch = order[step * n_groups : (step + 1) * n_groups]
+
+        def rewards(texts: list[str], i: int, batch: list[R1Example] = batch, step: int = step) -> list[float]:
+            example = batch[i]
+            parsed = [parse_answer(config.full_completion(t), config.answer, config.n_levels) for t in texts]
+            fmt = [format_reward(p) for p in parsed]
+            acc = [accuracy_reward(p, example.target, config.answer, config.n_levels) for p in parsed]
+            with reward_path.open("a") as handle:
+                for p, f, a in zip(parsed, fmt, acc, strict=True):
+                    handle.write(json.dumps({"step": step + 1, "group": example.group, "format": f, "accuracy": a,
+                                             "parsed": p.value is not None}) + "\n")
+            return [f + a for f, a in zip(fmt, acc, strict=True)]
+
+        generator = torch.Generator().manual_seed(config.random_state * 100_003 + step)
+        torch.manual_seed(config.random_state * 100_003 + step)
+        tick = time.perf_counter()
+        stats = grpo_step(
+            model, tokenizer, prompts[step * n_groups : (step + 1) * n_groups], rewards, optimizer,
+            config.generations, config.max_new_tokens, config.temperature, config.beta, config.epsilon,
+            generator=generator, ref_model=ref_model,
+        )
+        if not math.isfinite(stats["loss"]):
+            from urbanprofile.errors import TrainingError
+
+            raise TrainingError(f"GRPO loss is {stats['loss']} at step {step + 1}")
+        history.append({"step": step + 1, **stats, "step_seconds": time.perf_counter() - tick})
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.3f}")
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            folder = checkpoints / f"checkpoint-{step + 1}"
+            partial = checkpoints / f".partial-{step + 1}"
+            partial.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(str(partial))
+            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+            (partial / "history.json").write_text(json.dumps(history))
+            (partial / "trainer_state.json").write_text(json.dumps({"global_step": step + 1}))
+            partial.rename(folder)  # a kill mid-save leaves no half-written checkpoint behind
+            for old in sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))[:-2]:
+                import shutil
+
+                shutil.rmtree(old)
+    final = run_dir / "final"
+    model.save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+    (run_dir / "train_log.json").write_text(json.dumps(history, indent=1))
+    return tokenizer
 
 
 def reward_summary(path: Path, last: int = 10) -> dict[str, Any]:
@@ -363,30 +492,30 @@ def plot_reward_curves(run_dir: Path, window: int = 5) -> Path | None:
 
 def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
               cities: list[Any] | None = None) -> dict[str, Any]:
-    """The SFT baseline: LoRA (same rank) with cross-entropy on ``<answer>true level</answer>``.
+    """The SFT baseline: LoRA (same rank and layers) with cross-entropy on ``<answer>true level</answer>``.
 
-    Shuffled epochs over the same training regions (the usual SFT recipe, not group-balanced), batches of
-    as many prompts as a GRPO step has groups.
+    Shuffled passes over the same training regions (the usual SFT recipe, not group-balanced), as many steps
+    as GRPO with as many prompts per step as a GRPO step has groups.
     """
     import torch
     from tqdm import tqdm
 
-    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config
+    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
 
     config.check()
-    if config.sft_epochs < 1:
-        raise UrbanProfileError("sft_epochs is 0: no SFT baseline to train")
     run_dir = Path(run_dir)
     data = data if data is not None else prepare_task(config, cities)
     torch.manual_seed(config.random_state)
     model, tokenizer = load_policy(config.model, config.random_state)
     if config.lora_rank > 0:
         peft = require("peft", "rl")
-        model = peft.get_peft_model(model, lora_config(config.lora_rank, 2 * config.lora_rank))
+        layers = top_layers(model, config.lora_layers)
+        model = peft.get_peft_model(model, lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model))
     train = data.split("train")
     batch = max(len(data.groups), 1)
     rng = np.random.default_rng(config.random_state)
-    order = np.concatenate([rng.permutation(len(train)) for _ in range(config.sft_epochs)])
+    passes = math.ceil(config.steps * batch / len(train))
+    order = np.concatenate([rng.permutation(len(train)) for _ in range(passes)])[: config.steps * batch]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.sft_learning_rate)
     eos = tokenizer.eos_token or ""
     model.train()
@@ -395,8 +524,9 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
     n_steps = math.ceil(len(order) / batch)
     for k in tqdm(range(n_steps), desc="SFT", unit="step"):
         rows = [train[i] for i in order[k * batch : (k + 1) * batch]]
-        prompts = [chat_prompt(tokenizer, e.prompt) for e in rows]
-        answers = [f"<answer>{_answer_text(e, config.answer)}</answer>{eos}" for e in rows]
+        prompts = [chat_prompt(tokenizer, e.prompt, config.prefix) for e in rows]
+        answers = [f"{'' if config.answer_prefix else ANSWER_OPEN}{_answer_text(e, config.answer)}</answer>{eos}"
+                   for e in rows]
         input_ids, labels = [], []
         for p, a in zip(prompts, answers, strict=True):
             p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]

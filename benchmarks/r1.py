@@ -34,7 +34,8 @@ def _phase(name: str, fn: Any, record: dict[str, Any]) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--task", default="crime")
     parser.add_argument("--threads", type=int, default=1)
@@ -50,7 +51,8 @@ def main() -> None:
     from urbanprofile.rl.train import R1Config, load_cities, prepare_task, train_grpo, train_sft
 
     config = R1Config(datasets=["hafusion-nyc", "hafusion-chicago"], task=args.task, model=args.model,
-                      steps=args.steps, generations=args.generations, save_every=5)
+                      steps=args.steps, generations=args.generations, save_every=4,
+                      learning_rate=args.lr, sft_learning_rate=args.lr)
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     record: dict[str, Any] = {"config": config.to_json(), "threads": args.threads, "cpus": os.cpu_count()}

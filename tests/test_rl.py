@@ -74,7 +74,7 @@ def test_build_task_levels_from_training_labels_only() -> None:
     train, test = data.frame("train"), data.frame("test")
     assert len(train) + len(test) == 70 and len(test) > 0
     assert set(train["level"]) <= set(range(5))
-    assert "<answer>level</answer>" in data.examples[0].prompt
+    assert "<answer>2</answer>" in data.examples[0].prompt
     # Moving a held-out label does not move any level edge.
     cities[0].targets.loc[test[test.city == "syn-a"].region_id.iloc[0], "crime"] = 1e9
     assert build_task(cities, TaskSpec("crime", blocks_per_city=2)).edges == data.edges
@@ -131,13 +131,13 @@ def _mean_sampled_reward(model: object, tokenizer: object, data: R1Data, n: int 
     from urbanprofile.rl.policy import chat_prompt
 
     torch.manual_seed(123)
-    prompt = chat_prompt(tokenizer, data.examples[0].prompt)
+    prompt = chat_prompt(tokenizer, data.examples[0].prompt, "<answer>")
     enc = tokenizer([prompt] * n, return_tensors="pt", add_special_tokens=False)  # type: ignore[operator]
     with torch.no_grad():
         out = model.generate(**enc, do_sample=True, max_new_tokens=6, temperature=1.0,  # type: ignore[attr-defined]
                              pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
-    parsed = [parse_answer(t, "level", 5) for t in texts]
+    parsed = [parse_answer("<answer>" + t, "level", 5) for t in texts]
     return float(np.mean([format_reward(p) + accuracy_reward(p, 3, "level", 5) for p in parsed]))
 
 
@@ -147,7 +147,7 @@ def test_grpo_moves_the_policy_toward_higher_reward(tmp_path: Path) -> None:
 
     data = _toy_data()
     config = R1Config(datasets=["toy"], task="toy", model="tiny-random", steps=10, generations=8, max_new_tokens=4,
-                      learning_rate=3e-2, lora_rank=0, beta=0.0, save_every=10, sft_epochs=0, random_state=0)
+                      learning_rate=3e-2, lora_rank=0, beta=0.0, save_every=10, sft=False, random_state=0)
     before_model, tokenizer = load_policy("tiny-random", 0)
     before = _mean_sampled_reward(before_model, tokenizer, data)
     train_grpo(config, tmp_path / "run", data=data)
@@ -165,7 +165,7 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path) 
 
     cities = _cities()
     config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", steps=4, generations=2,
-                      max_new_tokens=4, save_every=2, sft_epochs=0, lora_rank=4)
+                      max_new_tokens=4, save_every=2, sft=False, lora_rank=4, lora_layers=1)
     run = tmp_path / "run"
     first = train_grpo(config, run, cities=cities)
     assert first["resumed_from_step"] == 0
@@ -182,13 +182,24 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path) 
         train_grpo(other, run, cities=cities)
 
 
+def test_trl_engine_runs_and_logs_every_completion(tmp_path: Path) -> None:
+    from urbanprofile.rl.train import R1Config, train_grpo
+
+    data = _toy_data()
+    config = R1Config(datasets=["toy"], task="toy", model="tiny-random", steps=2, generations=2, max_new_tokens=3,
+                      engine="trl", lora_rank=4, save_every=2, sft=False)
+    summary = train_grpo(config, tmp_path / "run", data=data)
+    assert summary["engine"] == "trl" and (tmp_path / "run" / "final").is_dir()
+    assert len((tmp_path / "run" / "reward_log.jsonl").read_text().splitlines()) == 2 * 2 * 2
+
+
 def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], tmp_path: Path) -> None:
     from test_bad_input import assert_user_error, run_cli
 
     data_dir = make_data_dir(n=60)
     run = tmp_path / "run"
     args = ["r1", "train", "--datasets", "hafusion-testcity", "--task", "crime", "--model", "tiny-random",
-            "--steps", "2", "-G", "2", "--max-new-tokens", "4", "--sft-epochs", "1", "--out", str(run)]
+            "--steps", "2", "-G", "2", "--max-new-tokens", "4", "--out", str(run)]
     result = run_cli(*args, data_dir=data_dir)
     assert result.returncode == 0, result.stderr
     assert (run / "config.json").is_file() and (run / "final").is_dir() and (run / "sft" / "final").is_dir()

@@ -149,7 +149,8 @@ def baseline_predictions(method: str, data: R1Data, config: R1Config, cities: li
         probe = make_probe(spec.head, "nested", config.random_state).fit(X_train, train["label"].to_numpy(float))
         in_frame = frame.index[(frame["city"] == city.name).to_numpy()]
         preds.loc[in_frame] = probe.predict(X_test)
-    levels = [int(to_level(np.array([v]), np.asarray(data.edges[c]))[0]) for v, c in zip(preds, frame["city"], strict=True)]
+    levels = [int(to_level(np.array([v]), np.asarray(data.edges[c]))[0])
+              for v, c in zip(preds, frame["city"], strict=True)]
     return frame.assign(completion="", pred=preds.to_numpy(), pred_level=levels, parsed=True)
 
 

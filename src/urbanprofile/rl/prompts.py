@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from urbanprofile.data.city import CityData
+from urbanprofile.data.city import CityData, view_csr
 from urbanprofile.errors import DataError, UrbanProfileError
 
 #: Plain-language names of the indicators a question can be about.
@@ -142,7 +142,7 @@ class RegionDescriber:
             self._derived["landuse_share"] = landuse.div(landuse.sum(axis=1).replace(0, np.nan), axis=0).fillna(0)
         if "od_flows" in views:
             od = views["od_flows"]
-            values = od.sparse.to_coo().tocsr() if hasattr(od, "sparse") and _is_sparse(od) else od.to_numpy()
+            values = view_csr(od)
             out = pd.Series(np.asarray(values.sum(axis=1)).ravel(), index=od.index, dtype=float)
             into = pd.Series(np.asarray(values.sum(axis=0)).ravel(), index=od.index, dtype=float)
             self._derived["trips_out"], self._derived["trips_in"] = out, into
@@ -192,19 +192,15 @@ def _named(columns: pd.Index) -> bool:
     return not all(_ID_NAME.match(str(c)) for c in columns)
 
 
-def _is_sparse(frame: pd.DataFrame) -> bool:
-    return bool(len(frame.columns)) and all(isinstance(t, pd.SparseDtype) for t in frame.dtypes)
-
-
 def question(task: str, city_label: str, answer: str, n_levels: int) -> str:
     """The question about one indicator, with the answer format and scale stated."""
     what = TASK_WORDS.get(task, task.replace("_", " "))
     if answer == "level":
         return (
             f"Level of {what} here, from 0 (fewest) to {n_levels - 1} (most), each level an equal share of the "
-            f"regions of {city_label}? Reply <answer>level</answer>."
+            f"regions of {city_label}? Reply with one digit, for example <answer>{(n_levels - 1) // 2}</answer>."
         )
-    return f"Number of {what} here? Reply <answer>number</answer>."
+    return f"Number of {what} here? Reply with one number, for example <answer>100</answer>."
 
 
 def check_answer_kind(answer: str, n_levels: int) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -165,7 +165,7 @@ def training_order(data: R1Data, config: R1Config) -> list[R1Example]:
     train = data.split("train")
     if not train:
         raise UrbanProfileError("no training regions")
-    order, groups = balanced_order(train, config.steps, config.random_state)
+    order, _ = balanced_order(train, config.steps, config.random_state)
     if not config.balanced:
         rng = np.random.default_rng(config.random_state)
         order = [int(i) for i in rng.choice(len(train), size=len(order), replace=True)]
@@ -188,7 +188,9 @@ class RewardLog:
         def format_reward_fn(completions: list[Any], **kwargs: Any) -> list[float]:
             return [format_reward(p) for p in self._parse(completions)]
 
-        def accuracy_reward_fn(completions: list[Any], target: list[float], group: list[str], **kwargs: Any) -> list[float]:
+        def accuracy_reward_fn(
+            completions: list[Any], target: list[float], group: list[str], **kwargs: Any
+        ) -> list[float]:
             parsed = self._parse(completions)
             acc = [accuracy_reward(p, t, self.answer, self.n_levels) for p, t in zip(parsed, target, strict=True)]
             state = kwargs.get("trainer_state")
@@ -300,7 +302,8 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
     steps = training_order(data, config)
     n_groups = len(data.groups)
     dataset = Dataset.from_list(
-        [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group} for e in steps]
+        [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group}
+         for e in steps]
     )
     args = GRPOConfig(
         output_dir=str(checkpoints),
@@ -336,12 +339,15 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
     reward_log = RewardLog(reward_path, config.answer, config.n_levels, config.prefix)
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=reward_log.functions(),
+        reward_funcs=cast(Any, reward_log.functions()),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=(lora_config(config.lora_rank, 2 * config.lora_rank, layers=top_layers(model, config.lora_layers), model=model)
-                     if config.lora_rank > 0 else None),
+        peft_config=(
+            lora_config(config.lora_rank, 2 * config.lora_rank, layers=top_layers(model, config.lora_layers),
+                        model=model)
+            if config.lora_rank > 0 else None
+        ),
     )
     trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     final = run_dir / "final"
@@ -368,7 +374,8 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
     if config.lora_rank > 0:
         peft = require("peft", "rl")
         layers = top_layers(model, config.lora_layers)
-        model = peft.get_peft_model(model, lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model))
+        lora = lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model)
+        model = peft.get_peft_model(model, lora)
     elif config.beta > 0:
         ref_model = copy.deepcopy(model).eval()
         ref_model.requires_grad_(False)
@@ -510,7 +517,8 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
     if config.lora_rank > 0:
         peft = require("peft", "rl")
         layers = top_layers(model, config.lora_layers)
-        model = peft.get_peft_model(model, lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model))
+        lora = lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model)
+        model = peft.get_peft_model(model, lora)
     train = data.split("train")
     batch = max(len(data.groups), 1)
     rng = np.random.default_rng(config.random_state)
@@ -553,7 +561,8 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
     model.save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
     summary = {"steps": n_steps, "seconds": seconds, "seconds_per_step": seconds / max(n_steps, 1),
-               "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-5:])) if losses else None}
+               "loss_first": losses[0] if losses else None,
+               "loss_last": float(np.mean(losses[-5:])) if losses else None}
     (run_dir / "sft" / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -561,4 +570,4 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
 def _answer_text(example: R1Example, answer: str) -> str:
     if answer == "level":
         return str(int(example.target))
-    return str(int(round(example.label)))
+    return str(round(example.label))

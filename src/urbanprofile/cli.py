@@ -164,12 +164,12 @@ def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> Table:
     from urbanprofile.benchmark.runner import format_mean_std, leaderboard
 
     board = leaderboard(rows)
-    table = Table("dataset", "task", "protocol", "method", "n", "R²", "MAE", "RMSE", "worst-block R²",
+    table = Table("dataset", "task", "protocol", "method", "head", "n", "R²", "MAE", "RMSE", "worst-block R²",
                   "Moran's I", "fit s", "seeds", title=title)
     for r in board.to_dict("records"):
         protocol = "paper (peers', for comparison)" if r["protocol"] == "paper" else r["protocol"]
         table.add_row(
-            r["dataset"], r["task"], protocol, r["method"], str(r["n_regions"]),
+            r["dataset"], r["task"], protocol, r["method"], r["head"], str(r["n_regions"]),
             format_mean_std(r["r2_mean"], r["r2_std"]), format_mean_std(r["mae_mean"], r["mae_std"], 1),
             format_mean_std(r["rmse_mean"], r["rmse_std"], 1), _fmt(r["worst_block_r2_mean"]),
             _fmt(r["morans_i_mean"]), _fmt(r["fit_seconds_mean"], 2), str(r["n_seeds"]),
@@ -181,16 +181,29 @@ def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> Table:
 def evaluate(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
-    task: Annotated[str, typer.Option("--task", "-t", help="Task (indicator) name.")],
+    task: Annotated[str, typer.Option("--task", "-t", help="Task (indicator) name, or 'all' (one row per task).")],
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="paper, nested or spatial.")] = "nested",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2,3,4",
+    head: Annotated[str | None, typer.Option(
+        "--head", help="Head: ridge, knn, mlp, mlp-multitask, moe, prompt4re-<model>[-notask], concat-<model> "
+        "(default: the method's own).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
+    modalities: Annotated[str | None, typer.Option(
+        "--modalities", help="Modalities used at inference, e.g. location,text (urbanfusion, concat).")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Evaluate one method on one task under one protocol, over seeds."""
+    """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
     from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
+    from urbanprofile.heads.registry import parse_head
 
-    plan = BenchmarkPlan(datasets=[name], methods=[method], tasks=[task], protocols=[protocol], seeds=_seeds(seeds))
+    if head:
+        parse_head(head)  # a typo fails before any data is read
+    if modalities is not None:
+        from urbanprofile.methods import get_method, with_modalities
+
+        method = with_modalities(get_method(method), _split(modalities) or []).name
+    plan = BenchmarkPlan(datasets=[name], methods=[method], tasks=None if task == "all" else [task],
+                         protocols=[protocol], seeds=_seeds(seeds), heads=[head] if head else None)
     outcome = run_benchmark(plan, data_dir, store=None, progress=not as_json,
                             on_row=_print_rows_json if as_json else None)
     if not outcome.rows and outcome.skipped:
@@ -210,17 +223,19 @@ def benchmark(
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (stochastic methods).")] = "0,1,2,3,4",
     store_path: Annotated[Path, typer.Option("--store", help="DuckDB results store.")] = Path(
         "results/urbanprofile.duckdb"),
+    heads: Annotated[str | None, typer.Option(
+        "--heads", help="Comma-separated heads (default: each method's own head).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per new result on stdout.")] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Run a grid of datasets x methods x tasks x protocols x seeds; finished rows are skipped on re-runs."""
+    """Run a grid of datasets x methods x tasks x protocols x seeds x heads; finished rows are skipped."""
     from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark, validate_plan
     from urbanprofile.benchmark.store import ResultStore
     from urbanprofile.methods import get_method
 
     plan = BenchmarkPlan(
         datasets=_split(datasets), methods=_split(methods), tasks=_split(tasks),
-        protocols=_split(protocols) or [], seeds=_seeds(seeds),
+        protocols=_split(protocols) or [], seeds=_seeds(seeds), heads=_split(heads),
     )
     names, specs = validate_plan(plan, data_dir)
     with ResultStore(store_path) as store:
@@ -232,6 +247,7 @@ def benchmark(
                                    "protocol": plan.protocols})
             if r["config_hash"] in hashes and r["seed"] in set(plan.seeds)
             and (plan.tasks is None or r["task"] in plan.tasks)
+            and (plan.heads is None or r["head"] in plan.heads)
         ]
     for line in outcome.skipped:
         err.print(f"skipped: {line}")

@@ -115,6 +115,14 @@ _BUILTIN = [
                {"n_layers": 5, "lr": 2e-4, "spatial_weight": 0.4}, requires_views=_ALL, stochastic=True,
                family="ToPT (SREL)",
                description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4"),
+    MethodSpec("urbanfusion", "urbanprofile.embedders.urbanfusion:UrbanFusionEmbedder", {}, stochastic=True,
+               family="UrbanFusion (2025)",
+               description="frozen modality encoders -> Transformer fusion; stochastic multimodal fusion (InfoNCE + "
+                           "reconstruction); any modality subset at inference (--modalities)"),
+    MethodSpec("concat", "urbanprofile.embedders.modal_baselines:ConcatModalities", {},
+               description="the frozen modality encoder outputs concatenated (block-scaled), tuned Ridge"),
+    MethodSpec("tfidf-captions", "urbanprofile.embedders.modal_baselines:TfidfCaptions", {},
+               description="TF-IDF + truncated SVD (128-d) of each region's caption text"),
 ]
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -146,6 +154,24 @@ def list_methods() -> list[str]:
     """Names of every registered method."""
     _ensure_loaded()
     return list(_REGISTRY)
+
+
+def with_modalities(spec: MethodSpec, modalities: list[str] | tuple[str, ...]) -> MethodSpec:
+    """The spec restricted to some modalities (``name[m1,m2]``, registered so the runner finds it).
+
+    Only methods that take a ``modalities`` argument (``urbanfusion``, ``concat``) accept this.
+    """
+    import inspect
+
+    module_name, _, class_name = spec.factory.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if "modalities" not in inspect.signature(cls.__init__).parameters:
+        raise MethodUnavailableError(f"method {spec.name!r} does not take --modalities")
+    mods = tuple(dict.fromkeys(modalities))
+    derived = MethodSpec(f"{spec.name}[{','.join(mods)}]", spec.factory, {**spec.params, "modalities": mods},
+                         spec.head, spec.requires_views, spec.needs_locations, spec.stochastic, spec.family,
+                         f"{spec.description} (modalities: {', '.join(mods)})")
+    return register_method(derived, replace=True)
 
 
 def get_method(name: str) -> MethodSpec:

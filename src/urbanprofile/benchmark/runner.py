@@ -1,4 +1,4 @@
-"""Run a grid of (dataset, method, seed, task, protocol), resumable through the results store."""
+"""Run a grid of (dataset, method, seed, task, protocol, head), resumable through the results store."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import get_entry, list_datasets
 from urbanprofile.data.tasks import KNOWN_TASKS
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
-from urbanprofile.evaluation.protocols import PROTOCOLS, ProtocolResult, check_protocol, evaluate_embedding
+from urbanprofile.evaluation.protocols import (
+    PROTOCOLS,
+    ProtocolResult,
+    check_protocol,
+    evaluate_embedding,
+    evaluate_tasks,
+)
+from urbanprofile.heads.registry import parse_head
 from urbanprofile.methods import MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
@@ -30,13 +37,18 @@ DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 @dataclass
 class BenchmarkPlan:
-    """What to run; ``None`` means every dataset, method, task or protocol available."""
+    """What to run; ``None`` means every dataset, method, task or protocol available.
+
+    ``heads``: head names to probe every embedding with; ``None`` gives each method its own head (ridge,
+    or knn for knn-location). Multi-task heads (``moe``, ``mlp-multitask``) fit the plan's tasks jointly.
+    """
 
     datasets: Sequence[str] | None = None
     methods: Sequence[str] | None = None
     tasks: Sequence[str] | None = None
     protocols: Sequence[str] = ("paper", "nested", "spatial")
     seeds: Sequence[int] = DEFAULT_SEEDS
+    heads: Sequence[str] | None = None
 
 
 @dataclass
@@ -59,6 +71,8 @@ def validate_plan(plan: BenchmarkPlan, data_dir: str | Path | None) -> tuple[lis
             raise unknown_name("task", task, known_tasks)
     for protocol in plan.protocols:
         check_protocol(protocol)
+    for head in plan.heads or ():
+        parse_head(head)
     if not plan.seeds:
         raise UrbanProfileError("at least one seed is needed (--seeds 0,1,2)")
     if not plan.protocols:
@@ -75,9 +89,11 @@ def result_row(
         "dataset": city.name,
         "task": result.task,
         "method": spec.name,
+        "modalities": list(spec.params["modalities"]) if spec.params.get("modalities") else None,
         "config_hash": spec.config_hash,
         "protocol": result.protocol,
         "seed": int(seed),
+        "head": result.head,
         "n_regions": result.n_regions,
         **result.metrics,
         "worst_block_r2": bias["worst_block_r2"],
@@ -128,6 +144,8 @@ def run_benchmark(
         methods = [get_method(m) for m in (plan.methods or list_methods())]
         for protocol in plan.protocols:
             check_protocol(protocol)
+        for head in plan.heads or ():
+            parse_head(head)
     done = store.done_keys() if store is not None else set()
     outcome = BenchmarkOutcome()
 
@@ -158,10 +176,14 @@ def run_benchmark(
                     outcome.skipped.append(f"{name}: {reason}")
                     continue
                 seeds = list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]
+                heads = list(plan.heads or [spec.head])
+                # Heads with weights vary with the seed too, so every seed runs when one is asked for.
+                if not spec.stochastic and any(parse_head(h).kind not in ("ridge", "knn") for h in heads):
+                    seeds = list(plan.seeds)
                 for seed in seeds:
-                    cells = [(t, p) for t in tasks for p in protocols]
-                    todo = [(t, p) for t, p in cells
-                            if (name, t, spec.name, spec.config_hash, p, int(seed)) not in done]
+                    cells = [(t, p, h) for t in tasks for p in protocols for h in heads]
+                    todo = [(t, p, h) for t, p, h in cells
+                            if (name, t, spec.name, spec.config_hash, p, int(seed), h) not in done]
                     total += len(cells)
                     outcome.n_resumed += len(cells) - len(todo)
                     bar.update(job, total=total, advance=len(cells) - len(todo))
@@ -175,32 +197,56 @@ def run_benchmark(
                     candidates = getattr(embedder, "candidates_", None)
                     if on_embedding is not None:
                         on_embedding(city, spec, int(seed), embedder)
-                    for task, protocol in todo:
+                    joint: dict[tuple[str, str], list[str]] = {}  # (protocol, multi-task head) -> tasks
+                    for task, protocol, head in todo:
+                        if parse_head(head).multitask:
+                            joint.setdefault((protocol, head), []).append(task)
+                            continue
                         try:
-                            result = evaluate_embedding(city, embedding, task, protocol, spec.head, int(seed),
+                            result = evaluate_embedding(city, embedding, task, protocol, head, int(seed),
                                                         candidates=candidates)
                         except MethodUnavailableError as err:
                             outcome.skipped.append(f"{name}: {err}")
                             bar.advance(job)
                             continue
-                        row = result_row(city, spec, int(seed), result, embed_seconds)
-                        if store is not None:
-                            store.add(row)
-                        outcome.rows.append(row)
-                        if on_row is not None:
-                            on_row(row)
+                        _record(city, spec, int(seed), result, embed_seconds, store, outcome, on_row)
                         bar.advance(job)
+                    for (protocol, head), _ in joint.items():
+                        try:  # all of the plan's tasks jointly; rows already stored are not written again
+                            results = evaluate_tasks(city, embedding, tasks, protocol, head, int(seed))
+                        except MethodUnavailableError as err:
+                            outcome.skipped.append(f"{name}: {err}")
+                            bar.advance(job, len(joint[(protocol, head)]))
+                            continue
+                        for result in results:
+                            if result.task in joint[(protocol, head)]:
+                                _record(city, spec, int(seed), result, embed_seconds, store, outcome, on_row)
+                                bar.advance(job)
     outcome.wall_seconds = time.perf_counter() - start
     return outcome
 
 
+def _record(
+    city: CityData, spec: MethodSpec, seed: int, result: ProtocolResult, embed_seconds: float,
+    store: ResultStore | None, outcome: BenchmarkOutcome, on_row: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    row = result_row(city, spec, seed, result, embed_seconds)
+    if store is not None:
+        store.add(row)
+    outcome.rows.append(row)
+    if on_row is not None:
+        on_row(row)
+
+
 def leaderboard(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Mean and standard deviation over seeds per (dataset, task, protocol, method), best R^2 first."""
+    """Mean and standard deviation over seeds per (dataset, task, protocol, method, head), best R^2 first."""
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
+    if "head" not in frame:
+        frame["head"] = "ridge"
     metrics = ["r2", "mae", "rmse", "worst_block_r2", "r2_gap", "morans_i", "fit_seconds"]
-    grouped = frame.groupby(["dataset", "task", "protocol", "method"], sort=False)
+    grouped = frame.groupby(["dataset", "task", "protocol", "method", "head"], sort=False)
     table = grouped[metrics].agg(["mean", "std"])
     table.columns = pd.Index(["_".join(map(str, column)) for column in table.columns])
     table["n_seeds"] = grouped.size()

@@ -1,4 +1,4 @@
-"""An embedded DuckDB results store: one row per (dataset, task, method, config, protocol, seed)."""
+"""An embedded DuckDB results store: one row per (dataset, task, method, config, protocol, seed, head)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from urbanprofile.errors import DataError
 
 DEFAULT_STORE = Path("results") / "urbanprofile.duckdb"
 
-KEY = ("dataset", "task", "method", "config_hash", "protocol", "seed")
+KEY = ("dataset", "task", "method", "config_hash", "protocol", "seed", "head")
 COLUMNS: dict[str, str] = {
     "dataset": "VARCHAR",
     "task": "VARCHAR",
@@ -19,6 +19,7 @@ COLUMNS: dict[str, str] = {
     "config_hash": "VARCHAR",
     "protocol": "VARCHAR",
     "seed": "INTEGER",
+    "head": "VARCHAR",
     "n_regions": "INTEGER",
     "mae": "DOUBLE",
     "rmse": "DOUBLE",
@@ -59,6 +60,40 @@ class ResultStore:
             raise DataError(f"{self.path}: cannot open the results store ({str(err).splitlines()[0]})") from None
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         self._con.execute(f"CREATE TABLE IF NOT EXISTS results ({columns}, PRIMARY KEY ({', '.join(KEY)}))")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older version up to the current columns, keeping every row.
+
+        Stores from before heads were an axis have no ``head`` column (and a key without it): the table is
+        rebuilt with the current schema in one transaction, and each old row gets its method's own head
+        (``ridge``, or ``knn`` for ``knn-location``; ``ridge`` for methods no longer registered).
+        """
+        have = {r[0] for r in self._con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'results'").fetchall()}
+        if "head" in have:
+            return
+        from urbanprofile.methods import get_method, list_methods
+
+        heads = {name: get_method(name).head for name in list_methods()}
+        shared = [c for c in COLUMNS if c in have]
+        columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
+        self._con.execute("BEGIN TRANSACTION")
+        try:
+            self._con.execute(f"CREATE TABLE results_migrated ({columns}, PRIMARY KEY ({', '.join(KEY)}))")
+            self._con.execute(
+                f"INSERT INTO results_migrated ({', '.join(shared)}, head) "
+                f"SELECT {', '.join(shared)}, 'ridge' FROM results"
+            )
+            for method, head in heads.items():
+                if head != "ridge":
+                    self._con.execute("UPDATE results_migrated SET head = ? WHERE method = ?", [head, method])
+            self._con.execute("DROP TABLE results")
+            self._con.execute("ALTER TABLE results_migrated RENAME TO results")
+            self._con.execute("COMMIT")
+        except Exception:
+            self._con.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._con.close()
@@ -75,7 +110,11 @@ class ResultStore:
         return {tuple(r) for r in rows}
 
     def add(self, row: dict[str, Any]) -> bool:
-        """Insert one result in its own transaction; returns False if its key was already stored."""
+        """Insert one result in its own transaction; returns False if its key was already stored.
+
+        A row without a ``head`` is a default-head (``ridge``) row, as written by older callers.
+        """
+        row = {**row, "head": row.get("head") or "ridge"}
         values = [_to_sql(name, row.get(name)) for name in COLUMNS]
         placeholders = ", ".join("?" for _ in COLUMNS)
         self._con.execute("BEGIN TRANSACTION")
@@ -107,7 +146,7 @@ class ResultStore:
             params += allowed
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY dataset, task, protocol, method, seed"
+        sql += " ORDER BY dataset, task, protocol, method, head, seed"
         out = []
         for record in self._con.execute(sql, params).fetchall():
             row = dict(zip(COLUMNS, record, strict=True))

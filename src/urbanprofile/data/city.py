@@ -36,6 +36,11 @@ class CityData:
         targets: One column per indicator, indexed by ``region_id``; NaN marks a missing label.
         neighbors: Region adjacency (``region_id`` -> adjacent ids) when known, e.g. shared borders.
         meta: Source, units, notes on quirks, protocol settings.
+        modalities: Non-numeric inputs for the pretrained modality encoders, one long table per modality
+            with one row per item and a ``region_id`` column (a region may have none, one or many items):
+            ``tile_caption``/``geo_text`` (``text``), ``tile_image`` (``image`` path), ``streetview_caption``
+            (``text``, ``item``, ``lon``, ``lat``), ``streetview_image`` (``image``, ``lon``, ``lat``),
+            ``region_image`` (``raster`` path: one image cut per region). See :mod:`urbanprofile.data.multimodal`.
     """
 
     name: str
@@ -44,6 +49,7 @@ class CityData:
     targets: pd.DataFrame = field(default_factory=pd.DataFrame)
     neighbors: dict[Any, list[Any]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    modalities: dict[str, pd.DataFrame] = field(default_factory=dict)
     #: Derived, label-free structures (spatial blocks, adjacency) computed once per city.
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -114,6 +120,7 @@ class CityData:
             targets=self.targets.loc[ids],
             neighbors=neighbors,
             meta=dict(self.meta),
+            modalities={k: t[t["region_id"].isin(ids)].reset_index(drop=True) for k, t in self.modalities.items()},
         )
 
     def summary(self) -> dict[str, Any]:
@@ -137,6 +144,8 @@ class CityData:
             "has_locations": self.has_locations,
             "has_geometry": bool(self.regions.geometry.notna().any()) if "geometry" in self.regions else False,
             "views": {k: list(v.shape) for k, v in self.views.items()},
+            "modalities": {k: {"items": len(t), "regions": int(t["region_id"].nunique())}
+                           for k, t in self.modalities.items()},
             "tasks": labels,
             "meta": {k: v for k, v in self.meta.items() if isinstance(v, str | int | float | list)},
         }
@@ -181,6 +190,13 @@ class CityData:
             if np.isinf(values).any():
                 task = self.targets.columns[np.isinf(values).any(axis=0)][0]
                 raise DataError(f"{where}: target {task!r} has infinite values")
+        for name, table in self.modalities.items():
+            if "region_id" not in table.columns:
+                raise DataError(f"{where}: modality {name!r} has no 'region_id' column")
+            stray = ~table["region_id"].isin(ids)
+            if stray.any():
+                first = table["region_id"][stray].iloc[0]
+                raise DataError(f"{where}: modality {name!r} names unknown region {first}")
         if self.neighbors is not None:
             known = set(ids)
             for region, adjacent in self.neighbors.items():

@@ -92,7 +92,14 @@ def load_hafusion_city(folder: Path, name: str) -> CityData:
     }
     if city not in PEER_PROTOCOLS:
         meta["notes"].append("no peer fold settings for this city: 10 shuffled folds, seed 2024")
-    return CityData(name=name, regions=regions, views=views, targets=targets, neighbors=neighbors, meta=meta)
+    modalities: dict[str, pd.DataFrame] = {}
+    prompts = folder / "prompts" / "prompt_data.json"
+    if prompts.is_file():
+        from urbanprofile.data.multimodal import geo_text_from_prompts
+
+        modalities["geo_text"] = geo_text_from_prompts(prompts, ids)
+    return CityData(name=name, regions=regions, views=views, targets=targets, neighbors=neighbors, meta=meta,
+                    modalities=modalities)
 
 
 def _same_regions(path: Path, got: int, n: int) -> None:

@@ -71,6 +71,18 @@ def _load_cityview(entry: DatasetEntry) -> CityData:
     return load_cityview_city(entry.path, entry.name)
 
 
+def _load_urbanvlp(entry: DatasetEntry) -> CityData:
+    from urbanprofile.data.cityview import load_urbanvlp_indicators
+
+    return load_urbanvlp_indicators(entry.path, entry.name)
+
+
+def _load_raster_regions(entry: DatasetEntry) -> CityData:
+    from urbanprofile.data.raster_regions import load_raster_regions
+
+    return load_raster_regions(entry.path, entry.name)
+
+
 def _load_built(entry: DatasetEntry) -> CityData:
     from urbanprofile.data.built import load_built
 
@@ -81,6 +93,8 @@ _LOADERS: dict[str, Callable[[DatasetEntry], CityData]] = {
     "hafusion": _load_hafusion,
     "cityview": _load_cityview,
     "built": _load_built,
+    "cityview-urbanvlp": _load_urbanvlp,
+    "raster-regions": _load_raster_regions,
 }
 
 #: Folder under the data directory where built datasets (``built/<city>/manifest.json``) are discovered.
@@ -108,7 +122,10 @@ def discover(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Datase
 
     ``hafusion/<city>/`` holding any of the multi-view files is ``hafusion-<city>`` (listed as incomplete
     when some required file is missing); ``cityview/labels/<City>.csv`` is ``cityview-<city>``;
-    ``built/<city>/manifest.json`` (written by ``urbanprofile build``) is ``built-<city>``.
+    ``built/<city>/manifest.json`` (written by ``urbanprofile build``) is ``built-<city>``;
+    ``cityview/<city>_indicators_urbanvlp.csv`` is ``cityview-<city>-urbanvlp``; any other top-level folder
+    holding exactly one polygon file and one GeoTIFF (e.g. ``olinda/``) is a raster-regions dataset named after
+    the folder.
     """
     root = resolve_data_dir(data_dir)
     found: dict[str, DatasetEntry] = {}
@@ -126,6 +143,15 @@ def discover(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Datase
         for csv in sorted(labels.glob("*.csv")):
             name = f"cityview-{csv.stem.lower()}"
             found[name] = DatasetEntry(name, "cityview", csv)
+        for csv in sorted((root / "cityview").glob("*_indicators_urbanvlp.csv")):
+            name = f"cityview-{csv.name.split('_indicators')[0].lower()}-urbanvlp"
+            found[name] = DatasetEntry(name, "cityview-urbanvlp", csv)
+    from urbanprofile.data.raster_regions import raster_region_files
+
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("hafusion", "cityview", BUILT_DIR)):
+        if raster_region_files(folder) is not None:
+            name = folder.name.lower()
+            found[name] = DatasetEntry(name, "raster-regions", folder)
     built = root / BUILT_DIR
     if built.is_dir():
         for folder in sorted(p for p in built.iterdir() if p.is_dir() and (p / "manifest.json").is_file()):

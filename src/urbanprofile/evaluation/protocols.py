@@ -16,10 +16,10 @@ from sklearn.model_selection import KFold
 
 from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import TaskData, task_data
-from urbanprofile.errors import DataError, MethodUnavailableError, unknown_name
+from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.metrics import regression_metrics
 from urbanprofile.evaluation.spatial import BLOCK_SEED, adjacency_weights, morans_i, spatial_blocks
-from urbanprofile.heads.probes import make_probe
+from urbanprofile.heads.registry import HeadSpec, build_head, embedding_blocks, parse_head
 
 PROTOCOLS = {
     "paper": "the peers' protocol: Ridge(alpha=1) on the raw embedding, their folds; for comparison only",
@@ -54,6 +54,7 @@ class ProtocolResult:
     chosen: list[dict[str, Any]] = field(default_factory=list)
     head_seconds: float = 0.0
     task_info: str = ""
+    head: str = "ridge"
 
     @property
     def n_regions(self) -> int:
@@ -112,25 +113,26 @@ def evaluate_embedding(
         embedding: One row per region, indexed by ``region_id``.
         task: Indicator to predict.
         protocol: ``paper``, ``nested`` or ``spatial``.
-        head: ``ridge`` or ``knn``.
-        random_state: Seed of the inner folds.
+        head: A single-task head name (see :mod:`urbanprofile.heads.registry`): ``ridge``, ``knn``, ``mlp``,
+            ``prompt4re-<model>``, ... Multi-task heads go through :func:`evaluate_tasks`.
+        random_state: Seed of the inner folds and of the head.
         candidates: Other label-free embeddings of the same method (e.g. training checkpoints). Under
             ``nested`` and ``spatial`` each outer fold uses the candidate with the lowest inner-CV error
             on its training regions; ``paper`` ignores them and uses ``embedding``.
     """
     check_protocol(protocol)
+    spec = parse_head(head)
+    if spec.multitask:
+        raise UrbanProfileError(f"head {head!r} fits all tasks jointly: evaluate it with --task all")
     if protocol == "spatial" and not city.has_locations:
         raise MethodUnavailableError(f"spatial protocol needs region locations; {city.name!r} has none")
     td = task_data(city, task)
     options = dict(candidates) if candidates and protocol != "paper" else {"final": embedding}
-    matrices = {}
-    for label, frame in options.items():
-        missing = td.region_ids.difference(frame.index)
-        if len(missing):
-            raise DataError(f"embedding {label!r} has no row for region {missing[0]} of {city.name!r}")
-        matrices[label] = frame.loc[td.region_ids].to_numpy(dtype=float)
-        if not np.isfinite(matrices[label]).all():
-            raise DataError(f"embedding {label!r} has NaN or infinite values for {city.name!r}")
+    matrices = {label: _embedding_matrix(city, frame, td.region_ids, label) for label, frame in options.items()}
+    n_features = next(iter(matrices.values())).shape[1]
+    prompts = _prompt_features(city, spec, task, td.region_ids)
+    if prompts is not None:
+        matrices = {label: np.hstack([X, prompts]) for label, X in matrices.items()}
     y = td.y
     inner_groups = _task_blocks(city, td, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
 
@@ -142,7 +144,8 @@ def evaluate_embedding(
         groups = inner_groups[train] if inner_groups is not None else None
         fits = {}
         for label, X in matrices.items():
-            fits[label] = make_probe(head, protocol, random_state).fit(X[train], y[train], groups=groups)
+            estimator = build_head(spec, protocol, random_state, n_region_features=n_features)
+            fits[label] = estimator.fit(X[train], y[train], groups=groups)
         label = min(fits, key=lambda name: fits[name].cv_error_) if len(fits) > 1 else next(iter(fits))
         pred[test] = fits[label].predict(matrices[label][test])
         fold[test] = k
@@ -160,7 +163,114 @@ def evaluate_embedding(
         chosen=chosen,
         head_seconds=head_seconds,
         task_info=td.describe(),
+        head=head,
     )
+
+
+def _embedding_matrix(city: CityData, frame: pd.DataFrame, region_ids: pd.Index, label: str) -> np.ndarray:
+    missing = region_ids.difference(frame.index)
+    if len(missing):
+        raise DataError(f"embedding {label!r} has no row for region {missing[0]} of {city.name!r}")
+    matrix = frame.loc[region_ids].to_numpy(dtype=float)
+    if not np.isfinite(matrix).all():
+        raise DataError(f"embedding {label!r} has NaN or infinite values for {city.name!r}")
+    return matrix
+
+
+def _prompt_features(city: CityData, spec: HeadSpec, task: str, region_ids: pd.Index) -> np.ndarray | None:
+    """The frozen prompt vectors of a prompt head, rows in ``region_ids`` order (label-free, all regions)."""
+    if not spec.needs_prompts or spec.prompt_model is None:
+        return None
+    from urbanprofile.heads.prompts import prompt_vectors
+
+    vectors = prompt_vectors(city, task, spec.prompt_model, use_task_prompt=spec.task_prompt)
+    position = pd.Series(np.arange(city.n_regions), index=city.region_ids).loc[region_ids].to_numpy()
+    return np.asarray(vectors[position], dtype=float)
+
+
+def joint_regions(city: CityData, tasks: list[str]) -> tuple[TaskData, dict[str, TaskData]]:
+    """The regions labelled for at least one task (as a pseudo task ``all``) and each task's own data."""
+    per_task = {t: task_data(city, t) for t in tasks}
+    labelled = city.region_ids[city.region_ids.isin(np.unique(np.concatenate(
+        [td.region_ids.to_numpy() for td in per_task.values()])))]
+    union = TaskData(task="all", region_ids=labelled, y=np.zeros(len(labelled)), n_missing=0, n_zero_dropped=0)
+    return union, per_task
+
+
+def evaluate_tasks(
+    city: CityData,
+    embedding: pd.DataFrame,
+    tasks: list[str] | None = None,
+    protocol: str = "nested",
+    head: str = "moe",
+    random_state: int | None = 0,
+) -> list[ProtocolResult]:
+    """Cross-validate a head on several tasks over one set of outer folds (all tasks jointly).
+
+    The outer folds split the regions labelled for any of the tasks; a task's test rows in a fold are its
+    labelled regions there. A multi-task head (``moe``, ``mlp-multitask``) is fit once per fold on every
+    task's training labels (missing labels masked); a single-task head is fit per task on the same folds,
+    so heads compared through this function see identical splits. Each task's result uses its own label
+    rules (missing labels, the peers' zero rule, its scale).
+
+    Returns:
+        One :class:`ProtocolResult` per task, in ``tasks`` order.
+    """
+    check_protocol(protocol)
+    spec = parse_head(head)
+    if protocol == "spatial" and not city.has_locations:
+        raise MethodUnavailableError(f"spatial protocol needs region locations; {city.name!r} has none")
+    tasks = list(tasks or city.tasks)
+    union, per_task = joint_regions(city, tasks)
+    X = _embedding_matrix(city, embedding, union.region_ids, "final")
+    block_names, blocks = embedding_blocks(embedding.columns)
+    position = pd.Series(np.arange(len(union.region_ids)), index=union.region_ids)
+    rows = {t: position.loc[td.region_ids].to_numpy() for t, td in per_task.items()}
+    Y = np.full((len(union.region_ids), len(tasks)), np.nan)
+    for j, t in enumerate(tasks):
+        Y[rows[t], j] = per_task[t].y
+    inner_groups = _task_blocks(city, union, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
+    folds = outer_splits(city, union, protocol)
+
+    pred = np.full_like(Y, np.nan)
+    fold = np.zeros(len(Y), dtype=int)
+    chosen: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
+    seconds = dict.fromkeys(tasks, 0.0)
+    for k, (train, test) in enumerate(folds):
+        fold[test] = k
+        groups = inner_groups[train] if inner_groups is not None else None
+        if spec.multitask:
+            start = time.perf_counter()
+            model = build_head(spec, protocol, random_state, blocks=blocks, block_names=block_names)
+            model.fit(X[train], Y[train], groups=groups)
+            pred[test] = model.predict(X[test])
+            for t in tasks:
+                chosen[t].append(model.chosen())
+                seconds[t] += (time.perf_counter() - start) / len(tasks)
+            continue
+        for j, t in enumerate(tasks):
+            start = time.perf_counter()
+            labelled = np.isfinite(Y[:, j])
+            tr, te = train[labelled[train]], test[labelled[test]]
+            Xt = X
+            prompts = _prompt_features(city, spec, t, union.region_ids)
+            if prompts is not None:
+                Xt = np.hstack([X, prompts])
+            model = build_head(spec, protocol, random_state, n_region_features=X.shape[1])
+            model.fit(Xt[tr], Y[tr, j], groups=groups[labelled[train]] if groups is not None else None)
+            if len(te):
+                pred[te, j] = model.predict(Xt[te])
+            chosen[t].append(model.chosen())
+            seconds[t] += time.perf_counter() - start
+    results = []
+    for j, t in enumerate(tasks):
+        td, r = per_task[t], rows[t]
+        results.append(ProtocolResult(
+            task=t, protocol=protocol, region_ids=td.region_ids, y=td.y, pred=pred[r, j], fold=fold[r],
+            metrics=regression_metrics(td.y, pred[r, j]), bias=geographic_bias(city, td, td.y, pred[r, j]),
+            chosen=chosen[t], head_seconds=seconds[t], task_info=td.describe() + "; joint folds", head=head,
+        ))
+    return results
 
 
 def geographic_bias(city: CityData, td: TaskData, y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:

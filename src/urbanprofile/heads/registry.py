@@ -1,0 +1,149 @@
+"""Heads as an axis: every head by name, what it needs, and how it is built (torch is imported only on build).
+
+A head maps a region embedding (and, for the prompt heads, frozen prompt vectors) to indicator
+predictions. Heads see labels, so the protocols fit them inside each outer fold on its training regions
+only; their settings and epochs come from inner splits of those regions.
+
+Names:
+
+* ``ridge`` (default), ``knn``: linear and nearest-neighbour probes (settings by inner CV).
+* ``mlp``: a single-task MLP; ``mlp-multitask``: a dense MLP with one output per task, all tasks jointly.
+* ``moe``: UrbanMoE, a sparse multi-modal mixture of experts, all tasks jointly.
+* ``prompt4re-<model>``: ToPT's Prompt4RE (cross-attention alignment of prompt vectors to the embedding)
+  with prompt vectors from ``llama`` or ``qwen`` (the vectors shipped for Chicago), ``minilm`` or
+  ``smollm2`` (computed offline), or ``local:<folder>`` (a local causal language model).
+  ``prompt4re-<model>-notask``: the same with task-free prompt vectors (geo-text only);
+  ``concat-<model>``: the prompt vectors concatenated to the embedding, no alignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from urbanprofile.errors import unknown_name
+
+#: Prompt-vector sources with a fixed name (``local:<folder>`` is accepted as well).
+PROMPT_MODELS = ("llama", "qwen", "minilm", "smollm2")
+_BASE_HEADS = ("ridge", "knn", "mlp", "mlp-multitask", "moe")
+#: Every named head.
+HEAD_NAMES: tuple[str, ...] = (
+    *_BASE_HEADS,
+    *(f"prompt4re-{m}" for m in PROMPT_MODELS),
+    *(f"prompt4re-{m}-notask" for m in PROMPT_MODELS),
+    *(f"concat-{m}" for m in PROMPT_MODELS),
+)
+DEFAULT_HEAD = "ridge"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A parsed head name.
+
+    Attributes:
+        name: The name as given.
+        kind: ``ridge``, ``knn``, ``mlp``, ``moe`` or ``prompt4re``.
+        multitask: Whether the head fits all tasks jointly (one model, one output per task).
+        prompt_model: Source of prompt vectors (prompt heads only).
+        task_prompt: Whether the prompt vectors come from the task-specific prompt.
+        align: Whether prompt vectors are aligned by cross-attention (``False``: plain concatenation).
+    """
+
+    name: str
+    kind: str
+    multitask: bool = False
+    prompt_model: str | None = None
+    task_prompt: bool = True
+    align: bool = True
+
+    @property
+    def needs_prompts(self) -> bool:
+        return self.prompt_model is not None
+
+
+def parse_head(name: str) -> HeadSpec:
+    """The spec of a head name, or a one-line error listing the valid names."""
+    if name in ("ridge", "knn", "mlp"):
+        return HeadSpec(name, name)
+    if name == "mlp-multitask":
+        return HeadSpec(name, "mlp", multitask=True)
+    if name == "moe":
+        return HeadSpec(name, "moe", multitask=True)
+    for prefix, align in (("prompt4re-", True), ("concat-", False)):
+        if not name.startswith(prefix):
+            continue
+        model = name[len(prefix):]
+        task_prompt = True
+        if model.startswith("local:"):
+            if len(model) > len("local:"):
+                return HeadSpec(name, "prompt4re", prompt_model=model, align=align)
+            break
+        if align and model.endswith("-notask"):
+            model, task_prompt = model[: -len("-notask")], False
+        if model in PROMPT_MODELS:
+            return HeadSpec(name, "prompt4re", prompt_model=model, task_prompt=task_prompt, align=align)
+    raise unknown_name("head", name, HEAD_NAMES)
+
+
+def list_heads() -> list[str]:
+    """Every named head (``prompt4re-local:<folder>`` and ``concat-local:<folder>`` are accepted too)."""
+    return list(HEAD_NAMES)
+
+
+#: Separator of a modality block's name and column in an embedding's column names (``poi__3``).
+BLOCK_SEP = "__"
+
+
+def embedding_blocks(columns: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Modality blocks of an embedding from its column names: ``<block>__<k>`` columns, contiguous.
+
+    An embedding whose columns carry no block prefix (``emb_0 ..``) is one block called ``embedding``.
+    """
+    names: list[str] = []
+    sizes: list[int] = []
+    for column in map(str, columns):
+        block = column.split(BLOCK_SEP, 1)[0] if BLOCK_SEP in column else "embedding"
+        if names and names[-1] == block:
+            sizes[-1] += 1
+        elif block in names:
+            raise ValueError(f"columns of block {block!r} are not contiguous")
+        else:
+            names.append(block)
+            sizes.append(1)
+    return tuple(names), tuple(sizes)
+
+
+def build_head(
+    spec: HeadSpec, protocol: str, random_state: int | None = 0, n_region_features: int | None = None,
+    blocks: tuple[int, ...] | None = None, block_names: tuple[str, ...] | None = None,
+) -> Any:
+    """A fresh, unfitted estimator for a head.
+
+    Args:
+        spec: The parsed head.
+        protocol: ``paper`` gives the peers' fixed probe settings for ridge and knn; neural heads are the
+            same under every protocol (they always choose epochs on an inner split of the training regions).
+        random_state: Seed.
+        n_region_features: Width of the embedding part of the input (prompt heads: the rest are prompts).
+        blocks: Column counts of the input's modality blocks (``moe``); ``None`` for one block.
+        block_names: Their names.
+    """
+    from urbanprofile.heads.probes import make_probe
+
+    if spec.kind in ("ridge", "knn"):
+        return make_probe(spec.kind, protocol, random_state)
+    if spec.kind == "mlp":
+        from urbanprofile.heads.neural import MLPHead
+
+        return MLPHead(multitask=spec.multitask, random_state=random_state)
+    if spec.kind == "moe":
+        from urbanprofile.heads.moe import UrbanMoE
+
+        return UrbanMoE(blocks=blocks, block_names=block_names, random_state=random_state)
+    if spec.kind == "prompt4re":
+        from urbanprofile.heads.prompt4re import Prompt4REHead
+
+        if n_region_features is None:
+            raise ValueError("prompt heads need n_region_features")
+        return Prompt4REHead(n_region_features=n_region_features, align=spec.align, random_state=random_state)
+    raise unknown_name("head", spec.name, HEAD_NAMES)

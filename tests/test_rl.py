@@ -194,7 +194,16 @@ def test_trl_engine_runs_and_logs_every_completion(tmp_path: Path) -> None:
 
 
 def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], tmp_path: Path) -> None:
-    from test_bad_input import assert_user_error, run_cli
+    import os
+    import subprocess
+    import sys
+
+    from test_bad_input import assert_user_error
+
+    def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "URBANPROFILE_DATA": str(data_dir)}
+        return subprocess.run([sys.executable, "-m", "urbanprofile.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=900)
 
     data_dir = make_data_dir(n=60)
     run = tmp_path / "run"

@@ -392,6 +392,7 @@ def r1_train(
     data_dir: DataDir = None,
 ) -> None:
     """Post-train with GRPO (and the SFT baseline) on the training regions; writes the run folder."""
+    from urbanprofile.rl.policy import check_model_path
     from urbanprofile.rl.train import R1Config, prepare_task, train_grpo, train_sft
 
     config = R1Config(
@@ -405,6 +406,7 @@ def r1_train(
         import torch
 
         torch.set_num_threads(threads)
+    check_model_path(model)
     data = prepare_task(config)
     err.print(f"{len(data.split('train'))} training and {len(data.split('test'))} held-out regions; "
               f"groups: {', '.join(data.groups)}")

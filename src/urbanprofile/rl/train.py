@@ -1,0 +1,573 @@
+"""GRPO post-training (trl's ``GRPOTrainer``) with geography-balanced batches, and the SFT baseline.
+
+A run folder holds ``config.json``, ``checkpoints/`` (trl/transformers checkpoints, resumable),
+``reward_log.jsonl`` (every sampled completion's reward with its step and group), ``train_log.json``,
+``reward_curve.png``, ``final/`` (the adapter or model) and, with SFT, ``sft/final/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from urbanprofile.errors import UrbanProfileError, require
+from urbanprofile.rl.prompts import accuracy_reward, format_reward, parse_answer
+from urbanprofile.rl.task import R1Data, R1Example, TaskSpec, balanced_order, build_task
+
+CONFIG_FILE = "config.json"
+ENGINES = ("prefix", "trl")
+ANSWER_OPEN = "<answer>"
+REWARD_LOG = "reward_log.jsonl"
+
+
+@dataclass
+class R1Config:
+    """Everything that defines a run (written to ``config.json``; a resumed run must match it).
+
+    Attributes:
+        datasets: Dataset names or folders (one city each); groups are blocks inside each city.
+        task: Indicator asked about.
+        model: ``smollm2``, ``tiny-random`` or a local causal-LM folder.
+        answer, n_levels, protocol, fold, blocks_per_city: See :class:`TaskSpec`.
+        steps: GRPO optimizer steps; every step has one prompt per group, each sampled ``generations`` times.
+        generations: Completions per prompt (G).
+        max_new_tokens: Completion length limit.
+        learning_rate: AdamW learning rate.
+        beta: KL penalty to the reference policy (the base model: LoRA disabled).
+        epsilon: Clip range of the policy ratio.
+        temperature: Sampling temperature of the completions.
+        lora_rank: LoRA rank (0: full fine-tuning).
+        lora_layers: LoRA on the last this many decoder layers only (0: all layers); the backward pass then
+            stops there, which is what makes CPU steps cheap.
+        engine: ``prefix`` (our prompt-sharing GRPO step, :mod:`urbanprofile.rl.grpo`: each prompt runs once
+            per step) or ``trl`` (trl's ``GRPOTrainer``, which runs each prompt once per completion; for GPUs).
+        answer_prefix: Start the assistant's turn with ``<answer>`` (a structured answer template), so the
+            model writes the value and the closing tag; the reward still checks both.
+        balanced: One prompt per group in every batch (False: prompts drawn uniformly from all training
+            regions, same batch size; the ablation).
+        save_every: Checkpoint every this many steps.
+        sft: Also train the SFT baseline: as many steps as GRPO, as many prompts per step (shuffled passes
+            over the training regions), so both see the same number of prompts.
+        sft_learning_rate: Learning rate of the SFT baseline.
+        random_state: Seed of sampling, initialisation and batching.
+    """
+
+    datasets: list[str]
+    task: str
+    model: str = "smollm2"
+    answer: str = "level"
+    n_levels: int = 5
+    protocol: str = "spatial"
+    fold: int = 0
+    blocks_per_city: int = 2
+    steps: int = 60
+    generations: int = 4
+    max_new_tokens: int = 4
+    learning_rate: float = 5e-4
+    beta: float = 0.04
+    epsilon: float = 0.2
+    temperature: float = 1.0
+    lora_rank: int = 16
+    lora_layers: int = 4
+    engine: str = "prefix"
+    answer_prefix: bool = True
+    balanced: bool = True
+    save_every: int = 10
+    sft: bool = True
+    sft_learning_rate: float = 5e-4
+    random_state: int = 0
+    data_dir: str | None = field(default=None, metadata={"identity": False})
+
+    @property
+    def prefix(self) -> str:
+        return ANSWER_OPEN if self.answer_prefix else ""
+
+    def full_completion(self, completion: str) -> str:
+        """The completion as the parser sees it (with the answer prefix the prompt ended with)."""
+        return self.prefix + completion
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(self.task, self.answer, self.n_levels, self.protocol, self.fold, self.blocks_per_city)
+
+    def check(self) -> None:
+        self.spec().check()
+        for name in ("steps", "generations", "max_new_tokens", "save_every"):
+            if getattr(self, name) < 1:
+                raise UrbanProfileError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.generations < 2:
+            raise UrbanProfileError("generations must be >= 2 (GRPO compares completions of one prompt)")
+        if self.lora_rank < 0 or self.lora_layers < 0:
+            raise UrbanProfileError("lora_rank and lora_layers must be >= 0")
+        if self.engine not in ENGINES:
+            raise UrbanProfileError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> R1Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise UrbanProfileError(f"{CONFIG_FILE}: unknown field {unknown[0]!r}")
+        return cls(**payload)
+
+
+def load_cities(config: R1Config) -> list[Any]:
+    from urbanprofile.data.registry import load_dataset
+
+    return [load_dataset(name, config.data_dir) for name in config.datasets]
+
+
+def prepare_task(config: R1Config, cities: list[Any] | None = None) -> R1Data:
+    config.check()
+    return build_task(cities if cities is not None else load_cities(config), config.spec())
+
+
+def read_config(run_dir: Path) -> R1Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UrbanProfileError(f"{run_dir}: not a run folder ({CONFIG_FILE} is missing)")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UrbanProfileError(f"{path}: not valid JSON ({err.msg})") from None
+    return R1Config.from_json(payload)
+
+
+def _write_config(run_dir: Path, config: R1Config, resume: bool) -> None:
+    path = run_dir / CONFIG_FILE
+    if path.is_file() and resume:
+        old = read_config(run_dir)
+        mismatch = [
+            f.name for f in dataclasses.fields(R1Config)
+            if f.metadata.get("identity", True) and getattr(old, f.name) != getattr(config, f.name)
+        ]
+        if mismatch:
+            raise UrbanProfileError(
+                f"{run_dir} holds a run with another {mismatch[0]} ({getattr(old, mismatch[0])!r}); "
+                "use a new folder or --no-resume"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_json(), indent=2))
+
+
+def training_order(data: R1Data, config: R1Config) -> list[R1Example]:
+    """The prompts of every step, step after step (balanced: one per group per step)."""
+    train = data.split("train")
+    if not train:
+        raise UrbanProfileError("no training regions")
+    order, _ = balanced_order(train, config.steps, config.random_state)
+    if not config.balanced:
+        rng = np.random.default_rng(config.random_state)
+        order = [int(i) for i in rng.choice(len(train), size=len(order), replace=True)]
+    return [train[i] for i in order]
+
+
+class RewardLog:
+    """The two reward functions trl calls, recording each completion's reward by step and group."""
+
+    def __init__(self, path: Path, answer: str, n_levels: int, prefix: str = "") -> None:
+        self.path = path
+        self.answer = answer
+        self.n_levels = n_levels
+        self.prefix = prefix
+
+    def _parse(self, completions: list[Any]) -> list[Any]:
+        return [parse_answer(self.prefix + _text(c), self.answer, self.n_levels) for c in completions]
+
+    def functions(self) -> list[Callable[..., list[float]]]:
+        def format_reward_fn(completions: list[Any], **kwargs: Any) -> list[float]:
+            return [format_reward(p) for p in self._parse(completions)]
+
+        def accuracy_reward_fn(
+            completions: list[Any], target: list[float], group: list[str], **kwargs: Any
+        ) -> list[float]:
+            parsed = self._parse(completions)
+            acc = [accuracy_reward(p, t, self.answer, self.n_levels) for p, t in zip(parsed, target, strict=True)]
+            state = kwargs.get("trainer_state")
+            step = int(state.global_step) + 1 if state is not None else -1
+            with self.path.open("a") as handle:
+                for p, a, g in zip(parsed, acc, group, strict=True):
+                    row = {"step": step, "group": g, "format": format_reward(p), "accuracy": a,
+                           "parsed": p.value is not None}
+                    handle.write(json.dumps(row) + "\n")
+            return acc
+
+        format_reward_fn.__name__ = "format"
+        accuracy_reward_fn.__name__ = "accuracy"
+        return [format_reward_fn, accuracy_reward_fn]
+
+
+def _text(completion: Any) -> str:
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+def _trim_reward_log(path: Path, after_step: int) -> None:
+    """Drop records of steps after a checkpoint (they are redone when a killed run resumes)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    steps = []
+    for child in folder.glob("checkpoint-*") if folder.is_dir() else []:
+        suffix = child.name.rpartition("-")[2]
+        if suffix.isdigit() and (child / "trainer_state.json").is_file():
+            steps.append((int(suffix), child))
+    return max(steps)[1] if steps else None
+
+
+def train_grpo(
+    config: R1Config, run_dir: str | Path, resume: bool = True, cities: list[Any] | None = None,
+    data: R1Data | None = None,
+) -> dict[str, Any]:
+    """Post-train the policy with GRPO; resumes from the last checkpoint in ``run_dir`` when there is one.
+
+    Returns:
+        A summary: steps, seconds per step, peak memory, final mean rewards.
+    """
+    import torch
+
+    from urbanprofile.rl.policy import check_model_path
+
+    config.check()
+    check_model_path(config.model)
+    run_dir = Path(run_dir)
+    data = data if data is not None else prepare_task(config, cities)
+    _write_config(run_dir, config, resume)
+    checkpoints = run_dir / "checkpoints"
+    if not resume:
+        import shutil
+
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    last = _last_checkpoint(checkpoints)
+    reward_path = run_dir / REWARD_LOG
+    if last is None:
+        reward_path.unlink(missing_ok=True)
+    else:
+        _trim_reward_log(reward_path, int(last.name.rpartition("-")[2]))
+
+    torch.manual_seed(config.random_state)
+    start_step = int(last.name.rpartition("-")[2]) if last is not None else 0
+    start = time.perf_counter()
+    if config.engine == "trl":
+        tokenizer = _train_with_trl(config, run_dir, data, last, reward_path)
+    else:
+        tokenizer = _train_prefix(config, run_dir, data, last, reward_path)
+    seconds = time.perf_counter() - start
+    n_groups = len(data.groups)
+    summary = {
+        "engine": config.engine,
+        "steps": config.steps,
+        "steps_this_call": config.steps - start_step,
+        "resumed_from_step": start_step,
+        "seconds": seconds,
+        "seconds_per_step": seconds / max(config.steps - start_step, 1),
+        "groups": data.groups,
+        "n_train": len(data.split("train")),
+        "n_test": len(data.split("test")),
+        "completions_per_step": n_groups * config.generations,
+    }
+    del tokenizer
+    summary.update(reward_summary(reward_path))
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    plot_reward_curves(run_dir)
+    return summary
+
+
+def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | None, reward_path: Path) -> Any:
+    require("trl", "rl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
+
+    checkpoints = run_dir / "checkpoints"
+    model, tokenizer = load_policy(config.model, config.random_state)
+    steps = training_order(data, config)
+    n_groups = len(data.groups)
+    dataset = Dataset.from_list(
+        [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group}
+         for e in steps]
+    )
+    args = GRPOConfig(
+        output_dir=str(checkpoints),
+        max_steps=config.steps,
+        per_device_train_batch_size=n_groups * config.generations,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=config.generations,
+        max_completion_length=config.max_new_tokens,
+        shuffle_dataset=False,  # the dataset is already in balanced batch order
+        learning_rate=config.learning_rate,
+        beta=config.beta,
+        epsilon=config.epsilon,
+        temperature=config.temperature,
+        loss_type="grpo",
+        scale_rewards="group",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=config.save_every,
+        save_total_limit=2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=config.random_state,
+        data_seed=config.random_state,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        log_completions=False,
+        gradient_checkpointing=False,  # short sequences: memory is not the limit, compute is
+    )
+    reward_log = RewardLog(reward_path, config.answer, config.n_levels, config.prefix)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=cast(Any, reward_log.functions()),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=(
+            lora_config(config.lora_rank, 2 * config.lora_rank, layers=top_layers(model, config.lora_layers),
+                        model=model)
+            if config.lora_rank > 0 else None
+        ),
+    )
+    trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+    final = run_dir / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    history = [row for row in trainer.state.log_history if "loss" in row or "reward" in row]
+    (run_dir / "train_log.json").write_text(json.dumps(history, indent=1, default=float))
+    return tokenizer
+
+
+def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | None, reward_path: Path) -> Any:
+    """Our prompt-sharing GRPO loop; checkpoints hold the adapter (or model), the optimizer and the log."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from urbanprofile.rl.grpo import grpo_step
+    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
+
+    model, tokenizer = load_policy(config.model, config.random_state)
+    ref_model = None
+    if config.lora_rank > 0:
+        peft = require("peft", "rl")
+        layers = top_layers(model, config.lora_layers)
+        lora = lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model)
+        model = peft.get_peft_model(model, lora)
+    elif config.beta > 0:
+        ref_model = copy.deepcopy(model).eval()
+        ref_model.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    history: list[dict[str, Any]] = []
+    start_step = 0
+    if last is not None:
+        weights = last / ("adapter_model.safetensors" if config.lora_rank > 0 else "model.safetensors")
+        state = load_file(str(weights))
+        if config.lora_rank > 0:
+            peft.set_peft_model_state_dict(model, state)
+        else:
+            model.load_state_dict(state, strict=False)
+        optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+        history = json.loads((last / "history.json").read_text())
+        start_step = int(last.name.rpartition("-")[2])
+    order = training_order(data, config)
+    n_groups = len(data.groups)
+    prompts = [chat_prompt(tokenizer, e.prompt, config.prefix) for e in order]
+    checkpoints = run_dir / "checkpoints"
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", unit="step")
+    for step in bar:
+        batch = order[step * n_groups : (step + 1) * n_groups]
+
+        def rewards(texts: list[str], i: int, batch: list[R1Example] = batch, step: int = step) -> list[float]:
+            example = batch[i]
+            parsed = [parse_answer(config.full_completion(t), config.answer, config.n_levels) for t in texts]
+            fmt = [format_reward(p) for p in parsed]
+            acc = [accuracy_reward(p, example.target, config.answer, config.n_levels) for p in parsed]
+            with reward_path.open("a") as handle:
+                for p, f, a in zip(parsed, fmt, acc, strict=True):
+                    handle.write(json.dumps({"step": step + 1, "group": example.group, "format": f, "accuracy": a,
+                                             "parsed": p.value is not None}) + "\n")
+            return [f + a for f, a in zip(fmt, acc, strict=True)]
+
+        generator = torch.Generator().manual_seed(config.random_state * 100_003 + step)
+        torch.manual_seed(config.random_state * 100_003 + step)
+        tick = time.perf_counter()
+        stats = grpo_step(
+            model, tokenizer, prompts[step * n_groups : (step + 1) * n_groups], rewards, optimizer,
+            config.generations, config.max_new_tokens, config.temperature, config.beta, config.epsilon,
+            generator=generator, ref_model=ref_model,
+        )
+        if not math.isfinite(stats["loss"]):
+            from urbanprofile.errors import TrainingError
+
+            raise TrainingError(f"GRPO loss is {stats['loss']} at step {step + 1}")
+        history.append({"step": step + 1, **stats, "step_seconds": time.perf_counter() - tick})
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.3f}")
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            folder = checkpoints / f"checkpoint-{step + 1}"
+            partial = checkpoints / f".partial-{step + 1}"
+            partial.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(str(partial))
+            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+            (partial / "history.json").write_text(json.dumps(history))
+            (partial / "trainer_state.json").write_text(json.dumps({"global_step": step + 1}))
+            partial.rename(folder)  # a kill mid-save leaves no half-written checkpoint behind
+            for old in sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))[:-2]:
+                import shutil
+
+                shutil.rmtree(old)
+    final = run_dir / "final"
+    model.save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+    (run_dir / "train_log.json").write_text(json.dumps(history, indent=1))
+    return tokenizer
+
+
+def reward_summary(path: Path, last: int = 10) -> dict[str, Any]:
+    """Mean reward (format + accuracy) over the first and last ``last`` steps, overall and per group."""
+    import pandas as pd
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return {}
+    log = pd.read_json(path, lines=True)
+    log["reward"] = log["format"] + log["accuracy"]
+    steps = np.sort(log["step"].unique())
+    first, final = log[log["step"].isin(steps[:last])], log[log["step"].isin(steps[-last:])]
+    return {
+        "reward_first_steps": float(first["reward"].mean()),
+        "reward_last_steps": float(final["reward"].mean()),
+        "parsed_first_steps": float(first["parsed"].mean()),
+        "parsed_last_steps": float(final["parsed"].mean()),
+        "group_reward_last_steps": {str(k): float(v) for k, v in final.groupby("group")["reward"].mean().items()},
+    }
+
+
+def plot_reward_curves(run_dir: Path, window: int = 5) -> Path | None:
+    """``reward_curve.png``: mean reward per step (rolling mean), overall and per group."""
+    import pandas as pd
+
+    path = run_dir / REWARD_LOG
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    log = pd.read_json(path, lines=True)
+    log["reward"] = log["format"] + log["accuracy"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    overall = log.groupby("step")["reward"].mean().rolling(window, min_periods=1).mean()
+    ax.plot(overall.index, overall.to_numpy(), color="black", lw=2, label="all groups")
+    for group, rows in log.groupby("group"):
+        curve = rows.groupby("step")["reward"].mean().rolling(window, min_periods=1).mean()
+        ax.plot(curve.index, curve.to_numpy(), lw=1, label=str(group))
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel(f"reward (format + accuracy), rolling mean of {window}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = run_dir / "reward_curve.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
+              cities: list[Any] | None = None) -> dict[str, Any]:
+    """The SFT baseline: LoRA (same rank and layers) with cross-entropy on ``<answer>true level</answer>``.
+
+    Shuffled passes over the same training regions (the usual SFT recipe, not group-balanced), as many steps
+    as GRPO with as many prompts per step as a GRPO step has groups.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
+
+    config.check()
+    run_dir = Path(run_dir)
+    data = data if data is not None else prepare_task(config, cities)
+    torch.manual_seed(config.random_state)
+    model, tokenizer = load_policy(config.model, config.random_state)
+    if config.lora_rank > 0:
+        peft = require("peft", "rl")
+        layers = top_layers(model, config.lora_layers)
+        lora = lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model)
+        model = peft.get_peft_model(model, lora)
+    train = data.split("train")
+    batch = max(len(data.groups), 1)
+    rng = np.random.default_rng(config.random_state)
+    passes = math.ceil(config.steps * batch / len(train))
+    order = np.concatenate([rng.permutation(len(train)) for _ in range(passes)])[: config.steps * batch]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.sft_learning_rate)
+    eos = tokenizer.eos_token or ""
+    model.train()
+    start = time.perf_counter()
+    losses = []
+    n_steps = math.ceil(len(order) / batch)
+    for k in tqdm(range(n_steps), desc="SFT", unit="step"):
+        rows = [train[i] for i in order[k * batch : (k + 1) * batch]]
+        prompts = [chat_prompt(tokenizer, e.prompt, config.prefix) for e in rows]
+        answers = [f"{'' if config.answer_prefix else ANSWER_OPEN}{_answer_text(e, config.answer)}</answer>{eos}"
+                   for e in rows]
+        input_ids, labels = [], []
+        for p, a in zip(prompts, answers, strict=True):
+            p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            a_ids = tokenizer(a, add_special_tokens=False)["input_ids"]
+            input_ids.append(p_ids + a_ids)
+            labels.append([-100] * len(p_ids) + a_ids)
+        width = max(len(x) for x in input_ids)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in input_ids])
+        lab = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in input_ids])
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        if not torch.isfinite(loss):
+            from urbanprofile.errors import TrainingError
+
+            raise TrainingError(f"SFT loss is {loss.item()} at step {k}")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()))
+    seconds = time.perf_counter() - start
+    final = run_dir / "sft" / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+    summary = {"steps": n_steps, "seconds": seconds, "seconds_per_step": seconds / max(n_steps, 1),
+               "loss_first": losses[0] if losses else None,
+               "loss_last": float(np.mean(losses[-5:])) if losses else None}
+    (run_dir / "sft" / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _answer_text(example: R1Example, answer: str) -> str:
+    if answer == "level":
+        return str(int(example.target))
+    return str(round(example.label))

@@ -1,0 +1,228 @@
+"""Urban-R1 post-training: prompts, parsing, rewards, balanced batches, GRPO on a tiny random LM, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from urbanprofile.data import CityData, make_synthetic_city
+from urbanprofile.errors import DataError, UnknownNameError, UrbanProfileError
+from urbanprofile.rl.prompts import accuracy_reward, format_reward, parse_answer
+from urbanprofile.rl.task import R1Data, R1Example, TaskSpec, balanced_order, build_task
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+
+def _cities() -> list[CityData]:
+    a = make_synthetic_city(n_regions=40, random_state=0)
+    a.name = "syn-a"
+    b = make_synthetic_city(n_regions=30, random_state=1)
+    b.name = "syn-b"
+    return [a, b]
+
+
+# -- parsing and rewards ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("completion", "value", "well_formed"),
+    [
+        ("<answer>3</answer>", 3.0, True),
+        ("I think <answer> 2 </answer> because", 2.0, True),
+        ("level 4", 4.0, False),
+        ("<answer>7</answer>", None, False),  # off the 0..4 scale
+        ("<answer>2.5</answer>", None, False),  # not a level
+        ("no idea", None, False),
+        ("", None, False),
+        ("-1", None, False),
+    ],
+)
+def test_parse_answer_levels(completion: str, value: float | None, well_formed: bool) -> None:
+    parsed = parse_answer(completion, "level", 5)
+    assert parsed.value == value
+    assert parsed.well_formed == well_formed
+
+
+def test_unparseable_completion_is_a_format_failure_not_a_crash() -> None:
+    for junk in ["", "<answer></answer>", "ñ\x00<answer>x</answer>", "9" * 400]:
+        parsed = parse_answer(junk, "level", 5)
+        assert parsed.value is None
+        assert format_reward(parsed) == 0.0
+        assert accuracy_reward(parsed, 2, "level", 5) == 0.0
+
+
+def test_rewards() -> None:
+    assert format_reward(parse_answer("<answer>1</answer>")) == 1.0
+    assert format_reward(parse_answer("1")) == 0.5
+    assert accuracy_reward(parse_answer("<answer>2</answer>"), 2, "level", 5) == 1.0
+    assert accuracy_reward(parse_answer("<answer>0</answer>"), 4, "level", 5) == 0.0
+    assert accuracy_reward(parse_answer("<answer>3</answer>"), 2, "level", 5) == pytest.approx(0.75)
+    exact = accuracy_reward(parse_answer("<answer>100</answer>", "number"), 100, "number", 5)
+    off = accuracy_reward(parse_answer("<answer>300</answer>", "number"), 100, "number", 5)
+    assert exact == 1.0 and 0.0 < off < 1.0
+
+
+# -- task building and balanced batches ------------------------------------------------------------
+def test_build_task_levels_from_training_labels_only() -> None:
+    cities = _cities()
+    data = build_task(cities, TaskSpec("crime", blocks_per_city=2))
+    assert data.groups == ["syn-a/block 0", "syn-a/block 1", "syn-b/block 0", "syn-b/block 1"]
+    train, test = data.frame("train"), data.frame("test")
+    assert len(train) + len(test) == 70 and len(test) > 0
+    assert set(train["level"]) <= set(range(5))
+    assert "<answer>2</answer>" in data.examples[0].prompt
+    # Moving a held-out label does not move any level edge.
+    cities[0].targets.loc[test[test.city == "syn-a"].region_id.iloc[0], "crime"] = 1e9
+    assert build_task(cities, TaskSpec("crime", blocks_per_city=2)).edges == data.edges
+
+
+def test_balanced_order_gives_every_group_one_prompt_per_batch() -> None:
+    data = build_task(_cities(), TaskSpec("crime", blocks_per_city=2))
+    train = data.split("train")
+    order, groups = balanced_order(train, n_batches=25, random_state=0)
+    assert len(order) == 25 * len(groups)
+    for k in range(25):
+        batch = [train[i].group for i in order[k * len(groups) : (k + 1) * len(groups)]]
+        assert sorted(batch) == groups
+
+
+def test_empty_group_and_missing_task_are_one_line_errors() -> None:
+    with pytest.raises(DataError, match="no training examples"):
+        balanced_order([], n_batches=3)
+    with pytest.raises(UnknownNameError, match="nosuch"):
+        build_task(_cities(), TaskSpec("nosuch"))
+    with pytest.raises(DataError, match="fold 99"):
+        build_task(_cities(), TaskSpec("crime", fold=99))
+    with pytest.raises(UrbanProfileError, match="n_levels"):
+        build_task(_cities(), TaskSpec("crime", n_levels=20))
+
+
+def test_bad_model_paths(tmp_path: Path) -> None:
+    from urbanprofile.rl.policy import check_model_path, load_policy
+
+    with pytest.raises(UrbanProfileError, match="no such folder"):
+        check_model_path(str(tmp_path / "missing"))
+    not_lm = tmp_path / "not-a-causal-lm"
+    not_lm.mkdir()
+    (not_lm / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    (not_lm / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(UrbanProfileError):
+        load_policy(str(not_lm))
+
+
+# -- GRPO on a tiny random LM ------------------------------------------------------------------------
+def _toy_data(answer_level: int = 3) -> R1Data:
+    """A toy task whose right answer is known: every prompt's answer is level 3."""
+    examples = [
+        R1Example(city="toy", region_id=i, group=f"g{i % 2}", split="train", prompt=f"r{i}: level?",
+                  target=float(answer_level), label=float(answer_level), level=answer_level)
+        for i in range(8)
+    ]
+    return R1Data(spec=TaskSpec("toy"), examples=examples, edges={"toy": [1.0, 2.0, 3.0, 4.0]})
+
+
+def _mean_sampled_reward(model: object, tokenizer: object, data: R1Data, n: int = 96) -> float:
+    import torch
+
+    from urbanprofile.rl.policy import chat_prompt
+
+    torch.manual_seed(123)
+    prompt = chat_prompt(tokenizer, data.examples[0].prompt, "<answer>")
+    enc = tokenizer([prompt] * n, return_tensors="pt", add_special_tokens=False)  # type: ignore[operator]
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, max_new_tokens=6, temperature=1.0,  # type: ignore[attr-defined]
+                             pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
+    parsed = [parse_answer("<answer>" + t, "level", 5) for t in texts]
+    return float(np.mean([format_reward(p) + accuracy_reward(p, 3, "level", 5) for p in parsed]))
+
+
+def test_grpo_moves_the_policy_toward_higher_reward(tmp_path: Path) -> None:
+    from urbanprofile.rl.policy import load_policy
+    from urbanprofile.rl.train import R1Config, train_grpo
+
+    data = _toy_data()
+    config = R1Config(datasets=["toy"], task="toy", model="tiny-random", steps=10, generations=8, max_new_tokens=4,
+                      learning_rate=3e-2, lora_rank=0, beta=0.0, save_every=10, sft=False, random_state=0)
+    before_model, tokenizer = load_policy("tiny-random", 0)
+    before = _mean_sampled_reward(before_model, tokenizer, data)
+    train_grpo(config, tmp_path / "run", data=data)
+    after_model, tokenizer = load_policy(str(tmp_path / "run" / "final"))
+    after = _mean_sampled_reward(after_model, tokenizer, data)
+    print(before, after)
+    assert after > before + 0.2, (before, after)
+    log = [json.loads(line) for line in (tmp_path / "run" / "reward_log.jsonl").read_text().splitlines()]
+    assert {row["group"] for row in log} == {"g0", "g1"}
+    assert len(log) == 10 * 2 * 8  # every completion of every step, with its group
+
+
+def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
+    from urbanprofile.rl.train import R1Config, train_grpo
+
+    cities = _cities()
+    config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", steps=4, generations=2,
+                      max_new_tokens=4, save_every=2, sft=False, lora_rank=4, lora_layers=1)
+    run = tmp_path / "run"
+    first = train_grpo(config, run, cities=cities)
+    assert first["resumed_from_step"] == 0
+    # A kill after step 3 leaves checkpoint-2 as the last complete one.
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run / "final")
+    second = train_grpo(config, run, cities=cities)
+    assert second["resumed_from_step"] == 2 and second["steps_this_call"] == 2
+    steps = [json.loads(line)["step"] for line in (run / "reward_log.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == [1, 2, 3, 4]
+    assert len(steps) == 4 * 4 * 2  # nothing logged twice
+    other = R1Config(**{**config.to_json(), "generations": 4})
+    with pytest.raises(UrbanProfileError, match="generations"):
+        train_grpo(other, run, cities=cities)
+
+
+def test_trl_engine_runs_and_logs_every_completion(tmp_path: Path) -> None:
+    from urbanprofile.rl.train import R1Config, train_grpo
+
+    data = _toy_data()
+    config = R1Config(datasets=["toy"], task="toy", model="tiny-random", steps=2, generations=2, max_new_tokens=3,
+                      engine="trl", lora_rank=4, save_every=2, sft=False)
+    summary = train_grpo(config, tmp_path / "run", data=data)
+    assert summary["engine"] == "trl" and (tmp_path / "run" / "final").is_dir()
+    assert len((tmp_path / "run" / "reward_log.jsonl").read_text().splitlines()) == 2 * 2 * 2
+
+
+def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from test_bad_input import assert_user_error
+
+    def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "URBANPROFILE_DATA": str(data_dir)}
+        return subprocess.run([sys.executable, "-m", "urbanprofile.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=900)
+
+    data_dir = make_data_dir(n=60)
+    run = tmp_path / "run"
+    args = ["r1", "train", "--datasets", "hafusion-testcity", "--task", "crime", "--model", "tiny-random",
+            "--steps", "2", "-G", "2", "--max-new-tokens", "4", "--out", str(run)]
+    result = run_cli(*args, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert (run / "config.json").is_file() and (run / "final").is_dir() and (run / "sft" / "final").is_dir()
+    result = run_cli("r1", "evaluate", str(run), "--json", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run / "metrics.json").read_text())["methods"]
+    assert set(metrics) == {"zero-shot", "grpo", "sft", "ridge", "knn-location"}
+    for m in metrics.values():
+        assert 0.0 <= m["parse_failure_rate"] <= 1.0
+        assert m["worst_group_mae"] >= m["level_mae"] - 1e-9
+    assert metrics["ridge"]["parse_failure_rate"] == 0.0
+
+    assert_user_error(run_cli(*[a if a != "crime" else "nosuch" for a in args[:-1]], str(tmp_path / "r2"),
+                              data_dir=data_dir), "nosuch")
+    assert_user_error(run_cli(*[a if a != "tiny-random" else str(tmp_path / "nomodel") for a in args[:-1]],
+                              str(tmp_path / "r3"), data_dir=data_dir), "no such folder")
+    assert_user_error(run_cli("r1", "evaluate", str(tmp_path / "nothing"), data_dir=data_dir), "not a run folder")

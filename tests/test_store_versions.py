@@ -67,10 +67,11 @@ def test_rows_from_other_code_are_recomputed_and_reported(city: CityData, tmp_pa
 
 def _old_store(path: Path) -> None:
     """A store in the first layout (no code versions, no status, no store_info)."""
-    old = {k: v for k, v in COLUMNS.items() if k not in ("code_version", "code_modules", "status", "error")}
+    old = {k: v for k, v in COLUMNS.items()
+           if k not in ("code_version", "code_modules", "status", "error", "head", "modalities")}
     con = duckdb.connect(str(path))
     con.execute(f"CREATE TABLE results ({', '.join(f'{k} {v}' for k, v in old.items())}, "
-                f"PRIMARY KEY ({', '.join(KEY)}))")
+                f"PRIMARY KEY ({', '.join(k for k in KEY if k != 'head')}))")
     con.execute("INSERT INTO results (dataset, task, method, config_hash, protocol, seed, r2) VALUES "
                 "('synthetic', 'crime', 'raw-poi', ?, 'paper', 0, 0.5)",
                 [__import__("urbanprofile.methods").methods.get_method("raw-poi").config_hash])

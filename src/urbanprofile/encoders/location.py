@@ -200,7 +200,8 @@ class GeoCLIPLocationEncoder(ModalityEncoder):
             import torch
 
             model = _build_geoclip()
-            state = torch.load(geoclip_weights(), map_location="cpu", weights_only=True)
+            weights = geoclip_weights()
+            state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(_remap_geoclip_state(state), strict=True)
             self._model = model.to(self.device).eval()
         return self._model

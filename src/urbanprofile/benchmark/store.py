@@ -146,11 +146,6 @@ class ResultStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def done_keys(self) -> set[tuple[Any, ...]]:
-        """Keys of the rows already stored."""
-        rows = self._con.execute(f"SELECT {', '.join(KEY)} FROM results").fetchall()
-        return {tuple(r) for r in rows}
-
     def stored(self) -> dict[tuple[Any, ...], tuple[str | None, str | None]]:
         """``(code_version, status)`` of every stored row by key (``None`` in rows of an older store)."""
         rows = self._con.execute(f"SELECT {', '.join(KEY)}, code_version, status FROM results").fetchall()

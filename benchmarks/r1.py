@@ -28,6 +28,10 @@ def _phase(name: str, fn: Any, record: dict[str, Any]) -> Any:
     record[name] = {"wall_s": wall, "cpu_s": cpu, "cpu_share": cpu / wall if wall else float("nan"),
                     "load_avg_1min": [load_before, os.getloadavg()[0]],
                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    import torch
+
+    if torch.cuda.is_available():
+        record[name]["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(f"{name}: {wall:.0f} s wall, {cpu:.0f} s CPU, load {load_before:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
     return out
 
@@ -41,6 +45,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--run-dir", default="results/r1-run")
+    parser.add_argument("--sft-lr", type=float, default=None, help="SFT learning rate (default: --lr)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--device", default="cpu", help="cpu (the 2-core figure), cuda or auto")
+    parser.add_argument("--name", default="r1", help="results file stem: benchmarks/results/<name>.{json,md}")
+    parser.add_argument("--save-every", type=int, default=4)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -51,11 +61,14 @@ def main() -> None:
     from urbanprofile.rl.train import R1Config, load_cities, prepare_task, train_grpo, train_sft
 
     config = R1Config(datasets=["hafusion-nyc", "hafusion-chicago"], task=args.task, model=args.model,
-                      steps=args.steps, generations=args.generations, save_every=4,
-                      learning_rate=args.lr, sft_learning_rate=args.lr)
+                      steps=args.steps, generations=args.generations, save_every=args.save_every,
+                      learning_rate=args.lr, sft_learning_rate=args.sft_lr or args.lr, beta=args.beta,
+                      temperature=args.temperature, device=args.device)
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    record: dict[str, Any] = {"config": config.to_json(), "threads": args.threads, "cpus": os.cpu_count()}
+    record: dict[str, Any] = {"config": config.to_json(), "threads": args.threads, "cpus": os.cpu_count(),
+                              "device": torch.cuda.get_device_name() if args.device != "cpu" and
+                              torch.cuda.is_available() else "cpu"}
     cities = load_cities(config)
     data = prepare_task(config, cities)
     if args.model == "smollm2":  # convert the packaged GGUF once (cached), outside the timed run
@@ -68,10 +81,10 @@ def main() -> None:
     record.update({"grpo_summary": grpo, "sft_summary": sft, "metrics": metrics["methods"],
                    "n_test": metrics["n_test"], "groups": metrics["groups"]})
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "r1.json").write_text(json.dumps(record, indent=2, default=float))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2, default=float))
     if (run_dir / "reward_curve.png").is_file():
-        shutil.copy(run_dir / "reward_curve.png", RESULTS / "r1_reward_curve.png")
-    (RESULTS / "r1.md").write_text(markdown(record))
+        shutil.copy(run_dir / "reward_curve.png", RESULTS / f"{args.name}_reward_curve.png")
+    (RESULTS / f"{args.name}.md").write_text(markdown(record))
     print(markdown(record))
 
 
@@ -85,6 +98,7 @@ def markdown(record: dict[str, Any]) -> str:
     g = record["grpo"]
     s = record["grpo_summary"]
     lines = [
+        f"Device: {record.get('device', 'cpu')} ({record['threads']} torch CPU threads). "
         f"GRPO: {s['steps']} steps, {s['completions_per_step']} completions per step "
         f"({len(s['groups'])} groups x G={record['config']['generations']}), {g['wall_s'] / 60:.1f} min wall "
         f"({s['seconds_per_step']:.1f} s/step), {g['cpu_s'] / 60:.1f} min CPU (this process got "

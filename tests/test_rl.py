@@ -114,6 +114,29 @@ def test_bad_model_paths(tmp_path: Path) -> None:
         load_policy(str(not_lm))
 
 
+def test_device_names() -> None:
+    import torch
+
+    from urbanprofile.rl.policy import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UrbanProfileError, match="unknown torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UrbanProfileError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_level_question_names_every_level_not_one_example() -> None:
+    """An example digit in the question anchors a small model on it (SmolLM2 put 84% of its mass on it)."""
+    from urbanprofile.rl.prompts import question
+
+    text = question("crime", "Chicago", "level", 5)
+    assert all(f"<answer>{k}</answer>" in text for k in range(5))
+    assert "for example" not in text
+
+
 # -- GRPO on a tiny random LM ------------------------------------------------------------------------
 def _toy_data(answer_level: int = 3) -> R1Data:
     """A toy task whose right answer is known: every prompt's answer is level 3."""
@@ -226,3 +249,5 @@ def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], t
     assert_user_error(run_cli(*[a if a != "tiny-random" else str(tmp_path / "nomodel") for a in args[:-1]],
                               str(tmp_path / "r3"), data_dir=data_dir), "no such folder")
     assert_user_error(run_cli("r1", "evaluate", str(tmp_path / "nothing"), data_dir=data_dir), "not a run folder")
+    assert_user_error(run_cli(*args[:-1], str(tmp_path / "r4"), "--device", "gpu0", data_dir=data_dir),
+                      "unknown torch device")

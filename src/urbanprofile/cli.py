@@ -430,7 +430,10 @@ def r1_train(
     sft: Annotated[bool, typer.Option("--sft/--no-sft", help="Also train the SFT baseline (same budget).")] = True,
     engine: Annotated[str, typer.Option("--engine", help="prefix (prompt-sharing) or trl (GRPOTrainer).")] = "prefix",
     lora_layers: Annotated[int, typer.Option("--lora-layers", help="LoRA on the last N layers (0: all).")] = 4,
+    sft_learning_rate: Annotated[float, typer.Option("--sft-lr", help="Learning rate of the SFT baseline.")] = 5e-4,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when visible), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")] = True,
     data_dir: DataDir = None,
@@ -444,8 +447,12 @@ def r1_train(
         fold=fold, blocks_per_city=blocks_per_city, steps=steps, generations=generations,
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, beta=beta, lora_rank=lora_rank,
         balanced=balanced, save_every=save_every, sft=sft, engine=engine, lora_layers=lora_layers, random_state=seed,
-        data_dir=str(data_dir) if data_dir else None,
+        sft_learning_rate=sft_learning_rate, temperature=temperature,
+        data_dir=str(data_dir) if data_dir else None, device=device,
     )
+    from urbanprofile.rl.policy import resolve_device
+
+    resolve_device(device)  # an unknown device or a missing GPU stops here, before any data is read
     if threads:
         import torch
 
@@ -470,16 +477,20 @@ def r1_evaluate(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, grpo, sft, ridge, "
                                          "knn-location.")] = "zero-shot,grpo,sft,ridge,knn-location",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda (default: the run's).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Score the trained policy and its baselines on the held-out regions (metrics.json, predictions.csv)."""
     from urbanprofile.rl.evaluate import evaluate_run
+    from urbanprofile.rl.policy import resolve_device
     from urbanprofile.rl.train import load_cities, read_config
 
     config = read_config(run_dir)
     if data_dir is not None:
         config.data_dir = str(data_dir)
-    payload = evaluate_run(run_dir, _split(methods), cities=load_cities(config))
+    if device is not None:
+        resolve_device(device)
+    payload = evaluate_run(run_dir, _split(methods), cities=load_cities(config), device=device)
     if as_json:
         out.print_json(json.dumps(payload, default=float))
         return

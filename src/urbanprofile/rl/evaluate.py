@@ -96,9 +96,9 @@ def llm_predictions(
     from urbanprofile.rl.policy import chat_prompt, generate_answers, load_policy
 
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        model, tokenizer = load_policy(str(adapter), config.random_state)  # a fully fine-tuned model folder
+        model, tokenizer = load_policy(str(adapter), config.random_state, config.device)  # fully fine-tuned
     else:
-        model, tokenizer = load_policy(model_name, config.random_state)
+        model, tokenizer = load_policy(model_name, config.random_state, config.device)
         if adapter is not None:
             from peft import PeftModel
 
@@ -155,11 +155,18 @@ def baseline_predictions(method: str, data: R1Data, config: R1Config, cities: li
 
 
 def evaluate_run(
-    run_dir: str | Path, methods: list[str] | None = None, cities: list[Any] | None = None, batch_size: int = 8
+    run_dir: str | Path, methods: list[str] | None = None, cities: list[Any] | None = None, batch_size: int = 8,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Score every method on the run's held-out regions; writes ``metrics.json`` and ``predictions.csv``."""
+    """Score every method on the run's held-out regions; writes ``metrics.json`` and ``predictions.csv``.
+
+    Args:
+        device: Torch device of the language models (``None``: the run's ``device`` setting).
+    """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    if device is not None:
+        config.device = device
     methods = methods or list(METHODS)
     for m in methods:
         if m not in METHODS:

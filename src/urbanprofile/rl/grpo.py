@@ -47,11 +47,12 @@ def sample_group(
     logits = last.expand(generations, -1)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    tokens, alive = [], torch.ones(generations, dtype=torch.bool)
+    tokens, alive = [], torch.ones(generations, dtype=torch.bool, device=prompt_ids.device)
     mask = []
     for _ in range(max_new_tokens):
         probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        # Drawn on the CPU (the generator lives there), so a seed gives the same draws on every device.
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad))
         tokens.append(nxt)
         mask.append(alive.clone())
@@ -128,10 +129,10 @@ def grpo_step(
     stats: dict[str, float] = {"loss": 0.0, "kl": 0.0, "reward": 0.0, "reward_std": 0.0}
     has_adapter = hasattr(model, "disable_adapter")
     for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
         model.eval()
         rollout = sample_group(model, tokenizer, ids, generations, max_new_tokens, temperature, generator)
-        rewards = torch.tensor(reward_fn(rollout.texts, i), dtype=torch.float32)
+        rewards = torch.tensor(reward_fn(rollout.texts, i), dtype=torch.float32, device=ids.device)
         ref_logp = None
         if beta > 0 and (has_adapter or ref_model is not None):
             reference = ref_model if ref_model is not None else model

@@ -51,8 +51,28 @@ def tiny_causal_lm(random_state: int = 0, hidden_size: int = 32, n_layers: int =
     return model, tokenizer
 
 
-def load_policy(name_or_path: str, random_state: int = 0) -> tuple[Any, Any]:
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name is checked and returned.
+
+    Raises:
+        UrbanProfileError: The device name is unknown or names a GPU that is not there.
+    """
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UrbanProfileError(f"unknown torch device {device!r} (use auto, cpu or cuda)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UrbanProfileError(f"device {device!r}: no CUDA GPU is visible here (use --device cpu)")
+    return device
+
+
+def load_policy(name_or_path: str, random_state: int = 0, device: str = "cpu") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``: ``tiny-random``, ``smollm2`` or a local causal-LM folder.
+
+    Args:
+        device: Torch device (``auto``: a GPU when one is visible).
 
     Raises:
         DataError: The path does not exist or is not a causal LM (from ``load_causal_lm``).
@@ -65,6 +85,7 @@ def load_policy(name_or_path: str, random_state: int = 0) -> tuple[Any, Any]:
         model, tokenizer = load_causal_lm(name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(device))
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -132,7 +153,7 @@ def generate_answers(
     completions: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,

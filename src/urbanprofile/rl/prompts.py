@@ -198,7 +198,9 @@ def question(task: str, city_label: str, answer: str, n_levels: int) -> str:
     if answer == "level":
         return (
             f"Level of {what} here, from 0 (fewest) to {n_levels - 1} (most), each level an equal share of the "
-            f"regions of {city_label}? Reply with one digit, for example <answer>{(n_levels - 1) // 2}</answer>."
+            f"regions of {city_label}? Reply "
+            + ", ".join(f"<answer>{k}</answer>" for k in range(n_levels - 1))
+            + f" or <answer>{n_levels - 1}</answer>."
         )
     return f"Number of {what} here? Reply with one number, for example <answer>100</answer>."
 

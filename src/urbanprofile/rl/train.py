@@ -58,6 +58,8 @@ class R1Config:
             over the training regions), so both see the same number of prompts.
         sft_learning_rate: Learning rate of the SFT baseline.
         random_state: Seed of sampling, initialisation and batching.
+        device: Torch device of the policy (``auto``: ``cuda`` when a GPU is visible, else ``cpu``); not
+            part of a run's identity, so a run started on a GPU can resume on a CPU.
     """
 
     datasets: list[str]
@@ -85,6 +87,7 @@ class R1Config:
     sft_learning_rate: float = 5e-4
     random_state: int = 0
     data_dir: str | None = field(default=None, metadata={"identity": False})
+    device: str = field(default="auto", metadata={"identity": False})
 
     @property
     def prefix(self) -> str:
@@ -295,10 +298,10 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
+    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, resolve_device, top_layers
 
     checkpoints = run_dir / "checkpoints"
-    model, tokenizer = load_policy(config.model, config.random_state)
+    model, tokenizer = load_policy(config.model, config.random_state, config.device)
     steps = training_order(data, config)
     n_groups = len(data.groups)
     dataset = Dataset.from_list(
@@ -325,7 +328,7 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
         save_steps=config.save_every,
         save_total_limit=2,
         report_to="none",
-        use_cpu=True,
+        use_cpu=resolve_device(config.device) == "cpu",
         bf16=False,
         fp16=False,
         seed=config.random_state,
@@ -369,7 +372,7 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
     from urbanprofile.rl.grpo import grpo_step
     from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
 
-    model, tokenizer = load_policy(config.model, config.random_state)
+    model, tokenizer = load_policy(config.model, config.random_state, config.device)
     ref_model = None
     if config.lora_rank > 0:
         peft = require("peft", "rl")
@@ -513,7 +516,7 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
     run_dir = Path(run_dir)
     data = data if data is not None else prepare_task(config, cities)
     torch.manual_seed(config.random_state)
-    model, tokenizer = load_policy(config.model, config.random_state)
+    model, tokenizer = load_policy(config.model, config.random_state, config.device)
     if config.lora_rank > 0:
         peft = require("peft", "rl")
         layers = top_layers(model, config.lora_layers)
@@ -546,7 +549,8 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in input_ids])
         lab = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in input_ids])
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        device = model.device
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device)).loss
         if not torch.isfinite(loss):
             from urbanprofile.errors import TrainingError
 

@@ -1,6 +1,6 @@
 """Urban-R1 figures: a complete GRPO run of SmolLM2-135M on NYC + Chicago on the CPU, against its baselines.
 
-Run:  .venv/bin/python benchmarks/r1.py [--steps 20] [--task crime] [--threads 1]
+Run:  .venv/bin/python benchmarks/r1.py [--steps 40] [--task crime] [--threads 1] [--device cuda --name r1_gpu]
 Writes benchmarks/results/r1.json, r1.md and r1_reward_curve.png (the run folder goes to results/r1-run).
 One task, one held-out fold set (fold 0 of the spatial protocol in each city), one seed. The machine is
 shared: the load average and the CPU share this process got are recorded beside every time.
@@ -38,8 +38,8 @@ def _phase(name: str, fn: Any, record: dict[str, Any]) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--task", default="crime")
     parser.add_argument("--threads", type=int, default=1)
@@ -47,10 +47,10 @@ def main() -> None:
     parser.add_argument("--run-dir", default="results/r1-run")
     parser.add_argument("--sft-lr", type=float, default=None, help="SFT learning rate (default: --lr)")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--device", default="cpu", help="cpu (the 2-core figure), cuda or auto")
     parser.add_argument("--name", default="r1", help="results file stem: benchmarks/results/<name>.{json,md}")
-    parser.add_argument("--save-every", type=int, default=4)
+    parser.add_argument("--save-every", type=int, default=10)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -215,7 +215,7 @@ def part_moe(seeds: list[int], cityview_seeds: list[int], datasets: list[str]) -
     if out_path.is_file():
         rows = json.loads(out_path.read_text()).get("rows", [])
     done = {(r["dataset"], r["protocol"], r["head"], r["seed"]) for r in rows}
-    utilisation: dict[str, Any] = {}
+    utilisation: dict[str, Any] = json.loads(out_path.read_text()).get("utilisation", {}) if out_path.is_file() else {}
     for name in datasets:
         city = load_dataset(name)
         embedding = get_method("modalities").build(0).fit_transform(city)
@@ -255,7 +255,9 @@ def _utilisation(city: Any, embedding: pd.DataFrame) -> dict[str, Any]:
     names, blocks = embedding_blocks(embedding.columns)
     model = UrbanMoE(blocks=blocks, block_names=names, random_state=0).fit(X[train], Y[train])
     table = model.expert_utilisation(X[test], list(per_task))
-    return {"table": table.round(3).reset_index().to_dict("records"), "epochs": model.epochs_}
+    weights = model.expert_utilisation(X[test], list(per_task), weights=True)
+    return {"table": table.round(3).reset_index().to_dict("records"),
+            "weights": weights.round(3).reset_index().to_dict("records"), "epochs": model.epochs_}
 
 
 def _write_moe(rows: list[dict[str, Any]], utilisation: dict[str, Any]) -> None:
@@ -278,6 +280,9 @@ def _write_moe(rows: list[dict[str, Any]], utilisation: dict[str, Any]) -> None:
     for name, info in utilisation.items():
         md += (f"\nExpert utilisation, {name} (moe fit on fold 0's training regions, shares of its test regions "
                f"routed to each expert; {info['epochs']} epochs):\n\n{_md(pd.DataFrame(info['table']))}")
+        if "weights" in info:
+            weights = _md(pd.DataFrame(info["weights"]))
+            md += f"\nMean gate weight per expert, {name} (same fit and regions):\n\n{weights}"
     _write("moe", {"rows": rows, "utilisation": utilisation}, md)
     if utilisation:
         _plot_utilisation(utilisation)
@@ -289,14 +294,18 @@ def _plot_utilisation(utilisation: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(utilisation), figsize=(4.5 * len(utilisation), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(utilisation), figsize=(4.8 * len(utilisation), 3.2), squeeze=False,
+                             gridspec_kw={"wspace": 0.55})
     for ax, (name, info) in zip(axes[0], utilisation.items(), strict=True):
-        table = pd.DataFrame(info["table"]).set_index("task").drop(columns="mean_active")
+        table = pd.DataFrame(info.get("weights", info["table"])).set_index("task").drop(columns="mean_active")
         image = ax.imshow(table.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white")
         ax.set_xticks(range(table.shape[1]), table.columns, rotation=60, fontsize=7)
         ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
         ax.set_title(name, fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), label="share of regions routed")
+    fig.colorbar(image, ax=axes[0].tolist(), label="mean gate weight (share routed where not measured)")
     fig.savefig(RESULTS / "heads_moe_utilisation.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -76,6 +76,11 @@ def test_moe_masks_missing_labels_and_reports_expert_utilisation() -> None:
     assert np.isnan(table.loc["a", "b0"]) and np.isnan(table.loc["b", "a1"])  # not a candidate of that gate
     shared = table[["shared0", "shared1", "a0", "a1"]].loc["a"].to_numpy()
     assert np.isclose(shared.sum(), 1.0)  # each region goes to exactly one of task a's candidates
+    dense = UrbanMoE(blocks=(4, 2), max_epochs=20, random_state=0).fit(X, Y)
+    weights = dense.expert_utilisation(X, ["a", "b"], weights=True)
+    assert np.allclose(weights.drop(columns="mean_active").sum(axis=1, skipna=True), 1.0)  # gate rows sum to 1
+    values = weights.drop(columns="mean_active").to_numpy(dtype=float)
+    assert (values[np.isfinite(values)] < 1.0).all()  # no top-k: the gate splits each task over its experts
     with pytest.raises(ValueError, match="do not add up"):
         UrbanMoE(blocks=(4, 4)).fit(X, Y)
 

@@ -210,8 +210,13 @@ class UrbanMoE(BaseEstimator, RegressorMixin):
             z, _ = self.module_(torch.as_tensor(self.x_scaler_.forward(X), dtype=torch.float32))
         return self.y_scaler_.clip(self.y_scaler_.inverse(z.numpy().astype(float)))
 
-    def expert_utilisation(self, X: Any, task_names: list[str] | None = None) -> pd.DataFrame:
+    def expert_utilisation(self, X: Any, task_names: list[str] | None = None, weights: bool = False) -> pd.DataFrame:
         """Fraction of regions routed to each expert (non-zero gate weight, no noise), per task.
+
+        Args:
+            weights: Report each expert's mean gate weight over the regions instead (after the threshold and
+                renormalisation; a row sums to 1), which shows how the gate splits the work even when every
+                expert stays above the threshold.
 
         Returns:
             One row per task, one column per expert (``shared0..``, ``<task>0..``); NaN where an expert is
@@ -228,10 +233,11 @@ class UrbanMoE(BaseEstimator, RegressorMixin):
         with torch.no_grad():
             h = module.region_embedding(torch.as_tensor(self.x_scaler_.forward(X), dtype=torch.float32))
             for t in range(self.n_tasks_):
-                weights, _ = module.route(h, t)
-                used = (weights > 0).float()
+                gate, _ = module.route(h, t)
+                used = (gate > 0).float()
+                shown = gate if weights else used
                 for j, expert in enumerate(module.candidates(t)):
-                    table.iloc[t, expert] = float(used[:, j].mean())
+                    table.iloc[t, expert] = float(shown[:, j].mean())
                 active.append(float(used.sum(dim=1).mean()))
         table["mean_active"] = active
         return table

@@ -552,46 +552,72 @@ def fidelity_table(records: list[dict[str, Any]], timings: list[dict[str, Any]])
     return "\n".join(lines + speed) + "\n"
 
 
-#: One change each from the registry's hafusion (the authors' objective and read-out), in the order run.
+#: One change each from the registry's hafusion (the authors' objective and read-out), in the order run
+#: (a time-boxed run keeps what it finished). The similarity terms are ~0.05 against a mobility term of
+#: ~5e4 (Chicago) at the start, so weight 1e5 puts them on the mobility term's scale.
+BASELINE_VARIANT = "hafusion (authors' objective, DeepFc read-out)"
 ABLATION: dict[str, dict[str, Any]] = {
-    "objective: all of the previous (row distributions of od_flows, exact log, dot similarity, clip)":
-        {"objective": "distribution"},
-    "hafusion (authors' objective, DeepFc read-out)": {},
-    "mobility weighting: per-row distributions (mean over rows)": {"objective": {"weighting": "row"}},
-    "mobility target: od_flows instead of od_target": {"objective": {"target": "od_flows"}},
+    BASELINE_VARIANT: {},
+    "mobility weighting: per-row distributions, mean over rows (no volume weighting)":
+        {"objective": {"weighting": "row"}},
+    "mobility target: od_flows (mob_dist) instead of od_target (mob-adj)": {"objective": {"target": "od_flows"}},
     "log: exact log-softmax (no +1e-4)": {"objective": {"epsilon": 0.0}},
+    "similarity weight 0 (mobility only)": {"objective": {"similarity_weight": 0.0}},
+    "similarity weight 1e5 (similarities on the mobility term's scale)": {"objective": {"similarity_weight": 1e5}},
     "similarity: dot product instead of cosine": {"objective": {"similarity": "dot"}},
     "read-out: Linear-GELU-Linear (previous)": {"readout": "mlp"},
+    "objective: all of the previous (row distributions of od_flows, exact log, dot similarity, clip)":
+        {"objective": "distribution"},
 }
-ABLATION_RUNS = [("hafusion-chicago", 0), ("hafusion-chicago", 1)]
+ABLATION_RUNS = [("hafusion-chicago", 0), ("hafusion-chicago", 1), ("hafusion-chicago", 2)]
 
 
-def ablation_table(results: dict[str, dict[str, list[list[float]]]]) -> str:
+def ablation_table(results: dict[str, dict[str, list[list[float]]]], done: dict[str, list[list[Any]]]) -> str:
+    """Mean `paper` / `nested` R² per variant and task, and the mean change against the unchanged hafusion."""
     keys = list(next(iter(results.values())))
     head = " | ".join(k.replace("hafusion-", "") for k in keys)
-    seeds = ", ".join(str(seed) for _, seed in ABLATION_RUNS)
-    lines = [f"### hafusion, one change at a time (R² `paper` final epoch / `nested`; mean of runs: "
-             f"{', '.join(sorted({d for d, _ in ABLATION_RUNS}))}, seeds {seeds})", "",
-             f"| variant | {head} |", "|---|" + "---|" * len(keys)]
+    base = results.get(BASELINE_VARIANT)
+    lines = ["### hafusion, one change at a time (R² `paper` final epoch / `nested` checkpoint by inner CV; mean "
+             "over the runs listed per row)", "",
+             f"| variant | runs | {head} | mean change vs hafusion (paper / nested) |",
+             "|---|---|" + "---|" * len(keys) + "---|"]
     for name, per_key in results.items():
-        cells = " | ".join(f"{np.mean(per_key[k], axis=0)[0]:.3f} / {np.mean(per_key[k], axis=0)[1]:.3f}" for k in keys)
-        lines.append(f"| {name} | {cells} |")
+        means = {k: np.mean(per_key[k], axis=0) for k in keys}
+        cells = " | ".join(f"{means[k][0]:.3f} / {means[k][1]:.3f}" for k in keys)
+        runs = ", ".join(f"{d.replace('hafusion-', '')} {s}" for d, s in done.get(name, []))
+        delta = "-"
+        if base is not None and name != BASELINE_VARIANT:
+            change = np.mean([means[k] - np.mean(base[k], axis=0) for k in keys], axis=0)
+            delta = f"{change[0]:+.3f} / {change[1]:+.3f}"
+        lines.append(f"| {name} | {runs} | {cells} | {delta} |")
     return "\n".join(lines) + "\n"
 
 
 def ablation(variants: list[str] | None = None) -> dict[str, Any]:
-    """hafusion with one change at a time: `paper` (final epoch) and `nested` R² per city and task."""
+    """hafusion with one change at a time: `paper` (final epoch) and `nested` R² per city and task.
+
+    Resumable: (variant, dataset, seed) runs stored by an earlier (time-boxed) run are kept, not repeated.
+    """
     from urbanprofile.data import load_dataset
     from urbanprofile.embedders.hafusion import HAFusionEmbedder
 
     cities = {d: load_dataset(d) for d in dict.fromkeys(d for d, _ in ABLATION_RUNS)}
     results: dict[str, dict[str, list[list[float]]]] = {}
+    done: dict[str, list[list[Any]]] = {}
     earlier = RESULTS / "embedders_ablation.json"
-    if earlier.is_file():  # variants of an earlier (time-boxed) run that this one does not repeat are kept
-        kept = json.loads(earlier.read_text(encoding="utf-8")).get("r2_paper_nested", {})
-        results.update({k: v for k, v in kept.items() if k not in (variants or list(ABLATION))})
+    if earlier.is_file():
+        kept = json.loads(earlier.read_text(encoding="utf-8"))
+        results.update(kept.get("r2_paper_nested", {}))
+        # an older file lists its runs once for every variant
+        done.update(kept.get("runs_done") or {k: [list(r) for r in kept.get("runs", [])] for k in results})
+    unknown = [v for v in variants or [] if v not in ABLATION]
+    if unknown:
+        raise UrbanProfileError(f"unknown ablation variant {unknown[0]!r}; valid: {'; '.join(ABLATION)}")
+    table = ablation_table(results, done) if results else ""
     for name in variants or list(ABLATION):
         for dataset, seed in ABLATION_RUNS:
+            if [dataset, seed] in done.get(name, []):
+                continue
             city = cities[dataset]
             embedder = HAFusionEmbedder(**ABLATION[name], random_state=seed).fit(city)
             emb = embedder.transform(city)
@@ -599,15 +625,17 @@ def ablation(variants: list[str] | None = None) -> dict[str, Any]:
                 paper = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
                 nested = evaluate_embedding(city, emb, task, "nested", candidates=embedder.candidates_).metrics["r2"]
                 results.setdefault(name, {}).setdefault(f"{dataset}/{task}", []).append([paper, nested])
-        print(name, {k: np.round(np.mean(v, axis=0), 3).tolist() for k, v in results[name].items()}, flush=True)
-        table = ablation_table(results)  # written after every variant, so a time-boxed run keeps what it did
-        (RESULTS / "embedders_ablation.md").write_text(
-            f"<!-- generated by benchmarks/embedders.py --parts ablation -->\n\n{table}", encoding="utf-8")
-        (RESULTS / "embedders_ablation.json").write_text(json.dumps(
-            {"r2_paper_nested": results, "runs": ABLATION_RUNS, "table": table, "part": "ablation",
-             "environment": environment()}, indent=1), encoding="utf-8")
+            done.setdefault(name, []).append([dataset, seed])
+            table = ablation_table(results, done)  # written after every run, so a time-boxed run keeps what it did
+            (RESULTS / "embedders_ablation.md").write_text(
+                f"<!-- generated by benchmarks/embedders.py --parts ablation -->\n\n{table}", encoding="utf-8")
+            (RESULTS / "embedders_ablation.json").write_text(json.dumps(
+                {"r2_paper_nested": results, "runs_done": done, "table": table, "part": "ablation",
+                 "environment": environment()}, indent=1), encoding="utf-8")
+            print(name, dataset, seed, {k: np.round(np.mean(v, axis=0), 3).tolist() for k, v in results[name].items()},
+                  flush=True)
     print(table)
-    return {"r2_paper_nested": results, "runs": ABLATION_RUNS, "table": table}
+    return {"r2_paper_nested": results, "runs_done": done, "table": table}
 
 
 def main() -> int:

@@ -60,7 +60,7 @@ def test_distribution_objective_is_the_mean_per_row_cross_entropy(city: CityData
 def test_objective_settings_validate_names_and_values() -> None:
     assert objective_settings({"epsilon": 0.0})["weighting"] == "volume"
     assert objective_settings({"base": "distribution", "similarity": "cosine"})["weighting"] == "row"
-    for bad in ("nope", {"weighting": "nope"}, {"epsilon": 2.0}, {"lr": 1}):
+    for bad in ("nope", {"weighting": "nope"}, {"epsilon": 2.0}, {"lr": 1}, {"similarity_weight": -1.0}):
         with pytest.raises(ValueError):
             objective_settings(bad)
 
@@ -70,6 +70,14 @@ def test_cosine_similarity_part_ignores_the_embedding_scale(city: CityData) -> N
     e = torch.randn(city.n_regions, 8)
     assert float(objective.similarity_loss("poi", e)) == pytest.approx(float(objective.similarity_loss("poi", 5 * e)),
                                                                         rel=1e-4)
+
+
+def test_similarity_weight_scales_the_similarity_parts(city: CityData) -> None:
+    inputs, e = MultiViewInputs.from_city(city), torch.randn(city.n_regions, 8)
+    plain = float(MultiTaskObjective(inputs).similarity_loss("poi", e))
+    weighted = float(MultiTaskObjective(inputs, objective={"similarity_weight": 10.0}).similarity_loss("poi", e))
+    assert plain > 0 and weighted == pytest.approx(10 * plain, rel=1e-5)
+    assert float(MultiTaskObjective(inputs, objective={"similarity_weight": 0.0}).similarity_loss("poi", e)) == 0.0
 
 
 def test_deepfc_readout_ends_in_leaky_relu_and_names_are_checked() -> None:

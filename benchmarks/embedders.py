@@ -272,7 +272,7 @@ def fit_one(args: argparse.Namespace) -> None:
     from urbanprofile.embedders.srel import SRELEmbedder
     from urbanprofile.methods import get_method
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.fit_one == "synthetic":
         city = make_synthetic_city(n_regions=args.n_regions, with_geometry=False, random_state=0)
         embedder: Any = SRELEmbedder(epochs=args.epochs, attention=args.attention, random_state=0)
@@ -460,13 +460,14 @@ def run_authors(code: Path, dataset: str, seed: int, epochs: int | None = None, 
 
 
 def fidelity(seeds: list[int], authors_code: Path | None, authors_seeds: list[int],
-             authors_datasets: list[str], timing_epochs: int = 50, reuse_timings: bool = False) -> dict[str, Any]:
+             authors_datasets: list[str], timing_epochs: int = 50, reuse_timings: bool = False,
+             threads: int = 2) -> dict[str, Any]:
     """Our hafusion beside the authors' code under `paper` (final epoch) and `nested`, with speed and size.
 
     Our R² comes from the quality part's rows of hafusion for ``seeds`` (same code, same seeds; run the
     quality part first). Speed (or, with ``reuse_timings``, the previous run's timings): ``timing_epochs``
-    epochs of ours and (with ``authors_code``) of theirs back to back in fresh child processes with 2
-    threads each, so both see the same machine load; the wall
+    epochs of ours and (with ``authors_code``) of theirs back to back in fresh child processes with
+    ``threads`` torch threads each, so both see the same machine load; the wall
     time per run is that s/epoch times each code's own number of epochs. The authors' R² is measured
     here for ``authors_seeds`` on ``authors_datasets`` (2000 epochs each), else taken from issue 7.
     """
@@ -481,14 +482,16 @@ def fidelity(seeds: list[int], authors_code: Path | None, authors_seeds: list[in
     else:
         for dataset in DATASETS:
             full_epochs = get_method("hafusion").build().epochs  # type: ignore[attr-defined]
-            timing = child("--fit-one", dataset, "--method", "hafusion", "--timing-epochs", str(timing_epochs))
-            timings.append({**timing, "who": "ours", "epochs": full_epochs,
+            timing = child("--fit-one", dataset, "--method", "hafusion", "--timing-epochs", str(timing_epochs),
+                           "--threads", str(threads))
+            timings.append({**timing, "who": "ours", "epochs": full_epochs, "threads": threads,
                             "wall_seconds": timing.get("seconds_per_epoch", float("nan")) * full_epochs})
             print(timings[-1], flush=True)
             if authors_code is not None:
-                theirs = run_authors(authors_code, dataset, 0, epochs=timing_epochs, threads=2)
+                theirs = run_authors(authors_code, dataset, 0, epochs=timing_epochs, threads=threads)
                 theirs.pop("embedding")
                 timings.append({**theirs, "dataset": dataset, "who": "authors (timed here)", "epochs": 2000,
+                                "threads": threads,
                                 "wall_seconds": theirs["seconds_per_epoch"] * 2000, "load": os.getloadavg()[0]})
                 print(timings[-1], flush=True)
     quality_file = RESULTS / "embedders_quality.json"
@@ -526,8 +529,8 @@ def fidelity_table(records: list[dict[str, Any]], timings: list[dict[str, Any]])
              "`nested` ours = checkpoint by inner CV, authors = their final epoch)", "",
              "| city | protocol | task | authors' code | source | ours | ours − authors |",
              "|---|---|---|---|---|---|---|"]
-    speed = ["", "| city | who | epochs | s/epoch | wall s per run | parameters | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|"]
+    speed = ["", "| city | who | torch threads | epochs | s/epoch | wall s per run | parameters | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|"]
     for dataset in DATASETS:
         ours = [r for r in records if r["dataset"] == dataset and r["who"] == "ours"]
         measured = [r for r in records if r["dataset"] == dataset and r["who"] != "ours"]
@@ -543,12 +546,13 @@ def fidelity_table(records: list[dict[str, Any]], timings: list[dict[str, Any]])
                 spread = f" ± {np.std(mine, ddof=1):.3f}" if len(mine) > 1 else ""
                 lines.append(f"| {dataset} | {protocol} | {task} | {theirs:.3f} | {source} "
                              f"| {np.mean(mine):.3f}{spread} ({len(mine)} seeds) | {np.mean(mine) - theirs:+.3f} |")
-        speed.append(f"| {dataset} | authors (issue 7) | {issue['epochs']} | {issue['seconds_per_epoch']:.3f} "
+        speed.append(f"| {dataset} | authors (issue 7) | - | {issue['epochs']} | {issue['seconds_per_epoch']:.3f} "
                      f"| {issue['seconds_per_epoch'] * issue['epochs']:.0f} | {issue['parameters'] / 1e6:.2f} M | - |")
         for t in timings:
             if t["dataset"] == dataset and "error" not in t:
-                speed.append(f"| {dataset} | {t['who']} | {t['epochs']} | {t['seconds_per_epoch']:.3f} "
-                             f"| {t['wall_seconds']:.0f} | {t['parameters'] / 1e6:.2f} M | {t['load']:.1f} |")
+                speed.append(f"| {dataset} | {t['who']} | {t.get('threads', 2)} | {t['epochs']} "
+                             f"| {t['seconds_per_epoch']:.3f} | {t['wall_seconds']:.0f} | {t['parameters'] / 1e6:.2f} M "
+                             f"| {t['load']:.1f} |")
     return "\n".join(lines + speed) + "\n"
 
 
@@ -694,7 +698,8 @@ def main() -> int:
             payload = selection(seeds)
         elif part == "fidelity":
             payload = fidelity(seeds, args.authors_code, [int(s) for s in args.authors_seeds.split(",") if s],
-                               args.authors_datasets.split(","), args.timing_epochs or 50, args.reuse_timings)
+                               args.authors_datasets.split(","), args.timing_epochs or 50, args.reuse_timings,
+                               args.threads)
         elif part == "ablation":
             payload = ablation(args.variants.split(";") if args.variants else None)
         else:

@@ -551,8 +551,8 @@ def fidelity_table(records: list[dict[str, Any]], timings: list[dict[str, Any]])
         for t in timings:
             if t["dataset"] == dataset and "error" not in t:
                 speed.append(f"| {dataset} | {t['who']} | {t.get('threads', 2)} | {t['epochs']} "
-                             f"| {t['seconds_per_epoch']:.3f} | {t['wall_seconds']:.0f} | {t['parameters'] / 1e6:.2f} M "
-                             f"| {t['load']:.1f} |")
+                             f"| {t['seconds_per_epoch']:.3f} | {t['wall_seconds']:.0f} "
+                             f"| {t['parameters'] / 1e6:.2f} M | {t['load']:.1f} |")
     return "\n".join(lines + speed) + "\n"
 
 

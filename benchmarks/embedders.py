@@ -572,6 +572,7 @@ ABLATION: dict[str, dict[str, Any]] = {
     "read-out: Linear-GELU-Linear (previous)": {"readout": "mlp"},
     "objective: all of the previous (row distributions of od_flows, exact log, dot similarity, clip)":
         {"objective": "distribution"},
+    "epochs: 2000 (the authors') instead of 500": {"epochs": 2000},
 }
 ABLATION_RUNS = [("hafusion-chicago", 0), ("hafusion-chicago", 1), ("hafusion-chicago", 2)]
 

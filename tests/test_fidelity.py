@@ -7,10 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from urbanprofile.benchmark.runner import BenchmarkPlan, plan_units
 from urbanprofile.data import CityData
 from urbanprofile.embedders.hafusion import HAFusionEmbedder
 from urbanprofile.encoders.layers import readout
 from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewInputs, objective_settings
+from urbanprofile.errors import MethodUnavailableError
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.heads.probes import BlockRidgeProbe, RidgeProbe, make_probe
 from urbanprofile.methods import get_method
@@ -58,7 +60,7 @@ def test_distribution_objective_is_the_mean_per_row_cross_entropy(city: CityData
 def test_objective_settings_validate_names_and_values() -> None:
     assert objective_settings({"epsilon": 0.0})["weighting"] == "volume"
     assert objective_settings({"base": "distribution", "similarity": "cosine"})["weighting"] == "row"
-    for bad in ("nope", {"weighting": "nope"}, {"epsilon": 2.0}, {"lr": 1}):
+    for bad in ("nope", {"weighting": "nope"}, {"epsilon": 2.0}, {"lr": 1}, {"similarity_weight": -1.0}):
         with pytest.raises(ValueError):
             objective_settings(bad)
 
@@ -68,6 +70,14 @@ def test_cosine_similarity_part_ignores_the_embedding_scale(city: CityData) -> N
     e = torch.randn(city.n_regions, 8)
     assert float(objective.similarity_loss("poi", e)) == pytest.approx(float(objective.similarity_loss("poi", 5 * e)),
                                                                         rel=1e-4)
+
+
+def test_similarity_weight_scales_the_similarity_parts(city: CityData) -> None:
+    inputs, e = MultiViewInputs.from_city(city), torch.randn(city.n_regions, 8)
+    plain = float(MultiTaskObjective(inputs).similarity_loss("poi", e))
+    weighted = float(MultiTaskObjective(inputs, objective={"similarity_weight": 10.0}).similarity_loss("poi", e))
+    assert plain > 0 and weighted == pytest.approx(10 * plain, rel=1e-5)
+    assert float(MultiTaskObjective(inputs, objective={"similarity_weight": 0.0}).similarity_loss("poi", e)) == 0.0
 
 
 def test_deepfc_readout_ends_in_leaky_relu_and_names_are_checked() -> None:
@@ -114,7 +124,8 @@ def test_block_probe_with_the_learned_block_alone_is_a_scaled_ridge() -> None:
     np.testing.assert_allclose(probe.predict(X[100:]), plain.predict(learned[100:]), rtol=1e-8)
     with pytest.raises(ValueError, match="n_learned"):
         BlockRidgeProbe(n_learned=16).fit(X, y)
-    assert not isinstance(make_probe("ridge-blocks", "paper", n_learned=6), BlockRidgeProbe)
+    with pytest.raises(MethodUnavailableError, match="paper"):
+        make_probe("ridge-blocks", "paper", n_learned=6)
 
 
 def test_learned_plus_raw_method_keeps_both_blocks_and_its_checkpoints(city: CityData) -> None:
@@ -128,5 +139,29 @@ def test_learned_plus_raw_method_keeps_both_blocks_and_its_checkpoints(city: Cit
     two = dict(list(embedder.candidates_.items())[-2:])
     nested = evaluate_embedding(city, emb, "crime", "nested", head=spec.head, candidates=two)
     assert all("block_weight" in c and "candidate" in c for c in nested.chosen)
-    paper = evaluate_embedding(city, emb, "crime", "paper", head=spec.head)
-    assert np.isfinite(paper.metrics["r2"])
+    with pytest.raises(MethodUnavailableError, match="paper"):
+        evaluate_embedding(city, emb, "crime", "paper", head=spec.head)
+
+
+def test_learned_plus_raw_has_no_paper_cell_because_unscaled_counts_drown_the_learned_block(city: CityData) -> None:
+    """The peers' paper Ridge(alpha=1) on learned + unscaled raw columns is raw-all's paper fit: not a +raw figure."""
+    rng = np.random.default_rng(0)
+    raw = get_method("raw-all").build().fit(city).transform(city)
+    learned = pd.DataFrame(rng.normal(size=(city.n_regions, 4)), index=city.region_ids,
+                           columns=[f"emb_{k}" for k in range(4)])
+    learned["emb_0"] = np.log1p(city.targets["crime"].reindex(city.region_ids).fillna(0).to_numpy())
+    both = pd.concat([learned, raw.add_prefix("raw_")], axis=1)
+    # What the paper cell used to be: the plain Ridge on the concatenation ignores an informative learned block.
+    plain = {name: evaluate_embedding(city, frame, "crime", "paper", head="ridge").metrics["r2"]
+             for name, frame in (("raw", raw), ("both", both))}
+    assert plain["both"] == pytest.approx(plain["raw"], abs=0.05)
+    assert evaluate_embedding(city, both, "crime", "nested", head="ridge-blocks").metrics["r2"] > plain["both"] + 0.1
+    with pytest.raises(MethodUnavailableError):
+        evaluate_embedding(city, both, "crime", "paper", head="ridge-blocks")
+    # The runner leaves the cell out (with its reason) instead of training the embedder for it on every resume.
+    plan = BenchmarkPlan(datasets=[city.name], methods=["raw-all", "srel+raw"], protocols=["paper", "nested"],
+                         seeds=[0], tasks=["crime"])
+    units, _, _, skipped, _ = plan_units(plan, cities={city.name: city})
+    cells = {(u.spec.name, protocol) for u in units for _, protocol, _ in u.cells}
+    assert cells == {("raw-all", "paper"), ("raw-all", "nested"), ("srel+raw", "nested")}
+    assert any("srel+raw" in line and "paper" in line for line in skipped)

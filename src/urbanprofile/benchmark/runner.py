@@ -27,7 +27,7 @@ from urbanprofile.evaluation.protocols import (
     evaluate_embedding,
     evaluate_tasks,
 )
-from urbanprofile.heads.registry import parse_head
+from urbanprofile.heads.registry import parse_head, protocol_unavailable_reason
 from urbanprofile.methods import MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
@@ -270,6 +270,8 @@ def plan_units(
                 continue
             version = code_version(spec.factory).version
             heads = list(plan.heads or [spec.head])
+            skipped += [f"{name}: {spec.name}: {reason}" for h in heads for p in protocols
+                        if (reason := protocol_unavailable_reason(h, p))]
             seeds = list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]
             # Heads with weights vary with the seed too, so every seed runs when one is asked for.
             if not spec.stochastic and any(parse_head(h).kind not in ("ridge", "knn", "ridge-blocks") for h in heads):
@@ -277,6 +279,8 @@ def plan_units(
             for seed in seeds:
                 todo = []
                 for task, protocol, head in ((t, p, h) for t in tasks for p in protocols for h in heads):
+                    if protocol_unavailable_reason(head, protocol):
+                        continue  # said once per method below
                     key = (name, task, spec.name, spec.config_hash, protocol, int(seed), head)
                     if key in stored and stored[key] == (version, "ok"):
                         reused.append(key)
@@ -406,8 +410,8 @@ def leaderboard(rows: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
-    if "head" not in frame:
-        frame["head"] = "ridge"
+    # Rows of an older layout have no head: the default (groupby would drop them silently as NaN keys).
+    frame["head"] = frame["head"].fillna("ridge") if "head" in frame else "ridge"
     metrics = ["r2", "mae", "rmse", "worst_block_r2", "r2_gap", "morans_i", "fit_seconds"]
     grouped = frame.groupby(["dataset", "task", "protocol", "method", "head"], sort=False)
     table = grouped[metrics].agg(["mean", "std"])

@@ -50,11 +50,13 @@ SIMILARITY_PAIRS = 16
 #: ``target``: ``od_target`` (falls back to ``od_flows`` when a city lacks it) or ``od_flows``;
 #: ``epsilon``: added to the softmax inside the log (0 = exact log-softmax); ``similarity``: ``cosine``
 #: or ``dot`` (what e_i, e_j reconstruct the similarity views with); ``clip``: gradient norm clipping
-#: (``None``: none, as the authors).
+#: (``None``: none, as the authors); ``similarity_weight``: factor on each similarity view's loss (1: the
+#: plain sum of the parts, as the authors; 0: mobility only).
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "authors": {"weighting": "volume", "target": "od_target", "epsilon": 1e-4, "similarity": "cosine",
-                "clip": None},
-    "distribution": {"weighting": "row", "target": "od_flows", "epsilon": 0.0, "similarity": "dot", "clip": 5.0},
+                "clip": None, "similarity_weight": 1.0},
+    "distribution": {"weighting": "row", "target": "od_flows", "epsilon": 0.0, "similarity": "dot", "clip": 5.0,
+                     "similarity_weight": 1.0},
 }
 
 
@@ -79,6 +81,8 @@ def objective_settings(objective: str | dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"objective {key} must be one of {', '.join(valid)}, got {settings[key]!r}")
     if not 0 <= float(settings["epsilon"]) < 1:
         raise ValueError(f"objective epsilon must be in [0, 1), got {settings['epsilon']}")
+    if not float(settings["similarity_weight"]) >= 0:
+        raise ValueError(f"objective similarity_weight must be >= 0, got {settings['similarity_weight']}")
     return settings
 
 
@@ -190,6 +194,7 @@ class MultiTaskObjective:
         self.volume = settings["weighting"] == "volume"
         self.epsilon = float(settings["epsilon"])
         self.cosine = settings["similarity"] == "cosine"
+        self.similarity_weight = float(settings["similarity_weight"])
         self.sparse = inputs.sparse
         self.views = views
         self.n = inputs.n_regions
@@ -264,18 +269,19 @@ class MultiTaskObjective:
         return (a * b).sum(dim=-1)
 
     def similarity_loss(self, view: str, embedding: Any) -> Any:
-        """Mean squared error between cos(e_i, e_j) (or e_i . e_j) and the view's similarity s_ij."""
+        """Mean squared error between cos(e_i, e_j) (or e_i . e_j) and the view's similarity s_ij, times
+        the objective's ``similarity_weight``."""
         if not self.sparse:
             if self.cosine:
                 unit = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-8)
                 predicted = unit @ unit.T
             else:
                 predicted = embedding @ embedding.T
-            return torch.mean((predicted - self.similarity[view]) ** 2)
+            return self.similarity_weight * torch.mean((predicted - self.similarity[view]) ** 2)
         i = torch.arange(self.n).repeat_interleave(SIMILARITY_PAIRS)
         j = torch.randint(0, self.n, (self.n * SIMILARITY_PAIRS,), generator=self.generator)
         target = torch.einsum("pd,pd->p", self.unit[view][i], self.unit[view][j])
-        return torch.mean((self._pairs(embedding[i], embedding[j]) - target) ** 2)
+        return self.similarity_weight * torch.mean((self._pairs(embedding[i], embedding[j]) - target) ** 2)
 
 
 def _masked_mean(values: Any, mask: Any) -> Any:

@@ -10,6 +10,8 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.model_selection import GroupKFold, KFold
 from sklearn.neighbors import NearestNeighbors
 
+from urbanprofile.errors import MethodUnavailableError
+
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-3, 5, 17))
 DEFAULT_KS = (1, 2, 3, 5, 8, 12, 20, 30, 50)
 
@@ -326,12 +328,20 @@ HEADS = ("ridge", "knn", "ridge-blocks")
 def make_probe(head: str, protocol: str, random_state: int | None = 0, n_learned: int = 0) -> RidgeProbe | KNNProbe:
     """The probe for a head kind under a protocol: fixed peer settings for ``paper``, selected otherwise.
 
-    ``n_learned`` is the width of the learned block of a ``ridge-blocks`` embedding; under ``paper`` that
-    head is the peers' plain Ridge on the concatenation.
+    ``n_learned`` is the width of the learned block of a ``ridge-blocks`` embedding; that head has no
+    ``paper`` probe (see :func:`urbanprofile.heads.registry.protocol_unavailable_reason`).
+
+    Raises:
+        MethodUnavailableError: ``ridge-blocks`` under ``paper``.
     """
-    if head == "ridge-blocks" and protocol != "paper":
+    if head == "ridge-blocks":
+        from urbanprofile.heads.registry import protocol_unavailable_reason
+
+        reason = protocol_unavailable_reason(head, protocol)
+        if reason:
+            raise MethodUnavailableError(reason)
         return BlockRidgeProbe(n_learned=n_learned, random_state=random_state)
-    if head in ("ridge", "ridge-blocks"):
+    if head == "ridge":
         if protocol == "paper":
             return RidgeProbe(alphas=(1.0,), log_features=(False,), scale=(False,), log_target=(False,))
         return RidgeProbe(random_state=random_state)

@@ -4,8 +4,8 @@ Parts (``--parts``, comma-separated; default all):
 
 * ``smollm2``: SmolLM2-135M prompt vectors for Chicago's 77 regions x 4 prompts (3 task prompts + task-free),
   cold (the vector cache entry removed first) and again (read from the cache); wall and process CPU time.
-* ``prompt``: Chicago, ``nested``, embedder ``pca``: ridge vs Prompt4RE heads with Llama / Qwen / MiniLM /
-  SmolLM2 vectors and their ablations (no task prompt, no alignment = concat), all-regions vs per-region
+* ``prompt``: Chicago, ``nested``, embedder ``pca`` (``--method`` picks another; its results then go to
+  ``heads_prompt_<method>``): ridge vs Prompt4RE heads with Llama / Qwen / MiniLM / SmolLM2 vectors and their ablations (no task prompt, no alignment = concat), all-regions vs per-region
   attention, beside ToPT's published Table 1 (selected on test folds; marked as such).
 * ``moe``: ``modalities`` embedding (one block per modality) on NYC, Chicago (3 tasks) and CityView Beijing
   and Guangzhou (carbon, population, gdp): ridge, single-task MLP, dense multi-task MLP and UrbanMoE on the
@@ -117,7 +117,7 @@ def part_prompt(seeds: list[int], heads: list[str], method: str) -> None:
     from urbanprofile.methods import get_method
 
     city = load_dataset("hafusion-chicago")
-    out_path = RESULTS / "heads_prompt.json"
+    out_path = RESULTS / f"heads_{_prompt_part(method)}.json"
     rows: list[dict[str, Any]] = []
     if out_path.is_file():  # resume: keep finished (head, seed, task) cells
         rows = json.loads(out_path.read_text()).get("rows", [])
@@ -171,6 +171,11 @@ def ridge_start_reference(method: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _prompt_part(method: str) -> str:
+    """Results stem of the prompt part: ``prompt`` for the default embedder, ``prompt_<method>`` otherwise."""
+    return "prompt" if method == "pca" else f"prompt_{method.replace('+', '_')}"
+
+
 def _write_prompt(rows: list[dict[str, Any]], method: str) -> None:
     frame = pd.DataFrame(rows + ridge_start_reference(method))
     table = frame.groupby(["head", "task"]).agg(r2=("r2", "mean"), r2_std=("r2", "std"), mae=("mae", "mean"),
@@ -198,7 +203,7 @@ def _write_prompt(rows: list[dict[str, Any]], method: str) -> None:
           f"Published (ToPT Table 1, their SREL embedding; epochs chosen on the test folds):\n\n"
           f"{_md(published)}\nDetail (MAE, RMSE, median chosen epochs, share of folds left at the ridge start):"
           f"\n\n{_md(table)}")
-    _write("prompt", {"rows": rows, "method": method}, md)
+    _write(_prompt_part(method), {"rows": rows, "method": method}, md)
 
 
 # -- moe ---------------------------------------------------------------------------------------------------
@@ -319,10 +324,11 @@ def main() -> None:
     parser.add_argument("--method", default="pca", help="embedder of the prompt part")
     parser.add_argument("--smollm2-regions", type=int, default=77, help="regions of the smollm2 timing")
     parser.add_argument("--datasets", default="hafusion-chicago,hafusion-nyc,cityview-beijing,cityview-guangzhou")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 for the smollm2 timing)")
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     for part in args.parts.split(","):
         if part == "smollm2":

@@ -5,8 +5,9 @@ Parts (``--parts``, comma-separated; default all):
 * ``smollm2``: SmolLM2-135M prompt vectors for Chicago's 77 regions x 4 prompts (3 task prompts + task-free),
   cold (the vector cache entry removed first) and again (read from the cache); wall and process CPU time.
 * ``prompt``: Chicago, ``nested``, embedder ``pca`` (``--method`` picks another; its results then go to
-  ``heads_prompt_<method>``): ridge vs Prompt4RE heads with Llama / Qwen / MiniLM / SmolLM2 vectors and their ablations (no task prompt, no alignment = concat), all-regions vs per-region
-  attention, beside ToPT's published Table 1 (selected on test folds; marked as such).
+  ``heads_prompt_<method>``): ridge vs Prompt4RE heads with Llama / Qwen / MiniLM / SmolLM2 vectors and
+  their ablations (no task prompt, no alignment = concat), all-regions vs per-region attention, beside
+  ToPT's published Table 1 (selected on test folds; marked as such).
 * ``moe``: ``modalities`` embedding (one block per modality) on NYC, Chicago (3 tasks) and CityView Beijing
   and Guangzhou (carbon, population, gdp): ridge, single-task MLP, dense multi-task MLP and UrbanMoE on the
   same joint folds (``nested``; CityView also ``spatial``), plus an expert-utilisation table and plot.

@@ -217,11 +217,10 @@ def part_moe(seeds: list[int], cityview_seeds: list[int], datasets: list[str]) -
     from urbanprofile.methods import get_method
 
     out_path = RESULTS / "heads_moe.json"
-    rows: list[dict[str, Any]] = []
-    if out_path.is_file():
-        rows = json.loads(out_path.read_text()).get("rows", [])
+    previous = json.loads(out_path.read_text()) if out_path.is_file() else {}  # resume: rows and utilisation
+    rows: list[dict[str, Any]] = previous.get("rows", [])
     done = {(r["dataset"], r["protocol"], r["head"], r["seed"]) for r in rows}
-    utilisation: dict[str, Any] = json.loads(out_path.read_text()).get("utilisation", {}) if out_path.is_file() else {}
+    utilisation: dict[str, Any] = previous.get("utilisation", {})
     for name in datasets:
         city = load_dataset(name)
         embedding = get_method("modalities").build(0).fit_transform(city)

@@ -529,6 +529,7 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
     order = np.concatenate([rng.permutation(len(train)) for _ in range(passes)])[: config.steps * batch]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.sft_learning_rate)
     eos = tokenizer.eos_token or ""
+    device = model.device
     model.train()
     start = time.perf_counter()
     losses = []
@@ -546,11 +547,10 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
             labels.append([-100] * len(p_ids) + a_ids)
         width = max(len(x) for x in input_ids)
         pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(x)) + x for x in input_ids])
-        lab = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in input_ids])
-        device = model.device
-        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device)).loss
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in input_ids], device=device)
+        lab = torch.tensor([[-100] * (width - len(x)) + x for x in labels], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in input_ids], device=device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         if not torch.isfinite(loss):
             from urbanprofile.errors import TrainingError
 

@@ -39,7 +39,7 @@ def _phase(name: str, fn: Any, record: dict[str, Any]) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--task", default="crime")
     parser.add_argument("--threads", type=int, default=1)
@@ -47,10 +47,14 @@ def main() -> None:
     parser.add_argument("--run-dir", default="results/r1-run")
     parser.add_argument("--sft-lr", type=float, default=None, help="SFT learning rate (default: --lr)")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--device", default="cpu", help="cpu (the 2-core figure), cuda or auto")
     parser.add_argument("--name", default="r1", help="results file stem: benchmarks/results/<name>.{json,md}")
     parser.add_argument("--save-every", type=int, default=10)
+    parser.add_argument("--reward", default="debiased", help="debiased, distance or exact")
+    parser.add_argument("--scale-rewards", action="store_true",
+                        help="advantages / group reward std (GRPO as published)")
+    parser.add_argument("--holdout-city", default=None, help="hold this dataset out whole (train on the other)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -63,7 +67,9 @@ def main() -> None:
     config = R1Config(datasets=["hafusion-nyc", "hafusion-chicago"], task=args.task, model=args.model,
                       steps=args.steps, generations=args.generations, save_every=args.save_every,
                       learning_rate=args.lr, sft_learning_rate=args.sft_lr or args.lr, beta=args.beta,
-                      temperature=args.temperature, device=args.device)
+                      temperature=args.temperature, device=args.device,
+                      reward=args.reward, scale_rewards=args.scale_rewards,
+                      holdout_city=args.holdout_city)
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     record: dict[str, Any] = {"config": config.to_json(), "threads": args.threads, "cpus": os.cpu_count(),
@@ -97,6 +103,11 @@ def _f(value: Any, digits: int = 3) -> str:
 def markdown(record: dict[str, Any]) -> str:
     g = record["grpo"]
     s = record["grpo_summary"]
+    n_levels = record["config"]["n_levels"]
+    reward = record["config"].get("reward", "distance")
+    scaling = "scaled by the group reward std" if record["config"].get("scale_rewards", True) else "unscaled (r - mean)"
+    holdout = record["config"].get("holdout_city")
+    held_out = f"all of {holdout}, trained on the other city" if holdout else "fold 0 of spatial in each city"
     lines = [
         f"Device: {record.get('device', 'cpu')} ({record['threads']} torch CPU threads). "
         f"GRPO: {s['steps']} steps, {s['completions_per_step']} completions per step "
@@ -105,21 +116,28 @@ def markdown(record: dict[str, Any]) -> str:
         f"{g['cpu_share']:.0%} of a core; load average {g['load_avg_1min'][0]:.1f} -> {g['load_avg_1min'][1]:.1f} "
         f"on {record['cpus']} cores), peak RSS {g['peak_rss_mb']:.0f} MB. SFT: {record['sft']['wall_s'] / 60:.1f} "
         f"min; evaluation of all methods: {record['evaluate']['wall_s'] / 60:.1f} min.",
-        f"Mean reward (format + accuracy, max 2): first 10 steps {_f(s.get('reward_first_steps'))}, "
-        f"last 10 steps {_f(s.get('reward_last_steps'))}.",
+        f"Accuracy reward: {reward}; advantages {scaling}. Mean reward (format + accuracy): first 10 steps "
+        f"{_f(s.get('reward_first_steps'))}, last 10 steps {_f(s.get('reward_last_steps'))}. Sampled answers "
+        f"(share), first 10 steps {s.get('answers_first_steps', '-')}, "
+        f"last 10 steps {s.get('answers_last_steps', '-')}.",
         "",
-        f"Held-out regions: {record['n_test']} (fold 0 of the spatial protocol in each city), "
+        f"Held-out regions: {record['n_test']} ({held_out}), "
         f"task {record['config']['task']}, levels 0-{record['config']['n_levels'] - 1}.",
         "",
         "| method | Spearman | level MAE | level R² | parse failures | worst group | worst-group MAE | "
-        "worst-group gap | disparity |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "worst-group gap | disparity | answers " + "/".join(map(str, range(n_levels))) + " |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in record["metrics"].items():
+        if "skipped" in m:
+            lines.append(f"| {name} | skipped: {m['skipped']} |" + " |" * 8)
+            continue
+        counts = m.get("answer_counts", {})
         lines.append(
             f"| {name} | {_f(m['spearman'])} | {_f(m['level_mae'])} | {_f(m['level_r2'])} | "
             f"{m['parse_failure_rate']:.0%} | {m['worst_group']} | {_f(m['worst_group_mae'])} | "
-            f"{_f(m['worst_group_gap'])} | {_f(m['disparity'])} |"
+            f"{_f(m['worst_group_gap'])} | {_f(m['disparity'])} | "
+            + "/".join(str(counts.get(str(k), 0)) for k in range(n_levels)) + " |"
         )
     lines.append("")
     return "\n".join(lines)

@@ -80,6 +80,41 @@ def test_build_task_levels_from_training_labels_only() -> None:
     assert build_task(cities, TaskSpec("crime", blocks_per_city=2)).edges == data.edges
 
 
+def test_held_out_city_is_all_test_and_its_ridge_baseline_fits_across_cities(tmp_path: Path) -> None:
+    from urbanprofile.rl.evaluate import NOT_ACROSS_CITIES, evaluate_run
+    from urbanprofile.rl.train import R1Config
+
+    cities = _cities()
+    data = build_task(cities, TaskSpec("crime", holdout_city="syn-b"))
+    frame = data.frame()
+    assert set(frame.loc[frame.split == "test", "city"]) == {"syn-b"} and (frame.city == "syn-b").sum() == 30
+    assert set(frame.loc[frame.split == "train", "city"]) == {"syn-a"} and (frame.city == "syn-a").sum() == 40
+    assert set(frame.loc[frame.city == "syn-b", "level"]) == set(range(5))  # its own scale, equal shares
+    config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", holdout_city="syn-b")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_json()))
+    payload = evaluate_run(tmp_path, ["ridge", "knn-location"], cities=cities)
+    assert payload["methods"]["knn-location"] == {"skipped": NOT_ACROSS_CITIES}
+    ridge = payload["methods"]["ridge"]
+    assert ridge["n"] == 30 and ridge["spearman"] > 0.3, ridge  # the synthetic label follows the features
+    with pytest.raises(UrbanProfileError, match="not among the datasets"):
+        build_task(cities, TaskSpec("crime", holdout_city="syn-c"))
+    with pytest.raises(UrbanProfileError, match="at least one other city"):
+        build_task(cities[:1], TaskSpec("crime", holdout_city="syn-a"))
+
+
+def test_tile_captions_go_into_the_prompt() -> None:
+    import pandas as pd
+
+    city = _cities()[0]
+    first = city.region_ids[0]
+    city.modalities["tile_caption"] = pd.DataFrame(
+        {"region_id": [first] * 4, "text": ["A dense block of towers", "Busy roads", "A park", "A fourth line"]}
+    )
+    data = build_task([city], TaskSpec("crime"))
+    prompt = next(e.prompt for e in data.examples if e.region_id == first)
+    assert "A dense block of towers. Busy roads. A park." in prompt and "fourth" not in prompt
+
+
 def test_balanced_order_gives_every_group_one_prompt_per_batch() -> None:
     data = build_task(_cities(), TaskSpec("crime", blocks_per_city=2))
     train = data.split("train")
@@ -128,6 +163,39 @@ def test_device_names() -> None:
             resolve_device("cuda")
 
 
+def test_only_the_distance_reward_pays_an_uninformed_constant_answer() -> None:
+    """Under ``distance`` a policy that ignores the region does best answering the middle level (GRPO's
+    collapse); under ``exact`` and ``debiased`` every constant answer earns the same on average, and the true
+    level still earns the most for each region."""
+    from urbanprofile.rl.prompts import AccuracyReward
+
+    train_levels = np.repeat(np.arange(5), 4).astype(float)  # equal-share levels of one city
+
+    def mean_of_constant(kind: str, answer: int) -> float:
+        reward = AccuracyReward(kind, "level", 5, {"c": train_levels})
+        return float(np.mean([reward(parse_answer(f"<answer>{answer}</answer>"), t, "c") for t in train_levels]))
+
+    distance = [mean_of_constant("distance", a) for a in range(5)]
+    assert int(np.argmax(distance)) == 2 and distance[2] > distance[0] + 0.1
+    for kind in ("exact", "debiased"):
+        means = [mean_of_constant(kind, a) for a in range(5)]
+        assert np.ptp(means) == pytest.approx(0.0, abs=1e-12), (kind, means)
+        reward = AccuracyReward(kind, "level", 5, {"c": train_levels})
+        for truth in range(5):
+            scores = [reward(parse_answer(f"<answer>{a}</answer>"), truth, "c") for a in range(5)]
+            assert int(np.argmax(scores)) == truth
+            assert reward(parse_answer("no idea"), truth, "c") <= min(scores)  # (the format reward adds 0 too)
+    debiased = AccuracyReward("debiased", "level", 5, {"c": train_levels})
+    assert debiased(parse_answer("no idea"), 0, "c") < debiased(parse_answer("<answer>4</answer>"), 0, "c")
+    assert debiased(parse_answer("<answer>1</answer>"), 0, "c") > debiased(parse_answer("<answer>3</answer>"), 0, "c")
+    with pytest.raises(UrbanProfileError, match="reward must be one of"):
+        AccuracyReward("median", "level", 5, {"c": train_levels})
+    with pytest.raises(UrbanProfileError, match="exact reward needs answer=level"):
+        AccuracyReward("exact", "number", 5)
+    with pytest.raises(UrbanProfileError, match="training targets"):
+        AccuracyReward("debiased", "level", 5)
+
+
 def test_level_question_names_every_level_not_one_example() -> None:
     """An example digit in the question anchors a small model on it (SmolLM2 put 84% of its mass on it)."""
     from urbanprofile.rl.prompts import question
@@ -170,7 +238,8 @@ def test_grpo_moves_the_policy_toward_higher_reward(tmp_path: Path) -> None:
 
     data = _toy_data()
     config = R1Config(datasets=["toy"], task="toy", model="tiny-random", steps=10, generations=8, max_new_tokens=4,
-                      learning_rate=3e-2, lora_rank=0, beta=0.0, save_every=10, sft=False, random_state=0)
+                      learning_rate=3e-2, lora_rank=0, beta=0.0, save_every=10, sft=False, random_state=0,
+                      reward="distance")  # one right answer for every region: debiasing would leave no signal
     before_model, tokenizer = load_policy("tiny-random", 0)
     before = _mean_sampled_reward(before_model, tokenizer, data)
     train_grpo(config, tmp_path / "run", data=data)

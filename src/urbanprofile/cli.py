@@ -422,6 +422,8 @@ def r1_train(
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="Whose folds hold regions out.")] = "spatial",
     fold: Annotated[int, typer.Option("--fold", help="Held-out outer fold of each city.")] = 0,
     blocks_per_city: Annotated[int, typer.Option("--blocks-per-city", help="Geographic groups per city.")] = 2,
+    holdout_city: Annotated[str | None, typer.Option("--holdout-city", help="Hold this dataset out whole (train on "
+                                                 "the others; --protocol and --fold then play no part).")] = None,
     learning_rate: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 5e-4,
     beta: Annotated[float, typer.Option("--beta", help="KL penalty to the base model.")] = 0.04,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = 16,
@@ -432,6 +434,11 @@ def r1_train(
     lora_layers: Annotated[int, typer.Option("--lora-layers", help="LoRA on the last N layers (0: all).")] = 4,
     sft_learning_rate: Annotated[float, typer.Option("--sft-lr", help="Learning rate of the SFT baseline.")] = 5e-4,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
+    reward: Annotated[str, typer.Option("--reward", help="Accuracy reward: debiased (distance minus its mean over "
+                                        "the city's training targets), distance or exact.")] = "debiased",
+    scale_rewards: Annotated[bool, typer.Option(
+        "--scale-rewards/--no-scale-rewards",
+        help="Divide advantages by the group's reward spread (GRPO as published; default off: Dr. GRPO).")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when visible), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
@@ -444,10 +451,11 @@ def r1_train(
 
     config = R1Config(
         datasets=_split(datasets) or [], task=task, model=model, answer=answer, n_levels=n_levels, protocol=protocol,
-        fold=fold, blocks_per_city=blocks_per_city, steps=steps, generations=generations,
+        fold=fold, blocks_per_city=blocks_per_city, holdout_city=holdout_city, steps=steps, generations=generations,
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, beta=beta, lora_rank=lora_rank,
         balanced=balanced, save_every=save_every, sft=sft, engine=engine, lora_layers=lora_layers, random_state=seed,
-        sft_learning_rate=sft_learning_rate, temperature=temperature,
+        sft_learning_rate=sft_learning_rate, temperature=temperature, reward=reward,
+        scale_rewards=scale_rewards,
         data_dir=str(data_dir) if data_dir else None, device=device,
     )
     from urbanprofile.rl.policy import resolve_device
@@ -497,6 +505,9 @@ def r1_evaluate(
     table = Table("method", "Spearman", "level MAE", "level R²", "parse failures", "worst group MAE",
                   "worst-group gap", "disparity", title=f"held-out regions ({payload['n_test']})")
     for name, m in payload["methods"].items():
+        if "skipped" in m:
+            err.print(f"{name}: skipped, {m['skipped']}")
+            continue
         table.add_row(name, _fmt(m["spearman"]), _fmt(m["level_mae"]), _fmt(m["level_r2"]),
                       f"{m['parse_failure_rate']:.0%}", _fmt(m["worst_group_mae"]), _fmt(m["worst_group_gap"]),
                       _fmt(m["disparity"]))

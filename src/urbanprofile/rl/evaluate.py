@@ -69,6 +69,7 @@ def score(frame: pd.DataFrame, answer: str) -> dict[str, Any]:
         out.update({f"log_{k}": v for k, v in regression_metrics(
             np.log1p(frame["label"].to_numpy(float)), np.log1p(np.clip(frame["pred"].to_numpy(float), 0, None))
         ).items()})
+    out["answer_counts"] = {str(k): int(v) for k, v in frame["pred_level"].value_counts().sort_index().items()}
     frame = frame.assign(abs_error=np.abs(p_level - y_level))
     out.update(group_bias(frame))
     return out
@@ -131,10 +132,18 @@ def llm_predictions(
 
 def baseline_predictions(method: str, data: R1Data, config: R1Config, cities: list[Any]) -> pd.DataFrame:
     """Tuned Ridge on the raw views (``raw-all``; alpha and transforms by inner CV on the training regions)
-    or k-nearest-neighbour regression on centroids (``knn-location``), fit per city on its training regions."""
+    or k-nearest-neighbour regression on centroids (``knn-location``), fit per city on its training regions.
+
+    With a held-out city the Ridge is fit across cities instead (:func:`cross_city_ridge`) and
+    ``knn-location`` does not apply (:data:`NOT_ACROSS_CITIES`).
+    """
     from urbanprofile.heads.probes import make_probe
     from urbanprofile.methods import get_method
 
+    if config.holdout_city is not None:
+        if method != "ridge":
+            raise UrbanProfileError(f"{method}: {NOT_ACROSS_CITIES}")
+        return cross_city_ridge(data, config, cities)
     frame = _test_frame(data)
     all_rows = data.frame()
     preds = pd.Series(np.nan, index=frame.index)
@@ -152,6 +161,52 @@ def baseline_predictions(method: str, data: R1Data, config: R1Config, cities: li
     levels = [int(to_level(np.array([v]), np.asarray(data.edges[c]))[0])
               for v, c in zip(preds, frame["city"], strict=True)]
     return frame.assign(completion="", pred=preds.to_numpy(), pred_level=levels, parsed=True)
+
+
+NOT_ACROSS_CITIES = "does not apply to a held-out city (one city's coordinates say nothing about another's)"
+
+
+def shared_features(city: Any) -> pd.DataFrame:
+    """The raw facts a prompt states, per region: POI counts by category, land-use counts by class, taxi
+    trips out and in (columns named by category, so cities with the same categories line up)."""
+    from urbanprofile.data.city import view_csr
+
+    parts = []
+    if "poi_counts" in city.views:
+        parts.append(city.views["poi_counts"].astype(float).add_prefix("poi:"))
+    if "landuse_counts" in city.views:
+        parts.append(city.views["landuse_counts"].astype(float).add_prefix("landuse:"))
+    if "od_flows" in city.views:
+        od = city.views["od_flows"]
+        values = view_csr(od)
+        parts.append(pd.DataFrame({"trips:out": np.asarray(values.sum(axis=1)).ravel(),
+                                   "trips:in": np.asarray(values.sum(axis=0)).ravel()}, index=od.index))
+    if not parts:
+        raise UrbanProfileError(f"{city.name}: no POI, land-use or taxi view for the cross-city Ridge")
+    return pd.concat(parts, axis=1)
+
+
+def cross_city_ridge(data: R1Data, config: R1Config, cities: list[Any]) -> pd.DataFrame:
+    """The Ridge baseline for a held-out city: the prompt's raw facts as percentiles within each city (the
+    columns every city shares), fit on the training cities' regions to their levels (tuned by inner CV),
+    rounded to the held-out city's level scale."""
+    from urbanprofile.heads.probes import make_probe
+
+    frame = _test_frame(data)
+    tables = {city.name: shared_features(city) for city in cities}
+    columns = sorted(set.intersection(*(set(t.columns) for t in tables.values())))
+    if not columns:
+        raise UrbanProfileError("the cities share no POI category, land-use class or taxi total to fit a Ridge on")
+    ranks = {name: t[columns].rank(pct=True) for name, t in tables.items()}
+    train = data.frame("train")
+
+    def rows(part: pd.DataFrame) -> np.ndarray:
+        return np.vstack([ranks[c].loc[[r]].to_numpy(float) for c, r in zip(part["city"], part["region_id"],
+                                                                              strict=True)])
+
+    probe = make_probe("ridge", "nested", config.random_state).fit(rows(train), train["level"].to_numpy(float))
+    levels = np.clip(np.rint(probe.predict(rows(frame))), 0, config.n_levels - 1).astype(int)
+    return frame.assign(completion="", pred=levels.astype(float), pred_level=levels, parsed=True)
 
 
 def evaluate_run(
@@ -187,6 +242,9 @@ def evaluate_run(
             if not adapter.is_dir():
                 raise UrbanProfileError(f"{run_dir}: no trained {m} model ({adapter} is missing); run `r1 train` first")
             frame, seconds = llm_predictions(config.model, adapter, data, config, batch_size)
+        elif config.holdout_city is not None and m == "knn-location":
+            results[m] = {"skipped": NOT_ACROSS_CITIES}
+            continue
         else:
             frame = baseline_predictions(m, data, config, cities)
         results[m] = {**score(frame, config.answer), "answer_seconds": seconds}

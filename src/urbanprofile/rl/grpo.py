@@ -84,10 +84,16 @@ def completion_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
 
 def grpo_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, rewards: torch.Tensor,
-    mask: torch.Tensor, beta: float, epsilon: float,
+    mask: torch.Tensor, beta: float, epsilon: float, scale_rewards: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO loss of one prompt's G completions (see the module docstring)."""
-    advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-4)
+    """GRPO loss of one prompt's G completions (see the module docstring).
+
+    ``scale_rewards=False`` leaves the advantages unscaled (r - mean, as Dr. GRPO does): dividing by the
+    group's reward spread weighs prompts whose answers all score alike (the middle levels) above the rest.
+    """
+    advantages = rewards - rewards.mean()
+    if scale_rewards:
+        advantages = advantages / (rewards.std(unbiased=False) + 1e-4)
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
     per_token = -torch.min(ratio * advantages[:, None], clipped * advantages[:, None])
@@ -116,6 +122,7 @@ def grpo_step(
     generator: torch.Generator | None = None,
     max_grad_norm: float = 1.0,
     ref_model: Any = None,
+    scale_rewards: bool = True,
 ) -> dict[str, float]:
     """One optimizer step over some prompts (one per group), G completions each.
 
@@ -141,7 +148,8 @@ def grpo_step(
                 ref_logp = completion_logprobs(reference, rollout)
         model.train()
         logp = completion_logprobs(model, rollout)
-        loss, extra = grpo_loss(logp, logp.detach(), ref_logp, rewards, rollout.mask, beta, epsilon)
+        loss, extra = grpo_loss(logp, logp.detach(), ref_logp, rewards, rollout.mask, beta, epsilon,
+                                 scale_rewards)
         (loss / len(prompts)).backward()
         stats["loss"] += float(loss.detach()) / len(prompts)
         stats["kl"] += extra["kl"] / len(prompts)

@@ -29,6 +29,7 @@ TASK_WORDS = {
     "gdp": "GDP",
 }
 ANSWER_KINDS = ("level", "number")
+REWARD_KINDS = ("distance", "exact", "debiased")
 _TAGGED = re.compile(r"<answer>\s*([-+]?\d+(?:\.\d+)?)\s*</answer>", re.IGNORECASE)
 _ID_NAME = re.compile(r"^[A-Za-z]+_\d+$")
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
@@ -90,6 +91,73 @@ def accuracy_reward(parsed: Parsed, target: float, answer: str, n_levels: int, t
         return float(max(0.0, 1.0 - abs(parsed.value - target) / max(n_levels - 1, 1)))
     err = abs(math.log1p(parsed.value) - math.log1p(max(target, 0.0)))
     return float(max(0.0, 1.0 - err / tau))
+
+
+def exact_reward(parsed: Parsed, target: float) -> float:
+    """1 when the parsed level is the true level, else 0 (levels only)."""
+    return float(parsed.value is not None and parsed.value == target)
+
+
+class AccuracyReward:
+    """The accuracy reward of a run: ``distance``, ``exact`` or ``debiased``.
+
+    ``distance`` is :func:`accuracy_reward`. Under it, a policy that ignores the region does best by always
+    answering the middle level (the median minimises the expected distance), which is where GRPO collapses.
+    ``exact`` (levels only) pays 1 for the true level: with equal-share levels every constant answer earns
+    the same 1 / n_levels on average, so only reading the region pays; its signal is sparse. ``debiased``
+    keeps the distance shaping but subtracts, for each answer, its mean distance reward over the training
+    targets of the region's city: an answer that ignores the region earns 0 on average whatever it is, a
+    region-aware one earns more. An unparsed answer earns the lowest value of the kind (0, or -1 when
+    debiased).
+
+    Args:
+        kind: One of :data:`REWARD_KINDS`.
+        answer: ``level`` or ``number``.
+        n_levels: Levels of the scale.
+        reference: Training targets per city (needed by ``debiased``).
+        tau: Log-error scale of the number reward.
+    """
+
+    def __init__(
+        self, kind: str, answer: str, n_levels: int, reference: dict[str, np.ndarray] | None = None, tau: float = 2.0
+    ) -> None:
+        check_reward_kind(kind, answer)
+        if kind == "debiased" and not reference:
+            raise UrbanProfileError("the debiased reward needs the training targets of every city")
+        self.kind = kind
+        self.answer = answer
+        self.n_levels = n_levels
+        self.tau = tau
+        self.reference = {city: np.asarray(v, dtype=float) for city, v in (reference or {}).items()}
+        self._offsets: dict[tuple[str, float], float] = {}
+
+    def offset(self, value: float, city: str) -> float:
+        """Mean distance reward of answering ``value`` for every training region of ``city``."""
+        key = (city, value)
+        if key not in self._offsets:
+            if city not in self.reference or not len(self.reference[city]):
+                raise DataError(f"{city}: no training targets to centre the debiased reward on")
+            answered = Parsed(value, True)
+            self._offsets[key] = float(np.mean(
+                [accuracy_reward(answered, t, self.answer, self.n_levels, self.tau) for t in self.reference[city]]
+            ))
+        return self._offsets[key]
+
+    def __call__(self, parsed: Parsed, target: float, city: str) -> float:
+        if self.kind == "exact":
+            return exact_reward(parsed, target)
+        if self.kind == "distance":
+            return accuracy_reward(parsed, target, self.answer, self.n_levels, self.tau)
+        if parsed.value is None:
+            return -1.0
+        return accuracy_reward(parsed, target, self.answer, self.n_levels, self.tau) - self.offset(parsed.value, city)
+
+
+def check_reward_kind(kind: str, answer: str) -> None:
+    if kind not in REWARD_KINDS:
+        raise UrbanProfileError(f"reward must be one of {', '.join(REWARD_KINDS)}, got {kind!r}")
+    if kind == "exact" and answer != "level":
+        raise UrbanProfileError("the exact reward needs answer=level (a number is never exactly right)")
 
 
 def level_edges(values: np.ndarray, n_levels: int) -> np.ndarray:

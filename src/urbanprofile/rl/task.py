@@ -39,6 +39,10 @@ class TaskSpec:
         protocol: Whose outer folds define the held-out regions (``spatial``, ``nested`` or ``paper``).
         fold: Which outer fold of each city is held out.
         blocks_per_city: Geographic groups per city (k-means blocks of centroids; 1 = the city itself).
+        holdout_city: A dataset held out whole (the out-of-region setting): every region of it is a test
+            region and every region of the other cities a training region (``protocol`` and ``fold`` then
+            play no part). Its answer scale is the quantile levels of its own labels, which only define
+            the scale the question names; no model sees them.
     """
 
     task: str
@@ -47,6 +51,7 @@ class TaskSpec:
     protocol: str = "spatial"
     fold: int = 0
     blocks_per_city: int = 2
+    holdout_city: str | None = None
 
     def check(self) -> None:
         check_answer_kind(self.answer, self.n_levels)
@@ -108,17 +113,31 @@ def build_task(
     names = [c.name for c in cities]
     if len(set(names)) != len(names):
         raise UrbanProfileError(f"a city is given twice: {names}")
+    if spec.holdout_city is not None:
+        if spec.holdout_city not in names:
+            raise UrbanProfileError(
+                f"held-out city {spec.holdout_city!r} is not among the datasets ({', '.join(names)})"
+            )
+        if len(names) < 2:
+            raise UrbanProfileError("a held-out city needs at least one other city to train on")
     examples: list[R1Example] = []
     edges: dict[str, list[float]] = {}
+    held_out_groups: set[str] = set()  # the held-out city's groups have no training region by design
     for city in cities:
         td = task_data(city, spec.task)
-        splits = outer_splits(city, td, spec.protocol)
-        if spec.fold >= len(splits):
-            raise DataError(f"{city.name}: fold {spec.fold} does not exist ({len(splits)} folds under {spec.protocol})")
-        train_idx, test_idx = splits[spec.fold]
         is_test = np.zeros(len(td.y), dtype=bool)
-        is_test[test_idx] = True
-        city_edges = level_edges(td.y[train_idx], spec.n_levels)
+        if spec.holdout_city is not None:
+            is_test[:] = city.name == spec.holdout_city
+            train_idx = np.arange(len(td.y)) if city.name != spec.holdout_city else np.arange(0)
+        else:
+            splits = outer_splits(city, td, spec.protocol)
+            if spec.fold >= len(splits):
+                raise DataError(
+                    f"{city.name}: fold {spec.fold} does not exist ({len(splits)} folds under {spec.protocol})"
+                )
+            train_idx, test_idx = splits[spec.fold]
+            is_test[test_idx] = True
+        city_edges = level_edges(td.y[train_idx] if len(train_idx) else td.y, spec.n_levels)
         edges[city.name] = [float(v) for v in city_edges]
         levels = to_level(td.y, city_edges)
         if spec.blocks_per_city > 1 and city.has_locations:
@@ -126,10 +145,15 @@ def build_task(
         else:
             block = pd.Series(0, index=city.region_ids)
         label = city_label(city)
-        describer = RegionDescriber(city, city_label=label, captions=(captions or {}).get(city.name))
+        city_captions = (captions or {}).get(city.name)
+        if city_captions is None and "tile_caption" in city.modalities:
+            city_captions = tile_captions(city)
+        describer = RegionDescriber(city, city_label=label, captions=city_captions)
         ask = question(spec.task, label, spec.answer, spec.n_levels)
         for i, region in enumerate(td.region_ids):
             group = f"{label}/block {int(block.loc[region])}" if spec.blocks_per_city > 1 else label
+            if city.name == spec.holdout_city:
+                held_out_groups.add(group)
             examples.append(
                 R1Example(
                     city=city.name,
@@ -145,11 +169,19 @@ def build_task(
     data = R1Data(spec=spec, examples=examples, edges=edges)
     train_groups = {e.group for e in data.split("train")}
     for group in data.groups:
-        if group not in train_groups:
+        if group not in train_groups and group not in held_out_groups:
             raise DataError(
                 f"group {group!r} has no training region (all held out); use fewer blocks per city or another fold"
             )
     return data
+
+
+def tile_captions(city: CityData, sentences: int = 3) -> pd.Series:
+    """A region's caption for its prompt: the first few sentences of its tile caption, joined."""
+    table = city.modalities["tile_caption"]
+    return table.groupby("region_id", sort=False)["text"].agg(
+        lambda texts: " ".join(str(t).strip().rstrip(".") + "." for t in list(texts)[:sentences] if str(t).strip())
+    )
 
 
 def balanced_order(

@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 
 from urbanprofile.errors import UrbanProfileError, require
-from urbanprofile.rl.prompts import accuracy_reward, format_reward, parse_answer
+from urbanprofile.rl.prompts import AccuracyReward, check_reward_kind, format_reward, parse_answer
 from urbanprofile.rl.task import R1Data, R1Example, TaskSpec, balanced_order, build_task
 
 CONFIG_FILE = "config.json"
@@ -36,7 +36,7 @@ class R1Config:
         datasets: Dataset names or folders (one city each); groups are blocks inside each city.
         task: Indicator asked about.
         model: ``smollm2``, ``tiny-random`` or a local causal-LM folder.
-        answer, n_levels, protocol, fold, blocks_per_city: See :class:`TaskSpec`.
+        answer, n_levels, protocol, fold, blocks_per_city, holdout_city: See :class:`TaskSpec`.
         steps: GRPO optimizer steps; every step has one prompt per group, each sampled ``generations`` times.
         generations: Completions per prompt (G).
         max_new_tokens: Completion length limit.
@@ -51,6 +51,14 @@ class R1Config:
             per step) or ``trl`` (trl's ``GRPOTrainer``, which runs each prompt once per completion; for GPUs).
         answer_prefix: Start the assistant's turn with ``<answer>`` (a structured answer template), so the
             model writes the value and the closing tag; the reward still checks both.
+        reward: Accuracy reward: ``distance``, ``exact`` or ``debiased`` (see
+            :class:`~urbanprofile.rl.prompts.AccuracyReward`; ``distance`` lets GRPO collapse to the middle
+            level). Runs written before this field existed used ``distance``.
+        scale_rewards: Divide a prompt's advantages by the spread of its G rewards (GRPO as published; trl's
+            ``scale_rewards="group"``). Off by default (Dr. GRPO: advantages ``r - mean``): the division
+            weighs prompts whose answers all score alike above the rest, and with a level scale those are
+            the middle levels, which pulled the policy there even under the debiased reward. Runs written
+            before this field existed scaled.
         balanced: One prompt per group in every batch (False: prompts drawn uniformly from all training
             regions, same batch size; the ablation).
         save_every: Checkpoint every this many steps.
@@ -70,6 +78,7 @@ class R1Config:
     protocol: str = "spatial"
     fold: int = 0
     blocks_per_city: int = 2
+    holdout_city: str | None = None
     steps: int = 60
     generations: int = 4
     max_new_tokens: int = 4
@@ -81,6 +90,8 @@ class R1Config:
     lora_layers: int = 4
     engine: str = "prefix"
     answer_prefix: bool = True
+    reward: str = "debiased"
+    scale_rewards: bool = False
     balanced: bool = True
     save_every: int = 10
     sft: bool = True
@@ -98,7 +109,8 @@ class R1Config:
         return self.prefix + completion
 
     def spec(self) -> TaskSpec:
-        return TaskSpec(self.task, self.answer, self.n_levels, self.protocol, self.fold, self.blocks_per_city)
+        return TaskSpec(self.task, self.answer, self.n_levels, self.protocol, self.fold, self.blocks_per_city,
+                        self.holdout_city)
 
     def check(self) -> None:
         self.spec().check()
@@ -109,6 +121,7 @@ class R1Config:
             raise UrbanProfileError("generations must be >= 2 (GRPO compares completions of one prompt)")
         if self.lora_rank < 0 or self.lora_layers < 0:
             raise UrbanProfileError("lora_rank and lora_layers must be >= 0")
+        check_reward_kind(self.reward, self.answer)
         if self.engine not in ENGINES:
             raise UrbanProfileError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
@@ -117,6 +130,7 @@ class R1Config:
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> R1Config:
+        payload = {"reward": "distance", "scale_rewards": True, **payload}  # runs written before these fields
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(payload) - known)
         if unknown:
@@ -163,6 +177,15 @@ def _write_config(run_dir: Path, config: R1Config, resume: bool) -> None:
     path.write_text(json.dumps(config.to_json(), indent=2))
 
 
+def make_reward(config: R1Config, data: R1Data) -> AccuracyReward:
+    """The run's accuracy reward, centred (``debiased``) on the training targets of each city."""
+    reference: dict[str, list[float]] = {}
+    for example in data.split("train"):
+        reference.setdefault(example.city, []).append(example.target)
+    return AccuracyReward(config.reward, config.answer, config.n_levels,
+                          {city: np.asarray(v) for city, v in reference.items()})
+
+
 def training_order(data: R1Data, config: R1Config) -> list[R1Example]:
     """The prompts of every step, step after step (balanced: one per group per step)."""
     train = data.split("train")
@@ -178,10 +201,11 @@ def training_order(data: R1Data, config: R1Config) -> list[R1Example]:
 class RewardLog:
     """The two reward functions trl calls, recording each completion's reward by step and group."""
 
-    def __init__(self, path: Path, answer: str, n_levels: int, prefix: str = "") -> None:
+    def __init__(self, path: Path, reward: AccuracyReward, prefix: str = "") -> None:
         self.path = path
-        self.answer = answer
-        self.n_levels = n_levels
+        self.reward = reward
+        self.answer = reward.answer
+        self.n_levels = reward.n_levels
         self.prefix = prefix
 
     def _parse(self, completions: list[Any]) -> list[Any]:
@@ -192,16 +216,16 @@ class RewardLog:
             return [format_reward(p) for p in self._parse(completions)]
 
         def accuracy_reward_fn(
-            completions: list[Any], target: list[float], group: list[str], **kwargs: Any
+            completions: list[Any], target: list[float], group: list[str], city: list[str], **kwargs: Any
         ) -> list[float]:
             parsed = self._parse(completions)
-            acc = [accuracy_reward(p, t, self.answer, self.n_levels) for p, t in zip(parsed, target, strict=True)]
+            acc = [self.reward(p, t, c) for p, t, c in zip(parsed, target, city, strict=True)]
             state = kwargs.get("trainer_state")
             step = int(state.global_step) + 1 if state is not None else -1
             with self.path.open("a") as handle:
                 for p, a, g in zip(parsed, acc, group, strict=True):
                     row = {"step": step, "group": g, "format": format_reward(p), "accuracy": a,
-                           "parsed": p.value is not None}
+                           "parsed": p.value is not None, "value": p.value}
                     handle.write(json.dumps(row) + "\n")
             return acc
 
@@ -305,7 +329,8 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
     steps = training_order(data, config)
     n_groups = len(data.groups)
     dataset = Dataset.from_list(
-        [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group}
+        [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group,
+          "city": e.city}
          for e in steps]
     )
     args = GRPOConfig(
@@ -322,7 +347,7 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
         epsilon=config.epsilon,
         temperature=config.temperature,
         loss_type="grpo",
-        scale_rewards="group",
+        scale_rewards="group" if config.scale_rewards else "none",
         logging_steps=1,
         save_strategy="steps",
         save_steps=config.save_every,
@@ -339,7 +364,7 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
         log_completions=False,
         gradient_checkpointing=False,  # short sequences: memory is not the limit, compute is
     )
-    reward_log = RewardLog(reward_path, config.answer, config.n_levels, config.prefix)
+    reward_log = RewardLog(reward_path, make_reward(config, data), config.prefix)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=cast(Any, reward_log.functions()),
@@ -397,6 +422,7 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
         history = json.loads((last / "history.json").read_text())
         start_step = int(last.name.rpartition("-")[2])
     order = training_order(data, config)
+    accuracy = make_reward(config, data)
     n_groups = len(data.groups)
     prompts = [chat_prompt(tokenizer, e.prompt, config.prefix) for e in order]
     checkpoints = run_dir / "checkpoints"
@@ -408,11 +434,11 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
             example = batch[i]
             parsed = [parse_answer(config.full_completion(t), config.answer, config.n_levels) for t in texts]
             fmt = [format_reward(p) for p in parsed]
-            acc = [accuracy_reward(p, example.target, config.answer, config.n_levels) for p in parsed]
+            acc = [accuracy(p, example.target, example.city) for p in parsed]
             with reward_path.open("a") as handle:
                 for p, f, a in zip(parsed, fmt, acc, strict=True):
                     handle.write(json.dumps({"step": step + 1, "group": example.group, "format": f, "accuracy": a,
-                                             "parsed": p.value is not None}) + "\n")
+                                             "parsed": p.value is not None, "value": p.value}) + "\n")
             return [f + a for f, a in zip(fmt, acc, strict=True)]
 
         generator = torch.Generator().manual_seed(config.random_state * 100_003 + step)
@@ -421,7 +447,7 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
         stats = grpo_step(
             model, tokenizer, prompts[step * n_groups : (step + 1) * n_groups], rewards, optimizer,
             config.generations, config.max_new_tokens, config.temperature, config.beta, config.epsilon,
-            generator=generator, ref_model=ref_model,
+            generator=generator, ref_model=ref_model, scale_rewards=config.scale_rewards,
         )
         if not math.isfinite(stats["loss"]):
             from urbanprofile.errors import TrainingError
@@ -465,7 +491,19 @@ def reward_summary(path: Path, last: int = 10) -> dict[str, Any]:
         "parsed_first_steps": float(first["parsed"].mean()),
         "parsed_last_steps": float(final["parsed"].mean()),
         "group_reward_last_steps": {str(k): float(v) for k, v in final.groupby("group")["reward"].mean().items()},
+        **_answer_shares(first, final),
     }
+
+
+def _answer_shares(first: Any, final: Any) -> dict[str, Any]:
+    """How often each answer was sampled early and late (a policy collapsing onto one answer shows here)."""
+    if "value" not in final:
+        return {}
+    shares = {}
+    for name, rows in (("answers_first_steps", first), ("answers_last_steps", final)):
+        counts = rows["value"].dropna().value_counts(normalize=True).sort_index()
+        shares[name] = {f"{k:g}": round(float(v), 3) for k, v in counts.items()}
+    return shares
 
 
 def plot_reward_curves(run_dir: Path, window: int = 5) -> Path | None:

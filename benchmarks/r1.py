@@ -124,17 +124,18 @@ def markdown(record: dict[str, Any]) -> str:
         f"Held-out regions: {record['n_test']} ({held_out}), "
         f"task {record['config']['task']}, levels 0-{record['config']['n_levels'] - 1}.",
         "",
-        "| method | Spearman | level MAE | level R² | parse failures | worst group | worst-group MAE | "
-        "worst-group gap | disparity | answers " + "/".join(map(str, range(n_levels))) + " |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | Spearman | Spearman (mean level) | level MAE | level R² | parse failures | worst group | "
+        "worst-group MAE | worst-group gap | disparity | answers " + "/".join(map(str, range(n_levels))) + " |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in record["metrics"].items():
         if "skipped" in m:
-            lines.append(f"| {name} | skipped: {m['skipped']} |" + " |" * 8)
+            lines.append(f"| {name} | skipped: {m['skipped']} |" + " |" * 9)
             continue
         counts = m.get("answer_counts", {})
         lines.append(
-            f"| {name} | {_f(m['spearman'])} | {_f(m['level_mae'])} | {_f(m['level_r2'])} | "
+            f"| {name} | {_f(m['spearman'])} | {_f(m.get('spearman_expected_level'))} | {_f(m['level_mae'])} | "
+            f"{_f(m['level_r2'])} | "
             f"{m['parse_failure_rate']:.0%} | {m['worst_group']} | {_f(m['worst_group_mae'])} | "
             f"{_f(m['worst_group_gap'])} | {_f(m['disparity'])} | "
             + "/".join(str(counts.get(str(k), 0)) for k in range(n_levels)) + " |"

@@ -290,6 +290,7 @@ def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], t
     import subprocess
     import sys
 
+    import pandas as pd
     from test_bad_input import assert_user_error
 
     def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -312,6 +313,10 @@ def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], t
         assert 0.0 <= m["parse_failure_rate"] <= 1.0
         assert m["worst_group_mae"] >= m["level_mae"] - 1e-9
     assert metrics["ridge"]["parse_failure_rate"] == 0.0
+    assert "spearman_expected_level" in metrics["grpo"] and "spearman_expected_level" not in metrics["ridge"]
+    predictions = pd.read_csv(run / "predictions.csv")
+    mean_level = predictions.loc[predictions.method == "zero-shot", "expected_level"]
+    assert mean_level.between(0, 4).all()  # a mean over the level digits' probabilities
 
     assert_user_error(run_cli(*[a if a != "crime" else "nosuch" for a in args[:-1]], str(tmp_path / "r2"),
                               data_dir=data_dir), "nosuch")

@@ -502,15 +502,15 @@ def r1_evaluate(
     if as_json:
         out.print_json(json.dumps(payload, default=float))
         return
-    table = Table("method", "Spearman", "level MAE", "level R²", "parse failures", "worst group MAE",
-                  "worst-group gap", "disparity", title=f"held-out regions ({payload['n_test']})")
+    table = Table("method", "Spearman", "Spearman (mean level)", "level MAE", "level R²", "parse failures",
+                  "worst group MAE", "worst-group gap", "disparity", title=f"held-out regions ({payload['n_test']})")
     for name, m in payload["methods"].items():
         if "skipped" in m:
             err.print(f"{name}: skipped, {m['skipped']}")
             continue
-        table.add_row(name, _fmt(m["spearman"]), _fmt(m["level_mae"]), _fmt(m["level_r2"]),
-                      f"{m['parse_failure_rate']:.0%}", _fmt(m["worst_group_mae"]), _fmt(m["worst_group_gap"]),
-                      _fmt(m["disparity"]))
+        table.add_row(name, _fmt(m["spearman"]), _fmt(m.get("spearman_expected_level")), _fmt(m["level_mae"]),
+                      _fmt(m["level_r2"]), f"{m['parse_failure_rate']:.0%}", _fmt(m["worst_group_mae"]),
+                      _fmt(m["worst_group_gap"]), _fmt(m["disparity"]))
     out.print(table)
     err.print(f"wrote {run_dir / 'metrics.json'}")
 

@@ -61,6 +61,8 @@ def score(frame: pd.DataFrame, answer: str) -> dict[str, Any]:
     level_metrics = regression_metrics(y_level, p_level)
     out.update({f"level_{k}": v for k, v in level_metrics.items()})
     out["spearman"] = _spearman(p_level, y_level)
+    if "expected_level" in frame and frame["expected_level"].notna().all():
+        out["spearman_expected_level"] = _spearman(frame["expected_level"].to_numpy(float), y_level)
     out["spearman_by_city"] = {
         str(city): _spearman(rows["pred_level"].to_numpy(float), rows["label"].to_numpy(float))
         for city, rows in frame.groupby("city")
@@ -94,7 +96,7 @@ def llm_predictions(
     """Greedy held-out answers of the base model (``adapter=None``) or a trained adapter / model folder."""
     from tqdm import tqdm
 
-    from urbanprofile.rl.policy import chat_prompt, generate_answers, load_policy
+    from urbanprofile.rl.policy import chat_prompt, expected_levels, generate_answers, load_policy
 
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         model, tokenizer = load_policy(str(adapter), config.random_state, config.device)  # fully fine-tuned
@@ -111,6 +113,10 @@ def llm_predictions(
               unit="region") as bar:
         completions = generate_answers(model, tokenizer, prompts, config.max_new_tokens, batch_size, bar.update)
     seconds = time.perf_counter() - start
+    mean_level = (
+        expected_levels(model, tokenizer, prompts, config.n_levels, batch_size)
+        if config.answer == "level" and config.answer_prefix else [float("nan")] * len(prompts)
+    )
     middle = (config.n_levels - 1) // 2
     train = data.frame("train")
     median_label = {city: float(rows["label"].median()) for city, rows in train.groupby("city")}
@@ -127,7 +133,9 @@ def llm_predictions(
             value = p.value if p.value is not None else median_label[row["city"]]
             pred.append(float(value))
             pred_level.append(int(to_level(np.array([value]), edges)[0]))
-    return frame.assign(completion=completions, pred=pred, pred_level=pred_level, parsed=parsed), seconds
+    frame = frame.assign(completion=completions, pred=pred, pred_level=pred_level, parsed=parsed,
+                         expected_level=mean_level)
+    return frame, seconds
 
 
 def baseline_predictions(method: str, data: R1Data, config: R1Config, cities: list[Any]) -> pd.DataFrame:

@@ -167,6 +167,35 @@ def generate_answers(
     return completions
 
 
+def expected_levels(
+    model: Any, tokenizer: Any, prompts: list[str], n_levels: int, batch_size: int = 8
+) -> list[float]:
+    """The policy's mean level: ``sum_k k * p(k)`` over the level digits at the answer's first token.
+
+    The prompts must end where the level digit comes (the ``<answer>`` prefix). Greedy answers show only
+    the policy's favourite level; this shows whether its preferences move with the region (for ranking).
+    """
+    import torch
+
+    digits = []
+    for k in range(n_levels):
+        ids = tokenizer(str(k), add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise UrbanProfileError(f"the tokenizer splits the level {k} into {len(ids)} tokens")
+        digits.append(ids[0])
+    values = torch.arange(n_levels, dtype=torch.float32)
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            logits = model(**enc).logits[:, -1, :].float().cpu()  # left padding: the last position is the prompt's
+            probs = torch.softmax(logits[:, digits], dim=-1)
+            out.extend((probs @ values).tolist())
+    return out
+
+
 def check_model_path(name_or_path: str) -> None:
     """Fail early with one line when a local model path does not exist."""
     if name_or_path in (TINY_RANDOM, "smollm2"):

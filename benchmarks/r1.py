@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--scale-rewards", action="store_true",
                         help="advantages / group reward std (GRPO as published)")
     parser.add_argument("--holdout-city", default=None, help="hold this dataset out whole (train on the other)")
+    parser.add_argument("--init", default="base", help="base, or sft (GRPO starts from the SFT model)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -69,7 +70,7 @@ def main() -> None:
                       learning_rate=args.lr, sft_learning_rate=args.sft_lr or args.lr, beta=args.beta,
                       temperature=args.temperature, device=args.device,
                       reward=args.reward, scale_rewards=args.scale_rewards,
-                      holdout_city=args.holdout_city)
+                      holdout_city=args.holdout_city, init=args.init)
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     record: dict[str, Any] = {"config": config.to_json(), "threads": args.threads, "cpus": os.cpu_count(),
@@ -81,8 +82,12 @@ def main() -> None:
         from urbanprofile.encoders.llm import resolve_causal_lm
 
         _phase("model_conversion_or_cache", lambda: resolve_causal_lm("smollm2"), record)
-    grpo = _phase("grpo", lambda: train_grpo(config, run_dir, resume=False, data=data), record)
-    sft = _phase("sft", lambda: train_sft(config, run_dir, data=data), record)
+    if config.init == "sft":  # GRPO starts from the SFT model, so SFT trains first
+        sft = _phase("sft", lambda: train_sft(config, run_dir, data=data), record)
+        grpo = _phase("grpo", lambda: train_grpo(config, run_dir, resume=False, data=data), record)
+    else:
+        grpo = _phase("grpo", lambda: train_grpo(config, run_dir, resume=False, data=data), record)
+        sft = _phase("sft", lambda: train_sft(config, run_dir, data=data), record)
     metrics = _phase("evaluate", lambda: evaluate_run(run_dir, cities=cities), record)
     record.update({"grpo_summary": grpo, "sft_summary": sft, "metrics": metrics["methods"],
                    "n_test": metrics["n_test"], "groups": metrics["groups"]})
@@ -107,6 +112,7 @@ def markdown(record: dict[str, Any]) -> str:
     reward = record["config"].get("reward", "distance")
     scaling = "scaled by the group reward std" if record["config"].get("scale_rewards", True) else "unscaled (r - mean)"
     holdout = record["config"].get("holdout_city")
+    start = "SFT model (also its KL reference)" if record["config"].get("init") == "sft" else "base model"
     held_out = f"all of {holdout}, trained on the other city" if holdout else "fold 0 of spatial in each city"
     lines = [
         f"Device: {record.get('device', 'cpu')} ({record['threads']} torch CPU threads). "
@@ -116,6 +122,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"{g['cpu_share']:.0%} of a core; load average {g['load_avg_1min'][0]:.1f} -> {g['load_avg_1min'][1]:.1f} "
         f"on {record['cpus']} cores), peak RSS {g['peak_rss_mb']:.0f} MB. SFT: {record['sft']['wall_s'] / 60:.1f} "
         f"min; evaluation of all methods: {record['evaluate']['wall_s'] / 60:.1f} min.",
+        f"GRPO starts from the {start}. "
         f"Accuracy reward: {reward}; advantages {scaling}. Mean reward (format + accuracy): first 10 steps "
         f"{_f(s.get('reward_first_steps'))}, last 10 steps {_f(s.get('reward_last_steps'))}. Sampled answers "
         f"(share), first 10 steps {s.get('answers_first_steps', '-')}, "

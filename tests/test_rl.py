@@ -274,6 +274,28 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path) 
         train_grpo(other, run, cities=cities)
 
 
+def test_grpo_can_start_from_the_sft_model_which_is_then_its_reference(tmp_path: Path) -> None:
+    from urbanprofile.rl.train import R1Config, train_grpo, train_sft
+
+    cities = _cities()
+    config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", steps=2, generations=2,
+                      max_new_tokens=3, save_every=2, lora_rank=4, lora_layers=1, init="sft", sft_learning_rate=5e-2)
+    run = tmp_path / "run"
+    with pytest.raises(UrbanProfileError, match="init=sft needs the SFT model"):
+        train_grpo(config, run, cities=cities)
+    train_sft(config, run, cities=cities)
+    train_grpo(config, run, cities=cities, resume=False)
+    from safetensors.torch import load_file
+
+    sft_weights = load_file(str(run / "sft" / "final" / "adapter_model.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in sft_weights.items() if "lora_B" in k)  # SFT moved the model
+    history = json.loads((run / "train_log.json").read_text())
+    # At step 1 the policy is the SFT model; a zero KL means the reference is that model, not the base.
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(UrbanProfileError, match="init must be one of"):
+        R1Config(datasets=["syn-a"], task="crime", init="warm").check()
+
+
 def test_trl_engine_runs_and_logs_every_completion(tmp_path: Path) -> None:
     from urbanprofile.rl.train import R1Config, train_grpo
 

@@ -436,6 +436,8 @@ def r1_train(
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
     reward: Annotated[str, typer.Option("--reward", help="Accuracy reward: debiased (distance minus its mean over "
                                         "the city's training targets), distance or exact.")] = "debiased",
+    init: Annotated[str, typer.Option("--init", help="Where GRPO starts: base, or sft (the run's SFT model, "
+                                      "trained first; also the KL reference).")] = "base",
     scale_rewards: Annotated[bool, typer.Option(
         "--scale-rewards/--no-scale-rewards",
         help="Divide advantages by the group's reward spread (GRPO as published; default off: Dr. GRPO).")] = False,
@@ -455,7 +457,7 @@ def r1_train(
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, beta=beta, lora_rank=lora_rank,
         balanced=balanced, save_every=save_every, sft=sft, engine=engine, lora_layers=lora_layers, random_state=seed,
         sft_learning_rate=sft_learning_rate, temperature=temperature, reward=reward,
-        scale_rewards=scale_rewards,
+        scale_rewards=scale_rewards, init=init,
         data_dir=str(data_dir) if data_dir else None, device=device,
     )
     from urbanprofile.rl.policy import resolve_device
@@ -469,11 +471,14 @@ def r1_train(
     data = prepare_task(config)
     err.print(f"{len(data.split('train'))} training and {len(data.split('test'))} held-out regions; "
               f"groups: {', '.join(data.groups)}")
+    if sft and init == "sft":  # GRPO starts from the SFT model
+        sft_summary = train_sft(config, out_dir, data=data)
+        err.print(f"SFT: {sft_summary['steps']} steps, {sft_summary['seconds']:.0f} s")
     summary = train_grpo(config, out_dir, resume=resume, data=data)
     err.print(f"GRPO: {summary['steps']} steps, {summary['seconds_per_step']:.1f} s/step; "
               f"reward {summary.get('reward_first_steps', float('nan')):.3f} (first 10 steps) -> "
               f"{summary.get('reward_last_steps', float('nan')):.3f} (last 10)")
-    if sft:
+    if sft and init != "sft":
         sft_summary = train_sft(config, out_dir, data=data)
         err.print(f"SFT baseline: {sft_summary['steps']} steps, {sft_summary['seconds']:.0f} s")
     err.print(f"wrote {out_dir}")

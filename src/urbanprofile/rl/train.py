@@ -24,6 +24,7 @@ from urbanprofile.rl.task import R1Data, R1Example, TaskSpec, balanced_order, bu
 
 CONFIG_FILE = "config.json"
 ENGINES = ("prefix", "trl")
+INITS = ("base", "sft")
 ANSWER_OPEN = "<answer>"
 REWARD_LOG = "reward_log.jsonl"
 
@@ -54,6 +55,8 @@ class R1Config:
         reward: Accuracy reward: ``distance``, ``exact`` or ``debiased`` (see
             :class:`~urbanprofile.rl.prompts.AccuracyReward`; ``distance`` lets GRPO collapse to the middle
             level). Runs written before this field existed used ``distance``.
+        init: Where GRPO starts: ``base`` (the base model) or ``sft`` (the SFT baseline of the same run,
+            trained first; it is then also the KL reference, as in an SFT-then-RL recipe).
         scale_rewards: Divide a prompt's advantages by the spread of its G rewards (GRPO as published; trl's
             ``scale_rewards="group"``). Off by default (Dr. GRPO: advantages ``r - mean``): the division
             weighs prompts whose answers all score alike above the rest, and with a level scale those are
@@ -91,6 +94,7 @@ class R1Config:
     engine: str = "prefix"
     answer_prefix: bool = True
     reward: str = "debiased"
+    init: str = "base"
     scale_rewards: bool = False
     balanced: bool = True
     save_every: int = 10
@@ -122,6 +126,10 @@ class R1Config:
         if self.lora_rank < 0 or self.lora_layers < 0:
             raise UrbanProfileError("lora_rank and lora_layers must be >= 0")
         check_reward_kind(self.reward, self.answer)
+        if self.init not in INITS:
+            raise UrbanProfileError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init == "sft" and (self.engine != "prefix" or not self.sft):
+            raise UrbanProfileError("init=sft needs engine=prefix and the SFT baseline (sft=True)")
         if self.engine not in ENGINES:
             raise UrbanProfileError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
@@ -397,14 +405,20 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
     from urbanprofile.rl.grpo import grpo_step
     from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
 
-    model, tokenizer = load_policy(config.model, config.random_state, config.device)
+    sft_final = run_dir / "sft" / "final"
+    if config.init == "sft" and not sft_final.is_dir():
+        raise UrbanProfileError(f"{run_dir}: init=sft needs the SFT model ({sft_final} is missing); train SFT first")
+    start_from = str(sft_final) if config.init == "sft" and config.lora_rank == 0 else config.model
+    model, tokenizer = load_policy(start_from, config.random_state, config.device)
     ref_model = None
     if config.lora_rank > 0:
         peft = require("peft", "rl")
         layers = top_layers(model, config.lora_layers)
         lora = lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model)
         model = peft.get_peft_model(model, lora)
-    elif config.beta > 0:
+        if config.init == "sft":  # start from the SFT adapter; the SFT policy is also the KL reference
+            peft.set_peft_model_state_dict(model, load_file(str(sft_final / "adapter_model.safetensors")))
+    if config.beta > 0 and (config.lora_rank == 0 or config.init == "sft"):
         ref_model = copy.deepcopy(model).eval()
         ref_model.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]

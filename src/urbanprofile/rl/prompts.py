@@ -106,15 +106,15 @@ class AccuracyReward:
     ``exact`` (levels only) pays 1 for the true level: with equal-share levels every constant answer earns
     the same 1 / n_levels on average, so only reading the region pays; its signal is sparse. ``debiased``
     keeps the distance shaping but subtracts, for each answer, its mean distance reward over the training
-    targets of the region's city: an answer that ignores the region earns 0 on average whatever it is, a
-    region-aware one earns more. An unparsed answer earns the lowest value of the kind (0, or -1 when
-    debiased).
+    targets of the region's geographic group (the block the balanced batches draw it from): an answer that
+    ignores the region earns 0 on average in every group whatever it is, a region-aware one earns more. An
+    unparsed answer earns the lowest value of the kind (0, or -1 when debiased).
 
     Args:
         kind: One of :data:`REWARD_KINDS`.
         answer: ``level`` or ``number``.
         n_levels: Levels of the scale.
-        reference: Training targets per city (needed by ``debiased``).
+        reference: Training targets per geographic group (needed by ``debiased``).
         tau: Log-error scale of the number reward.
     """
 
@@ -128,29 +128,29 @@ class AccuracyReward:
         self.answer = answer
         self.n_levels = n_levels
         self.tau = tau
-        self.reference = {city: np.asarray(v, dtype=float) for city, v in (reference or {}).items()}
+        self.reference = {group: np.asarray(v, dtype=float) for group, v in (reference or {}).items()}
         self._offsets: dict[tuple[str, float], float] = {}
 
-    def offset(self, value: float, city: str) -> float:
-        """Mean distance reward of answering ``value`` for every training region of ``city``."""
-        key = (city, value)
+    def offset(self, value: float, group: str) -> float:
+        """Mean distance reward of answering ``value`` for every training region of ``group``."""
+        key = (group, value)
         if key not in self._offsets:
-            if city not in self.reference or not len(self.reference[city]):
-                raise DataError(f"{city}: no training targets to centre the debiased reward on")
+            if group not in self.reference or not len(self.reference[group]):
+                raise DataError(f"{group}: no training targets to centre the debiased reward on")
             answered = Parsed(value, True)
             self._offsets[key] = float(np.mean(
-                [accuracy_reward(answered, t, self.answer, self.n_levels, self.tau) for t in self.reference[city]]
+                [accuracy_reward(answered, t, self.answer, self.n_levels, self.tau) for t in self.reference[group]]
             ))
         return self._offsets[key]
 
-    def __call__(self, parsed: Parsed, target: float, city: str) -> float:
+    def __call__(self, parsed: Parsed, target: float, group: str) -> float:
         if self.kind == "exact":
             return exact_reward(parsed, target)
         if self.kind == "distance":
             return accuracy_reward(parsed, target, self.answer, self.n_levels, self.tau)
         if parsed.value is None:
             return -1.0
-        return accuracy_reward(parsed, target, self.answer, self.n_levels, self.tau) - self.offset(parsed.value, city)
+        return accuracy_reward(parsed, target, self.answer, self.n_levels, self.tau) - self.offset(parsed.value, group)
 
 
 def check_reward_kind(kind: str, answer: str) -> None:

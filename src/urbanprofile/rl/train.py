@@ -52,7 +52,7 @@ class R1Config:
             per step) or ``trl`` (trl's ``GRPOTrainer``, which runs each prompt once per completion; for GPUs).
         answer_prefix: Start the assistant's turn with ``<answer>`` (a structured answer template), so the
             model writes the value and the closing tag; the reward still checks both.
-        reward: Accuracy reward: ``distance``, ``exact`` or ``debiased`` (see
+        reward: Accuracy reward: ``distance``, ``exact`` or ``debiased`` (centred per geographic group; see
             :class:`~urbanprofile.rl.prompts.AccuracyReward`; ``distance`` lets GRPO collapse to the middle
             level). Runs written before this field existed used ``distance``.
         init: Where GRPO starts: ``base`` (the base model) or ``sft`` (the SFT baseline of the same run,
@@ -186,12 +186,12 @@ def _write_config(run_dir: Path, config: R1Config, resume: bool) -> None:
 
 
 def make_reward(config: R1Config, data: R1Data) -> AccuracyReward:
-    """The run's accuracy reward, centred (``debiased``) on the training targets of each city."""
+    """The run's accuracy reward, centred (``debiased``) on the training targets of each geographic group."""
     reference: dict[str, list[float]] = {}
     for example in data.split("train"):
-        reference.setdefault(example.city, []).append(example.target)
+        reference.setdefault(example.group, []).append(example.target)
     return AccuracyReward(config.reward, config.answer, config.n_levels,
-                          {city: np.asarray(v) for city, v in reference.items()})
+                          {group: np.asarray(v) for group, v in reference.items()})
 
 
 def training_order(data: R1Data, config: R1Config) -> list[R1Example]:
@@ -224,10 +224,10 @@ class RewardLog:
             return [format_reward(p) for p in self._parse(completions)]
 
         def accuracy_reward_fn(
-            completions: list[Any], target: list[float], group: list[str], city: list[str], **kwargs: Any
+            completions: list[Any], target: list[float], group: list[str], **kwargs: Any
         ) -> list[float]:
             parsed = self._parse(completions)
-            acc = [self.reward(p, t, c) for p, t, c in zip(parsed, target, city, strict=True)]
+            acc = [self.reward(p, t, g) for p, t, g in zip(parsed, target, group, strict=True)]
             state = kwargs.get("trainer_state")
             step = int(state.global_step) + 1 if state is not None else -1
             with self.path.open("a") as handle:
@@ -337,8 +337,7 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
     steps = training_order(data, config)
     n_groups = len(data.groups)
     dataset = Dataset.from_list(
-        [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group,
-          "city": e.city}
+        [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group}
          for e in steps]
     )
     args = GRPOConfig(
@@ -448,7 +447,7 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
             example = batch[i]
             parsed = [parse_answer(config.full_completion(t), config.answer, config.n_levels) for t in texts]
             fmt = [format_reward(p) for p in parsed]
-            acc = [accuracy(p, example.target, example.city) for p in parsed]
+            acc = [accuracy(p, example.target, example.group) for p in parsed]
             with reward_path.open("a") as handle:
                 for p, f, a in zip(parsed, fmt, acc, strict=True):
                     handle.write(json.dumps({"step": step + 1, "group": example.group, "format": f, "accuracy": a,

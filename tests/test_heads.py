@@ -106,6 +106,45 @@ def test_prompt4re_attends_over_training_prompts_only() -> None:
         Prompt4REHead(n_region_features=4, n_prompts=5).fit(X[:40], y[:40])
 
 
+def test_untrained_prompt4re_predicts_what_the_ridge_head_predicts() -> None:
+    from urbanprofile.data.tasks import task_data
+    from urbanprofile.heads.probes import make_probe
+    from urbanprofile.heads.prompt4re import Prompt4REHead
+    from urbanprofile.methods import get_method
+
+    city = make_synthetic_city(n_regions=60, n_poi_categories=8, random_state=1)
+    counts = get_method("raw-poi").build(0).fit_transform(city)
+    rng = np.random.default_rng(0)
+    starts = set()
+    # checkin/seed 1 makes the probe choose log1p features and target; service_calls/seed 0 log1p features
+    # with scaling; crime/seed 0 raw features and target, unscaled.
+    for task, seed in (("checkin", 1), ("service_calls", 0), ("crime", 0)):
+        td = task_data(city, task)
+        E = counts.loc[td.region_ids].to_numpy(dtype=float)
+        X = np.hstack([E, rng.normal(size=(len(E), 2 * 16))])
+        train = np.arange(len(E)) < 45
+        for protocol in ("nested", "paper"):
+            ridge = make_probe("ridge", protocol, seed).fit(E[train], td.y[train])
+            starts.add(tuple(ridge.chosen()[k] for k in ("log_features", "scale", "log_target")))
+            for align in (True, False):  # Prompt4RE and the concatenation ablation
+                head = Prompt4REHead(n_region_features=E.shape[1], n_prompts=2, align=align, max_epochs=0,
+                                     ridge_start="paper" if protocol == "paper" else "tuned",
+                                     random_state=seed).fit(X[train], td.y[train])
+                assert head.epochs_ == 0
+                expected = ridge.predict(E)
+                np.testing.assert_allclose(head.predict(X), expected, rtol=1e-5, atol=1e-5 * expected.max())
+    assert {(True, False, True), (True, True, False), (False, False, False)} <= starts  # every branch ran
+    # Training keeps the ridge part fixed (the prompt path is a residual) unless asked to train it too.
+    untrained = Prompt4REHead(n_region_features=E.shape[1], n_prompts=2, max_epochs=0).fit(X[train], td.y[train])
+    for train_start in (False, True):
+        trained = Prompt4REHead(n_region_features=E.shape[1], n_prompts=2, max_epochs=4, patience=4, lr=1e-2,
+                                train_start=train_start).fit(X[train], td.y[train])
+        assert trained.chosen()["start"] == make_probe("ridge", "nested", 0).fit(E[train], td.y[train]).chosen()
+        same = torch.equal(trained.module_.out_e.weight, untrained.module_.out_e.weight)
+        assert same != train_start
+        assert not torch.equal(trained.module_.out_p.weight, untrained.module_.out_p.weight)
+
+
 def test_joint_heads_share_folds_and_rows_record_the_head(small_city: CityData, tmp_path: Path) -> None:
     cities = {"synthetic": small_city}
     plan = BenchmarkPlan(datasets=["synthetic"], methods=["pca"], tasks=None, protocols=["spatial"], seeds=[0],

@@ -55,7 +55,19 @@ def ridge_path(
     return (x_eval - x_mean) @ coefs.T + y_mean
 
 
-class _Target:
+def ridge_coefficients(x_train: np.ndarray, y_train: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """Ridge weights and intercept of one alpha, the same solution :func:`ridge_path` predicts with.
+
+    ``x @ coef + intercept`` equals ``ridge_path(x_train, y_train, x, [alpha])[:, 0]`` (up to rounding).
+    """
+    x_mean = x_train.mean(axis=0)
+    y_mean = float(y_train.mean())
+    u, s, vt = np.linalg.svd(x_train - x_mean, full_matrices=False)
+    coef = ((s / (s**2 + alpha)) * (u.T @ (y_train - y_mean))) @ vt
+    return coef, y_mean - float(x_mean @ coef)
+
+
+class TargetTransform:
     """The optional log1p target transform; predictions are capped at twice the largest training label.
 
     Without a cap one outlying region (NYC's 1.5 M-trip self-loop) makes a linear fit extrapolate to
@@ -153,7 +165,7 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
                     x_tr, x_va = self._apply(X[train], X[val], fo)
                     svd = np.linalg.svd(x_tr - x_tr.mean(axis=0), full_matrices=False)
                     for t, lt in enumerate(self.log_target):
-                        target = _Target(lt, y[train])
+                        target = TargetTransform(lt, y[train])
                         z = ridge_path(x_tr, target.forward(y[train]), x_va, alphas, svd)
                         pred = np.clip(target.inverse(z), 0, None)
                         errors[f * len(self.log_target) + t] += ((pred - y[val, None]) ** 2).sum(axis=0)
@@ -172,7 +184,7 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=float)
         x_tr, x_ev = self._apply(self.X_train_, X, self.feature_option_)
-        target = _Target(self.log_target_, self.y_train_, capped=self.capped_)
+        target = TargetTransform(self.log_target_, self.y_train_, capped=self.capped_)
         z = ridge_path(x_tr, target.forward(self.y_train_), x_ev, np.array([self.alpha_]))[:, 0]
         return np.clip(target.inverse(z), 0, None)
 

@@ -145,8 +145,9 @@ def build_head(
 
     Args:
         spec: The parsed head.
-        protocol: ``paper`` gives the peers' fixed probe settings for ridge and knn; neural heads are the
-            same under every protocol (they always choose epochs on an inner split of the training regions).
+        protocol: ``paper`` gives the peers' fixed probe settings for ridge and knn; neural heads choose
+            epochs on an inner split of the training regions under every protocol (Prompt4RE starts from the
+            protocol's own ``ridge`` head: the fixed Ridge under ``paper``, the tuned probe otherwise).
         random_state: Seed.
         n_region_features: Width of the embedding part of the input (prompt heads: the rest are prompts).
         blocks: Column counts of the input's modality blocks (``moe``); ``None`` for one block.
@@ -171,5 +172,5 @@ def build_head(
         if n_region_features is None:
             raise ValueError("prompt heads need n_region_features")
         return Prompt4REHead(n_region_features=n_region_features, align=spec.align, attention=spec.attention,
-                             random_state=random_state)
+                             ridge_start="paper" if protocol == "paper" else "tuned", random_state=random_state)
     raise unknown_name("head", spec.name, HEAD_NAMES)

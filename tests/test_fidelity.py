@@ -96,9 +96,9 @@ def test_hafusion_feed_forward_option_gives_the_authors_relu_blocks(city: CityDa
                 found.add((module.ffn[0].out_features, type(module.ffn[1]).__name__))
         return found
 
-    authors = HAFusionEmbedder(d=16, epochs=2, feedforward=2048, random_state=0).fit(city)
+    authors = HAFusionEmbedder(d=16, epochs=2, feedforward=64, random_state=0).fit(city)
     previous = HAFusionEmbedder(d=16, epochs=2, random_state=0).fit(city)
-    assert hidden_layers(authors) == {(2048, "ReLU")}  # intra-view and inter-region blocks alike
+    assert hidden_layers(authors) == {(64, "ReLU")}  # intra-view and inter-region blocks alike
     assert hidden_layers(previous) == {(32, "GELU")}
     with pytest.raises(ValueError, match="feedforward"):
         feed_forward(16, feedforward=0)

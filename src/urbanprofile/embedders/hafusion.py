@@ -53,8 +53,8 @@ class HAFusionEmbedder(MultiViewEmbedder):
         readout: ``deepfc`` (the authors' code: ends in LeakyReLU(0.3)) or ``mlp``.
         feedforward: Hidden width of a ReLU feed-forward with dropout in every attention block (the
             authors' code: 2048 in their intra-view and inter-region blocks); ``None`` (default): ``2 d``
-            GELU. The authors' 2048 raised Chicago and lowered NYC (README, fidelity section), so it is
-            an option, not the default.
+            GELU. The authors' 2048 raised Chicago's `paper` R² and left NYC about as it was on two
+            seeds (README, fidelity section); an option until both cities' 5-seed runs confirm it.
         random_state: Seed of the initialisation.
     """
 

@@ -10,7 +10,7 @@ import torch
 from urbanprofile.benchmark.runner import BenchmarkPlan, plan_units
 from urbanprofile.data import CityData
 from urbanprofile.embedders.hafusion import HAFusionEmbedder
-from urbanprofile.encoders.layers import readout
+from urbanprofile.encoders.layers import RegionBlock, feed_forward, readout
 from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewInputs, objective_settings
 from urbanprofile.errors import MethodUnavailableError
 from urbanprofile.evaluation import evaluate_embedding
@@ -86,6 +86,22 @@ def test_deepfc_readout_ends_in_leaky_relu_and_names_are_checked() -> None:
     assert out.shape == (50, 4) and len(negative) > 0
     with pytest.raises(ValueError, match="unknown readout"):
         readout("nope", 8, 4)
+
+
+def test_hafusion_feed_forward_option_gives_the_authors_relu_blocks(city: CityData) -> None:
+    def hidden_layers(model: HAFusionEmbedder) -> set[tuple[int, str]]:
+        found = set()
+        for module in model.network_.modules():
+            if isinstance(module, RegionBlock):
+                found.add((module.ffn[0].out_features, type(module.ffn[1]).__name__))
+        return found
+
+    authors = HAFusionEmbedder(d=16, epochs=2, feedforward=64, random_state=0).fit(city)
+    previous = HAFusionEmbedder(d=16, epochs=2, random_state=0).fit(city)
+    assert hidden_layers(authors) == {(64, "ReLU")}  # intra-view and inter-region blocks alike
+    assert hidden_layers(previous) == {(32, "GELU")}
+    with pytest.raises(ValueError, match="feedforward"):
+        feed_forward(16, feedforward=0)
 
 
 def test_hafusion_trains_with_each_objective(city: CityData) -> None:

@@ -60,13 +60,39 @@ class RegionAttention(nn.Module):
         return self.out(mixed.reshape(n, -1))
 
 
-class RegionBlock(nn.Module):
-    """Region attention then a position-wise feed-forward network, each with residual and LayerNorm."""
+def feed_forward(d: int, ffn_mult: int = 2, feedforward: int | None = None, dropout: float = 0.0) -> nn.Sequential:
+    """A block's position-wise feed-forward network.
 
-    def __init__(self, d: int, n_heads: int, dropout: float = 0.1, ffn_mult: int = 2) -> None:
+    Args:
+        d: Model width.
+        ffn_mult: Hidden width ``ffn_mult * d`` with GELU, when ``feedforward`` is ``None``.
+        feedforward: Hidden width of a ReLU feed-forward with dropout on the hidden layer (HAFusion's code:
+            2048, PyTorch's Transformer default); ``None`` for the GELU one.
+        dropout: Dropout on the hidden layer of the ReLU form.
+    """
+    if feedforward is None:
+        return nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
+    if feedforward < 1:
+        raise ValueError(f"feedforward must be >= 1 or None, got {feedforward}")
+    return nn.Sequential(nn.Linear(d, feedforward), nn.ReLU(), nn.Dropout(dropout), nn.Linear(feedforward, d))
+
+
+class RegionBlock(nn.Module):
+    """Region attention then a position-wise feed-forward network, each with residual and LayerNorm.
+
+    Args:
+        d: Model width.
+        n_heads: Attention heads.
+        dropout: Dropout.
+        ffn_mult: Hidden width of the GELU feed-forward, as a multiple of ``d``.
+        feedforward: Hidden width of a ReLU feed-forward instead (:func:`feed_forward`).
+    """
+
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.1, ffn_mult: int = 2,
+                 feedforward: int | None = None) -> None:
         super().__init__()
         self.attention = RegionAttention(d, n_heads, dropout)
-        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
+        self.ffn = feed_forward(d, ffn_mult, feedforward, dropout)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
         self.dropout = nn.Dropout(dropout)
@@ -87,12 +113,15 @@ class ViewEncoder(nn.Module):
         n_layers: Intra-view attention blocks (0 for a plain MLP).
         n_heads: Attention heads.
         dropout: Dropout.
+        feedforward: Hidden width of the blocks' ReLU feed-forward (``None``: ``2 d`` GELU).
     """
 
-    def __init__(self, in_dim: int, d: int, n_layers: int = 1, n_heads: int = 4, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, d: int, n_layers: int = 1, n_heads: int = 4, dropout: float = 0.1,
+                 feedforward: int | None = None) -> None:
         super().__init__()
         self.project = nn.Sequential(nn.Linear(in_dim, d), nn.GELU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout, feedforward=feedforward)
+                                    for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor, neighbors: torch.Tensor | None = None) -> torch.Tensor:
         h = self.project(x)
@@ -210,14 +239,15 @@ class MultiViewFusion(nn.Module):
         n_intra_layers: Intra-view attention blocks per view.
         n_heads: Attention heads.
         dropout: Dropout.
+        feedforward: Hidden width of the intra-view blocks' ReLU feed-forward (``None``: ``2 d`` GELU).
     """
 
     def __init__(self, in_dims: dict[str, int], d: int, n_intra_layers: int = 1, n_heads: int = 4,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, feedforward: int | None = None) -> None:
         super().__init__()
         self.view_names = list(in_dims)
         self.encoders = nn.ModuleDict(
-            {v: ViewEncoder(dim, d, n_intra_layers, n_heads, dropout) for v, dim in in_dims.items()}
+            {v: ViewEncoder(dim, d, n_intra_layers, n_heads, dropout, feedforward) for v, dim in in_dims.items()}
         )
         self.fusion = ViewFusion(d, n_heads, mix_views=True, dropout=dropout)
 

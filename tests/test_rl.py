@@ -102,6 +102,20 @@ def test_held_out_city_is_all_test_and_its_ridge_baseline_fits_across_cities(tmp
         build_task(cities[:1], TaskSpec("crime", holdout_city="syn-a"))
 
 
+def test_a_baseline_a_city_cannot_run_is_reported_as_skipped(tmp_path: Path) -> None:
+    from urbanprofile.rl.evaluate import evaluate_run
+    from urbanprofile.rl.train import R1Config
+
+    cities = _cities()
+    for city in cities:  # like CityView tiles: locations and labels, no count views
+        city.views = {}
+    config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_json()))
+    payload = evaluate_run(tmp_path, ["ridge", "knn-location"], cities=cities)
+    assert "poi_counts" in payload["methods"]["ridge"]["skipped"]
+    assert payload["methods"]["knn-location"]["n"] == payload["n_test"]
+
+
 def test_tile_captions_go_into_the_prompt() -> None:
     import pandas as pd
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from urbanprofile.errors import UrbanProfileError, unknown_name
+from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.metrics import regression_metrics
 from urbanprofile.rl.prompts import parse_answer, to_level
 from urbanprofile.rl.task import R1Data
@@ -254,7 +254,11 @@ def evaluate_run(
             results[m] = {"skipped": NOT_ACROSS_CITIES}
             continue
         else:
-            frame = baseline_predictions(m, data, config, cities)
+            try:
+                frame = baseline_predictions(m, data, config, cities)
+            except MethodUnavailableError as error:  # e.g. no raw views for a Ridge on CityView tiles
+                results[m] = {"skipped": " ".join(str(error).split())}
+                continue
         results[m] = {**score(frame, config.answer), "answer_seconds": seconds}
         frames.append(frame.assign(method=m))
     predictions = pd.concat(frames, ignore_index=True).drop(columns=["prompt"])

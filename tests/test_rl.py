@@ -102,6 +102,18 @@ def test_held_out_city_is_all_test_and_its_ridge_baseline_fits_across_cities(tmp
         build_task(cities[:1], TaskSpec("crime", holdout_city="syn-a"))
 
 
+def test_a_held_out_city_gives_no_prompts_to_the_training_steps(tmp_path: Path) -> None:
+    from urbanprofile.rl.train import R1Config, train_grpo
+
+    config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", steps=3, generations=2,
+                      max_new_tokens=3, save_every=3, sft=False, lora_rank=4, lora_layers=1, holdout_city="syn-b")
+    summary = train_grpo(config, tmp_path / "run", cities=_cities())
+    assert summary["groups"] == ["syn-a/block 0", "syn-a/block 1"] and summary["completions_per_step"] == 4
+    log = [json.loads(line) for line in (tmp_path / "run" / "reward_log.jsonl").read_text().splitlines()]
+    assert [sum(row["step"] == k for row in log) for k in (1, 2, 3)] == [4, 4, 4]  # every step full
+    assert {row["group"] for row in log} == {"syn-a/block 0", "syn-a/block 1"}
+
+
 def test_a_baseline_a_city_cannot_run_is_reported_as_skipped(tmp_path: Path) -> None:
     from urbanprofile.rl.evaluate import evaluate_run
     from urbanprofile.rl.train import R1Config

@@ -91,6 +91,11 @@ class R1Data:
     def groups(self) -> list[str]:
         return sorted({e.group for e in self.examples})
 
+    @property
+    def train_groups(self) -> list[str]:
+        """The groups with training regions (a held-out city's groups have none): one prompt each per step."""
+        return sorted({e.group for e in self.examples if e.split == "train"})
+
     def frame(self, split: str | None = None) -> pd.DataFrame:
         rows = [asdict(e) for e in self.examples if split is None or e.split == split]
         return pd.DataFrame(rows)

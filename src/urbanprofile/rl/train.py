@@ -305,7 +305,7 @@ def train_grpo(
     else:
         tokenizer = _train_prefix(config, run_dir, data, last, reward_path)
     seconds = time.perf_counter() - start
-    n_groups = len(data.groups)
+    n_groups = len(data.train_groups)
     summary = {
         "engine": config.engine,
         "steps": config.steps,
@@ -313,7 +313,7 @@ def train_grpo(
         "resumed_from_step": start_step,
         "seconds": seconds,
         "seconds_per_step": seconds / max(config.steps - start_step, 1),
-        "groups": data.groups,
+        "groups": data.train_groups,
         "n_train": len(data.split("train")),
         "n_test": len(data.split("test")),
         "completions_per_step": n_groups * config.generations,
@@ -335,7 +335,7 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
     checkpoints = run_dir / "checkpoints"
     model, tokenizer = load_policy(config.model, config.random_state, config.device)
     steps = training_order(data, config)
-    n_groups = len(data.groups)
+    n_groups = len(data.train_groups)
     dataset = Dataset.from_list(
         [{"prompt": chat_prompt(tokenizer, e.prompt, config.prefix), "target": e.target, "group": e.group}
          for e in steps]
@@ -436,7 +436,7 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
         start_step = int(last.name.rpartition("-")[2])
     order = training_order(data, config)
     accuracy = make_reward(config, data)
-    n_groups = len(data.groups)
+    n_groups = len(data.train_groups)
     prompts = [chat_prompt(tokenizer, e.prompt, config.prefix) for e in order]
     checkpoints = run_dir / "checkpoints"
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", unit="step")
@@ -574,7 +574,7 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
         lora = lora_config(config.lora_rank, 2 * config.lora_rank, layers=layers, model=model)
         model = peft.get_peft_model(model, lora)
     train = data.split("train")
-    batch = max(len(data.groups), 1)
+    batch = max(len(data.train_groups), 1)
     rng = np.random.default_rng(config.random_state)
     passes = math.ceil(config.steps * batch / len(train))
     order = np.concatenate([rng.permutation(len(train)) for _ in range(passes)])[: config.steps * batch]

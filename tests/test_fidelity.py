@@ -97,9 +97,10 @@ def test_hafusion_feed_forward_option_gives_the_authors_relu_blocks(city: CityDa
         return found
 
     authors = HAFusionEmbedder(d=16, epochs=2, feedforward=64, random_state=0).fit(city)
-    previous = HAFusionEmbedder(d=16, epochs=2, random_state=0).fit(city)
+    previous = HAFusionEmbedder(d=16, epochs=2, feedforward=None, random_state=0).fit(city)
     assert hidden_layers(authors) == {(64, "ReLU")}  # intra-view and inter-region blocks alike
     assert hidden_layers(previous) == {(32, "GELU")}
+    assert HAFusionEmbedder().feedforward == 2048  # the authors' width is the default
     with pytest.raises(ValueError, match="feedforward"):
         feed_forward(16, feedforward=0)
 

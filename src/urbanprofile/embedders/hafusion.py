@@ -52,16 +52,16 @@ class HAFusionEmbedder(MultiViewEmbedder):
             (:data:`~urbanprofile.encoders.multiview.OBJECTIVES`).
         readout: ``deepfc`` (the authors' code: ends in LeakyReLU(0.3)) or ``mlp``.
         feedforward: Hidden width of a ReLU feed-forward with dropout in every attention block (the
-            authors' code: 2048 in their intra-view and inter-region blocks); ``None`` (default): ``2 d``
-            GELU. The authors' 2048 raised Chicago's `paper` R² and left NYC about as it was on two
-            seeds (README, fidelity section); an option until both cities' 5-seed runs confirm it.
+            authors' code: 2048 in their intra-view and inter-region blocks; the default); ``None``: ``2 d``
+            GELU. With 2048, 10 of 12 `paper`/`nested` cells are within 0.03 R² of the authors' code (7
+            with ``None``), at a cost under `spatial` (README, fidelity section).
         random_state: Seed of the initialisation.
     """
 
     def __init__(self, d: int = 144, n_intra_layers: int = 1, n_layers: int = 2, n_heads: int = 4,
                  dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4, weight_decay: float = 5e-4,
                  objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
-                 feedforward: int | None = None, random_state: int | None = 0) -> None:
+                 feedforward: int | None = 2048, random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
         self.n_layers = n_layers

@@ -150,7 +150,7 @@ def baseline_predictions(method: str, data: R1Data, config: R1Config, cities: li
 
     if config.holdout_city is not None:
         if method != "ridge":
-            raise UrbanProfileError(f"{method}: {NOT_ACROSS_CITIES}")
+            raise MethodUnavailableError(NOT_ACROSS_CITIES)
         return cross_city_ridge(data, config, cities)
     frame = _test_frame(data)
     all_rows = data.frame()
@@ -177,7 +177,7 @@ NOT_ACROSS_CITIES = "does not apply to a held-out city (one city's coordinates s
 def shared_features(city: Any) -> pd.DataFrame:
     """The raw facts a prompt states, per region: POI counts by category, land-use counts by class, taxi
     trips out and in (columns named by category, so cities with the same categories line up)."""
-    from urbanprofile.data.city import view_csr
+    from urbanprofile.rl.prompts import taxi_totals
 
     parts = []
     if "poi_counts" in city.views:
@@ -185,10 +185,8 @@ def shared_features(city: Any) -> pd.DataFrame:
     if "landuse_counts" in city.views:
         parts.append(city.views["landuse_counts"].astype(float).add_prefix("landuse:"))
     if "od_flows" in city.views:
-        od = city.views["od_flows"]
-        values = view_csr(od)
-        parts.append(pd.DataFrame({"trips:out": np.asarray(values.sum(axis=1)).ravel(),
-                                   "trips:in": np.asarray(values.sum(axis=0)).ravel()}, index=od.index))
+        out, into = taxi_totals(city)
+        parts.append(pd.DataFrame({"trips:out": out, "trips:in": into}))
     if not parts:
         raise UrbanProfileError(f"{city.name}: no POI, land-use or taxi view for the cross-city Ridge")
     return pd.concat(parts, axis=1)
@@ -250,13 +248,10 @@ def evaluate_run(
             if not adapter.is_dir():
                 raise UrbanProfileError(f"{run_dir}: no trained {m} model ({adapter} is missing); run `r1 train` first")
             frame, seconds = llm_predictions(config.model, adapter, data, config, batch_size)
-        elif config.holdout_city is not None and m == "knn-location":
-            results[m] = {"skipped": NOT_ACROSS_CITIES}
-            continue
         else:
             try:
                 frame = baseline_predictions(m, data, config, cities)
-            except MethodUnavailableError as error:  # e.g. no raw views for a Ridge on CityView tiles
+            except MethodUnavailableError as error:  # a Ridge on CityView tiles (no count views), kNN across cities
                 results[m] = {"skipped": " ".join(str(error).split())}
                 continue
         results[m] = {**score(frame, config.answer), "answer_seconds": seconds}

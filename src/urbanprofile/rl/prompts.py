@@ -209,10 +209,7 @@ class RegionDescriber:
             landuse = views["landuse_counts"].astype(float)
             self._derived["landuse_share"] = landuse.div(landuse.sum(axis=1).replace(0, np.nan), axis=0).fillna(0)
         if "od_flows" in views:
-            od = views["od_flows"]
-            values = view_csr(od)
-            out = pd.Series(np.asarray(values.sum(axis=1)).ravel(), index=od.index, dtype=float)
-            into = pd.Series(np.asarray(values.sum(axis=0)).ravel(), index=od.index, dtype=float)
+            out, into = taxi_totals(self.city)
             self._derived["trips_out"], self._derived["trips_in"] = out, into
             self._derived["trips_pct"] = _percentile(out + into)
         if not self._derived and not self.city.has_locations and self.captions is None:
@@ -253,6 +250,15 @@ class RegionDescriber:
             if caption:
                 lines.append(caption)
         return "\n".join(lines)
+
+
+def taxi_totals(city: CityData) -> tuple[pd.Series, pd.Series]:
+    """Trips out of and into every region (row and column sums of ``od_flows``)."""
+    od = city.views["od_flows"]
+    values = view_csr(od)
+    out = pd.Series(np.asarray(values.sum(axis=1)).ravel(), index=od.index, dtype=float)
+    into = pd.Series(np.asarray(values.sum(axis=0)).ravel(), index=od.index, dtype=float)
+    return out, into
 
 
 def _named(columns: pd.Index) -> bool:

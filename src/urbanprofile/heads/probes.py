@@ -34,6 +34,20 @@ def _standardize(train: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.n
     return (train - mean) / std, (other - mean) / std
 
 
+def _ridge_solutions(
+    x_train: np.ndarray, y_train: np.ndarray, alphas: np.ndarray,
+    svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Ridge weights for many alphas from one SVD of the centred ``x_train``: (coefs (n_alphas, n_features),
+    x_mean, y_mean)."""
+    x_mean = x_train.mean(axis=0)
+    y_mean = float(y_train.mean())
+    u, s, vt = svd if svd is not None else np.linalg.svd(x_train - x_mean, full_matrices=False)
+    projected = u.T @ (y_train - y_mean)
+    shrink = s[None, :] / (s[None, :] ** 2 + alphas[:, None])  # (n_alphas, rank)
+    return (shrink * projected[None, :]) @ vt, x_mean, y_mean
+
+
 def ridge_path(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -46,12 +60,7 @@ def ridge_path(
     Args:
         svd: ``np.linalg.svd`` of the centred ``x_train`` when already known (it does not depend on y).
     """
-    x_mean = x_train.mean(axis=0)
-    y_mean = y_train.mean()
-    u, s, vt = svd if svd is not None else np.linalg.svd(x_train - x_mean, full_matrices=False)
-    projected = u.T @ (y_train - y_mean)
-    shrink = s[None, :] / (s[None, :] ** 2 + alphas[:, None])  # (n_alphas, rank)
-    coefs = (shrink * projected[None, :]) @ vt  # (n_alphas, n_features)
+    coefs, x_mean, y_mean = _ridge_solutions(x_train, y_train, alphas, svd)
     return (x_eval - x_mean) @ coefs.T + y_mean
 
 
@@ -60,11 +69,8 @@ def ridge_coefficients(x_train: np.ndarray, y_train: np.ndarray, alpha: float) -
 
     ``x @ coef + intercept`` equals ``ridge_path(x_train, y_train, x, [alpha])[:, 0]`` (up to rounding).
     """
-    x_mean = x_train.mean(axis=0)
-    y_mean = float(y_train.mean())
-    u, s, vt = np.linalg.svd(x_train - x_mean, full_matrices=False)
-    coef = ((s / (s**2 + alpha)) * (u.T @ (y_train - y_mean))) @ vt
-    return coef, y_mean - float(x_mean @ coef)
+    coefs, x_mean, y_mean = _ridge_solutions(x_train, y_train, np.array([alpha], dtype=float))
+    return coefs[0], y_mean - float(x_mean @ coefs[0])
 
 
 class TargetTransform:

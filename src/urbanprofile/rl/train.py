@@ -230,16 +230,21 @@ class RewardLog:
             acc = [self.reward(p, t, g) for p, t, g in zip(parsed, target, group, strict=True)]
             state = kwargs.get("trainer_state")
             step = int(state.global_step) + 1 if state is not None else -1
-            with self.path.open("a") as handle:
-                for p, a, g in zip(parsed, acc, group, strict=True):
-                    row = {"step": step, "group": g, "format": format_reward(p), "accuracy": a,
-                           "parsed": p.value is not None, "value": p.value}
-                    handle.write(json.dumps(row) + "\n")
+            append_rewards(self.path, step, group, parsed, acc)
             return acc
 
         format_reward_fn.__name__ = "format"
         accuracy_reward_fn.__name__ = "accuracy"
         return [format_reward_fn, accuracy_reward_fn]
+
+
+def append_rewards(path: Path, step: int, groups: list[str], parsed: list[Any], accuracy: list[float]) -> None:
+    """Append one ``reward_log.jsonl`` record per completion (both engines write the same records)."""
+    with path.open("a") as handle:
+        for p, a, g in zip(parsed, accuracy, groups, strict=True):
+            row = {"step": step, "group": g, "format": format_reward(p), "accuracy": a,
+                   "parsed": p.value is not None, "value": p.value}
+            handle.write(json.dumps(row) + "\n")
 
 
 def _text(completion: Any) -> str:
@@ -448,10 +453,7 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
             parsed = [parse_answer(config.full_completion(t), config.answer, config.n_levels) for t in texts]
             fmt = [format_reward(p) for p in parsed]
             acc = [accuracy(p, example.target, example.group) for p in parsed]
-            with reward_path.open("a") as handle:
-                for p, f, a in zip(parsed, fmt, acc, strict=True):
-                    handle.write(json.dumps({"step": step + 1, "group": example.group, "format": f, "accuracy": a,
-                                             "parsed": p.value is not None, "value": p.value}) + "\n")
+            append_rewards(reward_path, step + 1, [example.group] * len(parsed), parsed, acc)
             return [f + a for f, a in zip(fmt, acc, strict=True)]
 
         generator = torch.Generator().manual_seed(config.random_state * 100_003 + step)

@@ -169,7 +169,7 @@ def _write_prompt(rows: list[dict[str, Any]], method: str) -> None:
             continue
         mine = table[table["head"] == head].set_index("task")["r2"]
         wins[head] = int(sum(mine.get(t, -np.inf) > ridge.get(t, np.inf) for t in TASKS))
-    wide["tasks beating ridge"] = wide["head"].map(wins)
+    wide["tasks beating ridge"] = wide["head"].map(lambda h: f"{wins[h]} of {len(TASKS)}" if h in wins else "-")
     published = pd.DataFrame([{"head": f"ToPT paper: {k} (SREL, test-selected epochs)", **v}
                               for k, v in TOPT_TABLE1.items()])
     md = (f"### Prompt4RE heads on Chicago, `nested`, embedder `{method}`: R² (mean over seeds)\n\n{_md(wide)}\n"

@@ -56,6 +56,7 @@ def main() -> None:
                         help="advantages / group reward std (GRPO as published)")
     parser.add_argument("--holdout-city", default=None, help="hold this dataset out whole (train on the other)")
     parser.add_argument("--init", default="base", help="base, or sft (GRPO starts from the SFT model)")
+    parser.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: none)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -70,7 +71,7 @@ def main() -> None:
                       learning_rate=args.lr, sft_learning_rate=args.sft_lr or args.lr, beta=args.beta,
                       temperature=args.temperature, device=args.device,
                       reward=args.reward, scale_rewards=args.scale_rewards,
-                      holdout_city=args.holdout_city, init=args.init)
+                      holdout_city=args.holdout_city, init=args.init, entropy_coef=args.entropy_coef)
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     record: dict[str, Any] = {"config": config.to_json(), "threads": args.threads, "cpus": os.cpu_count(),
@@ -113,6 +114,8 @@ def markdown(record: dict[str, Any]) -> str:
     scaling = "scaled by the group reward std" if record["config"].get("scale_rewards", True) else "unscaled (r - mean)"
     holdout = record["config"].get("holdout_city")
     start = "SFT model (also its KL reference)" if record["config"].get("init") == "sft" else "base model"
+    if record["config"].get("entropy_coef"):
+        start += f", entropy bonus {record['config']['entropy_coef']:g}"
     held_out = f"all of {holdout}, trained on the other city" if holdout else "fold 0 of spatial in each city"
     lines = [
         f"Device: {record.get('device', 'cpu')} ({record['threads']} torch CPU threads). "

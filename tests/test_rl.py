@@ -373,3 +373,35 @@ def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], t
     assert_user_error(run_cli("r1", "evaluate", str(tmp_path / "nothing"), data_dir=data_dir), "not a run folder")
     assert_user_error(run_cli(*args[:-1], str(tmp_path / "r4"), "--device", "gpu0", data_dir=data_dir),
                       "unknown torch device")
+
+
+def test_entropy_bonus_spreads_a_collapsed_policy_and_is_checked() -> None:
+    import torch
+
+    from urbanprofile.rl.grpo import grpo_loss
+    from urbanprofile.rl.train import R1Config
+
+    torch.manual_seed(0)
+    logits = torch.zeros(4, 2, 6)
+    logits[..., 0] = 4.0  # nearly all mass on one token (one level)
+    logits.requires_grad_(True)
+    tokens = torch.zeros(4, 2, dtype=torch.long)
+    rewards, mask = torch.ones(4), torch.ones(4, 2)  # equal rewards: no advantage, so no policy-gradient signal
+
+    def entropy_after_a_step(coef: float) -> tuple[float, float]:
+        logp_all = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+        logp = logp_all.gather(-1, tokens[..., None]).squeeze(-1)
+        loss, stats = grpo_loss(logp, logp.detach(), None, rewards, mask, 0.0, 0.2, False, entropy, coef)
+        (grad,) = torch.autograd.grad(loss, logits)
+        stepped = torch.log_softmax(logits.detach() - 10.0 * grad, dim=-1)
+        return stats["entropy"], float(-(stepped.exp() * stepped).sum(dim=-1).mean())
+
+    before, after = entropy_after_a_step(0.1)
+    assert after > before + 0.01
+    before, after = entropy_after_a_step(0.0)
+    assert after == pytest.approx(before)
+    with pytest.raises(UrbanProfileError, match="entropy_coef must be"):
+        R1Config(datasets=["syn-a"], task="crime", entropy_coef=-1.0).check()
+    with pytest.raises(UrbanProfileError, match="needs engine=prefix"):
+        R1Config(datasets=["syn-a"], task="crime", entropy_coef=0.01, engine="trl").check()

@@ -8,7 +8,7 @@ from it, and the policy loss backpropagates through it (the cache keeps its grap
 trl's ``loss_type="grpo"``: advantages ``(r - mean) / std`` within the prompt's G completions, the clipped
 policy ratio (one update per batch, so the ratio is 1 and the clip inactive, as in trl's default), and
 the k3 estimate of KL to the reference policy (the base model: the LoRA adapter disabled), averaged over
-each completion's tokens and then over completions.
+each completion's tokens and then over completions; optionally an entropy bonus on the completion tokens.
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ def sample_group(
 
 def completion_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
     """Log-probability of every completion token, (G, C), with the prompt run once (graph kept)."""
+    return completion_logprobs_entropy(model, rollout)[0]
+
+
+def completion_logprobs_entropy(model: Any, rollout: GroupRollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the completion tokens and the policy's entropy over the vocabulary there, (G, C) each."""
     g = rollout.completion_ids.shape[0]
     cache, last = _prompt_cache(model, rollout.prompt_ids)
     cache.batch_repeat_interleave(g)
@@ -79,17 +84,22 @@ def completion_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
     else:
         logits = first
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, rollout.completion_ids[:, :, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return logp.gather(-1, rollout.completion_ids[:, :, None]).squeeze(-1), entropy
 
 
 def grpo_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, rewards: torch.Tensor,
     mask: torch.Tensor, beta: float, epsilon: float, scale_rewards: bool = True,
+    entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO loss of one prompt's G completions (see the module docstring).
 
     ``scale_rewards=False`` leaves the advantages unscaled (r - mean, as Dr. GRPO does): dividing by the
     group's reward spread weighs prompts whose answers all score alike (the middle levels) above the rest.
+    ``entropy`` (the policy's entropy at each completion token, with its graph) and ``entropy_coef`` > 0 add
+    an entropy bonus, ``- entropy_coef * entropy`` per token, which resists the collapse of the sampled
+    answers onto one level.
     """
     advantages = rewards - rewards.mean()
     if scale_rewards:
@@ -102,10 +112,15 @@ def grpo_loss(
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
+    if entropy is not None and entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
     lengths = mask.sum(dim=1).clamp(min=1)
     loss = ((per_token * mask).sum(dim=1) / lengths).mean()
-    mean_kl = float(((kl * mask).sum(dim=1) / lengths).mean().detach())
-    return loss, {"kl": mean_kl, "reward_std": float(rewards.std(unbiased=False))}
+    stats = {"kl": float(((kl * mask).sum(dim=1) / lengths).mean().detach()),
+             "reward_std": float(rewards.std(unbiased=False))}
+    if entropy is not None:
+        stats["entropy"] = float(((entropy * mask).sum(dim=1) / lengths).mean().detach())
+    return loss, stats
 
 
 def grpo_step(
@@ -123,6 +138,7 @@ def grpo_step(
     max_grad_norm: float = 1.0,
     ref_model: Any = None,
     scale_rewards: bool = True,
+    entropy_coef: float = 0.0,
 ) -> dict[str, float]:
     """One optimizer step over some prompts (one per group), G completions each.
 
@@ -130,10 +146,11 @@ def grpo_step(
         reward_fn: ``(completion texts of prompt i, i) -> rewards``.
         ref_model: The frozen reference policy for full fine-tuning; with a LoRA adapter the reference is the
             model with its adapter disabled.
+        entropy_coef: Weight of the entropy bonus (0: none); the mean entropy is logged either way.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad()
-    stats: dict[str, float] = {"loss": 0.0, "kl": 0.0, "reward": 0.0, "reward_std": 0.0}
+    stats: dict[str, float] = {"loss": 0.0, "kl": 0.0, "reward": 0.0, "reward_std": 0.0, "entropy": 0.0}
     has_adapter = hasattr(model, "disable_adapter")
     for i, prompt in enumerate(prompts):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
@@ -147,13 +164,13 @@ def grpo_step(
             with torch.no_grad(), adapter_off:
                 ref_logp = completion_logprobs(reference, rollout)
         model.train()
-        logp = completion_logprobs(model, rollout)
+        logp, entropy = completion_logprobs_entropy(model, rollout)
         loss, extra = grpo_loss(logp, logp.detach(), ref_logp, rewards, rollout.mask, beta, epsilon,
-                                 scale_rewards)
+                                 scale_rewards, entropy, entropy_coef)
         (loss / len(prompts)).backward()
         stats["loss"] += float(loss.detach()) / len(prompts)
-        stats["kl"] += extra["kl"] / len(prompts)
-        stats["reward_std"] += extra["reward_std"] / len(prompts)
+        for name in ("kl", "reward_std", "entropy"):
+            stats[name] += extra[name] / len(prompts)
         stats["reward"] += float(rewards.mean()) / len(prompts)
     stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
     optimizer.step()

@@ -62,6 +62,9 @@ class R1Config:
             weighs prompts whose answers all score alike above the rest, and with a level scale those are
             the middle levels, which pulled the policy there even under the debiased reward. Runs written
             before this field existed scaled.
+        entropy_coef: Weight of an entropy bonus on the completion tokens (0: none; ``prefix`` engine only).
+            The policy's entropy over the vocabulary is averaged over each completion's tokens and subtracted
+            from the loss, against the collapse of the sampled answers onto one level.
         balanced: One prompt per group in every batch (False: prompts drawn uniformly from all training
             regions, same batch size; the ablation).
         save_every: Checkpoint every this many steps.
@@ -96,6 +99,7 @@ class R1Config:
     reward: str = "debiased"
     init: str = "base"
     scale_rewards: bool = False
+    entropy_coef: float = 0.0
     balanced: bool = True
     save_every: int = 10
     sft: bool = True
@@ -130,6 +134,10 @@ class R1Config:
             raise UrbanProfileError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init == "sft" and (self.engine != "prefix" or not self.sft):
             raise UrbanProfileError("init=sft needs engine=prefix and the SFT baseline (sft=True)")
+        if self.entropy_coef < 0 or not math.isfinite(self.entropy_coef):
+            raise UrbanProfileError(f"entropy_coef must be a number >= 0, got {self.entropy_coef}")
+        if self.entropy_coef > 0 and self.engine != "prefix":
+            raise UrbanProfileError("entropy_coef > 0 needs engine=prefix (trl's GRPOTrainer has no entropy bonus)")
         if self.engine not in ENGINES:
             raise UrbanProfileError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
@@ -463,6 +471,7 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
             model, tokenizer, prompts[step * n_groups : (step + 1) * n_groups], rewards, optimizer,
             config.generations, config.max_new_tokens, config.temperature, config.beta, config.epsilon,
             generator=generator, ref_model=ref_model, scale_rewards=config.scale_rewards,
+            entropy_coef=config.entropy_coef,
         )
         if not math.isfinite(stats["loss"]):
             from urbanprofile.errors import TrainingError

@@ -637,7 +637,8 @@ def ablation_table(results: dict[str, dict[str, list[list[float]]]], done: dict[
              "(as the quality part) since)", "",
              f"| variant | runs | inner folds | {head} | mean change vs its reference (paper / nested) |",
              "|---|---|---|" + "---|" * len(keys) + "---|"]
-    for name, per_key in results.items():
+    order = {name: i for i, name in enumerate(ABLATION)}  # rows in the order of ABLATION, unknown names last
+    for name, per_key in sorted(results.items(), key=lambda item: order.get(item[0], len(order))):
         means = {k: np.mean(per_key[k], axis=0) for k in per_key}
         cells = " | ".join(f"{means[k][0]:.3f} / {means[k][1]:.3f}" if k in means else "-" for k in keys)
         runs = ", ".join(f"{d.replace('hafusion-', '')} {s}" for d, s in done.get(name, []))
@@ -655,7 +656,7 @@ def ablation_table(results: dict[str, dict[str, list[list[float]]]], done: dict[
         lines += ["", "### `nested` on the final epoch alone (no checkpoint choice; inner folds: the run's seed)", "",
                   "| variant | " + " | ".join(k.replace("hafusion-", "") for k in final_keys) + " |",
                   "|---|" + "---|" * len(final_keys)]
-        for name, final in finals.items():
+        for name, final in sorted(finals.items(), key=lambda item: order.get(item[0], len(order))):
             lines.append(f"| {name} | " + " | ".join(
                 f"{np.mean(final[k]):.3f}" if k in final else "-" for k in final_keys) + " |")
     return "\n".join(lines) + "\n"

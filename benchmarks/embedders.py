@@ -18,8 +18,8 @@ Parts (each prints tables and writes benchmarks/results/embedders_<part>.json, q
   of MiRuacle24/HAFusion, run outside the project by benchmarks/authors_hafusion.py) their code is
   run too (`--authors-seeds`, `--authors-datasets`); otherwise the figures the issue measured with it
   are shown, labelled as such.
-- ablation: one-change experiments on hafusion's objective and read-out (Chicago seeds 0-2, NYC seed 0):
-  which part of the authors' objective matters.
+- ablation: one-change experiments on hafusion's objective, read-out and structure (Chicago seeds 0-2 by
+  default, `--runs` for others): which part of the authors' code matters.
 
     URBANPROFILE_DATA=../shared/data python benchmarks/embedders.py [--parts quality,...,maps] [--quick]
     python benchmarks/embedders.py --parts fidelity --authors-code /path/to/HAFusion --authors-datasets hafusion-chicago
@@ -571,86 +571,173 @@ def fidelity_table(records: list[dict[str, Any]], timings: list[dict[str, Any]])
     return "\n".join(lines + speed) + "\n"
 
 
-#: One change each from the registry's hafusion (the authors' objective and read-out), in the order run
-#: (a time-boxed run keeps what it finished). The similarity terms are ~0.05 against a mobility term of
-#: ~5e4 (Chicago) at the start, so weight 1e5 puts them on the mobility term's scale.
-BASELINE_VARIANT = "hafusion (authors' objective, DeepFc read-out)"
+#: One change each from the registry's hafusion, in the order run (a time-boxed run keeps what it
+#: finished). The similarity terms are ~0.05 against a mobility term of ~5e4 (Chicago) at the start, so
+#: weight 1e5 puts them on the mobility term's scale. The default changed to the authors' ReLU 2048
+#: feed-forward after the first round: that round's variants pin ``feedforward=None`` and are compared
+#: with the default of their time (PREVIOUS_BASE), this round's with the current one (BASELINE_VARIANT).
+BASELINE_VARIANT = "hafusion (default: authors' objective, DeepFc read-out, ReLU 2048 feed-forward)"
+PREVIOUS_BASE = "hafusion before feedforward=2048 (authors' objective, DeepFc read-out, 2d GELU feed-forward)"
+EDGE_VARIANT = "intra-view: the authors' attention-map edge path (32 channels)"
+MEMORY_VARIANT = "inter-view: the authors' external-memory fusion and convolutional view scores"
+BOTH_VARIANT = "intra- and inter-view: edge path and external-memory fusion"
 ABLATION: dict[str, dict[str, Any]] = {
     BASELINE_VARIANT: {},
+    PREVIOUS_BASE: {"feedforward": None},
     "mobility weighting: per-row distributions, mean over rows (no volume weighting)":
-        {"objective": {"weighting": "row"}},
-    "mobility target: od_flows (mob_dist) instead of od_target (mob-adj)": {"objective": {"target": "od_flows"}},
-    "log: exact log-softmax (no +1e-4)": {"objective": {"epsilon": 0.0}},
-    "similarity weight 0 (mobility only)": {"objective": {"similarity_weight": 0.0}},
-    "similarity weight 1e5 (similarities on the mobility term's scale)": {"objective": {"similarity_weight": 1e5}},
-    "similarity: dot product instead of cosine": {"objective": {"similarity": "dot"}},
-    "read-out: Linear-GELU-Linear (previous)": {"readout": "mlp"},
+        {"objective": {"weighting": "row"}, "feedforward": None},
+    "mobility target: od_flows (mob_dist) instead of od_target (mob-adj)":
+        {"objective": {"target": "od_flows"}, "feedforward": None},
+    "log: exact log-softmax (no +1e-4)": {"objective": {"epsilon": 0.0}, "feedforward": None},
+    "similarity weight 0 (mobility only)": {"objective": {"similarity_weight": 0.0}, "feedforward": None},
+    "similarity weight 1e5 (similarities on the mobility term's scale)":
+        {"objective": {"similarity_weight": 1e5}, "feedforward": None},
+    "similarity: dot product instead of cosine": {"objective": {"similarity": "dot"}, "feedforward": None},
+    "read-out: Linear-GELU-Linear (previous)": {"readout": "mlp", "feedforward": None},
     "objective: all of the previous (row distributions of od_flows, exact log, dot similarity, clip)":
-        {"objective": "distribution"},
-    "epochs: 2000 (the authors') instead of 500": {"epochs": 2000},
+        {"objective": "distribution", "feedforward": None},
+    "epochs: 2000 (the authors') instead of 500": {"epochs": 2000, "feedforward": None},
     "feed-forward: the authors' ReLU 2048 in every attention block": {"feedforward": 2048},
+    EDGE_VARIANT: {"edge_channels": 32},
+    MEMORY_VARIANT: {"view_fusion": "memory"},
+    BOTH_VARIANT: {"edge_channels": 32, "view_fusion": "memory"},
 }
+#: The variant each row's change is measured against (default: BASELINE_VARIANT).
+REFERENCE = {name: PREVIOUS_BASE for name, config in ABLATION.items()
+             if "feedforward" in config and name != PREVIOUS_BASE}
+#: Stored results under an earlier name.
+RENAMED = {"hafusion (authors' objective, DeepFc read-out)": PREVIOUS_BASE}
 ABLATION_RUNS = [("hafusion-chicago", 0), ("hafusion-chicago", 1), ("hafusion-chicago", 2)]
 
 
-def ablation_table(results: dict[str, dict[str, list[list[float]]]], done: dict[str, list[list[Any]]]) -> str:
-    """Mean `paper` / `nested` R² per variant and task, and the mean change against the unchanged hafusion."""
-    keys = list(next(iter(results.values())))
+def parse_runs(text: str) -> list[tuple[str, int]]:
+    """``hafusion-chicago:0,1,2;hafusion-nyc:0,1`` -> [(dataset, seed), ...]."""
+    runs = []
+    for part in filter(None, text.split(";")):
+        dataset, _, seeds = part.partition(":")
+        if dataset not in DATASETS or not seeds:
+            raise UrbanProfileError(f"bad --runs entry {part!r}; expected DATASET:SEED,SEED with DATASET one of "
+                                    f"{', '.join(DATASETS)}")
+        runs += [(dataset, int(seed)) for seed in seeds.split(",")]
+    return runs
+
+
+def ablation_table(results: dict[str, dict[str, list[list[float]]]], done: dict[str, list[list[Any]]],
+                   inner_seed: dict[str, str] | None = None,
+                   finals: dict[str, dict[str, list[float]]] | None = None) -> str:
+    """Mean `paper` / `nested` R² per variant and task, and the mean change against the row's reference.
+
+    A change is averaged over the (dataset, task) cells both rows have, and only over runs both have
+    when ``done`` says which. ``finals`` adds a table of `nested` on the final epoch alone.
+    """
+    keys = list(dict.fromkeys(k for per_key in results.values() for k in per_key))
     head = " | ".join(k.replace("hafusion-", "") for k in keys)
-    base = results.get(BASELINE_VARIANT)
     lines = ["### hafusion, one change at a time (R² `paper` final epoch / `nested` checkpoint by inner CV; mean "
-             "over the runs listed per row)", "",
-             f"| variant | runs | {head} | mean change vs hafusion (paper / nested) |",
-             "|---|---|" + "---|" * len(keys) + "---|"]
-    for name, per_key in results.items():
-        means = {k: np.mean(per_key[k], axis=0) for k in keys}
-        cells = " | ".join(f"{means[k][0]:.3f} / {means[k][1]:.3f}" for k in keys)
+             "over the runs listed per row; inner folds of `nested`: seed 0 in the first round, the run's seed "
+             "(as the quality part) since)", "",
+             f"| variant | runs | inner folds | {head} | mean change vs its reference (paper / nested) |",
+             "|---|---|---|" + "---|" * len(keys) + "---|"]
+    order = {name: i for i, name in enumerate(ABLATION)}  # rows in the order of ABLATION, unknown names last
+    for name, per_key in sorted(results.items(), key=lambda item: order.get(item[0], len(order))):
+        means = {k: np.mean(per_key[k], axis=0) for k in per_key}
+        cells = " | ".join(f"{means[k][0]:.3f} / {means[k][1]:.3f}" if k in means else "-" for k in keys)
         runs = ", ".join(f"{d.replace('hafusion-', '')} {s}" for d, s in done.get(name, []))
+        reference = REFERENCE.get(name, BASELINE_VARIANT)
         delta = "-"
-        if base is not None and name != BASELINE_VARIANT:
-            change = np.mean([means[k] - np.mean(base[k], axis=0) for k in keys], axis=0)
-            delta = f"{change[0]:+.3f} / {change[1]:+.3f}"
-        lines.append(f"| {name} | {runs} | {cells} | {delta} |")
+        if reference in results and name != reference:
+            change = paired_change(per_key, results[reference], done.get(name, []), done.get(reference, []))
+            if change is not None:
+                short = "default" if reference == BASELINE_VARIANT else "before 2048"
+                delta = f"{change[0]:+.3f} / {change[1]:+.3f} (vs {short})"
+        seed = (inner_seed or {}).get(name, "0")
+        lines.append(f"| {name} | {runs} | {seed} | {cells} | {delta} |")
+    if finals:
+        final_keys = list(dict.fromkeys(k for cells_of in finals.values() for k in cells_of))
+        lines += ["", "### `nested` on the final epoch alone (no checkpoint choice; inner folds: the run's seed)", "",
+                  "| variant | " + " | ".join(k.replace("hafusion-", "") for k in final_keys) + " |",
+                  "|---|" + "---|" * len(final_keys)]
+        for name, final in sorted(finals.items(), key=lambda item: order.get(item[0], len(order))):
+            lines.append(f"| {name} | " + " | ".join(
+                f"{np.mean(final[k]):.3f}" if k in final else "-" for k in final_keys) + " |")
     return "\n".join(lines) + "\n"
 
 
-def quality_r2(dataset: str, method: str, seed: int) -> dict[tuple[str, str], float] | None:
-    """(protocol, task) -> R² of one seed from the quality part's results, if it has every paper/nested cell."""
+def paired_change(rows: dict[str, list[list[float]]], reference: dict[str, list[list[float]]],
+                  runs: list[list[Any]], reference_runs: list[list[Any]]) -> np.ndarray | None:
+    """Mean (paper, nested) change over the (dataset, task) cells and runs that both variants have."""
+    changes = []
+    for key, values in rows.items():
+        if key not in reference:
+            continue
+        dataset = key.split("/")[0]
+        mine = [r for r in runs if r[0] == dataset]
+        theirs = [r for r in reference_runs if r[0] == dataset]
+        if mine and theirs and len(mine) == len(values) and len(theirs) == len(reference[key]):
+            shared = [r for r in mine if r in theirs]
+            if not shared:
+                continue
+            a = np.mean([values[mine.index(r)] for r in shared], axis=0)
+            b = np.mean([reference[key][theirs.index(r)] for r in shared], axis=0)
+        else:
+            a, b = np.mean(values, axis=0), np.mean(reference[key], axis=0)
+        changes.append(a - b)
+    return np.mean(changes, axis=0) if changes else None
+
+
+def quality_r2(dataset: str, method: str, seed: int) -> tuple[dict[tuple[str, str], float], dict[str, float]] | None:
+    """One seed from the quality part's results, if it has every paper/nested cell: (protocol, task) -> R²,
+    and task -> `nested` R² of the final epoch alone (empty if the quality run predates that record)."""
     from urbanprofile.data import load_dataset
 
     path = RESULTS / "embedders_quality.json"
     if not path.is_file():
         return None
-    found = {(r["protocol"], r["task"]): r["r2"] for r in json.loads(path.read_text(encoding="utf-8"))["rows"]
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    found = {(r["protocol"], r["task"]): r["r2"] for r in payload["rows"]
              if r["dataset"] == dataset and r["method"] == method and r["seed"] == seed}
+    finals = [e.get("nested_final_epoch", {}) for e in payload.get("extras", [])
+              if (e["dataset"], e["method"], e["seed"]) == (dataset, method, seed)]
     tasks = load_dataset(dataset).tasks
-    return found if all((p, t) in found for p in ("paper", "nested") for t in tasks) else None
+    if not all((p, t) in found for p in ("paper", "nested") for t in tasks):
+        return None
+    return found, (finals[0] if finals else {})
 
 
-def ablation(variants: list[str] | None = None) -> dict[str, Any]:
+def ablation(variants: list[str] | None = None, runs: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """hafusion with one change at a time: `paper` (final epoch) and `nested` R² per city and task.
 
     Resumable: (variant, dataset, seed) runs stored by an earlier (time-boxed) run are kept, not repeated.
-    The unchanged hafusion's figures are the quality part's for the same seeds when it has them.
+    The unchanged hafusion's figures are the quality part's for the same seeds when it has them. ``runs``:
+    the (dataset, seed) pairs (default Chicago seeds 0-2). `nested` uses the run's seed for its inner
+    folds, as the quality part does, and is also recorded on the final epoch alone.
     """
     from urbanprofile.data import load_dataset
     from urbanprofile.embedders.hafusion import HAFusionEmbedder
 
-    cities = {d: load_dataset(d) for d in dict.fromkeys(d for d, _ in ABLATION_RUNS)}
+    runs = runs or ABLATION_RUNS
+    cities = {d: load_dataset(d) for d in dict.fromkeys(d for d, _ in runs)}
     results: dict[str, dict[str, list[list[float]]]] = {}
+    finals: dict[str, dict[str, list[float]]] = {}
     done: dict[str, list[list[Any]]] = {}
+    inner_seed: dict[str, str] = {}
     earlier = RESULTS / "embedders_ablation.json"
     if earlier.is_file():
         kept = json.loads(earlier.read_text(encoding="utf-8"))
         results.update(kept.get("r2_paper_nested", {}))
         # an older file lists its runs once for every variant
         done.update(kept.get("runs_done") or {k: [list(r) for r in kept.get("runs", [])] for k in results})
+        finals.update(kept.get("r2_nested_final", {}))
+        # the first round's baseline came from the quality part (the run's seed); its variants used seed 0
+        inner_seed.update(kept.get("inner_fold_seed") or {k: "run" if k in RENAMED else "0" for k in results})
+        for old, new in RENAMED.items():
+            if old in results:
+                results[new], done[new], inner_seed[new] = results.pop(old), done.pop(old), inner_seed.pop(old)
     unknown = [v for v in variants or [] if v not in ABLATION]
     if unknown:
         raise UrbanProfileError(f"unknown ablation variant {unknown[0]!r}; valid: {'; '.join(ABLATION)}")
-    table = ablation_table(results, done) if results else ""
+    table = ablation_table(results, done, inner_seed, finals) if results else ""
     for name in variants or list(ABLATION):
-        for dataset, seed in ABLATION_RUNS:
+        for dataset, seed in runs:
             if [dataset, seed] in done.get(name, []):
                 continue
             city = cities[dataset]
@@ -660,23 +747,30 @@ def ablation(variants: list[str] | None = None) -> dict[str, Any]:
                 emb = embedder.transform(city)
             for task in city.tasks:
                 if stored is not None:  # the same configuration and seed as the quality part's hafusion
-                    paper, nested = stored[("paper", task)], stored[("nested", task)]
+                    paper, nested = stored[0][("paper", task)], stored[0][("nested", task)]
+                    final = stored[1].get(task)
                 else:
                     paper = evaluate_embedding(city, emb, task, "paper").metrics["r2"]
-                    nested = evaluate_embedding(city, emb, task, "nested",
+                    nested = evaluate_embedding(city, emb, task, "nested", random_state=seed,
                                                 candidates=embedder.candidates_).metrics["r2"]
+                    final = evaluate_embedding(city, emb, task, "nested", random_state=seed).metrics["r2"]
                 results.setdefault(name, {}).setdefault(f"{dataset}/{task}", []).append([paper, nested])
+                if final is not None:
+                    finals.setdefault(name, {}).setdefault(f"{dataset}/{task}", []).append(final)
             done.setdefault(name, []).append([dataset, seed])
-            table = ablation_table(results, done)  # written after every run, so a time-boxed run keeps what it did
+            inner_seed[name] = "run"
+            table = ablation_table(results, done, inner_seed, finals)  # written after every run (time-boxed runs)
             (RESULTS / "embedders_ablation.md").write_text(
                 f"<!-- generated by benchmarks/embedders.py --parts ablation -->\n\n{table}", encoding="utf-8")
             (RESULTS / "embedders_ablation.json").write_text(json.dumps(
-                {"r2_paper_nested": results, "runs_done": done, "table": table, "part": "ablation",
-                 "environment": environment()}, indent=1), encoding="utf-8")
+                {"r2_paper_nested": results, "r2_nested_final": finals, "runs_done": done,
+                 "inner_fold_seed": inner_seed, "table": table, "part": "ablation", "environment": environment()},
+                indent=1), encoding="utf-8")
             print(name, dataset, seed, {k: np.round(np.mean(v, axis=0), 3).tolist() for k, v in results[name].items()},
                   flush=True)
     print(table)
-    return {"r2_paper_nested": results, "runs_done": done, "table": table}
+    return {"r2_paper_nested": results, "r2_nested_final": finals, "runs_done": done, "inner_fold_seed": inner_seed,
+            "table": table}
 
 
 def main() -> int:
@@ -698,7 +792,10 @@ def main() -> int:
                         help="fidelity: take the timings of the previous fidelity run (only rebuild the table)")
     parser.add_argument("--datasets", default=None,
                         help="quality: only these datasets; rows of other (dataset, method) pairs are kept")
-    parser.add_argument("--variants", default=None, help="ablation: only these variants (comma-separated)")
+    parser.add_argument("--variants", default=None, help="ablation: only these variants (';'-separated)")
+    parser.add_argument("--runs", default=None,
+                        help="ablation: DATASET:SEEDS;... (default hafusion-chicago:0,1,2), e.g. "
+                             "'hafusion-chicago:0,1,2;hafusion-nyc:0,1'")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     parser.add_argument("--fit-one", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -738,7 +835,8 @@ def main() -> int:
                                args.authors_datasets.split(","), args.timing_epochs or 50, args.reuse_timings,
                                args.threads)
         elif part == "ablation":
-            payload = ablation(args.variants.split(";") if args.variants else None)
+            payload = ablation(args.variants.split(";") if args.variants else None,
+                               parse_runs(args.runs) if args.runs else None)
         else:
             raise UrbanProfileError(f"unknown part {part!r}; valid: quality, leaky, selection, speed, scale, maps, "
                                     "fidelity, ablation")

@@ -10,7 +10,14 @@ import torch
 from urbanprofile.benchmark.runner import BenchmarkPlan, plan_units
 from urbanprofile.data import CityData
 from urbanprofile.embedders.hafusion import HAFusionEmbedder
-from urbanprofile.encoders.layers import RegionBlock, feed_forward, readout
+from urbanprofile.encoders.layers import (
+    AttentionEdges,
+    MemoryViewFusion,
+    RegionAttention,
+    RegionBlock,
+    feed_forward,
+    readout,
+)
 from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewInputs, objective_settings
 from urbanprofile.errors import MethodUnavailableError
 from urbanprofile.evaluation import evaluate_embedding
@@ -110,6 +117,86 @@ def test_hafusion_trains_with_each_objective(city: CityData) -> None:
         model = HAFusionEmbedder(d=16, epochs=8, objective=objective, random_state=0).fit(city)
         assert np.isfinite(model.transform(city).to_numpy()).all()
         assert model.log_.losses[-1]["mobility"] < model.log_.losses[0]["mobility"]
+
+
+def test_attention_edge_path_pools_each_row_by_a_softmax_of_its_own_edge_values() -> None:
+    torch.manual_seed(0)
+    edges = AttentionEdges(channels=3, d=5)
+    weights = torch.softmax(torch.randn(7, 7), dim=1)
+    w, b = edges.expand.weight[:, 0].detach().numpy(), edges.expand.bias.detach().numpy()
+    a = weights.numpy()
+    e = a[:, :, None] * w + b  # (7, 7, 3): one value per entry and channel
+    pooled = (np.exp(e) / np.exp(e).sum(axis=1, keepdims=True) * e).sum(axis=1)
+    expected = pooled @ edges.project.weight.detach().numpy().T + edges.project.bias.detach().numpy()
+    np.testing.assert_allclose(edges(weights).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    h = torch.randn(7, 8)
+    plain, with_edges = RegionAttention(8, 2), RegionAttention(8, 2, edge_channels=3)
+    with_edges.load_state_dict(plain.state_dict(), strict=False)  # the same attention, plus the edge path
+    assert not torch.allclose(plain(h), with_edges(h))
+    neighbors = torch.tensor([[(i + j) % 7 for j in range(3)] for i in range(7)])
+    assert with_edges(h, neighbors).shape == (7, 8)  # k-nearest attention pools over the k neighbours
+    with pytest.raises(ValueError, match="edge_channels"):
+        AttentionEdges(0, 5)
+
+
+def test_hafusion_edge_path_option_sits_in_the_intra_view_blocks_only(city: CityData) -> None:
+    kwargs = {"d": 16, "epochs": 3, "feedforward": 32, "n_intra_layers": 1, "n_layers": 2}
+    model = HAFusionEmbedder(**kwargs, edge_channels=4, random_state=0).fit(city)
+    again = HAFusionEmbedder(**kwargs, edge_channels=4, random_state=0).fit(city)
+    emb = model.transform(city)
+    assert emb.shape == (city.n_regions, 16) and np.isfinite(emb.to_numpy()).all()
+    np.testing.assert_array_equal(emb.to_numpy(), again.transform(city).to_numpy())  # deterministic per seed
+    paths = [m for m in model.network_.modules() if isinstance(m, AttentionEdges)]
+    assert len(paths) == 3 and all(p.expand.out_features == 4 for p in paths)  # one per view, none after fusion
+    assert all(block.attention.edges is None for block in model.network_.blocks)
+    assert HAFusionEmbedder().edge_channels is None  # default unchanged
+    with pytest.raises(ValueError, match="edge_channels"):
+        HAFusionEmbedder(**kwargs, edge_channels=0).fit(city)
+
+
+def test_memory_view_fusion_mixes_memory_and_views_then_weighs_views_by_column_scores() -> None:
+    torch.manual_seed(0)
+    fusion = MemoryViewFusion(d=6, n_regions=10, n_blocks=2, memory=4, score_width=5)
+    views = [torch.randn(10, 6) for _ in range(3)]
+    with torch.no_grad():
+        fusion.mix.copy_(torch.tensor([0.0, 1.0]))  # the input views alone: no memory path
+    out = fusion(views)
+    assert out.shape == (10, 6)
+    weights = fusion.view_weights
+    assert weights.shape == (3,) and float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(out.detach().numpy(), sum(float(weights[v]) * views[v] for v in range(3)).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # the view scores by hand: per coordinate f, each view's column over regions projected, then
+    # mean over f and over the other view u of LeakyReLU(own(v) + other(u))
+    cols = torch.stack([torch.stack([fusion.columns(views[v][:, f]) for v in range(3)]) for f in range(6)])
+    own, other = fusion.score_self(cols)[..., 0], fusion.score_other(cols)[..., 0]  # (6, 3) each
+    scores = torch.nn.functional.leaky_relu(own[:, :, None] + other[:, None, :], 0.3).mean(dim=(0, 2))
+    np.testing.assert_allclose(weights.numpy(), torch.softmax(scores, 0).detach().numpy(), rtol=1e-5)
+    # near-zero memory weights (std 1e-3): the memory path starts almost the same for every region
+    with torch.no_grad():
+        m = torch.stack(views, dim=1)
+        for key, value in zip(fusion.keys, fusion.values, strict=True):
+            a = torch.softmax(key(m), dim=1)
+            m = value(a / a.sum(dim=2, keepdim=True))
+    assert float(m.std(dim=0).max()) < 1e-3
+    with pytest.raises(ValueError, match="memory fusion"):
+        MemoryViewFusion(6, 10, n_blocks=0)
+
+
+def test_hafusion_memory_fusion_option_trains_and_is_deterministic(city: CityData) -> None:
+    kwargs = {"d": 16, "epochs": 3, "feedforward": 32, "view_fusion": "memory", "memory_blocks": 2,
+              "memory_size": 8}
+    model = HAFusionEmbedder(**kwargs, random_state=0).fit(city)
+    emb = model.transform(city)
+    assert emb.shape == (city.n_regions, 16) and np.isfinite(emb.to_numpy()).all()
+    np.testing.assert_array_equal(emb.to_numpy(),
+                                  HAFusionEmbedder(**kwargs, random_state=0).fit(city).transform(city).to_numpy())
+    fusion = model.network_.views.fusion
+    assert isinstance(fusion, MemoryViewFusion) and len(fusion.keys) == 2
+    assert float(fusion.view_weights.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert HAFusionEmbedder().view_fusion == "attention"  # default unchanged
+    with pytest.raises(ValueError, match="view_fusion"):
+        HAFusionEmbedder(d=16, epochs=1, view_fusion="nope").fit(city)
 
 
 def _blocks(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

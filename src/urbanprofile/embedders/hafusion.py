@@ -10,19 +10,32 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.encoders.layers import MultiViewFusion, ReconstructionHeads, RegionBlock, readout
+from urbanprofile.encoders.layers import (
+    MemoryViewFusion,
+    MultiViewFusion,
+    ReconstructionHeads,
+    RegionBlock,
+    readout,
+)
 from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
+
+#: Inter-view fusions of :class:`HAFusionEmbedder`, by name.
+VIEW_FUSIONS = ("attention", "memory")
 
 
 class HAFusionNetwork(nn.Module):
     """View fusion -> inter-region self-attention blocks -> read-out."""
 
     def __init__(self, features: dict[str, torch.Tensor], d: int, n_intra_layers: int, n_layers: int,
-                 n_heads: int, dropout: float, readout_kind: str = "deepfc", feedforward: int | None = None) -> None:
+                 n_heads: int, dropout: float, readout_kind: str = "deepfc", feedforward: int | None = None,
+                 edge_channels: int | None = None, view_fusion: str = "attention", memory_blocks: int = 2,
+                 memory_size: int = 72) -> None:
         super().__init__()
         self.features = features
+        n_regions = next(iter(features.values())).shape[0]
+        fusion = MemoryViewFusion(d, n_regions, memory_blocks, memory_size) if view_fusion == "memory" else None
         self.views = MultiViewFusion({v: x.shape[1] for v, x in features.items()}, d, n_intra_layers, n_heads,
-                                     dropout, feedforward)
+                                     dropout, feedforward, edge_channels, fusion)
         self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout, feedforward=feedforward) for _ in range(n_layers))
         self.out = readout(readout_kind, d, d)
         self.heads = ReconstructionHeads(d)
@@ -55,13 +68,23 @@ class HAFusionEmbedder(MultiViewEmbedder):
             authors' code: 2048 in their intra-view and inter-region blocks; the default); ``None``: ``2 d``
             GELU. With 2048, 10 of 12 `paper`/`nested` cells are within 0.03 R² of the authors' code (7
             with ``None``), at a cost under `spatial` (README, fidelity section).
+        edge_channels: Channels of the authors' attention-map edge path in the intra-view blocks (their
+            32: each attention weight expanded to that many values by a 1x1 convolution, pooled per region
+            by a softmax over its row, mapped back and added to the attention output); ``None``: none.
+        view_fusion: ``attention`` (a Transformer layer over each region's view tokens, attentive pooling)
+            or ``memory`` (the authors' external-memory blocks and convolutional view scores,
+            :class:`~urbanprofile.encoders.layers.MemoryViewFusion`).
+        memory_blocks: External-memory blocks of ``view_fusion="memory"`` (the authors': 2 Chicago, 3 NYC).
+        memory_size: Memory slots per block (the authors' half of their token width: 36 / 72).
         random_state: Seed of the initialisation.
     """
 
     def __init__(self, d: int = 144, n_intra_layers: int = 1, n_layers: int = 2, n_heads: int = 4,
                  dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4, weight_decay: float = 5e-4,
                  objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
-                 feedforward: int | None = 2048, random_state: int | None = 0) -> None:
+                 feedforward: int | None = 2048, edge_channels: int | None = None,
+                 view_fusion: str = "attention", memory_blocks: int = 2, memory_size: int = 72,
+                 random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
         self.n_layers = n_layers
@@ -73,11 +96,18 @@ class HAFusionEmbedder(MultiViewEmbedder):
         self.objective = objective
         self.readout = readout
         self.feedforward = feedforward
+        self.edge_channels = edge_channels
+        self.view_fusion = view_fusion
+        self.memory_blocks = memory_blocks
+        self.memory_size = memory_size
         self.random_state = random_state
 
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
+        if self.view_fusion not in VIEW_FUSIONS:
+            raise ValueError(f"unknown view_fusion {self.view_fusion!r}; valid: {', '.join(VIEW_FUSIONS)}")
         features = {v: torch.as_tensor(x, dtype=torch.float32) for v, x in inputs.features.items()}
         network = HAFusionNetwork(features, self.d, self.n_intra_layers, self.n_layers, self.n_heads, self.dropout,
-                                  self.readout, self.feedforward)
+                                  self.readout, self.feedforward, self.edge_channels, self.view_fusion,
+                                  self.memory_blocks, self.memory_size)
         objective = MultiTaskObjective(inputs, random_state=self.random_state, objective=self.objective)
         return network, multitask_step(network, network.heads, objective)

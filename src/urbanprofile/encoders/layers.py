@@ -20,9 +20,11 @@ class RegionAttention(nn.Module):
         d: Model width.
         n_heads: Heads (``d`` must be divisible by it).
         dropout: Dropout on the attention weights.
+        edge_channels: Channels of an :class:`AttentionEdges` path whose output is added to the attention's
+            (HAFusion's intra-view blocks: 32); ``None``: no edge path.
     """
 
-    def __init__(self, d: int, n_heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.0, edge_channels: int | None = None) -> None:
         super().__init__()
         if d % n_heads:
             raise ValueError(f"d={d} is not divisible by n_heads={n_heads}")
@@ -31,6 +33,7 @@ class RegionAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
         self.dropout = nn.Dropout(dropout)
+        self.edges = AttentionEdges(edge_channels, d) if edge_channels is not None else None
 
     def forward(
         self, h: torch.Tensor, neighbors: torch.Tensor | None = None, bias: torch.Tensor | None = None
@@ -57,7 +60,36 @@ class RegionAttention(nn.Module):
                 logits = logits + bias
             weights = self.dropout(torch.softmax(logits, dim=-1))
             mixed = torch.einsum("hnk,nkhd->nhd", weights, v[neighbors])
-        return self.out(mixed.reshape(n, -1))
+        out = self.out(mixed.reshape(n, -1))
+        if self.edges is not None:
+            out = out + self.edges(weights.mean(dim=0))
+        return out
+
+
+class AttentionEdges(nn.Module):
+    """HAFusion's attention-map edge path: each attention weight as a small edge vector, pooled per region.
+
+    Every entry a_ij of the head-averaged attention map becomes ``channels`` values e_ij = w * a_ij + b (a
+    1x1 convolution of the map); each region pools its row by a softmax over j of those same values,
+    sum_j softmax_j(e_ij) * e_ij per channel, and a linear map takes the pooled channels to width ``d``.
+
+    Args:
+        channels: Edge channels (the authors' 32).
+        d: Output width.
+    """
+
+    def __init__(self, channels: int, d: int) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"edge_channels must be >= 1 or None, got {channels}")
+        self.expand = nn.Linear(1, channels)
+        self.project = nn.Linear(channels, d)
+
+    def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        """(N, M) attention weights (dense, or over M neighbours) -> (N, d)."""
+        edges = self.expand(weights.unsqueeze(-1))  # (N, M, c)
+        pooled = (torch.softmax(edges, dim=1) * edges).sum(dim=1)  # (N, c)
+        return self.project(pooled)
 
 
 def feed_forward(d: int, ffn_mult: int = 2, feedforward: int | None = None, dropout: float = 0.0) -> nn.Sequential:
@@ -86,12 +118,13 @@ class RegionBlock(nn.Module):
         dropout: Dropout.
         ffn_mult: Hidden width of the GELU feed-forward, as a multiple of ``d``.
         feedforward: Hidden width of a ReLU feed-forward instead (:func:`feed_forward`).
+        edge_channels: Channels of the attention's edge path (:class:`AttentionEdges`); ``None``: none.
     """
 
     def __init__(self, d: int, n_heads: int, dropout: float = 0.1, ffn_mult: int = 2,
-                 feedforward: int | None = None) -> None:
+                 feedforward: int | None = None, edge_channels: int | None = None) -> None:
         super().__init__()
-        self.attention = RegionAttention(d, n_heads, dropout)
+        self.attention = RegionAttention(d, n_heads, dropout, edge_channels)
         self.ffn = feed_forward(d, ffn_mult, feedforward, dropout)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
@@ -114,14 +147,15 @@ class ViewEncoder(nn.Module):
         n_heads: Attention heads.
         dropout: Dropout.
         feedforward: Hidden width of the blocks' ReLU feed-forward (``None``: ``2 d`` GELU).
+        edge_channels: Channels of the blocks' attention-map edge path (``None``: none).
     """
 
     def __init__(self, in_dim: int, d: int, n_layers: int = 1, n_heads: int = 4, dropout: float = 0.1,
-                 feedforward: int | None = None) -> None:
+                 feedforward: int | None = None, edge_channels: int | None = None) -> None:
         super().__init__()
         self.project = nn.Sequential(nn.Linear(in_dim, d), nn.GELU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout, feedforward=feedforward)
-                                    for _ in range(n_layers))
+        self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout, feedforward=feedforward,
+                                                edge_channels=edge_channels) for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor, neighbors: torch.Tensor | None = None) -> torch.Tensor:
         h = self.project(x)
@@ -159,6 +193,58 @@ class ViewFusion(nn.Module):
         weights = torch.softmax(self.score(z).mean(dim=0).squeeze(-1), dim=0)  # (V,)
         self.view_weights = weights.detach()
         return (z * weights[None, :, None]).sum(dim=1)
+
+
+class MemoryViewFusion(nn.Module):
+    """HAFusion's inter-view fusion: external-memory blocks, a learnable mix, convolutional view scores.
+
+    Each region's view tokens pass through ``n_blocks`` external-memory blocks in turn: a bias-free
+    linear map to ``memory`` slots, a softmax over the views, a normalisation to sum 1 over the slots,
+    a bias-free linear map back (weights start near zero, std 1e-3, as the authors'). A DeepFc follows,
+    and its output is mixed with the views as they came in by two learnable weights (starting at 0.9
+    for the memory path and 0.1 for the input, each divided by their sum). The views are then weighted
+    by one softmax over scores computed per embedding coordinate from that coordinate's column over the
+    regions (a bias-free projection to ``score_width``, two linear scores, LeakyReLU(0.3) of their pairwise
+    sums, averaged over views and coordinates) and summed. The last weights are kept in ``view_weights``.
+
+    Args:
+        d: Embedding width.
+        n_regions: Regions (the view scores project each coordinate's column over them).
+        n_blocks: External-memory blocks (the authors': 2 Chicago, 3 NYC).
+        memory: Memory slots per block.
+        score_width: Width of the view-score projection (the authors': 32 Chicago, 64 NYC).
+    """
+
+    def __init__(self, d: int, n_regions: int, n_blocks: int = 2, memory: int = 72, score_width: int = 64) -> None:
+        super().__init__()
+        if n_blocks < 1 or memory < 1 or score_width < 1:
+            raise ValueError(f"memory fusion needs n_blocks, memory and score_width >= 1, got {n_blocks}, "
+                             f"{memory}, {score_width}")
+        self.keys = nn.ModuleList(nn.Linear(d, memory, bias=False) for _ in range(n_blocks))
+        self.values = nn.ModuleList(nn.Linear(memory, d, bias=False) for _ in range(n_blocks))
+        for layer in [*self.keys, *self.values]:
+            nn.init.normal_(layer.weight, std=1e-3)
+        self.fc = deep_fc(d, d)
+        self.mix = nn.Parameter(torch.tensor([0.9, 0.1]))  # memory path, input views
+        self.columns = nn.Linear(n_regions, score_width, bias=False)
+        self.score_self = nn.Linear(score_width, 1)
+        self.score_other = nn.Linear(score_width, 1)
+        self.view_weights = torch.zeros(0)
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        z = torch.stack(views, dim=1)  # (N, V, d)
+        m = z
+        for key, value in zip(self.keys, self.values, strict=True):
+            slots = torch.softmax(key(m), dim=1)  # over the views
+            m = value(slots / slots.sum(dim=2, keepdim=True))
+        share = self.mix / self.mix.sum()
+        mixed = share[0] * self.fc(m) + share[1] * z  # (N, V, d)
+        columns = self.columns(mixed.permute(2, 1, 0))  # (d, V, score_width): a coordinate's column per view
+        own, other = self.score_self(columns), self.score_other(columns).transpose(1, 2)  # (d, V, 1), (d, 1, V)
+        scores = nn.functional.leaky_relu(own + other, 0.3).mean(dim=2).mean(dim=0)  # (V,)
+        weights = torch.softmax(scores, dim=0)
+        self.view_weights = weights.detach()
+        return (mixed * weights[None, :, None]).sum(dim=1)
 
 
 class SpatialBias(nn.Module):
@@ -240,16 +326,20 @@ class MultiViewFusion(nn.Module):
         n_heads: Attention heads.
         dropout: Dropout.
         feedforward: Hidden width of the intra-view blocks' ReLU feed-forward (``None``: ``2 d`` GELU).
+        edge_channels: Channels of the intra-view blocks' attention-map edge path (``None``: none).
+        fusion: The inter-view fusion module (list of (N, d) views -> (N, d)); ``None``: :class:`ViewFusion`.
     """
 
     def __init__(self, in_dims: dict[str, int], d: int, n_intra_layers: int = 1, n_heads: int = 4,
-                 dropout: float = 0.1, feedforward: int | None = None) -> None:
+                 dropout: float = 0.1, feedforward: int | None = None, edge_channels: int | None = None,
+                 fusion: nn.Module | None = None) -> None:
         super().__init__()
         self.view_names = list(in_dims)
         self.encoders = nn.ModuleDict(
-            {v: ViewEncoder(dim, d, n_intra_layers, n_heads, dropout, feedforward) for v, dim in in_dims.items()}
+            {v: ViewEncoder(dim, d, n_intra_layers, n_heads, dropout, feedforward, edge_channels)
+             for v, dim in in_dims.items()}
         )
-        self.fusion = ViewFusion(d, n_heads, mix_views=True, dropout=dropout)
+        self.fusion = fusion if fusion is not None else ViewFusion(d, n_heads, mix_views=True, dropout=dropout)
 
     def forward(self, features: dict[str, torch.Tensor], neighbors: torch.Tensor | None = None) -> torch.Tensor:
         return self.fusion([self.encoders[v](features[v], neighbors) for v in self.view_names])

@@ -3,9 +3,10 @@
 For one city and modality set: probe (tuned Ridge, protocol ``spatial``, seed 0) the frozen inputs one by
 one and concatenated (``concat``), then fit one UrbanFusion configuration and probe its fused vector (mean
 read-out), its fused tokens side by side (``readout="tokens"``), and the fused vector with each modality
-dropped at inference; print each embedding's width and effective rank (exp of the entropy of the normalised
-squared singular values), the final loss and temperature, and how easily the contrastive task is solved
-(top-1 retrieval among 256 regions between the all-modality view and a one-modality view).
+dropped at inference (``--drop``; with ``--tokens`` the token read-out is the one dropped from); print each
+embedding's width and effective rank (exp of the entropy of the normalised squared singular values), the
+final loss and temperature, and how easily the contrastive task is solved (top-1 retrieval among 256
+regions between the all-modality view and a one-modality view).
 
     URBANPROFILE_DATA=../shared/data python benchmarks/multimodal_diagnose.py cityview-guangzhou location,text \
         '{"lambda_rec": 1.0}' rec1 [--inputs] [--tokens] [--drop]
@@ -89,7 +90,8 @@ def main() -> None:
             drop = mask.clone()
             drop[:, k] = False
             if drop.any(1).all() and "--drop" in sys.argv:
-                probe(f"fused without {nm}", net(z, drop).numpy())
+                readout = "tokens" if "--tokens" in sys.argv else "mean"
+                probe(f"fused ({readout}) without {nm}", net(z, drop, readout=readout).numpy())
     out = Path(__file__).parent / "results" / f"multimodal_diagnose_{name}_{label}.json"
     out.write_text(json.dumps(record, indent=1))
 

@@ -138,3 +138,21 @@ def _write_cityview(root: Path, n: int) -> Path:
     (root / "cityview" / "captions").mkdir()
     (root / "cityview" / "captions" / "Tiny_captions.json").write_text(json.dumps(captions))
     return root
+
+
+def test_urbanfusion_tokens_readout_keeps_one_slot_per_modality() -> None:
+    city = make_synthetic_city(n_regions=40, random_state=3)
+    kwargs: dict[str, Any] = {"train_modalities": COUNTS, "epochs": 2, "batch_size": 16, "d_model": 16,
+                              "random_state": 0}
+    mean = UrbanFusionEmbedder(**kwargs).fit(city)
+    tokens = UrbanFusionEmbedder(readout="tokens", **kwargs).fit(city)
+    wide = tokens.transform(city).to_numpy()
+    assert wide.shape == (40, 16 * len(COUNTS)) and np.isfinite(wide).all()
+    # Same training (the losses use the mean read-out): the mean of the slots is the mean read-out.
+    np.testing.assert_allclose(wide.reshape(40, len(COUNTS), 16).mean(1), mean.transform(city).to_numpy(),
+                               atol=1e-5)
+    tokens.modalities = ("poi",)  # absent slots are filled from the tokens present, never NaN
+    only_poi = tokens.transform(city).to_numpy()
+    assert only_poi.shape == wide.shape and np.isfinite(only_poi).all()
+    with pytest.raises(ValueError, match="readout must be one of"):
+        UrbanFusionEmbedder(readout="max", **kwargs).fit(city)

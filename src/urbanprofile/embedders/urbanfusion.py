@@ -46,6 +46,10 @@ def city_modalities(city: CityData, names: Sequence[str] | None, progress: bool 
     return out
 
 
+#: Region read-outs of the fused tokens.
+READOUTS = ("mean", "tokens")
+
+
 class UrbanFusionEmbedder(Embedder):
     """Transformer fusion of frozen modality encoders, pretrained with stochastic multimodal fusion.
 
@@ -66,6 +70,8 @@ class UrbanFusionEmbedder(Embedder):
         keep_prob: Probability that an available modality is kept in a view.
         lambda_rec: Weight of the reconstruction loss.
         temperature: Initial InfoNCE temperature (learned).
+        readout: ``"mean"`` (the mean of the present fused tokens, ``d_model`` wide) or ``"tokens"`` (every
+            trained modality's fused token side by side, ``d_model`` x modalities wide).
         random_state: Seed.
     """
 
@@ -88,6 +94,7 @@ class UrbanFusionEmbedder(Embedder):
         keep_prob: float = 0.5,
         lambda_rec: float = 0.06,
         temperature: float = 0.07,
+        readout: str = "mean",
         random_state: int | None = None,
     ) -> None:
         self.modalities = modalities
@@ -105,6 +112,7 @@ class UrbanFusionEmbedder(Embedder):
         self.keep_prob = keep_prob
         self.lambda_rec = lambda_rec
         self.temperature = temperature
+        self.readout = readout
         self.random_state = random_state
 
     # -- fitting ------------------------------------------------------------------------------------
@@ -117,6 +125,8 @@ class UrbanFusionEmbedder(Embedder):
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
         if self.lambda_rec < 0 or self.temperature <= 0:
             raise ValueError("lambda_rec must be >= 0 and temperature > 0")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if not self.include_target and not self.pretrain:
             raise ValueError("include_target=False needs at least one dataset in pretrain")
 
@@ -240,7 +250,8 @@ class UrbanFusionEmbedder(Embedder):
         with torch.inference_mode():
             for begin in range(0, city.n_regions, 1024):
                 sl = slice(begin, begin + 1024)
-                out.append(self.model_([v[sl] for v in xs], torch.from_numpy(mask[sl])).numpy())
+                out.append(self.model_([v[sl] for v in xs], torch.from_numpy(mask[sl]),
+                                       readout=self.readout).numpy())
         return as_embedding(np.concatenate(out), city.region_ids)
 
 
@@ -274,9 +285,11 @@ def _build_model(dims: dict[str, int], names: list[str], d_model: int, n_layers:
             self.decode = nn.ModuleList(nn.Linear(d_model, dims[m]) for m in names)
             self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / temperature))))
 
-        def forward(self, xs: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        def forward(self, xs: list[torch.Tensor], mask: torch.Tensor, readout: str = "mean") -> torch.Tensor:
             tokens = torch.stack([p(x) for p, x in zip(self.project, xs, strict=True)], dim=1) + self.modality
             fused = self.fusion(tokens, src_key_padding_mask=~mask)
+            if readout == "tokens":
+                return fused.reshape(len(fused), -1)
             weights = mask.unsqueeze(-1).to(fused.dtype)
             return (fused * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 

@@ -111,6 +111,9 @@ def test_incomplete_folder_is_listed_not_hidden(make_data_dir: Callable[..., Pat
         (("evaluate", "hafusion-testcity", "-m", "raw-poi", "-t", "gdp"), ("no task 'gdp'",)),
         (("benchmark", "--seeds", "a,b"), ("--seeds",)),
         (("embed", "hafusion-testcity", "-m", "raw-poi", "--out", "x.txt"), (".parquet or .csv",)),
+        (("evaluate", "hafusion-testcity", "--bogus"), ("No such option: --bogus", "evaluate --help")),
+        (("r1", "train", "-d", "hafusion-testcity", "-t", "crime", "-o", "run", "--entropy-coef", "abc"),
+         ("--entropy-coef",)),
     ],
 )
 def test_unknown_names(make_data_dir: Callable[..., Path], tmp_path: Path, args: tuple[str, ...], fragments) -> None:

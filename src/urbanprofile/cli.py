@@ -534,12 +534,23 @@ def main() -> None:
         err.print("aborted")
         sys.exit(130)
     except Exception as error:
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
+        if _is_usage_error(error):
+            message = " ".join(str(error.format_message()).split())  # type: ignore[attr-defined]
+            ctx = getattr(error, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            sys.stderr.write(f"error: {message}{hint}\n")
             sys.exit(2)
         raise
+
+
+def _is_usage_error(error: Exception) -> bool:
+    """A command-line mistake (unknown option, bad value): click's exceptions, or the copy of click that
+    newer typer releases vendor (``typer._click``, whose exceptions are not click's)."""
+    import click
+
+    vendored = getattr(getattr(typer, "exceptions", None), "TyperException", None)
+    kinds = (click.exceptions.ClickException, *((vendored,) if vendored else ()))
+    return isinstance(error, kinds) and callable(getattr(error, "format_message", None))
 
 
 if __name__ == "__main__":

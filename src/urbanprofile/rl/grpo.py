@@ -67,13 +67,8 @@ def sample_group(
     return GroupRollout(prompt_ids, completion_ids, torch.stack(mask, dim=1).float(), texts)
 
 
-def completion_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
-    """Log-probability of every completion token, (G, C), with the prompt run once (graph kept)."""
-    return completion_logprobs_entropy(model, rollout)[0]
-
-
-def completion_logprobs_entropy(model: Any, rollout: GroupRollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the completion tokens and the policy's entropy over the vocabulary there, (G, C) each."""
+def _vocab_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
+    """Log-softmax over the vocabulary at every completion position, (G, C, V), the prompt run once."""
     g = rollout.completion_ids.shape[0]
     cache, last = _prompt_cache(model, rollout.prompt_ids)
     cache.batch_repeat_interleave(g)
@@ -83,7 +78,17 @@ def completion_logprobs_entropy(model: Any, rollout: GroupRollout) -> tuple[torc
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def completion_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
+    """Log-probability of every completion token, (G, C), with the prompt run once (graph kept)."""
+    return _vocab_logprobs(model, rollout).gather(-1, rollout.completion_ids[:, :, None]).squeeze(-1)
+
+
+def completion_logprobs_entropy(model: Any, rollout: GroupRollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the completion tokens and the policy's entropy over the vocabulary there, (G, C) each."""
+    logp = _vocab_logprobs(model, rollout)
     entropy = -(logp.exp() * logp).sum(dim=-1)
     return logp.gather(-1, rollout.completion_ids[:, :, None]).squeeze(-1), entropy
 

@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--holdout-city", default=None, help="hold this dataset out whole (train on the other)")
     parser.add_argument("--init", default="base", help="base, or sft (GRPO starts from the SFT model)")
     parser.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: none)")
+    parser.add_argument("--constrain-answer", action="store_true",
+                        help="draw the level digit among the valid levels only (no format failures)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -71,7 +73,8 @@ def main() -> None:
                       learning_rate=args.lr, sft_learning_rate=args.sft_lr or args.lr, beta=args.beta,
                       temperature=args.temperature, device=args.device,
                       reward=args.reward, scale_rewards=args.scale_rewards,
-                      holdout_city=args.holdout_city, init=args.init, entropy_coef=args.entropy_coef)
+                      holdout_city=args.holdout_city, init=args.init, entropy_coef=args.entropy_coef,
+                      constrain_answer=args.constrain_answer)
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     record: dict[str, Any] = {"config": config.to_json(), "threads": args.threads, "cpus": os.cpu_count(),
@@ -116,6 +119,8 @@ def markdown(record: dict[str, Any]) -> str:
     start = "SFT model (also its KL reference)" if record["config"].get("init") == "sft" else "base model"
     if record["config"].get("entropy_coef"):
         start += f", entropy bonus {record['config']['entropy_coef']:g}"
+    if record["config"].get("constrain_answer"):
+        start += ", answers constrained to the level digits (sampling, GRPO and greedy evaluation)"
     held_out = f"all of {holdout}, trained on the other city" if holdout else "fold 0 of spatial in each city"
     lines = [
         f"Device: {record.get('device', 'cpu')} ({record['threads']} torch CPU threads). "

@@ -405,3 +405,39 @@ def test_entropy_bonus_spreads_a_collapsed_policy_and_is_checked() -> None:
         R1Config(datasets=["syn-a"], task="crime", entropy_coef=-1.0).check()
     with pytest.raises(UrbanProfileError, match="needs engine=prefix"):
         R1Config(datasets=["syn-a"], task="crime", entropy_coef=0.01, engine="trl").check()
+
+
+def test_constrained_answers_draw_only_level_digits_and_renormalise_over_them(tmp_path: Path) -> None:
+    import torch
+
+    from urbanprofile.rl.grpo import completion_logprobs_entropy, sample_group
+    from urbanprofile.rl.policy import generate_answers, level_token_ids, load_policy
+    from urbanprofile.rl.train import R1Config, train_grpo
+
+    model, tokenizer = load_policy("tiny-random", 0)  # untrained: left free it writes any character
+    allowed = torch.tensor(level_token_ids(tokenizer, 5))
+    ids = tokenizer("region 7 <answer>", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    generator = torch.Generator().manual_seed(0)
+    free = sample_group(model, tokenizer, ids, 64, 1, 1.0, generator)
+    assert not set(free.completion_ids[:, 0].tolist()) <= set(allowed.tolist())
+    rollout = sample_group(model, tokenizer, ids, 64, 3, 1.0, generator, allowed)
+    assert set(rollout.completion_ids[:, 0].tolist()) <= set(allowed.tolist())
+    assert all(parse_answer(t[:1], "level", 5).value is not None for t in rollout.texts)
+    logp, entropy = completion_logprobs_entropy(model, rollout)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert float(entropy[:, 0].detach().max()) <= float(np.log(5)) + 1e-5  # a distribution over the 5 levels alone
+    first = {int(t): float(lp) for t, lp in zip(rollout.completion_ids[:, 0], logp[:, 0], strict=True)}
+    assert len(first) >= 2 and sum(np.exp(v) for v in first.values()) <= 1 + 1e-5
+    greedy = generate_answers(model, tokenizer, ["region 7 <answer>", "region 9 <answer>"], 2,
+                              first_allowed=allowed.tolist())
+    assert all(g[:1] in "01234" for g in greedy)
+
+    config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", steps=2, generations=2,
+                      max_new_tokens=4, save_every=2, sft=False, lora_rank=4, lora_layers=1, constrain_answer=True)
+    train_grpo(config, tmp_path / "run", cities=_cities())
+    log = [json.loads(line) for line in (tmp_path / "run" / "reward_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 * 4 * 2 and all(row["parsed"] for row in log)  # the tiny random model always gives a level
+    assert R1Config(**{**config.to_json(), "constrain_answer": True}).full_completion("3") == "<answer>3</answer>"
+    for bad in ({"answer": "number", "reward": "distance"}, {"answer_prefix": False}, {"engine": "trl"}):
+        with pytest.raises(UrbanProfileError, match="constrain_answer needs"):
+            R1Config(datasets=["syn-a"], task="crime", constrain_answer=True, **bad).check()  # type: ignore[arg-type]

@@ -443,6 +443,9 @@ def r1_train(
         help="Divide advantages by the group's reward spread (GRPO as published; default off: Dr. GRPO).")] = False,
     entropy_coef: Annotated[float, typer.Option("--entropy-coef", help="Weight of an entropy bonus on the "
                                                 "completion tokens (0: none).")] = 0.0,
+    constrain_answer: Annotated[bool, typer.Option(
+        "--constrain-answer/--free-answer",
+        help="Draw the level digit among the valid levels only (sampling, GRPO and evaluation).")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when visible), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
@@ -459,7 +462,7 @@ def r1_train(
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, beta=beta, lora_rank=lora_rank,
         balanced=balanced, save_every=save_every, sft=sft, engine=engine, lora_layers=lora_layers, random_state=seed,
         sft_learning_rate=sft_learning_rate, temperature=temperature, reward=reward,
-        scale_rewards=scale_rewards, init=init, entropy_coef=entropy_coef,
+        scale_rewards=scale_rewards, init=init, entropy_coef=entropy_coef, constrain_answer=constrain_answer,
         data_dir=str(data_dir) if data_dir else None, device=device,
     )
     from urbanprofile.rl.policy import resolve_device

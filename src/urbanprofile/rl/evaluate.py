@@ -21,7 +21,7 @@ from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unkno
 from urbanprofile.evaluation.metrics import regression_metrics
 from urbanprofile.rl.prompts import parse_answer, to_level
 from urbanprofile.rl.task import R1Data
-from urbanprofile.rl.train import R1Config, prepare_task, read_config
+from urbanprofile.rl.train import R1Config, first_tokens, prepare_task, read_config
 
 METHODS = ("zero-shot", "grpo", "sft", "ridge", "knn-location")
 LLM_METHODS = ("zero-shot", "grpo", "sft")
@@ -111,7 +111,8 @@ def llm_predictions(
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc=f"answering ({adapter.parent.name + '/' + adapter.name if adapter else 'base'})",
               unit="region") as bar:
-        completions = generate_answers(model, tokenizer, prompts, config.max_new_tokens, batch_size, bar.update)
+        completions = generate_answers(model, tokenizer, prompts, config.answer_tokens, batch_size, bar.update,
+                                       first_tokens(config, tokenizer))
     seconds = time.perf_counter() - start
     mean_level = (
         expected_levels(model, tokenizer, prompts, config.n_levels, batch_size)

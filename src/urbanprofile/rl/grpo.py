@@ -29,6 +29,16 @@ class GroupRollout:
     completion_ids: torch.Tensor  # (G, C), pad after the end of each completion
     mask: torch.Tensor  # (G, C) 1 on tokens up to and including EOS
     texts: list[str]
+    first_allowed: torch.Tensor | None = None  # token ids the first completion token was drawn among
+
+
+def _first_logits(last: torch.Tensor, first_allowed: torch.Tensor | None) -> torch.Tensor:
+    """The first completion token's logits, restricted to ``first_allowed`` when answers are constrained."""
+    if first_allowed is None:
+        return last
+    from urbanprofile.rl.policy import mask_to
+
+    return mask_to(last, first_allowed)
 
 
 def _prompt_cache(model: Any, prompt_ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
@@ -39,12 +49,16 @@ def _prompt_cache(model: Any, prompt_ids: torch.Tensor) -> tuple[Any, torch.Tens
 @torch.no_grad()
 def sample_group(
     model: Any, tokenizer: Any, prompt_ids: torch.Tensor, generations: int, max_new_tokens: int, temperature: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, first_allowed: torch.Tensor | None = None,
 ) -> GroupRollout:
-    """Sample G completions from one prompt encoded once (its cache repeated G times)."""
+    """Sample G completions from one prompt encoded once (its cache repeated G times).
+
+    ``first_allowed`` (token ids) constrains the first token: the policy's distribution there is renormalised
+    over those tokens, for sampling and (through the rollout) for every log-probability of it.
+    """
     cache, last = _prompt_cache(model, prompt_ids)
     cache.batch_repeat_interleave(generations)
-    logits = last.expand(generations, -1)
+    logits = _first_logits(last, first_allowed).expand(generations, -1)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     tokens, alive = [], torch.ones(generations, dtype=torch.bool, device=prompt_ids.device)
@@ -64,7 +78,7 @@ def sample_group(
         cache, logits = out.past_key_values, out.logits[:, -1, :]
     completion_ids = torch.stack(tokens, dim=1)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return GroupRollout(prompt_ids, completion_ids, torch.stack(mask, dim=1).float(), texts)
+    return GroupRollout(prompt_ids, completion_ids, torch.stack(mask, dim=1).float(), texts, first_allowed)
 
 
 def _vocab_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
@@ -72,7 +86,7 @@ def _vocab_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
     g = rollout.completion_ids.shape[0]
     cache, last = _prompt_cache(model, rollout.prompt_ids)
     cache.batch_repeat_interleave(g)
-    first = last.expand(g, -1)[:, None, :]
+    first = _first_logits(last, rollout.first_allowed).expand(g, -1)[:, None, :]
     if rollout.completion_ids.shape[1] > 1:
         rest = model(input_ids=rollout.completion_ids[:, :-1], past_key_values=cache, use_cache=True).logits
         logits = torch.cat([first, rest], dim=1)
@@ -89,7 +103,7 @@ def completion_logprobs(model: Any, rollout: GroupRollout) -> torch.Tensor:
 def completion_logprobs_entropy(model: Any, rollout: GroupRollout) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the completion tokens and the policy's entropy over the vocabulary there, (G, C) each."""
     logp = _vocab_logprobs(model, rollout)
-    entropy = -(logp.exp() * logp).sum(dim=-1)
+    entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)  # 0 * -inf -> 0
     return logp.gather(-1, rollout.completion_ids[:, :, None]).squeeze(-1), entropy
 
 
@@ -144,6 +158,7 @@ def grpo_step(
     ref_model: Any = None,
     scale_rewards: bool = True,
     entropy_coef: float = 0.0,
+    first_allowed: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One optimizer step over some prompts (one per group), G completions each.
 
@@ -152,6 +167,8 @@ def grpo_step(
         ref_model: The frozen reference policy for full fine-tuning; with a LoRA adapter the reference is the
             model with its adapter disabled.
         entropy_coef: Weight of the entropy bonus (0: none); the mean entropy is logged either way.
+        first_allowed: Token ids the first completion token is drawn among (constrained answers; see
+            :func:`sample_group`).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad()
@@ -160,7 +177,8 @@ def grpo_step(
     for i, prompt in enumerate(prompts):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
         model.eval()
-        rollout = sample_group(model, tokenizer, ids, generations, max_new_tokens, temperature, generator)
+        rollout = sample_group(model, tokenizer, ids, generations, max_new_tokens, temperature, generator,
+                               first_allowed)
         rewards = torch.tensor(reward_fn(rollout.texts, i), dtype=torch.float32, device=ids.device)
         ref_logp = None
         if beta > 0 and (has_adapter or ref_model is not None):

@@ -139,6 +139,38 @@ def top_layers(model: Any, n: int) -> list[int] | None:
     return list(range(total - n, total))
 
 
+def level_token_ids(tokenizer: Any, n_levels: int) -> list[int]:
+    """The token id of every level digit ``0 .. n_levels - 1``.
+
+    Raises:
+        UrbanProfileError: The tokenizer splits a level into several tokens.
+    """
+    digits = []
+    for k in range(n_levels):
+        ids = tokenizer(str(k), add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise UrbanProfileError(f"the tokenizer splits the level {k} into {len(ids)} tokens")
+        digits.append(ids[0])
+    return digits
+
+
+def mask_to(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``logits`` with every token outside ``allowed`` (token ids) set to -inf, over the last axis."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[allowed.to(logits.device)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+class _FirstTokenIn:
+    """A ``generate`` logits processor: the first new token must be one of ``allowed``."""
+
+    def __init__(self, allowed: torch.Tensor, prompt_length: int) -> None:
+        self.allowed, self.prompt_length = allowed, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return mask_to(scores, self.allowed) if input_ids.shape[1] == self.prompt_length else scores
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,
@@ -147,18 +179,29 @@ def generate_answers(
     max_new_tokens: int = 12,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    first_allowed: list[int] | None = None,
 ) -> list[str]:
-    """Greedy completions of chat-formatted prompts, in batches (left padding)."""
+    """Greedy completions of chat-formatted prompts, in batches (left padding).
+
+    Args:
+        first_allowed: Token ids the first new token must be one of (constrained answers); ``None``: any.
+    """
+    from transformers import LogitsProcessorList
+
     model.eval()
     completions: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        processors = LogitsProcessorList()
+        if first_allowed is not None:
+            processors.append(_FirstTokenIn(torch.tensor(first_allowed), enc["input_ids"].shape[1]))
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            logits_processor=processors,
         )
         new = out[:, enc["input_ids"].shape[1] :]
         completions.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -175,14 +218,7 @@ def expected_levels(
     The prompts must end where the level digit comes (the ``<answer>`` prefix). Greedy answers show only
     the policy's favourite level; this shows whether its preferences move with the region (for ranking).
     """
-    import torch
-
-    digits = []
-    for k in range(n_levels):
-        ids = tokenizer(str(k), add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise UrbanProfileError(f"the tokenizer splits the level {k} into {len(ids)} tokens")
-        digits.append(ids[0])
+    digits = level_token_ids(tokenizer, n_levels)
     values = torch.arange(n_levels, dtype=torch.float32)
     model.eval()
     out: list[float] = []

@@ -41,6 +41,8 @@ RESULTS = Path(__file__).parent / "results"
 CITYVIEW = {"cityview-beijing": ("location", "text", "streetview"), "cityview-guangzhou": ("location", "text")}
 TASKS = ["carbon", "population"]
 RAW = ["raw-poi", "raw-landuse", "raw-mobility", "raw-all"]
+#: Set by ``--fusion-params`` / ``--tag``: urbanfusion's settings for every part, and the results' file suffix.
+SETTINGS: dict[str, Any] = {"fusion_params": {}, "tag": ""}
 
 
 def environment() -> dict[str, Any]:
@@ -50,9 +52,12 @@ def environment() -> dict[str, Any]:
 
 def write(part: str, payload: dict[str, Any], markdown: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    payload = {"part": part, "environment": environment(), **payload}
-    (RESULTS / f"multimodal_{part}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (RESULTS / f"multimodal_{part}.md").write_text(markdown)
+    payload = {"part": part, "environment": environment(), "urbanfusion_params": SETTINGS["fusion_params"], **payload}
+    if SETTINGS["fusion_params"]:
+        markdown += f"\nurbanfusion settings: {json.dumps(SETTINGS['fusion_params'])} (the rest default)\n"
+    stem = f"multimodal_{part}{SETTINGS['tag']}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (RESULTS / f"{stem}.md").write_text(markdown)
     print(markdown)
 
 
@@ -173,7 +178,7 @@ def part_robust(seed: int) -> None:
     _robust_plot(records)
     write("robust", {"seed": seed, "records": records},
           f"## Missing-modality robustness (urbanfusion seed {seed}, spatial)\n\n{md_table(header, rows)}\n"
-          "![robustness](multimodal_robust.png)\n")
+          f"![robustness](multimodal_robust{SETTINGS['tag']}.png)\n")
 
 
 def _robust_plot(records: list[dict[str, Any]]) -> None:
@@ -192,7 +197,7 @@ def _robust_plot(records: list[dict[str, Any]]) -> None:
         ax.set_ylabel("R² (spatial)")
     np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "multimodal_robust.png", dpi=110)
+    fig.savefig(RESULTS / f"multimodal_robust{SETTINGS['tag']}.png", dpi=110)
 
 
 def part_timing() -> None:
@@ -258,8 +263,17 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the hafusion part")
     parser.add_argument("--cityview-seeds", default="0", help="seeds of the cityview and oor parts")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fusion-params", default="{}",
+                        help="urbanfusion settings for every part, as JSON, "
+                        "e.g. '{\"lambda_rec\": 1.0, \"readout\": \"tokens\"}'")
+    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. _tokens), so a variant keeps "
+                        "the default's files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    SETTINGS["fusion_params"] = json.loads(args.fusion_params)
+    SETTINGS["tag"] = args.tag
+    if SETTINGS["fusion_params"]:
+        fusion_spec("urbanfusion", **SETTINGS["fusion_params"])
     seeds = [int(s) for s in args.seeds.split(",")]
     cv_seeds = [int(s) for s in args.cityview_seeds.split(",")]
     for part in args.parts.split(","):

@@ -136,6 +136,10 @@ def markdown(record: dict[str, Any]) -> str:
         f"(share), first 10 steps {s.get('answers_first_steps', '-')}, "
         f"last 10 steps {s.get('answers_last_steps', '-')}.",
         "",
+        f"Total advantage each answer received: in the {s.get('prompts_with_a_format_failure', '-')} prompts where "
+        f"a completion did not parse {s.get('advantage_with_a_format_failure', '-')}; in the others "
+        f"{s.get('advantage_without', '-')}.",
+        "",
         f"Held-out regions: {record['n_test']} ({held_out}), "
         f"task {record['config']['task']}, levels 0-{record['config']['n_levels'] - 1}.",
         "",

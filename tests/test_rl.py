@@ -441,3 +441,23 @@ def test_constrained_answers_draw_only_level_digits_and_renormalise_over_them(tm
     for bad in ({"answer": "number", "reward": "distance"}, {"answer_prefix": False}, {"engine": "trl"}):
         with pytest.raises(UrbanProfileError, match="constrain_answer needs"):
             R1Config(datasets=["syn-a"], task="crime", constrain_answer=True, **bad).check()  # type: ignore[arg-type]
+
+
+def test_advantage_by_answer_separates_what_format_failures_gave(tmp_path: Path) -> None:
+    from urbanprofile.rl.train import advantage_by_answer
+
+    rows = [  # prompt 1: one failure lifts the two others; prompt 2: accuracy alone
+        {"format": 1.0, "accuracy": 0.0, "parsed": True, "value": 3.0},
+        {"format": 1.0, "accuracy": 0.0, "parsed": True, "value": 1.0},
+        {"format": 0.0, "accuracy": -1.0, "parsed": False, "value": None},
+        {"format": 1.0, "accuracy": 0.5, "parsed": True, "value": 3.0},
+        {"format": 1.0, "accuracy": -0.5, "parsed": True, "value": 1.0},
+        {"format": 1.0, "accuracy": 0.0, "parsed": True, "value": 2.0},
+    ]
+    path = tmp_path / "reward_log.jsonl"
+    path.write_text("".join(json.dumps({"step": 1, "group": "g", **r}) + "\n" for r in rows))
+    out = advantage_by_answer(path, 3)
+    assert out["prompts_with_a_format_failure"] == 1
+    assert out["advantage_with_a_format_failure"] == pytest.approx({"1": 0.67, "3": 0.67, "unparsed": -1.33})  # rounded to 0.01
+    assert out["advantage_without"] == pytest.approx({"1": -0.5, "2": 0.0, "3": 0.5})
+    assert advantage_by_answer(path, 4) == {}  # not whole prompts of G completions

@@ -362,6 +362,8 @@ def train_grpo(
     }
     del tokenizer
     summary.update(reward_summary(reward_path))
+    if config.engine == "prefix":  # its log keeps each prompt's G completions together
+        summary.update(advantage_by_answer(reward_path, config.generations))
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
     plot_reward_curves(run_dir)
     return summary
@@ -547,6 +549,34 @@ def reward_summary(path: Path, last: int = 10) -> dict[str, Any]:
         "group_reward_last_steps": {str(k): float(v) for k, v in final.groupby("group")["reward"].mean().items()},
         **_answer_shares(first, final),
     }
+
+
+def advantage_by_answer(path: Path, generations: int) -> dict[str, Any]:
+    """Total advantage (``r - mean`` within each prompt's G completions) that every answer received over the
+    run, apart for the prompts where some completion did not parse and for the others.
+
+    The log must hold each prompt's G completions in a row (the ``prefix`` engine's order). Where a
+    completion fails to parse, its penalty lifts the advantage of every other completion of that prompt by
+    the same amount, whatever level it gave; this shows how much of what each level was pushed by came from
+    that, next to what the accuracy reward gave it.
+    """
+    import pandas as pd
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return {}
+    log = pd.read_json(path, lines=True)
+    if len(log) % generations or "value" not in log:
+        return {}
+    reward = (log["format"] + log["accuracy"]).to_numpy(float).reshape(-1, generations)
+    advantage = (reward - reward.mean(axis=1, keepdims=True)).ravel()
+    failed = np.repeat(~log["parsed"].to_numpy(bool).reshape(-1, generations).all(axis=1), generations)
+    answer = log["value"].map(lambda v: "unparsed" if pd.isna(v) else f"{v:g}")
+    out: dict[str, Any] = {}
+    for name, rows in (("advantage_with_a_format_failure", failed), ("advantage_without", ~failed)):
+        totals = pd.Series(advantage[rows]).groupby(answer[rows].to_numpy()).sum()
+        out[name] = {str(k): round(float(v), 2) for k, v in totals.items()}
+    out["prompts_with_a_format_failure"] = int(failed.sum() // generations)
+    return out
 
 
 def _answer_shares(first: Any, final: Any) -> dict[str, Any]:

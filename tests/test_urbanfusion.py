@@ -39,7 +39,7 @@ def test_urbanfusion_trains_and_embeds_any_subset() -> None:
     city = make_synthetic_city(n_regions=48, random_state=0)
     model = UrbanFusionEmbedder(train_modalities=COUNTS, epochs=4, batch_size=16, d_model=32, random_state=0)
     full = model.fit_transform(city)
-    assert full.shape == (48, 32) and np.isfinite(full.to_numpy()).all()
+    assert full.shape == (48, 32 * len(COUNTS)) and np.isfinite(full.to_numpy()).all()  # one slot per modality
     assert model.names_ == list(COUNTS) and len(model.loss_history_) == 4
     again = UrbanFusionEmbedder(train_modalities=COUNTS, epochs=4, batch_size=16, d_model=32,
                                 random_state=0).fit_transform(city)
@@ -144,8 +144,8 @@ def test_urbanfusion_tokens_readout_keeps_one_slot_per_modality() -> None:
     city = make_synthetic_city(n_regions=40, random_state=3)
     kwargs: dict[str, Any] = {"train_modalities": COUNTS, "epochs": 2, "batch_size": 16, "d_model": 16,
                               "random_state": 0}
-    mean = UrbanFusionEmbedder(**kwargs).fit(city)
-    tokens = UrbanFusionEmbedder(readout="tokens", **kwargs).fit(city)
+    mean = UrbanFusionEmbedder(readout="mean", **kwargs).fit(city)
+    tokens = UrbanFusionEmbedder(**kwargs).fit(city)  # the default read-out
     wide = tokens.transform(city).to_numpy()
     assert wide.shape == (40, 16 * len(COUNTS)) and np.isfinite(wide).all()
     # Same training (the losses use the mean read-out): the mean of the slots is the mean read-out.

@@ -3,13 +3,16 @@
 Each modality of a region (see :mod:`urbanprofile.encoders.modalities`: GeoCLIP location, MiniLM captions,
 street-view captions, EfficientNet images, POI / land-use / mobility profiles) is encoded by a frozen
 encoder, standardised, and projected to one ``d_model`` token (plus a learned modality embedding). A
-Transformer encoder fuses the tokens that are present; the region vector is the mean of the fused tokens.
+Transformer encoder fuses the tokens that are present; the region vector is every trained modality's fused
+token side by side (``readout="tokens"``, the default; an absent modality's slot is filled from the tokens
+present) or their mean (``readout="mean"``).
 
 Pretraining is Stochastic Multimodal Fusion (SMF): for every region of a minibatch two random non-empty
 subsets of its available modalities are drawn (each modality kept with probability ``keep_prob``); the two
 fused views are pulled together by a symmetric InfoNCE loss with a learnable temperature, and every
-available modality's standardised embedding is reconstructed from each view (MSE, weight
-``lambda_rec`` about 0.06). Several cities that share modalities can be pooled (``pretrain``), and the
+available modality's standardised embedding is reconstructed from each view (MSE, weight ``lambda_rec``:
+the paper's summary gives about 0.06; the default here is 1.0, see the README's diagnosis: at 0.06 the
+solved contrastive task keeps an identity code and loses what a probe needs). Several cities that share modalities can be pooled (``pretrain``), and the
 target city may be left out (``include_target=False``: the out-of-region setting). At inference any subset
 of the trained modalities can be used (``modalities``); regions lacking one simply have one token less.
 """
@@ -70,8 +73,8 @@ class UrbanFusionEmbedder(Embedder):
         keep_prob: Probability that an available modality is kept in a view.
         lambda_rec: Weight of the reconstruction loss.
         temperature: Initial InfoNCE temperature (learned).
-        readout: ``"mean"`` (the mean of the present fused tokens, ``d_model`` wide) or ``"tokens"`` (every
-            trained modality's fused token side by side, ``d_model`` x modalities wide).
+        readout: ``"tokens"`` (every trained modality's fused token side by side, ``d_model`` x modalities
+            wide; the default) or ``"mean"`` (the mean of the present fused tokens, ``d_model`` wide).
         random_state: Seed.
     """
 
@@ -92,9 +95,9 @@ class UrbanFusionEmbedder(Embedder):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         keep_prob: float = 0.5,
-        lambda_rec: float = 0.06,
+        lambda_rec: float = 1.0,
         temperature: float = 0.07,
-        readout: str = "mean",
+        readout: str = "tokens",
         random_state: int | None = None,
     ) -> None:
         self.modalities = modalities

@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--holdout-city", default=None, help="hold this dataset out whole (train on the other)")
     parser.add_argument("--init", default="base", help="base, or sft (GRPO starts from the SFT model)")
     parser.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="random_state of the run (sampling, LoRA, batches)")
     parser.add_argument("--constrain-answer", action="store_true",
                         help="draw the level digit among the valid levels only (no format failures)")
     args = parser.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
                       temperature=args.temperature, device=args.device,
                       reward=args.reward, scale_rewards=args.scale_rewards,
                       holdout_city=args.holdout_city, init=args.init, entropy_coef=args.entropy_coef,
-                      constrain_answer=args.constrain_answer)
+                      constrain_answer=args.constrain_answer, random_state=args.seed)
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     record: dict[str, Any] = {"config": config.to_json(), "threads": args.threads, "cpus": os.cpu_count(),

@@ -12,9 +12,10 @@ subsets of its available modalities are drawn (each modality kept with probabili
 fused views are pulled together by a symmetric InfoNCE loss with a learnable temperature, and every
 available modality's standardised embedding is reconstructed from each view (MSE, weight ``lambda_rec``:
 the paper's summary gives about 0.06; the default here is 1.0, see the README's diagnosis: at 0.06 the
-solved contrastive task keeps an identity code and loses what a probe needs). Several cities that share modalities can be pooled (``pretrain``), and the
-target city may be left out (``include_target=False``: the out-of-region setting). At inference any subset
-of the trained modalities can be used (``modalities``); regions lacking one simply have one token less.
+solved contrastive task keeps an identity code and loses what a probe needs). Several cities that share
+modalities can be pooled (``pretrain``), and the target city may be left out (``include_target=False``: the
+out-of-region setting). At inference any subset of the trained modalities can be used (``modalities``);
+regions lacking one simply have one token less.
 """
 
 from __future__ import annotations

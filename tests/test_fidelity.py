@@ -10,6 +10,7 @@ import torch
 from urbanprofile.benchmark.runner import BenchmarkPlan, plan_units
 from urbanprofile.data import CityData
 from urbanprofile.embedders.hafusion import HAFusionEmbedder
+from urbanprofile.embedders.srel import SRELEmbedder
 from urbanprofile.encoders.layers import (
     AttentionEdges,
     MemoryViewFusion,
@@ -96,7 +97,7 @@ def test_deepfc_readout_ends_in_leaky_relu_and_names_are_checked() -> None:
 
 
 def test_hafusion_feed_forward_option_gives_the_authors_relu_blocks(city: CityData) -> None:
-    def hidden_layers(model: HAFusionEmbedder) -> set[tuple[int, str]]:
+    def hidden_layers(model: HAFusionEmbedder | SRELEmbedder) -> set[tuple[int, str]]:
         found = set()
         for module in model.network_.modules():
             if isinstance(module, RegionBlock):
@@ -108,6 +109,8 @@ def test_hafusion_feed_forward_option_gives_the_authors_relu_blocks(city: CityDa
     assert hidden_layers(authors) == {(64, "ReLU")}  # intra-view and inter-region blocks alike
     assert hidden_layers(previous) == {(32, "GELU")}
     assert HAFusionEmbedder().feedforward == 2048  # the authors' width is the default
+    srel = SRELEmbedder(d=16, epochs=2, feedforward=64, random_state=0).fit(city)
+    assert hidden_layers(srel) == {(64, "ReLU")} and SRELEmbedder().feedforward is None  # an option for srel
     with pytest.raises(ValueError, match="feedforward"):
         feed_forward(16, feedforward=0)
 

@@ -24,7 +24,7 @@ class SRELNetwork(nn.Module):
 
     def __init__(self, features: dict[str, torch.Tensor], prior: SpatialPrior, d: int, n_intra_layers: int,
                  n_layers: int, n_heads: int, spatial_weight: float, dropout: float,
-                 readout_kind: str = "deepfc") -> None:
+                 readout_kind: str = "deepfc", feedforward: int | None = None) -> None:
         super().__init__()
         self.features = features
         self.adjacency = torch.as_tensor(prior.adjacency, dtype=torch.float32)
@@ -32,10 +32,11 @@ class SRELNetwork(nn.Module):
         self.neighbors = None if prior.neighbors is None else torch.as_tensor(prior.neighbors, dtype=torch.long)
         self.centrality = torch.as_tensor(prior.centrality, dtype=torch.float32)[:, None]
         self.views = MultiViewFusion({v: x.shape[1] for v, x in features.items()}, d, n_intra_layers, n_heads,
-                                     dropout)
+                                     dropout, feedforward)
         self.centrality_projection = nn.Linear(1, d)
         self.bias = SpatialBias(n_heads, N_BUCKETS, spatial_weight)
-        self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout, feedforward=feedforward)
+                                    for _ in range(n_layers))
         self.out = readout(readout_kind, d, d)
         self.heads = ReconstructionHeads(d)
 
@@ -63,6 +64,8 @@ class SRELEmbedder(MultiViewEmbedder):
         weight_decay: Adam weight decay (the authors' 5e-4).
         objective: The multi-task objective shared with HAFusion (``authors``, ``distribution`` or a dict).
         readout: ``deepfc`` (HAFusion's code) or ``mlp``.
+        feedforward: Hidden width of a ReLU feed-forward with dropout in every attention block (HAFusion's
+            2048, the ``hafusion`` default); ``None``: the 2 d GELU feed-forward.
         attention: ``auto`` (dense up to ``dense_limit`` regions, else sparse), ``dense`` or ``sparse``.
         k_neighbors: Neighbourhood size of the sparse attention.
         dense_limit: Largest city trained with dense N x N attention under ``auto``.
@@ -73,7 +76,7 @@ class SRELEmbedder(MultiViewEmbedder):
                  spatial_weight: float = 0.3, dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4,
                  weight_decay: float = 5e-4, objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
                  attention: str = "auto", k_neighbors: int = 32, dense_limit: int = 2000,
-                 random_state: int | None = 0) -> None:
+                 feedforward: int | None = None, random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
         self.n_layers = n_layers
@@ -88,6 +91,7 @@ class SRELEmbedder(MultiViewEmbedder):
         self.attention = attention
         self.k_neighbors = k_neighbors
         self.dense_limit = dense_limit
+        self.feedforward = feedforward
         self.random_state = random_state
 
     def _sparse(self, city: CityData) -> bool:
@@ -104,6 +108,6 @@ class SRELEmbedder(MultiViewEmbedder):
         self.prior_source_ = prior.source
         features = {v: torch.as_tensor(x, dtype=torch.float32) for v, x in inputs.features.items()}
         network = SRELNetwork(features, prior, self.d, self.n_intra_layers, self.n_layers, self.n_heads,
-                              self.spatial_weight, self.dropout, self.readout)
+                              self.spatial_weight, self.dropout, self.readout, self.feedforward)
         objective = MultiTaskObjective(inputs, random_state=self.random_state, objective=self.objective)
         return network, multitask_step(network, network.heads, objective)

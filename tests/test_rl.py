@@ -426,7 +426,7 @@ def test_constrained_answers_draw_only_level_digits_and_renormalise_over_them(tm
     logp, entropy = completion_logprobs_entropy(model, rollout)
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
     assert float(entropy[:, 0].detach().max()) <= float(np.log(5)) + 1e-5  # a distribution over the 5 levels alone
-    first = {int(t): float(lp) for t, lp in zip(rollout.completion_ids[:, 0], logp[:, 0], strict=True)}
+    first = {int(t): float(lp) for t, lp in zip(rollout.completion_ids[:, 0], logp[:, 0].detach(), strict=True)}
     assert len(first) >= 2 and sum(np.exp(v) for v in first.values()) <= 1 + 1e-5
     greedy = generate_answers(model, tokenizer, ["region 7 <answer>", "region 9 <answer>"], 2,
                               first_allowed=allowed.tolist())

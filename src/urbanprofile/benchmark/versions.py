@@ -1,4 +1,7 @@
-"""The version of a method's code: a hash of the source of every urbanprofile module its result depends on.
+"""The version of a method's code: a hash of the code of every urbanprofile module its result depends on.
+
+A module's hash is taken over its syntax tree without docstrings (comments never reach the tree), so
+editing a comment or a docstring recomputes nothing, while any change to what the code does is a new version.
 
 A stored result is reused only when it was computed by the same code. The modules a method depends on are
 found statically: its factory module, the evaluation code that probes every embedding, and every
@@ -111,6 +114,22 @@ def module_closure(roots: tuple[str, ...]) -> list[str]:
     return sorted(seen)
 
 
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def normalised_source_hash(text: str) -> str:
+    """A hash of what the code does: its syntax tree without docstrings, comments or layout."""
+    tree = _without_docstrings(ast.parse(text))
+    return hashlib.sha1(ast.dump(tree, annotate_fields=False, include_attributes=False).encode()).hexdigest()[:12]
+
+
 @functools.cache
 def code_version(factory: str) -> CodeVersion:
     """The code version of a method built by ``factory`` (``"module:Class"``) and evaluated by the protocols.
@@ -119,13 +138,13 @@ def code_version(factory: str) -> CodeVersion:
         factory: The method's factory, as in :class:`urbanprofile.methods.MethodSpec`.
 
     Returns:
-        A 12-hex-digit version and the source hash of each module it covers.
+        A 12-hex-digit version and the normalised code hash of each module it covers.
     """
     module = factory.partition(":")[0]
     modules = {}
     for name in module_closure((module, *EVALUATION_MODULES)):
         found = _source(name)
         assert found is not None
-        modules[name] = hashlib.sha1(found[1].encode()).hexdigest()[:12]
+        modules[name] = normalised_source_hash(found[1])
     digest = hashlib.sha1("".join(f"{k}={v};" for k, v in sorted(modules.items())).encode()).hexdigest()[:12]
     return CodeVersion(digest, modules)

@@ -61,13 +61,16 @@ def _seeds(value: str) -> list[int]:
     return seeds
 
 
-def _interrupted(outcome: Any, store_path: Path | None) -> typer.Exit:
+def _interrupted(stop: KeyboardInterrupt, store_path: Path | None) -> typer.Exit:
     """One line saying what a Ctrl-C kept, and exit code 130 (so that `benchmark && report` stops)."""
-    units = len({(r["dataset"], r["method"], r["seed"]) for r in outcome.rows})
+    outcome = getattr(stop, "outcome", None)  # None: interrupted before the first unit started
+    rows = outcome.rows if outcome is not None else []
+    planned = f" of {outcome.n_units}" if outcome is not None else ""
+    units = len({(r["dataset"], r["method"], r["seed"]) for r in rows})
     if store_path is None:
-        kept = f"nothing kept ({units} of {outcome.n_units} units had finished; give --store to keep them)"
+        kept = f"nothing kept ({units}{planned} units had finished; give --store to keep them)"
     else:
-        kept = (f"kept {units} finished units ({len(outcome.rows)} rows) of {outcome.n_units} in {store_path}; "
+        kept = (f"kept {units} finished units ({len(rows)} rows){planned} in {store_path}; "
                 "run the same command to resume")
     sys.stderr.write(f"interrupted: {kept}\n")
     return typer.Exit(130)
@@ -224,7 +227,7 @@ def evaluate(
     """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
     import contextlib
 
-    from urbanprofile.benchmark.runner import BenchmarkInterrupted, BenchmarkPlan, run_benchmark
+    from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
     from urbanprofile.benchmark.store import open_store
     from urbanprofile.heads.registry import parse_head
 
@@ -244,8 +247,8 @@ def evaluate(
         try:
             outcome = run_benchmark(plan, data_dir, store=store, progress=not as_json,
                                     on_row=_print_rows_json if as_json else None)
-        except BenchmarkInterrupted as stop:
-            raise _interrupted(stop.outcome, store_path) from None
+        except KeyboardInterrupt as stop:  # BenchmarkInterrupted says what finished
+            raise _interrupted(stop, store_path) from None
         rows = outcome.resumed_rows + outcome.rows
         if not rows and outcome.skipped:
             raise MethodUnavailableError(outcome.skipped[0])
@@ -285,13 +288,7 @@ def benchmark(
 ) -> None:
     """Run a grid of datasets x methods x tasks x protocols x seeds x heads; rows of the same code are reused."""
     from urbanprofile.benchmark.executors import make_executor
-    from urbanprofile.benchmark.runner import (
-        BenchmarkInterrupted,
-        BenchmarkPlan,
-        describe_recomputed,
-        run_benchmark,
-        validate_plan,
-    )
+    from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark, validate_plan
     from urbanprofile.benchmark.store import open_store
 
     plan = BenchmarkPlan(
@@ -306,8 +303,8 @@ def benchmark(
         try:
             outcome = run_benchmark(plan, data_dir, store=store, progress=True,
                                     on_row=_print_rows_json if as_json else None, executor=runner)
-        except BenchmarkInterrupted as stop:
-            raise _interrupted(stop.outcome, store_path) from None
+        except KeyboardInterrupt as stop:  # BenchmarkInterrupted says what finished
+            raise _interrupted(stop, store_path) from None
         if not outcome.rows and not outcome.n_resumed:
             reasons = "; ".join(outcome.skipped[:3]) + ("; ..." if len(outcome.skipped) > 3 else "")
             raise UrbanProfileError(f"nothing in the plan can run: {reasons or 'no (dataset, method) pair'}")

@@ -244,6 +244,8 @@ class ResultStore:
             # active" and hide the real cause (e.g. no space left on device).
             with contextlib.suppress(duckdb.Error):
                 self._con.execute("ROLLBACK")
+            if isinstance(err, duckdb.InterruptException):  # Ctrl-C inside a statement
+                raise KeyboardInterrupt from None
             if isinstance(err, duckdb.Error | OSError):
                 raise DataError(f"{self.path}: cannot write to the results store ({_first_line(err)}); the units "
                                 "finished before are kept") from None
@@ -310,8 +312,11 @@ def open_store(path: str | Path) -> Iterator[ResultStore]:
     try:
         yield store
     except BaseException:
-        discard = store.created and store.is_empty()
-        store.close()
+        discard = False
+        with contextlib.suppress(Exception):
+            discard = store.created and store.is_empty()
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            store.close()
         if discard:
             for leftover in (store.path, store.path.with_name(store.path.name + ".wal")):
                 leftover.unlink(missing_ok=True)

@@ -171,6 +171,32 @@ def test_path_datasets_keep_apart_resume_and_replace_failed_rows(raw_city: dict[
     assert "Failed units" not in page
 
 
+def test_rebuilt_dataset_is_recomputed_and_reported(raw_city: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The case as a user meets it: build, benchmark, rebuild with new labels (--overwrite), benchmark, report."""
+    from urbanprofile.benchmark.runner import format_mean_std
+    from urbanprofile.report.html import render_report
+
+    monkeypatch.delenv("URBANPROFILE_DATA", raising=False)
+    folder = _build(tmp_path / "toy", raw_city, raw_city["labels"])
+    plan = BenchmarkPlan(datasets=[str(folder)], methods=["raw-poi"], tasks=["crime"], protocols=["paper"], seeds=[0])
+    path = tmp_path / "r.duckdb"
+    with ResultStore(path) as store:
+        before = run_benchmark(plan, store=store, progress=False).rows[0]["r2"]
+    table = pd.read_csv(raw_city["labels"])
+    new_labels = tmp_path / "labels_new.csv"
+    table.assign(crime=np.arange(len(table), dtype=float) ** 2).to_csv(new_labels, index=False)
+    _build(folder, raw_city, new_labels)
+    with ResultStore(path) as store:
+        after = run_benchmark(plan, store=store, progress=False)
+        rows = store.rows()
+    assert after.n_resumed == 0 and len(after.rows) == 1 and len(rows) == 1
+    new = after.rows[0]["r2"]
+    assert format_mean_std(new, 0.0) != format_mean_std(before, 0.0)
+    page, _, _ = render_report(rows, str(path), with_maps=False)
+    assert format_mean_std(new, 0.0) in page and format_mean_std(before, 0.0) not in page
+
+
 # -- 4. a foreign database is refused; an empty file is fine -------------------------------------------------------
 def test_foreign_duckdb_is_refused_and_left_alone(hafusion_dir: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str],

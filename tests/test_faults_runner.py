@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -115,6 +116,8 @@ def test_sigint_to_a_running_benchmark(hafusion_dir: Path, tmp_path: Path) -> No
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     assert process.stderr is not None
+    watchdog = threading.Timer(240, process.kill)  # never hang the suite if the run stops printing
+    watchdog.start()
     try:
         for line in process.stderr:
             lines.append(line)
@@ -123,6 +126,7 @@ def test_sigint_to_a_running_benchmark(hafusion_dir: Path, tmp_path: Path) -> No
                 break
         _, rest = process.communicate(timeout=120)
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
     stderr = "".join(lines) + rest

@@ -102,6 +102,9 @@ class ResultStore:
         try:
             self._absent: set[str] = set()
             self._check_schema(read_only)
+        except duckdb.Error as err:  # e.g. a full disk while creating the tables
+            self._con.close()
+            raise DataError(f"{self.path}: cannot prepare the results store ({_first_line(err)})") from None
         except BaseException:
             self._con.close()
             raise

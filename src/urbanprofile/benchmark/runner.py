@@ -354,9 +354,8 @@ def plan_units(
         if name not in cities:
             cities[name] = get_entry(given, data_dir).load()
         city = cities[name]
-        if name not in fingerprints:  # once per dataset per run: hashing the arrays takes a fraction of a second
-            fingerprints[name] = dataset_fingerprint(city)
-        fingerprint = fingerprints[name]
+        # Once per dataset per run: hashing the arrays takes a fraction of a second even on CityView.
+        fingerprint = fingerprints[name] = dataset_fingerprint(city)
         tasks = [t for t in (plan.tasks or city.tasks) if t in city.tasks]
         for t in plan.tasks or ():
             if t not in city.tasks:

@@ -89,10 +89,11 @@ class ResultStore:
             raise DataError(f"{self.path}: no results store there (run `urbanprofile benchmark --store {self.path}`)")
         #: Whether this open created the file (a run that fails before writing a row removes it again).
         self.created = not self.path.exists()
+        #: Whether the file was an empty one (e.g. from mktemp), which DuckDB refuses to open: it is replaced.
+        self.was_empty_file = not read_only and self.path.is_file() and self.path.stat().st_size == 0
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.is_file() and self.path.stat().st_size == 0:
-                # An empty file (e.g. from mktemp) holds nothing to keep; DuckDB refuses to open one.
+            if self.was_empty_file:
                 self.path.unlink()
                 self.created = True
         try:
@@ -288,7 +289,6 @@ class ResultStore:
             out.append(row)
         return out
 
-
     def _json(self, row: dict[str, Any], name: str) -> Any:
         """The decoded JSON of one column of a row, or a one-line error naming the store, row and column."""
         text = row[name]
@@ -323,6 +323,8 @@ def open_store(path: str | Path) -> Iterator[ResultStore]:
         if discard:
             for leftover in (store.path, store.path.with_name(store.path.name + ".wal")):
                 leftover.unlink(missing_ok=True)
+            if store.was_empty_file:
+                store.path.touch()  # as it was before the run
         raise
     store.close()
 

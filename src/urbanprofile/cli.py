@@ -49,10 +49,31 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def _seeds(value: str) -> list[int]:
-    try:
-        return [int(v) for v in _split(value) or []]
-    except ValueError:
-        raise UrbanProfileError(f"--seeds must be comma-separated integers, got {value!r}") from None
+    from urbanprofile.benchmark.runner import MAX_SEED
+
+    items = [v.strip() for v in value.split(",")]
+    # Every item must be a seed: "1,,2" is a typo, not seeds 1 and 2.
+    if not all(v.isdigit() for v in items):
+        raise UrbanProfileError(f"--seeds must be comma-separated whole numbers from 0 to {MAX_SEED}, got {value!r}")
+    seeds = [int(v) for v in items]
+    if max(seeds) > MAX_SEED:
+        raise UrbanProfileError(f"--seeds: {max(seeds)} is too large (seeds go from 0 to {MAX_SEED})")
+    return seeds
+
+
+def _interrupted(stop: KeyboardInterrupt, store_path: Path | None) -> typer.Exit:
+    """One line saying what a Ctrl-C kept, and exit code 130 (so that `benchmark && report` stops)."""
+    outcome = getattr(stop, "outcome", None)  # None: interrupted before the first unit started
+    rows = outcome.rows if outcome is not None else []
+    planned = f" of {outcome.n_units}" if outcome is not None else ""
+    units = len({(r["dataset"], r["method"], r["seed"]) for r in rows})
+    if store_path is None:
+        kept = f"nothing kept ({units}{planned} units had finished; give --store to keep them)"
+    else:
+        kept = (f"kept {units} finished units ({len(rows)} rows){planned} in {store_path}; "
+                "run the same command to resume")
+    sys.stderr.write(f"interrupted: {kept}\n")
+    return typer.Exit(130)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -198,10 +219,16 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     modalities: Annotated[str | None, typer.Option(
         "--modalities", help="Modalities used at inference, e.g. location,text (urbanfusion, concat).")] = None,
+    store_path: Annotated[Path | None, typer.Option(
+        "--store", help="DuckDB results store: finished seeds are kept there and reused (default: none).",
+        show_default=False)] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
+    import contextlib
+
     from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
+    from urbanprofile.benchmark.store import open_store
     from urbanprofile.heads.registry import parse_head
 
     if head:
@@ -212,18 +239,27 @@ def evaluate(
         method = with_modalities(get_method(method), _split(modalities) or []).name
     plan = BenchmarkPlan(datasets=[name], methods=[method], tasks=None if task == "all" else [task],
                          protocols=[protocol], seeds=_seeds(seeds), heads=[head] if head else None)
-    outcome = run_benchmark(plan, data_dir, store=None, progress=not as_json,
-                            on_row=_print_rows_json if as_json else None)
-    if not outcome.rows and outcome.skipped:
-        raise MethodUnavailableError(outcome.skipped[0])
-    if outcome.failed and len(outcome.failed) == len(outcome.rows):
+    if store_path is not None:
+        from urbanprofile.benchmark.runner import validate_plan
+
+        validate_plan(plan, data_dir)  # a typo fails before the store is opened
+    with open_store(store_path) if store_path is not None else contextlib.nullcontext() as store:
+        try:
+            outcome = run_benchmark(plan, data_dir, store=store, progress=not as_json,
+                                    on_row=_print_rows_json if as_json else None)
+        except KeyboardInterrupt as stop:  # BenchmarkInterrupted says what finished
+            raise _interrupted(stop, store_path) from None
+        rows = outcome.resumed_rows + outcome.rows
+        if not rows and outcome.skipped:
+            raise MethodUnavailableError(outcome.skipped[0])
+    if outcome.failed and len(outcome.failed) == len(rows):
         raise UrbanProfileError(f"{method} on {name} failed: {outcome.failed[0]['error']}")
     for row in outcome.failed:
         err.print(f"failed: {row['task']} {row['protocol']} seed {row['seed']}: {row['error']}")
     for line in outcome.skipped:
         err.print(f"skipped: {line}")
-    if not as_json and outcome.rows:
-        out.print(_leaderboard_table(outcome.rows, f"{method} on {name}"))
+    if not as_json and rows:
+        out.print(_leaderboard_table(rows, f"{method} on {name}"))
 
 
 @app.command()
@@ -253,7 +289,7 @@ def benchmark(
     """Run a grid of datasets x methods x tasks x protocols x seeds x heads; rows of the same code are reused."""
     from urbanprofile.benchmark.executors import make_executor
     from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark, validate_plan
-    from urbanprofile.benchmark.store import ResultStore
+    from urbanprofile.benchmark.store import open_store
 
     plan = BenchmarkPlan(
         datasets=_split(datasets), methods=_split(methods), tasks=_split(tasks),
@@ -263,9 +299,15 @@ def benchmark(
         raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
     runner = make_executor(executor, jobs=jobs, address=address, retries=retries)
     validate_plan(plan, data_dir)
-    with ResultStore(store_path) as store:
-        outcome = run_benchmark(plan, data_dir, store=store, progress=True,
-                                on_row=_print_rows_json if as_json else None, executor=runner)
+    with open_store(store_path) as store:  # a store file this command created goes again if nothing is written
+        try:
+            outcome = run_benchmark(plan, data_dir, store=store, progress=True,
+                                    on_row=_print_rows_json if as_json else None, executor=runner)
+        except KeyboardInterrupt as stop:  # BenchmarkInterrupted says what finished
+            raise _interrupted(stop, store_path) from None
+        if not outcome.rows and not outcome.n_resumed:
+            reasons = "; ".join(outcome.skipped[:3]) + ("; ..." if len(outcome.skipped) > 3 else "")
+            raise UrbanProfileError(f"nothing in the plan can run: {reasons or 'no (dataset, method) pair'}")
     for line in outcome.skipped:
         err.print(f"skipped: {line}")
     for line in describe_recomputed(outcome):
@@ -528,7 +570,9 @@ def r1_evaluate(
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns an exit code (Ctrl-C: 130) instead of exiting
+            sys.exit(code)
     except UrbanProfileError as error:
         message = " ".join(str(error).split())  # always one line
         sys.stderr.write(f"error: {message}\n")

@@ -161,8 +161,8 @@ def register_method(spec: MethodSpec, replace: bool = False) -> MethodSpec:
 
 def _ensure_loaded() -> None:
     global _entry_points_loaded
-    if not _REGISTRY:
-        for spec in _BUILTIN:
+    for spec in _BUILTIN:  # also when a method was registered before the first look-up (it keeps its place)
+        if spec.name not in _REGISTRY:
             register_method(spec)
     if not _entry_points_loaded:
         _entry_points_loaded = True

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -46,8 +47,12 @@ class Executor(abc.ABC):
         units: list[Unit],
         cities: dict[str, CityData],
         on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None,
+        on_epoch: Callable[[Unit, int, int], None] | None = None,
     ) -> Iterator[UnitResult]:
-        """Run ``units`` (their cities are in ``cities``) and yield ``(unit, rows, skipped)`` per unit."""
+        """Run ``units`` (their cities are in ``cities``) and yield ``(unit, rows, skipped)`` per unit.
+
+        ``on_epoch(unit, epoch, total)`` follows the training of methods that report epochs, where the executor
+        can see them (this process only)."""
 
 
 def _set_threads(threads: int | None) -> None:
@@ -74,11 +79,12 @@ class SerialExecutor(Executor):
         units: list[Unit],
         cities: dict[str, CityData],
         on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None,
+        on_epoch: Callable[[Unit, int, int], None] | None = None,
     ) -> Iterator[UnitResult]:
         for unit in units:
             for attempt in range(self.retries + 1):
                 try:
-                    rows, skipped = run_unit(unit, cities[unit.dataset], on_embedding)
+                    rows, skipped = run_unit(unit, cities[unit.dataset], on_embedding, on_epoch)
                     break
                 except Exception as err:  # retried, then reported as failed rows
                     if attempt == self.retries:
@@ -91,6 +97,9 @@ _WORKER_CITIES: dict[str, CityData] = {}
 
 
 def _init_worker(cities: dict[str, CityData], threads: int | None) -> None:
+    # Ctrl-C reaches the whole process group: the driver handles it (and stops the workers), a worker that also
+    # raised would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_threads(threads)
     _WORKER_CITIES.update(cities)
 
@@ -120,6 +129,7 @@ class ProcessExecutor(Executor):
         units: list[Unit],
         cities: dict[str, CityData],
         on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None,
+        on_epoch: Callable[[Unit, int, int], None] | None = None,
     ) -> Iterator[UnitResult]:
         import multiprocessing
 
@@ -134,28 +144,57 @@ class ProcessExecutor(Executor):
         while todo:
             pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(todo)), mp_context=context,
                                        initializer=_init_worker, initargs=(needed, self.threads))
+            clean = False
             try:
-                running: dict[Future[tuple[list[dict[str, Any]], list[str]]], int] = {
-                    pool.submit(_worker_unit, units[i]): i for i in todo}
-                todo = []
+                running: dict[Future[tuple[list[dict[str, Any]], list[str]]], int] = {}
+                queued, todo = todo, []
+                for n, i in enumerate(queued):
+                    try:
+                        running[pool.submit(_worker_unit, units[i])] = i
+                    except BrokenProcessPool as err:  # a worker died while the pool was starting
+                        for j in queued[n:]:
+                            yield from self._lost(units, j, attempts, err, todo)
+                        break
                 while running:
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in finished:
                         i = running.pop(future)
                         try:
                             rows, skipped = future.result()
+                        except BrokenProcessPool as err:
+                            yield from self._lost(units, i, attempts, err, todo)
+                            continue
                         except Exception as err:
                             attempts[i] += 1
                             if attempts[i] <= self.retries:
-                                if isinstance(err, BrokenProcessPool):
-                                    todo.append(i)  # resubmitted on a fresh pool
-                                else:
+                                try:
                                     running[pool.submit(_worker_unit, units[i])] = i
+                                except BrokenProcessPool:
+                                    todo.append(i)  # the pool broke meanwhile: a fresh pool runs it
                                 continue
                             rows, skipped = failed_rows(units[i], one_line(err)), []
                         yield units[i], rows, skipped
+                clean = True
             finally:
+                if not clean:  # Ctrl-C, or the driver stopped reading (a failed write): no waiting for workers
+                    _stop_workers(pool)
                 pool.shutdown(wait=True, cancel_futures=True)
+
+    def _lost(self, units: list[Unit], i: int, attempts: dict[int, int], err: BaseException, todo: list[int]
+              ) -> Iterator[UnitResult]:
+        """A unit whose pool broke (a worker died): run again on a fresh pool, or failed rows past the retries."""
+        attempts[i] += 1
+        if attempts[i] <= self.retries:
+            todo.append(i)
+            return
+        yield units[i], failed_rows(units[i], one_line(err)), []
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes (this run started them); shutdown() alone waits for running units."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
 
 
 # -- Ray -----------------------------------------------------------------------------------------------
@@ -216,6 +255,7 @@ class RayExecutor(Executor):
         units: list[Unit],
         cities: dict[str, CityData],
         on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None,
+        on_epoch: Callable[[Unit, int, int], None] | None = None,
     ) -> Iterator[UnitResult]:
         if not units:
             return

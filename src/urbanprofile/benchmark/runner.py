@@ -5,19 +5,20 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 
 from urbanprofile import __version__
-from urbanprofile.benchmark.store import KEY
-from urbanprofile.benchmark.versions import CodeVersion, code_version
+from urbanprofile.benchmark.store import KEY, StoredState
+from urbanprofile.benchmark.versions import CodeVersion, code_version, dataset_fingerprint
 from urbanprofile.data.city import CityData
-from urbanprofile.data.registry import get_entry, list_datasets
+from urbanprofile.data.registry import discover, get_entry, list_datasets
 from urbanprofile.data.tasks import KNOWN_TASKS
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.protocols import (
@@ -31,11 +32,15 @@ from urbanprofile.heads.registry import parse_head, protocol_unavailable_reason
 from urbanprofile.methods import MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
-    from urbanprofile.benchmark.executors import Executor
+    from urbanprofile.benchmark.executors import Executor, UnitResult
     from urbanprofile.benchmark.store import ResultStore
     from urbanprofile.embedders.base import Embedder
 
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+#: Seeds are stored as 32-bit integers and passed to numpy and torch, which take no negative seed.
+MAX_SEED = 2**31 - 1
+#: Metrics that a result row must have as finite numbers to count as a result.
+_MAIN_METRICS = ("mae", "rmse", "r2")
 
 
 @dataclass
@@ -72,6 +77,14 @@ class BenchmarkOutcome:
         return [r for r in self.rows if r.get("status") == "failed"]
 
 
+class BenchmarkInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``outcome`` holds what finished (and was written to the store) before it."""
+
+    def __init__(self, outcome: BenchmarkOutcome) -> None:
+        super().__init__("interrupted")
+        self.outcome = outcome
+
+
 @dataclass(frozen=True)
 class Unit:
     """One unit of work: fit ``spec`` on ``dataset`` with ``seed``, then probe it on each (task, protocol, head)."""
@@ -80,6 +93,8 @@ class Unit:
     spec: MethodSpec
     seed: int
     cells: tuple[tuple[str, str, str], ...]
+    #: The content fingerprint of the dataset (:func:`urbanprofile.benchmark.versions.dataset_fingerprint`).
+    fingerprint: str | None = None
 
     def keys(self) -> list[tuple[Any, ...]]:
         return [(self.dataset, t, self.spec.name, self.spec.config_hash, p, self.seed, h) for t, p, h in self.cells]
@@ -87,6 +102,33 @@ class Unit:
     @property
     def label(self) -> str:
         return f"{self.dataset} {self.spec.name} seed {self.seed}"
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Seeds must be whole numbers in ``0 .. 2**31 - 1`` (stored as 32-bit integers; numpy takes no negative)."""
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+            raise UrbanProfileError(f"seed {seed!r} is out of range: seeds are whole numbers from 0 to {MAX_SEED}")
+
+
+def dataset_identity(name: str, data_dir: str | Path | None = None) -> str:
+    """The one name under which a dataset's plan cells and rows are keyed.
+
+    A dataset of the data directory is its registry name. A built dataset folder given by path is the registry
+    name of the same folder when the data directory holds it, otherwise its resolved path: two folders of the same
+    city name stay apart, and the same folder resumes whatever path leads to it.
+    """
+    entry = get_entry(name, data_dir)
+    if entry.family != "built" or not (Path(name).expanduser() / "manifest.json").is_file():
+        return entry.name
+    try:
+        known = discover(data_dir)
+    except UrbanProfileError:  # no data directory: the path is the identity
+        known = {}
+    for other in known.values():
+        if other.family == "built" and other.path.resolve() == entry.path.resolve():
+            return other.name
+    return str(entry.path.resolve())
 
 
 def validate_plan(plan: BenchmarkPlan, data_dir: str | Path | None) -> tuple[list[str], list[MethodSpec]]:
@@ -105,19 +147,21 @@ def validate_plan(plan: BenchmarkPlan, data_dir: str | Path | None) -> tuple[lis
         parse_head(head)
     if not plan.seeds:
         raise UrbanProfileError("at least one seed is needed (--seeds 0,1,2)")
+    check_seeds(plan.seeds)
     if not plan.protocols:
         raise UrbanProfileError(f"at least one protocol is needed; valid: {', '.join(PROTOCOLS)}")
     return datasets, methods
 
 
 def result_row(
-    city: CityData, spec: MethodSpec, seed: int, result: ProtocolResult, embed_seconds: float
+    city: CityData, spec: MethodSpec, seed: int, result: ProtocolResult, embed_seconds: float,
+    dataset: str | None = None, fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """One store row from a protocol result."""
+    """One store row from a protocol result, keyed by ``dataset`` (default: the city's name)."""
     bias = result.bias
     version = code_version(spec.factory)
     return {
-        "dataset": city.name,
+        "dataset": dataset or city.name,
         "task": result.task,
         "method": spec.name,
         "modalities": list(spec.params["modalities"]) if spec.params.get("modalities") else None,
@@ -144,6 +188,7 @@ def result_row(
         "code_modules": version.modules,
         "status": "ok",
         "error": None,
+        "dataset_fingerprint": fingerprint,
     }
 
 
@@ -155,7 +200,7 @@ def failed_rows(unit: Unit, reason: str) -> list[dict[str, Any]]:
         {"dataset": unit.dataset, "task": task, "method": unit.spec.name, "config_hash": unit.spec.config_hash,
          "protocol": protocol, "seed": unit.seed, "head": head, "package_version": __version__,
          "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None), "code_version": version.version,
-         "code_modules": version.modules, "status": "failed", "error": reason}
+         "code_modules": version.modules, "status": "failed", "error": reason, "dataset_fingerprint": unit.fingerprint}
         for task, protocol, head in unit.cells
     ]
 
@@ -167,24 +212,70 @@ def one_line(error: BaseException) -> str:
 
 
 def run_unit(
-    unit: Unit, city: CityData, on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None
+    unit: Unit, city: CityData, on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None = None,
+    on_epoch: Callable[[Unit, int, int], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Fit one method with one seed and probe it on every (task, protocol, head) of the unit.
 
     A multi-task head (``moe``, ``mlp-multitask``) is fit once per protocol on all the unit's tasks jointly.
 
     A user-level error (e.g. a diverged training) gives failed rows at once: it would recur on a retry with
-    the same seed. Any other exception propagates, so that the executor can retry the unit.
+    the same seed. Any other exception propagates, so that the executor can retry the unit. A result whose
+    MAE, RMSE or R² is not a finite number (e.g. labels near 1e300 overflow) is a failed row that says so; the
+    numeric warnings behind it are summarised in its reason rather than printed one by one.
+
+    Args:
+        unit: What to fit and probe.
+        city: The unit's dataset.
+        on_embedding: Called with the fitted embedder.
+        on_epoch: Called with ``(unit, epoch, total)`` after each training epoch, for methods that report them.
 
     Returns:
         The unit's rows and the cells skipped (with their one-line reason).
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        rows, skipped = _run_unit(unit, city, on_embedding, on_epoch)
+    numeric = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    for w in caught:  # other warnings are not ours to hide
+        if not issubclass(w.category, RuntimeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    out = []
+    for row in rows:
+        bad = [m for m in _MAIN_METRICS if row.get("status") == "ok" and not _finite(row.get(m))]
+        if bad:
+            cause = f"; {len(numeric)} numeric warnings, first: {numeric[0].message}" if numeric else ""
+            cell = Unit(unit.dataset, unit.spec, unit.seed, ((row["task"], row["protocol"], row["head"]),),
+                        unit.fingerprint)
+            [row] = failed_rows(cell, f"non-finite metrics ({', '.join(f'{m}={row.get(m)}' for m in bad)}): the "
+                                      f"values overflow or are not numbers{cause}")
+        out.append(row)
+    if numeric and all(r.get("status") == "ok" for r in out):
+        warnings.warn(f"{unit.label}: {len(numeric)} numeric warnings while fitting and probing (first: "
+                      f"{numeric[0].message}); the metrics are finite", RuntimeWarning, stacklevel=2)
+    return out, skipped
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float | np.number) and math.isfinite(float(value))
+
+
+def _run_unit(
+    unit: Unit, city: CityData, on_embedding: Callable[[CityData, MethodSpec, int, Embedder], None] | None,
+    on_epoch: Callable[[Unit, int, int], None] | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
     spec, seed = unit.spec, unit.seed
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
+
+    def row(result: ProtocolResult) -> dict[str, Any]:
+        return result_row(city, spec, seed, result, embed_seconds, unit.dataset, unit.fingerprint)
+
     try:
         t0 = time.perf_counter()
         embedder = spec.build(random_state=seed)
+        if on_epoch is not None and hasattr(embedder, "on_epoch"):  # a trained method that reports its epochs
+            embedder.on_epoch = lambda epoch, total: on_epoch(unit, epoch, total)
         embedding = embedder.fit_transform(city)
         embed_seconds = time.perf_counter() - t0
     except MethodUnavailableError as err:
@@ -205,9 +296,10 @@ def run_unit(
             skipped.append(f"{unit.dataset}: {err}")
             continue
         except UrbanProfileError as err:
-            rows += failed_rows(Unit(unit.dataset, spec, seed, ((task, protocol, head),)), one_line(err))
+            rows += failed_rows(Unit(unit.dataset, spec, seed, ((task, protocol, head),), unit.fingerprint),
+                                one_line(err))
             continue
-        rows.append(result_row(city, spec, seed, result, embed_seconds))
+        rows.append(row(result))
     for (protocol, head), tasks in joint.items():
         cells = tuple((t, protocol, head) for t in tasks)
         try:
@@ -216,9 +308,9 @@ def run_unit(
             skipped.append(f"{unit.dataset}: {err}")
             continue
         except UrbanProfileError as err:
-            rows += failed_rows(Unit(unit.dataset, spec, seed, cells), one_line(err))
+            rows += failed_rows(Unit(unit.dataset, spec, seed, cells, unit.fingerprint), one_line(err))
             continue
-        rows += [result_row(city, spec, seed, result, embed_seconds) for result in results]
+        rows += [row(result) for result in results]
     return rows, skipped
 
 
@@ -226,15 +318,17 @@ def plan_units(
     plan: BenchmarkPlan,
     data_dir: str | Path | None = None,
     cities: dict[str, CityData] | None = None,
-    stored: dict[tuple[Any, ...], tuple[str | None, str | None]] | None = None,
+    stored: dict[tuple[Any, ...], StoredState] | None = None,
 ) -> tuple[list[Unit], list[tuple[Any, ...]], list[tuple[Any, ...]], list[str], dict[str, CityData]]:
     """Split the grid into units, leaving out cells whose stored row is current.
 
-    A stored row is reused only if it succeeded and was computed by the same code version; a failed row or
-    one from other code is recomputed (and replaced).
+    A stored row is reused only if it succeeded, was computed by the same code version and on a dataset with the
+    same content (:func:`urbanprofile.benchmark.versions.dataset_fingerprint`); a failed row, one from other code
+    or one from other data is recomputed (and replaced). Datasets are keyed by :func:`dataset_identity`.
 
     Returns:
-        The units to run, the keys reused, the keys to recompute, what was skipped, and the loaded cities.
+        The units to run, the keys reused, the keys to recompute, what was skipped, and the loaded cities (by
+        dataset identity).
     """
     cities = dict(cities or {})
     datasets = list(plan.datasets) if plan.datasets else None
@@ -246,15 +340,22 @@ def plan_units(
             check_protocol(protocol)
         for head in plan.heads or ():
             parse_head(head)
+        check_seeds(plan.seeds)
     stored = stored or {}
     units: list[Unit] = []
     reused: list[tuple[Any, ...]] = []
     replaced: list[tuple[Any, ...]] = []
     skipped: list[str] = []
-    for name in datasets:
+    fingerprints: dict[str, str] = {}
+    for given in datasets:
+        name = given if given in cities else dataset_identity(given, data_dir)
+        if name in fingerprints:  # the same dataset named twice (by name and by path)
+            continue
         if name not in cities:
-            cities[name] = get_entry(name, data_dir).load()
+            cities[name] = get_entry(given, data_dir).load()
         city = cities[name]
+        # Once per dataset per run: hashing the arrays takes a fraction of a second even on CityView.
+        fingerprint = fingerprints[name] = dataset_fingerprint(city)
         tasks = [t for t in (plan.tasks or city.tasks) if t in city.tasks]
         for t in plan.tasks or ():
             if t not in city.tasks:
@@ -282,14 +383,14 @@ def plan_units(
                     if protocol_unavailable_reason(head, protocol):
                         continue  # said once per method below
                     key = (name, task, spec.name, spec.config_hash, protocol, int(seed), head)
-                    if key in stored and stored[key] == (version, "ok"):
+                    if key in stored and stored[key] == StoredState(version, "ok", fingerprint):
                         reused.append(key)
                         continue
                     if key in stored:
                         replaced.append(key)
                     todo.append((task, protocol, head))
                 if todo:
-                    units.append(Unit(name, spec, int(seed), tuple(todo)))
+                    units.append(Unit(name, spec, int(seed), tuple(todo), fingerprint))
     return units, reused, replaced, skipped, cities
 
 
@@ -344,30 +445,106 @@ def run_benchmark(
         for row in outcome.resumed_rows:
             on_row({**row, "resumed": True})
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    total = len(reused) + sum(len(u.cells) for u in units)
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        disable=not progress, transient=False, console=Console(stderr=True),
-    )
-    with bar:
-        job = bar.add_task(f"benchmark ({executor.name})", total=total, completed=len(reused))
-        for unit, rows, unit_skipped in executor.run(units, cities, on_embedding=on_embedding):
-            if store is not None:
-                store.put(rows)  # one transaction per unit: a killed run keeps every finished unit
-            outcome.skipped += unit_skipped
-            for row in rows:
-                key = tuple(row[k] for k in KEY)
-                if key in old_rows:
-                    outcome.recomputed.append((old_rows[key], row))
-                outcome.rows.append(row)
-                if on_row is not None:
-                    on_row({**row, "resumed": False})
-            bar.update(job, advance=len(unit.cells), description=f"{unit.label} done ({executor.name})")
+    shown = UnitProgress(executor.name, units, enabled=progress)
+    finished = cast("Generator[UnitResult, None, None]",
+                    executor.run(units, cities, on_embedding=on_embedding, on_epoch=shown.epoch))
+    try:
+        with shown:
+            for unit, rows, unit_skipped in finished:
+                if store is not None:
+                    store.put(rows)  # one transaction per unit: a killed run keeps every finished unit
+                outcome.skipped += unit_skipped
+                for row in rows:
+                    key = tuple(row[k] for k in KEY)
+                    if key in old_rows:
+                        outcome.recomputed.append((old_rows[key], row))
+                    outcome.rows.append(row)
+                    if on_row is not None:
+                        on_row({**row, "resumed": False})
+                shown.unit_done(unit, rows)
+    except KeyboardInterrupt:
+        outcome.wall_seconds = time.perf_counter() - start
+        raise BenchmarkInterrupted(outcome) from None
+    finally:
+        finished.close()  # stops the workers now (not when the generator is collected)
     outcome.wall_seconds = time.perf_counter() - start
     return outcome
+
+
+class UnitProgress:
+    """Progress of a run by units, with an estimate of the time left, and the epochs of the unit training now.
+
+    On a terminal this is a live bar; otherwise (a log file, CI) one line per finished unit, so that a log of a
+    long run is never silent. Epochs are shown for methods that report them, in the serial executor.
+    """
+
+    def __init__(self, executor: str, units: Sequence[Unit], enabled: bool = True) -> None:
+        from rich.console import Console
+
+        self.executor = executor
+        self.total = len(units)
+        self.done = 0
+        self.enabled = enabled and bool(units)
+        self.console = Console(stderr=True)
+        self.live = self.enabled and self.console.is_terminal
+        self._start = time.perf_counter()
+        self._bar: Any = None
+        self._job: Any = None
+        self._epochs: Any = None
+
+    def __enter__(self) -> UnitProgress:
+        self._start = time.perf_counter()
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+            self._bar.start()
+            self._job = self._bar.add_task(f"units ({self.executor})", total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def epoch(self, unit: Unit, epoch: int, total: int) -> None:
+        """An epoch of ``unit``'s training finished (serial executor)."""
+        if self._bar is None:
+            return
+        label = f"  {unit.label}: epoch"
+        if self._epochs is None:
+            self._epochs = self._bar.add_task(label, total=total)
+        self._bar.update(self._epochs, description=label, completed=epoch, total=total)
+
+    def unit_done(self, unit: Unit, rows: list[dict[str, Any]]) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            if self._epochs is not None:
+                self._bar.remove_task(self._epochs)
+                self._epochs = None
+            self._bar.update(self._job, advance=1, description=f"units ({self.executor}), last: {unit.label}")
+            return
+        elapsed = time.perf_counter() - self._start
+        left = elapsed / self.done * (self.total - self.done)
+        failed = sum(r.get("status") == "failed" for r in rows)
+        status = f"{len(rows) - failed} rows" + (f", {failed} failed" if failed else "")
+        self.console.print(f"unit {self.done}/{self.total} done: {unit.label} ({status}); "
+                           f"{_clock(elapsed)} elapsed, about {_clock(left)} left", highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def describe_recomputed(outcome: BenchmarkOutcome) -> list[str]:
@@ -378,9 +555,16 @@ def describe_recomputed(outcome: BenchmarkOutcome) -> list[str]:
     lines = []
     for method, pairs in sorted(by_method.items()):
         failed = [p for p in pairs if p[0].get("status") == "failed"]
-        changed = [p for p in pairs if p[0].get("status") != "failed"]
+        other_data = [p for p in pairs if p[0].get("status") != "failed"
+                      and p[0].get("code_version") == p[1].get("code_version")]
+        changed = [p for p in pairs if p[0].get("status") != "failed" and p not in other_data]
         if failed:
             lines.append(f"{method}: {len(failed)} failed rows retried")
+        if other_data:
+            datasets = ", ".join(sorted({str(new["dataset"]) for _, new in other_data}))
+            lines.append(f"{method}: {len(other_data)} stored rows were computed on other data ({datasets} changed "
+                         f"since, or the rows recorded no dataset fingerprint) and were recomputed"
+                         f"{_moved(other_data)}")
         if not changed:
             continue
         modules: set[str] = set()
@@ -391,15 +575,17 @@ def describe_recomputed(outcome: BenchmarkOutcome) -> list[str]:
             else:
                 current = CodeVersion(new["code_version"], new["code_modules"] or {})
                 modules.update(current.changed_modules(old["code_modules"]))
-        deltas = [abs(new["r2"] - old["r2"]) for old, new in changed
-                  if new.get("r2") is not None and old.get("r2") is not None]
         why = ", ".join(m.removeprefix("urbanprofile.") for m in sorted(modules)) or "-"
         if unknown:
             why = (f"{why}; " if modules else "") + f"{unknown} rows recorded no code version"
-        moved = f"; R² moved by up to {max(deltas):.3f}" if deltas else ""
         lines.append(f"{method}: {len(changed)} stored rows came from other code and were recomputed "
-                     f"(changed: {why}){moved}")
+                     f"(changed: {why}){_moved(changed)}")
     return lines
+
+
+def _moved(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    deltas = [abs(new["r2"] - old["r2"]) for old, new in pairs if _finite(new.get("r2")) and _finite(old.get("r2"))]
+    return f"; R² moved by up to {max(deltas):.3f}" if deltas else ""
 
 
 def leaderboard(rows: list[dict[str, Any]]) -> pd.DataFrame:

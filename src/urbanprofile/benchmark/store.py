@@ -9,10 +9,11 @@ error.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from urbanprofile.errors import DataError
 
@@ -49,14 +50,27 @@ COLUMNS: dict[str, str] = {
     "status": "VARCHAR",
     "error": "VARCHAR",
     "modalities": "VARCHAR",
+    "dataset_fingerprint": "VARCHAR",
 }
 _JSON_COLUMNS = ("block_r2", "block_mae", "chosen", "code_modules", "modalities")
+#: What the JSON of a column must decode to, where the readers depend on it (``chosen`` varies by head).
+_JSON_KINDS: dict[str, type] = {"block_r2": dict, "block_mae": dict, "code_modules": dict, "modalities": list}
 #: Version of the store layout. 1: the first layout (no ``store_info``); 2: code versions and failed rows;
-#: 3: the head joins the key. Opening an older store adds every column of :data:`COLUMNS` that it lacks (new
-#: columns are NULL there); a store without ``head`` is rebuilt once with each row's method's own head.
-SCHEMA_VERSION = 3
+#: 3: the head joins the key; 4: the dataset's content fingerprint (rows without one are recomputed). Opening an
+#: older store adds every column of :data:`COLUMNS` that it lacks (new columns are NULL there); a store without
+#: ``head`` is rebuilt once with each row's method's own head.
+SCHEMA_VERSION = 4
 #: Key columns that an older store may lack (filled in by the migration).
 _ADDED_KEYS = ("head",)
+
+
+class StoredState(NamedTuple):
+    """What decides whether a stored row is reused: the code that computed it, its status, and the content of the
+    dataset it was computed on (``None`` in rows of an older store)."""
+
+    code_version: str | None
+    status: str | None
+    dataset_fingerprint: str | None
 
 
 class ResultStore:
@@ -73,8 +87,15 @@ class ResultStore:
         self.path = Path(path)
         if read_only and not self.path.is_file():
             raise DataError(f"{self.path}: no results store there (run `urbanprofile benchmark --store {self.path}`)")
+        #: Whether this open created the file (a run that fails before writing a row removes it again).
+        self.created = not self.path.exists()
+        #: Whether the file was an empty one (e.g. from mktemp), which DuckDB refuses to open: it is replaced.
+        self.was_empty_file = not read_only and self.path.is_file() and self.path.stat().st_size == 0
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.was_empty_file:
+                self.path.unlink()
+                self.created = True
         try:
             self._con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.Error as err:
@@ -82,16 +103,36 @@ class ResultStore:
         try:
             self._absent: set[str] = set()
             self._check_schema(read_only)
+        except duckdb.Error as err:  # e.g. a full disk while creating the tables
+            self._con.close()
+            raise DataError(f"{self.path}: cannot prepare the results store ({_first_line(err)})") from None
         except BaseException:
             self._con.close()
             raise
 
     def _check_schema(self, read_only: bool) -> None:
         tables = {r[0] for r in self._con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if tables and not tables & {"results", "store_info"}:
+            # Another application's database: adding our tables to it would change a file that is not ours.
+            shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+            raise DataError(f"{self.path}: not an urbanprofile results store (it holds other tables: {shown}); "
+                            "use another --store")
         version = 1 if "results" in tables else SCHEMA_VERSION
         if "store_info" in tables:
-            found = self._con.execute("SELECT value FROM store_info WHERE key = 'schema_version'").fetchone()
-            version = int(found[0]) if found else version
+            import duckdb
+
+            try:
+                found = self._con.execute("SELECT value FROM store_info WHERE key = 'schema_version'").fetchone()
+            except duckdb.Error:
+                raise DataError(f"{self.path}: not an urbanprofile results store (its table 'store_info' has no "
+                                "key/value columns); use another --store") from None
+            if found is not None:
+                try:
+                    version = int(found[0])
+                except (TypeError, ValueError):
+                    raise DataError(f"{self.path}: store_info schema_version is {found[0]!r}, not a whole number "
+                                    f"(this urbanprofile writes {SCHEMA_VERSION}); was the store edited by hand?"
+                                    ) from None
         if version > SCHEMA_VERSION:
             raise DataError(f"{self.path}: written by a newer urbanprofile (store schema {version}; this one reads "
                             f"up to {SCHEMA_VERSION}): upgrade urbanprofile or use another --store")
@@ -138,7 +179,17 @@ class ResultStore:
         self._con.execute("ALTER TABLE results_migrated RENAME TO results")
 
     def close(self) -> None:
-        self._con.close()
+        import duckdb
+
+        try:
+            self._con.close()
+        except duckdb.Error as err:  # the last checkpoint failed (e.g. a full disk); committed rows are in the WAL
+            raise DataError(f"{self.path}: cannot close the results store ({_first_line(err)})") from None
+
+    def is_empty(self) -> bool:
+        """Whether the store holds no result row."""
+        found = self._con.execute("SELECT count(*) FROM results").fetchone()
+        return not found or not found[0]
 
     def __enter__(self) -> ResultStore:
         return self
@@ -146,10 +197,11 @@ class ResultStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def stored(self) -> dict[tuple[Any, ...], tuple[str | None, str | None]]:
-        """``(code_version, status)`` of every stored row by key (``None`` in rows of an older store)."""
-        rows = self._con.execute(f"SELECT {', '.join(KEY)}, code_version, status FROM results").fetchall()
-        return {tuple(r[: len(KEY)]): (r[len(KEY)], r[len(KEY) + 1]) for r in rows}
+    def stored(self) -> dict[tuple[Any, ...], StoredState]:
+        """The :class:`StoredState` of every stored row by key."""
+        state = ", ".join("NULL" if c in self._absent else c for c in StoredState._fields)
+        rows = self._con.execute(f"SELECT {', '.join(KEY)}, {state} FROM results").fetchall()
+        return {tuple(r[: len(KEY)]): StoredState(*r[len(KEY):]) for r in rows}
 
     def add(self, row: dict[str, Any]) -> bool:
         """Insert one result in its own transaction; returns False if its key was already stored.
@@ -182,6 +234,8 @@ class ResultStore:
             return
         where = " AND ".join(f"{k} = ?" for k in KEY)
         placeholders = ", ".join("?" for _ in COLUMNS)
+        import duckdb
+
         self._con.execute("BEGIN TRANSACTION")
         try:
             for row in rows:
@@ -189,8 +243,16 @@ class ResultStore:
                 self._con.execute(f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                   [_to_sql(name, row.get(name)) for name in COLUMNS])
             self._con.execute("COMMIT")
-        except Exception:
-            self._con.execute("ROLLBACK")
+        except BaseException as err:  # Ctrl-C too: the unit is written whole or not at all
+            # A failed COMMIT has already ended the transaction; ROLLBACK would then raise "no transaction is
+            # active" and hide the real cause (e.g. no space left on device).
+            with contextlib.suppress(duckdb.Error):
+                self._con.execute("ROLLBACK")
+            if isinstance(err, duckdb.InterruptException):  # Ctrl-C inside a statement
+                raise KeyboardInterrupt from None
+            if isinstance(err, duckdb.Error | OSError):
+                raise DataError(f"{self.path}: cannot write to the results store ({_first_line(err)}); the units "
+                                "finished before are kept") from None
             raise
 
     def rows(self, where: dict[str, Iterable[Any]] | None = None) -> list[dict[str, Any]]:
@@ -208,16 +270,73 @@ class ResultStore:
             sql += " WHERE " + " AND ".join(clauses)
         order = [c for c in ("dataset", "task", "protocol", "method", "head", "seed") if c not in self._absent]
         sql += " ORDER BY " + ", ".join(order)
+        from urbanprofile.evaluation.protocols import PROTOCOLS
+
         out = []
         for record in self._con.execute(sql, params).fetchall():
             row = dict(zip(COLUMNS, record, strict=True))
             for name in _JSON_COLUMNS:
-                row[name] = json.loads(row[name]) if row[name] else None
+                row[name] = self._json(row, name)
+            if row["protocol"] not in PROTOCOLS:
+                raise DataError(f"{self.path}: row {_describe(row)} has an unknown protocol {row['protocol']!r} "
+                                f"(valid: {', '.join(PROTOCOLS)}); was the store edited by hand?")
+            if row["status"] not in (None, "ok", "failed"):
+                raise DataError(f"{self.path}: row {_describe(row)} has an unknown status {row['status']!r} "
+                                "(valid: ok, failed); was the store edited by hand?")
             row["created_at"] = str(row["created_at"])
             if row["head"] is None:  # read from a store written before heads were an axis
                 row["head"] = _default_heads().get(row["method"], "ridge")
             out.append(row)
         return out
+
+    def _json(self, row: dict[str, Any], name: str) -> Any:
+        """The decoded JSON of one column of a row, or a one-line error naming the store, row and column."""
+        text = row[name]
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            raise DataError(f"{self.path}: row {_describe(row)}: column {name} is not valid JSON ({err}); was the "
+                            "store edited by hand?") from None
+        expected = _JSON_KINDS.get(name)
+        if expected is not None and value is not None and not isinstance(value, expected):
+            raise DataError(f"{self.path}: row {_describe(row)}: column {name} holds a JSON "
+                            f"{type(value).__name__}, not a{'' if expected is list else 'n'} "
+                            f"{'array' if expected is list else 'object'}; was the store edited by hand?")
+        return value
+
+
+@contextlib.contextmanager
+def open_store(path: str | Path) -> Iterator[ResultStore]:
+    """The store for one run. If the run fails (a user error, Ctrl-C) before any row is written to a store file
+    that this open created, the file is removed again, so a mistake leaves no empty store behind."""
+    store = ResultStore(path)
+    try:
+        yield store
+    except BaseException:
+        discard = False
+        with contextlib.suppress(Exception):
+            discard = store.created and store.is_empty()
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            store.close()
+        if discard:
+            for leftover in (store.path, store.path.with_name(store.path.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+            if store.was_empty_file:
+                store.path.touch()  # as it was before the run
+        raise
+    store.close()
+
+
+def _describe(row: dict[str, Any]) -> str:
+    """A stored row named by its key, for an error message."""
+    return "(" + ", ".join(f"{k}={row.get(k)!r}" for k in KEY) + ")"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _open_error(path: Path, err: Exception) -> str:

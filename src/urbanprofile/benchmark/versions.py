@@ -17,6 +17,10 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from urbanprofile.data.city import CityData
 
 #: Modules whose code shapes every row, whatever the method: protocols, probes, metrics, spatial blocks.
 EVALUATION_MODULES = ("urbanprofile.evaluation.protocols",)
@@ -148,3 +152,45 @@ def code_version(factory: str) -> CodeVersion:
         modules[name] = normalised_source_hash(found[1])
     digest = hashlib.sha1("".join(f"{k}={v};" for k, v in sorted(modules.items())).encode()).hexdigest()[:12]
     return CodeVersion(digest, modules)
+
+
+def dataset_fingerprint(city: CityData) -> str:
+    """A short hash of what a city's results depend on: region ids and locations, every view (name, shape,
+    values), the labels, the neighbours and the modality tables.
+
+    A stored row is reused only when its dataset still has this fingerprint, so rebuilding a dataset (new labels,
+    another POI file) recomputes its rows. Image files named by a modality table are covered by their paths only.
+
+    Args:
+        city: A loaded city.
+
+    Returns:
+        16 hex digits.
+    """
+    import numpy as np
+    import pandas as pd
+
+    digest = hashlib.blake2b(digest_size=8)
+
+    def frame(label: str, table: pd.DataFrame) -> None:
+        digest.update(f"{label}:{table.shape}:{list(map(str, table.columns))}".encode())
+        digest.update(pd.util.hash_pandas_object(table.index.to_series(), index=False).to_numpy().tobytes())
+        numeric = table.select_dtypes(include=[np.number, np.bool_])
+        if numeric.shape[1] == table.shape[1]:
+            # Bytes of the values in one pass: hash_pandas_object would cost seconds on the big similarity views.
+            digest.update(np.ascontiguousarray(numeric.to_numpy(dtype=float)).tobytes())
+        else:
+            digest.update(pd.util.hash_pandas_object(table.astype(str), index=False).to_numpy().tobytes())
+
+    regions = city.regions
+    frame("regions", pd.DataFrame(regions.drop(columns="geometry", errors="ignore")))
+    if "geometry" in regions:
+        digest.update(b"".join(g.wkb if g is not None else b"" for g in regions.geometry))
+    for name, view in sorted(city.views.items()):
+        frame(f"view {name}", view)
+    frame("targets", city.targets)
+    if city.neighbors is not None:
+        digest.update(repr(sorted((str(k), sorted(map(str, v))) for k, v in city.neighbors.items())).encode())
+    for name, table in sorted(city.modalities.items()):
+        frame(f"modality {name}", table)
+    return digest.hexdigest()

@@ -346,8 +346,11 @@ def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | 
     """
     ok = [r for r in rows if r.get("status") != "failed"]
     failed = [r for r in rows if r.get("status") == "failed"]
-    if not ok:
+    if not ok and not failed:
         raise UrbanProfileError(f"{source or 'the store'}: no results to report (run `urbanprofile benchmark` first)")
+    if not ok:
+        return _failures_page(failed, source), 0, [f"every row in the store failed ({len(failed)} rows): the page "
+                                                   "lists them and why"]
     board = leaderboard(ok)
     frame = pd.DataFrame(ok)
     notes: list[str] = []
@@ -394,11 +397,7 @@ def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | 
                 f'<span class="note">n = {int(group["n_regions"].iloc[0])} regions</span></h3>'
                 f'<div class="boards">{tables}</div>'
                 f'<div class="grid"><div><h4 class="note">R² over seeds</h4>{spread}</div>{maps}</div>')
-    failed_html = ""
-    if failed:
-        items = "".join(f"<li>{esc(r['dataset'])} · {esc(r['task'])} · {esc(r['method'])} · {esc(r['protocol'])} "
-                        f"seed {r['seed']}: {esc(str(r.get('error')))}</li>" for r in failed)
-        failed_html = f"<h2>Failed units ({len(failed)} rows)</h2><ul>{items}</ul>"
+    failed_html = _failed_list(failed)
     seeds_used = sorted({int(r["seed"]) for r in ok})
     meta = (f"{len(ok)} results · {len(datasets)} datasets · {len(set(frame['method']))} methods · seeds "
             f"{', '.join(map(str, seeds_used))} · "
@@ -428,6 +427,35 @@ Moran's I: spatial autocorrelation of the residuals on the region adjacency (0 =
 </footer></main></body></html>
 """
     return page, n_maps, notes
+
+
+def _failed_list(failed: list[dict[str, Any]]) -> str:
+    if not failed:
+        return ""
+    items = "".join(f"<li>{esc(str(r['dataset']))} · {esc(str(r['task']))} · {esc(str(r['method']))} · "
+                    f"{esc(str(r['protocol']))} seed {r['seed']}: {esc(str(r.get('error')))}</li>" for r in failed)
+    return f"<h2>Failed units ({len(failed)} rows)</h2><ul>{items}</ul>"
+
+
+def _failures_page(failed: list[dict[str, Any]], source: str) -> str:
+    """The page of a store whose every row failed: what failed and why, rather than "no results"."""
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>urbanprofile benchmark report</title>
+<style>{_CSS}</style></head>
+<body>
+<header><h1>urbanprofile benchmark report</h1><p>{esc(source)} · no successful results · generated {when}</p></header>
+<main>
+<p class="lead">No result in this store succeeded: every one of its {len(failed)} rows failed. Their reasons follow;
+fix the cause and run <code>urbanprofile benchmark</code> again (failed rows are retried).</p>
+{_failed_list(failed)}
+<footer><p>Made by urbanprofile from {esc(source)}; a static page with no scripts and no network.</p></footer>
+</main></body></html>
+"""
 
 
 def write_report(store: str | os.PathLike[str], out_dir: str | os.PathLike[str],

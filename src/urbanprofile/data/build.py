@@ -248,7 +248,8 @@ class BuildReport:
         ]
         lines = [f"{count} {what}" for count, what in checks if count]
         if self.label_columns_skipped:
-            lines.append(f"columns without numbers are not labels: {', '.join(self.label_columns_skipped)}")
+            lines.append(f"columns without numbers are not labels (name them with --label-columns to use them): "
+                         f"{', '.join(self.label_columns_skipped)}")
         return lines
 
 
@@ -1027,9 +1028,8 @@ def _numeric_columns(
         numeric_dtype = pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
         text = values[bad].astype(str).str.strip()
         looks_numeric = (~absent & ~bad).any() or text.str.fullmatch(r"[+-]?\d+,\d+").any()
-        if wanted is None and not numeric_dtype and not looks_numeric:
-            if (~absent).any():
-                report.label_columns_skipped.append(str(column))
+        if wanted is None and (absent.all() or (not numeric_dtype and not looks_numeric)):
+            report.label_columns_skipped.append(str(column) + (" (empty)" if absent.all() else ""))
             continue
         if bad.any():
             row = int(np.argmax(bad))

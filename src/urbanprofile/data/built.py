@@ -268,8 +268,8 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
         raise DataError(f"{regions_file}: row {int(np.argmax(table['region_id'].isna().to_numpy())) + 1} has no "
                         "region_id")
     if table["region_id"].duplicated().any():
-        raise DataError(f"{regions_file}: duplicate region_id "
-                        f"{table['region_id'][table['region_id'].duplicated()].iloc[0]!r}")
+        first = table["region_id"][table["region_id"].duplicated()].tolist()[0]  # a Python value, for its repr
+        raise DataError(f"{regions_file}: duplicate region_id {first!r}")
     regions = table.set_index("region_id")
     if regions.crs is not None and not regions.crs.equals("EPSG:4326"):
         regions = regions.to_crs("EPSG:4326")

@@ -156,3 +156,18 @@ def test_datasets_info_cityview_beijing(data_dir: Path, monkeypatch, capsys) -> 
     assert code == 0, err
     for modality in ("tile_caption", "tile_image", "streetview_caption", "streetview_image"):
         assert modality in out
+
+
+@pytest.mark.parametrize("text", ["a,b\n1,2\n\n3\n4,5,6\n7,8", "a,b\r\n1,2\r\n\r\n3\r\n4,5,6\r\n7,8\r\n",
+                                  'a,b\n"1,5",2\n\n3\n4,5,6\n7,8\n'])
+def test_raw_table_counts_malformed_rows_by_line(tmp_path: Path, text: str) -> None:
+    from urbanprofile.data.io import parse_numbers, read_raw_table
+
+    path = tmp_path / "t.csv"
+    path.write_bytes(text.encode())
+    table = read_raw_table(path)
+    assert table.frame["b"].tolist() == ["2", "8"] and table.lines.tolist() == [2, 6] and table.malformed == [4, 5]
+    numbers, missing, bad = parse_numbers(pd.Series(["1", " 2 ", "n/a", "", "12,5", "NULL"]))
+    assert numbers[:2].tolist() == [1.0, 2.0]
+    assert missing.tolist() == [False, False, True, True, False, True]
+    assert bad.tolist() == [False, False, False, False, True, False]

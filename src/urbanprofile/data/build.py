@@ -430,7 +430,7 @@ def h3_cell_estimate(boundary: gpd.GeoDataFrame, resolution: int, cover: bool = 
     border_km = float(equal_area.length.iloc[0]) / 1e3
     cells = area_km2 / h3.average_hexagon_area(resolution, "km^2")
     if cover:
-        cells += border_km / (1.5 * h3.average_hexagon_edge_length(resolution, "km"))
+        cells += border_km / h3.average_hexagon_edge_length(resolution, "km")  # about one cell per edge length
     return max(1, math.ceil(cells))
 
 
@@ -1190,7 +1190,7 @@ class _Steps:
     def log(self, line: str) -> None:
         """A line for the user, printed above the progress bar (or to ``log``)."""
         if self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False)
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
         elif self.log_to is not None:
             self.log_to(line)
 

@@ -175,6 +175,39 @@ class RawTable:
         return f"{self.path} {'line' if self.is_text else 'row'} {int(self.lines[row])}"
 
 
+def _record_fields(path: Path, delimiter: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """Fields in the header, and the line and field count of every non-blank record after it."""
+    data = path.read_bytes()
+    if b'"' not in data:  # no quoting: records are lines, counted with numpy (a CSV of millions of POIs)
+        buf = np.frombuffer(data, dtype=np.uint8)
+        ends = np.append(np.flatnonzero(buf == ord("\n")), len(buf))
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        carriage = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == ord("\r")) if len(buf) else ends > starts
+        fields = np.bincount(np.searchsorted(ends, np.flatnonzero(buf == ord(delimiter))),
+                             minlength=len(ends)) + 1
+        blank = (ends - starts - carriage) == 0
+        numbers = np.arange(1, len(ends) + 1)
+        if not len(ends) or blank[0]:
+            raise DataError(f"{path}: empty file (no header line)")
+        rest = ~blank
+        rest[0] = False
+        return int(fields[0]), numbers[rest], fields[rest]
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file (no header line)")
+        lines: list[int] = []
+        counts: list[int] = []
+        start = reader.line_num + 1
+        for record in reader:
+            if record:  # pandas skips blank lines too
+                lines.append(start)
+                counts.append(len(record))
+            start = reader.line_num + 1
+    return len(header), np.asarray(lines, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+
+
 def read_raw_table(path: Path) -> RawTable:
     """A CSV (every cell as text, rows with the wrong number of fields counted and left out) or Parquet table."""
     if not path.is_file():
@@ -185,36 +218,20 @@ def read_raw_table(path: Path) -> RawTable:
         return RawTable(path, frame, np.arange(1, len(frame) + 1))
     delimiter = "\t" if suffix == ".tsv" else ","
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file (no header line)")
-            lines: list[int] = []
-            short: list[int] = []
-            long: list[int] = []
-            start = reader.line_num + 1
-            for record in reader:
-                if record:  # pandas skips blank lines too
-                    if len(record) < len(header):
-                        short.append(len(lines))
-                    if len(record) > len(header):
-                        long.append(start)
-                    else:
-                        lines.append(start)
-                start = reader.line_num + 1
+        n_header, lines, counts = _record_fields(path, delimiter)
         frame = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, on_bad_lines="skip")
-    except (UnicodeDecodeError, csv.Error) as err:
+    except DataError:
+        raise
+    except Exception as err:  # csv, pandas and decoding raise many types for a corrupt file
         raise DataError(f"{path}: cannot read table ({first_line(err)})") from None
-    except Exception as err:  # pandas raises many types for a corrupt file
-        raise DataError(f"{path}: cannot read table ({first_line(err)})") from None
+    long = counts > n_header
+    skipped = lines[long].tolist()  # pandas left these out
+    lines, counts = lines[~long], counts[~long]
     if len(frame) != len(lines):  # the two readers disagree on the records; trust neither line number
         raise DataError(f"{path}: cannot read table (inconsistent quoting or line breaks inside fields)")
-    keep = np.ones(len(frame), dtype=bool)
-    keep[short] = False
-    line_numbers = np.asarray(lines, dtype=np.int64)
-    malformed = sorted([*long, *line_numbers[~keep].tolist()])
-    return RawTable(path, frame[keep].reset_index(drop=True), line_numbers[keep], malformed)
+    keep = counts == n_header
+    malformed = sorted([*lines[~keep].tolist(), *skipped])
+    return RawTable(path, frame[keep].reset_index(drop=True), lines[keep], malformed)
 
 
 def parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -227,9 +244,14 @@ def parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
         numbers = values.to_numpy(dtype=float, na_value=np.nan)
         return numbers, np.isnan(numbers), np.zeros(len(values), dtype=bool)
-    text = values.astype(object).where(values.notna(), "").astype(str).str.strip()
-    missing = text.str.lower().isin(NA_TOKENS).to_numpy()
-    numbers = pd.to_numeric(text.where(~missing), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    numbers = np.array(pd.to_numeric(values, errors="coerce").to_numpy(dtype=float, na_value=np.nan))
+    missing = np.zeros(len(values), dtype=bool)
+    check = np.flatnonzero(np.isnan(numbers))  # only cells that did not parse at once need a closer look
+    if len(check):
+        text = values.iloc[check].astype(object).where(values.iloc[check].notna(), "").astype(str).str.strip()
+        missing[check] = text.str.lower().isin(NA_TOKENS).to_numpy()
+        numbers[check] = pd.to_numeric(text.where(~missing[check]), errors="coerce").to_numpy(dtype=float,
+                                                                                            na_value=np.nan)
     return numbers, missing, ~missing & np.isnan(numbers)
 
 

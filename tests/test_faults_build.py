@@ -386,3 +386,23 @@ def test_landuse_that_misses_every_region(city_files: dict[str, Path], tmp_path:
     gpd.GeoDataFrame({"class": ["park"]}, geometry=[box(20, 20, 20.1, 20.1)], crs="EPSG:4326").to_file(path)
     with pytest.raises(DataError, match=r"landuse.geojson: no land-use polygon overlaps a region \(they span lon 20"):
         build_city(spec(city_files, landuse=path))
+
+
+def test_label_from_the_regions_file_names_file_and_region(tmp_path: Path) -> None:
+    import geopandas as gpd
+
+    ids, cells = _grid()
+    path = tmp_path / "sectors.gpkg"
+    gpd.GeoDataFrame({"region_id": ids, "income": ["10", "12,5", "n/a", "7", "8", "9"]}, geometry=cells,
+                     crs="EPSG:4326").to_file(path)
+    with pytest.raises(DataError, match=r"sectors.gpkg, region 'r1': label 'income': '12,5' is not a number"):
+        build_city(BuildSpec("toy", regions=path, label_columns=["income"]))
+
+
+def test_trip_coordinates_swapped(city_files: dict[str, Path], tmp_path: Path) -> None:
+    trips = tmp_path / "trips.csv"
+    pd.DataFrame({"o_lon": [50.005, 50.015], "o_lat": [10.005, 10.015], "d_lon": [50.015, 50.005],
+                  "d_lat": [10.025, 10.005]}).to_csv(trips, index=False)
+    with pytest.raises(DataError, match=r"trips.csv: 0 of 2 trip origins lie inside a region, 2 would with longitude "
+                                        r"and latitude swapped.*--trip-columns"):
+        build_city(spec(city_files, trips=trips))

@@ -959,6 +959,9 @@ def od_from_trips(
         origin = np.full(len(table), -1, dtype=np.int64)
         dest = np.full(len(table), -1, dtype=np.int64)
         origin[keep], dest[keep] = both[: keep.sum()], both[keep.sum():]
+        if keep.any() and not ((origin >= 0) & (dest >= 0)).any():  # say why: swapped, or somewhere else
+            check_points_inside(o_lon[keep], o_lat[keep], origin[keep], regions, spec.engine, where, "trip origins",
+                                " (name the columns in o_lon,o_lat,d_lon,d_lat order with --trip-columns)")
     hours = None
     if time_column is not None:
         if time_column not in table.columns:
@@ -1060,8 +1063,8 @@ def labels_for_regions(
     if spec.labels is None:
         if attributes is None:
             raise DataError("label columns from the regions file need --regions (H3 cells have no fields)")
-        values = _numeric_columns(attributes, spec.label_columns, set(), "regions file", report,
-                                  lambda row: f"regions file, region {ids[row]!r}")
+        values = _numeric_columns(attributes, spec.label_columns, set(), str(spec.regions), report,
+                                  lambda row: f"{spec.regions}, region {ids[row]!r}")
         report.n_label_rows = len(values)
         out = values.set_axis(ids)
     else:
@@ -1069,7 +1072,7 @@ def labels_for_regions(
     out.index.name = "region_id"
     empty = [c for c in out.columns if out[c].isna().all()]
     if empty:
-        raise DataError(f"{spec.labels or 'regions file'}: label {empty[0]!r} has no value for any region "
+        raise DataError(f"{spec.labels or spec.regions}: label {empty[0]!r} has no value for any region "
                         "(its values belong to rows that match no region)")
     report.n_regions_unlabelled = int(out.isna().all(axis=1).sum())
     return out

@@ -208,6 +208,8 @@ def test_two_count_columns_ask_which(city_files: dict[str, Path], tmp_path: Path
         build_city(spec(city_files, trips=trips))
     od = build_city(spec(city_files, trips=trips, trip_weight_column="weight")).city.views["od_flows"]
     assert od.loc["r0", "r1"] == 0.5
+    od = build_city(spec(city_files, trips=trips, trip_weight_column="none")).city.views["od_flows"]
+    assert od.loc["r0", "r1"] == 1 and od.to_numpy().sum() == 1
 
 
 def test_trips_all_to_unknown_regions(city_files: dict[str, Path], tmp_path: Path) -> None:
@@ -406,3 +408,14 @@ def test_trip_coordinates_swapped(city_files: dict[str, Path], tmp_path: Path) -
     with pytest.raises(DataError, match=r"trips.csv: 0 of 2 trip origins lie inside a region, 2 would with longitude "
                                         r"and latitude swapped.*--trip-columns"):
         build_city(spec(city_files, trips=trips))
+
+
+def test_trip_counts_fill_the_time_patterns(city_files: dict[str, Path], tmp_path: Path) -> None:
+    trips = tmp_path / "od.csv"
+    trips.write_text("origin,destination,trips,time\nr0,r1,5,2024-03-01 08:00\nr1,r2,7,2024-03-01 20:00\n"
+                     "r0,r1,2,2024-03-02 21:00\n")
+    city = build_city(spec(city_files, trips=trips)).city
+    patterns = city.od_patterns()
+    assert patterns.sum(axis=0).tolist() == city.views["od_flows"].to_numpy().tolist()
+    r0, r1 = 0, 1
+    assert patterns[1, r0, r1] == 5 and patterns[3, r0, r1] == 2 and int(patterns.sum()) == 14

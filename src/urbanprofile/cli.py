@@ -341,7 +341,7 @@ def build(
     trip_time_column: Annotated[str | None, _opt("Departure time column (default: time, when present).")] = None,
     trip_weight: Annotated[str | None, typer.Option("--trip-weight", help=(
         "Column with the number of trips per row (default: one named trips, count, n, weight or flow; "
-        "else each row is one trip)."), show_default=False)] = None,
+        "'none' or no such column: each row is one trip)."), show_default=False)] = None,
     time_patterns: Annotated[int, typer.Option(help="Time-of-day patterns the trips are split into.")] = 4,
     labels: Annotated[Path | None, _opt("Labels: CSV/Parquet keyed by region id, or points with values.")] = None,
     label_id_column: Annotated[str, typer.Option(help="Region-id column of the labels table.")] = "region_id",

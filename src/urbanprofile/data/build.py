@@ -66,6 +66,8 @@ TRIP_TIME_COLUMNS = ("time", "departure_time", "start_time", "starttime", "start
 #: Trip-count columns recognised without ``trip_weight_column`` (one row then stands for that many trips).
 TRIP_WEIGHT_COLUMNS = ("trips", "n_trips", "trip_count", "num_trips", "count", "counts", "n", "weight", "weights",
                        "flow", "flows", "volume")
+#: ``trip_weight_column`` value that makes every row one trip even when a count-like column is present.
+NO_TRIP_WEIGHT = "none"
 LABEL_AGGREGATIONS = ("mean", "sum", "median", "max", "min")
 #: Default cap on the H3 cells a build may cut (``--max-cells``): a typo in ``--h3-res`` stops with the estimate
 #: instead of running for an hour and filling the disk.
@@ -101,7 +103,8 @@ class BuildSpec:
         trip_columns: Two id columns or four coordinate columns, when not the default names.
         trip_time_column: Departure time (datetime or hour of day) that splits trips into time patterns.
         trip_weight_column: Number of trips each row stands for (default: a column named like ``trips``,
-            ``count``, ``n``, ``weight`` or ``flow`` when there is exactly one; else every row is one trip).
+            ``count``, ``n``, ``weight`` or ``flow`` when there is exactly one; else, or with ``"none"``, every
+            row is one trip).
         n_time_patterns: Equal time-of-day bins of the patterns.
         labels: A CSV/Parquet table keyed by region id, or points with values aggregated per region; with
             ``label_columns`` and no ``labels``, fields of the regions file are the labels.
@@ -937,6 +940,8 @@ def od_from_trips(
         (c for c in table.columns if _normalised(c) in TRIP_TIME_COLUMNS), None)
     weight_column = spec.trip_weight_column or trip_weight_column(
         table.columns, [*columns, *([time_column] if time_column else [])], where)
+    if weight_column == NO_TRIP_WEIGHT and NO_TRIP_WEIGHT not in table.columns:
+        weight_column = None
     unreadable = np.zeros(len(table), dtype=bool)
     if len(columns) == 2:
         keys = pd.Series(np.arange(n), index=_id_keys(regions.index))

@@ -127,8 +127,13 @@ def read_vector(path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
         frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path, engine="pyogrio")
     except Exception as err:  # the GIS readers raise many types for a corrupt file
         raise DataError(f"{path}: cannot read vector data ({first_line(err)})") from None
-    if not isinstance(frame, gpd.GeoDataFrame) or frame.geometry.name not in frame.columns:
+    try:
+        has_geometry = isinstance(frame, gpd.GeoDataFrame) and frame.geometry.name in frame.columns
+    except AttributeError:  # a GeoDataFrame without an active geometry column
+        has_geometry = False
+    if not has_geometry:
         raise DataError(f"{path}: holds no geometry (a table without shapes)")
+    assumed = frame.crs is None
     try:
         if frame.crs is None:
             if crs is None:
@@ -142,7 +147,7 @@ def read_vector(path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
     bounds = shapes.total_bounds if len(shapes) else np.zeros(4)
     if not np.isfinite(bounds).all() or np.abs(bounds[[0, 2]]).max() > 180 or np.abs(bounds[[1, 3]]).max() > 90:
         # A projected file labelled (or reprojected as) degrees; the UTM estimate would fail later with a riddle.
-        declared = "the --crs given" if crs is not None and frame.crs is not None else "its declared CRS"
+        declared = "the --crs given" if assumed else "its declared CRS"
         raise DataError(f"{path}: coordinates ({bounds[0]:.6g}, {bounds[1]:.6g} .. {bounds[2]:.6g}, {bounds[3]:.6g}) "
                         f"are not lon/lat degrees after reading with {declared}; the file's CRS is wrong "
                         "(fix its .prj, or pass the CRS it is really in)")

@@ -353,7 +353,8 @@ def build(
     join_engine: Annotated[str, typer.Option(help="Spatial join: auto, geopandas or duckdb.")] = "auto",
     max_cells: Annotated[int, typer.Option("--max-cells", help="Most H3 cells --boundary may be cut into.")
                          ] = 200_000,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=(
+        "Replace an existing dataset folder (only one a build wrote, holding nothing else)."))] = False,
 ) -> None:
     """Build a dataset folder from raw geodata files (regions or H3 cells, POIs, land use, trips, labels)."""
     import shlex

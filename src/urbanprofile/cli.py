@@ -120,7 +120,15 @@ def datasets_info(
     views = Table("view", "shape")
     for view, shape in summary["views"].items():
         views.add_row(view, " x ".join(map(str, shape)))
-    out.print(views)
+    if summary["views"]:
+        out.print(views)
+    if summary["modalities"]:  # image and text datasets have no numeric views, only these
+        modalities = Table("modality", "items", "regions with one")
+        for modality, counts in summary["modalities"].items():
+            modalities.add_row(modality, str(counts["items"]), str(counts["regions"]))
+        out.print(modalities)
+    if not summary["views"] and not summary["modalities"]:
+        out.print("views: none (region locations and labels only)")
     labels = Table("task", "n", "missing", "zeros", "mean", "std", "min", "max", "used for evaluation")
     for task, stats in summary["tasks"].items():
         labels.add_row(task, *(_fmt(stats[k], 1) for k in ("n", "missing", "zeros", "mean", "std", "min", "max")),
@@ -373,6 +381,9 @@ def build(
         "longitude/latitude, start_/end_ lat/lng, origin_/destination_ ...).")] = None,
     trip_columns: Annotated[str | None, _opt("2 id columns or 4 coordinate columns, comma-separated.")] = None,
     trip_time_column: Annotated[str | None, _opt("Departure time column (default: time, when present).")] = None,
+    trip_weight: Annotated[str | None, typer.Option("--trip-weight", help=(
+        "Column with the number of trips per row (default: one named trips, count, n, weight or flow; "
+        "'none' or no such column: each row is one trip)."), show_default=False)] = None,
     time_patterns: Annotated[int, typer.Option(help="Time-of-day patterns the trips are split into.")] = 4,
     labels: Annotated[Path | None, _opt("Labels: CSV/Parquet keyed by region id, or points with values.")] = None,
     label_id_column: Annotated[str, typer.Option(help="Region-id column of the labels table.")] = "region_id",
@@ -382,7 +393,10 @@ def build(
     crs: Annotated[str | None, _opt("CRS of inputs that declare none (and of CSV coordinates), e.g. EPSG:31983.")
                    ] = None,
     join_engine: Annotated[str, typer.Option(help="Spatial join: auto, geopandas or duckdb.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    max_cells: Annotated[int, typer.Option("--max-cells", help="Most H3 cells --boundary may be cut into.")
+                         ] = 200_000,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=(
+        "Replace an existing dataset folder (only one a build wrote, holding nothing else)."))] = False,
 ) -> None:
     """Build a dataset folder from raw geodata files (regions or H3 cells, POIs, land use, trips, labels)."""
     import shlex
@@ -396,11 +410,13 @@ def build(
         categories=categories if categories is None or categories.endswith(".json") else _split(categories),
         lon_column=lon_column, lat_column=lat_column, landuse=landuse, landuse_class_column=landuse_class_column,
         trips=trips, trip_columns=_split(trip_columns), trip_time_column=trip_time_column,
+        trip_weight_column=trip_weight,
         n_time_patterns=time_patterns, labels=labels, label_id_column=label_id_column,
         label_columns=_split(label_columns), label_agg=label_agg, crs=crs, join_engine=join_engine,
+        max_cells=max_cells,
     )
     command = "urbanprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = build_dataset(spec, out_dir, overwrite=overwrite, progress=True, command=command)
+    report = build_dataset(spec, out_dir, overwrite=overwrite, progress=True, command=command, log=err.print)
     for line in report.warnings():
         err.print(f"warning: {line}")
     table = Table("figure", "value", title=f"built-{city}: {report.region_kind} regions, {report.join_engine} join")
@@ -410,6 +426,8 @@ def build(
         ("POI categories", report.n_categories or "-"),
         ("land-use classes", report.n_landuse_classes or "-"),
         ("trips kept / read", f"{report.n_trips_kept} / {report.n_trips_read}" if trips else "-"),
+        *([(f"trips kept / read (by {report.trip_weight_column})",
+            f"{report.trips_weighted_kept:g} / {report.trips_weighted_read:g}")] if report.trip_weight_column else []),
         ("trip columns", ", ".join(report.trip_columns) or "-"),
         ("tasks", ", ".join(report.tasks) or "-"),
         ("seconds", f"{report.seconds['total']:.1f}"),

@@ -61,7 +61,63 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     for key in ("name", "regions", "views"):
         if key not in manifest:
             raise DataError(f"{where}: missing key {key!r}")
+    # A hand-edited manifest: every entry that names a file must be an object holding a "file" string.
+    entries = [("regions", manifest["regions"])]
+    if not isinstance(manifest["views"], dict):
+        raise DataError(f"{where}: 'views' must be an object {{view name: {{\"file\": ...}}}}, "
+                        f"got a {type(manifest['views']).__name__}")
+    entries += [(f"views.{view}", spec) for view, spec in manifest["views"].items()]
+    if manifest.get("labels") is not None:
+        entries.append(("labels", manifest["labels"]))
+    for key, entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            got = type(entry).__name__ if not isinstance(entry, dict) else "an object without a 'file' string"
+            raise DataError(f"{where}: {key!r} must be an object with a 'file' name, got {got}")
     return manifest
+
+
+def dataset_file(folder: Path, name: str, key: str) -> Path:
+    """The file a manifest entry names, which must lie inside the dataset folder (no absolute path, no '..')."""
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root):
+        raise DataError(f"{folder / MANIFEST}: {key!r} names {name!r}, outside the dataset folder "
+                        "(files must lie inside it)")
+    return path
+
+
+def dataset_files(folder: Path, manifest: dict[str, Any]) -> set[str]:
+    """Names (relative to ``folder``) of the files a manifest lists, the manifest included."""
+    names = {MANIFEST, str(manifest["regions"]["file"])}
+    names.update(str(spec["file"]) for spec in manifest["views"].values())
+    if manifest.get("labels"):
+        names.add(str(manifest["labels"]["file"]))
+    return {str(Path(n)) for n in names}
+
+
+def check_output(target: Path, overwrite: bool) -> None:
+    """Refuse an output folder that a build would wrongly replace.
+
+    Only a folder that ``urbanprofile build`` wrote (our manifest) holding nothing but the dataset's own files
+    may be replaced, and only with ``overwrite``: anything else there (the inputs, a thesis) is the user's.
+    """
+    if target.exists() and not target.is_dir():
+        raise DataError(f"{target}: exists and is not a folder")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"{target}: already exists and is not empty (pass --overwrite to replace it)")
+    try:
+        manifest = read_manifest(target)
+    except DataError:
+        raise DataError(f"{target}: not a built dataset (no urbanprofile manifest.json), so --overwrite will not "
+                        "replace it; choose another --out") from None
+    own = dataset_files(target, manifest)
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir() if p.name not in own)
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise DataError(f"{target}: holds files that are not part of the dataset ({listed}); --overwrite would "
+                        "delete them: move them out first")
 
 
 def _sparse_rows(frame: pd.DataFrame, value: str) -> pd.DataFrame:
@@ -101,21 +157,21 @@ def write_built(
             pattern tensor is too large to hold as a view.
     """
     target = Path(folder).expanduser()
-    if target.exists() and not target.is_dir():
-        raise DataError(f"{target}: exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise DataError(f"{target}: already exists and is not empty (pass --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
+    check_output(target, overwrite)
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
         manifest = _write_files(city, tmp, manifest_extra, od_pattern_rows)
         _dump_json(tmp / MANIFEST, manifest)
         _move_into_place(tmp, target)
+    except OSError as err:  # read-only location, full disk: the old folder (if any) is left as it was
+        raise DataError(f"{target}: cannot write the dataset ({err.strerror or first_line(err)})") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -201,13 +257,19 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
 
     root = Path(folder).expanduser()
     manifest = read_manifest(root)
-    regions_file = root / manifest["regions"]["file"]
+    regions_file = dataset_file(root, manifest["regions"]["file"], "regions")
     try:
         table = gpd.read_parquet(regions_file)
     except Exception as err:  # pyarrow and geopandas raise many types for a corrupt file
         raise DataError(f"{regions_file}: cannot read GeoParquet regions ({first_line(err)})") from None
     if "region_id" not in table.columns:
         raise DataError(f"{regions_file}: no 'region_id' column")
+    if table["region_id"].isna().any():
+        raise DataError(f"{regions_file}: row {int(np.argmax(table['region_id'].isna().to_numpy())) + 1} has no "
+                        "region_id")
+    if table["region_id"].duplicated().any():
+        first = table["region_id"][table["region_id"].duplicated()].tolist()[0]  # a Python value, for its repr
+        raise DataError(f"{regions_file}: duplicate region_id {first!r}")
     regions = table.set_index("region_id")
     if regions.crs is not None and not regions.crs.equals("EPSG:4326"):
         regions = regions.to_crs("EPSG:4326")
@@ -215,7 +277,7 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
     views: dict[str, pd.DataFrame] = {}
     notes: list[str] = list(manifest.get("notes", []))
     for view, spec in manifest["views"].items():
-        path = root / spec["file"]
+        path = dataset_file(root, spec["file"], f"views.{view}")
         frame = read_table(path)
         layout = spec.get("layout", "dense")
         if layout == "dense":
@@ -235,7 +297,7 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
             raise DataError(f"{root / MANIFEST}: view {view!r} has unknown layout {layout!r}")
     targets = pd.DataFrame(index=ids)
     if manifest.get("labels"):
-        path = root / manifest["labels"]["file"]
+        path = dataset_file(root, manifest["labels"]["file"], "labels")
         targets = _dense_view(path, read_table(path), ids).astype(float)
     protocol = manifest.get("protocol") or {}
     meta: dict[str, Any] = {
@@ -267,6 +329,9 @@ def _dense_view(path: Path, frame: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
     missing = ids.difference(frame.index)
     if len(missing):
         raise DataError(f"{path}: no row for region {missing[0]!r}")
+    for column in frame.columns:
+        if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
+            raise DataError(f"{path}: column {str(column)!r} holds {frame[column].dtype} values, not numbers")
     out = frame.loc[ids]
     out.index.name = "region_id"
     return out
@@ -288,7 +353,8 @@ def _square_from_rows(path: Path, frame: pd.DataFrame, ids: pd.Index, value: str
             raise DataError(f"{path}: no {column!r} column")
     n = len(ids)
     values = frame[value].to_numpy()
-    values = values if values.dtype.kind in "iuf" else values.astype(float)
+    if values.dtype.kind not in "biuf":
+        raise DataError(f"{path}: column {value!r} holds {frame[value].dtype} values, not numbers")
     rows = _positions(path, frame["origin"], ids)
     cols = _positions(path, frame["destination"], ids)
     return sparse.coo_matrix((values, (rows, cols)), shape=(n, n)).tocsr()
@@ -297,12 +363,19 @@ def _square_from_rows(path: Path, frame: pd.DataFrame, ids: pd.Index, value: str
 def patterns_view(rows: pd.DataFrame, ids: pd.Index, n_patterns: int, where: str = "od_patterns") -> pd.DataFrame:
     """The ``od_patterns`` view (regions x (pattern, destination)) from (pattern, origin, destination, trips) rows."""
     n = len(ids)
+    for column in ("pattern", "trips"):
+        if column in rows.columns and not pd.api.types.is_numeric_dtype(rows[column]):
+            raise DataError(f"{where}: column {column!r} holds {rows[column].dtype} values, not numbers")
     pattern = rows["pattern"].to_numpy(dtype=int) if "pattern" in rows.columns else None
     if pattern is None or (len(pattern) and (pattern.min() < 0 or pattern.max() >= n_patterns)):
         raise DataError(f"{where}: 'pattern' must hold 0..{n_patterns - 1}")
-    tensor = np.zeros((n, n_patterns, n), dtype=np.int64)
+    trips = rows["trips"].to_numpy()
+    # Weighted trips may be fractional; whole counts stay integers.
+    integral = trips.dtype.kind in "biu" or bool((trips == np.round(trips)).all())
+    trips = trips.astype(np.int64) if integral else trips.astype(float)
+    tensor = np.zeros((n, n_patterns, n), dtype=trips.dtype)
     origin = _positions(where, rows["origin"], ids)
     dest = _positions(where, rows["destination"], ids)
-    np.add.at(tensor, (origin, pattern, dest), rows["trips"].to_numpy(dtype=np.int64))
+    np.add.at(tensor, (origin, pattern, dest), trips)
     columns = pd.MultiIndex.from_product([range(n_patterns), ids], names=["pattern", "destination"])
     return frame_from_array(tensor.reshape(n, -1), ids, columns)

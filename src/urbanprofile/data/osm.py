@@ -47,6 +47,61 @@ OSM_CATEGORIES: dict[str, list[str]] = {
 }
 
 
+#: Land-use classes from OSM tags (``key=value``): ``landuse=*`` values, plus the ``leisure``, ``natural`` and
+#: ``amenity`` values that describe how an area is used. A multi-valued tag (``landuse=grass;parking``) takes the
+#: first value that maps. Tags that are not land use (``landuse=road``, ``steps``, ``lane``, ``bus_stop``: highway
+#: values put under the wrong key) and tags not listed here are dropped, and counted.
+OSM_LANDUSE_CLASSES: dict[str, list[str]] = {
+    "residential": ["landuse=residential", "landuse=housing", "landuse=apartments", "landuse=garages"],
+    "commercial": ["landuse=commercial", "landuse=office", "landuse=retail", "landuse=shops"],
+    "industrial": ["landuse=industrial", "landuse=port", "landuse=depot", "landuse=warehouse", "landuse=quarry",
+                   "landuse=landfill", "landuse=brownfield"],
+    "institutional": ["landuse=institutional", "landuse=education", "landuse=civic", "landuse=civil",
+                      "landuse=religious", "landuse=health", "landuse=public_administration",
+                      "amenity=school", "amenity=university", "amenity=college", "amenity=kindergarten",
+                      "amenity=hospital", "amenity=clinic", "amenity=place_of_worship", "amenity=townhall"],
+    "military": ["landuse=military"],
+    "transport": ["landuse=railway", "landuse=highway_area", "landuse=parking", "landuse=transportation",
+                  "landuse=airport", "amenity=parking", "amenity=bus_station", "amenity=ferry_terminal"],
+    "construction": ["landuse=construction", "landuse=greenfield"],
+    "recreation": ["landuse=recreation_ground", "landuse=winter_sports", "leisure=park", "leisure=pitch",
+                   "leisure=playground", "leisure=sports_centre", "leisure=stadium", "leisure=golf_course",
+                   "leisure=garden", "leisure=common", "leisure=dog_park", "leisure=track"],
+    "green": ["landuse=grass", "landuse=village_green", "landuse=greenery", "landuse=flowerbed",
+              "landuse=plant_nursery", "natural=grassland", "natural=scrub", "natural=heath"],
+    "forest": ["landuse=forest", "natural=wood"],
+    "agriculture": ["landuse=farmland", "landuse=farmyard", "landuse=meadow", "landuse=orchard",
+                    "landuse=vineyard", "landuse=allotments", "landuse=greenhouse_horticulture",
+                    "landuse=aquaculture", "landuse=animal_keeping"],
+    "water": ["landuse=basin", "landuse=reservoir", "landuse=pond", "landuse=salt_pond", "natural=water",
+              "natural=wetland", "natural=bay"],
+    "cemetery": ["landuse=cemetery", "amenity=grave_yard"],
+}
+#: Tag keys besides ``landuse`` that :data:`OSM_LANDUSE_CLASSES` reads.
+_LANDUSE_EXTRA_KEYS = ("leisure", "natural", "amenity")
+_LANDUSE_LOOKUP = {tag: cls for cls, tags in OSM_LANDUSE_CLASSES.items() for tag in tags}
+
+
+def landuse_classes(raw: pd.Series) -> tuple[pd.Series, dict[str, int]]:
+    """Map raw OSM tags (``landuse=lane;parking``) onto :data:`OSM_LANDUSE_CLASSES`.
+
+    Returns:
+        The class per feature (missing where no value maps) and the raw tags that were dropped, with counts
+        (most frequent first).
+    """
+    def one(tag: object) -> str | None:
+        key, _, values = str(tag).partition("=")
+        for value in values.split(";"):
+            found = _LANDUSE_LOOKUP.get(f"{key.strip()}={value.strip().lower()}")
+            if found is not None:
+                return found
+        return None
+
+    classes = raw.map(one)
+    dropped = raw[classes.isna()].astype(str).value_counts()
+    return classes, {str(k): int(v) for k, v in dropped.items()}
+
+
 def is_osm_extract(path: Path) -> bool:
     return path.name.lower().endswith(".osm.pbf")
 
@@ -84,12 +139,41 @@ def read_osm_pois(path: Path) -> gpd.GeoDataFrame:
     return pois.assign(category=raw.to_numpy(), geometry=points)[["category", "geometry"]]
 
 
-def read_osm_landuse(path: Path) -> gpd.GeoDataFrame:
-    """Land-use polygons of an OSM extract, with their ``landuse`` tag as the ``class`` column."""
+def read_osm_landuse(path: Path) -> tuple[gpd.GeoDataFrame, dict[str, int]]:
+    """Land-use polygons of an OSM extract, classed by :data:`OSM_LANDUSE_CLASSES` in the ``class`` column.
+
+    Returns:
+        The polygons of a known class, and the raw tags dropped (not land use, or not in the mapping) with counts.
+    """
     osm = _open(path)
-    landuse = _nonempty(path, osm.get_landuse(), "land-use polygons")  # type: ignore[attr-defined]
-    landuse = landuse[landuse.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
-    return landuse.assign(**{"class": landuse["landuse"].astype(str)})[["class", "geometry"]]
+    landuse = osm.get_landuse()  # type: ignore[attr-defined]
+    wanted: dict[str, list[str]] = {key: [] for key in _LANDUSE_EXTRA_KEYS}
+    for tag in _LANDUSE_LOOKUP:
+        key, _, value = tag.partition("=")
+        if key in wanted:
+            wanted[key].append(value)
+    extra = osm.get_data_by_custom_criteria(  # type: ignore[attr-defined]
+        custom_filter=wanted, osm_keys_to_keep=list(wanted), filter_type="keep", keep_nodes=False)
+    parts = []
+    for frame, keys in ((landuse, ("landuse",)), (extra, _LANDUSE_EXTRA_KEYS)):
+        if frame is None or len(frame) == 0:
+            continue
+        frame = frame[frame.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+        raw = pd.Series(pd.NA, index=frame.index, dtype=object)
+        for key in reversed(keys):  # the first key wins
+            if key in frame.columns:
+                has = frame[key].notna() & (frame[key].astype(str).str.len() > 0)
+                raw[has] = key + "=" + frame.loc[has, key].astype(str)
+        parts.append(frame.assign(raw=raw)[raw.notna()][["raw", "geometry"]])
+    if not parts:
+        raise DataError(f"{path}: the OSM extract holds no land-use polygons")
+    polygons = pd.concat(parts, ignore_index=True)
+    classes, dropped = landuse_classes(polygons["raw"])
+    kept = polygons.assign(**{"class": classes})[classes.notna()][["class", "geometry"]]
+    if kept.empty:
+        raise DataError(f"{path}: none of the OSM extract's land-use tags maps to a land-use class "
+                        f"(found: {', '.join(list(dropped)[:5])})")
+    return _nonempty(path, kept, "land-use polygons"), dropped
 
 
 def osm_extent(path: Path) -> gpd.GeoDataFrame:

@@ -112,6 +112,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     if not chosen:
         raise DatasetNotFoundError(f"no data directory: pass --data-dir or set {ENV_VAR}")
     path = Path(chosen).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DatasetNotFoundError(f"data directory {path} is a file, not a folder")
     if not path.is_dir():
         raise DatasetNotFoundError(f"data directory {path} does not exist")
     return path

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
+
+if TYPE_CHECKING:
+    from urbanprofile.report.terminal import FitTable
 
 app = typer.Typer(
     help="urbanprofile: urban region profiling with leak-free evaluation.",
@@ -68,9 +70,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def datasets_list(data_dir: DataDir = None) -> None:
     """List the datasets discovered in the data directory (reads no arrays)."""
     from urbanprofile.data.registry import discover
+    from urbanprofile.report.terminal import Column, FitTable
 
     entries = discover(data_dir)
-    table = Table("dataset", "family", "path", "status")
+    table = FitTable([Column("dataset"), Column("family", priority=2), Column("path", "text", priority=1),
+                      Column("status", "text")])
     for name, entry in entries.items():
         status = "ok" if entry.complete else f"incomplete: missing {', '.join(entry.missing)}"
         table.add_row(name, entry.family, str(entry.path), status)
@@ -86,6 +90,7 @@ def datasets_info(
     """Regions, views, tasks and label statistics of one dataset."""
     from urbanprofile.data.registry import load_dataset
     from urbanprofile.data.tasks import task_data
+    from urbanprofile.report.terminal import Column, FitTable
 
     city = load_dataset(name, data_dir)
     summary = city.summary()
@@ -96,11 +101,13 @@ def datasets_info(
     out.print(f"[bold]{city.name}[/bold]: {city.meta.get('description', '')}")
     out.print(f"source: {city.meta.get('source')}")
     out.print(f"locations: {city.meta.get('location_source')}")
-    views = Table("view", "shape")
+    views = FitTable([Column("view"), Column("shape", "figure")])
     for view, shape in summary["views"].items():
         views.add_row(view, " x ".join(map(str, shape)))
     out.print(views)
-    labels = Table("task", "n", "missing", "zeros", "mean", "std", "min", "max", "used for evaluation")
+    labels = FitTable([Column("task"), *(Column(h, "figure", priority=p, justify="right") for h, p in (
+        ("n", 0), ("missing", 2), ("zeros", 3), ("mean", 1), ("std", 1), ("min", 2), ("max", 2))),
+        Column("used for evaluation", "text", priority=1)])
     for task, stats in summary["tasks"].items():
         labels.add_row(task, *(_fmt(stats[k], 1) for k in ("n", "missing", "zeros", "mean", "std", "min", "max")),
                        summary["task_rows"][task])
@@ -114,8 +121,10 @@ def datasets_info(
 def methods_list() -> None:
     """List registered methods and what they need."""
     from urbanprofile.methods import get_method, list_methods
+    from urbanprofile.report.terminal import Column, FitTable
 
-    table = Table("method", "head", "needs", "seeds", "description")
+    table = FitTable([Column("method"), Column("head", priority=2), Column("needs", "text", priority=1),
+                      Column("seeds", priority=3), Column("description", "text")])
     for name in list_methods():
         spec = get_method(name)
         needs = ", ".join([*spec.requires_views, *(["locations"] if spec.needs_locations else [])])
@@ -168,14 +177,26 @@ def _print_rows_json(row: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> Table:
+def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> FitTable:
     from urbanprofile.benchmark.runner import format_mean_std, leaderboard
+    from urbanprofile.report.terminal import Column, FitTable
 
     board = leaderboard(rows)
-    table = Table("dataset", "task", "protocol", "method", "head", "n", "R²", "MAE", "RMSE", "worst-block R²",
-                  "Moran's I", "fit s", "seeds", title=title)
+    # The names a row is known by come first and stay; figures that matter less go when the terminal is narrow.
+    columns = [Column("dataset", to_title=True), Column("task", to_title=True), Column("protocol", to_title=True),
+               Column("method", to_title=True), Column("head", priority=2, to_title=True),
+               Column("n", "figure", priority=5, to_title=True, justify="right"),
+               Column("R²", "figure", justify="right"), Column("MAE", "figure", priority=3, justify="right"),
+               Column("RMSE", "figure", priority=6, justify="right"),
+               Column("worst-block R²", "figure", priority=1, justify="right"),
+               Column("Moran's I", "figure", priority=4, justify="right"),
+               Column("fit s", "figure", priority=7, justify="right"),
+               Column("seeds", "figure", priority=5, justify="right")]
+    paper = "paper" in set(board.get("protocol", []))
+    notes = ["paper†: the peers' protocol, for comparison with published figures only"] if paper else []
+    table = FitTable(columns, title=title, notes=notes, group_by=["dataset", "task"])
     for r in board.to_dict("records"):
-        protocol = "paper (peers', for comparison)" if r["protocol"] == "paper" else r["protocol"]
+        protocol = "paper†" if r["protocol"] == "paper" else r["protocol"]
         table.add_row(
             r["dataset"], r["task"], protocol, r["method"], r["head"], str(r["n_regions"]),
             format_mean_std(r["r2_mean"], r["r2_std"]), format_mean_std(r["mae_mean"], r["mae_std"], 1),
@@ -223,7 +244,7 @@ def evaluate(
     for line in outcome.skipped:
         err.print(f"skipped: {line}")
     if not as_json and outcome.rows:
-        out.print(_leaderboard_table(outcome.rows, f"{method} on {name}"))
+        out.print(_leaderboard_table(outcome.rows, "mean ± std over seeds"))
 
 
 @app.command()
@@ -346,6 +367,7 @@ def build(
     import shlex
 
     from urbanprofile.data.build import BuildSpec, build_dataset
+    from urbanprofile.report.terminal import Column, FitTable
 
     spec = BuildSpec(
         city=city, regions=regions, region_id_column=region_id_column, region_name_column=region_name_column,
@@ -361,7 +383,8 @@ def build(
     report = build_dataset(spec, out_dir, overwrite=overwrite, progress=True, command=command)
     for line in report.warnings():
         err.print(f"warning: {line}")
-    table = Table("figure", "value", title=f"built-{city}: {report.region_kind} regions, {report.join_engine} join")
+    table = FitTable([Column("figure"), Column("value", "text")],
+                     title=f"built-{city}: {report.region_kind} regions, {report.join_engine} join")
     rows = [
         ("regions", report.n_regions),
         ("POIs joined / read", f"{report.n_pois_joined} / {report.n_pois_read}" if pois else "-"),
@@ -499,6 +522,7 @@ def r1_evaluate(
     data_dir: DataDir = None,
 ) -> None:
     """Score the trained policy and its baselines on the held-out regions (metrics.json, predictions.csv)."""
+    from urbanprofile.report.terminal import Column, FitTable
     from urbanprofile.rl.evaluate import evaluate_run
     from urbanprofile.rl.policy import resolve_device
     from urbanprofile.rl.train import load_cities, read_config
@@ -512,8 +536,10 @@ def r1_evaluate(
     if as_json:
         out.print_json(json.dumps(payload, default=float))
         return
-    table = Table("method", "Spearman", "Spearman (mean level)", "level MAE", "level R²", "parse failures",
-                  "worst group MAE", "worst-group gap", "disparity", title=f"held-out regions ({payload['n_test']})")
+    table = FitTable([Column("method"), *(Column(h, "figure", priority=p, justify="right") for h, p in (
+        ("Spearman", 0), ("Spearman (mean level)", 4), ("level MAE", 0), ("level R²", 1), ("parse failures", 2),
+        ("worst group MAE", 3), ("worst-group gap", 2), ("disparity", 5)))],
+        title=f"held-out regions ({payload['n_test']})")
     for name, m in payload["methods"].items():
         if "skipped" in m:
             err.print(f"{name}: skipped, {m['skipped']}")

@@ -120,3 +120,57 @@ def test_every_listing_fits_80_columns(args: tuple[str, ...], make_data_dir: Cal
 
         for name in list_methods():
             assert f"│ {name} " in stdout
+
+
+# -- 2, 3. help alone, --version, help texts shown whole -------------------------------------------------
+@pytest.mark.parametrize("args", [(), ("datasets",), ("r1",), ("methods",)])
+def test_no_arguments_prints_help_alone(args: tuple[str, ...], capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, stdout, stderr = run(capsys, monkeypatch, *args)
+    assert code == 0
+    assert "Usage" in stdout + stderr
+    assert "error" not in stderr
+
+
+def test_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from urbanprofile import __version__
+
+    code, stdout, _ = run(capsys, monkeypatch, "--version")
+    assert code == 0
+    assert stdout.strip() == f"urbanprofile {__version__}"
+
+
+def _commands() -> list[tuple[list[str], object]]:
+    import typer
+
+    found: list[tuple[list[str], object]] = []
+
+    def walk(command: object, path: list[str]) -> None:
+        found.append((path, command))
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(cli.app), [])
+    return found
+
+
+def test_every_help_text_with_brackets_is_shown_whole(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = 0
+    for path, command in _commands():
+        texts = [getattr(p, "help", None) or "" for p in getattr(command, "params", [])]
+        texts.append(getattr(command, "help", None) or "")
+        texts = [" ".join(t.split()) for t in texts if "[" in t]
+        if not texts:
+            continue
+        code, stdout, _ = run(capsys, monkeypatch, *path, "--help", width=400)
+        assert code == 0
+        flat = " ".join(stdout.replace("│", " ").split())
+        for text in texts:
+            from rich.markup import render
+
+            shown = render(text).plain  # what the help shows after its markup (escapes) is applied
+            assert shown in flat, f"{' '.join(path)}: {shown!r} not shown"
+            assert "[" in shown
+            checked += 1
+    assert checked >= 3  # --executor, --head, --layer at least

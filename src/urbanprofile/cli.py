@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
 
@@ -25,6 +26,23 @@ datasets_app = typer.Typer(help="Datasets found in the data directory.", no_args
 methods_app = typer.Typer(help="Registered methods.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(methods_app, name="methods")
+
+def _print_version(value: bool) -> None:
+    if value:
+        from urbanprofile import __version__
+
+        typer.echo(f"urbanprofile {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    # Only here for --version; the app's help is the Typer's own.
+    pass
+
 
 def _console(stderr: bool = False) -> Console:
     """A console that wraps to the terminal, or never cuts a table when output goes to a pipe or file."""
@@ -98,7 +116,7 @@ def datasets_info(
     if as_json:
         out.print_json(json.dumps(summary, default=str))
         return
-    out.print(f"[bold]{city.name}[/bold]: {city.meta.get('description', '')}")
+    out.print(f"[bold]{escape(city.name)}[/bold]: {escape(str(city.meta.get('description', '')))}")
     out.print(f"source: {city.meta.get('source')}")
     out.print(f"locations: {city.meta.get('location_source')}")
     views = FitTable([Column("view"), Column("shape", "figure")])
@@ -214,8 +232,8 @@ def evaluate(
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="paper, nested or spatial.")] = "nested",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2,3,4",
     head: Annotated[str | None, typer.Option(
-        "--head", help="Head: ridge, knn, mlp, mlp-multitask, moe, prompt4re-<model>[-notask], concat-<model> "
-        "(default: the method's own).", show_default=False)] = None,
+        "--head", help=escape("Head: ridge, knn, mlp, mlp-multitask, moe, prompt4re-<model>[-notask], concat-<model> "
+                              "(default: the method's own)."), show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     modalities: Annotated[str | None, typer.Option(
         "--modalities", help="Modalities used at inference, e.g. location,text (urbanfusion, concat).")] = None,
@@ -261,8 +279,8 @@ def benchmark(
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per requested row on stdout (stored earlier or now: see 'resumed').")] = False,
     executor: Annotated[str, typer.Option(
-        "--executor", help="Where units run: serial, processes (see --jobs) or ray (pip install 'urbanprofile[ray]').")
-    ] = "serial",
+        "--executor", help=escape("Where units run: serial, processes (see --jobs) or ray (pip install "
+                                  "'urbanprofile[ray]')."))] = "serial",
     jobs: Annotated[int | None, typer.Option(
         "--jobs", help="Local worker processes (or CPUs of a local Ray instance).", show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
@@ -404,7 +422,7 @@ def build(
 @app.command("map")
 def map_command(
     name: Annotated[str, typer.Argument(help="Dataset name, or the path of a built dataset folder.")],
-    layer: Annotated[str, typer.Option("--layer", "-l", help=(
+    layer: Annotated[str, typer.Option("--layer", "-l", help=escape(
         "view:<view>[:<column>], label:<task>, prediction:<task>, residual:<task> or bias:<task>."))],
     out_paths: Annotated[list[Path], typer.Option("--out", "-o", help="Output .png or .html (repeatable).")],
     method: Annotated[str, typer.Option("--method", "-m", help="Method for prediction/residual/bias layers.")
@@ -563,6 +581,8 @@ def main() -> None:
         err.print("aborted")
         sys.exit(130)
     except Exception as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # the help has been printed: that was the answer
+            sys.exit(0)
         if _is_usage_error(error):
             message = " ".join(str(error.format_message()).split())  # type: ignore[attr-defined]
             ctx = getattr(error, "ctx", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -174,3 +175,131 @@ def test_every_help_text_with_brackets_is_shown_whole(capsys: pytest.CaptureFixt
             assert "[" in shown
             checked += 1
     assert checked >= 3  # --executor, --head, --layer at least
+
+
+# -- 4. output paths: no silent folders, no silent overwrite, one line when the disk or folder says no ----
+@pytest.fixture
+def testcity(make_data_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("URBANPROFILE_DATA", str(make_data_dir()))
+    return "hafusion-testcity"
+
+
+def one_error(code: int, stderr: str, *fragments: str) -> str:
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def embed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str, out: Path,
+          *extra: str) -> tuple[int, str, str]:
+    return run(capsys, monkeypatch, "embed", name, "--method", "raw-poi", "--out", str(out), *extra)
+
+
+def test_embed_refuses_a_missing_folder_unless_parents(testcity: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out" / "deeper" / "emb.parquet"
+    code, _, stderr = embed(capsys, monkeypatch, testcity, target)
+    one_error(code, stderr, str(tmp_path / "out" / "deeper"), "--parents")
+    assert not (tmp_path / "out").exists()
+    code, _, stderr = embed(capsys, monkeypatch, testcity, target, "--parents")
+    assert code == 0, stderr
+    import pandas as pd
+
+    frame = pd.read_parquet(target)
+    assert len(frame) == 30
+
+
+def test_embed_refuses_a_folder_and_an_existing_file(testcity: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "emb.parquet"
+    folder.mkdir()
+    one_error(*embed(capsys, monkeypatch, testcity, folder)[::2], str(folder), "folder")
+    existing = tmp_path / "emb.csv"
+    existing.write_text("mine\n")
+    one_error(*embed(capsys, monkeypatch, testcity, existing)[::2], str(existing), "--overwrite")
+    assert existing.read_text() == "mine\n"
+    code, _, stderr = embed(capsys, monkeypatch, testcity, existing, "--overwrite")
+    assert code == 0, stderr
+    assert existing.read_text().startswith("region_id")
+
+
+def _enospc(*args: object, **kwargs: object) -> None:
+    import errno
+
+    target = Path(str(args[1] if len(args) > 1 else kwargs["path"]))
+    target.write_bytes(b"PAR1 half a file")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_embed_full_disk_leaves_nothing(testcity: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pandas as pd
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", _enospc)
+    (tmp_path / "out").mkdir()
+    target = tmp_path / "out" / "new" / "emb.parquet"
+    code, _, stderr = embed(capsys, monkeypatch, testcity, target, "--parents")
+    one_error(code, stderr, str(target), "No space left on device")
+    assert list((tmp_path / "out").iterdir()) == []  # neither the partial file nor the folder made for it
+
+
+def _read_only(*args: object, **kwargs: object) -> tuple[int, str]:
+    import errno
+
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def test_embed_and_report_in_a_read_only_folder(testcity: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "results.duckdb"
+    code, _, stderr = run(capsys, monkeypatch, "benchmark", "--datasets", testcity, "--methods", "raw-poi",
+                          "--tasks", "crime", "--protocols", "nested", "--seeds", "0", "--store", str(store))
+    assert code == 0, stderr
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # Refused before any work when the folder says so (root may write anywhere, hence the stand-in) ...
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    one_error(*embed(capsys, monkeypatch, testcity, locked / "emb.parquet")[::2], str(locked), "permission")
+    one_error(*run(capsys, monkeypatch, "report", "--store", str(store), "-o", str(locked / "report"),
+                   "--no-maps")[::2], str(locked), "permission")
+    monkeypatch.setattr(os, "access", real_access)
+    # ... and one line, no leftovers, when the write itself is refused (a read-only file system).
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "mkstemp", _read_only)
+    one_error(*embed(capsys, monkeypatch, testcity, locked / "emb.parquet")[::2], "Permission denied")
+    one_error(*run(capsys, monkeypatch, "report", "--store", str(store), "-o", str(locked / "report"),
+                   "--no-maps")[::2], "Permission denied")
+    assert list(locked.iterdir()) == []
+
+
+def test_map_refuses_a_missing_folder(testcity: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "maps" / "poi.png"
+    code, _, stderr = run(capsys, monkeypatch, "map", testcity, "--layer", "view:poi_counts", "-o", str(target))
+    one_error(code, stderr, str(tmp_path / "maps"), "--parents")
+    assert not target.parent.exists()
+
+
+# -- 6. a task typo lists the dataset's own tasks ---------------------------------------------------------
+def test_task_typo_names_only_the_datasets_tasks(testcity: str, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, stderr = run(capsys, monkeypatch, "evaluate", testcity, "-m", "raw-poi", "-t", "chekin")
+    line = one_error(code, stderr, "did you mean 'checkin'", "crime", "service_calls", testcity)
+    assert "carbon" not in line and "gdp" not in line
+
+
+def test_a_datasets_own_indicator_is_a_valid_task(data_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("URBANPROFILE_DATA", str(data_dir))
+    code, stdout, stderr = run(capsys, monkeypatch, "evaluate", "olinda", "-m", "raw-location", "-t", "V014",
+                               "--seeds", "0", "--json")
+    assert code == 0, stderr
+    assert '"task": "V014"' in stdout

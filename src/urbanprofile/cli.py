@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -83,6 +86,52 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+# -- output paths ------------------------------------------------------------------------------------
+Parents = Annotated[bool, typer.Option("--parents", help="Create the output's missing parent folders.")]
+
+
+def _check_output(path: Path, *, parents: bool, overwrite: bool | None = None, folder: bool = False) -> None:
+    """Refuse an output location before any work is done: a missing parent folder (unless ``parents``), a
+    file where a folder is wanted or the reverse, an existing file (when ``overwrite`` is False), or a
+    place we may not write in. ``overwrite=None``: an existing file is replaced (regenerable figures)."""
+    if folder and path.exists() and not path.is_dir():
+        raise UrbanProfileError(f"{path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise UrbanProfileError(f"{path}: is a folder; give a file name")
+    if overwrite is False and path.exists():
+        raise UrbanProfileError(f"{path}: already exists; pass --overwrite to replace it")
+    parent = path if folder and path.is_dir() else path.parent
+    if not parent.exists():
+        if not parents:
+            raise UrbanProfileError(f"{parent}: folder does not exist; create it or pass --parents")
+        while not parent.exists():  # the folder that --parents would create its path in
+            parent = parent.parent
+    if not parent.is_dir():
+        raise UrbanProfileError(f"{parent}: is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UrbanProfileError(f"{parent}: cannot write in this folder (permission denied)")
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (full disk, read-only file system, permissions) into one ``error:`` line, and
+    remove the folders this command created on the way to ``path`` (only those, and only if empty)."""
+    created = []
+    ancestor = path.parent
+    while not ancestor.exists():
+        created.append(ancestor)
+        ancestor = ancestor.parent
+    try:
+        yield
+    except BaseException as error:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(error, OSError) and not isinstance(error, UrbanProfileError):
+            raise UrbanProfileError(f"{path}: could not write ({error.strerror or error})") from None
+        raise
+
+
 # -- datasets ----------------------------------------------------------------------------------------
 @datasets_app.command("list")
 def datasets_list(data_dir: DataDir = None) -> None:
@@ -157,6 +206,8 @@ def embed(
     method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet or .csv file.")],
     seed: Annotated[int, typer.Option("--seed", help="random_state of the method.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    parents: Parents = False,
     data_dir: DataDir = None,
 ) -> None:
     """Fit a method on a dataset and write one embedding row per region."""
@@ -164,6 +215,7 @@ def embed(
     from urbanprofile.methods import get_method
 
     spec = get_method(method)
+    _check_output(out_path, parents=parents, overwrite=overwrite)  # before a fit that may take minutes
     suffix = out_path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise UrbanProfileError(f"{out_path}: output must end in .parquet or .csv")
@@ -183,7 +235,8 @@ def embed(
             embedding = embedder.fit_transform(city)
     from urbanprofile.data.io import write_atomic
 
-    write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
+    with _writing(out_path):
+        write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
     err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}")
 
 
@@ -329,12 +382,14 @@ def report(
         "results/urbanprofile.duckdb"),
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for index.html.")] = Path("report"),
     no_maps: Annotated[bool, typer.Option("--no-maps", help="Leave out the per-block maps (needs no data).")] = False,
+    parents: Parents = False,
     data_dir: DataDir = None,
 ) -> None:
     """Write a static, self-contained HTML report of a results store (leaderboards, bias, seeds, maps)."""
     from urbanprofile.report.html import write_report
 
-    with err.status(f"writing the report of {store_path}"):
+    _check_output(out_dir, parents=parents, folder=True)
+    with err.status(f"writing the report of {store_path}"), _writing(out_dir / "index.html"):
         written = write_report(store_path, out_dir, data_dir=data_dir, with_maps=not no_maps)
     for note in written.notes:
         err.print(f"note: {note}")
@@ -429,17 +484,23 @@ def map_command(
                       ] = "raw-poi",
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="Protocol for the model layers.")] = "nested",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the method and protocol.")] = 0,
+    parents: Parents = False,
     data_dir: DataDir = None,
 ) -> None:
     """Draw a choropleth of a view, label, prediction, residual or per-block bias as PNG and/or HTML."""
     from urbanprofile.data.registry import load_dataset
-    from urbanprofile.report.maps import check_map_path, map_city
+    from urbanprofile.report.maps import check_map_path, layer_values, write_map
 
     for path in out_paths:
         check_map_path(path)
+        _check_output(path, parents=parents)
     city = load_dataset(name, data_dir)
     with err.status(f"mapping {layer} of {city.name}"):
-        written = map_city(city, layer, list(out_paths), method=method, protocol=protocol, seed=seed)
+        resolved = layer_values(city, layer, method=method, protocol=protocol, seed=seed)
+        written = []
+        for path in out_paths:
+            with _writing(path):
+                written.append(write_map(city, resolved, path))
     for path in written:
         err.print(f"wrote {path}")
 

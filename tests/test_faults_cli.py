@@ -303,3 +303,81 @@ def test_a_datasets_own_indicator_is_a_valid_task(data_dir: Path, capsys: pytest
                                "--seeds", "0", "--json")
     assert code == 0, stderr
     assert '"task": "V014"' in stdout
+
+
+# -- 5. a failed r1 run does not block the corrected command; config errors name the file -----------------
+def test_failed_r1_train_leaves_nothing_that_blocks(testcity: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from urbanprofile.errors import TrainingError
+    from urbanprofile.rl import train
+
+    def fail(config: object, run_dir: Path, *args: object, **kwargs: object) -> None:
+        assert (run_dir / "config.json").is_file()  # the failure comes after the run folder was started
+        raise TrainingError("GRPO loss is nan at step 1")
+
+    monkeypatch.setattr(train, "_train_prefix", fail)
+    run_dir = tmp_path / "runs" / "r1"
+    (tmp_path / "runs").mkdir()
+    args = ["r1", "train", "--datasets", testcity, "--task", "crime", "--model", "tiny-random", "--steps", "2",
+            "-G", "2", "--no-sft", "--out", str(run_dir)]
+    one_error(*run(capsys, monkeypatch, *args, "--lr", "1e9")[::2], "nan")
+    assert not run_dir.exists()  # this command made it, and nothing in it was worth keeping
+    # A folder the user made is kept, and the corrected command may take it over (no checkpoint in it).
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    one_error(*run(capsys, monkeypatch, *args, "--lr", "1e9")[::2], "nan")
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    config = train.R1Config(datasets=[testcity], task="crime", model="tiny-random", learning_rate=1e-3)
+    train._write_config(run_dir, config, resume=True)
+    assert train.read_config(run_dir).learning_rate == 1e-3
+    # A folder with a checkpoint is a run to resume: another configuration is still refused.
+    (run_dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    with pytest.raises(train.UrbanProfileError, match="another learning_rate"):
+        train._write_config(run_dir, train.R1Config(datasets=[testcity], task="crime", model="tiny-random",
+                                                    learning_rate=2e-3),
+                            resume=True)
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    ({"steps": "ten"}, "'steps' must be an integer"),
+    ({"bogus": 1}, "unknown field 'bogus'"),
+    ({"answer": "colour"}, "answer"),
+    ({"generations": 1}, "generations"),
+    ({"datasets": "hafusion-nyc"}, "'datasets' must be a list"),
+])
+def test_r1_config_errors_name_the_file(edit: dict[str, object], fragment: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from urbanprofile.rl.train import R1Config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    payload = {**R1Config(datasets=["hafusion-nyc"], task="crime").to_json(), **edit}
+    (run_dir / "config.json").write_text(json.dumps(payload))
+    code, _, stderr = run(capsys, monkeypatch, "r1", "evaluate", str(run_dir))
+    one_error(code, stderr, str(run_dir / "config.json"), fragment)
+
+
+# -- 8. raw baselines keep their features' names -----------------------------------------------------------
+def test_raw_poi_embedding_has_category_names() -> None:
+    from urbanprofile.data import make_synthetic_city
+    from urbanprofile.evaluation import evaluate_embedding
+    from urbanprofile.methods import get_method
+
+    city = make_synthetic_city(n_regions=40, n_poi_categories=4, random_state=0)
+    city.views["poi_counts"].columns = ["food", "shop", "park", "school"]
+    embedding = get_method("raw-poi").build(random_state=0).fit_transform(city)
+    assert list(embedding.columns) == ["poi_food", "poi_shop", "poi_park", "poi_school"]
+    assert embedding.index.equals(city.region_ids)
+    assert all(dtype.kind == "f" for dtype in embedding.dtypes)
+    mobility = get_method("raw-all").build(random_state=0).fit_transform(city)
+    ids = [str(r) for r in city.view("od_flows").columns]
+    assert [c for c in mobility.columns if c.startswith(("out_", "in_"))] == \
+        [f"out_{r}" for r in ids] + [f"in_{r}" for r in ids]
+    # the names change nothing downstream: the same figures as the unnamed matrix
+    unnamed = embedding.set_axis([f"emb_{k}" for k in range(4)], axis=1)
+    named_r2 = evaluate_embedding(city, embedding, task="crime", protocol="nested").metrics["r2"]
+    assert named_r2 == evaluate_embedding(city, unnamed, task="crime", protocol="nested").metrics["r2"]

@@ -18,6 +18,7 @@ from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
 
 if TYPE_CHECKING:
     from urbanprofile.report.terminal import FitTable
+    from urbanprofile.rl.train import R1Config
 
 app = typer.Typer(
     help="urbanprofile: urban region profiling with leak-free evaluation.",
@@ -552,11 +553,14 @@ def r1_train(
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when visible), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")] = True,
+    parents: Parents = False,
     data_dir: DataDir = None,
 ) -> None:
     """Post-train with GRPO (and the SFT baseline) on the training regions; writes the run folder."""
+    import shutil
+
     from urbanprofile.rl.policy import check_model_path
-    from urbanprofile.rl.train import R1Config, prepare_task, train_grpo, train_sft
+    from urbanprofile.rl.train import R1Config, has_run_state
 
     config = R1Config(
         datasets=_split(datasets) or [], task=task, model=model, answer=answer, n_levels=n_levels, protocol=protocol,
@@ -575,6 +579,21 @@ def r1_train(
 
         torch.set_num_threads(threads)
     check_model_path(model)
+    _check_output(out_dir, parents=parents, folder=True)
+    created = not out_dir.exists()
+    try:
+        _r1_train(config, out_dir, sft=sft, init=init, resume=resume)
+    except BaseException:
+        # A run that failed before its first checkpoint leaves nothing to resume: remove the folder it made
+        # (only when this command made it), so the corrected command starts clean.
+        if created and out_dir.is_dir() and not has_run_state(out_dir):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _r1_train(config: R1Config, out_dir: Path, *, sft: bool, init: str, resume: bool) -> None:
+    from urbanprofile.rl.train import prepare_task, train_grpo, train_sft
+
     data = prepare_task(config)
     err.print(f"{len(data.split('train'))} training and {len(data.split('test'))} held-out regions; "
               f"groups: {', '.join(data.groups)}")

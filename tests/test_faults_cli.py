@@ -381,3 +381,48 @@ def test_raw_poi_embedding_has_category_names() -> None:
     unnamed = embedding.set_axis([f"emb_{k}" for k in range(4)], axis=1)
     named_r2 = evaluate_embedding(city, embedding, task="crime", protocol="nested").metrics["r2"]
     assert named_r2 == evaluate_embedding(city, unnamed, task="crime", protocol="nested").metrics["r2"]
+
+
+# -- 7. one diverging scale for bias, the same in the CLI map and the HTML report ----------------------------
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    return int(hex_colour[1:3], 16), int(hex_colour[3:5], 16), int(hex_colour[5:7], 16)
+
+
+def test_bias_maps_share_one_fixed_scale(city: object) -> None:
+    import pandas as pd
+
+    from urbanprofile.report.html import _block_colour
+    from urbanprofile.report.maps import BLOCK_R2_BOUND, MapLayer, _colours, map_figure
+
+    ids = city.region_ids  # type: ignore[attr-defined]
+    # Blocks that differ little (Olinda: all between -0.06 and 0.05) stay pale: no stark split.
+    small = pd.Series(np.where(np.arange(len(ids)) % 2 == 0, -0.06, 0.05), index=ids)
+    layer = MapLayer(small, "bias", diverging=True, legend="block R²", bound=BLOCK_R2_BOUND)
+    hexes, _, norm = _colours(layer)
+    assert (norm.vmin, norm.vmax) == (-1.0, 1.0)
+    for colour in hexes:
+        assert min(_rgb(colour)) > 200, colour  # near white
+    # The CLI map and the report draw a block R² the same colour; worse than the mean is red, better blue.
+    wide = pd.Series(np.linspace(-2.0, 1.0, len(ids)), index=ids)
+    hexes, _, _ = _colours(MapLayer(wide, "bias", diverging=True, bound=BLOCK_R2_BOUND))
+    for value, colour in zip(wide, hexes, strict=True):
+        assert colour == _block_colour(float(value))
+    red, _, blue = _rgb(_block_colour(-0.8))
+    assert red > blue
+    red, _, blue = _rgb(_block_colour(0.8))
+    assert blue > red
+    # Colour-bar labels are round numbers, and the bar says when values lie beyond the scale.
+    figure = map_figure(city, MapLayer(wide, "bias", diverging=True, bound=BLOCK_R2_BOUND))  # type: ignore[arg-type]
+    figure.canvas.draw()
+    labels = [t.get_text().replace("−", "-") for t in figure.axes[-1].get_yticklabels()]
+    assert labels == ["-1", "-0.5", "0", "0.5", "1"]
+
+
+def test_residual_scale_is_fixed_by_the_label_not_the_residuals(city: object) -> None:
+    from urbanprofile.report.maps import RESIDUAL_BOUND_STD, layer_values, nice_bound
+
+    assert [nice_bound(v) for v in (0.06, 0.9, 1.0, 1.7, 3.3, 42.0)] == [0.1, 1.0, 1.0, 2.0, 5.0, 50.0]
+    layer = layer_values(city, "residual:crime", method="raw-poi")  # type: ignore[arg-type]
+    label = city.targets["crime"].to_numpy(dtype=float)  # type: ignore[attr-defined]
+    assert layer.diverging
+    assert layer.bound == nice_bound(RESIDUAL_BOUND_STD * float(np.nanstd(label)))

@@ -58,6 +58,10 @@ def test_leaderboard_fits_without_cutting_a_name_or_figure(width: int) -> None:
         assert f"dataset {r['dataset']}" in text.replace("\n", " ") or r["dataset"] in cells
         assert format_mean_std(r["r2_mean"], r["r2_std"]) in cells  # the figure that matters, whole
         assert f"{r['worst_block_r2_mean']:.3f}" in cells
+    # worst-block R² is kept (rows split into one table per dataset rather than dropping it), once per table,
+    # with its header whole (wrapped at its space, never cropped)
+    assert text.count("worst-block") == text.count("┏")
+    assert text.count("R²") >= 2 * text.count("┏")
     if width == 80:
         assert "not shown at this width" in text  # and says what it left out
     assert "paper†" in text and "for comparison" in text
@@ -426,3 +430,10 @@ def test_residual_scale_is_fixed_by_the_label_not_the_residuals(city: object) ->
     label = city.targets["crime"].to_numpy(dtype=float)  # type: ignore[attr-defined]
     assert layer.diverging
     assert layer.bound == nice_bound(RESIDUAL_BOUND_STD * float(np.nanstd(label)))
+
+
+def test_a_long_header_wraps_whole_over_a_narrow_figure_column() -> None:
+    table = FitTable([Column("dataset"), Column("worst-block R²", "figure", justify="right")])
+    table.add_row("x" * 50, "0.795")
+    text = render(table, 70)
+    assert "R²" in text and "worst-block" in text and "0.795" in text

@@ -266,7 +266,7 @@ def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> FitTable:
                Column("seeds", "figure", priority=5, justify="right")]
     paper = "paper" in set(board.get("protocol", []))
     notes = ["paper†: the peers' protocol, for comparison with published figures only"] if paper else []
-    table = FitTable(columns, title=title, notes=notes, group_by=["dataset", "task"])
+    table = FitTable(columns, title=title, notes=notes, group_by=["dataset", "task"], keep=1)
     for r in board.to_dict("records"):
         protocol = "paper†" if r["protocol"] == "paper" else r["protocol"]
         table.add_row(

@@ -49,18 +49,21 @@ class FitTable:
     """
 
     def __init__(self, columns: list[Column], title: str | None = None, notes: list[str] | None = None,
-                 group_by: list[str] | None = None) -> None:
+                 group_by: list[str] | None = None, keep: int = 0) -> None:
         """Args:
             columns: The columns, in the order shown.
             title: Said above the table.
             notes: Lines printed below the table.
             group_by: Headers of name columns to split the rows by (one table per value, the value in its
                 title) when one table does not fit; the first is tried first.
+            keep: Columns of this priority or less must be shown: when they do not fit, the rows are split
+                by ``group_by`` (or printed as blocks) rather than left out.
         """
         self.columns = columns
         self.title = title
         self.notes = list(notes or [])
         self.group_by = list(group_by or [])
+        self.keep = keep
         self.rows: list[list[str]] = []
 
     def add_row(self, *cells: str) -> None:
@@ -92,10 +95,10 @@ class FitTable:
         constant = self._constant()
         candidates = [i for i in range(len(self.columns)) if i not in constant]
         sizes = {i: self._widths(i) for i in candidates}
-        shown = [i for i in candidates if self.columns[i].priority == 0]
+        shown = [i for i in candidates if self.columns[i].priority <= self.keep]
         if _table_width(sizes[i][0] for i in shown) > width:
             return None
-        optional = sorted((i for i in candidates if self.columns[i].priority > 0),
+        optional = sorted((i for i in candidates if self.columns[i].priority > self.keep),
                           key=lambda i: self.columns[i].priority)
         for i in optional:
             if _table_width([*(sizes[j][0] for j in shown), sizes[i][0]]) <= width:
@@ -129,7 +132,9 @@ class FitTable:
             table = Table(title=self._title(constant))
             for i in shown:
                 col = self.columns[i]
-                table.add_column(Text(col.header), width=widths[i], no_wrap=col.kind != "text", overflow="fold",
+                # a header may wrap at its spaces even in a column whose cells never wrap
+                table.add_column(Text(col.header, no_wrap=False), width=widths[i], no_wrap=col.kind != "text",
+                                 overflow="fold",
                                  justify=col.justify)
             for row in self.rows:
                 table.add_row(*(Text(row[i]) for i in shown))
@@ -147,7 +152,8 @@ class FitTable:
                    for i, c in enumerate(self.columns)]
         values = list(dict.fromkeys(row[key] for row in self.rows))
         for value in values:
-            part = FitTable(columns, self.title, group_by=self.group_by[1:])
+            part = FitTable(columns, self.title, group_by=self.group_by[1:], keep=self.keep if len(
+                self.group_by) > 1 else 0)
             part.rows = [row for row in self.rows if row[key] == value]
             yield part
 

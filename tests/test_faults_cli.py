@@ -437,3 +437,12 @@ def test_a_long_header_wraps_whole_over_a_narrow_figure_column() -> None:
     table.add_row("x" * 50, "0.795")
     text = render(table, 70)
     assert "R²" in text and "worst-block" in text and "0.795" in text
+
+
+def test_info_of_a_dataset_without_views_says_so(data_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("URBANPROFILE_DATA", str(data_dir))
+    code, stdout, stderr = run(capsys, monkeypatch, "datasets", "info", "olinda")
+    assert code == 0, stderr
+    assert "views: none" in stdout and "┃ view" not in stdout
+    assert "V014" in stdout

@@ -172,7 +172,10 @@ def datasets_info(
     views = FitTable([Column("view"), Column("shape", "figure")])
     for view, shape in summary["views"].items():
         views.add_row(view, " x ".join(map(str, shape)))
-    out.print(views)
+    if views.rows:
+        out.print(views)
+    else:  # an empty table reads as a display fault
+        out.print("views: none (methods built on views, such as raw-poi, do not apply)")
     labels = FitTable([Column("task"), *(Column(h, "figure", priority=p, justify="right") for h, p in (
         ("n", 0), ("missing", 2), ("zeros", 3), ("mean", 1), ("std", 1), ("min", 2), ("max", 2))),
         Column("used for evaluation", "text", priority=1)])

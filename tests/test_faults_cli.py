@@ -446,3 +446,16 @@ def test_info_of_a_dataset_without_views_says_so(data_dir: Path, capsys: pytest.
     assert code == 0, stderr
     assert "views: none" in stdout and "┃ view" not in stdout
     assert "V014" in stdout
+
+
+def test_benchmark_refuses_a_store_in_a_missing_folder(testcity: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "nowhere" / "results.duckdb"
+    args = ["benchmark", "--datasets", testcity, "--methods", "raw-poi", "--tasks", "crime", "--protocols",
+            "nested", "--seeds", "0", "--store", str(store)]
+    one_error(*run(capsys, monkeypatch, *args)[::2], str(store.parent), "--parents")
+    assert not store.parent.exists()
+    code, _, stderr = run(capsys, monkeypatch, *args, "--parents")
+    assert code == 0, stderr
+    assert store.is_file()

@@ -331,6 +331,8 @@ def benchmark(
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (stochastic methods).")] = "0,1,2,3,4",
     store_path: Annotated[Path, typer.Option("--store", help="DuckDB results store.")] = Path(
         "results/urbanprofile.duckdb"),
+    parents: Annotated[bool, typer.Option("--parents", help="Create the store's missing parent folders (the "
+                                          "default store's results/ folder is always created).")] = False,
     heads: Annotated[str | None, typer.Option(
         "--heads", help="Comma-separated heads (default: each method's own head).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option(
@@ -359,6 +361,7 @@ def benchmark(
         raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
     runner = make_executor(executor, jobs=jobs, address=address, retries=retries)
     validate_plan(plan, data_dir)
+    _check_output(store_path, parents=parents or store_path == Path("results/urbanprofile.duckdb"))
     with ResultStore(store_path) as store:
         outcome = run_benchmark(plan, data_dir, store=store, progress=True,
                                 on_row=_print_rows_json if as_json else None, executor=runner)

@@ -106,13 +106,25 @@ class FitTable:
         shown.sort()
         widths = {i: sizes[i][0] for i in shown}
         spare = width - _table_width(widths.values())
-        # Widen headers of names and figures first (cheap), then let text columns take what is left.
-        for kind_order in (("name", "figure"), ("text",)):
-            for i in shown:
-                if self.columns[i].kind in kind_order and spare > 0:
-                    extra = min(spare, sizes[i][1] - widths[i])
-                    widths[i] += extra
-                    spare -= extra
+        # Widen headers of names and figures first (cheap), then share what is left among the text columns in
+        # proportion to what each still lacks (so a long description is not squeezed by a short list).
+        for i in shown:
+            if self.columns[i].kind != "text" and spare > 0:
+                extra = min(spare, sizes[i][1] - widths[i])
+                widths[i] += extra
+                spare -= extra
+        texts = [i for i in shown if self.columns[i].kind == "text"]
+        lacking = {i: sizes[i][1] - widths[i] for i in texts}
+        total = sum(lacking.values())
+        if total > 0 and spare > 0:
+            shares = {i: min(lacking[i], spare * lacking[i] // total) for i in texts}
+            for i in texts:
+                widths[i] += shares[i]
+            spare -= sum(shares.values())
+            for i in texts:  # what rounding left over
+                extra = min(spare, sizes[i][1] - widths[i])
+                widths[i] += extra
+                spare -= extra
         return shown, widths, constant
 
     def _title(self, constant: dict[int, str]) -> str | None:

@@ -100,8 +100,8 @@ def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *ar
         width: int = 80) -> tuple[int, str, str]:
     """Run the CLI in this process at a terminal width; (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["urbanprofile", *args])
-    monkeypatch.setattr(cli, "out", Console(width=width))
-    monkeypatch.setattr(cli, "err", Console(width=width, stderr=True))
+    monkeypatch.setattr(cli, "out", Console(width=width, markup=False))
+    monkeypatch.setattr(cli, "err", Console(width=width, stderr=True, markup=False))
     monkeypatch.setenv("COLUMNS", str(width))
     code = 0
     try:
@@ -459,3 +459,9 @@ def test_benchmark_refuses_a_store_in_a_missing_folder(testcity: str, tmp_path: 
     code, _, stderr = run(capsys, monkeypatch, *args, "--parents")
     assert code == 0, stderr
     assert store.is_file()
+
+
+def test_messages_keep_their_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    # a failed row's reason, a path or a name may hold brackets; rich markup would drop them
+    cli._console().print("failed: ray is needed: pip install 'urbanprofile[ray]' ([see] data/[x].csv)")
+    assert "pip install 'urbanprofile[ray]' ([see] data/[x].csv)" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
 
@@ -49,11 +50,15 @@ def _root(
 
 
 def _console(stderr: bool = False) -> Console:
-    """A console that wraps to the terminal, or never cuts a table when output goes to a pipe or file."""
-    console = Console(stderr=stderr)
+    """A console that wraps to the terminal, or never cuts a table when output goes to a pipe or file.
+
+    Markup is off: what we print carries user text (paths, names, error messages such as
+    ``pip install 'urbanprofile[ray]'``) whose brackets rich would otherwise take for styles and drop.
+    """
+    console = Console(stderr=stderr, markup=False)
     if console.is_terminal:
         return console
-    return Console(stderr=stderr, width=100_000)
+    return Console(stderr=stderr, width=100_000, markup=False)
 
 
 out = _console()
@@ -166,7 +171,7 @@ def datasets_info(
     if as_json:
         out.print_json(json.dumps(summary, default=str))
         return
-    out.print(f"[bold]{escape(city.name)}[/bold]: {escape(str(city.meta.get('description', '')))}")
+    out.print(Text.assemble((city.name, "bold"), f": {city.meta.get('description', '')}"))
     out.print(f"source: {city.meta.get('source')}")
     out.print(f"locations: {city.meta.get('location_source')}")
     views = FitTable([Column("view"), Column("shape", "figure")])
@@ -229,13 +234,13 @@ def embed(
     if hasattr(embedder, "on_epoch"):  # a trained method: show its epochs
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn(f"training {method} on {name}"), BarColumn(), MofNCompleteColumn(),
+        with Progress(TextColumn(escape(f"training {method} on {name}")), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err) as bar:
             job = bar.add_task("train", total=None)
             embedder.on_epoch = lambda epoch, total: bar.update(job, completed=epoch, total=total)
             embedding = embedder.fit_transform(city)
     else:
-        with err.status(f"fitting {method} on {name}"):
+        with err.status(escape(f"fitting {method} on {name}")):
             embedding = embedder.fit_transform(city)
     from urbanprofile.data.io import write_atomic
 
@@ -396,7 +401,7 @@ def report(
     from urbanprofile.report.html import write_report
 
     _check_output(out_dir, parents=parents, folder=True)
-    with err.status(f"writing the report of {store_path}"), _writing(out_dir / "index.html"):
+    with err.status(escape(f"writing the report of {store_path}")), _writing(out_dir / "index.html"):
         written = write_report(store_path, out_dir, data_dir=data_dir, with_maps=not no_maps)
     for note in written.notes:
         err.print(f"note: {note}")
@@ -502,7 +507,7 @@ def map_command(
         check_map_path(path)
         _check_output(path, parents=parents)
     city = load_dataset(name, data_dir)
-    with err.status(f"mapping {layer} of {city.name}"):
+    with err.status(escape(f"mapping {layer} of {city.name}")):
         resolved = layer_values(city, layer, method=method, protocol=protocol, seed=seed)
         written = []
         for path in out_paths:

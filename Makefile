@@ -28,8 +28,10 @@ docs: $(STAMP)
 test: lint docs
 	$(BIN)/pytest -q
 
+# Writes to results/bench/ (ignored by git); `make bench BENCH_OUT=benchmarks/results` refreshes the committed tables.
+BENCH_OUT ?= results/bench
 bench: $(STAMP)
-	$(BIN)/python benchmarks/baselines.py
+	$(BIN)/python benchmarks/baselines.py --out $(BENCH_OUT)
 
 # Longer studies (not part of the main job): learned embedders (~50 min on 2 cores), dataset building.
 bench-embedders: $(STAMP)

@@ -18,7 +18,12 @@ def test_embedder_contract(city: CityData, name: str) -> None:
         embedder.transform(city)
     embedding = embedder.fit(city).transform(city)
     assert embedding.index.equals(city.region_ids) and embedding.index.name == "region_id"
-    assert list(embedding.columns[:2]) == ["emb_0", "emb_1"]
+    raw = {"raw-poi": "poi_0", "raw-landuse": "landuse_0", "raw-mobility": "out_", "raw-all": "poi_0",
+           "raw-location": "x_km", "knn-location": "x_km"}
+    if name in raw:  # raw features keep what they are as names
+        assert str(embedding.columns[0]).startswith(raw[name]) and embedding.columns.is_unique
+    else:
+        assert list(embedding.columns[:2]) == ["emb_0", "emb_1"]
     assert np.isfinite(embedding.to_numpy()).all()
 
 

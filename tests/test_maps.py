@@ -66,7 +66,7 @@ def test_layers(built: Path) -> None:
 def test_cli_map(built: Path, tmp_path: Path) -> None:
     out = tmp_path / "maps" / "bias.png"
     html = str(out.with_suffix(".html"))
-    ok = run_cli("map", str(built), "--layer", "prediction:crime", "--out", str(out), "--out", html)
+    ok = run_cli("map", str(built), "--layer", "prediction:crime", "--out", str(out), "--out", html, "--parents")
     assert ok.returncode == 0, ok.stderr
     assert out.is_file() and out.with_suffix(".html").is_file()
     bad = tmp_path / "maps" / "x.jpg"

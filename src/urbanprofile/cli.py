@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.text import Text
 
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
+
+if TYPE_CHECKING:
+    from urbanprofile.report.terminal import FitTable
+    from urbanprofile.rl.train import R1Config
 
 app = typer.Typer(
     help="urbanprofile: urban region profiling with leak-free evaluation.",
@@ -24,12 +32,33 @@ methods_app = typer.Typer(help="Registered methods.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(methods_app, name="methods")
 
+def _print_version(value: bool) -> None:
+    if value:
+        from urbanprofile import __version__
+
+        typer.echo(f"urbanprofile {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    # Only here for --version; the app's help is the Typer's own.
+    pass
+
+
 def _console(stderr: bool = False) -> Console:
-    """A console that wraps to the terminal, or never cuts a table when output goes to a pipe or file."""
-    console = Console(stderr=stderr)
+    """A console that wraps to the terminal, or never cuts a table when output goes to a pipe or file.
+
+    Markup is off: what we print carries user text (paths, names, error messages such as
+    ``pip install 'urbanprofile[ray]'``) whose brackets rich would otherwise take for styles and drop.
+    """
+    console = Console(stderr=stderr, markup=False)
     if console.is_terminal:
         return console
-    return Console(stderr=stderr, width=100_000)
+    return Console(stderr=stderr, width=100_000, markup=False)
 
 
 out = _console()
@@ -84,14 +113,62 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+# -- output paths ------------------------------------------------------------------------------------
+Parents = Annotated[bool, typer.Option("--parents", help="Create the output's missing parent folders.")]
+
+
+def _check_output(path: Path, *, parents: bool, overwrite: bool | None = None, folder: bool = False) -> None:
+    """Refuse an output location before any work is done: a missing parent folder (unless ``parents``), a
+    file where a folder is wanted or the reverse, an existing file (when ``overwrite`` is False), or a
+    place we may not write in. ``overwrite=None``: an existing file is replaced (regenerable figures)."""
+    if folder and path.exists() and not path.is_dir():
+        raise UrbanProfileError(f"{path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise UrbanProfileError(f"{path}: is a folder; give a file name")
+    if overwrite is False and path.exists():
+        raise UrbanProfileError(f"{path}: already exists; pass --overwrite to replace it")
+    parent = path if folder and path.is_dir() else path.parent
+    if not parent.exists():
+        if not parents:
+            raise UrbanProfileError(f"{parent}: folder does not exist; create it or pass --parents")
+        while not parent.exists():  # the folder that --parents would create its path in
+            parent = parent.parent
+    if not parent.is_dir():
+        raise UrbanProfileError(f"{parent}: is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UrbanProfileError(f"{parent}: cannot write in this folder (permission denied)")
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (full disk, read-only file system, permissions) into one ``error:`` line, and
+    remove the folders this command created on the way to ``path`` (only those, and only if empty)."""
+    created = []
+    ancestor = path.parent
+    while not ancestor.exists():
+        created.append(ancestor)
+        ancestor = ancestor.parent
+    try:
+        yield
+    except BaseException as error:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(error, OSError) and not isinstance(error, UrbanProfileError):
+            raise UrbanProfileError(f"{path}: could not write ({error.strerror or error})") from None
+        raise
+
+
 # -- datasets ----------------------------------------------------------------------------------------
 @datasets_app.command("list")
 def datasets_list(data_dir: DataDir = None) -> None:
     """List the datasets discovered in the data directory (reads no arrays)."""
     from urbanprofile.data.registry import discover
+    from urbanprofile.report.terminal import Column, FitTable
 
     entries = discover(data_dir)
-    table = Table("dataset", "family", "path", "status")
+    table = FitTable([Column("dataset"), Column("family", priority=2), Column("path", "text", priority=1),
+                      Column("status", "text")])
     for name, entry in entries.items():
         status = "ok" if entry.complete else f"incomplete: missing {', '.join(entry.missing)}"
         table.add_row(name, entry.family, str(entry.path), status)
@@ -107,6 +184,7 @@ def datasets_info(
     """Regions, views, tasks and label statistics of one dataset."""
     from urbanprofile.data.registry import load_dataset
     from urbanprofile.data.tasks import task_data
+    from urbanprofile.report.terminal import Column, FitTable
 
     city = load_dataset(name, data_dir)
     summary = city.summary()
@@ -114,22 +192,25 @@ def datasets_info(
     if as_json:
         out.print_json(json.dumps(summary, default=str))
         return
-    out.print(f"[bold]{city.name}[/bold]: {city.meta.get('description', '')}")
+    out.print(Text.assemble((city.name, "bold"), f": {city.meta.get('description', '')}"))
     out.print(f"source: {city.meta.get('source')}")
     out.print(f"locations: {city.meta.get('location_source')}")
-    views = Table("view", "shape")
+    views = FitTable([Column("view"), Column("shape", "figure")])
     for view, shape in summary["views"].items():
         views.add_row(view, " x ".join(map(str, shape)))
-    if summary["views"]:
+    if views.rows:
         out.print(views)
+    else:  # an empty table reads as a display fault
+        out.print("views: none (methods built on views, such as raw-poi, do not apply)")
     if summary["modalities"]:  # image and text datasets have no numeric views, only these
-        modalities = Table("modality", "items", "regions with one")
+        modalities = FitTable([Column("modality"), Column("items", "figure", justify="right"),
+                               Column("regions with one", "figure", justify="right")])
         for modality, counts in summary["modalities"].items():
             modalities.add_row(modality, str(counts["items"]), str(counts["regions"]))
         out.print(modalities)
-    if not summary["views"] and not summary["modalities"]:
-        out.print("views: none (region locations and labels only)")
-    labels = Table("task", "n", "missing", "zeros", "mean", "std", "min", "max", "used for evaluation")
+    labels = FitTable([Column("task"), *(Column(h, "figure", priority=p, justify="right") for h, p in (
+        ("n", 0), ("missing", 2), ("zeros", 3), ("mean", 1), ("std", 1), ("min", 2), ("max", 2))),
+        Column("used for evaluation", "text", priority=1)])
     for task, stats in summary["tasks"].items():
         labels.add_row(task, *(_fmt(stats[k], 1) for k in ("n", "missing", "zeros", "mean", "std", "min", "max")),
                        summary["task_rows"][task])
@@ -143,8 +224,10 @@ def datasets_info(
 def methods_list() -> None:
     """List registered methods and what they need."""
     from urbanprofile.methods import get_method, list_methods
+    from urbanprofile.report.terminal import Column, FitTable
 
-    table = Table("method", "head", "needs", "seeds", "description")
+    table = FitTable([Column("method"), Column("head", priority=2), Column("needs", "text", priority=1),
+                      Column("seeds", priority=3), Column("description", "text")])
     for name in list_methods():
         spec = get_method(name)
         needs = ", ".join([*spec.requires_views, *(["locations"] if spec.needs_locations else [])])
@@ -159,6 +242,8 @@ def embed(
     method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet or .csv file.")],
     seed: Annotated[int, typer.Option("--seed", help="random_state of the method.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    parents: Parents = False,
     data_dir: DataDir = None,
 ) -> None:
     """Fit a method on a dataset and write one embedding row per region."""
@@ -166,6 +251,7 @@ def embed(
     from urbanprofile.methods import get_method
 
     spec = get_method(method)
+    _check_output(out_path, parents=parents, overwrite=overwrite)  # before a fit that may take minutes
     suffix = out_path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise UrbanProfileError(f"{out_path}: output must end in .parquet or .csv")
@@ -175,17 +261,18 @@ def embed(
     if hasattr(embedder, "on_epoch"):  # a trained method: show its epochs
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn(f"training {method} on {name}"), BarColumn(), MofNCompleteColumn(),
+        with Progress(TextColumn(escape(f"training {method} on {name}")), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err) as bar:
             job = bar.add_task("train", total=None)
             embedder.on_epoch = lambda epoch, total: bar.update(job, completed=epoch, total=total)
             embedding = embedder.fit_transform(city)
     else:
-        with err.status(f"fitting {method} on {name}"):
+        with err.status(escape(f"fitting {method} on {name}")):
             embedding = embedder.fit_transform(city)
     from urbanprofile.data.io import write_atomic
 
-    write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
+    with _writing(out_path):
+        write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
     err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}")
 
 
@@ -197,14 +284,26 @@ def _print_rows_json(row: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> Table:
+def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> FitTable:
     from urbanprofile.benchmark.runner import format_mean_std, leaderboard
+    from urbanprofile.report.terminal import Column, FitTable
 
     board = leaderboard(rows)
-    table = Table("dataset", "task", "protocol", "method", "head", "n", "R²", "MAE", "RMSE", "worst-block R²",
-                  "Moran's I", "fit s", "seeds", title=title)
+    # The names a row is known by come first and stay; figures that matter less go when the terminal is narrow.
+    columns = [Column("dataset", to_title=True), Column("task", to_title=True), Column("protocol", to_title=True),
+               Column("method", to_title=True), Column("head", priority=2, to_title=True),
+               Column("n", "figure", priority=5, to_title=True, justify="right"),
+               Column("R²", "figure", justify="right"), Column("MAE", "figure", priority=3, justify="right"),
+               Column("RMSE", "figure", priority=6, justify="right"),
+               Column("worst-block R²", "figure", priority=1, justify="right"),
+               Column("Moran's I", "figure", priority=4, justify="right"),
+               Column("fit s", "figure", priority=7, justify="right"),
+               Column("seeds", "figure", priority=5, justify="right")]
+    paper = "paper" in set(board.get("protocol", []))
+    notes = ["paper†: the peers' protocol, for comparison with published figures only"] if paper else []
+    table = FitTable(columns, title=title, notes=notes, group_by=["dataset", "task"], keep=1)
     for r in board.to_dict("records"):
-        protocol = "paper (peers', for comparison)" if r["protocol"] == "paper" else r["protocol"]
+        protocol = "paper†" if r["protocol"] == "paper" else r["protocol"]
         table.add_row(
             r["dataset"], r["task"], protocol, r["method"], r["head"], str(r["n_regions"]),
             format_mean_std(r["r2_mean"], r["r2_std"]), format_mean_std(r["mae_mean"], r["mae_std"], 1),
@@ -222,8 +321,8 @@ def evaluate(
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="paper, nested or spatial.")] = "nested",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2,3,4",
     head: Annotated[str | None, typer.Option(
-        "--head", help="Head: ridge, knn, mlp, mlp-multitask, moe, prompt4re-<model>[-notask], concat-<model> "
-        "(default: the method's own).", show_default=False)] = None,
+        "--head", help=escape("Head: ridge, knn, mlp, mlp-multitask, moe, prompt4re-<model>[-notask], concat-<model> "
+                              "(default: the method's own)."), show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     modalities: Annotated[str | None, typer.Option(
         "--modalities", help="Modalities used at inference, e.g. location,text (urbanfusion, concat).")] = None,
@@ -267,7 +366,7 @@ def evaluate(
     for line in outcome.skipped:
         err.print(f"skipped: {line}")
     if not as_json and rows:
-        out.print(_leaderboard_table(rows, f"{method} on {name}"))
+        out.print(_leaderboard_table(rows, "mean ± std over seeds"))
 
 
 @app.command()
@@ -279,13 +378,15 @@ def benchmark(
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (stochastic methods).")] = "0,1,2,3,4",
     store_path: Annotated[Path, typer.Option("--store", help="DuckDB results store.")] = Path(
         "results/urbanprofile.duckdb"),
+    parents: Annotated[bool, typer.Option("--parents", help="Create the store's missing parent folders (the "
+                                          "default store's results/ folder is always created).")] = False,
     heads: Annotated[str | None, typer.Option(
         "--heads", help="Comma-separated heads (default: each method's own head).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per requested row on stdout (stored earlier or now: see 'resumed').")] = False,
     executor: Annotated[str, typer.Option(
-        "--executor", help="Where units run: serial, processes (see --jobs) or ray (pip install 'urbanprofile[ray]').")
-    ] = "serial",
+        "--executor", help=escape("Where units run: serial, processes (see --jobs) or ray (pip install "
+                                  "'urbanprofile[ray]')."))] = "serial",
     jobs: Annotated[int | None, typer.Option(
         "--jobs", help="Local worker processes (or CPUs of a local Ray instance).", show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
@@ -307,6 +408,7 @@ def benchmark(
         raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
     runner = make_executor(executor, jobs=jobs, address=address, retries=retries)
     validate_plan(plan, data_dir)
+    _check_output(store_path, parents=parents or store_path == Path("results/urbanprofile.duckdb"))
     with open_store(store_path) as store:  # a store file this command created goes again if nothing is written
         try:
             outcome = run_benchmark(plan, data_dir, store=store, progress=True,
@@ -340,12 +442,14 @@ def report(
         "results/urbanprofile.duckdb"),
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for index.html.")] = Path("report"),
     no_maps: Annotated[bool, typer.Option("--no-maps", help="Leave out the per-block maps (needs no data).")] = False,
+    parents: Parents = False,
     data_dir: DataDir = None,
 ) -> None:
     """Write a static, self-contained HTML report of a results store (leaderboards, bias, seeds, maps)."""
     from urbanprofile.report.html import write_report
 
-    with err.status(f"writing the report of {store_path}"):
+    _check_output(out_dir, parents=parents, folder=True)
+    with err.status(escape(f"writing the report of {store_path}")), _writing(out_dir / "index.html"):
         written = write_report(store_path, out_dir, data_dir=data_dir, with_maps=not no_maps)
     for note in written.notes:
         err.print(f"note: {note}")
@@ -402,6 +506,7 @@ def build(
     import shlex
 
     from urbanprofile.data.build import BuildSpec, build_dataset
+    from urbanprofile.report.terminal import Column, FitTable
 
     spec = BuildSpec(
         city=city, regions=regions, region_id_column=region_id_column, region_name_column=region_name_column,
@@ -419,7 +524,8 @@ def build(
     report = build_dataset(spec, out_dir, overwrite=overwrite, progress=True, command=command, log=err.print)
     for line in report.warnings():
         err.print(f"warning: {line}")
-    table = Table("figure", "value", title=f"built-{city}: {report.region_kind} regions, {report.join_engine} join")
+    table = FitTable([Column("figure"), Column("value", "text")],
+                     title=f"built-{city}: {report.region_kind} regions, {report.join_engine} join")
     rows = [
         ("regions", report.n_regions),
         ("POIs joined / read", f"{report.n_pois_joined} / {report.n_pois_read}" if pois else "-"),
@@ -441,24 +547,30 @@ def build(
 @app.command("map")
 def map_command(
     name: Annotated[str, typer.Argument(help="Dataset name, or the path of a built dataset folder.")],
-    layer: Annotated[str, typer.Option("--layer", "-l", help=(
+    layer: Annotated[str, typer.Option("--layer", "-l", help=escape(
         "view:<view>[:<column>], label:<task>, prediction:<task>, residual:<task> or bias:<task>."))],
     out_paths: Annotated[list[Path], typer.Option("--out", "-o", help="Output .png or .html (repeatable).")],
     method: Annotated[str, typer.Option("--method", "-m", help="Method for prediction/residual/bias layers.")
                       ] = "raw-poi",
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="Protocol for the model layers.")] = "nested",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the method and protocol.")] = 0,
+    parents: Parents = False,
     data_dir: DataDir = None,
 ) -> None:
     """Draw a choropleth of a view, label, prediction, residual or per-block bias as PNG and/or HTML."""
     from urbanprofile.data.registry import load_dataset
-    from urbanprofile.report.maps import check_map_path, map_city
+    from urbanprofile.report.maps import check_map_path, layer_values, write_map
 
     for path in out_paths:
         check_map_path(path)
+        _check_output(path, parents=parents)
     city = load_dataset(name, data_dir)
-    with err.status(f"mapping {layer} of {city.name}"):
-        written = map_city(city, layer, list(out_paths), method=method, protocol=protocol, seed=seed)
+    with err.status(escape(f"mapping {layer} of {city.name}")):
+        resolved = layer_values(city, layer, method=method, protocol=protocol, seed=seed)
+        written = []
+        for path in out_paths:
+            with _writing(path):
+                written.append(write_map(city, resolved, path))
     for path in written:
         err.print(f"wrote {path}")
 
@@ -510,11 +622,14 @@ def r1_train(
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when visible), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")] = True,
+    parents: Parents = False,
     data_dir: DataDir = None,
 ) -> None:
     """Post-train with GRPO (and the SFT baseline) on the training regions; writes the run folder."""
+    import shutil
+
     from urbanprofile.rl.policy import check_model_path
-    from urbanprofile.rl.train import R1Config, prepare_task, train_grpo, train_sft
+    from urbanprofile.rl.train import R1Config, has_run_state
 
     config = R1Config(
         datasets=_split(datasets) or [], task=task, model=model, answer=answer, n_levels=n_levels, protocol=protocol,
@@ -533,6 +648,21 @@ def r1_train(
 
         torch.set_num_threads(threads)
     check_model_path(model)
+    _check_output(out_dir, parents=parents, folder=True)
+    created = not out_dir.exists()
+    try:
+        _r1_train(config, out_dir, sft=sft, init=init, resume=resume)
+    except BaseException:
+        # A run that failed before its first checkpoint leaves nothing to resume: remove the folder it made
+        # (only when this command made it), so the corrected command starts clean.
+        if created and out_dir.is_dir() and not has_run_state(out_dir):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _r1_train(config: R1Config, out_dir: Path, *, sft: bool, init: str, resume: bool) -> None:
+    from urbanprofile.rl.train import prepare_task, train_grpo, train_sft
+
     data = prepare_task(config)
     err.print(f"{len(data.split('train'))} training and {len(data.split('test'))} held-out regions; "
               f"groups: {', '.join(data.groups)}")
@@ -559,6 +689,7 @@ def r1_evaluate(
     data_dir: DataDir = None,
 ) -> None:
     """Score the trained policy and its baselines on the held-out regions (metrics.json, predictions.csv)."""
+    from urbanprofile.report.terminal import Column, FitTable
     from urbanprofile.rl.evaluate import evaluate_run
     from urbanprofile.rl.policy import resolve_device
     from urbanprofile.rl.train import load_cities, read_config
@@ -572,8 +703,10 @@ def r1_evaluate(
     if as_json:
         out.print_json(json.dumps(payload, default=float))
         return
-    table = Table("method", "Spearman", "Spearman (mean level)", "level MAE", "level R²", "parse failures",
-                  "worst group MAE", "worst-group gap", "disparity", title=f"held-out regions ({payload['n_test']})")
+    table = FitTable([Column("method"), *(Column(h, "figure", priority=p, justify="right") for h, p in (
+        ("Spearman", 0), ("Spearman (mean level)", 4), ("level MAE", 0), ("level R²", 1), ("parse failures", 2),
+        ("worst group MAE", 3), ("worst-group gap", 2), ("disparity", 5)))],
+        title=f"held-out regions ({payload['n_test']})")
     for name, m in payload["methods"].items():
         if "skipped" in m:
             err.print(f"{name}: skipped, {m['skipped']}")
@@ -599,6 +732,8 @@ def main() -> None:
         err.print("aborted")
         sys.exit(130)
     except Exception as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # the help has been printed: that was the answer
+            sys.exit(0)
         if _is_usage_error(error):
             message = " ".join(str(error.format_message()).split())  # type: ignore[attr-defined]
             ctx = getattr(error, "ctx", None)

@@ -20,7 +20,7 @@ from urbanprofile.benchmark.versions import CodeVersion, code_version, dataset_f
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import discover, get_entry, list_datasets
 from urbanprofile.data.tasks import KNOWN_TASKS
-from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
+from urbanprofile.errors import MethodUnavailableError, UnknownNameError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.protocols import (
     PROTOCOLS,
     ProtocolResult,
@@ -138,9 +138,13 @@ def validate_plan(plan: BenchmarkPlan, data_dir: str | Path | None) -> tuple[lis
     for name in datasets:
         known_tasks.update(get_entry(name, data_dir).declared_tasks)
     methods = [get_method(m) for m in (plan.methods or list_methods())]
-    for task in plan.tasks or ():
-        if task not in known_tasks:
-            raise unknown_name("task", task, known_tasks)
+    unusual = [t for t in plan.tasks or () if t not in known_tasks]
+    if unusual:  # a typo, or a dataset's own indicator (olinda's census variables): read the datasets' tasks
+        own = _dataset_tasks(datasets, data_dir)
+        for task in unusual:
+            if task not in own:
+                whose = ", ".join(datasets) if len(datasets) <= 3 else f"the {len(datasets)} datasets"
+                raise UnknownNameError(f"{unknown_name('task', task, own)} (the tasks of {whose})")
     for protocol in plan.protocols:
         check_protocol(protocol)
     for head in plan.heads or ():
@@ -151,6 +155,15 @@ def validate_plan(plan: BenchmarkPlan, data_dir: str | Path | None) -> tuple[lis
     if not plan.protocols:
         raise UrbanProfileError(f"at least one protocol is needed; valid: {', '.join(PROTOCOLS)}")
     return datasets, methods
+
+
+def _dataset_tasks(datasets: list[str], data_dir: str | Path | None) -> set[str]:
+    """The tasks these datasets have (reads each one's labels; used only when a task name is not a common one)."""
+    tasks: set[str] = set()
+    for name in datasets:
+        entry = get_entry(name, data_dir)
+        tasks.update(entry.declared_tasks if entry.family == "built" else entry.load().tasks)
+    return tasks
 
 
 def result_row(

@@ -27,6 +27,27 @@ def stacked_views(city: CityData, views: tuple[str, ...] = ALL_VIEWS) -> np.ndar
     return np.hstack([view_matrix(city, v) for v in views])
 
 
+#: Short prefixes of the raw features' names (``poi_<category>``, ``landuse_<class>``).
+_PREFIXES = {"poi_counts": "poi", "landuse_counts": "landuse"}
+
+
+def view_feature_names(city: CityData, views: tuple[str, ...] = ALL_VIEWS) -> list[str]:
+    """Names of the columns of :func:`stacked_views`: ``poi_<category>``, ``landuse_<class>``,
+    ``out_<region>`` / ``in_<region>`` for mobility, ``<view>_<column>`` otherwise; unique, and free of the
+    ``__`` that marks modality blocks (a frame with such names would be read as several blocks)."""
+    names: list[str] = []
+    for view in views:
+        columns = [str(c).replace("__", "_") for c in city.view(view).columns]
+        if view == "od_flows":
+            names += [f"out_{c}" for c in columns] + [f"in_{c}" for c in columns]
+            continue
+        prefix = _PREFIXES.get(view, view)
+        names += [c if c.startswith(f"{prefix}_") else f"{prefix}_{c}" for c in columns]
+    if len(set(names)) < len(names):  # names that clash once prefixed: number the features instead
+        return [f"feature_{k}" for k in range(len(names))]
+    return names
+
+
 class LogScaler:
     """log1p of counts, then zero mean and unit variance per column, with statistics kept from ``fit``."""
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.embedders.features import ALL_VIEWS, sinusoidal_location, stacked_views
+from urbanprofile.embedders.features import ALL_VIEWS, sinusoidal_location, stacked_views, view_feature_names
 
 
 class RawViews(Embedder):
@@ -34,8 +34,10 @@ class RawViews(Embedder):
         return self
 
     def transform(self, city: CityData) -> pd.DataFrame:
+        """The views side by side, one named column per feature (``poi_<category>``, ``out_<region>``, ...)."""
         self._check_fitted("n_features_")
-        return as_embedding(stacked_views(city, tuple(self.views)), city.region_ids)
+        views = tuple(self.views)
+        return _named(as_embedding(stacked_views(city, views), city.region_ids), view_feature_names(city, views))
 
 
 class SinusoidalLocation(Embedder):
@@ -63,7 +65,9 @@ class SinusoidalLocation(Embedder):
 
     def transform(self, city: CityData) -> pd.DataFrame:
         self._check_fitted("origin_")
-        return as_embedding(sinusoidal_location(city.coordinates_km(), tuple(self.wavelengths_km)), city.region_ids)
+        wavelengths = tuple(self.wavelengths_km)
+        names = ["x_km", "y_km"] + [f"{f}_{axis}_{w:g}km" for w in wavelengths for f in ("sin", "cos") for axis in "xy"]
+        return _named(as_embedding(sinusoidal_location(city.coordinates_km(), wavelengths), city.region_ids), names)
 
 
 class Coordinates(Embedder):
@@ -81,4 +85,12 @@ class Coordinates(Embedder):
 
     def transform(self, city: CityData) -> pd.DataFrame:
         self._check_fitted("n_features_")
-        return as_embedding(np.asarray(city.coordinates_km()), city.region_ids)
+        return _named(as_embedding(np.asarray(city.coordinates_km()), city.region_ids), ["x_km", "y_km"])
+
+
+def _named(embedding: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Raw features keep what they are as column names (still numeric, still indexed by ``region_id``)."""
+    if len(names) != embedding.shape[1]:
+        raise ValueError(f"{len(names)} feature names for {embedding.shape[1]} columns")
+    embedding.columns = pd.Index(names)
+    return embedding

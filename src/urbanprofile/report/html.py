@@ -146,11 +146,10 @@ def seed_spread_svg(rows: pd.DataFrame, methods: list[str], protocols: list[str]
 
 
 def _block_colour(value: float) -> str:
-    from matplotlib import colormaps, colors
+    # The same scale as `urbanprofile map --layer bias:<task>`: fixed -1 .. 1, red below zero.
+    from urbanprofile.report.maps import BLOCK_R2_BOUND, diverging_colour
 
-    if value is None or not math.isfinite(value):
-        return "#d9d9d9"
-    return str(colors.to_hex(colormaps["RdBu"]((min(max(value, -1.0), 1.0) + 1) / 2)))
+    return diverging_colour(value, BLOCK_R2_BOUND)
 
 
 def block_map_svg(city: Any, block_r2: dict[str, float], title: str, width: float = 300.0) -> str:

@@ -7,9 +7,9 @@ escaped.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,17 @@ from urbanprofile.errors import UrbanProfileError, require, unknown_name
 LAYER_KINDS = ("view", "label", "prediction", "residual", "bias")
 MAP_FORMATS = (".png", ".html")
 _MISSING = "#d9d9d9"
+#: The one diverging scale of every signed layer (block R², residuals), in these maps and in the HTML report:
+#: red below zero (a block predicted worse than by its own mean; an over-prediction), white at zero, blue above.
+DIVERGING_CMAP = "RdBu"
+#: Block R² is drawn on the fixed range -1 .. 1 (lower values in the end colour), so that blocks that differ
+#: little (all within ±0.06, say) stay pale, instead of the scale stretching to make them look opposite.
+BLOCK_R2_BOUND = 1.0
+#: Residuals are drawn on ± this many standard deviations of the label (rounded up to a round number).
+RESIDUAL_BOUND_STD = 2.0
 
 
-@dataclass
+@dataclasses.dataclass
 class MapLayer:
     """Values to colour regions by.
 
@@ -35,12 +43,15 @@ class MapLayer:
         title: What the values are.
         diverging: Centre the colour scale on zero (residuals, R^2).
         legend: How the value is described in the hover panel.
+        bound: Fixed half-range of a diverging scale (values beyond it get the end colours); ``None``: the
+            data's largest absolute value, rounded up.
     """
 
     values: pd.Series
     title: str
     diverging: bool = False
     legend: str = "value"
+    bound: float | None = None
 
 
 def layer_values(
@@ -95,17 +106,40 @@ def _model_layer(city: CityData, kind: str, task: str, method: str, protocol: st
     if kind == "prediction":
         return MapLayer(frame["pred"], f"{task}: out-of-fold prediction ({where})", legend="prediction")
     if kind == "residual":
-        return MapLayer(frame["residual"], f"{task}: label − prediction ({where})", diverging=True, legend="residual")
+        spread = float(np.nanstd(frame["y"].to_numpy(dtype=float)))
+        bound = nice_bound(RESIDUAL_BOUND_STD * spread) if spread > 0 else None
+        return MapLayer(frame["residual"], f"{task}: label − prediction ({where})", diverging=True,
+                        legend=f"residual (scale ±{RESIDUAL_BOUND_STD:g} std of the label)", bound=bound)
     if not city.has_locations:
         raise UrbanProfileError(f"per-block bias needs region locations; {city.name!r} has none")
     blocks = pd.Series(spatial_blocks(city, N_BIAS_BLOCKS), index=city.region_ids)
     block_r2 = {int(k): v for k, v in result.bias["block_r2"].items()}
     values = blocks.map(block_r2).where(frame["y"].notna())
     return MapLayer(values.astype(float), f"{task}: R² per spatial block ({where})", diverging=True,
-                    legend="block R²")
+                    legend="block R² (fixed scale)", bound=BLOCK_R2_BOUND)
 
 
 # -- colours -----------------------------------------------------------------------------------------
+def nice_bound(value: float) -> float:
+    """The smallest round number (1, 2, 2.5 or 5 times a power of ten) at or above ``value`` (> 0)."""
+    if not np.isfinite(value) or value <= 0:
+        return 1.0
+    power = 10.0 ** np.floor(np.log10(value))
+    for step in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if step * power >= value * (1 - 1e-9):
+            return float(step * power)
+    return float(10 * power)
+
+
+def diverging_colour(value: float, bound: float = BLOCK_R2_BOUND) -> str:
+    """Hex colour of ``value`` on the shared diverging scale ``-bound .. bound`` (grey when missing)."""
+    colors = require("matplotlib.colors", "maps")
+    cm = require("matplotlib", "maps")
+    if value is None or not np.isfinite(value):
+        return _MISSING
+    return str(colors.to_hex(cm.colormaps[DIVERGING_CMAP]((min(max(value / bound, -1.0), 1.0) + 1) / 2)))
+
+
 def _colours(layer: MapLayer) -> tuple[list[str], Any, Any]:
     """Hex colour per region (grey where missing), the colormap and the norm."""
     colors = require("matplotlib.colors", "maps")
@@ -114,9 +148,9 @@ def _colours(layer: MapLayer) -> tuple[list[str], Any, Any]:
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if layer.diverging:
-        bound = max(abs(low), abs(high)) or 1.0
-        norm = colors.TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
-        cmap = cm.colormaps["RdBu_r"]
+        bound = layer.bound or nice_bound(max(abs(low), abs(high)))
+        norm = colors.Normalize(vmin=-bound, vmax=bound, clip=True)
+        cmap = cm.colormaps[DIVERGING_CMAP]
     else:
         norm = colors.Normalize(vmin=low, vmax=high if high > low else low + 1.0)
         cmap = cm.colormaps["viridis"]
@@ -137,14 +171,14 @@ def _has_polygons(city: CityData) -> bool:
 
 
 # -- PNG ---------------------------------------------------------------------------------------------
-def render_png(city: CityData, layer: MapLayer, path: Path, dpi: int = 110) -> None:
-    """Draw the choropleth with matplotlib (polygons, or centroid dots when a city has none)."""
+def map_figure(city: CityData, layer: MapLayer) -> Any:
+    """The choropleth as a matplotlib Figure (polygons, or centroid dots when a city has none)."""
     require("matplotlib", "maps")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
 
-    layer = MapLayer(_check_layer(city, layer), layer.title, layer.diverging, layer.legend)
+    layer = dataclasses.replace(layer, values=_check_layer(city, layer))
     hexes, cmap, norm = _colours(layer)
     fig = Figure(figsize=(7.0, 6.0), layout="constrained")
     FigureCanvasAgg(fig)
@@ -158,8 +192,26 @@ def render_png(city: CityData, layer: MapLayer, path: Path, dpi: int = 110) -> N
     ax.set_aspect(1 / max(np.cos(np.deg2rad(lat0)), 0.1))
     ax.set_axis_off()
     ax.set_title(f"{city.name}: {layer.title}", fontsize=9, wrap=True)
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7, label=layer.legend)
-    fig.savefig(path, dpi=dpi, format="png")
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
+    finite = layer.values.to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite)]
+    extend = "neither"
+    if layer.diverging:  # say when values lie beyond the fixed scale
+        below, above = bool((finite < norm.vmin).any()), bool((finite > norm.vmax).any())
+        extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7, label=layer.legend, extend=extend)
+    ticks = MaxNLocator(nbins=4 if layer.diverging else 6, steps=[1, 2, 2.5, 5, 10],
+                        symmetric=layer.diverging).tick_values(norm.vmin, norm.vmax)
+    ticks = ticks[(ticks >= norm.vmin - 1e-12) & (ticks <= norm.vmax + 1e-12)]
+    bar.set_ticks(ticks)
+    bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    return fig
+
+
+def render_png(city: CityData, layer: MapLayer, path: Path, dpi: int = 110) -> None:
+    """Draw the choropleth with matplotlib (polygons, or centroid dots when a city has none)."""
+    map_figure(city, layer).savefig(path, dpi=dpi, format="png")
 
 
 # -- HTML --------------------------------------------------------------------------------------------
@@ -238,7 +290,7 @@ _SCRIPT = """
 def render_html(city: CityData, layer: MapLayer, width: float = 900.0) -> str:
     """A standalone HTML page with the choropleth as inline SVG (no external script, style or tiles)."""
     values = _check_layer(city, layer)
-    layer = MapLayer(values, layer.title, layer.diverging, layer.legend)
+    layer = dataclasses.replace(layer, values=values)
     hexes, cmap, norm = _colours(layer)
     colors = require("matplotlib.colors", "maps")
     paths, height = _svg_paths(city, width)
@@ -256,7 +308,12 @@ def render_html(city: CityData, layer: MapLayer, width: float = 900.0) -> str:
             f'<path d="{d}" fill="{hexes[i]}" data-region="{esc(str(region))}" data-label="{esc(label)}">'
             f"<title>{esc(label)}</title></path>"
         )
-    low, high = float(norm.vmin), float(norm.vmax)
+    low, high = f"{float(norm.vmin):.3g}", f"{float(norm.vmax):.3g}"
+    finite = values.to_numpy(dtype=float)[np.isfinite(values.to_numpy(dtype=float))]
+    if layer.diverging and (finite < norm.vmin).any():
+        low = f"≤ {low}"
+    if layer.diverging and (finite > norm.vmax).any():
+        high = f"≥ {high}"
     stops = "".join(
         f'<stop offset="{k / 10:.1f}" stop-color="{colors.to_hex(cmap(k / 10))}"/>' for k in range(11)
     )
@@ -283,8 +340,8 @@ body {{ font-family: system-ui, sans-serif; margin: 1em; color: #222; }}
 <svg width="320" height="44" xmlns="http://www.w3.org/2000/svg" aria-label="legend">
 <defs><linearGradient id="legend">{stops}</linearGradient></defs>
 <rect x="10" y="4" width="300" height="14" fill="url(#legend)"/>
-<text x="10" y="34" font-size="12">{low:.4g}</text>
-<text x="310" y="34" font-size="12" text-anchor="end">{high:.4g}</text>
+<text x="10" y="34" font-size="12">{low}</text>
+<text x="310" y="34" font-size="12" text-anchor="end">{high}</text>
 <text x="160" y="34" font-size="12" text-anchor="middle">{esc(layer.legend)}</text>
 </svg>
 <p style="font-size:0.8em;color:#666">{len(shapes)} regions; grey: no value. Made by urbanprofile.</p>

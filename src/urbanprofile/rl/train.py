@@ -167,10 +167,28 @@ class R1Config:
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> R1Config:
         payload = {"reward": "distance", "scale_rewards": True, **payload}  # runs written before these fields
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(payload) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(payload) - set(fields))
         if unknown:
-            raise UrbanProfileError(f"{CONFIG_FILE}: unknown field {unknown[0]!r}")
+            raise UrbanProfileError(f"unknown field {unknown[0]!r}")
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]  # datasets, task
+        missing = [n for n in required if n not in payload]
+        if missing:
+            raise UrbanProfileError(f"field {missing[0]!r} is missing")
+        for name, value in payload.items():
+            default = fields[name].default
+            if name == "datasets":
+                ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
+            elif isinstance(default, bool):
+                ok, want = isinstance(value, bool), "true or false"
+            elif isinstance(default, float):
+                ok, want = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+            elif isinstance(default, int):
+                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            else:  # text; null where the default is None (holdout_city, data_dir)
+                ok, want = isinstance(value, str) or (value is None and default is None), "text"
+            if not ok:
+                raise UrbanProfileError(f"field {name!r} must be {want}, got {value!r}")
         return cls(**payload)
 
 
@@ -193,12 +211,28 @@ def read_config(run_dir: Path) -> R1Config:
         payload = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UrbanProfileError(f"{path}: not valid JSON ({err.msg})") from None
-    return R1Config.from_json(payload)
+    if not isinstance(payload, dict):
+        raise UrbanProfileError(f"{path}: not a run configuration (a JSON object of fields)")
+    try:
+        config = R1Config.from_json(payload)
+        config.check()
+    except UrbanProfileError as err:  # name the file: the user edits it, not the fields' code
+        raise UrbanProfileError(f"{path}: {err}") from None
+    return config
+
+
+def has_run_state(run_dir: Path) -> bool:
+    """Whether a run folder holds trained state (a checkpoint or a final model), which a run must resume."""
+    checkpoints = run_dir / "checkpoints"
+    return (_last_checkpoint(checkpoints) is not None or (run_dir / "final").is_dir()
+            or (run_dir / "sft" / "final").is_dir())
 
 
 def _write_config(run_dir: Path, config: R1Config, resume: bool) -> None:
     path = run_dir / CONFIG_FILE
-    if path.is_file() and resume:
+    # A folder whose run never got to a checkpoint (it failed at the start) holds nothing to resume: the
+    # corrected command takes it over instead of being refused for the options it corrects.
+    if path.is_file() and resume and has_run_state(run_dir):
         old = read_config(run_dir)
         mismatch = [
             f.name for f in dataclasses.fields(R1Config)

@@ -5,9 +5,8 @@ Each built folder is written by the test from a tiny seeded synthetic city, then
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 from pathlib import Path
 from typing import Any
 

@@ -169,6 +169,7 @@ def _nothing_written(out: Path) -> None:
 
 def test_cli_build_reports_what_it_dropped(raw_city: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out" / "toy"
+    out.parent.mkdir()
     result = run_cli(*_build_args(raw_city, out, "--categories", "food,shop,school", "--trips",
                                   str(raw_city["trips"]), "--labels", str(raw_city["labels"])))
     assert result.returncode == 0, result.stderr
@@ -294,6 +295,7 @@ def test_cli_trip_columns_still_accepted(raw_city: dict[str, Path], tmp_path: Pa
                                                            "d_lat": "by"})
     trips.to_csv(tmp_path / "odd.csv", index=False)
     out = tmp_path / "out" / "toy"
+    out.parent.mkdir()
     result = run_cli(*_build_args(raw_city, out, "--trips", str(tmp_path / "odd.csv"), "--trip-columns",
                                   "ax,ay,bx,by"))
     assert result.returncode == 0, result.stderr

@@ -419,3 +419,17 @@ def test_trip_counts_fill_the_time_patterns(city_files: dict[str, Path], tmp_pat
     assert patterns.sum(axis=0).tolist() == city.views["od_flows"].to_numpy().tolist()
     r0, r1 = 0, 1
     assert patterns[1, r0, r1] == 5 and patterns[3, r0, r1] == 2 and int(patterns.sum()) == 14
+
+
+def test_build_refuses_a_missing_parent_unless_parents(city_files: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "nowhere" / "built" / "toy"
+    args = ("build", "toy", "--regions", str(city_files["regions"]), "--pois", str(city_files["pois"]),
+            "--out", str(out))
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and "--parents" in err and str(out.parent) in err
+    assert not (tmp_path / "nowhere").exists()
+    code, _, err = cli(monkeypatch, capsys, *args, "--parents")
+    assert code == 0, err
+    assert (out / "manifest.json").is_file()

@@ -501,12 +501,16 @@ def build(
                          ] = 200_000,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Replace an existing dataset folder (only one a build wrote, holding nothing else)."))] = False,
+    parents: Annotated[bool, typer.Option("--parents", help="Create the output's missing parent folders.")] = False,
 ) -> None:
     """Build a dataset folder from raw geodata files (regions or H3 cells, POIs, land use, trips, labels)."""
     import shlex
 
     from urbanprofile.data.build import BuildSpec, build_dataset
     from urbanprofile.report.terminal import Column, FitTable
+
+    if not out_dir.exists():  # an existing folder is judged by the build (--overwrite, only a built dataset)
+        _check_output(out_dir, parents=parents, folder=True)
 
     spec = BuildSpec(
         city=city, regions=regions, region_id_column=region_id_column, region_name_column=region_name_column,

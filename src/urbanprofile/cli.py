@@ -154,8 +154,10 @@ def embed(
     else:
         with err.status(f"fitting {method} on {name}"):
             embedding = embedder.fit_transform(city)
+    from urbanprofile.data.embeddings import DATASET_ATTR
     from urbanprofile.data.io import write_atomic
 
+    embedding.attrs[DATASET_ATTR] = city.name  # parquet keeps it: `evaluate --embedding` refuses another dataset
     write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
     err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}")
 
@@ -188,8 +190,8 @@ def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> Table:
 @app.command()
 def evaluate(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
-    method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task (indicator) name, or 'all' (one row per task).")],
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method name.", show_default=False)] = None,
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="paper, nested or spatial.")] = "nested",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2,3,4",
     head: Annotated[str | None, typer.Option(
@@ -198,6 +200,9 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     modalities: Annotated[str | None, typer.Option(
         "--modalities", help="Modalities used at inference, e.g. location,text (urbanfusion, concat).")] = None,
+    embedding: Annotated[Path | None, typer.Option(
+        "--embedding", help="Evaluate an embedding made elsewhere (.parquet/.csv: region_id + numeric columns) "
+        "as method file:<stem>, instead of --method.", show_default=False)] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
@@ -206,6 +211,13 @@ def evaluate(
 
     if head:
         parse_head(head)  # a typo fails before any data is read
+    if (method is None) == (embedding is None):
+        raise UrbanProfileError("give either --method or --embedding")
+    if embedding is not None:
+        from urbanprofile.methods import register_embedding
+
+        method = register_embedding(embedding.stem, embedding).name
+    assert method is not None
     if modalities is not None:
         from urbanprofile.methods import get_method, with_modalities
 
@@ -248,6 +260,9 @@ def benchmark(
         "--address", help="Ray cluster to join: auto or HOST:PORT (default: a local Ray instance).",
         show_default=False)] = None,
     retries: Annotated[int, typer.Option("--retries", help="Retries of a unit whose worker died or raised.")] = 2,
+    embeddings: Annotated[str | None, typer.Option(
+        "--embeddings", help="Embeddings made elsewhere, NAME=FILE,... (.parquet/.csv with region_id), run as "
+        "methods file:NAME beside --methods (alone when --methods is not given).", show_default=False)] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run a grid of datasets x methods x tasks x protocols x seeds x heads; rows of the same code are reused."""
@@ -255,8 +270,13 @@ def benchmark(
     from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark, validate_plan
     from urbanprofile.benchmark.store import ResultStore
 
+    method_names = _split(methods)
+    if embeddings is not None:
+        from urbanprofile.methods import register_embeddings
+
+        method_names = [*(method_names or []), *register_embeddings(embeddings)]
     plan = BenchmarkPlan(
-        datasets=_split(datasets), methods=_split(methods), tasks=_split(tasks),
+        datasets=_split(datasets), methods=method_names, tasks=_split(tasks),
         protocols=_split(protocols) or [], seeds=_seeds(seeds), heads=_split(heads),
     )
     if retries < 0:

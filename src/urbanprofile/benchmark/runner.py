@@ -19,7 +19,7 @@ from urbanprofile.benchmark.versions import CodeVersion, code_version
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import get_entry, list_datasets
 from urbanprofile.data.tasks import KNOWN_TASKS
-from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
+from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.protocols import (
     PROTOCOLS,
     ProtocolResult,
@@ -28,7 +28,7 @@ from urbanprofile.evaluation.protocols import (
     evaluate_tasks,
 )
 from urbanprofile.heads.registry import parse_head, protocol_unavailable_reason
-from urbanprofile.methods import MethodSpec, get_method, list_methods
+from urbanprofile.methods import ExternalMethodSpec, MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
     from urbanprofile.benchmark.executors import Executor
@@ -251,6 +251,7 @@ def plan_units(
     reused: list[tuple[Any, ...]] = []
     replaced: list[tuple[Any, ...]] = []
     skipped: list[str] = []
+    misfits: dict[str, list[str]] = {}  # method -> why it cannot run, per dataset
     for name in datasets:
         if name not in cities:
             cities[name] = get_entry(name, data_dir).load()
@@ -267,6 +268,7 @@ def plan_units(
             reason = spec.unavailable_reason(city)
             if reason:
                 skipped.append(f"{name}: {reason}")
+                misfits.setdefault(spec.name, []).append(reason)
                 continue
             version = code_version(spec.factory).version
             heads = list(plan.heads or [spec.head])
@@ -290,6 +292,10 @@ def plan_units(
                     todo.append((task, protocol, head))
                 if todo:
                     units.append(Unit(name, spec, int(seed), tuple(todo)))
+    for spec in methods:
+        # An embedding file that fits none of the datasets is a user mistake, not a skip.
+        if isinstance(spec, ExternalMethodSpec) and len(misfits.get(spec.name, ())) == len(datasets):
+            raise DataError(misfits[spec.name][0])
     return units, reused, replaced, skipped, cities
 
 

@@ -545,6 +545,88 @@ def r1_evaluate(
     err.print(f"wrote {run_dir / 'metrics.json'}")
 
 
+# -- attach: indicators from their own polygons onto a dataset's regions ----------------------------------
+@app.command()
+def attach(
+    name: Annotated[str, typer.Argument(help="Dataset name (or a built dataset folder).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Indicators folder (written: <out>/<dataset>/<set>.*; "
+                                          "point URBANPROFILE_INDICATORS at it to use the tasks).")],
+    indicators: Annotated[Path | None, _opt("Indicator polygons (GeoPackage, GeoJSON, GeoParquet, shapefile, CSV "
+                                            "with WKT geometry) or a table keyed by region id (--key).")] = None,
+    extensive: Annotated[str | None, _opt("Comma-separated count columns (split over regions).")] = None,
+    intensive: Annotated[str | None, _opt("Comma-separated rate/median columns (averaged).")] = None,
+    weights: Annotated[str | None, _opt("Dasymetric weights PATH:COLUMN: points (vector, or CSV with lon/lat) or a "
+                                        "GeoTIFF (PATH[:BAND]).")] = None,
+    key: Annotated[str | None, _opt("Region-id column: the table is already per region (no interpolation).")] = None,
+    id_column: Annotated[str | None, _opt("Column naming the indicator features in errors.")] = None,
+    crs: Annotated[str | None, _opt("CRS of an indicator file that declares none, e.g. EPSG:2263.")] = None,
+    councilcount: Annotated[int | None, _opt("Instead of --indicators: the NYC ACS 5-year set by NTA from the "
+                                             "councilcount package (2016 or 2023), dasymetric by tax-lot population."
+                                             )] = None,
+    set_name: Annotated[str | None, typer.Option("--name", help="Set name (default: the file stem, or acs<year>).",
+                                                 show_default=False)] = None,
+    prefix: Annotated[str, typer.Option(help="Prefix of the task names (not for --councilcount: acs_...).")] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a set of the same name.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Attach indicators to a dataset's regions by areal interpolation (tobler); they become the dataset's tasks."""
+    import shlex
+
+    import numpy as np
+
+    from urbanprofile.data.indicators import ACS_CAVEAT, nyc_acs_indicators, write_indicator_set
+    from urbanprofile.data.interpolate import attach_by_key, interpolate, read_indicator_layer, read_weights
+    from urbanprofile.data.registry import load_dataset
+
+    if (indicators is None) == (councilcount is None):
+        raise UrbanProfileError("give either --indicators FILE or --councilcount YEAR")
+    city = load_dataset(name, data_dir)
+    info: dict[str, Any] = {"command": "urbanprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    if councilcount is not None:
+        with err.status(f"attaching councilcount's ACS {councilcount} estimates to {city.name}"):
+            attached, extra = nyc_acs_indicators(city, councilcount)
+        info |= extra
+        set_name = set_name or f"acs{councilcount}"
+    else:
+        assert indicators is not None
+        ext, inten = _split(extensive) or [], _split(intensive) or []
+        if key is not None:
+            attached = attach_by_key(city.region_ids, read_indicator_layer(indicators, crs, key), key, [*ext, *inten],
+                                     str(indicators), city.name)
+        else:
+            import geopandas as gpd
+
+            layer = read_indicator_layer(indicators, crs)
+            assert isinstance(layer, gpd.GeoDataFrame)
+            points = read_weights(weights, crs) if weights else None
+            attached = interpolate(city.regions, layer, ext, inten, points, source_name=str(indicators),
+                                   id_column=id_column)
+        if prefix:
+            attached.values.columns = [f"{prefix}{c}" for c in attached.values.columns]
+        info |= {"source": str(indicators.resolve()), "extensive": ext, "intensive": inten, "weights": weights}
+        set_name = set_name or indicators.stem.lower().replace(" ", "_")
+    clash = [c for c in attached.values.columns if c in city.tasks]
+    if clash:
+        raise UrbanProfileError(f"task {clash[0]!r} already exists in {city.name}: use --prefix or other columns")
+    path = write_indicator_set(out_dir, city.name, set_name, attached, info, overwrite=overwrite)
+    table = Table("task", "labelled regions", "distinct values", "mean", "min", "max",
+                  title=f"{set_name} on {city.name} ({attached.method})")
+    for column in attached.values.columns:
+        values = attached.values[column]
+        table.add_row(column, str(int(values.notna().sum())), str(values.nunique()), _fmt(values.mean(), 2),
+                      _fmt(values.min(), 2), _fmt(values.max(), 2))
+    out.print(table)
+    coverage = attached.coverage.to_numpy()
+    out.print(f"coverage: {int((coverage >= 0.999).sum())} regions fully covered, "
+              f"{int(((coverage > 0) & (coverage < 0.999)).sum())} partly (median {np.median(coverage):.2f}), "
+              f"{int((coverage == 0).sum())} not at all")
+    for note in attached.notes:
+        out.print(f"note: {note}")
+    if councilcount is not None and not any(ACS_CAVEAT in n for n in attached.notes):
+        out.print(f"note: {ACS_CAVEAT}")
+    err.print(f"wrote {path}; set URBANPROFILE_INDICATORS={out_dir} to use these as tasks of {city.name}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:

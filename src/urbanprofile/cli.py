@@ -263,6 +263,9 @@ def benchmark(
     embeddings: Annotated[str | None, typer.Option(
         "--embeddings", help="Embeddings made elsewhere, NAME=FILE,... (.parquet/.csv with region_id), run as "
         "methods file:NAME beside --methods (alone when --methods is not given).", show_default=False)] = None,
+    suite: Annotated[str | None, typer.Option(
+        "--suite", help="Task suites instead of --tasks: core, socioeconomic, all (comma-separated); adds an "
+        "aggregate per method over each suite.", show_default=False)] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run a grid of datasets x methods x tasks x protocols x seeds x heads; rows of the same code are reused."""
@@ -282,12 +285,16 @@ def benchmark(
     if retries < 0:
         raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
     runner = make_executor(executor, jobs=jobs, address=address, retries=retries)
+    suites, suite_skipped = _plan_suites(plan, suite, data_dir) if suite is not None else ([], [])
     validate_plan(plan, data_dir)
     with ResultStore(store_path) as store:
         outcome = run_benchmark(plan, data_dir, store=store, progress=True,
                                 on_row=_print_rows_json if as_json else None, executor=runner)
-    for line in outcome.skipped:
+    for line in [*suite_skipped, *outcome.skipped]:
         err.print(f"skipped: {line}")
+    if suite_skipped or outcome.skipped:
+        for note in dict.fromkeys(n for s in suites for n in s.notes):
+            err.print(f"note: {note}", markup=False)
     for line in describe_recomputed(outcome):
         err.print(f"recomputed: {line}")
     for row in outcome.failed:
@@ -297,11 +304,60 @@ def benchmark(
     rows = outcome.resumed_rows + outcome.rows
     if any(r.get("status") != "failed" for r in rows):
         console.print(_leaderboard_table(rows, "leaderboard (mean ± std over seeds)"))
+    for chosen in suites:
+        _print_suite_aggregate(rows, chosen, console, as_json)
     failed = f", {len(outcome.failed)} failed" if outcome.failed else ""
     console.print(
         f"{len(outcome.rows) - len(outcome.failed)} new results{failed}, {outcome.n_resumed} already in "
         f"{store_path}, {outcome.n_units} units on {runner.name}, {outcome.wall_seconds:.1f} s"
     )
+
+
+def _plan_suites(plan: Any, names: str, data_dir: Path | None) -> tuple[list[Any], list[str]]:
+    """Set the plan's datasets and tasks from suites; unknown suites and absent datasets become skip lines."""
+    from urbanprofile.data.registry import list_datasets
+    from urbanprofile.evaluation.suites import SUITES, get_suite, plan_suite
+
+    if plan.tasks:
+        raise UrbanProfileError("give --suite or --tasks, not both")
+    suites, skipped = [], []
+    for name in _split(names) or []:
+        if name in SUITES:
+            suites.append(get_suite(name))
+        else:
+            skipped.append(f"suite {name!r}: unknown (valid: {', '.join(SUITES)})")
+    if not suites:
+        get_suite((_split(names) or [""])[0])  # the one-line error, with a "did you mean"
+    available = list_datasets(data_dir)
+    pairs: dict[str, list[str]] = {}
+    for chosen in suites:
+        tasks, lines = plan_suite(chosen, available, plan.datasets)
+        skipped += lines
+        for dataset, names_ in tasks.items():
+            pairs[dataset] = list(dict.fromkeys([*pairs.get(dataset, []), *names_]))
+    if not pairs:
+        raise UrbanProfileError(f"no dataset of suite {', '.join(s.name for s in suites)} is here: {skipped[0]}")
+    plan.datasets, plan.dataset_tasks = list(pairs), pairs
+    return suites, skipped
+
+
+def _print_suite_aggregate(rows: list[dict[str, Any]], suite: Any, console: Console, as_json: bool) -> None:
+    from urbanprofile.evaluation.suites import suite_aggregate
+
+    board = suite_aggregate(rows, suite)
+    if board.empty:
+        return
+    table = Table("protocol", "method", "head", "pairs run", "common pairs", "mean R²", "mean rank [95% CI]",
+                  "wins vs best raw", title=f"suite {suite.name} ({suite.n_pairs} pairs): over the pairs every method "
+                  "ran on, mean R², mean rank (bootstrap over pairs), wins against the best raw-* baseline, same folds")
+    for r in board.to_dict("records"):
+        protocol = "paper (peers', for comparison)" if r["protocol"] == "paper" else r["protocol"]
+        table.add_row(protocol, r["method"], r["head"], str(r["n_pairs"]), str(r["n_common"]), _fmt(r["mean_r2"]),
+                      f"{r['mean_rank']:.2f} [{_fmt(r['rank_low'], 2)}, {_fmt(r['rank_high'], 2)}]",
+                      f"{r['wins']}/{r['n_compared']}")
+        if as_json:
+            _print_rows_json({"row": "suite-aggregate", "suite": suite.name, **{str(k): v for k, v in r.items()}})
+    console.print(table)
 
 
 @app.command()

@@ -52,6 +52,8 @@ class BenchmarkPlan:
     protocols: Sequence[str] = ("paper", "nested", "spatial")
     seeds: Sequence[int] = DEFAULT_SEEDS
     heads: Sequence[str] | None = None
+    #: Tasks per dataset (a suite's pairs); a dataset listed here ignores ``tasks``.
+    dataset_tasks: dict[str, Sequence[str]] | None = None
 
 
 @dataclass
@@ -256,8 +258,9 @@ def plan_units(
         if name not in cities:
             cities[name] = get_entry(name, data_dir).load()
         city = cities[name]
-        tasks = [t for t in (plan.tasks or city.tasks) if t in city.tasks]
-        for t in plan.tasks or ():
+        wanted = (plan.dataset_tasks or {}).get(name, plan.tasks)
+        tasks = [t for t in (wanted or city.tasks) if t in city.tasks]
+        for t in wanted or ():
             if t not in city.tasks:
                 skipped.append(f"{name}: no task {t!r} (it has {', '.join(city.tasks)})")
         protocols = list(plan.protocols)

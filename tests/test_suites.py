@@ -83,6 +83,10 @@ def test_cli_suite_runs_the_rest_and_prints_the_aggregate(data_dir: Path, tmp_pa
     assert {r["method"] for r in aggregate} == {"raw-poi", "pca"}
     assert all(r["suite"] == "core" and r["n_common"] == 3 for r in aggregate)
     assert len([r for r in rows if r.get("row") != "suite-aggregate"]) == 6
+    from urbanprofile.report.html import write_report
+
+    page = write_report(tmp_path / "s.duckdb", tmp_path / "report", with_maps=False).path.read_text(encoding="utf-8")
+    assert "suite <b>core</b> · protocol <b>nested</b>" in page and "3 of 12 pairs" in page
     assert_user_error(run_cli("benchmark", "--suite", "cor", "--store", str(tmp_path / "t.duckdb"),
                               data_dir=data_dir), "unknown suite 'cor'", "did you mean 'core'")
     assert not (tmp_path / "t.duckdb").exists()

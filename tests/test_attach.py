@@ -186,3 +186,57 @@ def test_nyc_acs_set_on_manhattan(data_dir: Path) -> None:
     assert ACS_CAVEAT in got.notes[0] and 25 <= info["n_ntas_with_residents"] <= 45
     assert values["acs_poverty"].dropna().between(0, 100).all()
     assert values["acs_poverty"].nunique() < 120  # rates vary between NTAs only
+
+
+def test_dasymetric_by_raster_cells(grid: CityData, tmp_path: Path) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+    from shapely import contains_xy
+
+    west, south, east, north = grid.regions.geometry.total_bounds
+    size = 60
+    transform = Affine((east - west) / size, 0.0, west, 0.0, -(north - south) / size, north)
+    cols, rows = np.meshgrid(np.arange(size), np.arange(size))
+    xs, ys = rasterio.transform.xy(transform, rows.ravel(), cols.ravel())
+    inside = contains_xy(grid.regions.geometry.iloc[0], np.asarray(xs), np.asarray(ys)).reshape(size, size)
+    path = tmp_path / "pop.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1, dtype="float32",
+                       crs="EPSG:4326", transform=transform) as raster:
+        raster.write(inside.astype("float32"), 1)
+    weights = read_weights(str(path))
+    got = interpolate(grid.regions, _sources(grid), ["people"], [], weights)
+    ids = grid.region_ids
+    assert got.values["people"][ids[0]] == pytest.approx(100) and got.values["people"][ids[1]] == 0
+    assert any("hold no weight points" in note for note in got.notes)  # B's 90 people have nowhere to go
+
+
+def test_own_city_built_then_attached(raw_city: dict[str, Path], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A city analyst's path: build a dataset from their files, attach their tract table and a keyed table."""
+    from urbanprofile.data.build import BuildSpec, build_dataset
+
+    folder = tmp_path / "toy"
+    build_dataset(BuildSpec(city="toy", regions=raw_city["regions"], pois=raw_city["pois"],
+                            categories=["food", "shop", "school"], labels=raw_city["labels"]), folder)
+    city = load_dataset(folder)
+    tracts = gpd.GeoDataFrame({"tract": ["t1", "t2"], "jobs": [600.0, 300.0], "rent": [900.0, 1500.0]},
+                              geometry=[box(0, 0, 0.03, 0.05), box(0.03, 0, 0.06, 0.05)],
+                              crs="EPSG:4326").to_crs("EPSG:32631")
+    tracts.to_file(tmp_path / "tracts.gpkg")
+    points = tmp_path / "homes.csv"
+    pd.DataFrame({"lon": [0.005, 0.015, 0.045], "lat": [0.005, 0.005, 0.025], "n": [1.0, 2.0, 1.0]}).to_csv(
+        points, index=False)
+    got = interpolate(city.regions, read_indicator_layer(tmp_path / "tracts.gpkg"), ["jobs"], ["rent"],
+                      read_weights(f"{points}:n"), source_name="tracts.gpkg", id_column="tract")
+    assert got.values["jobs"]["c00"] == pytest.approx(200) and got.values["jobs"]["c10"] == pytest.approx(400)
+    assert got.values["jobs"]["c42"] == pytest.approx(300) and got.values["jobs"].sum() == pytest.approx(900)
+    assert got.values["rent"]["c42"] == pytest.approx(1500) and np.isnan(got.values["rent"]["c01"])
+    out = tmp_path / "sets"
+    write_indicator_set(out, city.name, "tracts", got, {"source": "tracts.gpkg"})
+    keyed = pd.DataFrame({"region_id": ["c00", "c11"], "score": [1.0, 2.0]})
+    write_indicator_set(out, city.name, "scores",
+                        attach_by_key(city.region_ids, keyed, "region_id", ["score"], "scores.csv", city.name), {})
+    monkeypatch.setenv("URBANPROFILE_INDICATORS", str(out))
+    again = load_dataset(folder)
+    assert {"crime", "jobs", "rent", "score"} <= set(again.tasks)
+    assert again.targets.loc["c11", "score"] == 2.0 and np.isnan(again.targets.loc["c22", "score"])

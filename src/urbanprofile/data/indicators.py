@@ -180,7 +180,8 @@ def nyc_acs_indicators(city: CityData, vintage: int = 2023) -> tuple[Attached, d
     from urbanprofile.data.interpolate import read_weights
 
     if vintage not in ACS_VINTAGES:
-        raise DataError(f"ACS vintage {vintage} is not in councilcount's files; valid: {ACS_VINTAGES}")
+        raise DataError(f"ACS vintage {vintage} is not in councilcount's files; valid: "
+                        f"{', '.join(map(str, ACS_VINTAGES))}")
     folder = councilcount_data()
     boundaries = gpd.read_file(folder / "nta-boundaries.geojson")
     table = pd.read_csv(folder / f"nta-geographies_{vintage}.csv")

@@ -245,8 +245,8 @@ def interpolate(
     _check_geometry(source, source_name, id_column)
     polygonal = regions.geometry.notna() & regions.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
     if not polygonal.all():
-        raise DataError(f"region {regions.index[int(np.argmax(~polygonal.to_numpy()))]!r} has no polygon: areal "
-                        "interpolation needs region polygons")
+        raise DataError(f"region {str(regions.index[int(np.argmax(~polygonal.to_numpy()))])!r} has no polygon: "
+                        "areal interpolation needs region polygons")
     crs = _working_crs(regions)
     targets = gpd.GeoDataFrame(geometry=regions.geometry.to_crs(crs).make_valid().to_numpy(), crs=crs)
     sources = gpd.GeoDataFrame(source[[*extensive, *intensive]].reset_index(drop=True),

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from test_bad_input import assert_user_error, run_cli
 
+from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
 from urbanprofile.data import CityData, load_dataset, make_synthetic_city
 from urbanprofile.data.indicators import apply_indicator_sets, write_indicator_set
 from urbanprofile.data.interpolate import attach_by_key, interpolate, read_indicator_layer, read_weights
@@ -159,11 +160,10 @@ def test_cli_attach_then_evaluate_the_task(make_data_dir: Callable[..., Path], t
     assert made.returncode == 0, made.stderr
     assert (out / "hafusion-testcity" / "zones.parquet").is_file() and "coverage:" in made.stdout
     monkeypatch.setenv("URBANPROFILE_INDICATORS", str(out))
-    result = run_cli("evaluate", "hafusion-testcity", "--method", "raw-poi", "--task", "z_income", "--json",
-                     data_dir=data_dir)
+    rows = run_benchmark(BenchmarkPlan(datasets=["hafusion-testcity"], methods=["raw-poi"], tasks=["z_income"],
+                                       protocols=["nested"], seeds=[0]), data_dir, progress=False).rows
     monkeypatch.delenv("URBANPROFILE_INDICATORS")
-    assert result.returncode == 0, result.stderr
-    assert '"task": "z_income"' in result.stdout
+    assert [(r["task"], r["status"]) for r in rows] == [("z_income", "ok")]
     negative = halves.assign(households=[-1.0, 3000.0])
     negative.to_file(tmp_path / "neg.gpkg")
     bad = run_cli("attach", "hafusion-testcity", "--indicators", str(tmp_path / "neg.gpkg"), "--extensive",

@@ -143,9 +143,10 @@ def test_stored_set_becomes_tasks(grid: CityData, tmp_path: Path) -> None:
     pd.testing.assert_series_equal(city.targets["people"], got.values["people"], check_names=False)
 
 
-def test_cli_attach_then_evaluate_the_task(make_data_dir: Callable[..., Path], tmp_path: Path,
+def test_cli_attach_then_evaluate_the_task(make_data_dir: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     data_dir = make_data_dir()
+    tmp_path = tmp_path_factory.mktemp("outside")  # outputs never go into the data directory
     city = load_dataset("hafusion-testcity", data_dir)
     west, south, east, north = city.regions.geometry.total_bounds
     middle = (west + east) / 2
@@ -170,6 +171,10 @@ def test_cli_attach_then_evaluate_the_task(make_data_dir: Callable[..., Path], t
                   "households", "--id-column", "zone", "--out", str(tmp_path / "neg"), data_dir=data_dir)
     assert_user_error(bad, "neg.gpkg", "extensive column 'households' is negative", "feature 'w'")
     assert not (tmp_path / "neg").exists()  # nothing half-written
+    inside = run_cli("attach", "hafusion-testcity", "--indicators", str(source), "--extensive", "households",
+                     "--out", str(data_dir / "sets"), data_dir=data_dir)
+    assert_user_error(inside, "inside the data directory")
+    assert not (data_dir / "sets").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("councilcount") is None, reason="councilcount is not installed")

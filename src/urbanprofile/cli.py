@@ -626,6 +626,7 @@ def attach(
     data_dir: DataDir = None,
 ) -> None:
     """Attach indicators to a dataset's regions by areal interpolation (tobler); they become the dataset's tasks."""
+    import os
     import shlex
 
     import numpy as np
@@ -636,7 +637,15 @@ def attach(
 
     if (indicators is None) == (councilcount is None):
         raise UrbanProfileError("give either --indicators FILE or --councilcount YEAR")
+    if key is not None and weights is not None:
+        raise UrbanProfileError("--weights has no use with --key (a table keyed by region is not interpolated)")
     city = load_dataset(name, data_dir)
+    from urbanprofile.data.registry import resolve_data_dir
+
+    if data_dir is not None or os.environ.get("URBANPROFILE_DATA"):
+        root = resolve_data_dir(data_dir).resolve()
+        if out_dir.resolve() == root or root in out_dir.resolve().parents:
+            raise UrbanProfileError(f"--out {out_dir} is inside the data directory {root}, which is read-only to us")
     info: dict[str, Any] = {"command": "urbanprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     if councilcount is not None:
         with err.status(f"attaching councilcount's ACS {councilcount} estimates to {city.name}"):

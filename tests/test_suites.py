@@ -19,6 +19,7 @@ def test_named_suites_and_unknown_name() -> None:
     assert set(SUITES) == {"core", "socioeconomic", "all"}
     assert get_suite("core").pairs["hafusion-nyc"] == ("checkin", "crime", "service_calls")
     assert "acs_poverty" in get_suite("socioeconomic").pairs["hafusion-nyc"]
+    assert any("vary between NTAs only" in c for c in get_suite("all").caveats) and not get_suite("core").caveats
     assert get_suite("all").n_pairs == get_suite("core").n_pairs + get_suite("socioeconomic").n_pairs
     with pytest.raises(UnknownNameError, match="did you mean 'core'"):
         get_suite("cores")

@@ -358,6 +358,8 @@ def _print_suite_aggregate(rows: list[dict[str, Any]], suite: Any, console: Cons
         if as_json:
             _print_rows_json({"row": "suite-aggregate", "suite": suite.name, **{str(k): v for k, v in r.items()}})
     console.print(table)
+    for caveat in suite.caveats:
+        console.print(f"note: {caveat}", markup=False)
 
 
 @app.command()

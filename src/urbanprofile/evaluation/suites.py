@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from urbanprofile.data.indicators import ACS_INDICATORS
+from urbanprofile.data.indicators import ACS_CAVEAT, ACS_INDICATORS
 from urbanprofile.errors import unknown_name
 
 #: Methods whose best one (per pair) is the bar a learned embedding must clear.
@@ -40,12 +40,14 @@ class Suite:
         description: One line.
         pairs: Tasks per dataset.
         notes: Said when a pair of the suite is skipped (how to get its tasks).
+        caveats: Said beside every aggregate of the suite (what limits its figures).
     """
 
     name: str
     description: str
     pairs: dict[str, tuple[str, ...]]
     notes: tuple[str, ...] = field(default=())
+    caveats: tuple[str, ...] = field(default=())
 
     @property
     def n_pairs(self) -> int:
@@ -60,7 +62,7 @@ _SOCIO = Suite("socioeconomic", "indicators from independent public sources: NYC
                "180 regions (rates vary between ~30 residential NTAs only), UrbanVLP's Beijing indicators",
                {"hafusion-nyc": _ACS_TASKS,
                 "cityview-beijing-urbanvlp": ("population", "gdp", "nightlight", "houseprice")},
-               notes=(_ACS_HINT,))
+               notes=(_ACS_HINT,), caveats=(ACS_CAVEAT,))
 
 
 def _union(name: str, description: str, suites: Sequence[Suite]) -> Suite:
@@ -68,7 +70,8 @@ def _union(name: str, description: str, suites: Sequence[Suite]) -> Suite:
     for suite in suites:
         for dataset, tasks in suite.pairs.items():
             pairs[dataset] = tuple(dict.fromkeys([*pairs.get(dataset, ()), *tasks]))
-    return Suite(name, description, pairs, tuple(n for s in suites for n in s.notes))
+    return Suite(name, description, pairs, tuple(n for s in suites for n in s.notes),
+                 tuple(c for s in suites for c in s.caveats))
 
 
 SUITES: dict[str, Suite] = {s.name: s for s in (_CORE, _SOCIO, _union("all", "core and socioeconomic",

@@ -358,10 +358,11 @@ def _suite_summary(ok: list[dict[str, Any]]) -> str:
                 f"<td>{r['wins']}/{r['n_compared']}</td><td>{r['n_pairs']}</td></tr>"
                 for r in group.to_dict("records"))
             n_common = int(group["n_common"].iloc[0])
+            caveats = "".join(f" {esc(c)}." for c in SUITES[str(name)].caveats)
             parts.append(
                 f'<table><caption>suite <b>{esc(str(name))}</b> · protocol <b>{esc(str(protocol))}</b> '
                 f'({esc(PROTOCOLS[str(protocol)])}) · {n_common} of {SUITES[str(name)].n_pairs} pairs, every '
-                f'method scored on each</caption><thead><tr><th>method</th><th>head</th><th>mean R²</th>'
+                f'method scored on each.{caveats}</caption><thead><tr><th>method</th><th>head</th><th>mean R²</th>'
                 f'<th>mean rank [95% bootstrap CI]</th><th>wins vs best raw</th><th>pairs run</th></tr></thead>'
                 f'<tbody>{body}</tbody></table>')
     if not parts:

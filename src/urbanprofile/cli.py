@@ -269,8 +269,10 @@ def embed(
     else:
         with err.status(escape(f"fitting {method} on {name}")):
             embedding = embedder.fit_transform(city)
+    from urbanprofile.data.embeddings import DATASET_ATTR
     from urbanprofile.data.io import write_atomic
 
+    embedding.attrs[DATASET_ATTR] = city.name  # parquet keeps it: `evaluate --embedding` refuses another dataset
     with _writing(out_path):
         write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
     err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}")
@@ -316,8 +318,8 @@ def _leaderboard_table(rows: list[dict[str, Any]], title: str) -> FitTable:
 @app.command()
 def evaluate(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
-    method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task (indicator) name, or 'all' (one row per task).")],
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method name.", show_default=False)] = None,
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="paper, nested or spatial.")] = "nested",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2,3,4",
     head: Annotated[str | None, typer.Option(
@@ -329,6 +331,9 @@ def evaluate(
     store_path: Annotated[Path | None, typer.Option(
         "--store", help="DuckDB results store: finished seeds are kept there and reused (default: none).",
         show_default=False)] = None,
+    embedding: Annotated[Path | None, typer.Option(
+        "--embedding", help="Evaluate an embedding made elsewhere (.parquet/.csv: region_id + numeric columns) "
+        "as method file:<stem>, instead of --method.", show_default=False)] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
@@ -340,6 +345,13 @@ def evaluate(
 
     if head:
         parse_head(head)  # a typo fails before any data is read
+    if (method is None) == (embedding is None):
+        raise UrbanProfileError("give either --method or --embedding")
+    if embedding is not None:
+        from urbanprofile.methods import register_embedding
+
+        method = register_embedding(embedding.stem, embedding).name
+    assert method is not None
     if modalities is not None:
         from urbanprofile.methods import get_method, with_modalities
 
@@ -393,6 +405,12 @@ def benchmark(
         "--address", help="Ray cluster to join: auto or HOST:PORT (default: a local Ray instance).",
         show_default=False)] = None,
     retries: Annotated[int, typer.Option("--retries", help="Retries of a unit whose worker died or raised.")] = 2,
+    embeddings: Annotated[str | None, typer.Option(
+        "--embeddings", help="Embeddings made elsewhere, NAME=FILE,... (.parquet/.csv with region_id), run as "
+        "methods file:NAME beside --methods (alone when --methods is not given).", show_default=False)] = None,
+    suite: Annotated[str | None, typer.Option(
+        "--suite", help="Task suites instead of --tasks: core, socioeconomic, all (comma-separated); adds an "
+        "aggregate per method over each suite.", show_default=False)] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run a grid of datasets x methods x tasks x protocols x seeds x heads; rows of the same code are reused."""
@@ -400,13 +418,19 @@ def benchmark(
     from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark, validate_plan
     from urbanprofile.benchmark.store import open_store
 
+    method_names = _split(methods)
+    if embeddings is not None:
+        from urbanprofile.methods import register_embeddings
+
+        method_names = [*(method_names or []), *register_embeddings(embeddings)]
     plan = BenchmarkPlan(
-        datasets=_split(datasets), methods=_split(methods), tasks=_split(tasks),
+        datasets=_split(datasets), methods=method_names, tasks=_split(tasks),
         protocols=_split(protocols) or [], seeds=_seeds(seeds), heads=_split(heads),
     )
     if retries < 0:
         raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
     runner = make_executor(executor, jobs=jobs, address=address, retries=retries)
+    suites, suite_skipped = _plan_suites(plan, suite, data_dir) if suite is not None else ([], [])
     validate_plan(plan, data_dir)
     _check_output(store_path, parents=parents or store_path == Path("results/urbanprofile.duckdb"))
     with open_store(store_path) as store:  # a store file this command created goes again if nothing is written
@@ -418,8 +442,11 @@ def benchmark(
         if not outcome.rows and not outcome.n_resumed:
             reasons = "; ".join(outcome.skipped[:3]) + ("; ..." if len(outcome.skipped) > 3 else "")
             raise UrbanProfileError(f"nothing in the plan can run: {reasons or 'no (dataset, method) pair'}")
-    for line in outcome.skipped:
+    for line in [*suite_skipped, *outcome.skipped]:
         err.print(f"skipped: {line}")
+    if suite_skipped or outcome.skipped:
+        for note in dict.fromkeys(n for s in suites for n in s.notes):
+            err.print(f"note: {note}", markup=False)
     for line in describe_recomputed(outcome):
         err.print(f"recomputed: {line}")
     for row in outcome.failed:
@@ -429,11 +456,69 @@ def benchmark(
     rows = outcome.resumed_rows + outcome.rows
     if any(r.get("status") != "failed" for r in rows):
         console.print(_leaderboard_table(rows, "leaderboard (mean ± std over seeds)"))
+    for chosen in suites:
+        _print_suite_aggregate(rows, chosen, console, as_json)
     failed = f", {len(outcome.failed)} failed" if outcome.failed else ""
     console.print(
         f"{len(outcome.rows) - len(outcome.failed)} new results{failed}, {outcome.n_resumed} already in "
         f"{store_path}, {outcome.n_units} units on {runner.name}, {outcome.wall_seconds:.1f} s"
     )
+
+
+def _plan_suites(plan: Any, names: str, data_dir: Path | None) -> tuple[list[Any], list[str]]:
+    """Set the plan's datasets and tasks from suites; unknown suites and absent datasets become skip lines."""
+    from urbanprofile.data.registry import list_datasets
+    from urbanprofile.evaluation.suites import SUITES, get_suite, plan_suite
+
+    if plan.tasks:
+        raise UrbanProfileError("give --suite or --tasks, not both")
+    suites, skipped = [], []
+    for name in _split(names) or []:
+        if name in SUITES:
+            suites.append(get_suite(name))
+        else:
+            skipped.append(f"suite {name!r}: unknown (valid: {', '.join(SUITES)})")
+    if not suites:
+        get_suite((_split(names) or [""])[0])  # the one-line error, with a "did you mean"
+    available = list_datasets(data_dir)
+    pairs: dict[str, list[str]] = {}
+    for chosen in suites:
+        tasks, lines = plan_suite(chosen, available, plan.datasets)
+        skipped += lines
+        for dataset, names_ in tasks.items():
+            pairs[dataset] = list(dict.fromkeys([*pairs.get(dataset, []), *names_]))
+    if not pairs:
+        raise UrbanProfileError(f"no dataset of suite {', '.join(s.name for s in suites)} is here: {skipped[0]}")
+    plan.datasets, plan.dataset_tasks = list(pairs), pairs
+    return suites, skipped
+
+
+def _print_suite_aggregate(rows: list[dict[str, Any]], suite: Any, console: Console, as_json: bool) -> None:
+    from urbanprofile.evaluation.suites import suite_aggregate
+
+    board = suite_aggregate(rows, suite)
+    if board.empty:
+        return
+    from urbanprofile.report.terminal import Column, FitTable
+
+    figure = {"kind": "figure", "justify": "right"}
+    table = FitTable(
+        [Column("protocol", to_title=True), Column("method"), Column("head", priority=2, to_title=True),
+         Column("pairs run", priority=3, **figure), Column("common pairs", priority=4, **figure),  # type: ignore[arg-type]
+         Column("mean R²", **figure), Column("mean rank [95% CI]", priority=1, **figure),  # type: ignore[arg-type]
+         Column("wins vs best raw", priority=1, **figure)],  # type: ignore[arg-type]
+        title=f"suite {suite.name} ({suite.n_pairs} pairs): over the pairs every method ran on, mean R², mean rank "
+              "(bootstrap over pairs), wins against the best raw-* baseline, same folds")
+    for r in board.to_dict("records"):
+        protocol = "paper†" if r["protocol"] == "paper" else r["protocol"]
+        table.add_row(protocol, r["method"], r["head"], str(r["n_pairs"]), str(r["n_common"]), _fmt(r["mean_r2"]),
+                      f"{r['mean_rank']:.2f} [{_fmt(r['rank_low'], 2)}, {_fmt(r['rank_high'], 2)}]",
+                      f"{r['wins']}/{r['n_compared']}")
+        if as_json:
+            _print_rows_json({"row": "suite-aggregate", "suite": suite.name, **{str(k): v for k, v in r.items()}})
+    console.print(table)
+    for caveat in suite.caveats:
+        console.print(f"note: {caveat}", markup=False)
 
 
 @app.command()
@@ -720,6 +805,100 @@ def r1_evaluate(
                       _fmt(m["worst_group_gap"]), _fmt(m["disparity"]))
     out.print(table)
     err.print(f"wrote {run_dir / 'metrics.json'}")
+
+
+# -- attach: indicators from their own polygons onto a dataset's regions ----------------------------------
+@app.command()
+def attach(
+    name: Annotated[str, typer.Argument(help="Dataset name (or a built dataset folder).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Indicators folder (written: <out>/<dataset>/<set>.*; "
+                                          "point URBANPROFILE_INDICATORS at it to use the tasks).")],
+    indicators: Annotated[Path | None, _opt("Indicator polygons (GeoPackage, GeoJSON, GeoParquet, shapefile, CSV "
+                                            "with WKT geometry) or a table keyed by region id (--key).")] = None,
+    extensive: Annotated[str | None, _opt("Comma-separated count columns (split over regions).")] = None,
+    intensive: Annotated[str | None, _opt("Comma-separated rate/median columns (averaged).")] = None,
+    weights: Annotated[str | None, _opt("Dasymetric weights PATH:COLUMN: points (vector, or CSV with lon/lat) or a "
+                                        "GeoTIFF (PATH[:BAND]).")] = None,
+    key: Annotated[str | None, _opt("Region-id column: the table is already per region (no interpolation).")] = None,
+    id_column: Annotated[str | None, _opt("Column naming the indicator features in errors.")] = None,
+    crs: Annotated[str | None, _opt("CRS of an indicator file that declares none, e.g. EPSG:2263.")] = None,
+    councilcount: Annotated[int | None, _opt("Instead of --indicators: the NYC ACS 5-year set by NTA from the "
+                                             "councilcount package (2016 or 2023), dasymetric by tax-lot population."
+                                             )] = None,
+    set_name: Annotated[str | None, typer.Option("--name", help="Set name (default: the file stem, or acs<year>).",
+                                                 show_default=False)] = None,
+    prefix: Annotated[str, typer.Option(help="Prefix of the task names (not for --councilcount: acs_...).")] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a set of the same name.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Attach indicators to a dataset's regions by areal interpolation (tobler); they become the dataset's tasks."""
+    import os
+    import shlex
+
+    import numpy as np
+
+    from urbanprofile.data.indicators import ACS_CAVEAT, nyc_acs_indicators, write_indicator_set
+    from urbanprofile.data.interpolate import attach_by_key, interpolate, read_indicator_layer, read_weights
+    from urbanprofile.data.registry import load_dataset
+
+    if (indicators is None) == (councilcount is None):
+        raise UrbanProfileError("give either --indicators FILE or --councilcount YEAR")
+    if key is not None and weights is not None:
+        raise UrbanProfileError("--weights has no use with --key (a table keyed by region is not interpolated)")
+    city = load_dataset(name, data_dir)
+    from urbanprofile.data.registry import resolve_data_dir
+
+    if data_dir is not None or os.environ.get("URBANPROFILE_DATA"):
+        root = resolve_data_dir(data_dir).resolve()
+        if out_dir.resolve() == root or root in out_dir.resolve().parents:
+            raise UrbanProfileError(f"--out {out_dir} is inside the data directory {root}, which is read-only to us")
+    info: dict[str, Any] = {"command": "urbanprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    if councilcount is not None:
+        with err.status(f"attaching councilcount's ACS {councilcount} estimates to {city.name}"):
+            attached, extra = nyc_acs_indicators(city, councilcount)
+        info |= extra
+        set_name = set_name or f"acs{councilcount}"
+    else:
+        assert indicators is not None
+        ext, inten = _split(extensive) or [], _split(intensive) or []
+        if key is not None:
+            attached = attach_by_key(city.region_ids, read_indicator_layer(indicators, crs, key), key, [*ext, *inten],
+                                     str(indicators), city.name)
+        else:
+            import geopandas as gpd
+
+            layer = read_indicator_layer(indicators, crs)
+            assert isinstance(layer, gpd.GeoDataFrame)
+            points = read_weights(weights, crs) if weights else None
+            attached = interpolate(city.regions, layer, ext, inten, points, source_name=str(indicators),
+                                   id_column=id_column)
+        if prefix:
+            attached.values.columns = [f"{prefix}{c}" for c in attached.values.columns]
+        info |= {"source": str(indicators.resolve()), "extensive": ext, "intensive": inten, "weights": weights}
+        set_name = set_name or indicators.stem.lower().replace(" ", "_")
+    clash = [c for c in attached.values.columns if c in city.tasks]
+    if clash:
+        raise UrbanProfileError(f"task {clash[0]!r} already exists in {city.name}: use --prefix or other columns")
+    path = write_indicator_set(out_dir, city.name, set_name, attached, info, overwrite=overwrite)
+    from urbanprofile.report.terminal import Column, FitTable
+
+    table = FitTable([Column("task"), *(Column(h, "figure", priority=p, justify="right") for h, p in (
+        ("labelled regions", 0), ("distinct values", 1), ("mean", 0), ("min", 2), ("max", 2)))],
+        title=f"{set_name} on {city.name} ({attached.method})")
+    for column in attached.values.columns:
+        values = attached.values[column]
+        table.add_row(column, str(int(values.notna().sum())), str(values.nunique()), _fmt(values.mean(), 2),
+                      _fmt(values.min(), 2), _fmt(values.max(), 2))
+    out.print(table)
+    coverage = attached.coverage.to_numpy()
+    out.print(f"coverage: {int((coverage >= 0.999).sum())} regions fully covered, "
+              f"{int(((coverage > 0) & (coverage < 0.999)).sum())} partly (median {np.median(coverage):.2f}), "
+              f"{int((coverage == 0).sum())} not at all")
+    for note in attached.notes:
+        out.print(f"note: {note}")
+    if councilcount is not None and not any(ACS_CAVEAT in n for n in attached.notes):
+        out.print(f"note: {ACS_CAVEAT}")
+    err.print(f"wrote {path}; set URBANPROFILE_INDICATORS={out_dir} to use these as tasks of {city.name}")
 
 
 def main() -> None:

@@ -172,10 +172,11 @@ def _ensure_loaded() -> None:
                 register_method(spec)
 
 
-def list_methods() -> list[str]:
-    """Names of every registered method."""
+def list_methods(external: bool = False) -> list[str]:
+    """Names of every registered method (with ``external=True`` also the ``file:`` embeddings registered in this
+    session, which a plan runs only when it names them)."""
     _ensure_loaded()
-    return list(_REGISTRY)
+    return [name for name in _REGISTRY if external or not name.startswith(EXTERNAL_PREFIX)]
 
 
 def with_modalities(spec: MethodSpec, modalities: list[str] | tuple[str, ...]) -> MethodSpec:
@@ -202,3 +203,97 @@ def get_method(name: str) -> MethodSpec:
     if name not in _REGISTRY:
         raise unknown_name("method", name, _REGISTRY)
     return _REGISTRY[name]
+
+
+#: Prefix of the methods that serve an embedding made elsewhere.
+EXTERNAL_PREFIX = "file:"
+_EXTERNAL_FACTORY = "urbanprofile.embedders.external:ExternalEmbedding"
+
+
+@dataclass(frozen=True)
+class ExternalMethodSpec(MethodSpec):
+    """A method that serves a given embedding (a file or a DataFrame), keyed in the store by its content hash.
+
+    ``params`` holds only the content hash, so the same content under another path is the same result and a
+    changed file is a new one.
+    """
+
+    source: Any = field(default=None, compare=False, repr=False)
+
+    def build(self, random_state: int | None = 0) -> Embedder:
+        from urbanprofile.embedders.external import ExternalEmbedding
+
+        return ExternalEmbedding(self.source, self.params.get("content_hash"), random_state=random_state)
+
+    def unavailable_reason(self, city: CityData) -> str | None:
+        """Why the embedding does not fit ``city`` (another dataset, ids that differ, bad columns), or ``None``."""
+        from urbanprofile.errors import DataError
+
+        try:
+            self.build().fit(city)
+        except DataError as err:
+            return str(err)
+        return None
+
+
+def register_embedding(name: str, source: str | Any) -> ExternalMethodSpec:
+    """Register an embedding made elsewhere as the method ``file:<name>`` (replacing one of the same name).
+
+    Args:
+        name: Short name; the method is ``file:<name>``.
+        source: A ``.parquet`` / ``.csv`` file with a ``region_id`` column (or index) and numeric columns, or a
+            DataFrame indexed by ``region_id`` (or with a ``region_id`` column).
+
+    Returns:
+        The registered spec; its rows go through the same protocols, heads, bias figures and store.
+
+    Raises:
+        DataError: The file is missing or unreadable, or has no region ids.
+        UrbanProfileError: The name is empty or holds ``,`` / ``=``.
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    from urbanprofile.data.embeddings import file_hash, frame_hash, read_embedding_file
+    from urbanprofile.errors import UrbanProfileError
+
+    name = name.removeprefix(EXTERNAL_PREFIX).strip()
+    if not name or any(c in name for c in ",=[]"):
+        raise UrbanProfileError(f"embedding name {name!r} must be non-empty without ',', '=' or brackets")
+    held: pd.DataFrame | Path
+    if isinstance(source, pd.DataFrame):
+        held = source.set_index("region_id") if "region_id" in source.columns else source
+        content, where = frame_hash(held), "a DataFrame"
+    else:
+        held = Path(source).expanduser().resolve()
+        read_embedding_file(held)  # a missing or unreadable file fails here, before any work
+        content, where = file_hash(held), str(held)
+    _ensure_loaded()
+    spec = ExternalMethodSpec(f"{EXTERNAL_PREFIX}{name}", _EXTERNAL_FACTORY, {"content_hash": content},
+                              family="external", description=f"embedding read from {where}", source=held)
+    register_method(spec, replace=True)
+    return spec
+
+
+def register_embeddings(text: str) -> list[str]:
+    """Register ``NAME=FILE,NAME=FILE`` (a bare ``FILE`` is named after its stem); returns the method names."""
+    from pathlib import Path
+
+    from urbanprofile.errors import UrbanProfileError
+
+    names = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).stem, item
+        if not path.strip():
+            raise UrbanProfileError(f"--embeddings: {item!r} names no file (expected NAME=FILE)")
+        names.append(register_embedding(name, path.strip()).name)
+    if not names:
+        raise UrbanProfileError("--embeddings: no NAME=FILE given")
+    if len(set(names)) < len(names):
+        raise UrbanProfileError(f"--embeddings: a name is used twice ({', '.join(names)})")
+    return names

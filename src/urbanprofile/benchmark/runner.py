@@ -20,7 +20,7 @@ from urbanprofile.benchmark.versions import CodeVersion, code_version, dataset_f
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import discover, get_entry, list_datasets
 from urbanprofile.data.tasks import KNOWN_TASKS
-from urbanprofile.errors import MethodUnavailableError, UnknownNameError, UrbanProfileError, unknown_name
+from urbanprofile.errors import DataError, MethodUnavailableError, UnknownNameError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.protocols import (
     PROTOCOLS,
     ProtocolResult,
@@ -29,7 +29,7 @@ from urbanprofile.evaluation.protocols import (
     evaluate_tasks,
 )
 from urbanprofile.heads.registry import parse_head, protocol_unavailable_reason
-from urbanprofile.methods import MethodSpec, get_method, list_methods
+from urbanprofile.methods import ExternalMethodSpec, MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
     from urbanprofile.benchmark.executors import Executor, UnitResult
@@ -57,6 +57,8 @@ class BenchmarkPlan:
     protocols: Sequence[str] = ("paper", "nested", "spatial")
     seeds: Sequence[int] = DEFAULT_SEEDS
     heads: Sequence[str] | None = None
+    #: Tasks per dataset (a suite's pairs); a dataset listed here ignores ``tasks``.
+    dataset_tasks: dict[str, Sequence[str]] | None = None
 
 
 @dataclass
@@ -360,6 +362,7 @@ def plan_units(
     replaced: list[tuple[Any, ...]] = []
     skipped: list[str] = []
     fingerprints: dict[str, str] = {}
+    misfits: dict[str, list[str]] = {}  # method -> why it cannot run, per dataset
     for given in datasets:
         name = given if given in cities else dataset_identity(given, data_dir)
         if name in fingerprints:  # the same dataset named twice (by name and by path)
@@ -369,8 +372,9 @@ def plan_units(
         city = cities[name]
         # Once per dataset per run: hashing the arrays takes a fraction of a second even on CityView.
         fingerprint = fingerprints[name] = dataset_fingerprint(city)
-        tasks = [t for t in (plan.tasks or city.tasks) if t in city.tasks]
-        for t in plan.tasks or ():
+        wanted = (plan.dataset_tasks or {}).get(given, (plan.dataset_tasks or {}).get(name, plan.tasks))
+        tasks = [t for t in (wanted or city.tasks) if t in city.tasks]
+        for t in wanted or ():
             if t not in city.tasks:
                 skipped.append(f"{name}: no task {t!r} (it has {', '.join(city.tasks)})")
         protocols = list(plan.protocols)
@@ -381,6 +385,7 @@ def plan_units(
             reason = spec.unavailable_reason(city)
             if reason:
                 skipped.append(f"{name}: {reason}")
+                misfits.setdefault(spec.name, []).append(reason)
                 continue
             version = code_version(spec.factory).version
             heads = list(plan.heads or [spec.head])
@@ -404,6 +409,10 @@ def plan_units(
                     todo.append((task, protocol, head))
                 if todo:
                     units.append(Unit(name, spec, int(seed), tuple(todo), fingerprint))
+    for spec in methods:
+        # An embedding file that fits none of the datasets is a user mistake, not a skip.
+        if isinstance(spec, ExternalMethodSpec) and len(misfits.get(spec.name, ())) == len(fingerprints):
+            raise DataError(misfits[spec.name][0])
     return units, reused, replaced, skipped, cities
 
 

@@ -41,13 +41,17 @@ class DatasetEntry:
 
     @property
     def declared_tasks(self) -> tuple[str, ...]:
-        """Tasks a built dataset's manifest declares (its own indicators); empty for the benchmark families."""
+        """Tasks a built dataset's manifest declares (its own indicators), and those of indicator sets attached to
+        it (``$URBANPROFILE_INDICATORS``); empty for the benchmark families otherwise."""
+        from urbanprofile.data.indicators import declared_indicator_tasks
+
+        attached = declared_indicator_tasks(self.name)
         if self.family != "built":
-            return ()
+            return attached
         from urbanprofile.data.built import read_manifest
 
         labels = read_manifest(self.path).get("labels") or {}
-        return tuple(str(t) for t in labels.get("tasks", []))
+        return (*(str(t) for t in labels.get("tasks", [])), *attached)
 
     def load(self) -> CityData:
         """Read and validate the dataset."""
@@ -55,8 +59,10 @@ class DatasetEntry:
 
         if self.missing:
             raise DataError(f"{self.path / self.missing[0]}: file not found (required for dataset {self.name!r})")
+        from urbanprofile.data.indicators import apply_indicator_sets
+
         loader = _LOADERS[self.family]
-        return loader(self).validate()
+        return apply_indicator_sets(loader(self)).validate()
 
 
 def _load_hafusion(entry: DatasetEntry) -> CityData:

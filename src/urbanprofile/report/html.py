@@ -336,6 +336,41 @@ def _mean_blocks(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {b: float(np.mean(v)) for b, v in blocks.items()}
 
 
+def _suite_summary(ok: list[dict[str, Any]]) -> str:
+    """Per suite and protocol, one line per method: the aggregate a researcher can cite, with the protocol named."""
+    from urbanprofile.evaluation.protocols import PROTOCOLS
+    from urbanprofile.evaluation.suites import SUITES, suite_aggregate
+
+    boards = {name: suite_aggregate(ok, suite) for name, suite in SUITES.items()}
+    if boards["all"].empty or (boards["core"].empty or boards["socioeconomic"].empty):
+        boards.pop("all")  # the same pairs as the one suite present
+    parts = []
+    for name, board in boards.items():
+        if board.empty:
+            continue
+        for protocol, group in board.groupby("protocol", sort=False):
+            if protocol == "paper":
+                continue  # the peers' protocol is for comparison with their figures, not for a leaderboard
+            body = "".join(
+                f"<tr><td>{esc(r['method'])}</td><td>{esc(r['head'])}</td><td>{_f(r['mean_r2'])}</td>"
+                f"<td>{r['mean_rank']:.2f} [{r['rank_low']:.2f}, {r['rank_high']:.2f}]</td>"
+                f"<td>{r['wins']}/{r['n_compared']}</td><td>{r['n_pairs']}</td></tr>"
+                for r in group.to_dict("records"))
+            n_common = int(group["n_common"].iloc[0])
+            caveats = "".join(f" {esc(c)}." for c in SUITES[str(name)].caveats)
+            parts.append(
+                f'<table><caption>suite <b>{esc(str(name))}</b> · protocol <b>{esc(str(protocol))}</b> '
+                f'({esc(PROTOCOLS[str(protocol)])}) · {n_common} of {SUITES[str(name)].n_pairs} pairs, every '
+                f'method scored on each.{caveats}</caption><thead><tr><th>method</th><th>head</th><th>mean R²</th>'
+                f'<th>mean rank [95% bootstrap CI]</th><th>wins vs best raw</th><th>pairs run</th></tr></thead>'
+                f'<tbody>{body}</tbody></table>')
+    if not parts:
+        return ""
+    return ('<h2 id="suites">Suites</h2><p class="note">Over the pairs of a suite that every method ran on: mean R² '
+            '(mean over seeds per pair), mean rank (1 = best), wins = pairs where the method beats the best raw-* '
+            'baseline on the same folds.</p><div class="boards">' + "".join(parts) + "</div>")
+
+
 def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | os.PathLike[str] | None = None,
                   with_maps: bool = True) -> tuple[str, int, list[str]]:
     """The report page for the stored ``rows``.
@@ -417,6 +452,7 @@ def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | 
 figures († / <span class="warn">test-selected</span>: the authors chose the epoch on the test folds, so the figure
 is optimistic).</p>
 {glance}
+{_suite_summary(ok)}
 <nav>Jump to: {nav}</nav>
 {"".join(sections)}
 {failed_html}

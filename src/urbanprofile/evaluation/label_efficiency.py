@@ -1,0 +1,96 @@
+"""Label efficiency: R² of a probe against the number of labelled training regions, on the protocol's own folds.
+
+Each outer training fold is cut to a fraction of its regions (nested subsets: the 10% are among the 25%, and so
+on, drawn with the seed); the probe's settings are still chosen by inner CV on the regions kept, and every test
+fold is predicted whole, so the figures at 100% are the protocol's own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from urbanprofile.data.city import CityData
+from urbanprofile.data.tasks import task_data
+from urbanprofile.errors import DataError, MethodUnavailableError
+from urbanprofile.evaluation.metrics import regression_metrics
+from urbanprofile.evaluation.protocols import (
+    _embedding_matrix,
+    _task_blocks,
+    check_protocol,
+    n_spatial_blocks,
+    outer_splits,
+)
+from urbanprofile.heads.registry import build_head, parse_head
+
+#: Shares of each outer training fold a probe is fit on.
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+#: Fewest training regions a probe is fit on (inner CV needs a few per fold).
+MIN_TRAIN = 10
+
+
+def label_efficiency(
+    city: CityData,
+    embedding: pd.DataFrame,
+    task: str,
+    protocol: str = "nested",
+    head: str = "ridge",
+    fractions: Sequence[float] = FRACTIONS,
+    random_state: int = 0,
+) -> pd.DataFrame:
+    """Pooled out-of-fold metrics of a probe fit on a fraction of each outer training fold.
+
+    Args:
+        city: The city.
+        embedding: One row per region, indexed by ``region_id``.
+        task: Indicator to predict.
+        protocol: ``nested`` or ``spatial`` (``paper`` fixes its probe, so fewer labels say nothing new about it).
+        head: A single-task head without prompts (``ridge``, ``knn``, ``ridge-blocks``, ``mlp``).
+        fractions: Shares in (0, 1] of each outer training fold.
+        random_state: Seed of the subsets, the inner folds and the head.
+
+    Returns:
+        One row per fraction: ``fraction``, ``n_train`` (mean regions per fold), ``r2``, ``mae``, ``rmse``.
+
+    Raises:
+        MethodUnavailableError: A multi-task or prompt head, or the ``paper`` protocol.
+        DataError: A fraction outside (0, 1].
+    """
+    check_protocol(protocol)
+    if protocol == "paper":
+        raise MethodUnavailableError("label efficiency uses the nested or spatial protocol (paper fixes its probe)")
+    spec = parse_head(head)
+    if spec.multitask or spec.needs_prompts:
+        raise MethodUnavailableError(f"label efficiency takes a single-task head without prompts, not {head!r}")
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise DataError(f"label fractions must be in (0, 1], got {bad[0]}")
+    if protocol == "spatial" and not city.has_locations:
+        raise MethodUnavailableError(f"spatial protocol needs region locations; {city.name!r} has none")
+    td = task_data(city, task)
+    X = _embedding_matrix(city, embedding, td.region_ids, "final")
+    y = td.y
+    n_learned = int(embedding.columns.str.startswith("emb_").sum())
+    groups = _task_blocks(city, td, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
+    folds = outer_splits(city, td, protocol)
+    # One permutation per fold, so that smaller subsets are inside larger ones.
+    orders = [np.random.default_rng([random_state, k]).permutation(train) for k, (train, _) in enumerate(folds)]
+    rows = []
+    for fraction in sorted(fractions):
+        pred = np.zeros_like(y)
+        sizes = []
+        for (_, test), order in zip(folds, orders, strict=True):
+            keep = np.sort(order[: max(MIN_TRAIN, math.ceil(fraction * len(order)))])
+            model = build_head(spec, protocol, random_state, n_region_features=X.shape[1], n_learned=n_learned)
+            kept_groups = groups[keep] if groups is not None else None
+            if kept_groups is not None and len(np.unique(kept_groups)) < 2:
+                raise DataError(f"{city.name} {task}: {fraction:.0%} of a training fold holds one spatial block; "
+                                "inner CV needs two")
+            model.fit(X[keep], y[keep], groups=kept_groups)
+            pred[test] = model.predict(X[test])
+            sizes.append(len(keep))
+        rows.append({"fraction": float(fraction), "n_train": float(np.mean(sizes)), **regression_metrics(y, pred)})
+    return pd.DataFrame(rows)

@@ -159,7 +159,7 @@ def result_row(
 ) -> dict[str, Any]:
     """One store row from a protocol result, keyed by ``dataset`` (default: the city's name)."""
     bias = result.bias
-    version = code_version(spec.factory)
+    version = code_version(spec.factory, result.head)
     return {
         "dataset": dataset or city.name,
         "task": result.task,
@@ -194,12 +194,12 @@ def result_row(
 
 def failed_rows(unit: Unit, reason: str) -> list[dict[str, Any]]:
     """Rows that say a unit failed (every metric missing) and why, in one line."""
-    version = code_version(unit.spec.factory)
     reason = " ".join(reason.split())
     return [
         {"dataset": unit.dataset, "task": task, "method": unit.spec.name, "config_hash": unit.spec.config_hash,
          "protocol": protocol, "seed": unit.seed, "head": head, "package_version": __version__,
-         "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None), "code_version": version.version,
+         "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+         "code_version": (version := code_version(unit.spec.factory, head)).version,
          "code_modules": version.modules, "status": "failed", "error": reason, "dataset_fingerprint": unit.fingerprint}
         for task, protocol, head in unit.cells
     ]
@@ -369,7 +369,6 @@ def plan_units(
             if reason:
                 skipped.append(f"{name}: {reason}")
                 continue
-            version = code_version(spec.factory).version
             heads = list(plan.heads or [spec.head])
             skipped += [f"{name}: {spec.name}: {reason}" for h in heads for p in protocols
                         if (reason := protocol_unavailable_reason(h, p))]
@@ -383,7 +382,7 @@ def plan_units(
                     if protocol_unavailable_reason(head, protocol):
                         continue  # said once per method below
                     key = (name, task, spec.name, spec.config_hash, protocol, int(seed), head)
-                    if key in stored and stored[key] == StoredState(version, "ok", fingerprint):
+                    if key in stored and _current(stored[key], code_version(spec.factory, head), fingerprint):
                         reused.append(key)
                         continue
                     if key in stored:
@@ -392,6 +391,12 @@ def plan_units(
                 if todo:
                     units.append(Unit(name, spec, int(seed), tuple(todo), fingerprint))
     return units, reused, replaced, skipped, cities
+
+
+def _current(state: StoredState, version: CodeVersion, fingerprint: str) -> bool:
+    """Whether a stored row can be reused: it succeeded, on the same data, computed by the same code."""
+    return (state.status == "ok" and state.dataset_fingerprint == fingerprint
+            and version.matches(state.code_version, state.code_modules))
 
 
 def run_benchmark(
@@ -555,8 +560,8 @@ def describe_recomputed(outcome: BenchmarkOutcome) -> list[str]:
     lines = []
     for method, pairs in sorted(by_method.items()):
         failed = [p for p in pairs if p[0].get("status") == "failed"]
-        other_data = [p for p in pairs if p[0].get("status") != "failed"
-                      and p[0].get("code_version") == p[1].get("code_version")]
+        other_data = [(old, new) for old, new in pairs if old.get("status") != "failed" and CodeVersion(
+            new["code_version"], new["code_modules"] or {}).matches(old.get("code_version"), old.get("code_modules"))]
         changed = [p for p in pairs if p[0].get("status") != "failed" and p not in other_data]
         if failed:
             lines.append(f"{method}: {len(failed)} failed rows retried")

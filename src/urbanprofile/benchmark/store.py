@@ -65,12 +65,13 @@ _ADDED_KEYS = ("head",)
 
 
 class StoredState(NamedTuple):
-    """What decides whether a stored row is reused: the code that computed it, its status, and the content of the
-    dataset it was computed on (``None`` in rows of an older store)."""
+    """What decides whether a stored row is reused: the code that computed it (its version and per-module hashes),
+    its status, and the content of the dataset it was computed on (``None`` in rows of an older store)."""
 
     code_version: str | None
     status: str | None
     dataset_fingerprint: str | None
+    code_modules: dict[str, str] | None = None
 
 
 class ResultStore:
@@ -201,7 +202,14 @@ class ResultStore:
         """The :class:`StoredState` of every stored row by key."""
         state = ", ".join("NULL" if c in self._absent else c for c in StoredState._fields)
         rows = self._con.execute(f"SELECT {', '.join(KEY)}, {state} FROM results").fetchall()
-        return {tuple(r[: len(KEY)]): StoredState(*r[len(KEY):]) for r in rows}
+        out = {}
+        for *key, version, status, fingerprint, text in rows:
+            try:  # hashes that do not read as a module -> hash mapping match no code (the row is recomputed)
+                modules = json.loads(text) if text else None
+            except ValueError:
+                modules = None
+            out[tuple(key)] = StoredState(version, status, fingerprint, modules if isinstance(modules, dict) else None)
+        return out
 
     def add(self, row: dict[str, Any]) -> bool:
         """Insert one result in its own transaction; returns False if its key was already stored.

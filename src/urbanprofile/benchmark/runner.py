@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import pandas as pd
 
-from urbanprofile import __version__
-from urbanprofile.benchmark.store import KEY, StoredState
+from urbanprofile.benchmark.rows import KEY, make_row
+from urbanprofile.benchmark.store import StoredState
 from urbanprofile.benchmark.versions import CodeVersion, code_version, dataset_fingerprint
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import discover, get_entry, list_datasets
@@ -158,51 +158,14 @@ def result_row(
     dataset: str | None = None, fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """One store row from a protocol result, keyed by ``dataset`` (default: the city's name)."""
-    bias = result.bias
-    version = code_version(spec.factory, result.head)
-    return {
-        "dataset": dataset or city.name,
-        "task": result.task,
-        "method": spec.name,
-        "modalities": list(spec.params["modalities"]) if spec.params.get("modalities") else None,
-        "config_hash": spec.config_hash,
-        "protocol": result.protocol,
-        "seed": int(seed),
-        "head": result.head,
-        "n_regions": result.n_regions,
-        **result.metrics,
-        "worst_block_r2": bias["worst_block_r2"],
-        "r2_gap": bias["r2_gap"],
-        "worst_block_mae": bias["worst_block_mae"],
-        "morans_i": bias["morans_i"],
-        "bias_weights": bias["weights"],
-        "block_r2": bias["block_r2"],
-        "block_mae": bias["block_mae"],
-        "chosen": result.chosen,
-        "embed_seconds": embed_seconds,
-        "head_seconds": result.head_seconds,
-        "fit_seconds": embed_seconds + result.head_seconds,
-        "package_version": __version__,
-        "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
-        "code_version": version.version,
-        "code_modules": version.modules,
-        "status": "ok",
-        "error": None,
-        "dataset_fingerprint": fingerprint,
-    }
+    return make_row(dataset or city.name, spec, seed, result.task, result.protocol, result.head, result=result,
+                    embed_seconds=embed_seconds, fingerprint=fingerprint).as_dict()
 
 
 def failed_rows(unit: Unit, reason: str) -> list[dict[str, Any]]:
     """Rows that say a unit failed (every metric missing) and why, in one line."""
-    reason = " ".join(reason.split())
-    return [
-        {"dataset": unit.dataset, "task": task, "method": unit.spec.name, "config_hash": unit.spec.config_hash,
-         "protocol": protocol, "seed": unit.seed, "head": head, "package_version": __version__,
-         "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
-         "code_version": (version := code_version(unit.spec.factory, head)).version,
-         "code_modules": version.modules, "status": "failed", "error": reason, "dataset_fingerprint": unit.fingerprint}
-        for task, protocol, head in unit.cells
-    ]
+    return [make_row(unit.dataset, unit.spec, unit.seed, task, protocol, head, error=reason,
+                     fingerprint=unit.fingerprint).as_dict() for task, protocol, head in unit.cells]
 
 
 def one_line(error: BaseException) -> str:

@@ -414,8 +414,8 @@ def run_benchmark(
             on_row({**row, "resumed": True})
 
     shown = UnitProgress(executor.name, units, enabled=progress)
-    finished = cast("Generator[UnitResult, None, None]",
-                    executor.run(units, cities, on_embedding=on_embedding, on_epoch=shown.epoch))
+    finished = cast("Generator[UnitResult, None, None]", executor.run(
+        units, cities, on_embedding=on_embedding, on_epoch=shown.epoch if shown.live else None))
     try:
         with shown:
             for unit, rows, unit_skipped in finished:
@@ -443,7 +443,8 @@ class UnitProgress:
     """Progress of a run by units, with an estimate of the time left, and the epochs of the unit training now.
 
     On a terminal this is a live bar; otherwise (a log file, CI) one line per finished unit, so that a log of a
-    long run is never silent. Epochs are shown for methods that report them, in the serial executor.
+    long run is never silent. Epochs are shown for methods that report them, one bar per unit in training, in the
+    serial and the processes executors.
     """
 
     def __init__(self, executor: str, units: Sequence[Unit], enabled: bool = True) -> None:
@@ -458,7 +459,8 @@ class UnitProgress:
         self._start = time.perf_counter()
         self._bar: Any = None
         self._job: Any = None
-        self._epochs: Any = None
+        self._epochs: dict[str, Any] = {}  # unit label -> its epoch bar
+        self._finished: set[str] = set()
 
     def __enter__(self) -> UnitProgress:
         self._start = time.perf_counter()
@@ -484,22 +486,21 @@ class UnitProgress:
             self._bar.stop()
 
     def epoch(self, unit: Unit, epoch: int, total: int) -> None:
-        """An epoch of ``unit``'s training finished (serial executor)."""
-        if self._bar is None:
+        """An epoch of ``unit``'s training finished."""
+        if self._bar is None or unit.label in self._finished:  # a worker's last epoch may arrive after its rows
             return
-        label = f"  {unit.label}: epoch"
-        if self._epochs is None:
-            self._epochs = self._bar.add_task(label, total=total)
-        self._bar.update(self._epochs, description=label, completed=epoch, total=total)
+        if unit.label not in self._epochs:
+            self._epochs[unit.label] = self._bar.add_task(f"  {unit.label}: epoch", total=total)
+        self._bar.update(self._epochs[unit.label], completed=epoch, total=total)
 
     def unit_done(self, unit: Unit, rows: list[dict[str, Any]]) -> None:
         self.done += 1
+        self._finished.add(unit.label)
         if not self.enabled:
             return
         if self._bar is not None:
-            if self._epochs is not None:
-                self._bar.remove_task(self._epochs)
-                self._epochs = None
+            if unit.label in self._epochs:
+                self._bar.remove_task(self._epochs.pop(unit.label))
             self._bar.update(self._job, advance=1, description=f"units ({self.executor}), last: {unit.label}")
             return
         elapsed = time.perf_counter() - self._start

@@ -17,9 +17,11 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 from urbanprofile.benchmark.runner import Unit, failed_rows, one_line, run_unit
@@ -94,18 +96,43 @@ class SerialExecutor(Executor):
 
 # -- local worker processes ---------------------------------------------------------------------------
 _WORKER_CITIES: dict[str, CityData] = {}
+#: Where a worker sends ``(unit, epoch, total)`` of the training it runs (``None``: nobody follows epochs).
+_WORKER_EPOCHS: list[Any] = [None]
+#: Seconds between two epochs a worker sends (the last epoch is always sent): a bar needs no more.
+_EPOCH_INTERVAL = 0.2
 
 
-def _init_worker(cities: dict[str, CityData], threads: int | None) -> None:
+def _init_worker(cities: dict[str, CityData], threads: int | None, epochs: Any = None) -> None:
     # Ctrl-C reaches the whole process group: the driver handles it (and stops the workers), a worker that also
     # raised would only print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_threads(threads)
     _WORKER_CITIES.update(cities)
+    _WORKER_EPOCHS[0] = epochs
 
 
 def _worker_unit(unit: Unit) -> tuple[list[dict[str, Any]], list[str]]:
-    return run_unit(unit, _WORKER_CITIES[unit.dataset])
+    queue = _WORKER_EPOCHS[0]
+    if queue is None:
+        return run_unit(unit, _WORKER_CITIES[unit.dataset])
+    sent = [0.0]
+
+    def on_epoch(unit: Unit, epoch: int, total: int) -> None:
+        now = time.monotonic()
+        if epoch == total or now - sent[0] >= _EPOCH_INTERVAL:
+            sent[0] = now
+            queue.put((unit, epoch, total))
+
+    return run_unit(unit, _WORKER_CITIES[unit.dataset], on_epoch=on_epoch)
+
+
+def _drain(queue: Any, on_epoch: Callable[[Unit, int, int], None]) -> None:
+    """Pass on the epochs the workers sent so far."""
+    while True:
+        try:
+            on_epoch(*queue.get_nowait())
+        except Empty:
+            return
 
 
 class ProcessExecutor(Executor):
@@ -141,9 +168,20 @@ class ProcessExecutor(Executor):
         attempts = {i: 0 for i in range(len(units))}
         todo = list(range(len(units)))
         context = multiprocessing.get_context("spawn")  # fork after torch or rich threads is unsafe
+        # Workers get the queue at start (a multiprocessing queue travels only to a process being started).
+        epochs = context.Queue() if on_epoch is not None else None
+        try:
+            yield from self._run(units, needed, attempts, todo, context, epochs, on_epoch)
+        finally:
+            if epochs is not None:
+                epochs.close()
+                epochs.cancel_join_thread()  # epochs nobody reads any more must not hold up the exit
+
+    def _run(self, units: list[Unit], needed: dict[str, CityData], attempts: dict[int, int], todo: list[int],
+             context: Any, epochs: Any, on_epoch: Callable[[Unit, int, int], None] | None) -> Iterator[UnitResult]:
         while todo:
             pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(todo)), mp_context=context,
-                                       initializer=_init_worker, initargs=(needed, self.threads))
+                                       initializer=_init_worker, initargs=(needed, self.threads, epochs))
             clean = False
             try:
                 running: dict[Future[tuple[list[dict[str, Any]], list[str]]], int] = {}
@@ -156,7 +194,10 @@ class ProcessExecutor(Executor):
                             yield from self._lost(units, j, attempts, err, todo)
                         break
                 while running:
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(running, timeout=None if epochs is None else _EPOCH_INTERVAL,
+                                       return_when=FIRST_COMPLETED)
+                    if epochs is not None and on_epoch is not None:
+                        _drain(epochs, on_epoch)
                     for future in finished:
                         i = running.pop(future)
                         try:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import pandas as pd
 
-from urbanprofile import __version__
-from urbanprofile.benchmark.store import KEY, StoredState
+from urbanprofile.benchmark.rows import KEY, make_row
+from urbanprofile.benchmark.store import StoredState
 from urbanprofile.benchmark.versions import CodeVersion, code_version, dataset_fingerprint
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import discover, get_entry, list_datasets
@@ -173,51 +173,14 @@ def result_row(
     dataset: str | None = None, fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """One store row from a protocol result, keyed by ``dataset`` (default: the city's name)."""
-    bias = result.bias
-    version = code_version(spec.factory)
-    return {
-        "dataset": dataset or city.name,
-        "task": result.task,
-        "method": spec.name,
-        "modalities": list(spec.params["modalities"]) if spec.params.get("modalities") else None,
-        "config_hash": spec.config_hash,
-        "protocol": result.protocol,
-        "seed": int(seed),
-        "head": result.head,
-        "n_regions": result.n_regions,
-        **result.metrics,
-        "worst_block_r2": bias["worst_block_r2"],
-        "r2_gap": bias["r2_gap"],
-        "worst_block_mae": bias["worst_block_mae"],
-        "morans_i": bias["morans_i"],
-        "bias_weights": bias["weights"],
-        "block_r2": bias["block_r2"],
-        "block_mae": bias["block_mae"],
-        "chosen": result.chosen,
-        "embed_seconds": embed_seconds,
-        "head_seconds": result.head_seconds,
-        "fit_seconds": embed_seconds + result.head_seconds,
-        "package_version": __version__,
-        "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
-        "code_version": version.version,
-        "code_modules": version.modules,
-        "status": "ok",
-        "error": None,
-        "dataset_fingerprint": fingerprint,
-    }
+    return make_row(dataset or city.name, spec, seed, result.task, result.protocol, result.head, result=result,
+                    embed_seconds=embed_seconds, fingerprint=fingerprint).as_dict()
 
 
 def failed_rows(unit: Unit, reason: str) -> list[dict[str, Any]]:
     """Rows that say a unit failed (every metric missing) and why, in one line."""
-    version = code_version(unit.spec.factory)
-    reason = " ".join(reason.split())
-    return [
-        {"dataset": unit.dataset, "task": task, "method": unit.spec.name, "config_hash": unit.spec.config_hash,
-         "protocol": protocol, "seed": unit.seed, "head": head, "package_version": __version__,
-         "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None), "code_version": version.version,
-         "code_modules": version.modules, "status": "failed", "error": reason, "dataset_fingerprint": unit.fingerprint}
-        for task, protocol, head in unit.cells
-    ]
+    return [make_row(unit.dataset, unit.spec, unit.seed, task, protocol, head, error=reason,
+                     fingerprint=unit.fingerprint).as_dict() for task, protocol, head in unit.cells]
 
 
 def one_line(error: BaseException) -> str:
@@ -387,7 +350,6 @@ def plan_units(
                 skipped.append(f"{name}: {reason}")
                 misfits.setdefault(spec.name, []).append(reason)
                 continue
-            version = code_version(spec.factory).version
             heads = list(plan.heads or [spec.head])
             skipped += [f"{name}: {spec.name}: {reason}" for h in heads for p in protocols
                         if (reason := protocol_unavailable_reason(h, p))]
@@ -401,7 +363,7 @@ def plan_units(
                     if protocol_unavailable_reason(head, protocol):
                         continue  # said once per method below
                     key = (name, task, spec.name, spec.config_hash, protocol, int(seed), head)
-                    if key in stored and stored[key] == StoredState(version, "ok", fingerprint):
+                    if key in stored and _current(stored[key], code_version(spec.factory, head), fingerprint):
                         reused.append(key)
                         continue
                     if key in stored:
@@ -414,6 +376,12 @@ def plan_units(
         if isinstance(spec, ExternalMethodSpec) and len(misfits.get(spec.name, ())) == len(fingerprints):
             raise DataError(misfits[spec.name][0])
     return units, reused, replaced, skipped, cities
+
+
+def _current(state: StoredState, version: CodeVersion, fingerprint: str) -> bool:
+    """Whether a stored row can be reused: it succeeded, on the same data, computed by the same code."""
+    return (state.status == "ok" and state.dataset_fingerprint == fingerprint
+            and version.matches(state.code_version, state.code_modules))
 
 
 def run_benchmark(
@@ -468,8 +436,8 @@ def run_benchmark(
             on_row({**row, "resumed": True})
 
     shown = UnitProgress(executor.name, units, enabled=progress)
-    finished = cast("Generator[UnitResult, None, None]",
-                    executor.run(units, cities, on_embedding=on_embedding, on_epoch=shown.epoch))
+    finished = cast("Generator[UnitResult, None, None]", executor.run(
+        units, cities, on_embedding=on_embedding, on_epoch=shown.epoch if shown.live else None))
     try:
         with shown:
             for unit, rows, unit_skipped in finished:
@@ -497,7 +465,8 @@ class UnitProgress:
     """Progress of a run by units, with an estimate of the time left, and the epochs of the unit training now.
 
     On a terminal this is a live bar; otherwise (a log file, CI) one line per finished unit, so that a log of a
-    long run is never silent. Epochs are shown for methods that report them, in the serial executor.
+    long run is never silent. Epochs are shown for methods that report them, one bar per unit in training, in the
+    serial and the processes executors.
     """
 
     def __init__(self, executor: str, units: Sequence[Unit], enabled: bool = True) -> None:
@@ -512,7 +481,8 @@ class UnitProgress:
         self._start = time.perf_counter()
         self._bar: Any = None
         self._job: Any = None
-        self._epochs: Any = None
+        self._epochs: dict[str, Any] = {}  # unit label -> its epoch bar
+        self._finished: set[str] = set()
 
     def __enter__(self) -> UnitProgress:
         self._start = time.perf_counter()
@@ -538,22 +508,21 @@ class UnitProgress:
             self._bar.stop()
 
     def epoch(self, unit: Unit, epoch: int, total: int) -> None:
-        """An epoch of ``unit``'s training finished (serial executor)."""
-        if self._bar is None:
+        """An epoch of ``unit``'s training finished."""
+        if self._bar is None or unit.label in self._finished:  # a worker's last epoch may arrive after its rows
             return
-        label = f"  {unit.label}: epoch"
-        if self._epochs is None:
-            self._epochs = self._bar.add_task(label, total=total)
-        self._bar.update(self._epochs, description=label, completed=epoch, total=total)
+        if unit.label not in self._epochs:
+            self._epochs[unit.label] = self._bar.add_task(f"  {unit.label}: epoch", total=total)
+        self._bar.update(self._epochs[unit.label], completed=epoch, total=total)
 
     def unit_done(self, unit: Unit, rows: list[dict[str, Any]]) -> None:
         self.done += 1
+        self._finished.add(unit.label)
         if not self.enabled:
             return
         if self._bar is not None:
-            if self._epochs is not None:
-                self._bar.remove_task(self._epochs)
-                self._epochs = None
+            if unit.label in self._epochs:
+                self._bar.remove_task(self._epochs.pop(unit.label))
             self._bar.update(self._job, advance=1, description=f"units ({self.executor}), last: {unit.label}")
             return
         elapsed = time.perf_counter() - self._start
@@ -577,8 +546,8 @@ def describe_recomputed(outcome: BenchmarkOutcome) -> list[str]:
     lines = []
     for method, pairs in sorted(by_method.items()):
         failed = [p for p in pairs if p[0].get("status") == "failed"]
-        other_data = [p for p in pairs if p[0].get("status") != "failed"
-                      and p[0].get("code_version") == p[1].get("code_version")]
+        other_data = [(old, new) for old, new in pairs if old.get("status") != "failed" and CodeVersion(
+            new["code_version"], new["code_modules"] or {}).matches(old.get("code_version"), old.get("code_modules"))]
         changed = [p for p in pairs if p[0].get("status") != "failed" and p not in other_data]
         if failed:
             lines.append(f"{method}: {len(failed)} failed rows retried")

@@ -4,7 +4,7 @@ Each row records the version of the code that computed it (``code_version``, wit
 ``code_modules``) and whether it succeeded (``status`` ``ok`` or ``failed``, with the one-line ``error``).
 The store's schema version is kept in a ``store_info`` table; an older store is brought up to date when
 opened for writing (keeping every row), read as it is otherwise, and a newer one is refused with a one-line
-error.
+error. The columns are the fields of :class:`urbanprofile.benchmark.rows.ResultRow`.
 """
 
 from __future__ import annotations
@@ -15,46 +15,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from urbanprofile.benchmark.rows import COLUMNS, JSON_COLUMNS, KEY, ResultRow
 from urbanprofile.errors import DataError
+
+__all__ = ["COLUMNS", "DEFAULT_STORE", "KEY", "SCHEMA_VERSION", "ResultStore", "StoredState", "open_store"]
 
 DEFAULT_STORE = Path("results") / "urbanprofile.duckdb"
 
-KEY = ("dataset", "task", "method", "config_hash", "protocol", "seed", "head")
-COLUMNS: dict[str, str] = {
-    "dataset": "VARCHAR",
-    "task": "VARCHAR",
-    "method": "VARCHAR",
-    "config_hash": "VARCHAR",
-    "protocol": "VARCHAR",
-    "seed": "INTEGER",
-    "head": "VARCHAR",
-    "n_regions": "INTEGER",
-    "mae": "DOUBLE",
-    "rmse": "DOUBLE",
-    "r2": "DOUBLE",
-    "worst_block_r2": "DOUBLE",
-    "r2_gap": "DOUBLE",
-    "worst_block_mae": "DOUBLE",
-    "morans_i": "DOUBLE",
-    "bias_weights": "VARCHAR",
-    "block_r2": "VARCHAR",
-    "block_mae": "VARCHAR",
-    "chosen": "VARCHAR",
-    "embed_seconds": "DOUBLE",
-    "head_seconds": "DOUBLE",
-    "fit_seconds": "DOUBLE",
-    "package_version": "VARCHAR",
-    "created_at": "TIMESTAMP",
-    "code_version": "VARCHAR",
-    "code_modules": "VARCHAR",
-    "status": "VARCHAR",
-    "error": "VARCHAR",
-    "modalities": "VARCHAR",
-    "dataset_fingerprint": "VARCHAR",
-}
-_JSON_COLUMNS = ("block_r2", "block_mae", "chosen", "code_modules", "modalities")
 #: What the JSON of a column must decode to, where the readers depend on it (``chosen`` varies by head).
-_JSON_KINDS: dict[str, type] = {"block_r2": dict, "block_mae": dict, "code_modules": dict, "modalities": list}
+_JSON_KINDS: dict[str, type] = {name: kind for name, kind in JSON_COLUMNS.items() if kind is not object}
 #: Version of the store layout. 1: the first layout (no ``store_info``); 2: code versions and failed rows;
 #: 3: the head joins the key; 4: the dataset's content fingerprint (rows without one are recomputed). Opening an
 #: older store adds every column of :data:`COLUMNS` that it lacks (new columns are NULL there); a store without
@@ -65,12 +34,13 @@ _ADDED_KEYS = ("head",)
 
 
 class StoredState(NamedTuple):
-    """What decides whether a stored row is reused: the code that computed it, its status, and the content of the
-    dataset it was computed on (``None`` in rows of an older store)."""
+    """What decides whether a stored row is reused: the code that computed it (its version and per-module hashes),
+    its status, and the content of the dataset it was computed on (``None`` in rows of an older store)."""
 
     code_version: str | None
     status: str | None
     dataset_fingerprint: str | None
+    code_modules: dict[str, str] | None = None
 
 
 class ResultStore:
@@ -201,7 +171,14 @@ class ResultStore:
         """The :class:`StoredState` of every stored row by key."""
         state = ", ".join("NULL" if c in self._absent else c for c in StoredState._fields)
         rows = self._con.execute(f"SELECT {', '.join(KEY)}, {state} FROM results").fetchall()
-        return {tuple(r[: len(KEY)]): StoredState(*r[len(KEY):]) for r in rows}
+        out = {}
+        for *key, version, status, fingerprint, text in rows:
+            try:  # hashes that do not read as a module -> hash mapping match no code (the row is recomputed)
+                modules = json.loads(text) if text else None
+            except ValueError:
+                modules = None
+            out[tuple(key)] = StoredState(version, status, fingerprint, modules if isinstance(modules, dict) else None)
+        return out
 
     def add(self, row: dict[str, Any]) -> bool:
         """Insert one result in its own transaction; returns False if its key was already stored.
@@ -209,7 +186,7 @@ class ResultStore:
         A row without a ``head`` is a default-head (``ridge``) row, as written by older callers.
         """
         row = {**row, "head": row.get("head") or "ridge"}
-        values = [_to_sql(name, row.get(name)) for name in COLUMNS]
+        values = _values(row)
         placeholders = ", ".join("?" for _ in COLUMNS)
         self._con.execute("BEGIN TRANSACTION")
         try:
@@ -241,7 +218,7 @@ class ResultStore:
             for row in rows:
                 self._con.execute(f"DELETE FROM results WHERE {where}", [row[k] for k in KEY])
                 self._con.execute(f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-                                  [_to_sql(name, row.get(name)) for name in COLUMNS])
+                                  _values(row))
             self._con.execute("COMMIT")
         except BaseException as err:  # Ctrl-C too: the unit is written whole or not at all
             # A failed COMMIT has already ended the transaction; ROLLBACK would then raise "no transaction is
@@ -275,7 +252,7 @@ class ResultStore:
         out = []
         for record in self._con.execute(sql, params).fetchall():
             row = dict(zip(COLUMNS, record, strict=True))
-            for name in _JSON_COLUMNS:
+            for name in JSON_COLUMNS:
                 row[name] = self._json(row, name)
             if row["protocol"] not in PROTOCOLS:
                 raise DataError(f"{self.path}: row {_describe(row)} has an unknown protocol {row['protocol']!r} "
@@ -354,10 +331,11 @@ def _open_error(path: Path, err: Exception) -> str:
     return f"{path}: cannot open the results store ({message.splitlines()[0]})"
 
 
-def _to_sql(name: str, value: Any) -> Any:
-    if name in _JSON_COLUMNS:
-        return json.dumps(value, default=float)
-    return value
+def _values(row: dict[str, Any]) -> list[Any]:
+    """A row's values in the order of :data:`COLUMNS`, JSON columns as text (a key that is no column raises)."""
+    typed = ResultRow.from_dict(row)
+    return [json.dumps(value, default=float) if name in JSON_COLUMNS else value
+            for name, value in ((name, getattr(typed, name)) for name in COLUMNS)]
 
 
 def _default_heads() -> dict[str, str]:

@@ -1,13 +1,15 @@
-"""The version of a method's code: a hash of the code of every urbanprofile module its result depends on.
+"""The version of a result's code: a hash of the code of every urbanprofile module the result depends on.
 
 A module's hash is taken over its syntax tree without docstrings (comments never reach the tree), so
 editing a comment or a docstring recomputes nothing, while any change to what the code does is a new version.
 
-A stored result is reused only when it was computed by the same code. The modules a method depends on are
-found statically: its factory module, the evaluation code that probes every embedding, and every
-``urbanprofile`` module they import (at any depth, also inside functions). ``from package import Name`` is
-followed to the submodule that defines ``Name`` when the package re-exports it, so that a change to, say,
-the dataset builder does not invalidate results of methods that only use ``CityData``.
+A stored result is reused only when it was computed by the same code. The modules a result depends on are
+found statically, per component: the method's factory module, the evaluation code that probes every embedding
+(without the modules of the optional heads), the modules of the head the result used
+(:data:`urbanprofile.heads.registry.HEAD_MODULES`), and every ``urbanprofile`` module they import (at any depth,
+also inside functions). So an edit to the MoE head recomputes the rows probed with ``moe`` and no ridge row.
+``from package import Name`` is followed to the submodule that defines ``Name`` when the package re-exports it,
+so that a change to, say, the dataset builder does not invalidate results of methods that only use ``CityData``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from urbanprofile.heads.registry import DEFAULT_HEAD, HEAD_MODULES, parse_head
+
 if TYPE_CHECKING:
     from urbanprofile.data.city import CityData
 
-#: Modules whose code shapes every row, whatever the method: protocols, probes, metrics, spatial blocks.
+#: Modules whose code shapes every row, whatever the method: protocols, metrics, spatial blocks (the heads they
+#: build are counted per row, by the head used).
 EVALUATION_MODULES = ("urbanprofile.evaluation.protocols",)
 _PACKAGE = "urbanprofile"
+#: Where the package's source is read from (tests point it at an edited copy).
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -35,10 +42,21 @@ class CodeVersion:
     modules: dict[str, str]
 
     def changed_modules(self, other: dict[str, str] | None) -> list[str]:
-        """Modules whose source differs from (or is missing in) ``other``."""
+        """Modules of this version whose code differs from (or is missing in) ``other``.
+
+        Modules that only ``other`` covers are no cause: a row stored before versions were taken per component
+        covered every head's modules.
+        """
         other = other or {}
-        names = set(self.modules) | set(other)
-        return sorted(n for n in names if self.modules.get(n) != other.get(n))
+        return sorted(n for n in self.modules if self.modules[n] != other.get(n))
+
+    def matches(self, version: str | None, modules: dict[str, str] | None) -> bool:
+        """Whether a row stored with ``version`` and per-module hashes ``modules`` was computed by this code: the
+        same version, or the same code for every module this version covers (a row from before versions were
+        taken per component covered more modules, and is still current when the ones it used are unchanged)."""
+        if version == self.version:
+            return True
+        return bool(modules) and not self.changed_modules(modules)
 
 
 @functools.cache
@@ -47,7 +65,7 @@ def _source(module: str) -> tuple[Path, str] | None:
     parts = module.split(".")
     if parts[0] != _PACKAGE:
         return None
-    base = Path(__file__).resolve().parents[1].joinpath(*parts[1:])
+    base = SOURCE_ROOT.joinpath(*parts[1:])
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path, path.read_text(encoding="utf-8")
@@ -105,8 +123,12 @@ def _defining_module(base: str, name: str) -> str:
     return base
 
 
-def module_closure(roots: tuple[str, ...]) -> list[str]:
-    """Every ``urbanprofile`` module reachable by imports from ``roots`` (sorted)."""
+def module_closure(roots: tuple[str, ...], guarded: frozenset[str] = frozenset()) -> list[str]:
+    """Every ``urbanprofile`` module reachable by imports from ``roots`` (sorted).
+
+    A ``guarded`` module is entered only as a root or from another guarded one: the head registry imports every
+    head to build the one asked for, and only that one's code shapes a result.
+    """
     seen: set[str] = set()
     stack = [r for r in roots if r.split(".")[0] == _PACKAGE]
     while stack:
@@ -114,7 +136,7 @@ def module_closure(roots: tuple[str, ...]) -> list[str]:
         if module in seen or _source(module) is None:
             continue
         seen.add(module)
-        stack += [m for m in _imports(module) if m not in seen]
+        stack += [m for m in _imports(module) if m not in seen and (m not in guarded or module in guarded)]
     return sorted(seen)
 
 
@@ -134,24 +156,40 @@ def normalised_source_hash(text: str) -> str:
     return hashlib.sha1(ast.dump(tree, annotate_fields=False, include_attributes=False).encode()).hexdigest()[:12]
 
 
-@functools.cache
-def code_version(factory: str) -> CodeVersion:
-    """The code version of a method built by ``factory`` (``"module:Class"``) and evaluated by the protocols.
+def code_version(factory: str, head: str = DEFAULT_HEAD) -> CodeVersion:
+    """The code version of a result of a method built by ``factory`` (``"module:Class"``), probed with ``head`` by
+    the protocols.
 
     Args:
         factory: The method's factory, as in :class:`urbanprofile.methods.MethodSpec`.
+        head: The head name (``ridge``, ``moe``, ``prompt4re-llama``, ...).
 
     Returns:
         A 12-hex-digit version and the normalised code hash of each module it covers.
     """
-    module = factory.partition(":")[0]
-    modules = {}
-    for name in module_closure((module, *EVALUATION_MODULES)):
-        found = _source(name)
-        assert found is not None
-        modules[name] = normalised_source_hash(found[1])
+    return _component_version(factory.partition(":")[0], parse_head(head).kind)
+
+
+@functools.cache
+def _component_version(module: str, head_kind: str) -> CodeVersion:
+    heads = frozenset(m for modules in HEAD_MODULES.values() for m in modules)
+    covered = {*module_closure((module,)), *module_closure((*EVALUATION_MODULES, *HEAD_MODULES[head_kind]), heads)}
+    modules = {name: _module_hash(name) for name in sorted(covered)}
     digest = hashlib.sha1("".join(f"{k}={v};" for k, v in sorted(modules.items())).encode()).hexdigest()[:12]
     return CodeVersion(digest, modules)
+
+
+@functools.cache
+def _module_hash(module: str) -> str:
+    found = _source(module)
+    assert found is not None
+    return normalised_source_hash(found[1])
+
+
+def clear_caches() -> None:
+    """Forget the sources and versions read so far (after :data:`SOURCE_ROOT` changed, or the files did)."""
+    for cached in (_source, _imports, _component_version, _module_hash):
+        cached.cache_clear()
 
 
 def dataset_fingerprint(city: CityData) -> str:

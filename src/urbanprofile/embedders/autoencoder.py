@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 
@@ -25,6 +27,9 @@ class AutoencoderEmbedder(Embedder):
         views: Views to stack.
         random_state: Seed for the weight initialisation.
     """
+
+    #: Called with (epoch, epochs) after each training epoch (the CLI and the runner show it as progress).
+    on_epoch: Callable[[int, int], None] | None = None
 
     def __init__(
         self,
@@ -72,6 +77,8 @@ class AutoencoderEmbedder(Embedder):
             loss.backward()
             optimizer.step()
             self.loss_curve_.append(float(loss.item()))
+            if self.on_epoch is not None:
+                self.on_epoch(epoch + 1, self.epochs)
         self.encoder_.eval()
         return self
 

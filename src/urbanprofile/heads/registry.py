@@ -37,6 +37,18 @@ HEAD_NAMES: tuple[str, ...] = (
     *(f"concat-{m}" for m in PROMPT_MODELS),
 )
 DEFAULT_HEAD = "ridge"
+#: The modules that implement each head kind (:attr:`HeadSpec.kind`), imported by :func:`build_head` only for that
+#: kind. A result's code version covers the modules of the head it used and none of the others'
+#: (:mod:`urbanprofile.benchmark.versions`), so a new kind must be declared here.
+HEAD_MODULES: dict[str, tuple[str, ...]] = {
+    "ridge": ("urbanprofile.heads.probes",),
+    "knn": ("urbanprofile.heads.probes",),
+    "ridge-blocks": ("urbanprofile.heads.probes",),
+    "mlp": ("urbanprofile.heads.neural",),
+    "moe": ("urbanprofile.heads.moe",),
+    # The prompt vectors are read by the protocols (prompt features), yet belong to the prompt heads alone.
+    "prompt4re": ("urbanprofile.heads.prompt4re", "urbanprofile.heads.prompts"),
+}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 from urbanprofile.benchmark.runner import BenchmarkPlan, plan_units
 from urbanprofile.data import CityData
 from urbanprofile.embedders.hafusion import HAFusionEmbedder
+from urbanprofile.embedders.multiview import MultiTaskObjective, MultiViewInputs, objective_settings
 from urbanprofile.embedders.srel import SRELEmbedder
 from urbanprofile.encoders.layers import (
     AttentionEdges,
@@ -19,7 +20,6 @@ from urbanprofile.encoders.layers import (
     feed_forward,
     readout,
 )
-from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewInputs, objective_settings
 from urbanprofile.errors import MethodUnavailableError
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.heads.probes import BlockRidgeProbe, RidgeProbe, make_probe

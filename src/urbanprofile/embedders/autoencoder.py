@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.features import ALL_VIEWS, LogScaler, stacked_views
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.embedders.features import ALL_VIEWS, LogScaler, stacked_views
 from urbanprofile.errors import TrainingError
 
 

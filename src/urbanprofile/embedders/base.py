@@ -12,6 +12,10 @@ import pandas as pd
 from urbanprofile.data.city import CityData
 from urbanprofile.errors import NotFittedError
 
+#: Separator of a modality block's name and column in an embedding's column names (``poi__3``): heads that
+#: treat modalities apart (``moe``) split an embedding into blocks by it.
+BLOCK_SEP = "__"
+
 
 class Embedder(abc.ABC):
     """Learns one vector per region from the views of a city.

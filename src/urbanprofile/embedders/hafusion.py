@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
+from urbanprofile.embedders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 from urbanprofile.encoders.layers import (
     MemoryViewFusion,
     MultiViewFusion,
@@ -17,7 +18,6 @@ from urbanprofile.encoders.layers import (
     RegionBlock,
     readout,
 )
-from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 
 #: Inter-view fusions of :class:`HAFusionEmbedder`, by name.
 VIEW_FUSIONS = ("attention", "memory")
@@ -62,7 +62,7 @@ class HAFusionEmbedder(MultiViewEmbedder):
         weight_decay: Adam weight decay (the authors' 5e-4).
         objective: The multi-task objective: ``authors`` (the authors' code: volume-weighted mobility on
             ``od_target``, cosine similarities), ``distribution``, or a dict of settings
-            (:data:`~urbanprofile.encoders.multiview.OBJECTIVES`).
+            (:data:`~urbanprofile.embedders.multiview.OBJECTIVES`).
         readout: ``deepfc`` (the authors' code: ends in LeakyReLU(0.3)) or ``mlp``.
         feedforward: Hidden width of a ReLU feed-forward with dropout in every attention block (the
             authors' code: 2048 in their intra-view and inter-region blocks; the default); ``None``: ``2 d``

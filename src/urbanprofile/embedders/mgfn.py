@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.features import LogScaler
+from urbanprofile.data.features import LogScaler
+from urbanprofile.embedders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 from urbanprofile.encoders.layers import ReconstructionHeads, RegionBlock, mlp
-from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 
 
 class MGFNNetwork(nn.Module):

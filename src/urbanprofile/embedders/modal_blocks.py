@@ -17,10 +17,9 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.base import Embedder
+from urbanprofile.embedders.base import BLOCK_SEP, Embedder
 from urbanprofile.embedders.urbanfusion import city_modalities
 from urbanprofile.encoders.modalities import check_modalities
-from urbanprofile.heads.registry import BLOCK_SEP
 
 
 class ModalityBlocks(Embedder):

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.encoders.layers import ReconstructionHeads, ViewEncoder, ViewFusion
-from urbanprofile.encoders.multiview import (
+from urbanprofile.embedders.multiview import (
     MultiTaskObjective,
     MultiViewEmbedder,
     MultiViewInputs,
     cosine_similarity,
     multitask_step,
 )
+from urbanprofile.encoders.layers import ReconstructionHeads, ViewEncoder, ViewFusion
 from urbanprofile.encoders.spatial_graph import knn_from_similarity
 
 

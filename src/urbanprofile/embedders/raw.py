@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.features import ALL_VIEWS, sinusoidal_location, stacked_views, view_feature_names
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.embedders.features import ALL_VIEWS, sinusoidal_location, stacked_views, view_feature_names
 
 
 class RawViews(Embedder):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
+from urbanprofile.embedders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 from urbanprofile.encoders.layers import MultiViewFusion, ReconstructionHeads, RegionBlock, SpatialBias, readout
-from urbanprofile.encoders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 from urbanprofile.encoders.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
 
 

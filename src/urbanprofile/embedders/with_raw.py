@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.features import ALL_VIEWS, stacked_views
 from urbanprofile.embedders.base import Embedder
-from urbanprofile.embedders.features import ALL_VIEWS, stacked_views
 
 
 class WithRawFeatures(Embedder):

@@ -1,1 +1,1 @@
-"""Encoders: layers, spatial priors and training loops shared by the learned region embedders."""
+"""Encoders: frozen pretrained modality encoders (text, image, location, LLM) with their cache, and the layers and spatial priors the learned embedders share."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from urbanprofile.embedders.features import sinusoidal_location
+from urbanprofile.data.features import sinusoidal_location
 from urbanprofile.encoders.cache import ModalityEncoder, digest
 from urbanprofile.errors import DataError, MissingDependencyError
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from urbanprofile.embedders.base import BLOCK_SEP
 from urbanprofile.errors import unknown_name
 
 #: Prompt-vector sources with a fixed name (``local:<folder>`` is accepted as well).
@@ -124,10 +125,6 @@ def protocol_unavailable_reason(head: str, protocol: str) -> str | None:
 def list_heads() -> list[str]:
     """Every named head (``prompt4re-local:<folder>`` and ``concat-local:<folder>`` are accepted too)."""
     return list(HEAD_NAMES)
-
-
-#: Separator of a modality block's name and column in an embedding's column names (``poi__3``).
-BLOCK_SEP = "__"
 
 
 def embedding_blocks(columns: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:

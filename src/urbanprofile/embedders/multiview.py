@@ -32,8 +32,8 @@ import torch
 from scipy import sparse
 
 from urbanprofile.data.city import CityData, view_csr
+from urbanprofile.data.features import LogScaler
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.embedders.features import LogScaler
 from urbanprofile.errors import TrainingError
 
 #: Similarity views the objectives reconstruct, by the count view they describe.

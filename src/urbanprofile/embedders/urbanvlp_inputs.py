@@ -15,16 +15,133 @@ and runs them through the frozen encoders of :mod:`urbanprofile.encoders` (cache
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.urbanvlp import VLPInputs
-from urbanprofile.errors import MethodUnavailableError
+from urbanprofile.errors import DataError, MethodUnavailableError
+
 
 #: Street-view captions are encoded from their first this many words.
+@dataclass
+class VLPInputs:
+    """Frozen-encoder outputs of one city, the only thing the UrbanVLP towers read.
+
+    Attributes:
+        region_ids: The regions (tiles), in order.
+        tile_text: (N, Dt) sentence vector of each tile's caption (rows of tiles without one are ignored).
+        has_tile_text: (N,) whether the tile has a caption.
+        tile_location: (N, Dl) location encoding of each tile centre.
+        tile_image: (N, Di) image features of each tile, or ``None`` when no tile has an image.
+        has_tile_image: (N,) whether the tile has an image.
+        item_region: (M,) index into ``region_ids`` of each street-view item.
+        item_text: (M, Dt) sentence vector of each item's caption.
+        has_item_text: (M,) whether the item has a caption.
+        item_location: (M, Dl) location encoding of each item.
+        item_image: (M, Di) photo features of each item, or ``None`` when no item has a photo.
+        has_item_image: (M,) whether the item has a photo.
+        item_tokens: (M, L, Dt) caption token vectors (zeros where masked), or ``None``.
+        item_token_mask: (M, L) which token slots hold a token.
+        notes: What was skipped or missing while building the inputs (counted, for the report).
+    """
+
+    region_ids: pd.Index
+    tile_text: np.ndarray
+    has_tile_text: np.ndarray
+    tile_location: np.ndarray
+    tile_image: np.ndarray | None = None
+    has_tile_image: np.ndarray | None = None
+    item_region: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    item_text: np.ndarray | None = None
+    has_item_text: np.ndarray | None = None
+    item_location: np.ndarray | None = None
+    item_image: np.ndarray | None = None
+    has_item_image: np.ndarray | None = None
+    item_tokens: np.ndarray | None = None
+    item_token_mask: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_regions(self) -> int:
+        return len(self.region_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_region)
+
+    def validate(self) -> VLPInputs:
+        """Check shapes, masks and finiteness; fills absent masks. Raises :class:`DataError`."""
+        n, m = self.n_regions, self.n_items
+
+        def rows(name: str, array: np.ndarray | None, count: int, ndim: int = 2) -> None:
+            if array is None:
+                return
+            if array.ndim != ndim or array.shape[0] != count:
+                raise DataError(f"UrbanVLP inputs: {name} has shape {array.shape}, expected {count} rows")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = int(np.argmax(~np.isfinite(array).reshape(count, -1).all(axis=1)))
+                raise DataError(f"UrbanVLP inputs: {name} row {bad} has NaN or infinite values")
+
+        rows("tile_text", self.tile_text, n)
+        rows("has_tile_text", self.has_tile_text, n, 1)
+        rows("tile_location", self.tile_location, n)
+        if self.tile_image is not None:
+            rows("tile_image", self.tile_image, n)
+            if self.has_tile_image is None:
+                self.has_tile_image = np.ones(n, dtype=bool)
+            rows("has_tile_image", self.has_tile_image, n, 1)
+        rows("item_region", self.item_region, m, 1)
+        if m:
+            if self.item_location is None:
+                raise DataError("UrbanVLP inputs: street-view items need item_location")
+            if self.item_region.min() < 0 or self.item_region.max() >= n:
+                raise DataError("UrbanVLP inputs: item_region points outside the regions")
+            rows("item_location", self.item_location, m)
+            if self.item_text is not None:
+                rows("item_text", self.item_text, m)
+                if self.has_item_text is None:
+                    self.has_item_text = np.ones(m, dtype=bool)
+            if self.item_image is not None:
+                rows("item_image", self.item_image, m)
+                if self.has_item_image is None:
+                    self.has_item_image = np.ones(m, dtype=bool)
+            content = np.zeros(m, dtype=bool)
+            if self.has_item_text is not None:
+                content |= self.has_item_text
+            if self.has_item_image is not None:
+                content |= self.has_item_image
+            if not content.all():
+                raise DataError(f"UrbanVLP inputs: street-view item {int(np.argmin(content))} has neither "
+                                "a photo nor a caption; drop it (and count it) before building the inputs")
+            if self.item_tokens is not None:
+                if self.item_tokens.ndim != 3 or self.item_tokens.shape[0] != m:
+                    raise DataError(f"UrbanVLP inputs: item_tokens has shape {self.item_tokens.shape}, "
+                                    f"expected ({m}, L, D)")
+                if self.item_token_mask is None or self.item_token_mask.shape != self.item_tokens.shape[:2]:
+                    raise DataError("UrbanVLP inputs: item_token_mask must have shape (M, L) like item_tokens")
+        if not self.has_tile_text.any():
+            raise DataError("UrbanVLP inputs: no tile has a caption; the global loss needs tile text")
+        return self
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.tile_text.shape[1])
+
+    @property
+    def location_dim(self) -> int:
+        return int(self.tile_location.shape[1])
+
+    @property
+    def image_dim(self) -> int:
+        for array in (self.tile_image, self.item_image):
+            if array is not None:
+                return int(array.shape[1])
+        return 0
+
+
 MAX_WORDS = 32
 #: Texts per call of the token encoder (bounds the memory of full-length token arrays).
 TOKEN_CHUNK = 512

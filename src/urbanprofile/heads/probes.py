@@ -343,21 +343,30 @@ class BlockRidgeProbe(RidgeProbe):
 HEADS = ("ridge", "knn", "ridge-blocks")
 
 
+def blocks_paper_reason(head: str) -> str:
+    """Why a learned + raw head (``ridge-blocks``) has no ``paper`` probe.
+
+    ``paper`` is the peers' fixed Ridge(alpha=1) on an embedding as it is. For a learned embedding beside
+    raw counts no peer reported such a probe, and that Ridge on the unscaled concatenation is the raw
+    counts' least-squares fit (the counts are hundreds of times larger than the learned columns, so alpha=1
+    barely penalises them and the learned block is drowned): it only repeats ``raw-all`` under ``paper``.
+    """
+    return (f"head {head!r} has no `paper` probe (the peers' fixed Ridge on unscaled learned + raw "
+            "columns is the raw counts' least squares); use nested or spatial")
+
+
 def make_probe(head: str, protocol: str, random_state: int | None = 0, n_learned: int = 0) -> RidgeProbe | KNNProbe:
     """The probe for a head kind under a protocol: fixed peer settings for ``paper``, selected otherwise.
 
     ``n_learned`` is the width of the learned block of a ``ridge-blocks`` embedding; that head has no
-    ``paper`` probe (see :func:`urbanprofile.heads.registry.protocol_unavailable_reason`).
+    ``paper`` probe (see :func:`blocks_paper_reason`).
 
     Raises:
         MethodUnavailableError: ``ridge-blocks`` under ``paper``.
     """
     if head == "ridge-blocks":
-        from urbanprofile.heads.registry import protocol_unavailable_reason
-
-        reason = protocol_unavailable_reason(head, protocol)
-        if reason:
-            raise MethodUnavailableError(reason)
+        if protocol == "paper":
+            raise MethodUnavailableError(blocks_paper_reason(head))
         return BlockRidgeProbe(n_learned=n_learned, random_state=random_state)
     if head == "ridge":
         if protocol == "paper":

@@ -110,15 +110,13 @@ def parse_head(name: str) -> HeadSpec:
 def protocol_unavailable_reason(head: str, protocol: str) -> str | None:
     """Why ``head`` has no probe under ``protocol`` (``None`` when it has one).
 
-    ``paper`` is the peers' fixed Ridge(alpha=1) on an embedding as it is. For ``ridge-blocks`` (a learned
-    embedding beside raw counts) no peer reported such a probe, and that Ridge on the unscaled
-    concatenation is the raw counts' least-squares fit (the counts are hundreds of times larger than the
-    learned columns, so alpha=1 barely penalises them and the learned block is drowned): it only repeats
-    ``raw-all`` under ``paper``. So that cell is not defined; ``nested`` and ``spatial`` are.
+    ``ridge-blocks`` (a learned embedding beside raw counts) has none under ``paper``
+    (:func:`urbanprofile.heads.probes.blocks_paper_reason`); ``nested`` and ``spatial`` are defined.
     """
+    from urbanprofile.heads.probes import blocks_paper_reason
+
     if parse_head(head).kind == "ridge-blocks" and protocol == "paper":
-        return (f"head {head!r} has no `paper` probe (the peers' fixed Ridge on unscaled learned + raw "
-                "columns is the raw counts' least squares); use nested or spatial")
+        return blocks_paper_reason(head)
     return None
 
 

@@ -511,11 +511,17 @@ class SraiGeoVex(_SraiEmbedder):
 
 
 # -- ours, called the srai way -------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (so messages read 9999, not np.int64(9999))."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def srai_counts(regions_gdf: pd.DataFrame, features_gdf: pd.DataFrame, joint_gdf: pd.DataFrame) -> pd.DataFrame:
     """Count srai's frames into a ``poi_counts`` view, as srai's ``CountEmbedder`` does.
 
     Every non-geometry column of ``features_gdf`` is a tag; each (tag, value) pair becomes a category
-    ``<tag>_<value>`` and a region's count is the number of its joined features with that value.
+    ``<tag>_<value>`` and a region's count is the number of its joined features with that value (missing
+    values are not counted; a boolean tag is one category, counted where it is True).
 
     Raises:
         DataError: Unnamed indexes, a ``joint_gdf`` that is not a ``(region_id, feature_id)`` index, or
@@ -528,19 +534,22 @@ def srai_counts(regions_gdf: pd.DataFrame, features_gdf: pd.DataFrame, joint_gdf
         raise DataError("joint_gdf must be indexed by (region_id, feature_id), a 2-level MultiIndex")
     if regions_gdf.index.has_duplicates:
         first = regions_gdf.index[regions_gdf.index.duplicated()][0]
-        raise DataError(f"regions_gdf has duplicate index values, e.g. {first!r}")
+        raise DataError(f"regions_gdf has duplicate index values, e.g. {_plain(first)!r}")
     region_of = joint_gdf.index.get_level_values(0)
     feature_of = joint_gdf.index.get_level_values(1)
     stray = ~region_of.isin(regions_gdf.index)
     if stray.any():
-        raise DataError(f"joint_gdf names region {region_of[stray][0]!r}, which regions_gdf lacks")
+        raise DataError(f"joint_gdf names region {_plain(region_of[stray][0])!r}, which regions_gdf lacks")
     unknown = ~feature_of.isin(features_gdf.index)
     if unknown.any():
-        raise DataError(f"joint_gdf names feature {feature_of[unknown][0]!r}, which features_gdf lacks")
+        raise DataError(f"joint_gdf names feature {_plain(feature_of[unknown][0])!r}, which features_gdf lacks")
     tags = features_gdf.drop(columns=[c for c in ("geometry",) if c in features_gdf.columns])
     if tags.shape[1] == 0:
         raise DataError("features_gdf has no tag columns to count (only geometry)")
-    dummies = pd.get_dummies(tags.astype("string"), prefix_sep="_", dtype=np.int64)
+    flags = [c for c in tags.columns if pd.api.types.is_bool_dtype(tags[c])]
+    # A boolean tag (srai's grouped filters) counts where it is True; any other tag counts per value.
+    dummies = pd.concat([pd.get_dummies(tags.drop(columns=flags).astype("string"), prefix_sep="_", dtype=np.int64),
+                         tags[flags].astype(np.int64)], axis=1)
     joined = dummies.reindex(feature_of).to_numpy()
     counts = pd.DataFrame(joined, columns=dummies.columns).groupby(np.asarray(region_of)).sum()
     counts = counts.reindex(regions_gdf.index, fill_value=0)

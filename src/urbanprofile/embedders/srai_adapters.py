@@ -232,8 +232,8 @@ def _trainer_kwargs(epochs: int) -> dict[str, Any]:
             "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
-def _in_region_order(embedder: Any) -> Any:
-    """Make a srai embedder read its counts in ``regions_gdf``'s order.
+def _in_region_order(embedder: Any, log_counts: bool = False) -> Any:
+    """Make a srai embedder read its counts in ``regions_gdf``'s order (and optionally as ``log1p``).
 
     srai's ``CountEmbedder`` joins with polars, whose joins do not keep row order, and hex2vec/geovex
     address regions by row position (negative sampling, the training batches): without this the same seed
@@ -242,8 +242,10 @@ def _in_region_order(embedder: Any) -> Any:
     counts = embedder._get_raw_counts
 
     def ordered(regions_gdf: pd.DataFrame, features_gdf: pd.DataFrame, joint_gdf: pd.DataFrame) -> pd.DataFrame:
-        frame: pd.DataFrame = counts(regions_gdf, features_gdf, joint_gdf)
-        return frame.reindex(regions_gdf.index)
+        frame: pd.DataFrame = counts(regions_gdf, features_gdf, joint_gdf).reindex(regions_gdf.index)
+        if log_counts:
+            frame = pd.DataFrame(np.log1p(frame.to_numpy(dtype=np.float32)), index=frame.index, columns=frame.columns)
+        return frame
 
     embedder._get_raw_counts = ordered
     return embedder
@@ -364,13 +366,17 @@ class SraiHex2Vec(_SraiEmbedder):
         batch_size: Pairs per batch.
         lr: Adam learning rate.
         negative_distance: Negatives are sampled beyond this many rings (>= 2).
+        log_counts: Feed ``log1p`` counts instead of srai's raw counts (off by default, to stay srai's
+            method; on Chicago's dense POI counts the raw inputs train unstably, see docs/srai.md).
     """
 
     uses_torch = True
 
     def __init__(self, encoder_sizes: tuple[int, ...] = (150, 75, 50), epochs: int = 20, batch_size: int = 64,
-                 lr: float = 1e-3, negative_distance: int = 2, random_state: int | None = 0) -> None:
+                 lr: float = 1e-3, negative_distance: int = 2, log_counts: bool = False,
+                 random_state: int | None = 0) -> None:
         self.encoder_sizes = encoder_sizes
+        self.log_counts = log_counts
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -388,7 +394,7 @@ class SraiHex2Vec(_SraiEmbedder):
         self.columns_ = list(city.view("poi_counts").columns)
         embedder = _in_region_order(Hex2VecEmbedder(encoder_sizes=list(self.encoder_sizes),
                                                     expected_output_features=_expected_columns(city, "poi_counts"),
-                                                    count_subcategories=True))
+                                                    count_subcategories=True), self.log_counts)
         with _seeded_training(self.random_state):
             embedder.fit(regions, features, joint, neighbourhood, negative_sample_k_distance=self.negative_distance,
                          batch_size=self.batch_size, learning_rate=self.lr,

@@ -221,6 +221,17 @@ def test_srai_style_embedder_errors(city: CityData) -> None:
         srai_counts(regions, features, joint.reset_index(level=1))
 
 
+def test_srai_style_embedder_rejects_unusable_regions(city: CityData) -> None:
+    regions, features, joint = city_to_srai(city)
+    with pytest.raises(DataError, match="no CRS"):
+        SraiStyleEmbedder("pca").fit(regions.set_crs(None, allow_override=True), features, joint)
+    with pytest.raises(DataError, match="no geometry"):
+        SraiStyleEmbedder("pca").fit(pd.DataFrame(index=regions.index), features, joint)
+    fractional = CityData(city.name, city.regions, {"poi_counts": city.view("poi_counts") + 0.5})
+    with pytest.raises(DataError, match="fractional"):
+        get_method("srai-count").build(random_state=0).fit_transform(fractional)
+
+
 def test_boolean_tags_count_where_true() -> None:
     regions = gpd.GeoDataFrame(index=pd.Index(["a", "b"], name="region_id"),
                                geometry=gpd.points_from_xy([0, 1], [0, 1]), crs="EPSG:4326")

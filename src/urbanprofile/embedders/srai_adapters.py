@@ -576,6 +576,8 @@ def srai_city(regions_gdf: gpd.GeoDataFrame, features_gdf: pd.DataFrame, joint_g
     """
     import geopandas as gpd
 
+    if not isinstance(regions_gdf, gpd.GeoDataFrame) or regions_gdf.geometry.name not in regions_gdf.columns:
+        raise DataError("regions_gdf holds no geometry (srai's regions are a GeoDataFrame of polygons)")
     counts = srai_counts(regions_gdf, features_gdf, joint_gdf)
     if columns is not None:
         counts = counts.reindex(columns=columns, fill_value=0)

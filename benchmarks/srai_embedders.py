@@ -2,8 +2,8 @@
 
 NYC and Chicago (HAFusion data), the three tasks, `srai-count`, `srai-contextual-count`, `hex2vec` and
 `geovex` (which needs H3 cells, so it is listed as skipped here) beside `raw-poi` (the same counts probed
-directly) and `pca`, under `nested` by default; 3 seeds for the stochastic methods. Needs
-`pip install 'urbanprofile[srai]'`. About 3 minutes on 2 busy cores.
+directly) and `pca`, under `nested` and `spatial`; 3 seeds for the stochastic methods. Needs
+`pip install 'urbanprofile[srai]'`. About a minute on 2 busy cores.
 
     URBANPROFILE_DATA=../shared/data python benchmarks/srai_embedders.py [--quick] [--protocols nested,spatial]
 
@@ -35,7 +35,7 @@ METHODS = ["raw-poi", "pca", "srai-count", "srai-contextual-count", "hex2vec", "
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, for a smoke run")
-    parser.add_argument("--protocols", default="nested", help="comma-separated: nested,spatial,paper")
+    parser.add_argument("--protocols", default="nested,spatial", help="comma-separated: nested,spatial,paper")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -103,8 +103,7 @@ def city_to_srai(city: CityData, view: str = "poi_counts") -> tuple[gpd.GeoDataF
     names = np.array([str(c) for c in counts.columns], dtype=object)
     features = gpd.GeoDataFrame({CATEGORY: names[category_of]}, index=feature_ids,
                                 geometry=points.to_numpy()[region_of], crs="EPSG:4326")
-    regions = gpd.GeoDataFrame(index=city.region_ids.rename("region_id"), geometry=_region_geometry(city),
-                               crs="EPSG:4326")
+    regions = _gpd_regions(city)
     joint_index = pd.MultiIndex.from_arrays([city.region_ids.to_numpy()[region_of], feature_ids.to_numpy()],
                                             names=["region_id", "feature_id"])
     joint = pd.DataFrame(index=joint_index)
@@ -132,7 +131,7 @@ def city_neighbourhood(city: CityData) -> tuple[Any, str]:
     """
     from srai.neighbourhoods import AdjacencyNeighbourhood, H3Neighbourhood
 
-    regions = gpd_regions(city)
+    regions = _gpd_regions(city)
     if is_h3_city(city):
         return H3Neighbourhood(regions_gdf=regions), "H3 cells"
     if city.neighbors is not None and any(city.neighbors.values()):
@@ -158,7 +157,8 @@ def city_neighbourhood(city: CityData) -> tuple[Any, str]:
     return _table_neighbourhood(table), f"{k} nearest centroids"
 
 
-def gpd_regions(city: CityData) -> gpd.GeoDataFrame:
+def _gpd_regions(city: CityData) -> gpd.GeoDataFrame:
+    """srai's ``regions_gdf``: the regions' polygons (else centroids), indexed by ``region_id``."""
     import geopandas as gpd
 
     return gpd.GeoDataFrame(index=city.region_ids.rename("region_id"), geometry=_region_geometry(city),

@@ -36,6 +36,8 @@ class MethodSpec:
         stochastic: Whether results vary with the seed (then run over several seeds).
         family: ``baseline`` or the paper the method comes from.
         description: One line for ``urbanprofile methods``.
+        city_check: Whether the embedder class has more to say about a city (a missing optional package, a
+            region kind): its classmethod ``unavailable_reason(name, city, **params)`` is consulted too.
     """
 
     name: str
@@ -47,6 +49,7 @@ class MethodSpec:
     stochastic: bool = False
     family: str = "baseline"
     description: str = ""
+    city_check: bool = False
 
     def build(self, random_state: int | None = 0) -> Embedder:
         module_name, _, class_name = self.factory.partition(":")
@@ -61,6 +64,11 @@ class MethodSpec:
             return f"{self.name} needs the {missing[0]!r} view, which {city.name} lacks"
         if self.needs_locations and not city.has_locations:
             return f"{self.name} needs region locations, which {city.name} lacks"
+        if self.city_check:
+            module_name, _, class_name = self.factory.partition(":")
+            cls = getattr(importlib.import_module(module_name), class_name)
+            reason: str | None = cls.unavailable_reason(self.name, city, **self.params)
+            return reason
         return None
 
     def check_available(self, city: CityData) -> None:
@@ -140,6 +148,22 @@ _BUILTIN = [
     MethodSpec("srel+raw", _WITH_RAW, {"learned": _SREL, "learned_params": {}}, head="ridge-blocks",
                requires_views=_ALL, stochastic=True, family="ToPT (SREL)",
                description="srel's embedding beside raw-all's features; block weights chosen by inner CV"),
+]
+
+# srai's embedders (pip install 'urbanprofile[srai]'); the adapters import srai only when fitted.
+_SRAI = "urbanprofile.embedders.srai_adapters"
+_BUILTIN += [
+    MethodSpec("srai-count", f"{_SRAI}:SraiCount", {}, requires_views=_POI, city_check=True, family="srai",
+               description="srai's CountEmbedder on POIs rebuilt from poi_counts (equals raw-poi)"),
+    MethodSpec("srai-contextual-count", f"{_SRAI}:SraiContextualCount", {}, requires_views=_POI, city_check=True,
+               family="srai", description="srai's ContextualCountEmbedder: POI counts of the region and of its "
+                                          "neighbour rings 1-2 (H3, shared borders, else 6 nearest centroids)"),
+    MethodSpec("hex2vec", f"{_SRAI}:SraiHex2Vec", {}, requires_views=_POI, city_check=True, stochastic=True,
+               family="Hex2Vec (srai)", description="srai's Hex2VecEmbedder: POI-count encoder trained so that "
+                                                    "neighbours look alike (20 epochs, CPU)"),
+    MethodSpec("geovex", f"{_SRAI}:SraiGeoVex", {}, requires_views=_POI, city_check=True, stochastic=True,
+               family="GeoVex (srai)", description="srai's GeoVexEmbedder: hexagonal convolutional autoencoder of "
+                                                   "the POI counts in 2 H3 rings (H3 builds only)"),
 ]
 
 _BUILTIN.append(

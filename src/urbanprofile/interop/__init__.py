@@ -1,0 +1,1 @@
+"""Interoperability with other toolkits' conventions (srai), above the method registry."""

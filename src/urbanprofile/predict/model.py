@@ -124,7 +124,7 @@ def _settings_groups(city: CityData, region_ids: pd.Index, protocol: str) -> np.
 def fit_model(
     city: CityData, method: str, task: str, out: str | Path, head: str | None = None,
     protocol_for_settings: str = "nested", calibration: str = "spatial", random_state: int = 0,
-    embedding: pd.DataFrame | None = None,
+    embedding: pd.DataFrame | None = None, source: str | None = None,
 ) -> FittedModel:
     """Fit ``method`` + ``head`` on every region of ``city`` labelled for ``task`` and write the model folder.
 
@@ -138,6 +138,7 @@ def fit_model(
         calibration: Folds of the out-of-fold residuals the intervals are calibrated on.
         random_state: Seed of the embedder, the inner folds and the head.
         embedding: The method's embedding of ``city`` when already computed (benchmarks reuse one per seed).
+        source: How the dataset was named (a dataset name or a built folder's path): ``predict``'s default.
 
     Raises:
         UrbanProfileError: A bad option, too few labelled regions, a method unavailable on the city, an
@@ -205,7 +206,8 @@ def fit_model(
         "task": task, "task_scale": td.scale, "labels_non_negative": bool((td.y >= 0).all()),
         "random_state": random_state, "protocol_for_settings": protocol_for_settings, "calibration": calibration,
         "oof_metrics": oof.metrics, "n_labelled": len(td.y), "n_calibration": len(td.y),
-        "fingerprint": dataset_fingerprint(city), "difficulty_floor": floor, "thresholds": thresholds,
+        "fingerprint": dataset_fingerprint(city), "dataset_source": source or city.name,
+        "difficulty_floor": floor, "thresholds": thresholds,
         "space_log": space.log,
         "origin_lonlat": None if origin is None else [float(v) for v in origin],
         "view_columns": {v: [str(c) for c in city.views[v].columns] for v in spec.requires_views},

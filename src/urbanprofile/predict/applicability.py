@@ -31,17 +31,22 @@ def lonlat_km(lonlat: np.ndarray, origin: np.ndarray) -> np.ndarray:
     return np.column_stack([x, y])
 
 
+def _beyond(distance: np.ndarray, threshold: float) -> np.ndarray:
+    """Strictly beyond the threshold: on a regular grid a region one step from a labelled one ties with it."""
+    return np.asarray((distance > threshold) & ~np.isclose(distance, threshold, rtol=1e-6, atol=0.0))
+
+
 def applicability_table(
     embedding_distance: np.ndarray, embedding_threshold: float,
     spatial_distance_km: np.ndarray | None, spatial_threshold_km: float | None, index: pd.Index,
 ) -> pd.DataFrame:
     """``applicable`` (bool), ``applicability_reason`` (empty when applicable) and both distances per region."""
     reasons: list[list[str]] = [[] for _ in range(len(index))]
-    for i in np.where(embedding_distance > embedding_threshold)[0]:
+    for i in np.where(_beyond(embedding_distance, embedding_threshold))[0]:
         reasons[i].append(f"far in embedding space from every labelled region ({embedding_distance[i]:.3g} > "
                           f"{embedding_threshold:.3g})")
     if spatial_distance_km is not None and spatial_threshold_km is not None:
-        for i in np.where(spatial_distance_km > spatial_threshold_km)[0]:
+        for i in np.where(_beyond(spatial_distance_km, spatial_threshold_km))[0]:
             reasons[i].append(f"far on the map from every labelled region ({spatial_distance_km[i]:.3g} km > "
                               f"{spatial_threshold_km:.3g} km)")
     frame = pd.DataFrame({

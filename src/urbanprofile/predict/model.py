@@ -305,12 +305,12 @@ def predict_regions(
     """
     check_level(level, int(model.config["n_calibration"]))
     task = model.task
+    emb = _embed(model, city)  # first: a dataset the model cannot read is the more useful error
     labels = city.targets[task] if task in city.targets.columns else pd.Series(np.nan, index=city.region_ids)
     targets = city.region_ids if all_regions else city.region_ids[labels.isna().to_numpy()]
     if not len(targets):
         raise UrbanProfileError(f"every region of {city.name!r} has a {task!r} label: nothing to predict (use --all "
                                 "to predict them anyway)")
-    emb = _embed(model, city)
     expected = model.config["embedding_columns"]
     if [str(c) for c in emb.columns] != expected:
         raise MethodUnavailableError(f"{model.method} embeds {city.name!r} into {emb.shape[1]} features; model "

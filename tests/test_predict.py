@@ -194,3 +194,36 @@ def test_cli_fit_predict_and_bad_input(make_data_dir, monkeypatch: pytest.Monkey
     _one_error(*_cli(monkeypatch, capsys, "predict", str(model), "--all", "--out", str(tmp_path / "b.parquet")),
                "training.parquet", "changed after")
     assert not (tmp_path / "a.parquet").exists() and not (tmp_path / "b.parquet").exists()
+
+
+# -- the tutorial page, run block by block as written -------------------------------------------------------
+TUTORIAL = Path(__file__).parent.parent / "docs" / "tutorial_predict.md"
+
+
+def test_tutorial_predict(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Every ```bash (urbanprofile commands) and ```python block of docs/tutorial_predict.md, in order."""
+    import os
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("URBANPROFILE_DATA", str(data_dir))
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", TUTORIAL.read_text(), flags=re.S)
+    assert [kind for kind, _ in blocks] == ["python", "bash", "bash", "bash", "python"]
+    namespace: dict[str, object] = {}
+    for kind, body in blocks:
+        if kind == "python":
+            exec(compile(body, str(TUTORIAL), "exec"), namespace)
+            continue
+        args = shlex.split(os.path.expandvars(body.replace("\\\n", " ")))
+        assert args[0] == "urbanprofile"
+        code, err = _cli(monkeypatch, capsys, *args[1:])
+        assert code == 0, err
+    printed = capsys.readouterr().out
+    assert "141 held-back sectors" in printed
+    coverage = float(namespace["coverage"])  # type: ignore[arg-type]
+    assert 0.8 <= coverage <= 0.97, coverage
+    # The page quotes what it prints; keep the two in step.
+    quoted = re.search(r"this prints `(.*?)`", TUTORIAL.read_text().replace("\n", " "))
+    assert quoted is not None and quoted.group(1) in " ".join(printed.split()), printed
+    assert (tmp_path / "olinda-predictions.html").is_file() and (tmp_path / "olinda-predictions.png").is_file()

@@ -72,11 +72,19 @@ class FolderWriter:
         st = require("safetensors.numpy", "predict")
         st.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(self.tmp / name))
 
+    def torch_weights(self, name: str, module: Any) -> None:
+        """A torch module's state dict as safetensors (tensors copied: safetensors refuses shared storage)."""
+        st = require("safetensors.torch", "predict")
+        st.save_file({k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()},
+                     str(self.tmp / name))
+
     def parquet(self, name: str, frame: Any) -> None:
         frame.to_parquet(self.tmp / name)
 
     def commit(self, manifest_extra: dict[str, Any]) -> Path:
         files = {p.name: sha256(p) for p in sorted(self.tmp.iterdir()) if p.is_file()}
+        for name in files:
+            os.chmod(self.tmp / name, 0o644)  # some writers create 0600 files; a model folder is meant to be shared
         self.json(MANIFEST, {"format_version": FORMAT_VERSION, "files": files, **manifest_extra})
         os.chmod(self.tmp, 0o755)
         if self.out.exists():  # an empty folder (checked above): rmdir removes only an empty one

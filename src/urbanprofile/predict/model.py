@@ -221,7 +221,11 @@ def fit_model(
         writer.parquet("training.parquet", training)
         writer.parquet("fit_regions.parquet", fit_regions)
         if config["method_kind"] == "learned":
+            # Transductive: the embedding of the fit regions is what predict reads; the trained network is kept
+            # beside it (safetensors) so the folder holds the whole fitted model.
             writer.parquet("embedding.parquet", emb.set_axis(emb.index.astype(str)))
+            if hasattr(embedder, "network_") and hasattr(embedder.network_, "state_dict"):
+                writer.torch_weights("embedder_weights.safetensors", embedder.network_)
         else:
             writer.skops("embedder.skops", embedder)
         folder = writer.commit({"urbanprofile_version": __version__, "method": spec.name, "task": task})

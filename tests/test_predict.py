@@ -15,7 +15,8 @@ import pytest
 from urbanprofile.data import CityData, make_synthetic_city
 from urbanprofile.data.tasks import task_data
 from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileError
-from urbanprofile.evaluation.protocols import evaluate_embedding, outer_splits
+from urbanprofile.evaluation.protocols import evaluate_embedding, n_spatial_blocks, outer_splits
+from urbanprofile.evaluation.spatial import spatial_blocks
 from urbanprofile.methods import get_method
 from urbanprofile.predict import fit_model, load_model, predict_regions
 
@@ -129,6 +130,11 @@ def test_bad_options(city: CityData, tmp_path: Path) -> None:
     few = _masked(city, "crime", city.region_ids[8:])
     with pytest.raises(DataError, match="only 8 labelled regions"):
         fit_model(few, "raw-poi", "crime", tmp_path / "few")
+    blocks = spatial_blocks(city, n_spatial_blocks(city.n_regions))
+    corner = city.region_ids[blocks == np.bincount(blocks).argmax()]  # labels in one spatial block only
+    assert len(corner) >= 10
+    with pytest.raises(UrbanProfileError, match="at least 2 folds"):
+        fit_model(_masked(city, "crime", city.region_ids.difference(corner)), "raw-poi", "crime", tmp_path / "c")
     with pytest.raises(UrbanProfileError, match="--protocol-for-settings must be one of"):
         fit_model(masked, "raw-poi", "crime", tmp_path / "p", protocol_for_settings="paper")
     with pytest.raises(UrbanProfileError, match="head 'mlp' cannot be kept"):

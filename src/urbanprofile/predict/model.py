@@ -22,7 +22,7 @@ from urbanprofile import __version__
 from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import task_data
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
-from urbanprofile.evaluation.protocols import evaluate_embedding, n_spatial_blocks
+from urbanprofile.evaluation.protocols import evaluate_embedding, n_spatial_blocks, outer_splits
 from urbanprofile.evaluation.spatial import spatial_blocks
 from urbanprofile.heads.registry import build_head, parse_head
 from urbanprofile.methods import MethodSpec, get_method
@@ -158,6 +158,11 @@ def fit_model(
                                      "--protocol-for-settings nested --calibration nested")
     spec.check_available(city)
     td = task_data(city, task)
+    n_folds = len(outer_splits(city, td, calibration))
+    if n_folds < 2:
+        raise UrbanProfileError(f"{city.name}: the {len(td.y)} regions labelled for {task!r} fall in {n_folds} "
+                                f"{calibration} fold; calibration needs labelled regions in at least 2 folds "
+                                "(label regions in more places, or use --calibration nested)")
     check_new_folder(out)
 
     timings: dict[str, float] = {}

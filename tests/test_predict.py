@@ -181,6 +181,7 @@ def test_cli_fit_predict_and_bad_input(make_data_dir, monkeypatch: pytest.Monkey
     page = (tmp_path / "m.html").read_text()
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page)  # self-contained: nothing fetched
     assert page.count('data-c2="') == 40
+    assert "raw-all + ridge" in page and "out-of-fold (spatial)" in page  # the model card
     assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG")
 
     cases = [

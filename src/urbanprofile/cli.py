@@ -592,7 +592,7 @@ def predict(
     frame = predict_regions(model, city, level=level, all_regions=all_regions)
     write_predictions(frame, out_path)
     title = f"{city.name}: {model.task} predicted by {model.method} + {model.config['head']} ({level:.0%} intervals)"
-    written = [write_prediction_map(city, frame, path, title) for path in maps or []]
+    written = [write_prediction_map(city, frame, path, title, model.config) for path in maps or []]
     facts = summary(frame)
     err.print(f"{facts['n_predicted']} regions predicted; mean {level:.0%} interval width "
               f"{facts['mean_interval_width']:.4g}; {facts['n_outside_applicability']} outside the model's "

@@ -123,8 +123,36 @@ _SCRIPT = """
 """
 
 
-def render_html(city: CityData, frame: Any, title: str, width: float = 900.0) -> str:
-    """One standalone page (inline SVG and script; no CDN, no tiles) with the three layers behind buttons."""
+def model_card(config: dict[str, Any]) -> str:
+    """The model folder's facts as an HTML table: what was fit, on what, how it was checked."""
+    m = config.get("oof_metrics", {})
+    nan = float("nan")
+    fingerprint = config.get("fingerprint", {})
+    thresholds = config.get("thresholds", {})
+    spatial = thresholds.get("spatial_km")
+    rows = [
+        ("method + head", f"{config.get('method')} + {config.get('head')} {config.get('head_settings', '')}"),
+        ("task", f"{config.get('task')} (labels on the {config.get('task_scale')} scale)"),
+        ("fit on", f"{fingerprint.get('dataset')}: {config.get('n_labelled')} labelled of "
+                   f"{fingerprint.get('n_regions')} regions; views "
+                   f"{', '.join(fingerprint.get('views', {})) or 'none'}; content sha256 "
+                   f"{str(fingerprint.get('content_sha256', ''))[:12]}"),
+        ("settings chosen by", f"{config.get('protocol_for_settings')} inner CV; seed {config.get('random_state')}"),
+        (f"out-of-fold ({config.get('calibration')})",
+         f"R² {m.get('r2', nan):.3f}, MAE {m.get('mae', nan):.4g}, RMSE {m.get('rmse', nan):.4g}"),
+        ("intervals", f"normalised conformal (crepes) on the {config.get('calibration')} out-of-fold residuals"),
+        ("applicability", f"embedding distance > {thresholds.get('embedding', nan):.3g}"
+                          + (f", or > {spatial:.3g} km from every labelled region" if spatial is not None else "")),
+        ("urbanprofile", str(config.get("urbanprofile_version"))),
+    ]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f'<table class="card">{cells}</table>'
+
+
+def render_html(city: CityData, frame: Any, title: str, width: float = 900.0,
+                config: dict[str, Any] | None = None) -> str:
+    """One standalone page (inline SVG and script; no CDN, no tiles) with the three layers behind buttons, and
+    the model card when the model's configuration is given."""
     from urbanprofile.report.maps import _svg_paths
 
     colors = require("matplotlib.colors", "maps")
@@ -181,6 +209,8 @@ body {{ font-family: system-ui, sans-serif; margin: 1em; color: #222; }}
 #map path[data-region] {{ stroke: #fff; stroke-width: 0.4; fill-rule: evenodd; }}
 #map path[data-region]:hover {{ stroke: #000; stroke-width: 1.5; }}
 #info {{ min-height: 1.4em; font-size: 0.95em; }}
+table.card {{ border-collapse: collapse; font-size: 0.85em; margin-top: 1em; }}
+table.card th, table.card td {{ text-align: left; padding: 2px 8px; border-bottom: 1px solid #eee; }}
 </style></head>
 <body>
 <h1 style="font-size:1.1em">{esc(title)}</h1>
@@ -190,6 +220,7 @@ body {{ font-family: system-ui, sans-serif; margin: 1em; color: #222; }}
 {chr(10).join(shapes)}
 </svg>
 {"".join(legends)}
+{model_card(config) if config else ""}
 <p style="font-size:0.8em;color:#666">{len(frame)} regions predicted; light grey: labelled, not predicted.
 Made by urbanprofile.</p>
 <script>{_SCRIPT}</script>
@@ -197,14 +228,15 @@ Made by urbanprofile.</p>
 """
 
 
-def write_prediction_map(city: CityData, frame: Any, path: str | os.PathLike[str], title: str) -> Path:
+def write_prediction_map(city: CityData, frame: Any, path: str | os.PathLike[str], title: str,
+                         config: dict[str, Any] | None = None) -> Path:
     """Write the prediction map as ``.png`` or ``.html`` (by suffix), atomically."""
     target = Path(path)
     check_output_path(target, MAP_FORMATS, "a map")
     if target.suffix.lower() == ".png":
         write_atomic(target, lambda tmp: render_png(city, frame, title, tmp))
     else:
-        page = render_html(city, frame, title)
+        page = render_html(city, frame, title, config=config)
 
         def write_page(tmp: Path) -> None:
             tmp.write_text(page, encoding="utf-8")

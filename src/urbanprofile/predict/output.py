@@ -169,6 +169,14 @@ def render_html(city: CityData, frame: Any, title: str, width: float = 900.0,
         if column == "applicable":
             norm = colors.Normalize(vmin=0.0, vmax=1.0)
         fills.append([colors.to_hex(cmap(norm(v))) if np.isfinite(v) else "#d9d9d9" for v in values])
+        if column == "applicable":
+            legends.append(
+                '<svg class="legend" width="360" height="44" xmlns="http://www.w3.org/2000/svg">'
+                f'<rect x="10" y="4" width="14" height="14" fill="{FLAG_COLOURS[0]}"/>'
+                '<text x="30" y="16" font-size="12">outside what the model saw</text>'
+                f'<rect x="215" y="4" width="14" height="14" fill="{FLAG_COLOURS[1]}"/>'
+                '<text x="235" y="16" font-size="12">applicable</text></svg>')
+            continue
         stops = "".join(f'<stop offset="{j / 10:.1f}" stop-color="{colors.to_hex(cmap(j / 10))}"/>'
                         for j in range(11))
         legends.append(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -115,9 +116,31 @@ def timing(data_dir: str | None) -> dict[str, Any]:
         write_predictions(frame, Path(tmp) / "hafusion.parquet")
         learned_total = time.perf_counter() - start
     return {"case": "hafusion-nyc crime, raw-all + ridge, fit + predict (all 180 regions)",
+            "load_average_1min": os.getloadavg()[0],
             "in_process_seconds": in_process, "cli_wall_seconds": cli_wall,
             "hafusion_training_seconds": model.timings["embed"],
             "hafusion_fit_predict_seconds_beyond_training": learned_total - model.timings["embed"]}
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Coverage over every case per (hold-out, calibration): range, median, share in [0.85, 0.95], width vs naive."""
+    lines = ["| hold-out | calibration | cases | coverage min | median | max | cases in [0.85, 0.95] | "
+             "median width / naive width | naive coverage min | median | max | naive in [0.85, 0.95] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for holdout in HOLDOUTS:
+        for calibration in CALIBRATIONS:
+            group = [r for r in rows if r["holdout"] == holdout and r["calibration"] == calibration]
+            if not group:
+                continue
+            cov = np.array([r["coverage"] for r in group])
+            ratio = np.median([r["mean_width"] / r["naive_mean_width"] for r in group])
+            inside = int(((cov >= 0.85) & (cov <= 0.95)).sum())
+            naive = np.array([r["naive_coverage"] for r in group])
+            naive_inside = int(((naive >= 0.85) & (naive <= 0.95)).sum())
+            lines.append(f"| {holdout} | {calibration} | {len(group)} | {cov.min():.3f} | {np.median(cov):.3f} | "
+                         f"{cov.max():.3f} | {inside} | {ratio:.2f} | {naive.min():.3f} | {np.median(naive):.3f} | "
+                         f"{naive.max():.3f} | {naive_inside} |")
+    return lines
 
 
 def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
@@ -132,6 +155,8 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
         "`spatial`). Naive: prediction ± the 90% quantile of the same absolute residuals. R² predict = pooled "
         "held-out predictions of `predict`; R² OOF = `evaluate_embedding` on the same folds (equal: one code path).",
         "",
+        *summary_table(rows),
+        "",
         "| dataset | task | method | head | hold-out | calibration | coverage | mean width | naive coverage | "
         "naive width | R² predict | R² OOF |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -142,7 +167,8 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
                      f"{r['naive_mean_width']:.4g} | {r['r2_predict']:.3f} | {r['r2_out_of_fold']:.3f} |")
     lines += ["", f"Timing ({timings['case']}): {timings['in_process_seconds']:.1f} s in process, "
               f"{timings['cli_wall_seconds']:.1f} s wall for the two CLI commands (Python start-up and imports "
-              "included), on this 2-core machine, OMP_NUM_THREADS=1. hafusion + ridge: "
+              f"included), on this 2-core machine shared with other jobs (1-minute load average "
+              f"{timings.get('load_average_1min', float('nan')):.1f}), OMP_NUM_THREADS=1. hafusion + ridge: "
               f"{timings['hafusion_training_seconds']:.1f} s training the embedder, then "
               f"{timings['hafusion_fit_predict_seconds_beyond_training']:.1f} s for the rest of fit + predict.", ""]
     return "\n".join(lines)
@@ -152,7 +178,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="NYC crime only, for a smoke run")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--timing-only", action="store_true", help="re-measure the timings into predict.json/md")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite predict.md from predict.json")
     args = parser.parse_args()
+    if args.timing_only:
+        payload = json.loads((RESULTS / "predict.json").read_text())
+        payload["timing"] = timing(args.data_dir)
+        print(json.dumps(payload["timing"]))
+        (RESULTS / "predict.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (RESULTS / "predict.md").write_text(markdown(payload["rows"], payload["timing"]))
+        return 0
+    if args.markdown_only:
+        payload = json.loads((RESULTS / "predict.json").read_text())
+        (RESULTS / "predict.md").write_text(markdown(payload["rows"], payload["timing"]))
+        return 0
     cases = CASES[:1] if args.quick else CASES
     rows: list[dict[str, Any]] = []
     embeddings: dict[tuple[str, str], Any] = {}

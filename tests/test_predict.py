@@ -107,8 +107,10 @@ def test_learned_method_predicts_its_own_regions_only(city: CityData, tmp_path: 
     """A transductive embedder's stored embedding serves a rebuilt city with the same regions, or a subset."""
     masked = _masked(city, "crime", city.region_ids[::4])
     emb = get_method("pca").build(random_state=0).fit_transform(city)  # stands in for hafusion's output
-    fit_model(masked, "hafusion", "crime", tmp_path / "m", embedding=emb)
+    fitted = fit_model(masked, "hafusion", "crime", tmp_path / "m", embedding=emb)
     model = load_model(tmp_path / "m")
+    pd.testing.assert_frame_equal(pd.DataFrame(predict_regions(fitted, masked).drop(columns="geometry")),
+                                  pd.DataFrame(predict_regions(model, masked).drop(columns="geometry")))
     assert model.embedding is not None and model.embedder is None
     subset = masked.subset(masked.region_ids[:20])
     assert len(predict_regions(model, subset, all_regions=True)) == 20

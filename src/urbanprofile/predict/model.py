@@ -34,11 +34,11 @@ from urbanprofile.predict.applicability import (
 )
 from urbanprofile.predict.conformal import (
     EmbeddingSpace,
+    calibration_difficulty,
     check_level,
     conformal_intervals,
     difficulty,
     difficulty_floor,
-    out_of_fold_difficulty,
 )
 from urbanprofile.predict.folder import CONFIG, FolderReader, FolderWriter, ModelFolderError, check_new_folder
 
@@ -187,7 +187,7 @@ def fit_model(
     Z = space.transform(X)
     abs_residuals = np.abs(oof.y - oof.pred)
     floor = difficulty_floor(abs_residuals)
-    cal_sigmas = out_of_fold_difficulty(Z, abs_residuals, oof.fold, floor)
+    cal_sigmas = calibration_difficulty(Z, abs_residuals, floor)
     arrays: dict[str, np.ndarray] = {
         "Z_labelled": Z, "abs_residuals": abs_residuals, "cal_residuals": oof.y - oof.pred,
         "cal_sigmas": cal_sigmas, "space_mean": space.mean, "space_scale": space.scale,
@@ -237,8 +237,10 @@ def fit_model(
     except BaseException:
         writer.abort()
         raise
-    return FittedModel(folder, config, estimator, arrays, training, embedder if config["method_kind"] != "learned"
-                       else None, emb if config["method_kind"] == "learned" else None, timings)
+    learned = config["method_kind"] == "learned"
+    # Region ids as the folder keeps them (strings), so a just-fit model predicts like a loaded one.
+    return FittedModel(folder, config, estimator, arrays, training, None if learned else embedder,
+                       emb.set_axis(emb.index.astype(str)) if learned else None, timings)
 
 
 def load_model(folder: str | Path) -> FittedModel:

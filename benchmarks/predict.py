@@ -1,0 +1,230 @@
+"""Coverage of `urbanprofile predict`'s 90% intervals on held-out regions, beside a naive interval; fit+predict time.
+
+For each dataset, task and method, the labelled regions are split by the `spatial` protocol's outer folds (whole
+k-means blocks held out) and by the `nested` protocol's random folds. For each fold the held-out labels are
+masked, a model is fit on the rest (`fit_model`, settings chosen by the hold-out's own inner CV) and the held-out
+regions are predicted (`predict_regions`). Coverage is the share of held-out labels inside the interval; the
+naive interval is the prediction plus or minus the level-quantile of the same model's absolute calibration
+residuals (one width for every region). Intervals are calibrated on spatial-block out-of-fold residuals
+(the default) and, to show why, on random-fold ones. The pooled held-out predictions are compared with
+`evaluate_embedding`'s out-of-fold predictions on the same folds (they must be equal: one code path).
+
+    URBANPROFILE_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/predict.py [--quick]
+
+Writes benchmarks/results/predict.json and predict.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from urbanprofile import __version__
+from urbanprofile.data.registry import load_dataset
+from urbanprofile.data.tasks import task_data
+from urbanprofile.evaluation.metrics import regression_metrics
+from urbanprofile.evaluation.protocols import evaluate_embedding, outer_splits
+from urbanprofile.methods import get_method
+from urbanprofile.predict import fit_model, load_model, predict_regions
+from urbanprofile.predict.output import write_predictions
+
+RESULTS = Path(__file__).parent / "results"
+LEVEL = 0.9
+CASES = [
+    ("hafusion-nyc", "crime"), ("hafusion-nyc", "service_calls"),
+    ("hafusion-chicago", "crime"), ("hafusion-chicago", "service_calls"),
+    ("cityview-beijing", "carbon"), ("cityview-beijing", "population"),
+]
+#: The learned method is trained once per dataset (label-free) and its embedding reused by every fold.
+METHODS = ["raw-all", "raw-location", "knn-location", "hafusion"]
+HOLDOUTS = ["spatial", "nested"]
+CALIBRATIONS = ["spatial", "nested"]
+
+
+def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, calibration: str,
+                 work: Path) -> dict[str, Any]:
+    """Fit on all but one fold, predict it, for every fold of ``holdout``; pooled coverage and widths."""
+    td = task_data(city, task)
+    truth = city.targets[task]
+    y_all, pred_all, lo_all, hi_all, naive_all = [], [], [], [], []
+    ids = []
+    for k, (_, test) in enumerate(outer_splits(city, td, holdout)):
+        test_ids = td.region_ids[test]
+        targets = city.targets.copy()
+        targets.loc[test_ids, task] = np.nan
+        masked = replace(city, targets=targets)
+        folder = work / f"{city.name}-{method}-{task}-{holdout}-{calibration}-{k}"
+        fit_model(masked, method, task, folder, protocol_for_settings=holdout, calibration=calibration,
+                  embedding=emb)
+        model = load_model(folder)
+        frame = predict_regions(model, masked, level=LEVEL).loc[test_ids]
+        q = float(np.quantile(np.abs(model.arrays["cal_residuals"]), LEVEL, method="higher"))
+        y = truth.loc[test_ids].to_numpy(dtype=float)
+        y = np.log1p(y) if td.scale == "log1p" else y
+        y_all.append(y)
+        pred_all.append(frame["prediction"].to_numpy())
+        lo_all.append(frame["lower"].to_numpy())
+        hi_all.append(frame["upper"].to_numpy())
+        naive_all.append(np.full(len(test_ids), q))
+        ids.append(test_ids)
+    y, pred, lo, hi, half = (np.concatenate(a) for a in (y_all, pred_all, lo_all, hi_all, naive_all))
+    oof = evaluate_embedding(city, emb, task, protocol=holdout, head=get_method(method).head)
+    oof_pred = oof.predictions()["pred"].loc[np.concatenate([i.to_numpy() for i in ids])].to_numpy()
+    naive_lo = np.clip(pred - half, 0, None) if (td.y >= 0).all() else pred - half
+    return {
+        "dataset": city.name, "task": task, "method": method, "head": get_method(method).head,
+        "holdout": holdout, "calibration": calibration, "n_regions": len(y),
+        "coverage": float(np.mean((y >= lo) & (y <= hi))), "mean_width": float(np.mean(hi - lo)),
+        "naive_coverage": float(np.mean((y >= naive_lo) & (y <= pred + half))),
+        "naive_mean_width": float(np.mean(pred + half - naive_lo)),
+        "r2_predict": regression_metrics(y, pred)["r2"], "r2_out_of_fold": oof.metrics["r2"],
+        "max_abs_diff_vs_out_of_fold": float(np.max(np.abs(pred - oof_pred))),
+    }
+
+
+def timing(data_dir: str | None) -> dict[str, Any]:
+    """fit + predict for raw-all + ridge on NYC crime: in-process seconds (data loaded) and the CLI's wall time."""
+    city = load_dataset("hafusion-nyc", data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        fit_model(city, "raw-all", "crime", Path(tmp) / "model")
+        frame = predict_regions(load_model(Path(tmp) / "model"), city, all_regions=True)
+        write_predictions(frame, Path(tmp) / "predictions.parquet")
+        in_process = time.perf_counter() - start
+        cli = [sys.executable, "-m", "urbanprofile.cli"]
+        start = time.perf_counter()
+        subprocess.run([*cli, "fit", "hafusion-nyc", "--method", "raw-all", "--task", "crime", "--out",
+                        str(Path(tmp) / "cli-model")], check=True, capture_output=True)
+        subprocess.run([*cli, "predict", str(Path(tmp) / "cli-model"), "--all", "--out",
+                        str(Path(tmp) / "cli.parquet")], check=True, capture_output=True)
+        cli_wall = time.perf_counter() - start
+        # A learned embedder: its own training, then the same fit + predict on its embedding.
+        start = time.perf_counter()
+        model = fit_model(city, "hafusion", "crime", Path(tmp) / "hafusion")
+        frame = predict_regions(load_model(Path(tmp) / "hafusion"), city, all_regions=True)
+        write_predictions(frame, Path(tmp) / "hafusion.parquet")
+        learned_total = time.perf_counter() - start
+    return {"case": "hafusion-nyc crime, raw-all + ridge, fit + predict (all 180 regions)",
+            "load_average_1min": os.getloadavg()[0],
+            "in_process_seconds": in_process, "cli_wall_seconds": cli_wall,
+            "hafusion_training_seconds": model.timings["embed"],
+            "hafusion_fit_predict_seconds_beyond_training": learned_total - model.timings["embed"]}
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Coverage over every case per (hold-out, calibration): range, median, share in [0.85, 0.95], width vs naive."""
+    lines = ["| hold-out | calibration | cases | coverage min | median | max | cases in [0.85, 0.95] | "
+             "median width / naive width | naive coverage min | median | max | naive in [0.85, 0.95] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for holdout in HOLDOUTS:
+        for calibration in CALIBRATIONS:
+            group = [r for r in rows if r["holdout"] == holdout and r["calibration"] == calibration]
+            if not group:
+                continue
+            cov = np.array([r["coverage"] for r in group])
+            ratio = np.median([r["mean_width"] / r["naive_mean_width"] for r in group])
+            inside = int(((cov >= 0.85) & (cov <= 0.95)).sum())
+            naive = np.array([r["naive_coverage"] for r in group])
+            naive_inside = int(((naive >= 0.85) & (naive <= 0.95)).sum())
+            lines.append(f"| {holdout} | {calibration} | {len(group)} | {cov.min():.3f} | {np.median(cov):.3f} | "
+                         f"{cov.max():.3f} | {inside} | {ratio:.2f} | {naive.min():.3f} | {np.median(naive):.3f} | "
+                         f"{naive.max():.3f} | {naive_inside} |")
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
+    lines = [
+        "# Prediction intervals of `urbanprofile predict` on held-out regions",
+        "",
+        f"Regenerate: `URBANPROFILE_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/predict.py` "
+        f"(level {LEVEL:.0%}; seed 0).",
+        "Hold-out `spatial`: each of 5 folds of whole k-means blocks held out in turn, the model fit on the rest; "
+        "`nested`: 10 random folds. hafusion (seed 0) is trained once per city, label-free, and its "
+        "embedding reused. Calibration: the folds of the out-of-fold residuals inside `fit` (default "
+        "`spatial`). Naive: prediction ± the 90% quantile of the same absolute residuals. R² predict = pooled "
+        "held-out predictions of `predict`; R² OOF = `evaluate_embedding` on the same folds (equal: one code path).",
+        "",
+        *summary_table(rows),
+        "",
+        "| dataset | task | method | head | hold-out | calibration | coverage | mean width | naive coverage | "
+        "naive width | R² predict | R² OOF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['task']} | {r['method']} | {r['head']} | {r['holdout']} | "
+                     f"{r['calibration']} | {r['coverage']:.3f} | {r['mean_width']:.4g} | {r['naive_coverage']:.3f} | "
+                     f"{r['naive_mean_width']:.4g} | {r['r2_predict']:.3f} | {r['r2_out_of_fold']:.3f} |")
+    lines += ["", f"Timing ({timings['case']}): {timings['in_process_seconds']:.1f} s in process, "
+              f"{timings['cli_wall_seconds']:.1f} s wall for the two CLI commands (Python start-up and imports "
+              f"included), on this 2-core machine shared with other jobs (1-minute load average "
+              f"{timings.get('load_average_1min', float('nan')):.1f}), OMP_NUM_THREADS=1. hafusion + ridge: "
+              f"{timings['hafusion_training_seconds']:.1f} s training the embedder, then "
+              f"{timings['hafusion_fit_predict_seconds_beyond_training']:.1f} s for the rest of fit + predict.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="NYC crime only, for a smoke run")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--timing-only", action="store_true", help="re-measure the timings into predict.json/md")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite predict.md from predict.json")
+    args = parser.parse_args()
+    if args.timing_only:
+        payload = json.loads((RESULTS / "predict.json").read_text())
+        payload["timing"] = timing(args.data_dir)
+        print(json.dumps(payload["timing"]))
+        (RESULTS / "predict.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (RESULTS / "predict.md").write_text(markdown(payload["rows"], payload["timing"]))
+        return 0
+    if args.markdown_only:
+        payload = json.loads((RESULTS / "predict.json").read_text())
+        (RESULTS / "predict.md").write_text(markdown(payload["rows"], payload["timing"]))
+        return 0
+    cases = CASES[:1] if args.quick else CASES
+    rows: list[dict[str, Any]] = []
+    embeddings: dict[tuple[str, str], Any] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset, task in cases:
+            city = load_dataset(dataset, args.data_dir)
+            for method in METHODS:
+                spec = get_method(method)
+                if spec.unavailable_reason(city):
+                    continue
+                key = (dataset, method)
+                if key not in embeddings:
+                    embeddings[key] = spec.build(random_state=0).fit_transform(city)
+                emb = embeddings[key]
+                for holdout in HOLDOUTS:
+                    for calibration in CALIBRATIONS:
+                        row = held_out_run(city, emb, method, task, holdout, calibration, Path(tmp))
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+    seconds = time.perf_counter() - start
+    timings = timing(args.data_dir)
+    print(json.dumps(timings), flush=True)
+    if args.quick:
+        return 0
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"rows": rows, "timing": timings, "level": LEVEL, "seconds": seconds, "urbanprofile": __version__,
+               "python": platform.python_version(), "machine": platform.machine()}
+    (RESULTS / "predict.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / "predict.md").write_text(markdown(rows, timings))
+    print(f"wrote {RESULTS / 'predict.json'} and predict.md in {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,7 @@ from urbanprofile.evaluation.protocols import (
     evaluate_embedding,
     evaluate_tasks,
 )
-from urbanprofile.heads.registry import parse_head, protocol_unavailable_reason
+from urbanprofile.heads.registry import head_kind, parse_head, protocol_unavailable_reason
 from urbanprofile.methods import ExternalMethodSpec, MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
@@ -355,7 +355,7 @@ def plan_units(
                         if (reason := protocol_unavailable_reason(h, p))]
             seeds = list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]
             # Heads with weights vary with the seed too, so every seed runs when one is asked for.
-            if not spec.stochastic and any(parse_head(h).kind not in ("ridge", "knn", "ridge-blocks") for h in heads):
+            if not spec.stochastic and any(not head_kind(parse_head(h)).probe for h in heads):
                 seeds = list(plan.seeds)
             for seed in seeds:
                 todo = []

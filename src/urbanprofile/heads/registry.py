@@ -136,7 +136,7 @@ def register_head(kind: HeadKind, replace: bool = False) -> HeadKind:
 def _probe(spec: HeadSpec, ctx: HeadContext) -> Any:
     from urbanprofile.heads.probes import make_probe
 
-    return make_probe(spec.kind, "paper" if ctx.fixed_probe else "nested", ctx.random_state, n_learned=ctx.n_learned)
+    return make_probe(spec.kind, ctx.fixed_probe, ctx.random_state, n_learned=ctx.n_learned)
 
 
 def _blocks_unavailable(spec: HeadSpec) -> str | None:
@@ -241,21 +241,16 @@ def head_kind(spec: HeadSpec) -> HeadKind:
 
 
 def head_unavailable_reason(head: str, fixed_probe: bool) -> str | None:
-    """Why ``head`` has no estimator under a protocol with this probe policy (``None`` when it has one)."""
+    """Why ``head`` has no estimator under a protocol with this probe policy (``None`` when it has one).
+
+    ``ridge-blocks`` (a learned embedding beside raw counts) has none under the fixed probe
+    (:func:`urbanprofile.heads.probes.blocks_paper_reason`); the tuned policy has every head.
+    """
     spec = parse_head(head)
     kind = head_kind(spec)
     if fixed_probe and kind.unavailable is not None:
         return kind.unavailable(spec)
     return None
-
-
-def protocol_unavailable_reason(head: str, protocol: str) -> str | None:
-    """Why ``head`` has no probe under ``protocol`` (``None`` when it has one).
-
-    ``ridge-blocks`` (a learned embedding beside raw counts) has none under the fixed-probe protocol
-    (:func:`urbanprofile.heads.probes.blocks_paper_reason`); the tuned protocols have every head.
-    """
-    return head_unavailable_reason(head, fixed_probe=protocol == "paper")
 
 
 def list_heads() -> list[str]:
@@ -283,23 +278,23 @@ def embedding_blocks(columns: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
 
 
 def build_head(
-    spec: HeadSpec, protocol: str, random_state: int | None = 0, n_region_features: int | None = None,
+    spec: HeadSpec, fixed_probe: bool, random_state: int | None = 0, n_region_features: int | None = None,
     blocks: tuple[int, ...] | None = None, block_names: tuple[str, ...] | None = None, n_learned: int = 0,
 ) -> Any:
     """A fresh, unfitted estimator for a head.
 
     Args:
         spec: The parsed head.
-        protocol: ``paper`` gives the peers' fixed probe settings for ridge and knn; neural heads choose
-            epochs on an inner split of the training regions under every protocol (Prompt4RE starts from the
-            protocol's own ``ridge`` head: the fixed Ridge under ``paper``, the tuned probe otherwise).
+        fixed_probe: The protocol's probe policy (:attr:`urbanprofile.evaluation.protocols.Protocol.fixed_probe`):
+            ``True`` gives the peers' fixed probe settings for ridge and knn; neural heads choose epochs on an
+            inner split of the training regions under either policy (Prompt4RE starts from the protocol's own
+            ``ridge`` head: the fixed Ridge or the tuned probe).
         random_state: Seed.
         n_region_features: Width of the embedding part of the input (prompt heads: the rest are prompts).
         blocks: Column counts of the input's modality blocks (``moe``); ``None`` for one block.
         block_names: Their names.
         n_learned: Width of the learned block (``ridge-blocks``: the leading ``emb_*`` columns).
     """
-    ctx = HeadContext(fixed_probe=protocol == "paper", random_state=random_state,
-                      n_region_features=n_region_features, blocks=blocks, block_names=block_names,
-                      n_learned=n_learned)
+    ctx = HeadContext(fixed_probe=fixed_probe, random_state=random_state, n_region_features=n_region_features,
+                      blocks=blocks, block_names=block_names, n_learned=n_learned)
     return head_kind(spec).build(spec, ctx)

@@ -19,7 +19,15 @@ from urbanprofile.data import make_synthetic_city
 from urbanprofile.data.registry import FAMILIES, discover, list_datasets, load_dataset
 from urbanprofile.errors import DataError, UnknownNameError
 from urbanprofile.evaluation import evaluate_embedding
-from urbanprofile.evaluation.protocols import evaluate_tasks
+from urbanprofile.evaluation.protocols import (
+    PROTOCOL_REGISTRY,
+    PROTOCOLS,
+    Protocol,
+    evaluate_tasks,
+    get_protocol,
+    protocol_unavailable_reason,
+    register_protocol,
+)
 from urbanprofile.heads.registry import HEAD_MODULES, HEADS, list_heads, parse_head
 from urbanprofile.methods import METHODS, MethodSpec, get_method, list_methods
 from urbanprofile.registry import DuplicateNameError, Registry
@@ -41,7 +49,7 @@ def _load_example(name: str) -> types.ModuleType:
 def saved_registries() -> Iterator[None]:
     """Every registry as it was, afterwards: what a test registers or loads does not leak into the next."""
     saved = [(r, dict(r.items), dict(r.broken), r._plugins_loaded, dict(r._plugin_sources))
-             for r in (METHODS, HEADS, FAMILIES)]
+             for r in (METHODS, HEADS, FAMILIES, PROTOCOL_REGISTRY)]
     yield
     for reg, items, broken, loaded, sources in saved:
         reg.items.clear()
@@ -222,3 +230,43 @@ def test_family_registration_is_cleaned_up(tmp_path: Path) -> None:
     _write_csv_city(tmp_path, "Springfield")
     assert "csv-city" not in FAMILIES.names()
     assert list_datasets(tmp_path) == []  # csv/ holds no polygon + GeoTIFF pair, so no family claims it
+
+
+# -- protocols are objects: splits, probe policy, what they run on ---------------------------------------
+class HalfSplit(Protocol):
+    """A toy protocol: two outer folds, the first and second half of the regions."""
+
+    def splits(self, city: Any, task: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        half = len(task.y) // 2
+        everything = np.arange(len(task.y))
+        return [(everything[half:], everything[:half]), (everything[:half], everything[half:])]
+
+
+def test_protocols_know_their_policy_and_what_they_run_on() -> None:
+    assert [get_protocol(p).fixed_probe for p in ("paper", "nested", "spatial")] == [True, False, False]
+    with pytest.raises(UnknownNameError, match="did you mean 'nested'"):
+        get_protocol("nestd")
+    city = make_synthetic_city(n_regions=40, random_state=0)
+    assert get_protocol("spatial").unavailable_reason(city) is None
+    city.regions = city.regions.drop(columns=["lon", "lat"])
+    assert not city.has_locations
+    assert get_protocol("spatial").unavailable_reason(city) == "spatial protocol needs region locations; " \
+        "'synthetic' has none"
+    assert get_protocol("nested").unavailable_reason(city) is None
+    assert "fixed Ridge" in (protocol_unavailable_reason("ridge-blocks", "paper") or "")
+    assert protocol_unavailable_reason("ridge-blocks", "nested") is None
+
+
+def test_a_registered_protocol_runs_with_its_own_splits_and_policy(saved_registries: None) -> None:
+    register_protocol(HalfSplit("halves", "first half against second half", fixed_probe=True))
+    assert "halves" in PROTOCOLS and PROTOCOLS["halves"] == "first half against second half"
+    city = make_synthetic_city(n_regions=40, random_state=0)
+    embedding = get_method("raw-poi").build(random_state=0).fit_transform(city)
+    result = evaluate_embedding(city, embedding, city.tasks[0], protocol="halves")
+    assert sorted(set(result.fold)) == [0, 1] and result.protocol == "halves"
+    assert [c["alpha"] for c in result.chosen] == [1.0, 1.0]  # its fixed probe policy reached the ridge head
+    assert protocol_unavailable_reason("ridge-blocks", "halves") is not None
+
+
+def test_protocol_registration_is_cleaned_up() -> None:
+    assert "halves" not in PROTOCOLS

@@ -52,7 +52,7 @@ class Registry(Generic[T]):
         Raises:
             DuplicateNameError: ``name`` is taken and ``replace`` is false.
         """
-        if name in self.items and not replace and self.items[name] is not obj:
+        if name in self.items and not replace:
             raise DuplicateNameError(f"{self.kind} {name!r} is already registered")
         self.items[name] = obj
         return obj

@@ -17,7 +17,7 @@ from rich.console import Console
 from urbanprofile import cli, registry
 from urbanprofile.data import make_synthetic_city
 from urbanprofile.data.registry import FAMILIES, discover, list_datasets, load_dataset
-from urbanprofile.errors import DataError, UnknownNameError
+from urbanprofile.errors import DataError, UnknownNameError, UrbanProfileError
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.evaluation.protocols import (
     PROTOCOL_REGISTRY,
@@ -134,6 +134,8 @@ def test_a_broken_plugin_does_not_stop_the_cli(plugins: types.ModuleType, monkey
     assert "'missing' not loaded: urbanprofile_no_such_package.methods:SPEC failed to import (ModuleNotFoundError" \
         in warnings[0]
     assert "'wrong-type' not loaded" in warnings[1] and "is a int, not a method" in warnings[1]
+    with pytest.raises(UrbanProfileError, match="method plug-in 'missing' is installed but not loaded: "):
+        get_method("missing")  # asking for it by name says why, not "unknown method"
 
 
 def test_two_plugins_with_one_name_are_a_one_line_error(plugins: types.ModuleType, monkeypatch: pytest.MonkeyPatch,

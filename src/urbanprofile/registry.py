@@ -66,8 +66,11 @@ class Registry(Generic[T]):
 
         Raises:
             UnknownNameError: No such name (the message lists the valid ones and the closest match).
+            UrbanProfileError: ``name`` is a plug-in that failed to load (the message says why).
         """
         self.load_plugins()
+        if name not in self.items and name in self.broken:
+            raise UrbanProfileError(f"{self.kind} plug-in {name!r} is installed but not loaded: {self.broken[name]}")
         if name not in self.items:
             raise unknown_name(self.kind, name, self.items)
         return self.items[name]

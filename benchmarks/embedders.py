@@ -87,7 +87,7 @@ def quality(seeds: list[int], methods: list[str], datasets: list[str] | None = N
     learned part is the same embedder), probed with its own head on the learned + raw embedding.
     """
     from urbanprofile.benchmark.runner import result_row
-    from urbanprofile.heads.registry import protocol_unavailable_reason
+    from urbanprofile.evaluation.protocols import protocol_unavailable_reason
     from urbanprofile.methods import get_method
 
     extras: list[dict[str, Any]] = []

@@ -202,7 +202,7 @@ def head_transfer(source: CityData, emb_s: pd.DataFrame, target: CityData, emb_t
                   seed: int) -> dict[str, float]:
     """A Ridge head chosen by inner CV on the source city predicts the target city (no target labels seen)."""
     y_s, y_t = _labels(source, task), _labels(target, task)
-    probe = make_probe("ridge", "nested", seed).fit(emb_s.loc[y_s.index].to_numpy(), y_s.to_numpy())
+    probe = make_probe("ridge", False, seed).fit(emb_s.loc[y_s.index].to_numpy(), y_s.to_numpy())
     pred = probe.predict(emb_t.loc[y_t.index].to_numpy())
     return {k: float(v) for k, v in regression_metrics(y_t.to_numpy(), pred).items()}
 

@@ -232,7 +232,7 @@ def test_block_probe_with_the_learned_block_alone_is_a_scaled_ridge() -> None:
     with pytest.raises(ValueError, match="n_learned"):
         BlockRidgeProbe(n_learned=16).fit(X, y)
     with pytest.raises(MethodUnavailableError, match="paper"):
-        make_probe("ridge-blocks", "paper", n_learned=6)
+        make_probe("ridge-blocks", True, n_learned=6)
 
 
 def test_learned_plus_raw_method_keeps_both_blocks_and_its_checkpoints(city: CityData) -> None:

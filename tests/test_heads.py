@@ -124,7 +124,7 @@ def test_untrained_prompt4re_predicts_what_the_ridge_head_predicts() -> None:
         X = np.hstack([E, rng.normal(size=(len(E), 2 * 16))])
         train = np.arange(len(E)) < 45
         for protocol in ("nested", "paper"):
-            ridge = make_probe("ridge", protocol, seed).fit(E[train], td.y[train])
+            ridge = make_probe("ridge", protocol == "paper", seed).fit(E[train], td.y[train])
             starts.add(tuple(ridge.chosen()[k] for k in ("log_features", "scale", "log_target")))
             for align in (True, False):  # Prompt4RE and the concatenation ablation
                 head = Prompt4REHead(n_region_features=E.shape[1], n_prompts=2, align=align, max_epochs=0,
@@ -139,7 +139,7 @@ def test_untrained_prompt4re_predicts_what_the_ridge_head_predicts() -> None:
     for train_start in (False, True):
         trained = Prompt4REHead(n_region_features=E.shape[1], n_prompts=2, max_epochs=4, patience=4, lr=1e-2,
                                 train_start=train_start).fit(X[train], td.y[train])
-        assert trained.chosen()["start"] == make_probe("ridge", "nested", 0).fit(E[train], td.y[train]).chosen()
+        assert trained.chosen()["start"] == make_probe("ridge", False, 0).fit(E[train], td.y[train]).chosen()
         same = torch.equal(trained.module_.out_e.weight, untrained.module_.out_e.weight)
         assert same != train_start
         assert not torch.equal(trained.module_.out_p.weight, untrained.module_.out_p.weight)

@@ -29,7 +29,7 @@ def test_ridge_path_matches_sklearn(xy) -> None:
 
 def test_paper_probe_is_plain_ridge_with_clipping(xy) -> None:
     X, y = xy
-    probe = make_probe("ridge", "paper").fit(X[:60], y[:60])
+    probe = make_probe("ridge", True).fit(X[:60], y[:60])
     expected = np.clip(Ridge(alpha=1.0).fit(X[:60], y[:60]).predict(X[60:]), 0, None)
     np.testing.assert_allclose(probe.predict(X[60:]), expected, rtol=1e-8)
 
@@ -68,4 +68,6 @@ def test_bad_probe_arguments() -> None:
     with pytest.raises(ValueError, match="weights"):
         KNNProbe(weights=("gaussian",)).fit(np.zeros((10, 2)), np.zeros(10))
     with pytest.raises(ValueError, match="unknown head"):
-        make_probe("forest", "nested")
+        make_probe("forest", False)
+    with pytest.raises(TypeError, match="not 'nested'"):  # a protocol name would silently read as true
+        make_probe("ridge", "nested")

@@ -223,7 +223,7 @@ def datasets_info(
 @methods_app.command("list")
 def methods_list() -> None:
     """List registered methods and what they need."""
-    from urbanprofile.methods import get_method, list_methods
+    from urbanprofile.methods import broken_plugins, get_method, list_methods
     from urbanprofile.report.terminal import Column, FitTable
 
     table = FitTable([Column("method"), Column("head", priority=2), Column("needs", "text", priority=1),
@@ -233,6 +233,8 @@ def methods_list() -> None:
         needs = ", ".join([*spec.requires_views, *(["locations"] if spec.needs_locations else [])])
         table.add_row(name, spec.head, needs or "-", "several" if spec.stochastic else "one", spec.description)
     out.print(table)
+    for plugin, reason in broken_plugins().items():  # the others still work; say which one does not
+        err.print(f"warning: method plug-in {plugin!r} not loaded: {reason}", soft_wrap=True)
 
 
 # -- embed -------------------------------------------------------------------------------------------

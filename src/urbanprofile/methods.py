@@ -11,10 +11,10 @@ import hashlib
 import importlib
 import json
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
-from urbanprofile.errors import MethodUnavailableError, unknown_name
+from urbanprofile.errors import MethodUnavailableError
+from urbanprofile.registry import Registry
 
 if TYPE_CHECKING:
     from urbanprofile.data.city import CityData
@@ -171,29 +171,33 @@ _BUILTIN.append(
                description="every modality as its own standardised block (<modality>__k columns; moe reads them)"),
 )
 
-_REGISTRY: dict[str, MethodSpec] = {}
-_entry_points_loaded = False
+#: Every method by name; plug-ins come from the ``urbanprofile.methods`` entry-point group (a ``MethodSpec``).
+METHODS: Registry[MethodSpec] = Registry("method", "urbanprofile.methods", name_of=lambda spec: spec.name,
+                                         accepts=lambda obj: isinstance(obj, MethodSpec))
+_REGISTRY = METHODS.items
 
 
 def register_method(spec: MethodSpec, replace: bool = False) -> MethodSpec:
-    """Add a method to the registry (``replace=True`` to override one of the same name)."""
-    if spec.name in _REGISTRY and not replace:
-        raise ValueError(f"method {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
-    return spec
+    """Add a method to the registry (``replace=True`` to override one of the same name).
+
+    Raises:
+        DuplicateNameError: A method of that name is registered and ``replace`` is false.
+    """
+    _ensure_loaded()
+    return METHODS.register(spec.name, spec, replace=replace)
 
 
 def _ensure_loaded() -> None:
-    global _entry_points_loaded
-    for spec in _BUILTIN:  # also when a method was registered before the first look-up (it keeps its place)
+    for spec in _BUILTIN:  # also after a test emptied the registry (each keeps its place)
         if spec.name not in _REGISTRY:
-            register_method(spec)
-    if not _entry_points_loaded:
-        _entry_points_loaded = True
-        for point in entry_points(group="urbanprofile.methods"):
-            spec = point.load()
-            if isinstance(spec, MethodSpec) and spec.name not in _REGISTRY:
-                register_method(spec)
+            _REGISTRY[spec.name] = spec
+    METHODS.load_plugins()
+
+
+def broken_plugins() -> dict[str, str]:
+    """Method plug-ins that could not be loaded: entry-point name -> one-line reason."""
+    _ensure_loaded()
+    return dict(METHODS.broken)
 
 
 def list_methods(external: bool = False) -> list[str]:
@@ -224,9 +228,7 @@ def with_modalities(spec: MethodSpec, modalities: list[str] | tuple[str, ...]) -
 def get_method(name: str) -> MethodSpec:
     """The spec of a method, or a one-line error listing the valid names."""
     _ensure_loaded()
-    if name not in _REGISTRY:
-        raise unknown_name("method", name, _REGISTRY)
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 #: Prefix of the methods that serve an embedding made elsewhere.

@@ -27,8 +27,10 @@ from urbanprofile.evaluation.protocols import (
     check_protocol,
     evaluate_embedding,
     evaluate_tasks,
+    get_protocol,
+    protocol_unavailable_reason,
 )
-from urbanprofile.heads.registry import parse_head, protocol_unavailable_reason
+from urbanprofile.heads.registry import head_kind, parse_head
 from urbanprofile.methods import ExternalMethodSpec, MethodSpec, get_method, list_methods
 
 if TYPE_CHECKING:
@@ -341,9 +343,10 @@ def plan_units(
             if t not in city.tasks:
                 skipped.append(f"{name}: no task {t!r} (it has {', '.join(city.tasks)})")
         protocols = list(plan.protocols)
-        if "spatial" in protocols and not city.has_locations:
-            protocols.remove("spatial")
-            skipped.append(f"{name}: spatial protocol skipped (no region locations)")
+        for protocol in list(protocols):
+            if get_protocol(protocol).unavailable_reason(city):
+                protocols.remove(protocol)
+                skipped.append(f"{name}: {protocol} protocol skipped (no region locations)")
         for spec in methods:
             reason = spec.unavailable_reason(city)
             if reason:
@@ -355,7 +358,7 @@ def plan_units(
                         if (reason := protocol_unavailable_reason(h, p))]
             seeds = list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]
             # Heads with weights vary with the seed too, so every seed runs when one is asked for.
-            if not spec.stochastic and any(parse_head(h).kind not in ("ridge", "knn", "ridge-blocks") for h in heads):
+            if not spec.stochastic and any(not head_kind(parse_head(h)).probe for h in heads):
                 seeds = list(plan.seeds)
             for seed in seeds:
                 todo = []

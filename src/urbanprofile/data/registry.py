@@ -1,14 +1,19 @@
-"""Discover datasets from the layout of a data directory (no hard-coded list) and load them by name."""
+"""Discover datasets from the layout of a data directory (no hard-coded list) and load them by name.
+
+Each dataset family is one :class:`DatasetFamily` registration (:func:`register_family`, or an
+``urbanprofile.datasets`` entry point): how to find its datasets under a data directory, and how to load one.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from urbanprofile.errors import DatasetNotFoundError, unknown_name
+from urbanprofile.registry import Registry
 
 if TYPE_CHECKING:
     from urbanprofile.data.city import CityData
@@ -61,8 +66,7 @@ class DatasetEntry:
             raise DataError(f"{self.path / self.missing[0]}: file not found (required for dataset {self.name!r})")
         from urbanprofile.data.indicators import apply_indicator_sets
 
-        loader = _LOADERS[self.family]
-        return apply_indicator_sets(loader(self)).validate()
+        return apply_indicator_sets(FAMILIES.get(self.family).load(self)).validate()
 
 
 def _load_hafusion(entry: DatasetEntry) -> CityData:
@@ -95,14 +99,6 @@ def _load_built(entry: DatasetEntry) -> CityData:
     return load_built(entry.path, entry.name)
 
 
-_LOADERS: dict[str, Callable[[DatasetEntry], CityData]] = {
-    "hafusion": _load_hafusion,
-    "cityview": _load_cityview,
-    "built": _load_built,
-    "cityview-urbanvlp": _load_urbanvlp,
-    "raster-regions": _load_raster_regions,
-}
-
 #: Folder under the data directory where built datasets (``built/<city>/manifest.json``) are discovered.
 BUILT_DIR = "built"
 
@@ -125,45 +121,101 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
-def discover(data_dir: str | os.PathLike[str] | None = None) -> dict[str, DatasetEntry]:
-    """Every dataset in the data directory, by name, without reading any array.
+@dataclass(frozen=True)
+class DatasetFamily:
+    """One kind of dataset: how its datasets are found under a data directory and how one is loaded.
 
-    ``hafusion/<city>/`` holding any of the multi-view files is ``hafusion-<city>`` (listed as incomplete
-    when some required file is missing); ``cityview/labels/<City>.csv`` is ``cityview-<city>``;
-    ``built/<city>/manifest.json`` (written by ``urbanprofile build``) is ``built-<city>``;
-    ``cityview/<city>_indicators_urbanvlp.csv`` is ``cityview-<city>-urbanvlp``; any other top-level folder
-    holding exactly one polygon file and one GeoTIFF (e.g. ``olinda/``) is a raster-regions dataset named after
-    the folder.
+    Attributes:
+        name: Registry name (:attr:`DatasetEntry.family`).
+        discover: The entries of this family under a data directory's root, without reading any array.
+        load: The :class:`CityData` of one entry (validated by the caller).
+        folders: Top-level folders of the data directory that belong to this family (no other family looks
+            for datasets there).
     """
-    root = resolve_data_dir(data_dir)
-    found: dict[str, DatasetEntry] = {}
+
+    name: str
+    discover: Callable[[Path], Iterable[DatasetEntry]]
+    load: Callable[[DatasetEntry], CityData]
+    folders: tuple[str, ...] = ()
+
+
+#: Every dataset family; plug-ins come from the ``urbanprofile.datasets`` entry-point group (a ``DatasetFamily``).
+FAMILIES: Registry[DatasetFamily] = Registry("dataset family", "urbanprofile.datasets", name_of=lambda f: f.name,
+                                             accepts=lambda obj: isinstance(obj, DatasetFamily))
+
+
+def register_family(family: DatasetFamily, replace: bool = False) -> DatasetFamily:
+    """Add a dataset family (``replace=True`` to override one of the same name)."""
+    return FAMILIES.register(family.name, family, replace=replace)
+
+
+def _discover_hafusion(root: Path) -> Iterable[DatasetEntry]:
     hafusion = root / "hafusion"
-    if hafusion.is_dir():
-        for folder in sorted(p for p in hafusion.iterdir() if p.is_dir()):
-            present = [f for f in HAFUSION_REQUIRED if (folder / f).is_file()]
-            if not present:
-                continue
-            missing = tuple(f for f in HAFUSION_REQUIRED if f not in present)
-            name = f"hafusion-{folder.name.lower()}"
-            found[name] = DatasetEntry(name, "hafusion", folder, missing)
+    if not hafusion.is_dir():
+        return
+    for folder in sorted(p for p in hafusion.iterdir() if p.is_dir()):
+        present = [f for f in HAFUSION_REQUIRED if (folder / f).is_file()]
+        if not present:
+            continue
+        missing = tuple(f for f in HAFUSION_REQUIRED if f not in present)
+        name = f"hafusion-{folder.name.lower()}"
+        yield DatasetEntry(name, "hafusion", folder, missing)
+
+
+def _discover_cityview(root: Path) -> Iterable[DatasetEntry]:
     labels = root / "cityview" / "labels"
     if labels.is_dir():
         for csv in sorted(labels.glob("*.csv")):
-            name = f"cityview-{csv.stem.lower()}"
-            found[name] = DatasetEntry(name, "cityview", csv)
+            yield DatasetEntry(f"cityview-{csv.stem.lower()}", "cityview", csv)
+
+
+def _discover_urbanvlp(root: Path) -> Iterable[DatasetEntry]:
+    if (root / "cityview" / "labels").is_dir():
         for csv in sorted((root / "cityview").glob("*_indicators_urbanvlp.csv")):
-            name = f"cityview-{csv.name.split('_indicators')[0].lower()}-urbanvlp"
-            found[name] = DatasetEntry(name, "cityview-urbanvlp", csv)
+            city = csv.name.split("_indicators")[0].lower()
+            yield DatasetEntry(f"cityview-{city}-urbanvlp", "cityview-urbanvlp", csv)
+
+
+def _discover_raster_regions(root: Path) -> Iterable[DatasetEntry]:
     from urbanprofile.data.raster_regions import raster_region_files
 
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("hafusion", "cityview", BUILT_DIR)):
+    claimed = {folder for name in FAMILIES.names() for folder in FAMILIES.get(name).folders}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in claimed):
         if raster_region_files(folder) is not None:
-            name = folder.name.lower()
-            found[name] = DatasetEntry(name, "raster-regions", folder)
+            yield DatasetEntry(folder.name.lower(), "raster-regions", folder)
+
+
+def _discover_built(root: Path) -> Iterable[DatasetEntry]:
     built = root / BUILT_DIR
     if built.is_dir():
         for folder in sorted(p for p in built.iterdir() if p.is_dir() and (p / "manifest.json").is_file()):
-            entry = built_entry(folder)
+            yield built_entry(folder)
+
+
+for _family in (
+    DatasetFamily("hafusion", _discover_hafusion, _load_hafusion, ("hafusion",)),
+    DatasetFamily("cityview", _discover_cityview, _load_cityview, ("cityview",)),
+    DatasetFamily("cityview-urbanvlp", _discover_urbanvlp, _load_urbanvlp, ("cityview",)),
+    DatasetFamily("raster-regions", _discover_raster_regions, _load_raster_regions),
+    DatasetFamily("built", _discover_built, _load_built, (BUILT_DIR,)),
+):
+    register_family(_family)
+
+
+def discover(data_dir: str | os.PathLike[str] | None = None) -> dict[str, DatasetEntry]:
+    """Every dataset in the data directory, by name, without reading any array.
+
+    Each registered family looks for its own datasets. The built-in ones: ``hafusion/<city>/`` holding any of
+    the multi-view files is ``hafusion-<city>`` (listed as incomplete when some required file is missing);
+    ``cityview/labels/<City>.csv`` is ``cityview-<city>``; ``built/<city>/manifest.json`` (written by
+    ``urbanprofile build``) is ``built-<city>``; ``cityview/<city>_indicators_urbanvlp.csv`` is
+    ``cityview-<city>-urbanvlp``; any other top-level folder holding exactly one polygon file and one GeoTIFF
+    (e.g. ``olinda/``) is a raster-regions dataset named after the folder.
+    """
+    root = resolve_data_dir(data_dir)
+    found: dict[str, DatasetEntry] = {}
+    for family in FAMILIES.names():
+        for entry in FAMILIES.get(family).discover(root):
             found[entry.name] = entry
     return found
 

@@ -17,13 +17,7 @@ from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import task_data
 from urbanprofile.errors import DataError, MethodUnavailableError
 from urbanprofile.evaluation.metrics import regression_metrics
-from urbanprofile.evaluation.protocols import (
-    _embedding_matrix,
-    _task_blocks,
-    check_protocol,
-    n_spatial_blocks,
-    outer_splits,
-)
+from urbanprofile.evaluation.protocols import _embedding_matrix, get_protocol
 from urbanprofile.heads.registry import build_head, parse_head
 
 #: Shares of each outer training fold a probe is fit on.
@@ -59,23 +53,22 @@ def label_efficiency(
         MethodUnavailableError: A multi-task or prompt head, or the ``paper`` protocol.
         DataError: A fraction outside (0, 1].
     """
-    check_protocol(protocol)
-    if protocol == "paper":
-        raise MethodUnavailableError("label efficiency uses the nested or spatial protocol (paper fixes its probe)")
+    policy = get_protocol(protocol)
+    if policy.fixed_probe:
+        raise MethodUnavailableError(f"label efficiency uses a protocol that tunes its probe ({protocol} fixes it)")
     spec = parse_head(head)
     if spec.multitask or spec.needs_prompts:
         raise MethodUnavailableError(f"label efficiency takes a single-task head without prompts, not {head!r}")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise DataError(f"label fractions must be in (0, 1], got {bad[0]}")
-    if protocol == "spatial" and not city.has_locations:
-        raise MethodUnavailableError(f"spatial protocol needs region locations; {city.name!r} has none")
+    policy.check_available(city)
     td = task_data(city, task)
     X = _embedding_matrix(city, embedding, td.region_ids, "final")
     y = td.y
     n_learned = int(embedding.columns.str.startswith("emb_").sum())
-    groups = _task_blocks(city, td, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
-    folds = outer_splits(city, td, protocol)
+    groups = policy.inner_groups(city, td)
+    folds = policy.splits(city, td)
     # One permutation per fold, so that smaller subsets are inside larger ones.
     orders = [np.random.default_rng([random_state, k]).permutation(train) for k, (train, _) in enumerate(folds)]
     rows = []
@@ -84,7 +77,8 @@ def label_efficiency(
         sizes = []
         for (_, test), order in zip(folds, orders, strict=True):
             keep = np.sort(order[: max(MIN_TRAIN, math.ceil(fraction * len(order)))])
-            model = build_head(spec, protocol, random_state, n_region_features=X.shape[1], n_learned=n_learned)
+            model = build_head(spec, policy.fixed_probe, random_state, n_region_features=X.shape[1],
+                               n_learned=n_learned)
             kept_groups = groups[keep] if groups is not None else None
             if kept_groups is not None and len(np.unique(kept_groups)) < 2:
                 raise DataError(f"{city.name} {task}: {fraction:.0%} of a training fold holds one spatial block; "

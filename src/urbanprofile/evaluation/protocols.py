@@ -1,12 +1,16 @@
 """Evaluation protocols (paper, nested, spatial) applied to a region embedding, with geographic bias.
 
-A protocol knows nothing about any method: it receives an embedding (a DataFrame indexed by
-``region_id``) and the kind of head to probe it with.
+A protocol is a :class:`Protocol` object in a registry (:func:`get_protocol`, :func:`register_protocol`, or an
+``urbanprofile.protocols`` entry point). It knows its outer splits, the groups of its inner CV, its probe
+policy (the peers' fixed probe settings, or settings chosen by inner CV) and what it can run on; heads and the
+runner ask it rather than compare its name. It knows nothing about any method: it receives an embedding
+(a DataFrame indexed by ``region_id``) and the kind of head to probe it with.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,16 +20,12 @@ from sklearn.model_selection import KFold
 
 from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import TaskData, task_data
-from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileError, unknown_name
+from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileError
 from urbanprofile.evaluation.metrics import regression_metrics
 from urbanprofile.evaluation.spatial import BLOCK_SEED, adjacency_weights, morans_i, spatial_blocks
-from urbanprofile.heads.registry import HeadSpec, build_head, embedding_blocks, parse_head
+from urbanprofile.heads.registry import HeadSpec, build_head, embedding_blocks, head_unavailable_reason, parse_head
+from urbanprofile.registry import Registry
 
-PROTOCOLS = {
-    "paper": "the peers' protocol: Ridge(alpha=1) on the raw embedding, their folds; for comparison only",
-    "nested": "same outer folds; alpha, scaling and log1p target chosen by inner CV on training folds",
-    "spatial": "spatial block 5-fold (whole k-means blocks of centroids per fold); inner CV grouped by block",
-}
 #: Folds of the spatial protocol; each holds whole blocks.
 N_SPATIAL_FOLDS = 5
 #: Blocks per-block bias is measured on (large areas: a fifth of the city each).
@@ -69,27 +69,115 @@ class ProtocolResult:
         return frame
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol: its folds, its probe policy and what it can run on.
+
+    Attributes:
+        name: Registry name (stored with every result row).
+        description: One line for the user.
+        fixed_probe: The probe policy: ``True`` for the peers' fixed probe settings (no inner CV, training
+            checkpoints ignored), ``False`` for settings chosen by inner CV on each outer training fold.
+        spatial_folds: Outer folds of whole k-means blocks of centroids, inner CV grouped by block (needs
+            region locations); ``False``: the dataset's own folds (``paper_folds``).
+    """
+
+    name: str
+    description: str
+    fixed_probe: bool = False
+    spatial_folds: bool = False
+
+    def unavailable_reason(self, city: CityData) -> str | None:
+        """Why this protocol cannot run on ``city`` (one line), or ``None`` when it can."""
+        if self.spatial_folds and not city.has_locations:
+            return f"{self.name} protocol needs region locations; {city.name!r} has none"
+        return None
+
+    def check_available(self, city: CityData) -> None:
+        reason = self.unavailable_reason(city)
+        if reason:
+            raise MethodUnavailableError(reason)
+
+    def head_unavailable_reason(self, head: str) -> str | None:
+        """Why ``head`` has no estimator under this protocol's probe policy, or ``None`` when it has one."""
+        return head_unavailable_reason(head, self.fixed_probe)
+
+    def splits(self, city: CityData, task: TaskData) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Outer folds as index arrays into the task's regions."""
+        n = len(task.y)
+        if self.spatial_folds:
+            n_blocks = n_spatial_blocks(city.n_regions)
+            blocks = _task_blocks(city, task, n_blocks)
+            # Deal whole blocks to folds in a fixed shuffled order, so no block is split across folds.
+            fold_of_block = np.random.default_rng(BLOCK_SEED).permutation(n_blocks) % N_SPATIAL_FOLDS
+            folds = fold_of_block[blocks]
+            return [(np.where(folds != f)[0], np.where(folds == f)[0]) for f in np.unique(folds)]
+        settings = city.meta.get("paper_folds", {"n_splits": 10, "shuffle": True, "random_state": 2024})
+        n_splits = min(int(settings["n_splits"]), n)
+        shuffle = bool(settings["shuffle"])
+        splitter = KFold(n_splits=n_splits, shuffle=shuffle,
+                         random_state=settings["random_state"] if shuffle else None)
+        return list(splitter.split(np.zeros(n)))
+
+    def inner_groups(self, city: CityData, task: TaskData) -> np.ndarray | None:
+        """Groups of the task's regions for the inner CV of the heads (``None``: ungrouped folds)."""
+        return _task_blocks(city, task, n_spatial_blocks(city.n_regions)) if self.spatial_folds else None
+
+
+#: Every protocol; plug-ins come from the ``urbanprofile.protocols`` entry-point group (a ``Protocol``).
+PROTOCOL_REGISTRY: Registry[Protocol] = Registry("protocol", "urbanprofile.protocols", name_of=lambda p: p.name,
+                                                 accepts=lambda obj: isinstance(obj, Protocol))
+
+
+def register_protocol(protocol: Protocol, replace: bool = False) -> Protocol:
+    """Add a protocol (``replace=True`` to override one of the same name)."""
+    return PROTOCOL_REGISTRY.register(protocol.name, protocol, replace=replace)
+
+
+for _protocol in (
+    Protocol("paper", "the peers' protocol: Ridge(alpha=1) on the raw embedding, their folds; for comparison only",
+             fixed_probe=True),
+    Protocol("nested", "same outer folds; alpha, scaling and log1p target chosen by inner CV on training folds"),
+    Protocol("spatial", "spatial block 5-fold (whole k-means blocks of centroids per fold); inner CV grouped by "
+             "block", spatial_folds=True),
+):
+    register_protocol(_protocol)
+
+
+class _Descriptions(Mapping[str, str]):
+    """Every registered protocol's description by name, read live from the registry."""
+
+    def __getitem__(self, name: str) -> str:
+        return get_protocol(name).description
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PROTOCOL_REGISTRY.names())
+
+    def __len__(self) -> int:
+        return len(PROTOCOL_REGISTRY.names())
+
+
+#: Protocol name -> one-line description, in registration order.
+PROTOCOLS: Mapping[str, str] = _Descriptions()
+
+
+def get_protocol(protocol: str | Protocol) -> Protocol:
+    """The protocol object of a name (an object is returned as is), or a one-line error with "did you mean"."""
+    return protocol if isinstance(protocol, Protocol) else PROTOCOL_REGISTRY.get(protocol)
+
+
 def check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise unknown_name("protocol", protocol, PROTOCOLS)
+    get_protocol(protocol)
+
+
+def protocol_unavailable_reason(head: str, protocol: str) -> str | None:
+    """Why ``head`` has no estimator under ``protocol`` (``None`` when it has one)."""
+    return get_protocol(protocol).head_unavailable_reason(head)
 
 
 def outer_splits(city: CityData, task: TaskData, protocol: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """Outer folds as index arrays into the task's regions."""
-    check_protocol(protocol)
-    n = len(task.y)
-    if protocol == "spatial":
-        n_blocks = n_spatial_blocks(city.n_regions)
-        blocks = _task_blocks(city, task, n_blocks)
-        # Deal whole blocks to folds in a fixed shuffled order, so no block is split across folds.
-        fold_of_block = np.random.default_rng(BLOCK_SEED).permutation(n_blocks) % N_SPATIAL_FOLDS
-        folds = fold_of_block[blocks]
-        return [(np.where(folds != f)[0], np.where(folds == f)[0]) for f in np.unique(folds)]
-    settings = city.meta.get("paper_folds", {"n_splits": 10, "shuffle": True, "random_state": 2024})
-    n_splits = min(int(settings["n_splits"]), n)
-    shuffle = bool(settings["shuffle"])
-    splitter = KFold(n_splits=n_splits, shuffle=shuffle, random_state=settings["random_state"] if shuffle else None)
-    return list(splitter.split(np.zeros(n)))
+    return get_protocol(protocol).splits(city, task)
 
 
 def _task_blocks(city: CityData, task: TaskData, n_blocks: int) -> np.ndarray:
@@ -122,14 +210,14 @@ def evaluate_embedding(
             ``nested`` and ``spatial`` each outer fold uses the candidate with the lowest inner-CV error
             on its training regions; ``paper`` ignores them and uses ``embedding``.
     """
-    check_protocol(protocol)
+    policy = get_protocol(protocol)
     spec = parse_head(head)
     if spec.multitask:
         raise UrbanProfileError(f"head {head!r} fits all tasks jointly: evaluate it with --task all")
-    if protocol == "spatial" and not city.has_locations:
-        raise MethodUnavailableError(f"spatial protocol needs region locations; {city.name!r} has none")
+    policy.check_available(city)
     td = task_data(city, task)
-    options = dict(candidates) if candidates and protocol != "paper" else {"final": embedding}
+    # A fixed-probe protocol evaluates the embedding as it is; the others pick a checkpoint by inner CV.
+    options = dict(candidates) if candidates and not policy.fixed_probe else {"final": embedding}
     matrices = {label: _embedding_matrix(city, frame, td.region_ids, label) for label, frame in options.items()}
     n_features = next(iter(matrices.values())).shape[1]
     prompts = _prompt_features(city, spec, task, td.region_ids)
@@ -138,17 +226,18 @@ def evaluate_embedding(
     y = td.y
     # The learned block of a learned + raw embedding: its leading emb_* columns.
     n_learned = int(next(iter(options.values())).columns.str.startswith("emb_").sum())
-    inner_groups = _task_blocks(city, td, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
+    inner_groups = policy.inner_groups(city, td)
 
     pred = np.zeros_like(y)
     fold = np.zeros(len(y), dtype=int)
     chosen: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for k, (train, test) in enumerate(outer_splits(city, td, protocol)):
+    for k, (train, test) in enumerate(policy.splits(city, td)):
         groups = inner_groups[train] if inner_groups is not None else None
         fits = {}
         for label, X in matrices.items():
-            estimator = build_head(spec, protocol, random_state, n_region_features=n_features, n_learned=n_learned)
+            estimator = build_head(spec, policy.fixed_probe, random_state, n_region_features=n_features,
+                                   n_learned=n_learned)
             fits[label] = estimator.fit(X[train], y[train], groups=groups)
         label = min(fits, key=lambda name: fits[name].cv_error_) if len(fits) > 1 else next(iter(fits))
         pred[test] = fits[label].predict(matrices[label][test])
@@ -220,10 +309,9 @@ def evaluate_tasks(
     Returns:
         One :class:`ProtocolResult` per task, in ``tasks`` order.
     """
-    check_protocol(protocol)
+    policy = get_protocol(protocol)
     spec = parse_head(head)
-    if protocol == "spatial" and not city.has_locations:
-        raise MethodUnavailableError(f"spatial protocol needs region locations; {city.name!r} has none")
+    policy.check_available(city)
     tasks = list(tasks or city.tasks)
     union, per_task = joint_regions(city, tasks)
     X = _embedding_matrix(city, embedding, union.region_ids, "final")
@@ -233,8 +321,8 @@ def evaluate_tasks(
     Y = np.full((len(union.region_ids), len(tasks)), np.nan)
     for j, t in enumerate(tasks):
         Y[rows[t], j] = per_task[t].y
-    inner_groups = _task_blocks(city, union, n_spatial_blocks(city.n_regions)) if protocol == "spatial" else None
-    folds = outer_splits(city, union, protocol)
+    inner_groups = policy.inner_groups(city, union)
+    folds = policy.splits(city, union)
 
     pred = np.full_like(Y, np.nan)
     fold = np.zeros(len(Y), dtype=int)
@@ -245,7 +333,7 @@ def evaluate_tasks(
         groups = inner_groups[train] if inner_groups is not None else None
         if spec.multitask:
             start = time.perf_counter()
-            model = build_head(spec, protocol, random_state, blocks=blocks, block_names=block_names)
+            model = build_head(spec, policy.fixed_probe, random_state, blocks=blocks, block_names=block_names)
             model.fit(X[train], Y[train], groups=groups)
             pred[test] = model.predict(X[test])
             for t in tasks:
@@ -260,7 +348,7 @@ def evaluate_tasks(
             prompts = _prompt_features(city, spec, t, union.region_ids)
             if prompts is not None:
                 Xt = np.hstack([X, prompts])
-            model = build_head(spec, protocol, random_state, n_region_features=X.shape[1])
+            model = build_head(spec, policy.fixed_probe, random_state, n_region_features=X.shape[1])
             model.fit(Xt[tr], Y[tr, j], groups=groups[labelled[train]] if groups is not None else None)
             if len(te):
                 pred[te, j] = model.predict(Xt[te])

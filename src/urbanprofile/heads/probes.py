@@ -355,25 +355,29 @@ def blocks_paper_reason(head: str) -> str:
             "columns is the raw counts' least squares); use nested or spatial")
 
 
-def make_probe(head: str, protocol: str, random_state: int | None = 0, n_learned: int = 0) -> RidgeProbe | KNNProbe:
-    """The probe for a head kind under a protocol: fixed peer settings for ``paper``, selected otherwise.
+def make_probe(head: str, fixed: bool, random_state: int | None = 0, n_learned: int = 0) -> RidgeProbe | KNNProbe:
+    """The probe for a head kind under a probe policy: the peers' fixed settings (``fixed``), else selected.
 
-    ``n_learned`` is the width of the learned block of a ``ridge-blocks`` embedding; that head has no
-    ``paper`` probe (see :func:`blocks_paper_reason`).
+    ``n_learned`` is the width of the learned block of a ``ridge-blocks`` embedding; that head has no fixed
+    probe (see :func:`blocks_paper_reason`).
 
     Raises:
-        MethodUnavailableError: ``ridge-blocks`` under ``paper``.
+        MethodUnavailableError: ``ridge-blocks`` with ``fixed``.
+        TypeError: ``fixed`` is not a bool (a protocol name would read as true: ask the protocol instead,
+            ``get_protocol(name).fixed_probe``).
     """
+    if not isinstance(fixed, bool | np.bool_):
+        raise TypeError(f"make_probe takes the probe policy fixed: bool, not {fixed!r} (a protocol name?)")
     if head == "ridge-blocks":
-        if protocol == "paper":
+        if fixed:
             raise MethodUnavailableError(blocks_paper_reason(head))
         return BlockRidgeProbe(n_learned=n_learned, random_state=random_state)
     if head == "ridge":
-        if protocol == "paper":
+        if fixed:
             return RidgeProbe(alphas=(1.0,), log_features=(False,), scale=(False,), log_target=(False,))
         return RidgeProbe(random_state=random_state)
     if head == "knn":
-        if protocol == "paper":
+        if fixed:
             return KNNProbe(ks=(5,), weights=("uniform",))
         return KNNProbe(random_state=random_state)
     raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")

@@ -208,8 +208,7 @@ class Prompt4REHead(BaseEstimator, RegressorMixin):
         log_features = log_target = False
         feature_scale: np.ndarray | None = None
         if self.ridge_start != "none":
-            protocol = "paper" if self.ridge_start == "paper" else "nested"
-            probe = make_probe("ridge", protocol, self.random_state)
+            probe = make_probe("ridge", self.ridge_start == "paper", self.random_state)
             assert isinstance(probe, RidgeProbe)
             self.probe_ = probe.fit(X[:, :d], y, groups=groups)
             log_features, log_target = bool(probe.log_features_), bool(probe.log_target_)

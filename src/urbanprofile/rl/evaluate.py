@@ -164,7 +164,7 @@ def baseline_predictions(method: str, data: R1Data, config: R1Config, cities: li
         train, test = rows[rows["split"] == "train"], rows[rows["split"] == "test"]
         X_train = embedding.loc[train["region_id"].to_numpy()].to_numpy(float)
         X_test = embedding.loc[test["region_id"].to_numpy()].to_numpy(float)
-        probe = make_probe(spec.head, "nested", config.random_state).fit(X_train, train["label"].to_numpy(float))
+        probe = make_probe(spec.head, False, config.random_state).fit(X_train, train["label"].to_numpy(float))
         in_frame = frame.index[(frame["city"] == city.name).to_numpy()]
         preds.loc[in_frame] = probe.predict(X_test)
     levels = [int(to_level(np.array([v]), np.asarray(data.edges[c]))[0])
@@ -211,7 +211,7 @@ def cross_city_ridge(data: R1Data, config: R1Config, cities: list[Any]) -> pd.Da
         return np.vstack([ranks[c].loc[[r]].to_numpy(float) for c, r in zip(part["city"], part["region_id"],
                                                                               strict=True)])
 
-    probe = make_probe("ridge", "nested", config.random_state).fit(rows(train), train["level"].to_numpy(float))
+    probe = make_probe("ridge", False, config.random_state).fit(rows(train), train["level"].to_numpy(float))
     levels = np.clip(np.rint(probe.predict(rows(frame))), 0, config.n_levels - 1).astype(int)
     return frame.assign(completion="", pred=levels.astype(float), pred_level=levels, parsed=True)
 

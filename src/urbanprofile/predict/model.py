@@ -22,7 +22,7 @@ from urbanprofile import __version__
 from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import task_data
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
-from urbanprofile.evaluation.protocols import evaluate_embedding, n_spatial_blocks, outer_splits
+from urbanprofile.evaluation.protocols import evaluate_embedding, get_protocol, n_spatial_blocks, outer_splits
 from urbanprofile.evaluation.spatial import spatial_blocks
 from urbanprofile.heads.registry import build_head, parse_head
 from urbanprofile.methods import MethodSpec, get_method
@@ -115,7 +115,7 @@ def _check_protocol(option: str, protocol: str) -> None:
 def _settings_groups(city: CityData, region_ids: pd.Index, protocol: str) -> np.ndarray | None:
     """Inner-CV groups of the head's settings: the spatial protocol's blocks (as ``evaluate_embedding`` makes
     them, over the whole city), or none for random inner folds."""
-    if protocol != "spatial":
+    if not get_protocol(protocol).spatial_folds:
         return None
     blocks = pd.Series(spatial_blocks(city, n_spatial_blocks(city.n_regions)), index=city.region_ids)
     return blocks.loc[region_ids].to_numpy()
@@ -176,7 +176,8 @@ def fit_model(
     start = time.perf_counter()
     X = emb.loc[td.region_ids].to_numpy(dtype=float)
     n_learned = int(emb.columns.str.startswith("emb_").sum())
-    estimator = build_head(head_spec, protocol_for_settings, random_state, n_region_features=X.shape[1],
+    estimator = build_head(head_spec, get_protocol(protocol_for_settings).fixed_probe, random_state,
+                           n_region_features=X.shape[1],
                            n_learned=n_learned)
     estimator.fit(X, td.y, groups=_settings_groups(city, td.region_ids, protocol_for_settings))
     # The calibration residuals: out-of-fold predictions of the very code that scores the method.

@@ -243,7 +243,8 @@ def part_transfer(seeds: list[int], tasks: list[str], protocols: list[str]) -> N
     for seed in seeds:
         for method, make in TRANSFER.items():
             for source, target in pairs:
-                for fit_on in (target, source):
+                # Raw counts fit nothing: fit on the other city would be the in-city figure itself.
+                for fit_on in (target,) if method == "raw-poi" else (target, source):
                     embedder: Embedder = make(seed)
                     start = time.perf_counter()
                     embedding = embedder.fit(cities[fit_on]).transform(cities[target])
@@ -254,8 +255,6 @@ def part_transfer(seeds: list[int], tasks: list[str], protocols: list[str]) -> N
                             rows.append({"target": target, "fit_on": fit_on, "in_city": fit_on == target,
                                          "method": method, "seed": seed, "task": task, "protocol": protocol,
                                          **result.metrics, "embed_seconds": embed_seconds})
-                if method == "raw-poi":
-                    break  # raw counts fit nothing: transfer is the in-city figure itself
     write_json(RESULTS / "curves_transfer.json", "transfer", rows)
     frame = pd.DataFrame(rows)
     mean = frame.groupby(["target", "protocol", "task", "method", "in_city"])["r2"].mean().unstack("in_city")

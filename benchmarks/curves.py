@@ -114,6 +114,10 @@ def part_label_efficiency(methods: list[str], seeds: list[int], datasets: list[s
             for name, city in cities.items():
                 if (name, method, seed) in done:
                     continue
+                reason = get_method(method).unavailable_reason(city)
+                if reason:  # e.g. mgfn needs time-of-day OD patterns, which Chicago lacks
+                    print(f"{name} {method}: skipped: {reason}", flush=True)
+                    continue
                 start = time.perf_counter()
                 embedding, candidates = fit_embedding(method, city, seed)
                 embed_seconds = time.perf_counter() - start
@@ -276,6 +280,12 @@ def part_transfer(seeds: list[int], tasks: list[str], protocols: list[str]) -> N
              f"city's labels and folds; R², mean over seeds {seeds}\n",
              md_table(["target", "protocol", "task", "method", "fit in-city", "fit on the other city",
                        "transfer - in-city"], table),
+             "\nMean over the three tasks:\n",
+             md_table(["target", "protocol", "method", "fit in-city", "fit on the other city"],
+                      [[t, p, m, float(r.get(True, np.nan)),
+                        "-" if False not in r.index or np.isnan(r[False]) else float(r[False])]
+                       for (t, p, m), r in frame.groupby(["target", "protocol", "method", "in_city"])["r2"].mean()
+                       .unstack("in_city").iterrows()]),
              "\nNot transferable (transductive: inputs and layers sized by the city's own regions):\n",
              *[f"- `{m}`: {why}" for m, why in TRANSDUCTIVE.items()],
              "- land use: 11 classes in NYC, 12 in Chicago, unnamed in the data: no shared categories.",

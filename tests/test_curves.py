@@ -181,3 +181,16 @@ def test_cli_train_fraction(make_data_dir: Callable[..., Path], tmp_path: Path, 
     assert code == 0, stderr
     [row] = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert row["train_fraction"] == 0.5 and all(n == math.ceil(0.5 * 27) for n in row["n_train"])
+
+
+def test_joint_folds_take_the_share_too(city: CityData, embedding: pd.DataFrame) -> None:
+    from urbanprofile.evaluation.protocols import evaluate_tasks
+
+    normal = evaluate_tasks(city, embedding, ["crime", "checkin"], "nested", head="ridge", random_state=2)
+    full = evaluate_tasks(city, embedding, ["crime", "checkin"], "nested", head="ridge", random_state=2,
+                          train_fraction=1.0)
+    half = evaluate_tasks(city, embedding, ["crime", "checkin"], "nested", head="ridge", random_state=2,
+                          train_fraction=0.5)
+    for a, b, c in zip(normal, full, half, strict=True):
+        assert np.array_equal(a.pred, b.pred) and np.array_equal(a.fold, c.fold)
+        assert c.train_fraction == 0.5 and sum(c.n_train) < sum(a.n_train) and np.isfinite(c.pred).all()

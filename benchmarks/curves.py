@@ -236,7 +236,12 @@ def plot_label_efficiency(curve: pd.DataFrame) -> None:
         ax.grid(alpha=0.3)
     for ax in axes[len(keys):]:
         ax.axis("off")
-    axes[0].legend(fontsize=7, loc="lower right", ncol=2)
+    # One legend for every method, though a panel may lack one (mgfn has no Chicago panel line).
+    shown: dict[str, Any] = {}
+    for ax in axes[: len(keys)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            shown.setdefault(label, handle)
+    axes[0].legend(list(shown.values()), list(shown), fontsize=7, loc="lower right", ncol=2)
     fig.suptitle("Label efficiency: probe fit on 10/25/50/100% of each outer training fold (mean ± sd over seeds)",
                  fontsize=10)
     fig.tight_layout()

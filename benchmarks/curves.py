@@ -49,7 +49,7 @@ DATASETS = ["hafusion-nyc", "hafusion-chicago"]
 TASKS = ["checkin", "crime", "service_calls"]
 PROTOCOLS = ["nested", "spatial"]
 FRACTIONS = [0.1, 0.25, 0.5, 1.0]
-METHODS = ["raw-poi", "raw-all", "pca", "autoencoder", "knn-location", "hafusion", "srel"]
+METHODS = ["raw-poi", "raw-all", "pca", "autoencoder", "knn-location", "hafusion", "srel", "mvure", "mgfn"]
 #: Embedders of the transfer part: each reads only the POI view, whose 26 categories are shared by both cities.
 TRANSFER: dict[str, Any] = {
     "raw-poi": lambda seed: RawViews(views=("poi_counts",)),

@@ -336,6 +336,9 @@ def evaluate(
     embedding: Annotated[Path | None, typer.Option(
         "--embedding", help="Evaluate an embedding made elsewhere (.parquet/.csv: region_id + numeric columns) "
         "as method file:<stem>, instead of --method.", show_default=False)] = None,
+    train_fraction: Annotated[float, typer.Option(
+        "--train-fraction", help="Fit the probe on this share of each outer training fold (a seeded subset; "
+        "test folds unchanged): a label-efficiency point. Not stored.")] = 1.0,
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
@@ -358,8 +361,14 @@ def evaluate(
         from urbanprofile.methods import get_method, with_modalities
 
         method = with_modalities(get_method(method), _split(modalities) or []).name
+    from urbanprofile.evaluation.protocols import check_train_fraction
+
+    check_train_fraction(train_fraction)
+    if store_path is not None and train_fraction != 1:
+        raise UrbanProfileError("--train-fraction below 1 is not kept in a results store: leave out --store")
     plan = BenchmarkPlan(datasets=[name], methods=[method], tasks=None if task == "all" else [task],
-                         protocols=[protocol], seeds=_seeds(seeds), heads=[head] if head else None)
+                         protocols=[protocol], seeds=_seeds(seeds), heads=[head] if head else None,
+                         train_fraction=train_fraction)
     if store_path is not None:
         from urbanprofile.benchmark.runner import validate_plan
 
@@ -380,7 +389,8 @@ def evaluate(
     for line in outcome.skipped:
         err.print(f"skipped: {line}")
     if not as_json and rows:
-        out.print(_leaderboard_table(rows, "mean ± std over seeds"))
+        share = f"; probe fit on {train_fraction:g} of each training fold" if train_fraction != 1 else ""
+        out.print(_leaderboard_table(rows, f"mean ± std over seeds{share}"))
 
 
 @app.command()

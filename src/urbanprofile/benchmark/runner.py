@@ -25,6 +25,7 @@ from urbanprofile.evaluation.protocols import (
     PROTOCOLS,
     ProtocolResult,
     check_protocol,
+    check_train_fraction,
     evaluate_embedding,
     evaluate_tasks,
     get_protocol,
@@ -61,6 +62,8 @@ class BenchmarkPlan:
     heads: Sequence[str] | None = None
     #: Tasks per dataset (a suite's pairs); a dataset listed here ignores ``tasks``.
     dataset_tasks: dict[str, Sequence[str]] | None = None
+    #: Share of each outer training fold the probes are fit on (label efficiency); rows below 1 are not stored.
+    train_fraction: float = 1.0
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Unit:
     cells: tuple[tuple[str, str, str], ...]
     #: The content fingerprint of the dataset (:func:`urbanprofile.benchmark.versions.dataset_fingerprint`).
     fingerprint: str | None = None
+    train_fraction: float = 1.0
 
     def keys(self) -> list[tuple[Any, ...]]:
         return [(self.dataset, t, self.spec.name, self.spec.config_hash, p, self.seed, h) for t, p, h in self.cells]
@@ -249,7 +253,10 @@ def _run_unit(
     skipped: list[str] = []
 
     def row(result: ProtocolResult) -> dict[str, Any]:
-        return result_row(city, spec, seed, result, embed_seconds, unit.dataset, unit.fingerprint)
+        made = result_row(city, spec, seed, result, embed_seconds, unit.dataset, unit.fingerprint)
+        if result.train_fraction != 1:  # a label-efficiency point: the JSON row says which share it was fit on
+            made.update(train_fraction=result.train_fraction, n_train=result.n_train)
+        return made
 
     try:
         t0 = time.perf_counter()
@@ -271,7 +278,8 @@ def _run_unit(
             joint.setdefault((protocol, head), []).append(task)
             continue
         try:
-            result = evaluate_embedding(city, embedding, task, protocol, head, seed, candidates=candidates)
+            result = evaluate_embedding(city, embedding, task, protocol, head, seed, candidates=candidates,
+                                        train_fraction=unit.train_fraction)
         except MethodUnavailableError as err:
             skipped.append(f"{unit.dataset}: {err}")
             continue
@@ -283,7 +291,7 @@ def _run_unit(
     for (protocol, head), tasks in joint.items():
         cells = tuple((t, protocol, head) for t in tasks)
         try:
-            results = evaluate_tasks(city, embedding, tasks, protocol, head, seed)
+            results = evaluate_tasks(city, embedding, tasks, protocol, head, seed, train_fraction=unit.train_fraction)
         except MethodUnavailableError as err:
             skipped.append(f"{unit.dataset}: {err}")
             continue
@@ -321,6 +329,7 @@ def plan_units(
         for head in plan.heads or ():
             parse_head(head)
         check_seeds(plan.seeds)
+    check_train_fraction(plan.train_fraction)
     stored = stored or {}
     units: list[Unit] = []
     reused: list[tuple[Any, ...]] = []
@@ -356,7 +365,8 @@ def plan_units(
             heads = list(plan.heads or [spec.head])
             skipped += [f"{name}: {spec.name}: {reason}" for h in heads for p in protocols
                         if (reason := protocol_unavailable_reason(h, p))]
-            seeds = list(plan.seeds) if spec.stochastic else list(plan.seeds)[:1]
+            # A subsampled training fold is drawn with the seed, so every seed runs then.
+            seeds = list(plan.seeds) if spec.stochastic or plan.train_fraction != 1 else list(plan.seeds)[:1]
             # Heads with weights vary with the seed too, so every seed runs when one is asked for.
             if not spec.stochastic and any(not head_kind(parse_head(h)).probe for h in heads):
                 seeds = list(plan.seeds)
@@ -373,7 +383,7 @@ def plan_units(
                         replaced.append(key)
                     todo.append((task, protocol, head))
                 if todo:
-                    units.append(Unit(name, spec, int(seed), tuple(todo), fingerprint))
+                    units.append(Unit(name, spec, int(seed), tuple(todo), fingerprint, plan.train_fraction))
     for spec in methods:
         # An embedding file that fits none of the datasets is a user mistake, not a skip.
         if isinstance(spec, ExternalMethodSpec) and len(misfits.get(spec.name, ())) == len(fingerprints):
@@ -423,6 +433,8 @@ def run_benchmark(
     executor = executor or SerialExecutor()
     if on_embedding is not None and not isinstance(executor, SerialExecutor):
         raise ValueError("on_embedding needs the serial executor (fitted embedders stay in their worker)")
+    if store is not None and plan.train_fraction != 1:  # its rows would be keyed like the whole-fold ones
+        raise UrbanProfileError("a train fraction below 1 is not kept in the results store: run it without --store")
     stored = store.stored() if store is not None else {}
     units, reused, replaced, skipped, cities = plan_units(plan, data_dir, cities, stored)
     outcome = BenchmarkOutcome(skipped=skipped, n_resumed=len(reused), n_units=len(units))

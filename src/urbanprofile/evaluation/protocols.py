@@ -9,6 +9,7 @@ runner ask it rather than compare its name. It knows nothing about any method: i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ N_SPATIAL_FOLDS = 5
 N_BIAS_BLOCKS = 5
 #: About this many regions per block of the spatial protocol, with 5 to 50 blocks in all.
 REGIONS_PER_BLOCK = 20
+#: Fewest labelled training regions a probe may be fit on when a fold is subsampled: the inner CV's 5 folds
+#: each need one region to validate on and four to fit on.
+MIN_TRAIN_REGIONS = 5
 
 
 def n_spatial_blocks(n_regions: int) -> int:
@@ -55,6 +59,10 @@ class ProtocolResult:
     head_seconds: float = 0.0
     task_info: str = ""
     head: str = "ridge"
+    #: Share of each outer training fold the probe was fit on (1.0: the whole fold).
+    train_fraction: float = 1.0
+    #: Labelled training regions per outer fold.
+    n_train: list[int] = field(default_factory=list)
 
     @property
     def n_regions(self) -> int:
@@ -180,6 +188,52 @@ def outer_splits(city: CityData, task: TaskData, protocol: str) -> list[tuple[np
     return get_protocol(protocol).splits(city, task)
 
 
+def check_train_fraction(train_fraction: float) -> None:
+    """A share of the outer training folds must be a number in (0, 1]."""
+    if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float) or not (
+            math.isfinite(train_fraction) and 0 < train_fraction <= 1):
+        raise UrbanProfileError(f"train fraction must be in (0, 1] (a share of each outer training fold), "
+                                f"got {train_fraction!r}")
+
+
+def subsample_train(
+    train: np.ndarray, train_fraction: float, random_state: int | None, fold: int,
+    groups: np.ndarray | None = None, where: str = "",
+) -> np.ndarray:
+    """The labelled regions a probe is fit on: a seeded share of one outer training fold.
+
+    One permutation per (seed, fold) is cut at the share, so the subsets of one seed are nested (10% inside 25%
+    inside 50%) and every method sees the same regions. The whole fold (``train_fraction=1``) is ``train`` itself,
+    untouched, so its figures are the protocol's own.
+
+    Args:
+        train: Index array of the fold's training regions.
+        train_fraction: Share in (0, 1].
+        random_state: Seed of the draw (``None`` draws with seed 0, so the result is still reproducible).
+        fold: The outer fold's number (each fold draws its own subset).
+        groups: Spatial blocks of ``train`` (the spatial protocol's inner CV must see at least two).
+        where: ``dataset task protocol`` for error messages.
+
+    Raises:
+        UrbanProfileError: A share outside (0, 1], fewer than :data:`MIN_TRAIN_REGIONS` regions kept, or (spatial)
+            a subset inside one block.
+    """
+    check_train_fraction(train_fraction)
+    if train_fraction == 1:
+        return train
+    seed = 0 if random_state is None else int(random_state)
+    order = np.random.default_rng([seed, fold]).permutation(len(train))
+    n_keep = math.ceil(train_fraction * len(train))
+    if n_keep < MIN_TRAIN_REGIONS:
+        raise UrbanProfileError(f"{where}: train fraction {train_fraction:g} keeps {n_keep} of {len(train)} training "
+                                f"regions in outer fold {fold}; the inner CV needs at least {MIN_TRAIN_REGIONS}")
+    keep = np.sort(order[:n_keep])
+    if groups is not None and len(np.unique(groups[keep])) < 2:
+        raise UrbanProfileError(f"{where}: train fraction {train_fraction:g} keeps regions of one spatial block in "
+                                f"outer fold {fold}; the spatial inner CV needs two blocks")
+    return train[keep]
+
+
 def _task_blocks(city: CityData, task: TaskData, n_blocks: int) -> np.ndarray:
     blocks = pd.Series(spatial_blocks(city, n_blocks), index=city.region_ids)
     return blocks.loc[task.region_ids].to_numpy()
@@ -193,6 +247,7 @@ def evaluate_embedding(
     head: str = "ridge",
     random_state: int | None = 0,
     candidates: dict[str, pd.DataFrame] | None = None,
+    train_fraction: float = 1.0,
 ) -> ProtocolResult:
     """Cross-validate a probe on an embedding and measure its error and geographic bias.
 
@@ -209,8 +264,15 @@ def evaluate_embedding(
         candidates: Other label-free embeddings of the same method (e.g. training checkpoints). Under
             ``nested`` and ``spatial`` each outer fold uses the candidate with the lowest inner-CV error
             on its training regions; ``paper`` ignores them and uses ``embedding``.
+        train_fraction: Share of each outer training fold the probe is fit on (a label-efficiency point): a
+            subset drawn with ``random_state``, nested across shares (:func:`subsample_train`); the probe's
+            settings are still chosen by inner CV on the subset only, and the test folds are unchanged.
+
+    Raises:
+        UrbanProfileError: A train fraction outside (0, 1] or one that leaves too few regions for the inner CV.
     """
     policy = get_protocol(protocol)
+    check_train_fraction(train_fraction)
     spec = parse_head(head)
     if spec.multitask:
         raise UrbanProfileError(f"head {head!r} fits all tasks jointly: evaluate it with --task all")
@@ -231,8 +293,13 @@ def evaluate_embedding(
     pred = np.zeros_like(y)
     fold = np.zeros(len(y), dtype=int)
     chosen: list[dict[str, Any]] = []
+    n_train: list[int] = []
     start = time.perf_counter()
     for k, (train, test) in enumerate(policy.splits(city, td)):
+        train = subsample_train(train, train_fraction, random_state, k,
+                                inner_groups[train] if inner_groups is not None else None,
+                                f"{city.name} {task} {protocol}")
+        n_train.append(len(train))
         groups = inner_groups[train] if inner_groups is not None else None
         fits = {}
         for label, X in matrices.items():
@@ -257,6 +324,8 @@ def evaluate_embedding(
         head_seconds=head_seconds,
         task_info=td.describe(),
         head=head,
+        train_fraction=float(train_fraction),
+        n_train=n_train,
     )
 
 
@@ -297,6 +366,7 @@ def evaluate_tasks(
     protocol: str = "nested",
     head: str = "moe",
     random_state: int | None = 0,
+    train_fraction: float = 1.0,
 ) -> list[ProtocolResult]:
     """Cross-validate a head on several tasks over one set of outer folds (all tasks jointly).
 
@@ -306,10 +376,13 @@ def evaluate_tasks(
     so heads compared through this function see identical splits. Each task's result uses its own label
     rules (missing labels, the peers' zero rule, its scale).
 
+    ``train_fraction`` keeps a seeded share of each outer training fold, as in :func:`evaluate_embedding`.
+
     Returns:
         One :class:`ProtocolResult` per task, in ``tasks`` order.
     """
     policy = get_protocol(protocol)
+    check_train_fraction(train_fraction)
     spec = parse_head(head)
     policy.check_available(city)
     tasks = list(tasks or city.tasks)
@@ -328,8 +401,14 @@ def evaluate_tasks(
     fold = np.zeros(len(Y), dtype=int)
     chosen: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
     seconds = dict.fromkeys(tasks, 0.0)
+    n_train: dict[str, list[int]] = {t: [] for t in tasks}
     for k, (train, test) in enumerate(folds):
         fold[test] = k
+        train = subsample_train(train, train_fraction, random_state, k,
+                                inner_groups[train] if inner_groups is not None else None,
+                                f"{city.name} {'+'.join(tasks)} {protocol}")
+        for j, t in enumerate(tasks):
+            n_train[t].append(int(np.isfinite(Y[train, j]).sum()))
         groups = inner_groups[train] if inner_groups is not None else None
         if spec.multitask:
             start = time.perf_counter()
@@ -361,6 +440,7 @@ def evaluate_tasks(
             task=t, protocol=protocol, region_ids=td.region_ids, y=td.y, pred=pred[r, j], fold=fold[r],
             metrics=regression_metrics(td.y, pred[r, j]), bias=geographic_bias(city, td, td.y, pred[r, j]),
             chosen=chosen[t], head_seconds=seconds[t], task_info=td.describe() + "; joint folds", head=head,
+            train_fraction=float(train_fraction), n_train=n_train[t],
         ))
     return results
 

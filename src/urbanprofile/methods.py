@@ -136,10 +136,10 @@ _BUILTIN = [
                            "reconstruction); any modality subset at inference (--modalities)"),
     MethodSpec("concat", "urbanprofile.embedders.modal_baselines:ConcatModalities", {},
                description="the frozen modality encoder outputs concatenated (block-scaled), tuned Ridge"),
-    MethodSpec("tfidf-captions", "urbanprofile.embedders.modal_baselines:TfidfCaptions", {},
+    MethodSpec("tfidf-captions", "urbanprofile.embedders.modal_baselines:TfidfCaptions", {}, city_check=True,
                description="TF-IDF + truncated SVD (128-d) of each region's caption text"),
     MethodSpec("urbanvlp", "urbanprofile.embedders.urbanvlp:UrbanVLPEmbedder", {}, needs_locations=True,
-               stochastic=True, family="UrbanVLP (AAAI 2025)",
+               stochastic=True, city_check=True, family="UrbanVLP (AAAI 2025)",
                description="tile + street-view branches fused, CLIP loss to tile captions, token loss to "
                            "street-view captions; frozen encoders (needs tile captions)"),
     MethodSpec("hafusion+raw", _WITH_RAW, {"learned": _HAFUSION, "learned_params": {}}, head="ridge-blocks",

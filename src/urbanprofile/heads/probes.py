@@ -242,6 +242,8 @@ class KNNProbe(BaseEstimator, RegressorMixin):
         y = np.asarray(y, dtype=float)
         if X.ndim != 2 or len(X) != len(y):
             raise ValueError(f"X must be 2-D with one row per label, got {X.shape} and {y.shape}")
+        if not np.isfinite(X).all():  # the same one-line error as the ridge probe, not scikit-learn's paragraph
+            raise ValueError("embedding has NaN or infinite values")
         bad = [w for w in self.weights if w not in ("uniform", "distance")]
         if bad or not self.weights:
             raise ValueError(f"weights must be 'uniform' and/or 'distance', got {self.weights}")

@@ -114,7 +114,7 @@ _BUILTIN = [
     MethodSpec("mvure", "urbanprofile.embedders.mvure:MVUREEmbedder", {}, requires_views=_ALL, stochastic=True,
                family="MVURE (IJCAI 2020)",
                description="per-view graph attention, cross-view sharing, attentive fusion; multi-task loss"),
-    MethodSpec("mgfn", "urbanprofile.embedders.mgfn:MGFNEmbedder", {}, requires_views=("od_patterns",),
+    MethodSpec("mgfn", "urbanprofile.embedders.mgfn:MGFNEmbedder", {}, requires_views=("od_flows", "od_patterns"),
                stochastic=True, family="MGFN (IJCAI 2022)",
                description="mobility pattern graphs fused by intra-/inter-pattern attention; mobility loss"),
     MethodSpec("hafusion", _HAFUSION, {}, requires_views=_ALL,

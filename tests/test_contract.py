@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 from urbanprofile.data import CityData, make_synthetic_city
 from urbanprofile.embedders.base import Embedder
@@ -127,6 +128,9 @@ def test_method_contract(name: str) -> None:
     # A clone (same params, same seed) gives the same output; fit never reads the targets.
     again = type(embedder)(**params).fit(_no_targets(city)).transform(city)
     pd.testing.assert_frame_equal(again, embedding)
+    if spec.stochastic:  # the seed is used, not ignored
+        other = type(embedder)(**{**params, "random_state": 1}).fit(city).transform(city)
+        assert not np.allclose(other.to_numpy(dtype=float), embedding.to_numpy(dtype=float))
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -206,6 +210,8 @@ def test_head_contract(name: str, fixed: bool) -> None:
     head, spec = _head(name, fixed)
     X, y = _data(spec)
     params = head.get_params()
+    with pytest.raises(SklearnNotFittedError):
+        head.predict(X)
     assert head.fit(X, y) is head
     pred = head.predict(X)
     assert pred.shape == np.shape(y) and np.isfinite(pred).all()

@@ -77,6 +77,13 @@ class TfidfCaptions(Embedder):
         self.max_features = max_features
         self.random_state = random_state
 
+    @classmethod
+    def unavailable_reason(cls, name: str, city: CityData, **params: object) -> str | None:
+        """Why the method cannot run on ``city`` (no caption text), or ``None``; the registry asks before fitting."""
+        if not any(k in city.modalities for k in ("tile_caption", "geo_text")):
+            return f"{name} needs caption text (tile_caption or geo_text), which {city.name} lacks"
+        return None
+
     def _documents(self, city: CityData) -> list[str]:
         tables = [city.modalities[k] for k in ("tile_caption", "geo_text") if k in city.modalities]
         if self.streetview and "streetview_caption" in city.modalities:

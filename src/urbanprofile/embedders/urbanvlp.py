@@ -318,6 +318,13 @@ class UrbanVLPEmbedder(Embedder):
             raise ValueError(f"max_items must be >= 1, got {self.max_items}")
         return parts
 
+    @classmethod
+    def unavailable_reason(cls, name: str, city: CityData, **params: object) -> str | None:
+        """Why the method cannot run on ``city`` (no tile captions), or ``None``; the registry asks before fitting."""
+        if "tile_caption" not in city.modalities:
+            return f"{name} needs tile captions, which {city.name} lacks"
+        return None
+
     def inputs(self, city: CityData) -> VLPInputs:
         """Frozen-encoder inputs of a city (the CityView views through the modality encoders)."""
 

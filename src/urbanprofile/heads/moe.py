@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from urbanprofile.heads.neural import RidgeSkip, Scaler, TrainSettings, check_xy, fit_module, inner_folds
@@ -205,6 +206,7 @@ class UrbanMoE(BaseEstimator, RegressorMixin):
         return self
 
     def predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)  # sklearn's NotFittedError (one line), not an AttributeError
         X = np.asarray(X, dtype=float)
         with torch.no_grad():
             z, _ = self.module_(torch.as_tensor(self.x_scaler_.forward(X), dtype=torch.float32))

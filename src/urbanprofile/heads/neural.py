@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from urbanprofile.heads.probes import inner_splits
@@ -329,6 +330,7 @@ class MLPHead(BaseEstimator, RegressorMixin):
         return self
 
     def predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)  # sklearn's NotFittedError (one line), not an AttributeError
         X = np.asarray(X, dtype=float)
         with torch.no_grad():
             z, _ = self.module_(torch.as_tensor(self.x_scaler_.forward(X), dtype=torch.float32))

@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.model_selection import GroupKFold, KFold
 from sklearn.neighbors import NearestNeighbors
+from sklearn.utils.validation import check_is_fitted
 
 from urbanprofile.errors import MethodUnavailableError
 
@@ -188,6 +189,7 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
         self.log_features_, self.scale_ = option
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)  # sklearn's NotFittedError (one line), not an AttributeError
         X = np.asarray(X, dtype=float)
         x_tr, x_ev = self._apply(self.X_train_, X, self.feature_option_)
         target = TargetTransform(self.log_target_, self.y_train_, capped=self.capped_)
@@ -242,6 +244,8 @@ class KNNProbe(BaseEstimator, RegressorMixin):
         y = np.asarray(y, dtype=float)
         if X.ndim != 2 or len(X) != len(y):
             raise ValueError(f"X must be 2-D with one row per label, got {X.shape} and {y.shape}")
+        if not np.isfinite(X).all():  # the same one-line error as the ridge probe, not scikit-learn's paragraph
+            raise ValueError("embedding has NaN or infinite values")
         bad = [w for w in self.weights if w not in ("uniform", "distance")]
         if bad or not self.weights:
             raise ValueError(f"weights must be 'uniform' and/or 'distance', got {self.weights}")
@@ -264,6 +268,7 @@ class KNNProbe(BaseEstimator, RegressorMixin):
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)  # sklearn's NotFittedError (one line), not an AttributeError
         X = np.asarray(X, dtype=float)
         ks = np.array([self.k_])
         return self._predict_all(self.X_train_, self.y_train_, X, ks, self.weighting_)[:, 0]

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from urbanprofile.heads.neural import Scaler, TrainSettings, check_xy, fit_module, inner_folds
@@ -265,6 +266,7 @@ class Prompt4REHead(BaseEstimator, RegressorMixin):
         return np.hstack([e, p.reshape(len(X), -1)])
 
     def predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)  # sklearn's NotFittedError (one line), not an AttributeError
         X = np.asarray(X, dtype=float)
         self.module_.eval()
         with torch.no_grad():

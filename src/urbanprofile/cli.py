@@ -720,8 +720,10 @@ app.add_typer(r1_app, name="r1")
 @r1_app.command("train")
 def r1_train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (created; resumed if it holds a run).")],
-    datasets: Annotated[str | None, _opt("Comma-separated datasets (one city each).")] = None,
-    task: Annotated[str | None, _opt("Indicator asked about.")] = None,
+    datasets: Annotated[str | None, typer.Option("--datasets", "-d", help="Comma-separated datasets (one city each).",
+                                                 show_default=False)] = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Indicator asked about.", show_default=False)
+                    ] = None,
     # Defaults live in R1Config (shown in its docs and in each run's config.json); None: not given.
     model: Annotated[str | None, _opt("smollm2 (default), tiny-random or a causal-LM folder.")] = None,
     steps: Annotated[int | None, _opt("GRPO steps (default: 60).")] = None,

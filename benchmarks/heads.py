@@ -72,11 +72,11 @@ def part_smollm2(n_regions: int) -> None:
     suffixes = ["", *("\n\n" + task_prompt(t) for t in city.tasks)]
     encoder = LLMPromptEncoder("smollm2")
     t0 = time.perf_counter()
-    encoder._model()  # converts the GGUF once per machine (cached), then loads
+    encoder.load_model()  # converts the GGUF once per machine (cached), then loads
     load_s = time.perf_counter() - t0
     from urbanprofile.encoders.llm import text_hash
 
-    key = encoder._key("pairs", text_hash(prefixes), text_hash(suffixes))
+    key = encoder.cache_key("pairs", text_hash(prefixes), text_hash(suffixes))
     cached = cache_dir() / "vectors" / f"{key}.npy"
     cached.unlink(missing_ok=True)
     runs = []

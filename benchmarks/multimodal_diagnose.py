@@ -68,7 +68,7 @@ def main() -> None:
           f"temp={record['temperature']:.4f}", flush=True)
     probe("fused (mean of tokens)", model.transform(city).to_numpy())
     net = model.model_
-    z = [torch.from_numpy(model._standardise(k, feats.values[k])) for k in model.names_]
+    z = [torch.from_numpy(model.standardise(k, feats.values[k])) for k in model.names_]
     mask = torch.from_numpy(np.column_stack([feats.present[k] for k in model.names_]))
     with torch.inference_mode():
         if "--tokens" in sys.argv:

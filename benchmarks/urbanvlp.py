@@ -36,7 +36,7 @@ from urbanprofile import __version__
 from urbanprofile.data import load_dataset
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.perception import ONLY_CLIP_NOTE, align_image_tower, clip_score, perception_score
-from urbanprofile.embedders.urbanvlp import UrbanVLPEmbedder, VLPInputs, _tower
+from urbanprofile.embedders.urbanvlp import UrbanVLPEmbedder, VLPInputs, projection_tower
 from urbanprofile.embedders.urbanvlp_inputs import vlp_inputs_from_city
 from urbanprofile.errors import UrbanProfileError
 from urbanprofile.evaluation.metrics import regression_metrics
@@ -275,7 +275,7 @@ def part_perception(cache: Inputs, params: dict[str, Any]) -> dict[str, Any]:
     for k in range(n):
         network = copy.deepcopy(base)
         torch.manual_seed(k)
-        network.image = _tower(images.shape[1], d)
+        network.image = projection_tower(images.shape[1], d)
         others = np.array([j for j in range(n) if j != k])
         align_image_tower(network, images[others], texts[others], epochs=200, random_state=k)
         with torch.no_grad():

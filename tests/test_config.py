@@ -203,3 +203,45 @@ def test_the_example_build_file_builds_olinda(data_dir: Path, tmp_path: Path, mo
     city = load_dataset(tmp_path / "olinda")
     assert json.loads((tmp_path / "olinda" / "manifest.json").read_text())["city"] == "olinda2"  # the argument won
     assert len(city.regions) == 470 and list(city.tasks) == ["V014"]
+
+
+def _help_defaults(*path: str) -> dict[str, str]:
+    """``name: default`` for every option of a command whose help says ``(default: X)``."""
+    import re
+
+    import typer
+
+    command: Any = typer.main.get_command(cli.app)
+    for name in path:
+        command = command.commands[name]
+    found = {}
+    for param in command.params:
+        match = re.search(r"default: ([^;)]+)\)", param.help or "")
+        if match:
+            found[param.name] = match.group(1).strip()
+    return found
+
+
+@pytest.mark.parametrize(("path", "schema", "renamed"), [
+    (("r1", "train"), R1Config, {"seed": "random_state"}),
+    (("build",), BuildSpec, {"h3_res": "h3_resolution", "time_patterns": "n_time_patterns"}),
+    (("benchmark",), StudyConfig, {"store_path": "store"}),
+])
+def test_the_defaults_that_help_texts_show_are_the_dataclass_defaults(path: tuple[str, ...], schema: type,
+                                                                       renamed: dict[str, str]) -> None:
+    import dataclasses
+
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(schema)}
+    shown = _help_defaults(*path)
+    assert len(shown) >= 3
+    for name, text in shown.items():
+        default = defaults.get(renamed.get(name, name))
+        if isinstance(default, bool) or default is None:
+            continue  # shown in words (yes, off, free), or the command's own (--data-dir: $URBANPROFILE_DATA)
+        if isinstance(default, int | float):
+            assert float(text) == default, name
+        elif isinstance(default, list | tuple):
+            assert text == ",".join(map(str, default)), name
+        else:
+            assert text == str(default), name

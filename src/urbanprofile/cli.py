@@ -767,7 +767,7 @@ def r1_train(
         help="Draw the level digit among the valid levels only (sampling, GRPO and evaluation; default: free).")
                                 ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
-    device: Annotated[str | None, _opt("auto (default: a GPU when visible), cpu or cuda.")] = None,
+    device: Annotated[str | None, _opt("auto (default; a GPU when one is visible), cpu or cuda.")] = None,
     seed: Annotated[int | None, _opt("Random seed (default: 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")] = True,
     parents: Parents = False,

@@ -455,7 +455,8 @@ def benchmark(
     study = _configured(StudyConfig, config, dict(
         datasets=_split(datasets), methods=_split(methods), tasks=_split(tasks),
         protocols=None if protocols is None else _split(protocols) or [],
-        seeds=None if seeds is None else _seeds(seeds), heads=_split(heads), suite=_split(suite),
+        seeds=None if seeds is None else _seeds(seeds), heads=_split(heads),
+        suite=None if suite is None else _split(suite) or [""],  # --suite "" stays the error it was
         embeddings=embeddings, store=store_path, executor=executor, jobs=jobs, address=address, retries=retries))
     _check_seeds(study.seeds, f"{config}: seeds" if config and seeds is None else "--seeds")
     method_names = study.methods

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import set_threads
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +42,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="hafusion-authors-"))
     (work / f"data_{args.city}").symlink_to(data, target_is_directory=True)
     for task_dir in code.glob("tasks_*"):  # their training module imports every city's task modules

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from common import RESULTS, write_text
 from rich.console import Console
 from rich.table import Table
 
@@ -26,7 +27,6 @@ from urbanprofile.evaluation.protocols import evaluate_embedding
 from urbanprofile.methods import get_method
 from urbanprofile.report.maps import map_city
 
-RESULTS = Path(__file__).parent / "results"
 console = Console(width=120)
 SEED = 0
 
@@ -137,7 +137,6 @@ def olinda(work: Path) -> dict[str, Any] | None:
 
 
 def main() -> None:
-    RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results: dict[str, Any] = {
@@ -164,7 +163,7 @@ def main() -> None:
         o = results["olinda"]
         console.print(f"Olinda: {o['regions']} census sectors, label V014 on {o['labelled']}, built in "
                       f"{o['build_seconds']:.2f} s; R² {o['r2_V014']}")
-    (RESULTS / "build_city.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text(RESULTS / "build_city.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {RESULTS / 'build_city.json'}")
 
 

@@ -19,17 +19,15 @@ the seed lists are set per part (``--seeds``; see the printed tables for what ra
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from common import RESULTS, parse_seeds, parser, set_threads, write_results
 
-RESULTS = Path(__file__).parent / "results"
 TOPT_TABLE1 = {  # ToPT (Chicago), R^2; epochs selected on the test folds in the released code
     "ToPT": {"crime": 0.874, "checkin": 0.986, "service_calls": 0.874},
     "w/o Prompt4RE": {"crime": 0.781, "checkin": 0.931, "service_calls": 0.768},
@@ -40,9 +38,7 @@ TASKS = ("checkin", "crime", "service_calls")
 
 
 def _write(part: str, payload: dict[str, Any], markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"heads_{part}.json").write_text(json.dumps(payload, indent=1, default=float))
-    (RESULTS / f"heads_{part}.md").write_text(markdown)
+    write_results(RESULTS, f"heads_{part}", payload, markdown, default=float)
     print(markdown, flush=True)
 
 
@@ -72,11 +68,11 @@ def part_smollm2(n_regions: int) -> None:
     suffixes = ["", *("\n\n" + task_prompt(t) for t in city.tasks)]
     encoder = LLMPromptEncoder("smollm2")
     t0 = time.perf_counter()
-    encoder._model()  # converts the GGUF once per machine (cached), then loads
+    encoder.load_model()  # converts the GGUF once per machine (cached), then loads
     load_s = time.perf_counter() - t0
     from urbanprofile.encoders.llm import text_hash
 
-    key = encoder._key("pairs", text_hash(prefixes), text_hash(suffixes))
+    key = encoder.cache_key("pairs", text_hash(prefixes), text_hash(suffixes))
     cached = cache_dir() / "vectors" / f"{key}.npy"
     cached.unlink(missing_ok=True)
     runs = []
@@ -289,20 +285,17 @@ def _plot_utilisation(utilisation: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="smollm2,prompt,moe")
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the prompt part and of NYC/Chicago in moe")
-    parser.add_argument("--cityview-seeds", default="0", help="seeds of the CityView cities in the moe part")
-    parser.add_argument("--heads", default=",".join(PROMPT_HEADS), help="heads of the prompt part")
-    parser.add_argument("--method", default="pca", help="embedder of the prompt part")
-    parser.add_argument("--smollm2-regions", type=int, default=77, help="regions of the smollm2 timing")
-    parser.add_argument("--datasets", default="hafusion-chicago,hafusion-nyc,cityview-beijing,cityview-guangzhou")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 for the smollm2 timing)")
-    args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    parser_ = parser(__doc__, raw_doc=True, parts="smollm2,prompt,moe", seeds="0,1,2,3,4",
+                     seeds_help="seeds of the prompt part and of NYC/Chicago in moe")
+    parser_.add_argument("--cityview-seeds", default="0", help="seeds of the CityView cities in the moe part")
+    parser_.add_argument("--heads", default=",".join(PROMPT_HEADS), help="heads of the prompt part")
+    parser_.add_argument("--method", default="pca", help="embedder of the prompt part")
+    parser_.add_argument("--smollm2-regions", type=int, default=77, help="regions of the smollm2 timing")
+    parser_.add_argument("--datasets", default="hafusion-chicago,hafusion-nyc,cityview-beijing,cityview-guangzhou")
+    parser_.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 for the smollm2 timing)")
+    args = parser_.parse_args()
+    set_threads(args.threads)
+    seeds = parse_seeds(args.seeds)
     for part in args.parts.split(","):
         if part == "smollm2":
             part_smollm2(args.smollm2_regions)

@@ -10,21 +10,18 @@ kept). Writes ``benchmarks/results/label_efficiency_<suite>.{json,md,png}``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+from common import RESULTS, parse_seeds, parser, write_json, write_text
 
 from urbanprofile.data.registry import list_datasets, load_dataset
 from urbanprofile.errors import UrbanProfileError
 from urbanprofile.evaluation.label_efficiency import FRACTIONS, label_efficiency
 from urbanprofile.evaluation.suites import get_suite, plan_suite
 from urbanprofile.methods import get_method
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def run(suite_name: str, methods: list[str], protocols: list[str], seeds: list[int], fractions: list[float],
@@ -103,18 +100,17 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="socioeconomic")
-    parser.add_argument("--methods", default="raw-poi,raw-all,pca,knn-location")
-    parser.add_argument("--protocols", default="nested,spatial")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
-    parser.add_argument("--datasets", default=None, help="restrict the suite to these datasets")
-    args = parser.parse_args()
+    parser_ = parser(__doc__, seeds="0")
+    parser_.add_argument("--suite", default="socioeconomic")
+    parser_.add_argument("--methods", default="raw-poi,raw-all,pca,knn-location")
+    parser_.add_argument("--protocols", default="nested,spatial")
+    parser_.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
+    parser_.add_argument("--datasets", default=None, help="restrict the suite to these datasets")
+    args = parser_.parse_args()
     start = time.perf_counter()
     try:
         frame, skipped = run(args.suite, args.methods.split(","), args.protocols.split(","),
-                             [int(s) for s in args.seeds.split(",")], [float(f) for f in args.fractions.split(",")],
+                             parse_seeds(args.seeds), [float(f) for f in args.fractions.split(",")],
                              args.datasets.split(",") if args.datasets else None)
     except UrbanProfileError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -124,14 +120,13 @@ def main() -> int:
     if frame.empty:
         print("error: nothing ran", file=sys.stderr)
         return 2
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"label_efficiency_{args.suite}"
     wall = time.perf_counter() - start
     payload = {"suite": args.suite, "wall_seconds": wall, "skipped": skipped, "rows": frame.to_dict("records")}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=float), encoding="utf-8")
+    write_json(stem.with_suffix(".json"), payload, default=float)
     text = markdown(frame, args.suite) + f"\nWall time: {wall:.0f} s (`python benchmarks/label_efficiency.py "
     text += " ".join(sys.argv[1:]) + "`).\n"
-    stem.with_suffix(".md").write_text(text, encoding="utf-8")
+    write_text(stem.with_suffix(".md"), text)
     plot(frame, stem.with_suffix(".png"))
     print(text)
     return 0

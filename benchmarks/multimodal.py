@@ -19,25 +19,21 @@ The machine is shared: torch runs on one thread (--threads to change); encoder o
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from common import RESULTS, environment, parse_seeds, parser, set_threads, write_results
 
-from urbanprofile import __version__
 from urbanprofile.benchmark.runner import BenchmarkPlan, leaderboard, row_to_json, run_benchmark
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import load_dataset
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.methods import MethodSpec, get_method, register_method, with_modalities
 
-RESULTS = Path(__file__).parent / "results"
 CITYVIEW = {"cityview-beijing": ("location", "text", "streetview"), "cityview-guangzhou": ("location", "text")}
 TASKS = ["carbon", "population"]
 RAW = ["raw-poi", "raw-landuse", "raw-mobility", "raw-all"]
@@ -45,19 +41,12 @@ RAW = ["raw-poi", "raw-landuse", "raw-mobility", "raw-all"]
 SETTINGS: dict[str, Any] = {"fusion_params": {}, "tag": ""}
 
 
-def environment() -> dict[str, Any]:
-    return {"package_version": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-
-
 def write(part: str, payload: dict[str, Any], markdown: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
     payload = {"part": part, "environment": environment(), "urbanfusion_params": SETTINGS["fusion_params"], **payload}
     if SETTINGS["fusion_params"]:
         markdown += f"\nurbanfusion settings: {json.dumps(SETTINGS['fusion_params'])} (the rest default)\n"
     stem = f"multimodal_{part}{SETTINGS['tag']}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (RESULTS / f"{stem}.md").write_text(markdown)
+    write_results(RESULTS, stem, payload, markdown, default=str)
     print(markdown)
 
 
@@ -258,24 +247,23 @@ def part_timing() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="timing,cityview,oor,hafusion,robust")
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the hafusion part")
-    parser.add_argument("--cityview-seeds", default="0", help="seeds of the cityview and oor parts")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fusion-params", default="{}",
-                        help="urbanfusion settings for every part, as JSON, "
-                        "e.g. '{\"lambda_rec\": 1.0, \"readout\": \"tokens\"}'")
-    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. _tokens), so a variant keeps "
-                        "the default's files")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser_ = parser(__doc__, raw_doc=True, parts="timing,cityview,oor,hafusion,robust", seeds="0,1,2,3,4",
+                     seeds_help="seeds of the hafusion part")
+    parser_.add_argument("--cityview-seeds", default="0", help="seeds of the cityview and oor parts")
+    parser_.add_argument("--threads", type=int, default=1)
+    parser_.add_argument("--fusion-params", default="{}",
+                         help="urbanfusion settings for every part, as JSON, "
+                         "e.g. '{\"lambda_rec\": 1.0, \"readout\": \"tokens\"}'")
+    parser_.add_argument("--tag", default="", help="suffix of the results files (e.g. _tokens), so a variant keeps "
+                         "the default's files")
+    args = parser_.parse_args()
+    set_threads(args.threads)
     SETTINGS["fusion_params"] = json.loads(args.fusion_params)
     SETTINGS["tag"] = args.tag
     if SETTINGS["fusion_params"]:
         fusion_spec("urbanfusion", **SETTINGS["fusion_params"])
-    seeds = [int(s) for s in args.seeds.split(",")]
-    cv_seeds = [int(s) for s in args.cityview_seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
+    cv_seeds = parse_seeds(args.cityview_seeds)
     for part in args.parts.split(","):
         t0 = time.perf_counter()
         if part == "cityview":

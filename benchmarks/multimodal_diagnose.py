@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, set_threads, write_json
 
 from urbanprofile.data.registry import load_dataset
 from urbanprofile.embedders.base import as_embedding
@@ -34,7 +34,7 @@ TASKS = ["carbon", "population"]
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    set_threads(1)
     name, mods = sys.argv[1], tuple(sys.argv[2].split(","))
     params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     label = sys.argv[4] if len(sys.argv) > 4 and not sys.argv[4].startswith("--") else "default"
@@ -68,7 +68,7 @@ def main() -> None:
           f"temp={record['temperature']:.4f}", flush=True)
     probe("fused (mean of tokens)", model.transform(city).to_numpy())
     net = model.model_
-    z = [torch.from_numpy(model._standardise(k, feats.values[k])) for k in model.names_]
+    z = [torch.from_numpy(model.standardise(k, feats.values[k])) for k in model.names_]
     mask = torch.from_numpy(np.column_stack([feats.present[k] for k in model.names_]))
     with torch.inference_mode():
         if "--tokens" in sys.argv:
@@ -92,8 +92,7 @@ def main() -> None:
             if drop.any(1).all() and "--drop" in sys.argv:
                 readout = "tokens" if "--tokens" in sys.argv else "mean"
                 probe(f"fused ({readout}) without {nm}", net(z, drop, readout=readout).numpy())
-    out = Path(__file__).parent / "results" / f"multimodal_diagnose_{name}_{label}.json"
-    out.write_text(json.dumps(record, indent=1))
+    write_json(RESULTS / f"multimodal_diagnose_{name}_{label}.json", record)
 
 
 if __name__ == "__main__":

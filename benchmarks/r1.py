@@ -8,8 +8,6 @@ shared: the load average and the CPU share this process got are recorded beside 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import shutil
@@ -17,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, parser, set_threads, write_json, write_text
 
 
 def _phase(name: str, fn: Any, record: dict[str, Any]) -> Any:
@@ -37,35 +35,35 @@ def _phase(name: str, fn: Any, record: dict[str, Any]) -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--generations", type=int, default=4)
-    parser.add_argument("--task", default="crime")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--run-dir", default="results/r1-run")
-    parser.add_argument("--sft-lr", type=float, default=None, help="SFT learning rate (default: --lr)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--beta", type=float, default=0.04)
-    parser.add_argument("--device", default="cpu", help="cpu (the 2-core figure), cuda or auto")
-    parser.add_argument("--name", default="r1", help="results file stem: benchmarks/results/<name>.{json,md}")
-    parser.add_argument("--save-every", type=int, default=10)
-    parser.add_argument("--reward", default="debiased", help="debiased, distance or exact")
-    parser.add_argument("--scale-rewards", action="store_true",
+    parser_ = parser(__doc__, raw_doc=True)
+    parser_.add_argument("--steps", type=int, default=40)
+    parser_.add_argument("--lr", type=float, default=5e-4)
+    parser_.add_argument("--generations", type=int, default=4)
+    parser_.add_argument("--task", default="crime")
+    parser_.add_argument("--threads", type=int, default=1)
+    parser_.add_argument("--model", default="smollm2")
+    parser_.add_argument("--run-dir", default="results/r1-run")
+    parser_.add_argument("--sft-lr", type=float, default=None, help="SFT learning rate (default: --lr)")
+    parser_.add_argument("--temperature", type=float, default=1.0)
+    parser_.add_argument("--beta", type=float, default=0.04)
+    parser_.add_argument("--device", default="cpu", help="cpu (the 2-core figure), cuda or auto")
+    parser_.add_argument("--name", default="r1", help="results file stem: benchmarks/results/<name>.{json,md}")
+    parser_.add_argument("--save-every", type=int, default=10)
+    parser_.add_argument("--reward", default="debiased", help="debiased, distance or exact")
+    parser_.add_argument("--scale-rewards", action="store_true",
                         help="advantages / group reward std (GRPO as published)")
-    parser.add_argument("--holdout-city", default=None, help="hold this dataset out whole (train on the other)")
-    parser.add_argument("--init", default="base", help="base, or sft (GRPO starts from the SFT model)")
-    parser.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="random_state of the run (sampling, LoRA, batches)")
-    parser.add_argument("--constrain-answer", action="store_true",
+    parser_.add_argument("--holdout-city", default=None, help="hold this dataset out whole (train on the other)")
+    parser_.add_argument("--init", default="base", help="base, or sft (GRPO starts from the SFT model)")
+    parser_.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: none)")
+    parser_.add_argument("--seed", type=int, default=0, help="random_state of the run (sampling, LoRA, batches)")
+    parser_.add_argument("--constrain-answer", action="store_true",
                         help="draw the level digit among the valid levels only (no format failures)")
-    args = parser.parse_args()
+    args = parser_.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    set_threads(args.threads)
     import torch
 
-    torch.set_num_threads(args.threads)
     from urbanprofile.rl.evaluate import evaluate_run
     from urbanprofile.rl.train import R1Config, load_cities, prepare_task, train_grpo, train_sft
 
@@ -96,11 +94,10 @@ def main() -> None:
     metrics = _phase("evaluate", lambda: evaluate_run(run_dir, cities=cities), record)
     record.update({"grpo_summary": grpo, "sft_summary": sft, "metrics": metrics["methods"],
                    "n_test": metrics["n_test"], "groups": metrics["groups"]})
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2, default=float))
+    write_json(RESULTS / f"{args.name}.json", record, default=float, indent=2)
     if (run_dir / "reward_curve.png").is_file():
         shutil.copy(run_dir / "reward_curve.png", RESULTS / f"{args.name}_reward_curve.png")
-    (RESULTS / f"{args.name}.md").write_text(markdown(record))
+    write_text(RESULTS / f"{args.name}.md", markdown(record))
     print(markdown(record))
 
 

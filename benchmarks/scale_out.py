@@ -11,7 +11,6 @@ executor runs into a fresh results store; rows must be identical (timings aside)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -21,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, parse_seeds, parser, set_threads, write_json, write_text
+
 STORES = Path("results") / "scale_out"
 BASELINES = ["raw-poi", "raw-landuse", "raw-mobility", "raw-all", "pca", "raw-location", "knn-location", "autoencoder"]
 _VARYING = {"created_at", "embed_seconds", "head_seconds", "fit_seconds"}
@@ -37,7 +37,7 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # every executor: one thread per unit (6 helpers share 2 cores)
     import torch
 
-    torch.set_num_threads(1)
+    set_threads(1)
     from urbanprofile import __version__
     from urbanprofile.benchmark.executors import make_executor
     from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
@@ -45,16 +45,15 @@ def main() -> int:
     from urbanprofile.methods import get_method, register_method
     from urbanprofile.report.html import write_report
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=100, help="training epochs of the learned method")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--executors", default="serial,jobs2,ray")
-    parser.add_argument("--datasets", default="hafusion-nyc,hafusion-chicago")
-    args = parser.parse_args()
+    parser_ = parser(__doc__, seeds="0,1,2,3,4")
+    parser_.add_argument("--epochs", type=int, default=100, help="training epochs of the learned method")
+    parser_.add_argument("--executors", default="serial,jobs2,ray")
+    parser_.add_argument("--datasets", default="hafusion-nyc,hafusion-chicago")
+    args = parser_.parse_args()
     learned = register_method(dataclasses.replace(get_method("hafusion"), name=f"hafusion-e{args.epochs}",
                                                   params={"epochs": args.epochs}), replace=True)
     plan = BenchmarkPlan(datasets=args.datasets.split(","), methods=[*BASELINES, learned.name],
-                         protocols=["paper", "nested", "spatial"], seeds=[int(s) for s in args.seeds.split(",")])
+                         protocols=["paper", "nested", "spatial"], seeds=parse_seeds(args.seeds))
     executors = {"serial": ("serial", None), "jobs2": ("processes", 2), "ray": ("ray", 2)}
     STORES.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -110,7 +109,7 @@ def main() -> int:
                    "note": "6 helpers shared these 2 cores during the run; wall times include that contention"}
     result = {"environment": environment, "epochs": args.epochs, "plan": dataclasses.asdict(plan), "runs": runs,
               "sizes_bytes": sizes}
-    (RESULTS / "scale_out.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(RESULTS / "scale_out.json", result, default=str, indent=2)
     lines = ["| executor | workers | units | rows | wall s | unit compute s | overhead s / unit | speedup | "
              "identical rows |", "|---|---|---|---|---|---|---|---|---|"]
     for label, run in runs.items():
@@ -118,7 +117,7 @@ def main() -> int:
                      f"{run['work_s']} | {run['overhead_per_unit_s']} | {run.get('speedup_vs_serial', '-')} | "
                      f"{'yes' if run['identical_to_first'] else 'NO'} |")
     lines += ["", "| what moves | bytes |", "|---|---|", *(f"| {k} | {v:,} |" for k, v in sizes.items())]
-    (RESULTS / "scale_out.md").write_text("\n".join(lines) + "\n")
+    write_text(RESULTS / "scale_out.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(STORES / "tmp", ignore_errors=True)
     return 0

@@ -84,10 +84,36 @@ def _seeds(value: str) -> list[int]:
     # Every item must be a seed: "1,,2" is a typo, not seeds 1 and 2.
     if not all(v.isdigit() for v in items):
         raise UrbanProfileError(f"--seeds must be comma-separated whole numbers from 0 to {MAX_SEED}, got {value!r}")
-    seeds = [int(v) for v in items]
-    if max(seeds) > MAX_SEED:
-        raise UrbanProfileError(f"--seeds: {max(seeds)} is too large (seeds go from 0 to {MAX_SEED})")
+    return _check_seeds([int(v) for v in items], "--seeds")
+
+
+def _check_seeds(seeds: list[int], where: str) -> list[int]:
+    from urbanprofile.benchmark.runner import MAX_SEED
+
+    if not seeds:
+        raise UrbanProfileError(f"{where}: give at least one seed")
+    if min(seeds) < 0 or max(seeds) > MAX_SEED:
+        bad = min(seeds) if min(seeds) < 0 else max(seeds)
+        raise UrbanProfileError(f"{where}: {bad} is out of range (seeds go from 0 to {MAX_SEED})")
     return seeds
+
+
+def _opt(help_text: str) -> Any:
+    return typer.Option(help=help_text, show_default=False)
+
+
+ConfigFile = Annotated[Path | None, typer.Option(
+    "--config", help="TOML file whose keys are this command's settings; flags given override it.",
+    show_default=False)]
+
+
+def _configured(schema: type[Any], path: Path | None, flags: dict[str, Any],
+                flag_names: dict[str, str] | None = None) -> Any:
+    """The command's config dataclass: the flags given, else the ``--config`` file's keys, else its defaults."""
+    from urbanprofile.config import load_config, make_config
+
+    file_values = load_config(path, schema) if path is not None else {}
+    return make_config(schema, file_values, flags, source=path, flag_names=flag_names)
 
 
 def _interrupted(stop: KeyboardInterrupt, store_path: Path | None) -> typer.Exit:
@@ -398,53 +424,70 @@ def benchmark(
     datasets: Annotated[str | None, typer.Option("--datasets", help="Comma-separated datasets (default all).")] = None,
     methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (default all).")] = None,
     tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated tasks (default all).")] = None,
-    protocols: Annotated[str, typer.Option("--protocols", help="Comma-separated protocols.")] = "paper,nested,spatial",
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (stochastic methods).")] = "0,1,2,3,4",
-    store_path: Annotated[Path, typer.Option("--store", help="DuckDB results store.")] = Path(
-        "results/urbanprofile.duckdb"),
+    protocols: Annotated[str | None, _opt("Comma-separated protocols (default: paper,nested,spatial).")] = None,
+    seeds: Annotated[str | None, _opt("Comma-separated seeds of stochastic methods (default: 0,1,2,3,4).")] = None,
+    store_path: Annotated[Path | None, typer.Option(
+        "--store", help="DuckDB results store (default: results/urbanprofile.duckdb).", show_default=False)] = None,
     parents: Annotated[bool, typer.Option("--parents", help="Create the store's missing parent folders (the "
                                           "default store's results/ folder is always created).")] = False,
     heads: Annotated[str | None, typer.Option(
         "--heads", help="Comma-separated heads (default: each method's own head).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per requested row on stdout (stored earlier or now: see 'resumed').")] = False,
-    executor: Annotated[str, typer.Option(
-        "--executor", help=escape("Where units run: serial, processes (see --jobs) or ray (pip install "
-                                  "'urbanprofile[ray]')."))] = "serial",
+    executor: Annotated[str | None, typer.Option(
+        "--executor", help=escape("Where units run: serial (default), processes (see --jobs) or ray (pip install "
+                                  "'urbanprofile[ray]')."), show_default=False)] = None,
     jobs: Annotated[int | None, typer.Option(
         "--jobs", help="Local worker processes (or CPUs of a local Ray instance).", show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
         "--address", help="Ray cluster to join: auto or HOST:PORT (default: a local Ray instance).",
         show_default=False)] = None,
-    retries: Annotated[int, typer.Option("--retries", help="Retries of a unit whose worker died or raised.")] = 2,
+    retries: Annotated[int | None, _opt("Retries of a unit whose worker died or raised (default: 2).")] = None,
     embeddings: Annotated[str | None, typer.Option(
         "--embeddings", help="Embeddings made elsewhere, NAME=FILE,... (.parquet/.csv with region_id), run as "
         "methods file:NAME beside --methods (alone when --methods is not given).", show_default=False)] = None,
     suite: Annotated[str | None, typer.Option(
         "--suite", help="Task suites instead of --tasks: core, socioeconomic, all (comma-separated); adds an "
         "aggregate per method over each suite.", show_default=False)] = None,
+    config: ConfigFile = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run a grid of datasets x methods x tasks x protocols x seeds x heads; rows of the same code are reused."""
     from urbanprofile.benchmark.executors import make_executor
-    from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark, validate_plan
+    from urbanprofile.benchmark.runner import (
+        DEFAULT_STORE,
+        BenchmarkPlan,
+        StudyConfig,
+        describe_recomputed,
+        run_benchmark,
+        validate_plan,
+    )
     from urbanprofile.benchmark.store import open_store
 
-    method_names = _split(methods)
-    if embeddings is not None:
+    study = _configured(StudyConfig, config, dict(
+        datasets=_split(datasets), methods=_split(methods), tasks=_split(tasks),
+        protocols=None if protocols is None else _split(protocols) or [],
+        seeds=None if seeds is None else _seeds(seeds), heads=_split(heads),
+        suite=None if suite is None else _split(suite) or [""],  # --suite "" stays the error it was
+        embeddings=embeddings, store=store_path, executor=executor, jobs=jobs, address=address, retries=retries))
+    _check_seeds(study.seeds, f"{config}: seeds" if config and seeds is None else "--seeds")
+    method_names = study.methods
+    if study.embeddings is not None:
         from urbanprofile.methods import register_embeddings
 
-        method_names = [*(method_names or []), *register_embeddings(embeddings)]
+        method_names = [*(method_names or []), *register_embeddings(study.embeddings)]
     plan = BenchmarkPlan(
-        datasets=_split(datasets), methods=method_names, tasks=_split(tasks),
-        protocols=_split(protocols) or [], seeds=_seeds(seeds), heads=_split(heads),
+        datasets=study.datasets, methods=method_names, tasks=study.tasks,
+        protocols=study.protocols, seeds=study.seeds, heads=study.heads,
     )
-    if retries < 0:
-        raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
-    runner = make_executor(executor, jobs=jobs, address=address, retries=retries)
-    suites, suite_skipped = _plan_suites(plan, suite, data_dir) if suite is not None else ([], [])
+    if study.retries < 0:
+        raise UrbanProfileError(f"--retries must be at least 0, got {study.retries}")
+    runner = make_executor(study.executor, jobs=study.jobs, address=study.address, retries=study.retries)
+    suites, suite_skipped = (_plan_suites(plan, ",".join(study.suite), data_dir) if study.suite is not None
+                             else ([], []))
     validate_plan(plan, data_dir)
-    _check_output(store_path, parents=parents or store_path == Path("results/urbanprofile.duckdb"))
+    store_path = study.store
+    _check_output(store_path, parents=parents or store_path == DEFAULT_STORE)
     with open_store(store_path) as store:  # a store file this command created goes again if nothing is written
         try:
             outcome = run_benchmark(plan, data_dir, store=store, progress=True,
@@ -554,29 +597,27 @@ def report(
 
 
 # -- build and map -----------------------------------------------------------------------------------
-def _opt(help_text: str) -> Any:
-    return typer.Option(help=help_text, show_default=False)
-
-
 @app.command()
 def build(
-    city: Annotated[str, typer.Argument(help="Short lowercase city name; the dataset is built-<city>.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to create (e.g. DATA/built/<city>).")],
+    city: Annotated[str | None, typer.Argument(help="Short lowercase city name; the dataset is built-<city> "
+                                               "(or city in --config).", show_default=False)] = None,
     regions: Annotated[Path | None, typer.Option(help="Region polygons (GeoParquet, GeoJSON, GPKG, shapefile).",
                                                  show_default=False)] = None,
     region_id_column: Annotated[str | None, _opt("Field holding region ids (default region_id, else 0..N-1).")] = None,
     region_name_column: Annotated[str | None, _opt("Field holding region names (shown on maps).")] = None,
     boundary: Annotated[str | None, _opt("Boundary to cut into H3 cells: vector file, .osm.pbf, or W,S,E,N.")] = None,
     h3_res: Annotated[int | None, typer.Option("--h3-res", help="H3 resolution (0-15).", show_default=False)] = None,
-    h3_centres_only: Annotated[bool, typer.Option(
-        "--h3-centres-only", help="Keep only H3 cells whose centre is inside the boundary.")] = False,
+    h3_centres_only: Annotated[bool | None, typer.Option(
+        "--h3-centres-only", help="Keep only H3 cells whose centre is inside the boundary.", show_default=False)
+                               ] = None,
     pois: Annotated[Path | None, _opt("POI points (vector file, CSV/Parquet with lon/lat, or .osm.pbf).")] = None,
     category_column: Annotated[str | None, _opt("POI category field (default: category).")] = None,
     categories: Annotated[str | None, _opt("Comma-separated categories, or a JSON list/mapping file.")] = None,
-    lon_column: Annotated[str, typer.Option(help="Longitude column of CSV/Parquet tables.")] = "lon",
-    lat_column: Annotated[str, typer.Option(help="Latitude column of CSV/Parquet tables.")] = "lat",
+    lon_column: Annotated[str | None, _opt("Longitude column of CSV/Parquet tables (default: lon).")] = None,
+    lat_column: Annotated[str | None, _opt("Latitude column of CSV/Parquet tables (default: lat).")] = None,
     landuse: Annotated[Path | None, _opt("Land-use polygons with a class field (or .osm.pbf).")] = None,
-    landuse_class_column: Annotated[str, typer.Option(help="Land-use class field.")] = "class",
+    landuse_class_column: Annotated[str | None, _opt("Land-use class field (default: class).")] = None,
     trips: Annotated[Path | None, _opt(
         "Trips (CSV/Parquet): origin,destination ids, or both ends' coordinates (o_lon..., pickup_/dropoff_ "
         "longitude/latitude, start_/end_ lat/lng, origin_/destination_ ...).")] = None,
@@ -585,34 +626,38 @@ def build(
     trip_weight: Annotated[str | None, typer.Option("--trip-weight", help=(
         "Column with the number of trips per row (default: one named trips, count, n, weight or flow; "
         "'none' or no such column: each row is one trip)."), show_default=False)] = None,
-    time_patterns: Annotated[int, typer.Option(help="Time-of-day patterns the trips are split into.")] = 4,
+    time_patterns: Annotated[int | None, _opt("Time-of-day patterns the trips are split into (default: 4).")
+                             ] = None,
     labels: Annotated[Path | None, _opt("Labels: CSV/Parquet keyed by region id, or points with values.")] = None,
-    label_id_column: Annotated[str, typer.Option(help="Region-id column of the labels table.")] = "region_id",
+    label_id_column: Annotated[str | None, _opt("Region-id column of the labels table (default: region_id).")
+                               ] = None,
     label_columns: Annotated[str | None, _opt("Comma-separated label columns (of --labels, else of --regions).")
                              ] = None,
-    label_agg: Annotated[str, typer.Option(help="Aggregation of point labels per region.")] = "mean",
+    label_agg: Annotated[str | None, _opt("Aggregation of point labels per region (default: mean).")] = None,
     crs: Annotated[str | None, _opt("CRS of inputs that declare none (and of CSV coordinates), e.g. EPSG:31983.")
                    ] = None,
-    join_engine: Annotated[str, typer.Option(help="Spatial join: auto, geopandas or duckdb.")] = "auto",
-    max_cells: Annotated[int, typer.Option("--max-cells", help="Most H3 cells --boundary may be cut into.")
-                         ] = 200_000,
+    join_engine: Annotated[str | None, _opt("Spatial join: auto (default), geopandas or duckdb.")] = None,
+    max_cells: Annotated[int | None, typer.Option(
+        "--max-cells", help="Most H3 cells --boundary may be cut into (default: 200000).", show_default=False)
+                         ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Replace an existing dataset folder (only one a build wrote, holding nothing else)."))] = False,
     parents: Annotated[bool, typer.Option("--parents", help="Create the output's missing parent folders.")] = False,
+    config: ConfigFile = None,
 ) -> None:
-    """Build a dataset folder from raw geodata files (regions or H3 cells, POIs, land use, trips, labels)."""
+    """Build a dataset folder from raw geodata files (regions or H3 cells, POIs, land use, trips, labels).
+
+    A --config file's keys are the fields of BuildSpec (city, regions, h3_resolution, pois, ...).
+    """
     import shlex
 
     from urbanprofile.data.build import BuildSpec, build_dataset
     from urbanprofile.report.terminal import Column, FitTable
 
-    if not out_dir.exists():  # an existing folder is judged by the build (--overwrite, only a built dataset)
-        _check_output(out_dir, parents=parents, folder=True)
-
-    spec = BuildSpec(
+    spec = _configured(BuildSpec, config, dict(
         city=city, regions=regions, region_id_column=region_id_column, region_name_column=region_name_column,
-        boundary=boundary, h3_resolution=h3_res, h3_cover=not h3_centres_only, pois=pois,
-        category_column=category_column,
+        boundary=boundary, h3_resolution=h3_res, h3_cover=None if h3_centres_only is None else not h3_centres_only,
+        pois=pois, category_column=category_column,
         categories=categories if categories is None or categories.endswith(".json") else _split(categories),
         lon_column=lon_column, lat_column=lat_column, landuse=landuse, landuse_class_column=landuse_class_column,
         trips=trips, trip_columns=_split(trip_columns), trip_time_column=trip_time_column,
@@ -620,7 +665,11 @@ def build(
         n_time_patterns=time_patterns, labels=labels, label_id_column=label_id_column,
         label_columns=_split(label_columns), label_agg=label_agg, crs=crs, join_engine=join_engine,
         max_cells=max_cells,
-    )
+    ), flag_names={"city": "CITY", "h3_resolution": "--h3-res", "n_time_patterns": "--time-patterns",
+                   "trip_weight_column": "--trip-weight"})
+    city = spec.city
+    if not out_dir.exists():  # an existing folder is judged by the build (--overwrite, only a built dataset)
+        _check_output(out_dir, parents=parents, folder=True)
     command = "urbanprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = build_dataset(spec, out_dir, overwrite=overwrite, progress=True, command=command, log=err.print)
     for line in report.warnings():
@@ -629,10 +678,10 @@ def build(
                      title=f"built-{city}: {report.region_kind} regions, {report.join_engine} join")
     rows = [
         ("regions", report.n_regions),
-        ("POIs joined / read", f"{report.n_pois_joined} / {report.n_pois_read}" if pois else "-"),
+        ("POIs joined / read", f"{report.n_pois_joined} / {report.n_pois_read}" if spec.pois else "-"),
         ("POI categories", report.n_categories or "-"),
         ("land-use classes", report.n_landuse_classes or "-"),
-        ("trips kept / read", f"{report.n_trips_kept} / {report.n_trips_read}" if trips else "-"),
+        ("trips kept / read", f"{report.n_trips_kept} / {report.n_trips_read}" if spec.trips else "-"),
         *([(f"trips kept / read (by {report.trip_weight_column})",
             f"{report.trips_weighted_kept:g} / {report.trips_weighted_read:g}")] if report.trip_weight_column else []),
         ("trip columns", ", ".join(report.trip_columns) or "-"),
@@ -683,76 +732,92 @@ app.add_typer(r1_app, name="r1")
 
 @r1_app.command("train")
 def r1_train(
-    datasets: Annotated[str, typer.Option("--datasets", "-d", help="Comma-separated datasets (one city each).")],
-    task: Annotated[str, typer.Option("--task", "-t", help="Indicator asked about.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (created; resumed if it holds a run).")],
-    model: Annotated[str, typer.Option("--model", help="smollm2, tiny-random or a causal-LM folder.")] = "smollm2",
-    steps: Annotated[int, typer.Option("--steps", help="GRPO steps.")] = 60,
-    generations: Annotated[int, typer.Option("--generations", "-G", help="Completions per prompt.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Completion length limit.")] = 4,
-    answer: Annotated[str, typer.Option("--answer", help="level or number.")] = "level",
-    n_levels: Annotated[int, typer.Option("--levels", help="Levels of the answer scale.")] = 5,
-    protocol: Annotated[str, typer.Option("--protocol", "-p", help="Whose folds hold regions out.")] = "spatial",
-    fold: Annotated[int, typer.Option("--fold", help="Held-out outer fold of each city.")] = 0,
-    blocks_per_city: Annotated[int, typer.Option("--blocks-per-city", help="Geographic groups per city.")] = 2,
-    holdout_city: Annotated[str | None, typer.Option("--holdout-city", help="Hold this dataset out whole (train on "
-                                                 "the others; --protocol and --fold then play no part).")] = None,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 5e-4,
-    beta: Annotated[float, typer.Option("--beta", help="KL penalty to the base model.")] = 0.04,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = 16,
-    balanced: Annotated[bool, typer.Option("--balanced/--unbalanced", help="One prompt per group per step.")] = True,
-    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 10,
-    sft: Annotated[bool, typer.Option("--sft/--no-sft", help="Also train the SFT baseline (same budget).")] = True,
-    engine: Annotated[str, typer.Option("--engine", help="prefix (prompt-sharing) or trl (GRPOTrainer).")] = "prefix",
-    lora_layers: Annotated[int, typer.Option("--lora-layers", help="LoRA on the last N layers (0: all).")] = 4,
-    sft_learning_rate: Annotated[float, typer.Option("--sft-lr", help="Learning rate of the SFT baseline.")] = 5e-4,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
-    reward: Annotated[str, typer.Option("--reward", help="Accuracy reward: debiased (distance minus its mean over "
-                                        "the city's training targets), distance or exact.")] = "debiased",
-    init: Annotated[str, typer.Option("--init", help="Where GRPO starts: base, or sft (the run's SFT model, "
-                                      "trained first; also the KL reference).")] = "base",
-    scale_rewards: Annotated[bool, typer.Option(
-        "--scale-rewards/--no-scale-rewards",
-        help="Divide advantages by the group's reward spread (GRPO as published; default off: Dr. GRPO).")] = False,
-    entropy_coef: Annotated[float, typer.Option("--entropy-coef", help="Weight of an entropy bonus on the "
-                                                "completion tokens (0: none).")] = 0.0,
-    constrain_answer: Annotated[bool, typer.Option(
-        "--constrain-answer/--free-answer",
-        help="Draw the level digit among the valid levels only (sampling, GRPO and evaluation).")] = False,
+    datasets: Annotated[str | None, typer.Option("--datasets", "-d", help="Comma-separated datasets (one city each).",
+                                                 show_default=False)] = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Indicator asked about.", show_default=False)
+                    ] = None,
+    # Defaults live in R1Config (shown in its docs and in each run's config.json); None: not given.
+    model: Annotated[str | None, _opt("smollm2 (default), tiny-random or a causal-LM folder.")] = None,
+    steps: Annotated[int | None, _opt("GRPO steps (default: 60).")] = None,
+    generations: Annotated[int | None, typer.Option("--generations", "-G", help="Completions per prompt "
+                                                    "(default: 4).", show_default=False)] = None,
+    max_new_tokens: Annotated[int | None, _opt("Completion length limit (default: 4).")] = None,
+    answer: Annotated[str | None, _opt("level (default) or number.")] = None,
+    n_levels: Annotated[int | None, typer.Option("--levels", help="Levels of the answer scale (default: 5).",
+                                                 show_default=False)] = None,
+    protocol: Annotated[str | None, typer.Option("--protocol", "-p", help="Whose folds hold regions out "
+                                                 "(default: spatial).", show_default=False)] = None,
+    fold: Annotated[int | None, _opt("Held-out outer fold of each city (default: 0).")] = None,
+    blocks_per_city: Annotated[int | None, _opt("Geographic groups per city (default: 2).")] = None,
+    holdout_city: Annotated[str | None, _opt("Hold this dataset out whole (train on the others; --protocol and "
+                                             "--fold then play no part).")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate (default: 5e-4).",
+                                                        show_default=False)] = None,
+    beta: Annotated[float | None, _opt("KL penalty to the base model (default: 0.04).")] = None,
+    lora_rank: Annotated[int | None, _opt("LoRA rank (0: full fine-tuning; default: 16).")] = None,
+    balanced: Annotated[bool | None, typer.Option("--balanced/--unbalanced", help="One prompt per group per step "
+                                                  "(default: balanced).", show_default=False)] = None,
+    save_every: Annotated[int | None, _opt("Checkpoint every N steps (default: 10).")] = None,
+    sft: Annotated[bool | None, typer.Option("--sft/--no-sft", help="Also train the SFT baseline (same budget; "
+                                             "default: yes).", show_default=False)] = None,
+    engine: Annotated[str | None, _opt("prefix (prompt-sharing; default) or trl (GRPOTrainer).")] = None,
+    lora_layers: Annotated[int | None, _opt("LoRA on the last N layers (0: all; default: 4).")] = None,
+    sft_learning_rate: Annotated[float | None, typer.Option(
+        "--sft-lr", help="Learning rate of the SFT baseline (default: 5e-4).", show_default=False)] = None,
+    temperature: Annotated[float | None, _opt("Sampling temperature (default: 1.0).")] = None,
+    reward: Annotated[str | None, _opt("Accuracy reward: debiased (default; distance minus its mean over the "
+                                       "city's training targets), distance or exact.")] = None,
+    init: Annotated[str | None, _opt("Where GRPO starts: base (default), or sft (the run's SFT model, trained "
+                                     "first; also the KL reference).")] = None,
+    scale_rewards: Annotated[bool | None, typer.Option(
+        "--scale-rewards/--no-scale-rewards", show_default=False,
+        help="Divide advantages by the group's reward spread (GRPO as published; default off: Dr. GRPO).")] = None,
+    entropy_coef: Annotated[float | None, _opt("Weight of an entropy bonus on the completion tokens (0: none; "
+                                               "default: 0).")] = None,
+    constrain_answer: Annotated[bool | None, typer.Option(
+        "--constrain-answer/--free-answer", show_default=False,
+        help="Draw the level digit among the valid levels only (sampling, GRPO and evaluation; default: free).")
+                                ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (a GPU when visible), cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    device: Annotated[str | None, _opt("auto (default; a GPU when one is visible), cpu or cuda.")] = None,
+    seed: Annotated[int | None, _opt("Random seed (default: 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")] = True,
     parents: Parents = False,
+    config_file: ConfigFile = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Post-train with GRPO (and the SFT baseline) on the training regions; writes the run folder."""
+    """Post-train with GRPO (and the SFT baseline) on the training regions; writes the run folder.
+
+    A --config file's keys are the fields of R1Config (datasets, task, steps, learning_rate, random_state, ...).
+    """
     import shutil
 
     from urbanprofile.rl.policy import check_model_path
     from urbanprofile.rl.train import R1Config, has_run_state
 
-    config = R1Config(
-        datasets=_split(datasets) or [], task=task, model=model, answer=answer, n_levels=n_levels, protocol=protocol,
+    config: R1Config = _configured(R1Config, config_file, dict(
+        datasets=_split(datasets), task=task, model=model, answer=answer, n_levels=n_levels, protocol=protocol,
         fold=fold, blocks_per_city=blocks_per_city, holdout_city=holdout_city, steps=steps, generations=generations,
         max_new_tokens=max_new_tokens, learning_rate=learning_rate, beta=beta, lora_rank=lora_rank,
         balanced=balanced, save_every=save_every, sft=sft, engine=engine, lora_layers=lora_layers, random_state=seed,
         sft_learning_rate=sft_learning_rate, temperature=temperature, reward=reward,
         scale_rewards=scale_rewards, init=init, entropy_coef=entropy_coef, constrain_answer=constrain_answer,
         data_dir=str(data_dir) if data_dir else None, device=device,
-    )
+    ), flag_names={"random_state": "--seed", "learning_rate": "--lr", "n_levels": "--levels",
+                   "sft_learning_rate": "--sft-lr"})
     from urbanprofile.rl.policy import resolve_device
 
-    resolve_device(device)  # an unknown device or a missing GPU stops here, before any data is read
+    resolve_device(config.device)  # an unknown device or a missing GPU stops here, before any data is read
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    check_model_path(model)
+    check_model_path(config.model)
     _check_output(out_dir, parents=parents, folder=True)
     created = not out_dir.exists()
     try:
-        _r1_train(config, out_dir, sft=sft, init=init, resume=resume)
+        _r1_train(config, out_dir, sft=config.sft, init=config.init, resume=resume)
     except BaseException:
         # A run that failed before its first checkpoint leaves nothing to resume: remove the folder it made
         # (only when this command made it), so the corrected command starts clean.

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 #: Seeds are stored as 32-bit integers and passed to numpy and torch, which take no negative seed.
 MAX_SEED = 2**31 - 1
+#: Where ``urbanprofile benchmark`` stores results unless told otherwise.
+DEFAULT_STORE = Path("results/urbanprofile.duckdb")
 #: Metrics that a result row must have as finite numbers to count as a result.
 _MAIN_METRICS = ("mae", "rmse", "r2")
 
@@ -64,6 +66,40 @@ class BenchmarkPlan:
     dataset_tasks: dict[str, Sequence[str]] | None = None
     #: Share of each outer training fold the probes are fit on (label efficiency); rows below 1 are not stored.
     train_fraction: float = 1.0
+
+
+@dataclass
+class StudyConfig:
+    """A benchmark study as a file (``urbanprofile benchmark --config study.toml``): the plan and where it runs.
+
+    Flags given with the file override its keys; a key absent from both takes the default here.
+
+    Attributes:
+        datasets, methods, tasks, heads: As in :class:`BenchmarkPlan` (``None``: all, or each method's own head).
+        protocols: Protocols to run.
+        seeds: Seeds of stochastic methods (0 to :data:`MAX_SEED`).
+        suite: Task suites instead of ``tasks`` (adds an aggregate per method over each suite).
+        embeddings: Embeddings made elsewhere, ``NAME=FILE,...``, run as methods ``file:NAME``.
+        store: DuckDB results store.
+        executor: ``serial``, ``processes`` or ``ray``.
+        jobs: Local worker processes (or CPUs of a local Ray instance); ``None``: the executor's choice.
+        address: Ray cluster to join (``auto`` or ``HOST:PORT``); ``None``: a local Ray instance.
+        retries: Retries of a unit whose worker died or raised.
+    """
+
+    datasets: list[str] | None = None
+    methods: list[str] | None = None
+    tasks: list[str] | None = None
+    protocols: list[str] = field(default_factory=lambda: list(BenchmarkPlan.protocols))
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    heads: list[str] | None = None
+    suite: list[str] | None = None
+    embeddings: str | None = None
+    store: Path = DEFAULT_STORE
+    executor: str = "serial"
+    jobs: int | None = None
+    address: str | None = None
+    retries: int = 2
 
 
 @dataclass

@@ -166,7 +166,7 @@ class UrbanFusionEmbedder(Embedder):
                 raise MethodUnavailableError(f"no region has the {m!r} modality in the pretraining data")
             self.mean_[m] = rows.mean(0)
             self.scale_[m] = rows.std(0) + 1e-6
-        z = {m: self._standardise(m, x[m]) for m in self.names_}
+        z = {m: self.standardise(m, x[m]) for m in self.names_}
 
         torch.manual_seed(0 if self.random_state is None else int(self.random_state))
         rng = np.random.default_rng(self.random_state)
@@ -223,7 +223,16 @@ class UrbanFusionEmbedder(Embedder):
                 present[m].append(src.present[m] if ok else np.zeros(n, bool))
         return ({m: np.concatenate(v) for m, v in x.items()}, {m: np.concatenate(v) for m, v in present.items()})
 
-    def _standardise(self, m: str, values: np.ndarray) -> np.ndarray:
+    def standardise(self, m: str, values: np.ndarray) -> np.ndarray:
+        """Scale one modality's features as in training (absent rows become 0, which the mask hides).
+
+        Args:
+            m: Modality name, one of ``names_``.
+            values: Its raw features, ``(n_regions, width)``.
+
+        Returns:
+            float32 features, standardised with the training mean and scale and clipped to ±10.
+        """
         out = (values - self.mean_[m]) / self.scale_[m]
         return np.nan_to_num(np.clip(out, -10, 10), nan=0.0).astype(np.float32)  # absent rows are masked
 
@@ -246,7 +255,7 @@ class UrbanFusionEmbedder(Embedder):
                 f"{int(empty.sum())} region(s) of {city.name} (e.g. {city.region_ids[int(np.argmax(empty))]}) have "
                 f"none of the modalities {names}; add one they all have (e.g. location)"
             )
-        xs = [torch.from_numpy(self._standardise(m, feats.values[m]) if m in names
+        xs = [torch.from_numpy(self.standardise(m, feats.values[m]) if m in names
                                else np.zeros((city.n_regions, self.dims_[m]), np.float32)) for m in self.names_]
         self.modalities_used_ = names
         self.skipped_ = feats.skipped

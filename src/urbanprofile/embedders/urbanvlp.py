@@ -52,7 +52,7 @@ from urbanprofile.errors import DataError, TrainingError
 EMBEDDING_PARTS = ("fused", "macro", "micro", "location", "text")
 
 
-def _tower(d_in: int, d: int) -> nn.Sequential:
+def projection_tower(d_in: int, d: int) -> nn.Sequential:
     """A projection tower over a frozen encoder: LayerNorm, two-layer MLP."""
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
@@ -70,9 +70,9 @@ class UrbanVLPNetwork(nn.Module):
     def __init__(self, text_dim: int, location_dim: int, image_dim: int, d: int) -> None:
         super().__init__()
         self.d = d
-        self.text = _tower(text_dim, d)
-        self.location = _tower(location_dim, d)
-        self.image = _tower(image_dim, d) if image_dim else None
+        self.text = projection_tower(text_dim, d)
+        self.location = projection_tower(location_dim, d)
+        self.image = projection_tower(image_dim, d) if image_dim else None
         self.no_image = nn.Parameter(torch.zeros(d))
         self.no_street_view = nn.Parameter(torch.zeros(d))
         self.fusion = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))

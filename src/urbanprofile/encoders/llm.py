@@ -232,10 +232,15 @@ class LLMPromptEncoder:
 
     @property
     def dim(self) -> int:
-        model, _ = self._model()
+        model, _ = self.load_model()
         return int(model.config.hidden_size)
 
-    def _model(self) -> tuple[Any, Any]:
+    def load_model(self) -> tuple[Any, Any]:
+        """The model and its tokenizer, loaded on first use (smollm2's GGUF is converted once per machine).
+
+        Returns:
+            ``(model, tokenizer)``; later calls return the same pair.
+        """
         if self._loaded is None:
             self._loaded = load_causal_lm(self.model)
         return self._loaded
@@ -260,7 +265,12 @@ class LLMPromptEncoder:
             os.replace(tmp, path)
         return vectors
 
-    def _key(self, *parts: str) -> str:
+    def cache_key(self, *parts: str) -> str:
+        """The name of the cached vectors computed from ``parts`` (``cache_dir()/vectors/<key>.npy``).
+
+        Args:
+            parts: What the vectors depend on besides the model, e.g. ``"pairs"`` and the texts' hashes.
+        """
         return hashlib.sha256("|".join([self.name, *parts]).encode()).hexdigest()[:32]
 
     def encode(self, texts: Sequence[str], on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -274,7 +284,7 @@ class LLMPromptEncoder:
             ``(len(texts), hidden_size)`` float32.
         """
         texts = _check_texts(texts, "text")
-        return self._cached(self._key("texts", text_hash(texts)), lambda: self._encode_batches(texts, on_batch),
+        return self._cached(self.cache_key("texts", text_hash(texts)), lambda: self._encode_batches(texts, on_batch),
                             len(texts))
 
     def encode_pairs(self, prefixes: Sequence[str], suffixes: Sequence[str]) -> np.ndarray:
@@ -293,7 +303,7 @@ class LLMPromptEncoder:
         suffixes = list(suffixes)
         if not suffixes or not all(isinstance(x, str) for x in suffixes):
             raise DataError("suffixes must be a non-empty list of strings ('' for the prefix alone)")
-        key = self._key("pairs", text_hash(prefixes), text_hash(suffixes))
+        key = self.cache_key("pairs", text_hash(prefixes), text_hash(suffixes))
         return self._cached(key, lambda: self._encode_pairs(prefixes, suffixes), len(prefixes))
 
     def _progress(self, label: str) -> Any:
@@ -305,7 +315,7 @@ class LLMPromptEncoder:
 
     def _base(self) -> tuple[Any, Any]:
         """The transformer without its vocabulary projection (its last hidden state is all we need)."""
-        model, tokenizer = self._model()
+        model, tokenizer = self.load_model()
         tokenizer.padding_side = "right"  # real tokens keep positions 0..n-1 and never see padding
         return getattr(model, "base_model", model), tokenizer
 

@@ -39,6 +39,17 @@ DataDir = Annotated[
     Path | None,
     typer.Option("--data-dir", help="Data directory (default: $URBANPROFILE_DATA).", show_default=False),
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", help="CPU threads per process for torch and BLAS (default 1, fastest for these sizes "
+                 "on a busy machine; 0: the libraries' defaults).", show_default=False),
+]
+
+
+def _threads(threads: int | None) -> int:
+    from urbanprofile.threads import apply_threads
+
+    return apply_threads(threads)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -115,11 +126,12 @@ def methods_list() -> None:
     """List registered methods and what they need."""
     from urbanprofile.methods import get_method, list_methods
 
-    table = Table("method", "head", "needs", "seeds", "description")
+    table = Table("method", "head", "views", "needs", "seeds", "description")
     for name in list_methods():
         spec = get_method(name)
         needs = ", ".join([*spec.requires_views, *(["locations"] if spec.needs_locations else [])])
-        table.add_row(name, spec.head, needs or "-", "several" if spec.stochastic else "one", spec.description)
+        table.add_row(name, spec.head, spec.describe_views() or "-", needs or "-",
+                      "several" if spec.stochastic else "one", spec.description)
     out.print(table)
 
 
@@ -130,6 +142,7 @@ def embed(
     method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet or .csv file.")],
     seed: Annotated[int, typer.Option("--seed", help="random_state of the method.")] = 0,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Fit a method on a dataset and write one embedding row per region."""
@@ -140,8 +153,9 @@ def embed(
     suffix = out_path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise UrbanProfileError(f"{out_path}: output must end in .parquet or .csv")
+    n_threads = _threads(threads)
     city = load_dataset(name, data_dir)
-    spec.check_available(city)
+    spec = spec.for_city(city)
     embedder = spec.build(random_state=seed)
     if hasattr(embedder, "on_epoch"):  # a trained method: show its epochs
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -157,7 +171,8 @@ def embed(
     from urbanprofile.data.io import write_atomic
 
     write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
-    err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}")
+    err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path} "
+              f"(views: {', '.join(spec.all_views) or '-'}; {n_threads} threads)")
 
 
 # -- evaluate and benchmark --------------------------------------------------------------------------
@@ -198,6 +213,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     modalities: Annotated[str | None, typer.Option(
         "--modalities", help="Modalities used at inference, e.g. location,text (urbanfusion, concat).")] = None,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
@@ -206,6 +222,7 @@ def evaluate(
 
     if head:
         parse_head(head)  # a typo fails before any data is read
+    _threads(threads)
     if modalities is not None:
         from urbanprofile.methods import get_method, with_modalities
 
@@ -248,6 +265,7 @@ def benchmark(
         "--address", help="Ray cluster to join: auto or HOST:PORT (default: a local Ray instance).",
         show_default=False)] = None,
     retries: Annotated[int, typer.Option("--retries", help="Retries of a unit whose worker died or raised.")] = 2,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run a grid of datasets x methods x tasks x protocols x seeds x heads; rows of the same code are reused."""
@@ -261,7 +279,8 @@ def benchmark(
     )
     if retries < 0:
         raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
-    runner = make_executor(executor, jobs=jobs, address=address, retries=retries)
+    runner = make_executor(executor, jobs=jobs, address=address, retries=retries, threads=threads)
+    _threads(threads)
     validate_plan(plan, data_dir)
     with ResultStore(store_path) as store:
         outcome = run_benchmark(plan, data_dir, store=store, progress=True,
@@ -446,7 +465,7 @@ def r1_train(
     constrain_answer: Annotated[bool, typer.Option(
         "--constrain-answer/--free-answer",
         help="Draw the level digit among the valid levels only (sampling, GRPO and evaluation).")] = False,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
+    threads: Threads = None,
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when visible), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")] = True,
@@ -468,10 +487,7 @@ def r1_train(
     from urbanprofile.rl.policy import resolve_device
 
     resolve_device(device)  # an unknown device or a missing GPU stops here, before any data is read
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _threads(threads)
     check_model_path(model)
     data = prepare_task(config)
     err.print(f"{len(data.split('train'))} training and {len(data.split('test'))} held-out regions; "
@@ -496,6 +512,7 @@ def r1_evaluate(
                                          "knn-location.")] = "zero-shot,grpo,sft,ridge,knn-location",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda (default: the run's).")] = None,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Score the trained policy and its baselines on the held-out regions (metrics.json, predictions.csv)."""
@@ -503,6 +520,7 @@ def r1_evaluate(
     from urbanprofile.rl.policy import resolve_device
     from urbanprofile.rl.train import load_cities, read_config
 
+    _threads(threads)
     config = read_config(run_dir)
     if data_dir is not None:
         config.data_dir = str(data_dir)

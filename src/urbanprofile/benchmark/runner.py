@@ -29,6 +29,7 @@ from urbanprofile.evaluation.protocols import (
 )
 from urbanprofile.heads.registry import parse_head, protocol_unavailable_reason
 from urbanprofile.methods import MethodSpec, get_method, list_methods
+from urbanprofile.threads import current_threads
 
 if TYPE_CHECKING:
     from urbanprofile.benchmark.executors import Executor
@@ -144,6 +145,8 @@ def result_row(
         "code_modules": version.modules,
         "status": "ok",
         "error": None,
+        "threads": current_threads(),
+        "views": list(spec.all_views) or None,
     }
 
 
@@ -155,7 +158,8 @@ def failed_rows(unit: Unit, reason: str) -> list[dict[str, Any]]:
         {"dataset": unit.dataset, "task": task, "method": unit.spec.name, "config_hash": unit.spec.config_hash,
          "protocol": protocol, "seed": unit.seed, "head": head, "package_version": __version__,
          "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None), "code_version": version.version,
-         "code_modules": version.modules, "status": "failed", "error": reason}
+         "code_modules": version.modules, "status": "failed", "error": reason, "threads": current_threads(),
+         "views": list(unit.spec.all_views) or None}
         for task, protocol, head in unit.cells
     ]
 
@@ -263,11 +267,12 @@ def plan_units(
         if "spatial" in protocols and not city.has_locations:
             protocols.remove("spatial")
             skipped.append(f"{name}: spatial protocol skipped (no region locations)")
-        for spec in methods:
-            reason = spec.unavailable_reason(city)
+        for registered in methods:
+            reason = registered.unavailable_reason(city)
             if reason:
                 skipped.append(f"{name}: {reason}")
                 continue
+            spec = registered.for_city(city)  # reads the views the city has
             version = code_version(spec.factory).version
             heads = list(plan.heads or [spec.head])
             skipped += [f"{name}: {spec.name}: {reason}" for h in heads for p in protocols

@@ -49,11 +49,14 @@ COLUMNS: dict[str, str] = {
     "status": "VARCHAR",
     "error": "VARCHAR",
     "modalities": "VARCHAR",
+    "threads": "INTEGER",
+    "views": "VARCHAR",
 }
-_JSON_COLUMNS = ("block_r2", "block_mae", "chosen", "code_modules", "modalities")
+_JSON_COLUMNS = ("block_r2", "block_mae", "chosen", "code_modules", "modalities", "views")
 #: Version of the store layout. 1: the first layout (no ``store_info``); 2: code versions and failed rows;
 #: 3: the head joins the key. Opening an older store adds every column of :data:`COLUMNS` that it lacks (new
-#: columns are NULL there); a store without ``head`` is rebuilt once with each row's method's own head.
+#: columns are NULL there); a store without ``head`` is rebuilt once with each row's method's own head. Columns
+#: outside the key (``threads``, ``views``) are added this way without a new version: older code reads its own.
 SCHEMA_VERSION = 3
 #: Key columns that an older store may lack (filled in by the migration).
 _ADDED_KEYS = ("head",)

@@ -407,6 +407,7 @@ def map_command(
                       ] = "raw-poi",
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="Protocol for the model layers.")] = "nested",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the method and protocol.")] = 0,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Draw a choropleth of a view, label, prediction, residual or per-block bias as PNG and/or HTML."""
@@ -415,6 +416,7 @@ def map_command(
 
     for path in out_paths:
         check_map_path(path)
+    _threads(threads)  # the model layers fit a method
     city = load_dataset(name, data_dir)
     with err.status(f"mapping {layer} of {city.name}"):
         written = map_city(city, layer, list(out_paths), method=method, protocol=protocol, seed=seed)

@@ -4,7 +4,8 @@ Runs ``urbanprofile benchmark`` (each run in a fresh process and a fresh store: 
 dataset for some learned methods, one seed, one protocol, in four conditions: ``--threads 1`` (the default
 since the fix) and ``--threads 0`` (torch's and BLAS's defaults, one thread per core, as before the fix; the
 thread environment variables are removed for it), each with no extra load and with ``--load N`` CPU-bound
-processes (``while True: pass``) running beside it, killed afterwards. The 1-minute load average is recorded
+processes (``while True: pass``) running beside it, killed afterwards. The two settings alternate within a
+load level, so that each pair meets the shared machine at about the same time. The 1-minute load average is recorded
 before each run: on a shared machine "no extra load" is not idle, and the table says so.
 
 Prints a table and writes ``benchmarks/results/threads.{json,md}``.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,15 +62,20 @@ def run_once(args: argparse.Namespace, threads: int, store: Path) -> dict[str, A
     if args.tasks:
         command += ["--tasks", args.tasks]
     start = time.perf_counter()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"wall_seconds": None, "timed_out": True, "rows": [], "returncode": None}
+        return {"wall_seconds": None, "cpu_seconds": None, "timed_out": True, "rows": [], "returncode": None}
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time of the benchmark process (its waited-for children only; the load processes are not waited yet).
+    cpu = (after.ru_utime - used.ru_utime) + (after.ru_stime - used.ru_stime)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-2000:])
-    return {"wall_seconds": wall, "timed_out": False, "rows": rows, "returncode": done.returncode}
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "timed_out": False, "rows": rows,
+            "returncode": done.returncode}
 
 
 def summarise(result: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +85,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     for row in result["rows"]:
         embed[row["method"]] = row.get("embed_seconds") or 0.0
         threads.add(row.get("threads"))
-    return {"wall_seconds": result["wall_seconds"], "timed_out": result["timed_out"],
+    return {"wall_seconds": result["wall_seconds"], "cpu_seconds": result["cpu_seconds"],
+            "timed_out": result["timed_out"],
             "returncode": result["returncode"], "embed_seconds": embed, "threads_recorded": sorted(threads, key=str),
             "n_rows": len(result["rows"])}
 
@@ -97,14 +105,15 @@ def markdown(payload: dict[str, Any]) -> str:
         f"just before the run (a load above 0 means the 'no extra load' runs were not on an idle machine). "
         f"'with load' adds {payload['load']} CPU-bound processes. Regenerate: `{payload['command']}`.",
         "",
-        "| threads | extra load | load before | wall s | " + " | ".join(f"{m} fit s" for m in methods)
+        "| threads | extra load | load before | wall s | CPU s | " + " | ".join(f"{m} fit s" for m in methods)
         + " | threads recorded | under load / without |",
-        "|---|---|---|---|" + "---|" * len(methods) + "---|---|",
+        "|---|---|---|---|---|" + "---|" * len(methods) + "---|---|",
     ]
     for run in payload["runs"]:
         ratio = run.get("ratio_to_no_load")
         cells = [run["setting"], str(run["extra_load"]), f"{run['load_before']:.2f}",
                  ("> " + str(payload["timeout"]) + " (stopped)") if run["timed_out"] else _fmt(run["wall_seconds"]),
+                 _fmt(run.get("cpu_seconds")),
                  *(_fmt(run["embed_seconds"].get(m)) for m in methods),
                  ", ".join(map(str, run["threads_recorded"])) or "-",
                  "-" if ratio is None else f"{ratio:.2f}x"]
@@ -130,10 +139,11 @@ def main() -> int:
     wanted = {int(s) for s in args.settings.split(",")}
     names = {v: k for k, v in SETTINGS.items()}
     runs: list[dict[str, Any]] = []
+    base: dict[int, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="urbanprofile-threads-") as tmp:
-        for threads in [t for t in SETTINGS.values() if t in wanted]:
-            base: float | None = None
-            for extra in (0, args.load):
+        # Settings alternate within each load level, so that the two see the shared machine at about the same time.
+        for extra in (0, args.load):
+            for threads in [t for t in SETTINGS.values() if t in wanted]:
                 before = load_average()
                 load = start_load(extra)
                 try:
@@ -143,9 +153,9 @@ def main() -> int:
                 run = {"setting": names[threads], "threads": threads, "extra_load": extra, "load_before": before,
                        **summarise(result)}
                 if extra == 0:
-                    base = run["wall_seconds"]
-                elif base and run["wall_seconds"]:
-                    run["ratio_to_no_load"] = run["wall_seconds"] / base
+                    base[threads] = run["wall_seconds"]
+                elif base.get(threads) and run["wall_seconds"]:
+                    run["ratio_to_no_load"] = run["wall_seconds"] / base[threads]
                 runs.append(run)
                 print(f"{run['setting']:>18} load +{extra}: {_fmt(run['wall_seconds'])} s "
                       f"(load before {before:.2f}; fits {run['embed_seconds']})", flush=True)

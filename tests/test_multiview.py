@@ -132,7 +132,7 @@ def test_registry_lists_the_learned_methods() -> None:
     for name in ("mvure", "mgfn", "hafusion", "srel"):
         spec = get_method(name)
         assert spec.stochastic
-    assert get_method("mgfn").requires_views == ("od_patterns",)
+    assert get_method("mgfn").requires_views == ("od_flows", "od_patterns")
 
 
 def test_large_city_path_never_densifies_the_od_matrix() -> None:

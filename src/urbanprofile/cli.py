@@ -279,8 +279,8 @@ def benchmark(
     )
     if retries < 0:
         raise UrbanProfileError(f"--retries must be at least 0, got {retries}")
-    runner = make_executor(executor, jobs=jobs, address=address, retries=retries, threads=threads)
     _threads(threads)
+    runner = make_executor(executor, jobs=jobs, address=address, retries=retries, threads=threads)
     validate_plan(plan, data_dir)
     with ResultStore(store_path) as store:
         outcome = run_benchmark(plan, data_dir, store=store, progress=True,

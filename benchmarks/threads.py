@@ -50,6 +50,13 @@ def stop_load(processes: list[subprocess.Popen[bytes]]) -> None:
         process.wait()
 
 
+def _cpu_since(before: resource.struct_rusage) -> float:
+    """CPU seconds of the children waited for since ``before`` (the benchmark process; the load processes are
+    waited for only after it)."""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def run_once(args: argparse.Namespace, threads: int, store: Path) -> dict[str, Any]:
     """One ``benchmark`` run in a child process; its wall time, rows and exit status."""
     env = dict(os.environ)
@@ -65,12 +72,11 @@ def run_once(args: argparse.Namespace, threads: int, store: Path) -> dict[str, A
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"wall_seconds": None, "cpu_seconds": None, "timed_out": True, "rows": [], "returncode": None}
+    except subprocess.TimeoutExpired:  # run() has killed and waited for it: its CPU time until then is counted
+        return {"wall_seconds": None, "cpu_seconds": _cpu_since(used), "timed_out": True, "rows": [],
+                "returncode": None}
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    # CPU time of the benchmark process (its waited-for children only; the load processes are not waited yet).
-    cpu = (after.ru_utime - used.ru_utime) + (after.ru_stime - used.ru_stime)
+    cpu = _cpu_since(used)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-2000:])

@@ -24,6 +24,7 @@ SCHEMA_4 = {
     "embed_seconds": "DOUBLE", "head_seconds": "DOUBLE", "fit_seconds": "DOUBLE", "package_version": "VARCHAR",
     "created_at": "TIMESTAMP", "code_version": "VARCHAR", "code_modules": "VARCHAR", "status": "VARCHAR",
     "error": "VARCHAR", "modalities": "VARCHAR", "dataset_fingerprint": "VARCHAR",
+    "threads": "INTEGER", "views": "VARCHAR",
 }
 
 

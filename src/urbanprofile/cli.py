@@ -68,6 +68,17 @@ DataDir = Annotated[
     Path | None,
     typer.Option("--data-dir", help="Data directory (default: $URBANPROFILE_DATA).", show_default=False),
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", help="CPU threads per process for torch and BLAS (default 1, fastest for these sizes "
+                 "on a busy machine; 0: the libraries' defaults).", show_default=False),
+]
+
+
+def _threads(threads: int | None) -> int:
+    from urbanprofile.threads import apply_threads
+
+    return apply_threads(threads)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -252,12 +263,14 @@ def methods_list() -> None:
     from urbanprofile.methods import broken_plugins, get_method, list_methods
     from urbanprofile.report.terminal import Column, FitTable
 
-    table = FitTable([Column("method"), Column("head", priority=2), Column("needs", "text", priority=1),
-                      Column("seeds", priority=3), Column("description", "text")])
+    table = FitTable([Column("method"), Column("head", priority=2), Column("views", "text", priority=1),
+                      Column("needs", "text", priority=2), Column("seeds", priority=3),
+                      Column("description", "text")])
     for name in list_methods():
         spec = get_method(name)
         needs = ", ".join([*spec.requires_views, *(["locations"] if spec.needs_locations else [])])
-        table.add_row(name, spec.head, needs or "-", "several" if spec.stochastic else "one", spec.description)
+        table.add_row(name, spec.head, spec.describe_views() or "-", needs or "-",
+                      "several" if spec.stochastic else "one", spec.description)
     out.print(table)
     for plugin, reason in broken_plugins().items():  # the others still work; say which one does not
         err.print(f"warning: method plug-in {plugin!r} not loaded: {reason}", soft_wrap=True)
@@ -272,6 +285,7 @@ def embed(
     seed: Annotated[int, typer.Option("--seed", help="random_state of the method.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     parents: Parents = False,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Fit a method on a dataset and write one embedding row per region."""
@@ -283,8 +297,9 @@ def embed(
     suffix = out_path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise UrbanProfileError(f"{out_path}: output must end in .parquet or .csv")
+    n_threads = _threads(threads)
     city = load_dataset(name, data_dir)
-    spec.check_available(city)
+    spec = spec.for_city(city)
     embedder = spec.build(random_state=seed)
     if hasattr(embedder, "on_epoch"):  # a trained method: show its epochs
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -303,7 +318,8 @@ def embed(
     embedding.attrs[DATASET_ATTR] = city.name  # parquet keeps it: `evaluate --embedding` refuses another dataset
     with _writing(out_path):
         write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
-    err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}")
+    err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path} "
+              f"(views: {', '.join(spec.all_views) or '-'}; {n_threads} threads)")
 
 
 # -- evaluate and benchmark --------------------------------------------------------------------------
@@ -365,6 +381,7 @@ def evaluate(
     train_fraction: Annotated[float, typer.Option(
         "--train-fraction", help="Fit the probe on this share of each outer training fold (a seeded subset; "
         "test folds unchanged): a label-efficiency point. Not stored.")] = 1.0,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Evaluate one method (and head) on one task, or all tasks, under one protocol, over seeds."""
@@ -376,6 +393,7 @@ def evaluate(
 
     if head:
         parse_head(head)  # a typo fails before any data is read
+    _threads(threads)
     if (method is None) == (embedding is None):
         raise UrbanProfileError("give either --method or --embedding")
     if embedding is not None:
@@ -450,6 +468,7 @@ def benchmark(
         "--suite", help="Task suites instead of --tasks: core, socioeconomic, all (comma-separated); adds an "
         "aggregate per method over each suite.", show_default=False)] = None,
     config: ConfigFile = None,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run a grid of datasets x methods x tasks x protocols x seeds x heads; rows of the same code are reused."""
@@ -482,7 +501,9 @@ def benchmark(
     )
     if study.retries < 0:
         raise UrbanProfileError(f"--retries must be at least 0, got {study.retries}")
-    runner = make_executor(study.executor, jobs=study.jobs, address=study.address, retries=study.retries)
+    _threads(threads)
+    runner = make_executor(study.executor, jobs=study.jobs, address=study.address, retries=study.retries,
+                           threads=threads)
     suites, suite_skipped = (_plan_suites(plan, ",".join(study.suite), data_dir) if study.suite is not None
                              else ([], []))
     validate_plan(plan, data_dir)
@@ -705,6 +726,7 @@ def map_command(
     protocol: Annotated[str, typer.Option("--protocol", "-p", help="Protocol for the model layers.")] = "nested",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the method and protocol.")] = 0,
     parents: Parents = False,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Draw a choropleth of a view, label, prediction, residual or per-block bias as PNG and/or HTML."""
@@ -714,6 +736,7 @@ def map_command(
     for path in out_paths:
         check_map_path(path)
         _check_output(path, parents=parents)
+    _threads(threads)  # the model layers fit a method
     city = load_dataset(name, data_dir)
     with err.status(escape(f"mapping {layer} of {city.name}")):
         resolved = layer_values(city, layer, method=method, protocol=protocol, seed=seed)
@@ -779,7 +802,7 @@ def r1_train(
         "--constrain-answer/--free-answer", show_default=False,
         help="Draw the level digit among the valid levels only (sampling, GRPO and evaluation; default: free).")
                                 ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
+    threads: Threads = None,
     device: Annotated[str | None, _opt("auto (default; a GPU when one is visible), cpu or cuda.")] = None,
     seed: Annotated[int | None, _opt("Random seed (default: 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")] = True,
@@ -809,10 +832,7 @@ def r1_train(
     from urbanprofile.rl.policy import resolve_device
 
     resolve_device(config.device)  # an unknown device or a missing GPU stops here, before any data is read
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _threads(threads)
     check_model_path(config.model)
     _check_output(out_dir, parents=parents, folder=True)
     created = not out_dir.exists()
@@ -852,6 +872,7 @@ def r1_evaluate(
                                          "knn-location.")] = "zero-shot,grpo,sft,ridge,knn-location",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda (default: the run's).")] = None,
+    threads: Threads = None,
     data_dir: DataDir = None,
 ) -> None:
     """Score the trained policy and its baselines on the held-out regions (metrics.json, predictions.csv)."""
@@ -860,6 +881,7 @@ def r1_evaluate(
     from urbanprofile.rl.policy import resolve_device
     from urbanprofile.rl.train import load_cities, read_config
 
+    _threads(threads)
     config = read_config(run_dir)
     if data_dir is not None:
         config.data_dir = str(data_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from urbanprofile.errors import MethodUnavailableError
@@ -31,7 +31,13 @@ class MethodSpec:
         params: Constructor arguments (``random_state`` is added per seed).
         head: Probe kind: ``ridge`` (linear probe), ``knn``, or ``ridge-blocks`` (a learned embedding beside
             raw features, the blocks' weights chosen by inner CV).
-        requires_views: Views the dataset must have.
+        requires_views: Views the dataset must have (the method cannot run without each of them).
+        views: Every view the method reads, in the order it reads them (default: ``requires_views``). Those not in
+            ``requires_views`` are read when a city has them; a method that requires none needs at least one.
+            This is the one place a method's views are declared: the embedder is built with the views a city
+            has (see :meth:`for_city`).
+        views_param: The constructor argument that takes the views to read (``None``: the method always reads
+            all of ``views``).
         needs_locations: Whether region locations are required.
         stochastic: Whether results vary with the seed (then run over several seeds).
         family: ``baseline`` or the paper the method comes from.
@@ -50,6 +56,31 @@ class MethodSpec:
     family: str = "baseline"
     description: str = ""
     city_check: bool = False
+    views: tuple[str, ...] = ()
+    views_param: str | None = None
+
+    @property
+    def all_views(self) -> tuple[str, ...]:
+        """Every view the method reads when a city has them all."""
+        return self.views or self.requires_views
+
+    @property
+    def optional_views(self) -> tuple[str, ...]:
+        """Views read only when a city has them."""
+        return tuple(v for v in self.all_views if v not in self.requires_views)
+
+    def views_for(self, city: CityData) -> tuple[str, ...]:
+        """The views this method reads on ``city`` (all of :attr:`all_views` that it has)."""
+        return tuple(v for v in self.all_views if v in city.views)
+
+    def describe_views(self) -> str:
+        """What the method reads, in one phrase (for ``urbanprofile methods list``)."""
+        required, optional = ", ".join(self.requires_views), ", ".join(self.optional_views)
+        if required and optional:
+            return f"{required}; {optional} if present"
+        if optional:
+            return f"any of {optional}"
+        return required
 
     def build(self, random_state: int | None = 0) -> Embedder:
         module_name, _, class_name = self.factory.partition(":")
@@ -62,6 +93,9 @@ class MethodSpec:
         missing = [v for v in self.requires_views if v not in city.views]
         if missing:
             return f"{self.name} needs the {missing[0]!r} view, which {city.name} lacks"
+        if self.all_views and not self.views_for(city):
+            listed = ", ".join(repr(v) for v in self.all_views)
+            return f"{self.name} needs at least one of the {listed} views, which {city.name} lacks"
         if self.needs_locations and not city.has_locations:
             return f"{self.name} needs region locations, which {city.name} lacks"
         if self.city_check:
@@ -75,6 +109,22 @@ class MethodSpec:
         reason = self.unavailable_reason(city)
         if reason:
             raise MethodUnavailableError(reason)
+
+    def for_city(self, city: CityData) -> MethodSpec:
+        """This method as it runs on ``city``: reading the views the city has.
+
+        A city with every view gets this spec unchanged (same parameters and configuration hash); a city
+        lacking some optional view gets a spec whose ``views`` (and the embedder's views argument) are those
+        it has, so its configuration hash differs.
+
+        Raises:
+            MethodUnavailableError: If the method cannot run on ``city`` (one line naming what is missing).
+        """
+        self.check_available(city)
+        present = self.views_for(city)
+        if self.views_param is None or present == self.all_views:
+            return self
+        return replace(self, params={**self.params, self.views_param: present}, views=present)
 
     @property
     def config_hash(self) -> str:
@@ -93,6 +143,7 @@ _HAFUSION = "urbanprofile.embedders.hafusion:HAFusionEmbedder"
 _SREL = "urbanprofile.embedders.srel:SRELEmbedder"
 _WITH_RAW = "urbanprofile.embedders.with_raw:WithRawFeatures"
 
+# The multi-view embedders' mobility objective needs trips; they read POI and land use when a city has them.
 _BUILTIN = [
     MethodSpec("raw-poi", "urbanprofile.embedders.raw:RawViews", {"views": _POI}, requires_views=_POI,
                description="POI counts per category"),
@@ -102,31 +153,31 @@ _BUILTIN = [
                description="out-flow and in-flow trip profiles (OD rows and columns)"),
     MethodSpec("raw-all", "urbanprofile.embedders.raw:RawViews", {"views": _ALL}, requires_views=_ALL,
                description="POI, land use and mobility profiles side by side"),
-    MethodSpec("pca", "urbanprofile.embedders.pca:PCAEmbedder", {"n_components": 32}, requires_views=_ALL,
+    MethodSpec("pca", "urbanprofile.embedders.pca:PCAEmbedder", {"n_components": 32}, views=_ALL, views_param="views",
                description="32 principal components of the log-standardised raw views"),
     MethodSpec("autoencoder", "urbanprofile.embedders.autoencoder:AutoencoderEmbedder",
-               {"n_components": 32, "epochs": 300}, requires_views=_ALL, stochastic=True,
+               {"n_components": 32, "epochs": 300}, views=_ALL, views_param="views", stochastic=True,
                description="MLP autoencoder (torch) of the log-standardised raw views, 32-d"),
     MethodSpec("raw-location", "urbanprofile.embedders.raw:SinusoidalLocation", {}, needs_locations=True,
                description="multi-scale sinusoidal features of the region centroid"),
     MethodSpec("knn-location", "urbanprofile.embedders.raw:Coordinates", {}, head="knn", needs_locations=True,
                description="k-nearest-neighbour regression on centroids (k chosen in training folds)"),
-    MethodSpec("mvure", "urbanprofile.embedders.mvure:MVUREEmbedder", {}, requires_views=_ALL, stochastic=True,
-               family="MVURE (IJCAI 2020)",
+    MethodSpec("mvure", "urbanprofile.embedders.mvure:MVUREEmbedder", {}, requires_views=_OD, views=_ALL,
+               views_param="views", stochastic=True, family="MVURE (IJCAI 2020)",
                description="per-view graph attention, cross-view sharing, attentive fusion; multi-task loss"),
     MethodSpec("mgfn", "urbanprofile.embedders.mgfn:MGFNEmbedder", {}, requires_views=("od_flows", "od_patterns"),
                stochastic=True, family="MGFN (IJCAI 2022)",
                description="mobility pattern graphs fused by intra-/inter-pattern attention; mobility loss"),
-    MethodSpec("hafusion", _HAFUSION, {}, requires_views=_ALL,
+    MethodSpec("hafusion", _HAFUSION, {}, requires_views=_OD, views=_ALL, views_param="views",
                stochastic=True, family="HAFusion (ICDE 2024)",
                description="intra-/inter-view attentive fusion + inter-region self-attention; multi-task loss"),
-    MethodSpec("srel", _SREL, {}, requires_views=_ALL, stochastic=True,
+    MethodSpec("srel", _SREL, {}, requires_views=_OD, views=_ALL, views_param="views", stochastic=True,
                family="ToPT (SREL)",
                description="view fusion + Graphormer attention with distance bias and centrality (sparse if large)"),
     # srel-deep keeps the objective and read-out it was benchmarked with (before the authors' objective).
     MethodSpec("srel-deep", _SREL,
                {"n_layers": 5, "lr": 2e-4, "spatial_weight": 0.4, "objective": "distribution", "readout": "mlp",
-                "weight_decay": 1e-5}, requires_views=_ALL, stochastic=True,
+                "weight_decay": 1e-5}, requires_views=_OD, views=_ALL, views_param="views", stochastic=True,
                family="ToPT (SREL)",
                description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4 "
                            "(previous objective)"),
@@ -143,10 +194,11 @@ _BUILTIN = [
                description="tile + street-view branches fused, CLIP loss to tile captions, token loss to "
                            "street-view captions; frozen encoders (needs tile captions)"),
     MethodSpec("hafusion+raw", _WITH_RAW, {"learned": _HAFUSION, "learned_params": {}}, head="ridge-blocks",
-               requires_views=_ALL, stochastic=True, family="HAFusion (ICDE 2024)",
+               requires_views=_OD, views=_ALL, views_param="raw_views", stochastic=True,
+               family="HAFusion (ICDE 2024)",
                description="hafusion's embedding beside raw-all's features; block weights chosen by inner CV"),
     MethodSpec("srel+raw", _WITH_RAW, {"learned": _SREL, "learned_params": {}}, head="ridge-blocks",
-               requires_views=_ALL, stochastic=True, family="ToPT (SREL)",
+               requires_views=_OD, views=_ALL, views_param="raw_views", stochastic=True, family="ToPT (SREL)",
                description="srel's embedding beside raw-all's features; block weights chosen by inner CV"),
 ]
 
@@ -219,9 +271,8 @@ def with_modalities(spec: MethodSpec, modalities: list[str] | tuple[str, ...]) -
     if "modalities" not in inspect.signature(cls.__init__).parameters:
         raise MethodUnavailableError(f"method {spec.name!r} does not take --modalities")
     mods = tuple(dict.fromkeys(modalities))
-    derived = MethodSpec(f"{spec.name}[{','.join(mods)}]", spec.factory, {**spec.params, "modalities": mods},
-                         spec.head, spec.requires_views, spec.needs_locations, spec.stochastic, spec.family,
-                         f"{spec.description} (modalities: {', '.join(mods)})")
+    derived = replace(spec, name=f"{spec.name}[{','.join(mods)}]", params={**spec.params, "modalities": mods},
+                      description=f"{spec.description} (modalities: {', '.join(mods)})")
     return register_method(derived, replace=True)
 
 

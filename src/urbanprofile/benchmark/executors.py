@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 import signal
 import socket
 import time
@@ -58,14 +57,9 @@ class Executor(abc.ABC):
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads is None:
-        return
-    import sys
+    from urbanprofile.threads import apply_threads
 
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[variable] = str(threads)  # read by torch and BLAS when first imported
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+    apply_threads(threads)
 
 
 class SerialExecutor(Executor):
@@ -141,12 +135,13 @@ class ProcessExecutor(Executor):
     Args:
         jobs: Worker processes.
         retries: Retries of a unit whose worker died or raised.
-        threads: Threads per worker for torch and BLAS (1 keeps ``jobs`` workers from oversubscribing).
+        threads: Threads per worker for torch and BLAS (``None``: one, which keeps ``jobs`` workers from
+            oversubscribing; ``0``: the libraries' defaults).
     """
 
     name = "processes"
 
-    def __init__(self, jobs: int = 2, retries: int = DEFAULT_RETRIES, threads: int | None = 1) -> None:
+    def __init__(self, jobs: int = 2, retries: int = DEFAULT_RETRIES, threads: int | None = None) -> None:
         self.jobs = jobs
         self.retries = retries
         self.threads = threads
@@ -239,8 +234,8 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 
 
 # -- Ray -----------------------------------------------------------------------------------------------
-def _ray_unit(unit: Unit, city: CityData) -> tuple[list[dict[str, Any]], list[str]]:
-    _set_threads(1)
+def _ray_unit(unit: Unit, city: CityData, threads: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    _set_threads(threads)
     return run_unit(unit, city)
 
 
@@ -267,13 +262,15 @@ class RayExecutor(Executor):
         address: Cluster to join; ``None`` starts a local Ray instance for this run.
         retries: Ray's ``max_retries`` of a task (a dead worker or node, an unexpected exception).
         num_cpus: CPUs of the local instance (``None``: all).
+        threads: Threads of each task for torch and BLAS (``None``: one; ``0``: the libraries' defaults).
     """
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, retries: int = DEFAULT_RETRIES, num_cpus: int | None = None
-                 ) -> None:
+    def __init__(self, address: str | None = None, retries: int = DEFAULT_RETRIES, num_cpus: int | None = None,
+                 threads: int | None = None) -> None:
         self.address = address
+        self.threads = threads
         self.retries = retries
         self.num_cpus = num_cpus
 
@@ -305,7 +302,7 @@ class RayExecutor(Executor):
         try:
             task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(_ray_unit)
             refs = {name: ray.put(cities[name]) for name in {u.dataset for u in units}}
-            pending = {task.remote(unit, refs[unit.dataset]): unit for unit in units}
+            pending = {task.remote(unit, refs[unit.dataset], self.threads): unit for unit in units}
             while pending:
                 finished, _ = ray.wait(list(pending), num_returns=1)
                 for ref in finished:
@@ -323,11 +320,12 @@ class RayExecutor(Executor):
 
 
 def make_executor(kind: str = "serial", jobs: int | None = None, address: str | None = None,
-                  retries: int = DEFAULT_RETRIES) -> Executor:
+                  retries: int = DEFAULT_RETRIES, threads: int | None = None) -> Executor:
     """The executor for ``--executor`` / ``--jobs`` / ``--address``.
 
     ``--jobs N`` alone means local worker processes; with ``--executor ray`` and no address it sizes the
-    local Ray instance.
+    local Ray instance. ``threads`` is each worker's or task's thread count (``--threads``; the serial executor
+    runs with this process's, see :mod:`urbanprofile.threads`).
     """
     if kind not in EXECUTORS:
         from urbanprofile.errors import unknown_name
@@ -341,7 +339,7 @@ def make_executor(kind: str = "serial", jobs: int | None = None, address: str | 
         require("ray", "ray")  # fail before any data is read
         if address not in (None, "auto"):
             check_ray_address(str(address))
-        return RayExecutor(address=address, retries=retries, num_cpus=jobs)
+        return RayExecutor(address=address, retries=retries, num_cpus=jobs, threads=threads)
     if kind == "processes" or (jobs is not None and jobs > 1):
-        return ProcessExecutor(jobs=jobs or 2, retries=retries)
+        return ProcessExecutor(jobs=jobs or 2, retries=retries, threads=threads)
     return SerialExecutor(retries=retries)

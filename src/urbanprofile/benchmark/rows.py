@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urbanprofile import __version__
 from urbanprofile.benchmark.versions import code_version
 from urbanprofile.heads.registry import DEFAULT_HEAD
+from urbanprofile.threads import current_threads
 
 if TYPE_CHECKING:
     from urbanprofile.evaluation.protocols import ProtocolResult
@@ -66,6 +67,10 @@ class ResultRow:
     error: str | None = None
     modalities: list[str] | None = None
     dataset_fingerprint: str | None = None
+    #: Threads each process computed with (:mod:`urbanprofile.threads`).
+    threads: int | None = None
+    #: The views the method read (a city may lack some of a method's views).
+    views: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The row as a plain mapping of column to value (what the runner passes on and the store writes)."""
@@ -127,7 +132,8 @@ def make_row(
         dataset=dataset, task=task, method=spec.name, config_hash=spec.config_hash, protocol=protocol,
         seed=int(seed), head=head, package_version=__version__,
         created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None), code_version=version.version,
-        code_modules=version.modules, dataset_fingerprint=fingerprint,
+        code_modules=version.modules, dataset_fingerprint=fingerprint, threads=current_threads(),
+        views=list(spec.all_views) or None,
     )
     if result is None:
         row.status, row.error = "failed", " ".join((error or "failed").split())

@@ -392,12 +392,13 @@ def plan_units(
             if get_protocol(protocol).unavailable_reason(city):
                 protocols.remove(protocol)
                 skipped.append(f"{name}: {protocol} protocol skipped (no region locations)")
-        for spec in methods:
-            reason = spec.unavailable_reason(city)
+        for registered in methods:
+            reason = registered.unavailable_reason(city)
             if reason:
                 skipped.append(f"{name}: {reason}")
-                misfits.setdefault(spec.name, []).append(reason)
+                misfits.setdefault(registered.name, []).append(reason)
                 continue
+            spec = registered.for_city(city)  # reads the views the city has
             heads = list(plan.heads or [spec.head])
             skipped += [f"{name}: {spec.name}: {reason}" for h in heads for p in protocols
                         if (reason := protocol_unavailable_reason(h, p))]

@@ -25,7 +25,9 @@ DEFAULT_STORE = Path("results") / "urbanprofile.duckdb"
 #: What the JSON of a column must decode to, where the readers depend on it (``chosen`` varies by head).
 _JSON_KINDS: dict[str, type] = {name: kind for name, kind in JSON_COLUMNS.items() if kind is not object}
 #: Version of the store layout. 1: the first layout (no ``store_info``); 2: code versions and failed rows;
-#: 3: the head joins the key; 4: the dataset's content fingerprint (rows without one are recomputed). Opening an
+#: 3: the head joins the key; 4: the dataset's content fingerprint (rows without one are
+#: recomputed). Columns outside the key (``threads``, ``views``) are added by the same migration without a new
+#: version: older code reads its own. Opening an
 #: older store adds every column of :data:`COLUMNS` that it lacks (new columns are NULL there); a store without
 #: ``head`` is rebuilt once with each row's method's own head.
 SCHEMA_VERSION = 4

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
+from urbanprofile.embedders.multiview import (
+    MULTI_VIEWS,
+    SIMILARITY_VIEWS,
+    MultiTaskObjective,
+    MultiViewEmbedder,
+    MultiViewInputs,
+    multitask_step,
+)
 from urbanprofile.encoders.layers import (
     MemoryViewFusion,
     MultiViewFusion,
@@ -38,7 +45,7 @@ class HAFusionNetwork(nn.Module):
                                      dropout, feedforward, edge_channels, fusion)
         self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout, feedforward=feedforward) for _ in range(n_layers))
         self.out = readout(readout_kind, d, d)
-        self.heads = ReconstructionHeads(d)
+        self.heads = ReconstructionHeads(d, tuple(v for v in SIMILARITY_VIEWS if v in features))
 
     def forward(self) -> torch.Tensor:
         h = self.views(self.features)
@@ -76,6 +83,8 @@ class HAFusionEmbedder(MultiViewEmbedder):
             :class:`~urbanprofile.encoders.layers.MemoryViewFusion`).
         memory_blocks: External-memory blocks of ``view_fusion="memory"`` (the authors': 2 Chicago, 3 NYC).
         memory_size: Memory slots per block (the authors' half of their token width: 36 / 72).
+        views: Count views read: ``od_flows`` (the mobility objective) and any of ``poi_counts``,
+            ``landuse_counts`` (the registry passes those a city has).
         random_state: Seed of the initialisation.
     """
 
@@ -84,6 +93,7 @@ class HAFusionEmbedder(MultiViewEmbedder):
                  objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
                  feedforward: int | None = 2048, edge_channels: int | None = None,
                  view_fusion: str = "attention", memory_blocks: int = 2, memory_size: int = 72,
+                 views: tuple[str, ...] = MULTI_VIEWS,
                  random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
@@ -100,6 +110,7 @@ class HAFusionEmbedder(MultiViewEmbedder):
         self.view_fusion = view_fusion
         self.memory_blocks = memory_blocks
         self.memory_size = memory_size
+        self.views = views
         self.random_state = random_state
 
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
@@ -109,5 +120,6 @@ class HAFusionEmbedder(MultiViewEmbedder):
         network = HAFusionNetwork(features, self.d, self.n_intra_layers, self.n_layers, self.n_heads, self.dropout,
                                   self.readout, self.feedforward, self.edge_channels, self.view_fusion,
                                   self.memory_blocks, self.memory_size)
-        objective = MultiTaskObjective(inputs, random_state=self.random_state, objective=self.objective)
+        objective = MultiTaskObjective(inputs, views=inputs.similarity_views, random_state=self.random_state,
+                                       objective=self.objective)
         return network, multitask_step(network, network.heads, objective)

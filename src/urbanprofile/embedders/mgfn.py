@@ -51,7 +51,6 @@ class MGFNEmbedder(MultiViewEmbedder):
         random_state: Seed.
     """
 
-    required_views = ("od_flows", "od_patterns")
     #: MGFN keeps the per-row distribution objective it was benchmarked with (not re-checked against its code).
     objective = "distribution"
 

@@ -38,6 +38,8 @@ from urbanprofile.errors import TrainingError
 
 #: Similarity views the objectives reconstruct, by the count view they describe.
 SIMILARITY_VIEWS = {"poi": ("poi_counts", "poi_similarity"), "landuse": ("landuse_counts", "landuse_similarity")}
+#: The count views the multi-view embedders read when a city has them all (``od_flows`` is always needed).
+MULTI_VIEWS = ("poi_counts", "landuse_counts", "od_flows")
 #: Destinations kept per origin, and negatives drawn per epoch (shared by all origins), in the sampled
 #: mobility objective.
 TOP_DESTINATIONS = 32
@@ -111,14 +113,33 @@ class MultiViewInputs:
     def n_regions(self) -> int:
         return int(self.od.shape[0])
 
+    @property
+    def similarity_views(self) -> tuple[str, ...]:
+        """The similarity views these inputs have (``poi``, ``landuse``: those whose count view was read)."""
+        return tuple(v for v in SIMILARITY_VIEWS if v in self.features)
+
     @classmethod
-    def from_city(cls, city: CityData, sparse_mode: bool = False, mobility_dims: int = 64) -> MultiViewInputs:
+    def from_city(cls, city: CityData, sparse_mode: bool = False, mobility_dims: int = 64,
+                  views: tuple[str, ...] = MULTI_VIEWS) -> MultiViewInputs:
         """POI, land-use and mobility features of a city (log1p + standardised).
 
         Mobility features are the out- and in-flow profiles (OD rows and columns); in sparse mode they are
         reduced to ``mobility_dims`` components each by a truncated SVD of log1p(OD).
+
+        Args:
+            city: The city.
+            sparse_mode: Whether to build the sampled objectives' inputs.
+            mobility_dims: SVD components of the mobility features in sparse mode.
+            views: Count views to read: ``od_flows`` (always needed: the mobility objective) and any of
+                ``poi_counts``, ``landuse_counts`` (a city may lack them; their features and similarity
+                targets are then left out).
         """
-        counts = {v: city.view(c).to_numpy(dtype=float) for v, (c, _) in SIMILARITY_VIEWS.items()}
+        if "od_flows" not in views:
+            raise ValueError(f"the multi-view inputs need the 'od_flows' view, got views {views}")
+        unknown = [v for v in views if v not in MULTI_VIEWS]
+        if unknown:
+            raise ValueError(f"unknown view {unknown[0]!r} for the multi-view inputs; valid: {', '.join(MULTI_VIEWS)}")
+        counts = {v: city.view(c).to_numpy(dtype=float) for v, (c, _) in SIMILARITY_VIEWS.items() if c in views}
         scaled = {v: LogScaler().fit(raw).transform(raw) for v, raw in counts.items()}
         has_target = "od_target" in city.views
         if sparse_mode:
@@ -131,6 +152,8 @@ class MultiViewInputs:
         scaled["mobility"] = LogScaler().fit(profiles).transform(profiles)
         similarity = {}
         for view, (_, sim_view) in SIMILARITY_VIEWS.items():
+            if view not in counts:
+                continue
             if sim_view in city.views:
                 similarity[view] = city.view(sim_view).to_numpy(dtype=float)
             else:
@@ -379,7 +402,6 @@ class MultiViewEmbedder(Embedder):
     #: Called with (epoch, epochs) after each training epoch (the CLI sets it to drive a progress bar).
     on_epoch: Callable[[int, int], None] | None = None
 
-    required_views: tuple[str, ...] = ("poi_counts", "landuse_counts", "od_flows")
     epochs: int
     lr: float
     weight_decay: float
@@ -387,8 +409,13 @@ class MultiViewEmbedder(Embedder):
     #: The multi-task objective (a name in OBJECTIVES or a dict of settings); subclasses take it as a parameter.
     objective: str | dict[str, Any] = "authors"
 
+    @property
+    def required_views(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The count views this instance reads (its ``views`` argument; none for a method with its own inputs)."""
+        return tuple(getattr(self, "views", ()))
+
     def inputs(self, city: CityData) -> MultiViewInputs:
-        return MultiViewInputs.from_city(city)
+        return MultiViewInputs.from_city(city, views=self.required_views)
 
     @abc.abstractmethod
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:

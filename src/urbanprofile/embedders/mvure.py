@@ -13,6 +13,8 @@ from torch import nn
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.multiview import (
+    MULTI_VIEWS,
+    SIMILARITY_VIEWS,
     MultiTaskObjective,
     MultiViewEmbedder,
     MultiViewInputs,
@@ -25,14 +27,15 @@ from urbanprofile.encoders.spatial_graph import knn_from_similarity
 
 def view_graphs(inputs: MultiViewInputs, k: int) -> dict[str, np.ndarray]:
     """The k-nearest graph of each view: mobility source/destination similarity (cosine of out-/in-flow
-    profiles), POI and land-use similarity."""
+    profiles), and POI and land-use similarity when the city has those views."""
     od = np.asarray(inputs.od, dtype=float)
-    return {
+    graphs = {
         "source": knn_from_similarity(cosine_similarity(od), k),
         "destination": knn_from_similarity(cosine_similarity(od.T), k),
-        "poi": knn_from_similarity(inputs.similarity["poi"], k),
-        "landuse": knn_from_similarity(inputs.similarity["landuse"], k),
     }
+    for view in inputs.similarity_views:  # POI and land use when the city has them
+        graphs[view] = knn_from_similarity(inputs.similarity[view], k)
+    return graphs
 
 
 class MVURENetwork(nn.Module):
@@ -48,7 +51,7 @@ class MVURENetwork(nn.Module):
             {v: ViewEncoder(features[v].shape[1], d, n_layers, n_heads, dropout) for v in graphs}
         )
         self.fusion = ViewFusion(d, n_heads, mix_views=False, dropout=dropout)
-        self.heads = ReconstructionHeads(d)
+        self.heads = ReconstructionHeads(d, tuple(v for v in SIMILARITY_VIEWS if v in features))
 
     def forward(self) -> torch.Tensor:
         views = [self.encoders[v](self.features[v], self.graphs[v]) for v in self.graphs]
@@ -72,12 +75,15 @@ class MVUREEmbedder(MultiViewEmbedder):
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         objective: The multi-task objective (``distribution``, ``authors`` or a dict of settings).
+        views: Count views read: ``od_flows`` (the mobility objective) and any of ``poi_counts``,
+            ``landuse_counts`` (the registry passes those a city has).
         random_state: Seed.
     """
 
     def __init__(self, d: int = 144, n_layers: int = 2, n_heads: int = 4, k_neighbors: int = 10,
                  sharing: float = 0.2, dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4,
                  weight_decay: float = 1e-5, objective: str | dict[str, Any] = "distribution",
+                 views: tuple[str, ...] = MULTI_VIEWS,
                  random_state: int | None = 0) -> None:
         self.d = d
         self.n_layers = n_layers
@@ -89,6 +95,7 @@ class MVUREEmbedder(MultiViewEmbedder):
         self.lr = lr
         self.weight_decay = weight_decay
         self.objective = objective
+        self.views = views
         self.random_state = random_state
 
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
@@ -97,10 +104,10 @@ class MVUREEmbedder(MultiViewEmbedder):
         features = {
             "source": torch.as_tensor(mobility[:, :n], dtype=torch.float32),
             "destination": torch.as_tensor(mobility[:, n:], dtype=torch.float32),
-            "poi": torch.as_tensor(inputs.features["poi"], dtype=torch.float32),
-            "landuse": torch.as_tensor(inputs.features["landuse"], dtype=torch.float32),
+            **{v: torch.as_tensor(inputs.features[v], dtype=torch.float32) for v in inputs.similarity_views},
         }
         graphs = {v: torch.as_tensor(g) for v, g in view_graphs(inputs, self.k_neighbors + 1).items()}
         network = MVURENetwork(features, graphs, self.d, self.n_layers, self.n_heads, self.sharing, self.dropout)
-        objective = MultiTaskObjective(inputs, random_state=self.random_state, objective=self.objective)
+        objective = MultiTaskObjective(inputs, views=inputs.similarity_views, random_state=self.random_state,
+                                       objective=self.objective)
         return network, multitask_step(network, network.heads, objective)

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
+from urbanprofile.embedders.multiview import (
+    MULTI_VIEWS,
+    SIMILARITY_VIEWS,
+    MultiTaskObjective,
+    MultiViewEmbedder,
+    MultiViewInputs,
+    multitask_step,
+)
 from urbanprofile.encoders.layers import MultiViewFusion, ReconstructionHeads, RegionBlock, SpatialBias, readout
 from urbanprofile.encoders.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
 
@@ -38,7 +45,7 @@ class SRELNetwork(nn.Module):
         self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout, feedforward=feedforward)
                                     for _ in range(n_layers))
         self.out = readout(readout_kind, d, d)
-        self.heads = ReconstructionHeads(d)
+        self.heads = ReconstructionHeads(d, tuple(v for v in SIMILARITY_VIEWS if v in features))
 
     def forward(self) -> torch.Tensor:
         h = self.views(self.features, self.neighbors) + self.centrality_projection(self.centrality)
@@ -69,6 +76,8 @@ class SRELEmbedder(MultiViewEmbedder):
         attention: ``auto`` (dense up to ``dense_limit`` regions, else sparse), ``dense`` or ``sparse``.
         k_neighbors: Neighbourhood size of the sparse attention.
         dense_limit: Largest city trained with dense N x N attention under ``auto``.
+        views: Count views read: ``od_flows`` (the mobility objective) and any of ``poi_counts``,
+            ``landuse_counts`` (the registry passes those a city has).
         random_state: Seed of the initialisation and sampling.
     """
 
@@ -76,7 +85,8 @@ class SRELEmbedder(MultiViewEmbedder):
                  spatial_weight: float = 0.3, dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4,
                  weight_decay: float = 5e-4, objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
                  attention: str = "auto", k_neighbors: int = 32, dense_limit: int = 2000,
-                 feedforward: int | None = None, random_state: int | None = 0) -> None:
+                 feedforward: int | None = None, views: tuple[str, ...] = MULTI_VIEWS,
+                 random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
         self.n_layers = n_layers
@@ -92,6 +102,7 @@ class SRELEmbedder(MultiViewEmbedder):
         self.k_neighbors = k_neighbors
         self.dense_limit = dense_limit
         self.feedforward = feedforward
+        self.views = views
         self.random_state = random_state
 
     def _sparse(self, city: CityData) -> bool:
@@ -100,7 +111,7 @@ class SRELEmbedder(MultiViewEmbedder):
         return self.attention == "sparse" or (self.attention == "auto" and city.n_regions > self.dense_limit)
 
     def inputs(self, city: CityData) -> MultiViewInputs:
-        return MultiViewInputs.from_city(city, sparse_mode=self._sparse(city))
+        return MultiViewInputs.from_city(city, sparse_mode=self._sparse(city), views=self.required_views)
 
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
         prior = spatial_prior(city, k=self.k_neighbors if self._sparse(city) else None,
@@ -109,5 +120,6 @@ class SRELEmbedder(MultiViewEmbedder):
         features = {v: torch.as_tensor(x, dtype=torch.float32) for v, x in inputs.features.items()}
         network = SRELNetwork(features, prior, self.d, self.n_intra_layers, self.n_layers, self.n_heads,
                               self.spatial_weight, self.dropout, self.readout, self.feedforward)
-        objective = MultiTaskObjective(inputs, random_state=self.random_state, objective=self.objective)
+        objective = MultiTaskObjective(inputs, views=inputs.similarity_views, random_state=self.random_state,
+                                       objective=self.objective)
         return network, multitask_step(network, network.heads, objective)

@@ -10,6 +10,7 @@ variant is never worse than its parts by construction of the search, only by the
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,8 @@ class WithRawFeatures(Embedder):
     Args:
         learned: ``"module:Class"`` of the learned :class:`Embedder`.
         learned_params: Its constructor arguments (``random_state`` is passed through).
-        raw_views: Views stacked as raw features (``od_flows`` as out- and in-flow profiles).
+        raw_views: Views stacked as raw features (``od_flows`` as out- and in-flow profiles); the learned
+            embedder reads the same views when it takes a ``views`` argument and ``learned_params`` sets none.
         random_state: Seed of the learned embedder.
     """
 
@@ -50,7 +52,11 @@ class WithRawFeatures(Embedder):
         if not module_name or not class_name:
             raise ValueError(f"learned must be 'module:Class', got {self.learned!r}")
         cls = getattr(importlib.import_module(module_name), class_name)
-        embedder: Embedder = cls(**(self.learned_params or {}), random_state=self.random_state)
+        params = dict(self.learned_params or {})
+        if "views" in inspect.signature(cls.__init__).parameters:
+            # The learned part reads the views the raw part stacks (those a city has), unless told otherwise.
+            params.setdefault("views", tuple(self.raw_views))
+        embedder: Embedder = cls(**params, random_state=self.random_state)
         if self.on_epoch is not None:
             embedder.on_epoch = self.on_epoch  # type: ignore[attr-defined]
         return embedder

@@ -96,8 +96,7 @@ def _model_layer(city: CityData, kind: str, task: str, method: str, protocol: st
     from urbanprofile.evaluation.spatial import spatial_blocks
     from urbanprofile.methods import get_method
 
-    spec = get_method(method)
-    spec.check_available(city)
+    spec = get_method(method).for_city(city)  # the views the city has
     embedding = spec.build(random_state=seed).fit_transform(city)
     result = evaluate_embedding(city, embedding, task, protocol=protocol, head=spec.head, random_state=seed)
     frame = result.predictions().reindex(city.region_ids)

@@ -259,6 +259,9 @@ def evaluate_run(
         frames.append(frame.assign(method=m))
     predictions = pd.concat(frames, ignore_index=True).drop(columns=["prompt"])
     predictions.to_csv(run_dir / "predictions.csv", index=False)
-    payload = {"config": config.to_json(), "n_test": len(data.split("test")), "groups": data.groups, "methods": results}
+    from urbanprofile.threads import current_threads
+
+    payload = {"config": config.to_json(), "n_test": len(data.split("test")), "groups": data.groups, "methods": results,
+               "threads": current_threads()}
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2, default=float))
     return payload

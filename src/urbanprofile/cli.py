@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -977,8 +978,29 @@ def predict(
         err.print(f"wrote {path}")
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Our own warnings speak to the user: one ``warning:`` line, not Python's ``file.py:89: RuntimeWarning``
+    header and a line of our source; other libraries' warnings keep their location (it says whose they are)."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        _main()
+    finally:
+        warnings.showwarning = previous  # main() also runs inside tests
+
+
+def _main() -> None:
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns an exit code (Ctrl-C: 130) instead of exiting

@@ -23,3 +23,33 @@ def test_our_numeric_warning_is_one_line_without_source(tmp_path: Path, capsys: 
     warned = [line for line in stderr.splitlines() if "numeric warnings" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: hafusion-testcity raw-poi seed 0: "), stderr
     assert "RuntimeWarning" not in stderr and ".py:" not in stderr and "run_unit(" not in stderr
+
+
+@pytest.mark.parametrize(("argv", "repeated"), [
+    (["benchmark", "--datasets", "hafusion-testcity", "--datasets", "other", "--methods", "raw-poi"], "--datasets"),
+    (["evaluate", "hafusion-testcity", "--method", "raw-poi", "--task", "crime", "--seeds=0", "--seeds=1"], "--seeds"),
+    (["datasets", "info", "hafusion-testcity", "--data-dir", "a", "--data-dir", "b"], "--data-dir"),
+    (["embed", "hafusion-testcity", "--method", "raw-poi", "-o", "a.parquet", "--out", "b.parquet"], "--out"),
+])
+def test_an_option_given_twice_is_refused_not_overridden(argv: list[str], repeated: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """click keeps the last of a repeated single-value option silently: ``--datasets a --datasets b`` ran b alone."""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = cli(argv, capsys, monkeypatch, tmp_path)
+    assert code == 2 and stderr.startswith("error: ") and len(stderr.splitlines()) == 1, stderr
+    assert f"{repeated} is given more than once" in stderr
+    assert not stdout and list(tmp_path.iterdir()) == []  # nothing ran, nothing written
+
+
+def test_repeatable_options_and_values_that_look_like_options_are_not_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "data"
+    write_hafusion_city(root, n=30)
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = cli(["map", "hafusion-testcity", "-l", "label:crime", "-o", "a.png", "-o", "b.html"], capsys,
+                          monkeypatch, root)
+    assert code == 0 and (tmp_path / "a.png").is_file() and (tmp_path / "b.html").is_file(), stderr
+    code, _, stderr = cli(["evaluate", "hafusion-testcity", "--method", "raw-poi", "--task", "crime", "--seeds", "-1"],
+                          capsys, monkeypatch, root)
+    assert code == 2 and "more than once" not in stderr and "--seeds must be" in stderr

@@ -53,3 +53,33 @@ def test_repeatable_options_and_values_that_look_like_options_are_not_refused(
     code, _, stderr = cli(["evaluate", "hafusion-testcity", "--method", "raw-poi", "--task", "crime", "--seeds", "-1"],
                           capsys, monkeypatch, root)
     assert code == 2 and "more than once" not in stderr and "--seeds must be" in stderr
+
+
+def test_progress_bar_at_80_columns_cuts_the_label_never_the_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long unit label (a dataset given by path) squeezed the elapsed and left times to ``0:0…``."""
+    import io
+
+    from rich.console import Console
+
+    from urbanprofile.benchmark.runner import Unit, UnitProgress
+    from urbanprofile.methods import get_method
+
+    folder = "/tmp/a/rather/long/path/to/a/built/dataset/folder"
+    units = [Unit(folder, get_method("autoencoder"), seed, (("crime", "paper", "ridge"),)) for seed in (0, 1)]
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=True, color_system=None)
+    monkeypatch.setattr("rich.console.Console", lambda **_: console)
+    with UnitProgress("serial", units) as shown:
+        assert shown.live
+        shown.epoch(units[1], 3, 10)
+        shown.unit_done(units[0], [{"status": "ok"}])
+        table = shown._bar.make_tasks_table(shown._bar.tasks)
+    plain = io.StringIO()
+    Console(file=plain, width=80, color_system=None).print(table)
+    lines = [line for line in plain.getvalue().splitlines() if line.strip()]
+    assert lines and all(len(line) <= 80 for line in lines)
+    for line in lines:  # the unit line, then the epoch line of the unit in training
+        assert len(line) <= 80 and line.rstrip().endswith(("left -:--:--", "left 0:00:00")), line
+        assert "…" not in line.split("━")[-1]  # counts and times whole; only the label may be cut
+    assert len(lines) == 2 and lines[0].startswith("units (serial), last: /tmp/") and " 1/2 " in lines[0]
+    assert " 3/10 " in lines[1]

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -1076,9 +1077,31 @@ def predict(
         err.print(f"wrote {path}")
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Our own warnings speak to the user: one ``warning:`` line, not Python's ``file.py:89: RuntimeWarning``
+    header and a line of our source; other libraries' warnings keep their location (it says whose they are)."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
+        _main()
+    finally:
+        warnings.showwarning = previous  # main() also runs inside tests
+
+
+def _main() -> None:
+    try:
+        _refuse_repeated_options(sys.argv[1:])
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns an exit code (Ctrl-C: 130) instead of exiting
             sys.exit(code)
@@ -1099,6 +1122,40 @@ def main() -> None:
             sys.stderr.write(f"error: {message}{hint}\n")
             sys.exit(2)
         raise
+
+
+def _refuse_repeated_options(argv: list[str]) -> None:
+    """Refuse an option given twice that takes one value: click silently keeps the last one, so
+    ``--datasets a --datasets b`` would run ``b`` alone and ``--seeds 0 --seeds 1`` seed 1 alone.
+
+    Raises:
+        UrbanProfileError: Naming the option, and how to give several values.
+    """
+    # Duck-typed: newer typer releases vendor their own copy of click, whose classes are not click's.
+    command: Any = typer.main.get_command(app)
+    counts: dict[str, int] = {}
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--":
+            return
+        if token in (getattr(command, "commands", None) or {}):
+            command = command.commands[token]
+            counts.clear()
+            continue
+        if not token.startswith("-") or token == "-":
+            continue
+        name = token.split("=", 1)[0]
+        option = next((p for p in command.params if p.param_type_name == "option" and name in p.opts), None)
+        if option is None or option.is_flag or option.count:
+            continue
+        if "=" not in token:
+            next(tokens, None)  # its value, which may itself start with '-'
+        if option.multiple:
+            continue
+        counts[option.name] = counts.get(option.name, 0) + 1  # -o and --out are one option
+        if counts[option.name] == 2:
+            raise UrbanProfileError(f"{name} is given more than once and only the last would count; give it once "
+                                    f"(a list of values is one comma-separated argument)")
 
 
 def _is_usage_error(error: Exception) -> bool:

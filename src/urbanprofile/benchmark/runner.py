@@ -547,10 +547,14 @@ class UnitProgress:
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
+            from rich.table import Column
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
+            # The label gives way in a narrow terminal (a path dataset makes it long); counts and times stay whole.
+            self._bar = Progress(TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True,
+                                                                                     overflow="ellipsis")),
+                                 BarColumn(bar_width=12), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("left"), TimeRemainingColumn(),
+                                 console=self.console, transient=False, expand=True)
             self._bar.start()
             self._job = self._bar.add_task(f"units ({self.executor})", total=self.total)
         return self

@@ -78,7 +78,7 @@ def quality(seeds: list[int], methods: list[str], datasets: list[str] | None = N
     A ``<method>+raw`` variant listed beside ``<method>`` reuses that method's training of each seed (the
     learned part is the same embedder), probed with its own head on the learned + raw embedding.
     """
-    from urbanprofile.benchmark.runner import result_row
+    from urbanprofile.benchmark.unit import result_row
     from urbanprofile.evaluation.protocols import protocol_unavailable_reason
     from urbanprofile.methods import get_method
 

@@ -99,7 +99,7 @@ def main() -> int:
         rows = store.rows()
     per_row = [len(json.dumps(r, default=str)) for r in rows]
     sizes["one row (JSON)"] = int(sum(per_row) / len(per_row))
-    from urbanprofile.benchmark.runner import Unit
+    from urbanprofile.benchmark.unit import Unit
 
     unit = Unit("hafusion-nyc", learned, 0, tuple((t, p) for t in ("checkin", "crime", "service_calls")
                                                   for p in ("paper", "nested", "spatial")))

@@ -61,7 +61,8 @@ def test_progress_bar_at_80_columns_cuts_the_label_never_the_times(monkeypatch: 
 
     from rich.console import Console
 
-    from urbanprofile.benchmark.runner import Unit, UnitProgress
+    from urbanprofile.benchmark.runner import UnitProgress
+    from urbanprofile.benchmark.unit import Unit
     from urbanprofile.methods import get_method
 
     folder = "/tmp/a/rather/long/path/to/a/built/dataset/folder"

@@ -414,7 +414,7 @@ class TrainedEmbedder:
 
 
 def test_epochs_reach_the_progress(city: CityData) -> None:
-    from urbanprofile.benchmark.runner import Unit, run_unit
+    from urbanprofile.benchmark.unit import Unit, run_unit
 
     spec = register_method(MethodSpec("trained", f"{__name__}:TrainedEmbedder"), replace=True)
     seen: list[tuple[str, int, int]] = []

@@ -8,7 +8,8 @@ import pytest
 from rich.console import Console
 
 from urbanprofile.benchmark.executors import ProcessExecutor
-from urbanprofile.benchmark.runner import Unit, UnitProgress, run_unit
+from urbanprofile.benchmark.runner import UnitProgress
+from urbanprofile.benchmark.unit import Unit, run_unit
 from urbanprofile.data import CityData
 from urbanprofile.embedders.autoencoder import AutoencoderEmbedder
 from urbanprofile.methods import MethodSpec

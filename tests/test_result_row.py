@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from urbanprofile.benchmark.rows import COLUMNS, KEY, ResultRow, make_row
-from urbanprofile.benchmark.runner import Unit, failed_rows, result_row
 from urbanprofile.benchmark.store import ResultStore
+from urbanprofile.benchmark.unit import Unit, failed_rows, result_row
 from urbanprofile.data import CityData
 from urbanprofile.evaluation.protocols import evaluate_embedding
 from urbanprofile.methods import get_method

@@ -1,7 +1,7 @@
 """Where benchmark units run: serially in this process, in local worker processes, or on a Ray cluster.
 
 A unit is one fit of a method on a dataset with one seed and the probes it feeds
-(:class:`urbanprofile.benchmark.runner.Unit`). Every executor yields ``(unit, rows, skipped)`` as units
+(:class:`urbanprofile.benchmark.unit.Unit`). Every executor yields ``(unit, rows, skipped)`` as units
 finish, in whatever order they finish; the driver writes each unit's rows to the store in one transaction.
 Workers never touch the store. The cities travel once to each worker (the process pool's initializer, Ray's
 object store), units and rows are small.
@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from queue import Empty
 from typing import TYPE_CHECKING, Any
 
-from urbanprofile.benchmark.runner import Unit, failed_rows, one_line, run_unit
+from urbanprofile.benchmark.unit import Unit, failed_rows, one_line, run_unit
 from urbanprofile.errors import UrbanProfileError, require
 
 if TYPE_CHECKING:

@@ -94,7 +94,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "`python benchmarks/build_trips_memory.py`: one `urbanprofile build --boundary W,S,E,N --h3-res 9 "
              f"--pois --trips` subprocess per row, {N_POIS:,} clustered POIs, trips with departure times "
              "(4 time-of-day patterns), seed 0, 1 thread; peak RSS and wall time from `/usr/bin/time -v`.", "",
-             "Load: `load_dataset` (with validation) of the written folder in a fresh process.", "",
+             "Load: `load_dataset` (with validation) of the written folder in a fresh process. `before`: the code "
+             "before the sparse trips build (issue 22), run with `--src` pointing at a `git archive` of commit "
+             "81e8f16; `after`: this checkout. Wall times move with the load of the shared 2-core machine.", "",
              "| code | cells | trips | OD non-zeros | build s | build peak RSS GB | load s | load peak RSS GB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
 import urbanprofile.data.build as build
 import urbanprofile.data.built as built
@@ -24,7 +25,7 @@ from urbanprofile.errors import MethodUnavailableError
 
 def _spec(raw: dict[str, Path]) -> BuildSpec:
     return BuildSpec(city="toy", regions=raw["regions"], region_name_column="name", pois=raw["pois"],
-                     categories=["food", "shop", "school"], trips=raw["trips"])
+                     categories=["food", "shop", "school"], landuse=raw["landuse"], trips=raw["trips"])
 
 
 def _large(monkeypatch: pytest.MonkeyPatch, above: int = 10) -> None:
@@ -82,6 +83,21 @@ def test_mgfn_says_why_it_cannot_use_a_large_city(raw_city: dict[str, Path], tmp
     with pytest.raises(MethodUnavailableError, match=r"od_patterns are kept on disk only") as caught:
         MGFNEmbedder(epochs=1).fit(load_dataset(tmp_path / "toy"))
     assert "\n" not in str(caught.value)
+
+
+def test_srel_sparse_inputs_read_the_sparse_view(raw_city: dict[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """SREL above its dense limit takes the OD view as CSR, with the values of the dense build."""
+    from urbanprofile.embedders.multiview import MultiViewInputs
+
+    build_dataset(_spec(raw_city), tmp_path / "toy")
+    dense = load_dataset(tmp_path / "toy").views["od_flows"].to_numpy(dtype=float)
+    _large(monkeypatch)
+    city = load_dataset(tmp_path / "toy")
+    inputs = MultiViewInputs.from_city(city, sparse_mode=True, mobility_dims=4)
+    assert inputs.sparse and sparse.issparse(inputs.od)
+    assert np.array_equal(inputs.od.toarray(), dense)
+    assert inputs.features["mobility"].shape == (city.n_regions, 8)
 
 
 def test_sparse_trips_allocate_nothing_square(raw_city: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.data.built import MAX_DENSE_PATTERN_CELLS, check_output, patterns_view, write_built
-from urbanprofile.data.city import CityData, frame_from_array
+from urbanprofile.data.city import SPARSE_VIEW_ABOVE, CityData, frame_from_array, sparse_square_view
 from urbanprofile.data.io import (
     NA_TOKENS,
     RawTable,
@@ -912,7 +912,7 @@ def _trip_weights(raw: RawTable, column: str) -> tuple[np.ndarray, np.ndarray]:
 def od_from_trips(
     trips: pd.DataFrame | RawTable, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport,
     where: str = "trips",
-) -> tuple[np.ndarray, pd.DataFrame | None]:
+) -> tuple[Any, pd.DataFrame | None]:
     """Trip counts between regions (the OD matrix) and, with a time column, per time-of-day pattern.
 
     Each row is one trip, or as many as its count column says (``--trip-weight``, or a column named like
@@ -920,7 +920,8 @@ def od_from_trips(
     counted; so are trips with an end outside every region.
 
     Returns:
-        The (N, N) OD matrix and (pattern, origin, destination, trips) rows, or ``None`` without times.
+        The (N, N) OD matrix (a SciPy CSR matrix above :data:`SPARSE_VIEW_ABOVE` regions, else a dense array)
+        and (pattern, origin, destination, trips) rows, or ``None`` without times.
 
     Raises:
         DataError: No trip joins two regions (the OD matrix would be all zeros), or a count is not a number or
@@ -997,14 +998,23 @@ def od_from_trips(
     if report.trips_weighted_kept == 0:
         raise DataError(f"{where}: every trip count in {weight_column!r} is 0; the OD matrix would be all zeros")
     integral = bool((weights == np.round(weights)).all())
-    od = np.zeros((n, n), dtype=np.int64 if integral else float)
-    np.add.at(od, (origin[inside], dest[inside]), weights[inside].astype(od.dtype))
+    dtype = np.dtype(np.int64 if integral else float)
+    od: Any
+    if n > SPARSE_VIEW_ABOVE:
+        # A large city's OD matrix is mostly zeros: N x N dense would be 0.8 GB at 10,000 cells, 80 GB at 100,000.
+        from scipy import sparse
+
+        od = sparse.coo_matrix((weights[inside].astype(dtype), (origin[inside], dest[inside])), shape=(n, n)).tocsr()
+        od.sum_duplicates()
+    else:
+        od = np.zeros((n, n), dtype=dtype)
+        np.add.at(od, (origin[inside], dest[inside]), weights[inside].astype(dtype))
     if hours is None:
         return od, None
     report.n_time_patterns = spec.n_time_patterns
     pattern = np.minimum((hours[inside] / (24 / spec.n_time_patterns)).astype(np.int64), spec.n_time_patterns - 1)
     rows = pd.DataFrame({"pattern": pattern, "o": origin[inside], "d": dest[inside],
-                         "w": weights[inside].astype(od.dtype)})
+                         "w": weights[inside].astype(dtype)})
     grouped = rows.groupby(["pattern", "o", "d"])["w"].sum().reset_index(name="trips")
     ids = regions.index
     pattern_rows = pd.DataFrame({"pattern": grouped["pattern"].to_numpy(), "origin": ids[grouped["o"].to_numpy()],
@@ -1282,8 +1292,11 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
             with steps.step("trips", "assigning trips to regions"):
                 od, pattern_rows = od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
                                                  str(spec.trips))
-                views["od_flows"] = frame_from_array(od, regions.index, regions.index)
-                if pattern_rows is not None and spec.n_time_patterns * len(regions) ** 2 <= MAX_DENSE_PATTERN_CELLS:
+                views["od_flows"] = (frame_from_array(od, regions.index, regions.index) if isinstance(od, np.ndarray)
+                                     else sparse_square_view(od, regions.index))
+                # A large city's time patterns go to disk as rows only (a dense view is P x N x N).
+                if (pattern_rows is not None and isinstance(od, np.ndarray)
+                        and spec.n_time_patterns * len(regions) ** 2 <= MAX_DENSE_PATTERN_CELLS):
                     views["od_patterns"] = patterns_view(pattern_rows, regions.index, spec.n_time_patterns)
                 sources["trips"] = _source(spec.trips)
         targets = pd.DataFrame(index=regions.index)

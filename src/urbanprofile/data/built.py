@@ -289,7 +289,7 @@ def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityD
                            else frame_from_array(matrix.toarray(), ids, ids))
         elif layout == "patterns":
             n_patterns = int(spec.get("n_patterns", 0))
-            if n_patterns * len(ids) ** 2 > MAX_DENSE_PATTERN_CELLS:
+            if len(ids) > SPARSE_VIEW_ABOVE or n_patterns * len(ids) ** 2 > MAX_DENSE_PATTERN_CELLS:
                 notes.append(f"od_patterns kept on disk only ({n_patterns} x {len(ids)}^2 cells)")
                 continue
             views[view] = patterns_view(frame, ids, n_patterns, str(path))

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from urbanprofile.data.city import CityData
+from urbanprofile.data.city import SPARSE_VIEW_ABOVE, CityData, is_sparse_view
 from urbanprofile.data.features import LogScaler
 from urbanprofile.embedders.multiview import MultiTaskObjective, MultiViewEmbedder, MultiViewInputs, multitask_step
 from urbanprofile.encoders.layers import ReconstructionHeads, RegionBlock, mlp
+from urbanprofile.errors import MethodUnavailableError
 
 
 class MGFNNetwork(nn.Module):
@@ -63,6 +64,20 @@ class MGFNEmbedder(MultiViewEmbedder):
         self.lr = lr
         self.weight_decay = weight_decay
         self.random_state = random_state
+
+    def fit(self, city: CityData) -> MGFNEmbedder:
+        """Train on the city's mobility views (never its targets).
+
+        Raises:
+            MethodUnavailableError: The city is large enough that its time patterns stay on disk (MGFN's
+                graphs are dense P x N x N), or it has no ``od_flows``/``od_patterns`` view.
+        """
+        if "od_patterns" not in city.views and "od_flows" in city.views and is_sparse_view(city.views["od_flows"]):
+            raise MethodUnavailableError(
+                f"mgfn needs dense (P, N, N) time-pattern graphs; dataset {city.name!r} has {city.n_regions} regions "
+                f"(square views stay sparse above {SPARSE_VIEW_ABOVE}), so its od_patterns are kept on disk only")
+        super().fit(city)
+        return self
 
     def inputs(self, city: CityData) -> MultiViewInputs:
         return MultiViewInputs(features={}, od=city.view("od_flows").to_numpy(dtype=float))

@@ -62,7 +62,7 @@ def main() -> int:
         rows = outcome.rows
         table = markdown_leaderboard(rows)
         best = best_by_protocol(rows)
-        print(f"\n## {part}: {len(rows)} results in {wall:.1f} s wall ({env['cpus']} threads)\n")
+        print(f"\n## {part}: {len(rows)} results in {wall:.1f} s wall ({env['cpus']} CPUs)\n")
         print(best.round(3).to_string(index=False))
         for line in outcome.skipped:
             print(f"skipped: {line}")
@@ -73,7 +73,7 @@ def main() -> int:
             "part": part,
             "wall_seconds": wall,
             "environment": env,
-            "plan": {k: list(v) if v is not None else None for k, v in plan.__dict__.items()},
+            "plan": {k: list(v) if isinstance(v, list | tuple) else v for k, v in plan.__dict__.items()},
             "skipped": outcome.skipped,
             "rows": [row_to_json(r) for r in rows],
         }

@@ -60,7 +60,7 @@ def main() -> int:
              f"{','.join(map(str, plan.seeds))}; wall time {wall:.1f} s -->\n\n")
     (RESULTS / "srai.md").write_text(stamp + table + ("\n" + skipped if skipped else ""), encoding="utf-8")
     payload = {"wall_seconds": wall, "environment": environment,
-               "plan": {k: list(v) if v is not None else None for k, v in plan.__dict__.items()},
+               "plan": {k: list(v) if isinstance(v, list | tuple) else v for k, v in plan.__dict__.items()},
                "skipped": outcome.skipped, "rows": [row_to_json(r) for r in rows]}
     (RESULTS / "srai.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     print(f"wrote {RESULTS / 'srai.md'} and .json")

@@ -54,3 +54,16 @@ def test_make_bench_writes_where_git_ignores_it() -> None:
     refresh = subprocess.run([make, "-n", "-s", "bench", "BENCH_OUT=benchmarks/results"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert "--out benchmarks/results" in refresh.stdout  # the committed tables, only when asked
+
+
+def test_the_main_job_runs_and_writes_its_tables(tmp_path: Path) -> None:
+    """`make bench`'s script end to end on a small part (CityView location baselines, seed 0 only)."""
+    import os
+    import sys
+
+    if not os.environ.get("URBANPROFILE_DATA"):
+        pytest.skip("needs the benchmark data (URBANPROFILE_DATA)")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "baselines.py"), "--quick", "--parts",
+                             "cityview", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "baselines_cityview.json").is_file() and (tmp_path / "baselines_cityview.md").is_file()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_cli
 
 from urbanprofile import cli
 from urbanprofile.benchmark.runner import DEFAULT_SEEDS, BenchmarkPlan, StudyConfig
@@ -21,14 +21,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
 def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """The CLI in this process, as a user calls it: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["urbanprofile", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(monkeypatch, capsys, *args)
 
 
 def one_error_line(stderr: str) -> str:

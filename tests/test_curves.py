@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import run_cli as run_in_process
 
-from urbanprofile import cli
 from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
 from urbanprofile.data import CityData
 from urbanprofile.data.tasks import task_data
@@ -146,15 +145,8 @@ def test_runner_rows_record_the_share_and_refuse_a_store(city: CityData, tmp_pat
 def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, data_dir: Path,
             *args: str) -> tuple[int, str, str]:
     """The CLI in this process (a subprocess pays the imports again); (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["urbanprofile", *args])
     monkeypatch.setenv("URBANPROFILE_DATA", str(data_dir))
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_in_process(monkeypatch, capsys, *args)
 
 
 def one_error_line(result: tuple[int, str, str]) -> str:

@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import load_example
 
 from urbanprofile.data import make_synthetic_city
 from urbanprofile.errors import MethodUnavailableError
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.methods import _REGISTRY, get_method, list_methods
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"docs_example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture
 def poi_share():
-    module = _load("poi_share_embedder")
+    module = load_example("poi_share_embedder")
     module.register()
     yield module
     _REGISTRY.pop("poi-share", None)

@@ -7,12 +7,12 @@ lat 50.00-50.02 (so lon/lat swapped lands far away), POIs, trips and labels. The
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import assert_one_error, run_cli
 
 from urbanprofile.data import load_dataset
 from urbanprofile.data.build import BuildSpec, build_city, build_dataset, h3_cell_estimate, read_boundary
@@ -59,26 +59,9 @@ def spec(files: dict[str, Path], **overrides: object) -> BuildSpec:
 
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """Run the CLI in-process: (exit code, stdout, stderr)."""
-    from urbanprofile import cli as cli_module
-
-    monkeypatch.setattr(sys, "argv", ["urbanprofile", *args])
-    try:
-        cli_module.main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(monkeypatch, capsys, *args)
 
 
-def assert_one_error(code: int, stderr: str, *fragments: str) -> str:
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_one_error as one_error
+from helpers import run_cli
 from rich.console import Console
 
 from urbanprofile import cli
@@ -99,17 +100,7 @@ def test_text_columns_wrap_and_fold_whole(tmp_path: Path) -> None:
 def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str,
         width: int = 80) -> tuple[int, str, str]:
     """Run the CLI in this process at a terminal width; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["urbanprofile", *args])
-    monkeypatch.setattr(cli, "out", Console(width=width, markup=False))
-    monkeypatch.setattr(cli, "err", Console(width=width, stderr=True, markup=False))
-    monkeypatch.setenv("COLUMNS", str(width))
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(monkeypatch, capsys, *args, width=width)
 
 
 @pytest.mark.parametrize("args", [("methods", "list"), ("datasets", "list"), ("datasets", "info", "hafusion-testcity")])
@@ -188,14 +179,6 @@ def testcity(make_data_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
     return "hafusion-testcity"
 
 
-def one_error(code: int, stderr: str, *fragments: str) -> str:
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def embed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str, out: Path,

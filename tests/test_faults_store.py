@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import assert_one_error, run_cli
 
 from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark
 from urbanprofile.benchmark.store import KEY, ResultStore
@@ -30,29 +30,11 @@ PLAN = BenchmarkPlan(datasets=["synthetic"], methods=["raw-poi", "pca"], tasks=[
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         data_dir: Path | None = None) -> tuple[int, str, str]:
     """Run ``urbanprofile`` in this process (faults can be simulated) and return (exit code, stdout, stderr)."""
-    from urbanprofile import cli as cli_module
-
     if data_dir is not None:
         monkeypatch.setenv("URBANPROFILE_DATA", str(data_dir))
-    monkeypatch.setattr(sys, "argv", ["urbanprofile", *argv])
-    capsys.readouterr()
-    try:
-        cli_module.main()
-        code = 0
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(monkeypatch, capsys, *argv)
 
 
-def assert_one_error(code: int, stderr: str, *fragments: str) -> str:
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def whole_units(rows: list[dict[str, Any]], cells_per_unit: int) -> Counter[tuple[Any, ...]]:

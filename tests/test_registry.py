@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 from collections.abc import Iterator
@@ -12,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rich.console import Console
+from helpers import load_example
+from helpers import run_cli as run_in_process
 
-from urbanprofile import cli, registry
+from urbanprofile import registry
 from urbanprofile.data import make_synthetic_city
 from urbanprofile.data.registry import FAMILIES, discover, list_datasets, load_dataset
 from urbanprofile.errors import DataError, UnknownNameError, UrbanProfileError
@@ -32,17 +32,9 @@ from urbanprofile.heads.registry import HEAD_MODULES, HEADS, list_heads, parse_h
 from urbanprofile.methods import METHODS, MethodSpec, get_method, list_methods
 from urbanprofile.registry import DuplicateNameError, Registry
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 PLUGIN_MODULE = "urbanprofile_test_plugins"
 
 
-def _load_example(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"docs_example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -81,16 +73,7 @@ def _entry_points(monkeypatch: pytest.MonkeyPatch, *points: tuple[str, str]) -> 
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["urbanprofile", *args])
-    monkeypatch.setattr(cli, "out", Console(width=200, markup=False))
-    monkeypatch.setattr(cli, "err", Console(width=200, stderr=True, markup=False))
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_in_process(monkeypatch, capsys, *args, width=200)
 
 
 # -- the registry itself ----------------------------------------------------------------------------------
@@ -158,7 +141,7 @@ def test_a_plugin_cannot_take_a_builtin_name(plugins: types.ModuleType, monkeypa
 # -- worked example: a new head is one module + one registration -----------------------------------------
 @pytest.fixture
 def lasso(saved_registries: None) -> Iterator[types.ModuleType]:
-    module = _load_example("custom_head")
+    module = load_example("custom_head")
     module.register()
     yield module
     sys.modules.pop(module.__name__, None)
@@ -204,7 +187,7 @@ def _write_csv_city(root: Path, name: str, drop: str | None = None) -> None:
 
 @pytest.fixture
 def csv_family(saved_registries: None) -> Iterator[types.ModuleType]:
-    module = _load_example("custom_family")
+    module = load_example("custom_family")
     module.register()
     yield module
     sys.modules.pop(module.__name__, None)

@@ -212,7 +212,7 @@ def test_srai_style_embedder_errors(city: CityData) -> None:
     regions, features, joint = city_to_srai(city)
     with pytest.raises(NotFittedError):
         SraiStyleEmbedder("pca").transform(regions, features, joint)
-    with pytest.raises(MethodUnavailableError, match="landuse_counts"):
+    with pytest.raises(MethodUnavailableError, match="od_flows"):
         SraiStyleEmbedder("hafusion").fit(regions, features, joint)
     stray = pd.DataFrame(index=pd.MultiIndex.from_tuples([(9999, 0)], names=["region_id", "feature_id"]))
     with pytest.raises(DataError, match="region 9999"):

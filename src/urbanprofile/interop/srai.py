@@ -13,7 +13,7 @@ import pandas as pd
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import Embedder
-from urbanprofile.embedders.srai_adapters import POI_VIEW, srai_city
+from urbanprofile.embedders.srai_adapters import srai_city
 from urbanprofile.errors import MethodUnavailableError, NotFittedError
 from urbanprofile.methods import get_method
 
@@ -46,20 +46,16 @@ class SraiStyleEmbedder:
 
     def _build(self, city: CityData) -> Embedder:
         import importlib
-        import inspect
-
 
         spec = get_method(self.method)
+        reason = spec.unavailable_reason(city)
+        if reason:
+            raise MethodUnavailableError(f"{reason}; srai's frames only give poi_counts (try pca, autoencoder, "
+                                         "raw-poi, srai-count, hex2vec)")
+        spec = spec.for_city(city)  # a method that reads any of its views reads poi_counts alone here
         module_name, _, class_name = spec.factory.partition(":")
         cls = getattr(importlib.import_module(module_name), class_name)
-        params = {**spec.params, **self.params}
-        if "views" in inspect.signature(cls.__init__).parameters and "views" not in self.params:
-            params["views"] = (POI_VIEW,)
-        embedder: Embedder = cls(**params, random_state=self.random_state)
-        missing = [v for v in getattr(embedder, "required_views", ()) if v not in city.views]
-        if missing:
-            raise MethodUnavailableError(f"method {self.method!r} needs the {missing[0]!r} view; srai's frames only "
-                                         "give poi_counts (try pca, autoencoder, raw-poi, srai-count, hex2vec)")
+        embedder: Embedder = cls(**{**spec.params, **self.params}, random_state=self.random_state)
         return embedder
 
     def fit(self, regions_gdf: gpd.GeoDataFrame, features_gdf: gpd.GeoDataFrame,

@@ -437,16 +437,7 @@ def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | 
             f"{', '.join(map(str, seeds_used))} · "
             f"generated {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
     notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>urbanprofile benchmark report</title>
-<style>{_CSS}</style></head>
-<body>
-<header><h1>urbanprofile benchmark report</h1><p>{esc(source)} · {esc(meta)}</p></header>
-<main>
+    page = _page_start(f"{esc(source)} · {esc(meta)}") + f"""<main>
 <p class="lead">{summary} R² is pooled out-of-fold, mean ± std over seeds; <i>nested</i> is the honest figure,
 <i>spatial</i> holds out whole areas, <i>paper</i> is the peers' protocol, shown only beside their published
 figures († / <span class="warn">test-selected</span>: the authors chose the epoch on the test folds, so the figure
@@ -464,6 +455,20 @@ Moran's I: spatial autocorrelation of the residuals on the region adjacency (0 =
     return page, n_maps, notes
 
 
+def _page_start(subtitle_html: str) -> str:
+    """The page's head (a strict CSP: no scripts, no network) and its header line; ``subtitle_html`` is escaped."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>urbanprofile benchmark report</title>
+<style>{_CSS}</style></head>
+<body>
+<header><h1>urbanprofile benchmark report</h1><p>{subtitle_html}</p></header>
+"""
+
+
 def _failed_list(failed: list[dict[str, Any]]) -> str:
     if not failed:
         return ""
@@ -475,16 +480,7 @@ def _failed_list(failed: list[dict[str, Any]]) -> str:
 def _failures_page(failed: list[dict[str, Any]], source: str) -> str:
     """The page of a store whose every row failed: what failed and why, rather than "no results"."""
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>urbanprofile benchmark report</title>
-<style>{_CSS}</style></head>
-<body>
-<header><h1>urbanprofile benchmark report</h1><p>{esc(source)} · no successful results · generated {when}</p></header>
-<main>
+    return _page_start(f"{esc(source)} · no successful results · generated {when}") + f"""<main>
 <p class="lead">No result in this store succeeded: every one of its {len(failed)} rows failed. Their reasons follow;
 fix the cause and run <code>urbanprofile benchmark</code> again (failed rows are retried).</p>
 {_failed_list(failed)}

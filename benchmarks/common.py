@@ -86,6 +86,16 @@ def parse_seeds(text: str) -> list[int]:
     return [int(v) for v in items]
 
 
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (floats to 3 decimals)."""
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_text(path: Path, text: str) -> Path:
     """Write a file atomically: a reader (or an interrupted run) sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

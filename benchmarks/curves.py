@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from common import md_table
 
 from urbanprofile import __version__
 from urbanprofile.data.city import CityData
@@ -73,14 +74,6 @@ def environment() -> dict[str, Any]:
     return {"package_version": __version__, "python": platform.python_version(),
             "omp_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg()}
 
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

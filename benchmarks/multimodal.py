@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, environment, parse_seeds, parser, set_threads, write_results
+from common import RESULTS, environment, md_table, parse_seeds, parser, set_threads, write_results
 
 from urbanprofile.benchmark.runner import BenchmarkPlan, leaderboard, row_to_json, run_benchmark
 from urbanprofile.data.city import CityData
@@ -49,14 +49,6 @@ def write(part: str, payload: dict[str, Any], markdown: str) -> None:
     write_results(RESULTS, stem, payload, markdown, default=str)
     print(markdown)
 
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def fusion_spec(name: str, **params: Any) -> MethodSpec:

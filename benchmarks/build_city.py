@@ -22,7 +22,7 @@ from rich.table import Table
 
 from urbanprofile.data import load_dataset
 from urbanprofile.data.build import BuildSpec, assign_points, build_dataset, h3_regions, read_boundary
-from urbanprofile.embedders.pca import PCAEmbedder
+from urbanprofile.embedders.baselines.pca import PCAEmbedder
 from urbanprofile.evaluation.protocols import evaluate_embedding
 from urbanprofile.methods import get_method
 from urbanprofile.report.maps import map_city

@@ -38,10 +38,10 @@ from common import md_table
 from urbanprofile import __version__
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import load_dataset
-from urbanprofile.embedders.autoencoder import AutoencoderEmbedder
 from urbanprofile.embedders.base import Embedder
-from urbanprofile.embedders.pca import PCAEmbedder
-from urbanprofile.embedders.raw import RawViews
+from urbanprofile.embedders.baselines.autoencoder import AutoencoderEmbedder
+from urbanprofile.embedders.baselines.pca import PCAEmbedder
+from urbanprofile.embedders.baselines.raw import RawViews
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.methods import get_method
 

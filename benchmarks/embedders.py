@@ -266,7 +266,7 @@ def block_weight_note(rows: list[dict[str, Any]], protocol: str) -> str:
 def fit_one(args: argparse.Namespace) -> None:
     """Child process: fit one method once and print JSON with its timings and peak memory."""
     from urbanprofile.data import load_dataset, make_synthetic_city
-    from urbanprofile.embedders.srel import SRELEmbedder
+    from urbanprofile.embedders.multiview.srel import SRELEmbedder
     from urbanprofile.methods import get_method
 
     set_threads(args.threads)
@@ -704,7 +704,7 @@ def ablation(variants: list[str] | None = None, runs: list[tuple[str, int]] | No
     folds, as the quality part does, and is also recorded on the final epoch alone.
     """
     from urbanprofile.data import load_dataset
-    from urbanprofile.embedders.hafusion import HAFusionEmbedder
+    from urbanprofile.embedders.multiview.hafusion import HAFusionEmbedder
 
     runs = runs or ABLATION_RUNS
     cities = {d: load_dataset(d) for d in dict.fromkeys(d for d, _ in runs)}

@@ -121,7 +121,7 @@ def part_hafusion(seeds: list[int]) -> None:
 
 
 def part_robust(seed: int) -> None:
-    from urbanprofile.embedders.raw import Coordinates
+    from urbanprofile.embedders.baselines.raw import Coordinates
 
     records, plot_data = [], {}
     for name, mods in [*CITYVIEW.items(), ("hafusion-chicago", None)]:
@@ -221,7 +221,7 @@ def part_timing() -> None:
     model = get_method("urbanfusion").build(random_state=0)
     model.train_modalities = CITYVIEW["cityview-beijing"]
     t0 = time.perf_counter()
-    from urbanprofile.embedders.urbanfusion import city_modalities
+    from urbanprofile.embedders.multimodal.urbanfusion import city_modalities
 
     city_modalities(city, model.train_modalities, progress=False)
     out["beijing_cached_inputs_s"] = time.perf_counter() - t0

@@ -26,8 +26,8 @@ from common import RESULTS, set_threads, write_json
 
 from urbanprofile.data.registry import load_dataset
 from urbanprofile.embedders.base import as_embedding
-from urbanprofile.embedders.modal_baselines import ConcatModalities
-from urbanprofile.embedders.urbanfusion import UrbanFusionEmbedder, city_modalities
+from urbanprofile.embedders.multimodal.modal_baselines import ConcatModalities
+from urbanprofile.embedders.multimodal.urbanfusion import UrbanFusionEmbedder, city_modalities
 from urbanprofile.evaluation import evaluate_embedding
 
 TASKS = ["carbon", "population"]

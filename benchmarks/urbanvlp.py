@@ -31,9 +31,9 @@ from common import RESULTS, environment, parse_seeds, parser, run, set_threads, 
 
 from urbanprofile.data import load_dataset
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.perception import ONLY_CLIP_NOTE, align_image_tower, clip_score, perception_score
-from urbanprofile.embedders.urbanvlp import UrbanVLPEmbedder, VLPInputs, projection_tower
-from urbanprofile.embedders.urbanvlp_inputs import vlp_inputs_from_city
+from urbanprofile.embedders.multimodal.perception import ONLY_CLIP_NOTE, align_image_tower, clip_score, perception_score
+from urbanprofile.embedders.multimodal.urbanvlp import UrbanVLPEmbedder, VLPInputs, projection_tower
+from urbanprofile.embedders.multimodal.urbanvlp_inputs import vlp_inputs_from_city
 from urbanprofile.errors import UrbanProfileError
 from urbanprofile.evaluation.metrics import regression_metrics
 from urbanprofile.evaluation.protocols import evaluate_embedding

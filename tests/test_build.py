@@ -227,7 +227,7 @@ def test_cli_bad_options(raw_city: dict[str, Path], tmp_path: Path, extra: tuple
 
 def test_large_built_city_keeps_od_sparse(raw_city: dict[str, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import urbanprofile.data.built as built
+    import urbanprofile.data.loaders.built as built
 
     out = tmp_path / "toy"
     build_dataset(_spec(raw_city), out)

@@ -10,11 +10,11 @@ import pytest
 from helpers import run_cli
 
 from urbanprofile import cli
+from urbanprofile.apps.r1.train import R1Config
 from urbanprofile.benchmark.runner import DEFAULT_SEEDS, BenchmarkPlan, StudyConfig
 from urbanprofile.config import load_config, make_config
 from urbanprofile.data.build import BuildSpec
 from urbanprofile.errors import UrbanProfileError
-from urbanprofile.rl.train import R1Config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 

@@ -43,7 +43,7 @@ def test_unavailable_reason(city: CityData) -> None:
 
 def test_registry_accepts_new_methods() -> None:
     assert {"raw-poi", "pca", "autoencoder", "knn-location"} <= set(list_methods())
-    spec = MethodSpec("test-double-poi", "urbanprofile.embedders.raw:RawViews", {"views": ("poi_counts",)})
+    spec = MethodSpec("test-double-poi", "urbanprofile.embedders.baselines.raw:RawViews", {"views": ("poi_counts",)})
     register_method(spec)
     assert get_method("test-double-poi") is spec
     with pytest.raises(ValueError, match="already registered"):

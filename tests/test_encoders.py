@@ -140,7 +140,7 @@ def test_geoclip_nearby_places_are_closer_than_far_ones() -> None:
 
 
 def test_sinusoidal_encoder_reproduces_raw_location(city: Any) -> None:
-    from urbanprofile.embedders.raw import SinusoidalLocation
+    from urbanprofile.embedders.baselines.raw import SinusoidalLocation
     from urbanprofile.encoders.location import SinusoidalLocationEncoder
 
     latlon = city.regions[["lat", "lon"]].to_numpy()

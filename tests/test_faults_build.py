@@ -96,7 +96,7 @@ def test_overwrite_refuses_foreign_files_and_inputs_inside(city_files: dict[str,
 
 def test_overwrite_swaps_atomically_and_a_failed_rebuild_keeps_the_old(city_files: dict[str, Path], tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import urbanprofile.data.built as built
+    import urbanprofile.data.loaders.built as built
 
     out = tmp_path / "out"
     build_dataset(spec(city_files, labels=city_files["labels"]), out)
@@ -128,7 +128,7 @@ def test_overwrite_swaps_atomically_and_a_failed_rebuild_keeps_the_old(city_file
 def test_read_only_output_location(city_files: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:
     import tempfile
 
-    import urbanprofile.data.built as built
+    import urbanprofile.data.loaders.built as built
 
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -296,8 +296,8 @@ def test_a_datasets_own_indicator_is_a_valid_task(data_dir: Path, capsys: pytest
 def test_failed_r1_train_leaves_nothing_that_blocks(testcity: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from urbanprofile.apps.r1 import train
     from urbanprofile.errors import TrainingError
-    from urbanprofile.rl import train
 
     def fail(config: object, run_dir: Path, *args: object, **kwargs: object) -> None:
         assert (run_dir / "config.json").is_file()  # the failure comes after the run folder was started
@@ -338,7 +338,7 @@ def test_r1_config_errors_name_the_file(edit: dict[str, object], fragment: str, 
                                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from urbanprofile.rl.train import R1Config
+    from urbanprofile.apps.r1.train import R1Config
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

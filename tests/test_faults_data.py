@@ -16,8 +16,8 @@ import pytest
 from test_faults_build import assert_one_error, cli
 
 from urbanprofile.data import CityData, load_dataset, make_synthetic_city
-from urbanprofile.data.built import write_built
 from urbanprofile.data.io import load_npy
+from urbanprofile.data.loaders.built import write_built
 from urbanprofile.data.osm import OSM_LANDUSE_CLASSES, landuse_classes
 from urbanprofile.errors import DataError
 

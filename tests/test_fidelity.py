@@ -9,10 +9,8 @@ import torch
 
 from urbanprofile.benchmark.runner import BenchmarkPlan, plan_units
 from urbanprofile.data import CityData
-from urbanprofile.embedders.hafusion import HAFusionEmbedder
-from urbanprofile.embedders.multiview import MultiTaskObjective, MultiViewInputs, objective_settings
-from urbanprofile.embedders.srel import SRELEmbedder
-from urbanprofile.encoders.layers import (
+from urbanprofile.embedders.multiview.hafusion import HAFusionEmbedder
+from urbanprofile.embedders.multiview.layers import (
     AttentionEdges,
     MemoryViewFusion,
     RegionAttention,
@@ -20,6 +18,8 @@ from urbanprofile.encoders.layers import (
     feed_forward,
     readout,
 )
+from urbanprofile.embedders.multiview.srel import SRELEmbedder
+from urbanprofile.embedders.multiview.training import MultiTaskObjective, MultiViewInputs, objective_settings
 from urbanprofile.errors import MethodUnavailableError
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.heads.probes import BlockRidgeProbe, RidgeProbe, make_probe

@@ -193,7 +193,7 @@ def test_cli_unknown_head_is_one_line(tmp_path: Path) -> None:
 
 
 def test_modality_blocks_name_their_columns(small_city: CityData) -> None:
-    from urbanprofile.embedders.modal_blocks import ModalityBlocks
+    from urbanprofile.embedders.multimodal.modal_blocks import ModalityBlocks
 
     frame = ModalityBlocks(modalities=("poi", "landuse", "mobility")).fit_transform(small_city)
     names, sizes = embedding_blocks(frame.columns)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from urbanprofile.data.multimodal import readable_images, streetview_lonlat, tile_id
+from urbanprofile.data.loaders.multimodal import readable_images, streetview_lonlat, tile_id
 from urbanprofile.data.registry import list_datasets, load_dataset
 from urbanprofile.errors import DataError
 

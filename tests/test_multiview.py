@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from urbanprofile.data import CityData, make_synthetic_city
-from urbanprofile.embedders.hafusion import HAFusionEmbedder
-from urbanprofile.embedders.mgfn import MGFNEmbedder
-from urbanprofile.embedders.mvure import MVUREEmbedder
-from urbanprofile.embedders.srel import SRELEmbedder
-from urbanprofile.encoders.layers import RegionAttention, SpatialBias
-from urbanprofile.encoders.spatial_graph import spatial_prior
+from urbanprofile.embedders.multiview.hafusion import HAFusionEmbedder
+from urbanprofile.embedders.multiview.layers import RegionAttention, SpatialBias
+from urbanprofile.embedders.multiview.mgfn import MGFNEmbedder
+from urbanprofile.embedders.multiview.mvure import MVUREEmbedder
+from urbanprofile.embedders.multiview.spatial_graph import spatial_prior
+from urbanprofile.embedders.multiview.srel import SRELEmbedder
 from urbanprofile.errors import TrainingError
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.methods import get_method

@@ -11,13 +11,13 @@ from urbanprofile.benchmark.executors import ProcessExecutor
 from urbanprofile.benchmark.runner import UnitProgress
 from urbanprofile.benchmark.unit import Unit, run_unit
 from urbanprofile.data import CityData
-from urbanprofile.embedders.autoencoder import AutoencoderEmbedder
+from urbanprofile.embedders.baselines.autoencoder import AutoencoderEmbedder
 from urbanprofile.methods import MethodSpec
 
 CELLS = (("crime", "nested", "ridge"),)
-AUTOENCODER = MethodSpec("autoencoder-small", "urbanprofile.embedders.autoencoder:AutoencoderEmbedder",
+AUTOENCODER = MethodSpec("autoencoder-small", "urbanprofile.embedders.baselines.autoencoder:AutoencoderEmbedder",
                          {"n_components": 4, "hidden": 16, "epochs": 5}, stochastic=True)
-MVURE = MethodSpec("mvure-small", "urbanprofile.embedders.mvure:MVUREEmbedder",
+MVURE = MethodSpec("mvure-small", "urbanprofile.embedders.multiview.mvure:MVUREEmbedder",
                    {"d": 8, "n_heads": 2, "epochs": 4}, stochastic=True)
 
 

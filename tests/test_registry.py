@@ -57,9 +57,10 @@ def saved_registries() -> Iterator[None]:
 def plugins(monkeypatch: pytest.MonkeyPatch, saved_registries: None) -> Iterator[types.ModuleType]:
     """A fake installed package whose entry points the registries will read (on their next first read)."""
     module = types.ModuleType(PLUGIN_MODULE)
-    module.GOOD = MethodSpec("plugin-raw", "urbanprofile.embedders.raw:RawViews", {"views": ("poi_counts",)},
+    module.GOOD = MethodSpec("plugin-raw", "urbanprofile.embedders.baselines.raw:RawViews", {"views": ("poi_counts",)},
                              requires_views=("poi_counts",), description="a plug-in")
-    module.CLASH = MethodSpec("plugin-raw", "urbanprofile.embedders.raw:RawViews", {"views": ("landuse_counts",)})
+    module.CLASH = MethodSpec("plugin-raw", "urbanprofile.embedders.baselines.raw:RawViews",
+                              {"views": ("landuse_counts",)})
     module.NOT_A_SPEC = 42
     monkeypatch.setitem(sys.modules, PLUGIN_MODULE, module)
     METHODS._plugins_loaded = False
@@ -132,7 +133,8 @@ def test_two_plugins_with_one_name_are_a_one_line_error(plugins: types.ModuleTyp
 
 
 def test_a_plugin_cannot_take_a_builtin_name(plugins: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    plugins.SHADOW = MethodSpec("raw-poi", "urbanprofile.embedders.raw:RawViews", {"views": ("landuse_counts",)})
+    plugins.SHADOW = MethodSpec("raw-poi", "urbanprofile.embedders.baselines.raw:RawViews",
+                                {"views": ("landuse_counts",)})
     _entry_points(monkeypatch, ("raw-poi", f"{PLUGIN_MODULE}:SHADOW"))
     with pytest.raises(DuplicateNameError, match="'raw-poi' is registered twice: by a built-in"):
         list_methods()

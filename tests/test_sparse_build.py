@@ -16,7 +16,7 @@ import pytest
 from scipy import sparse
 
 import urbanprofile.data.build as build
-import urbanprofile.data.built as built
+import urbanprofile.data.loaders.built as built
 from urbanprofile.data import load_dataset
 from urbanprofile.data.build import BuildSpec, build_city, build_dataset
 from urbanprofile.data.city import is_sparse_view
@@ -76,7 +76,7 @@ def test_sparse_build_writes_the_dense_build_values(raw_city: dict[str, Path], t
 
 def test_mgfn_says_why_it_cannot_use_a_large_city(raw_city: dict[str, Path], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from urbanprofile.embedders.mgfn import MGFNEmbedder
+    from urbanprofile.embedders.multiview.mgfn import MGFNEmbedder
 
     _large(monkeypatch)
     build_dataset(_spec(raw_city), tmp_path / "toy")
@@ -88,7 +88,7 @@ def test_mgfn_says_why_it_cannot_use_a_large_city(raw_city: dict[str, Path], tmp
 def test_srel_sparse_inputs_read_the_sparse_view(raw_city: dict[str, Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """SREL above its dense limit takes the OD view as CSR, with the values of the dense build."""
-    from urbanprofile.embedders.multiview import MultiViewInputs
+    from urbanprofile.embedders.multiview.training import MultiViewInputs
 
     build_dataset(_spec(raw_city), tmp_path / "toy")
     dense = load_dataset(tmp_path / "toy").views["od_flows"].to_numpy(dtype=float)

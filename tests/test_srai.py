@@ -18,8 +18,8 @@ h3 = pytest.importorskip("h3")
 
 from urbanprofile.data import make_synthetic_city  # noqa: E402
 from urbanprofile.data.city import CityData  # noqa: E402
-from urbanprofile.embedders import srai_adapters  # noqa: E402
-from urbanprofile.embedders.srai_adapters import (  # noqa: E402
+from urbanprofile.embedders import srai as srai_adapters  # noqa: E402
+from urbanprofile.embedders.srai import (  # noqa: E402
     city_neighbourhood,
     city_to_srai,
     srai_counts,

@@ -22,16 +22,16 @@ PLAN = BenchmarkPlan(datasets=["synthetic"], methods=["raw-poi", "pca"], tasks=[
 
 
 def test_code_version_covers_the_method_and_the_evaluation() -> None:
-    raw = code_version("urbanprofile.embedders.raw:RawViews")
-    srel = code_version("urbanprofile.embedders.srel:SRELEmbedder")
-    assert {"urbanprofile.embedders.raw", "urbanprofile.evaluation.protocols", "urbanprofile.heads.probes",
+    raw = code_version("urbanprofile.embedders.baselines.raw:RawViews")
+    srel = code_version("urbanprofile.embedders.multiview.srel:SRELEmbedder")
+    assert {"urbanprofile.embedders.baselines.raw", "urbanprofile.evaluation.protocols", "urbanprofile.heads.probes",
             "urbanprofile.data.city"} <= set(raw.modules)
-    assert {"urbanprofile.encoders.layers", "urbanprofile.embedders.srel"} <= set(srel.modules)
-    assert "urbanprofile.embedders.srel" not in raw.modules  # another method's code is not this one's
-    assert "urbanprofile.data.build" not in module_closure(("urbanprofile.embedders.raw",))
+    assert {"urbanprofile.embedders.multiview.layers", "urbanprofile.embedders.multiview.srel"} <= set(srel.modules)
+    assert "urbanprofile.embedders.multiview.srel" not in raw.modules  # another method's code is not this one's
+    assert "urbanprofile.data.build" not in module_closure(("urbanprofile.embedders.baselines.raw",))
     assert raw.version != srel.version and len(raw.version) == 12
-    assert srel.changed_modules({**srel.modules, "urbanprofile.encoders.layers": "0" * 12}) == [
-        "urbanprofile.encoders.layers"]
+    assert srel.changed_modules({**srel.modules, "urbanprofile.embedders.multiview.layers": "0" * 12}) == [
+        "urbanprofile.embedders.multiview.layers"]
 
 
 def test_rows_from_other_code_are_recomputed_and_reported(city: CityData, tmp_path: Path) -> None:
@@ -44,8 +44,8 @@ def test_rows_from_other_code_are_recomputed_and_reported(city: CityData, tmp_pa
         assert same.rows == [] and same.n_resumed == 4 and len(same.resumed_rows) == 4
     # The rows of pca were computed by other code: one module differs, and one R² is off.
     con = duckdb.connect(str(path))
-    modules = dict(code_version("urbanprofile.embedders.pca:PCAEmbedder").modules)
-    modules["urbanprofile.embedders.pca"] = "0" * 12
+    modules = dict(code_version("urbanprofile.embedders.baselines.pca:PCAEmbedder").modules)
+    modules["urbanprofile.embedders.baselines.pca"] = "0" * 12
     import json
 
     con.execute("UPDATE results SET code_version = 'older', code_modules = ?, r2 = r2 - 0.25 WHERE method = 'pca'",
@@ -60,7 +60,7 @@ def test_rows_from_other_code_are_recomputed_and_reported(city: CityData, tmp_pa
     assert len(lines) == 1 and "pca: 2 stored rows came from other code" in lines[0]
     assert "embedders.pca" in lines[0] and "R² moved by up to 0.250" in lines[0]
     assert len(stored) == 4 and {r["code_version"] for r in stored if r["method"] == "pca"} == {
-        code_version("urbanprofile.embedders.pca:PCAEmbedder").version}
+        code_version("urbanprofile.embedders.baselines.pca:PCAEmbedder").version}
     first_pca = {r["protocol"]: r["r2"] for r in first.rows if r["method"] == "pca"}
     assert {r["protocol"]: r["r2"] for r in again.rows} == first_pca  # the same code gives the same numbers
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from urbanprofile.data import make_synthetic_city
-from urbanprofile.embedders.modal_baselines import ConcatModalities, TfidfCaptions
-from urbanprofile.embedders.urbanfusion import UrbanFusionEmbedder, _subset
+from urbanprofile.embedders.multimodal.modal_baselines import ConcatModalities, TfidfCaptions
+from urbanprofile.embedders.multimodal.urbanfusion import UrbanFusionEmbedder, _subset
 from urbanprofile.errors import MethodUnavailableError, UnknownNameError
 
 COUNTS = ("poi", "landuse", "mobility")
@@ -59,7 +59,7 @@ def test_urbanfusion_contrastive_loss_goes_down_and_absent_items_are_masked() ->
     # Regions 0..9 have no POI item: their poi row must not be used (it is NaN, masked), and they still embed.
     city.cache["region_modalities"] = {}
     model = UrbanFusionEmbedder(train_modalities=COUNTS, epochs=15, batch_size=32, d_model=32, random_state=0)
-    from urbanprofile.embedders.urbanfusion import city_modalities
+    from urbanprofile.embedders.multimodal.urbanfusion import city_modalities
 
     feats = city_modalities(city, COUNTS)
     values, present, skipped = city.cache["region_modalities"]["poi"]

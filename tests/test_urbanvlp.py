@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from urbanprofile.embedders.perception import (
+from urbanprofile.embedders.multimodal.perception import (
     ONLY_CLIP_NOTE,
     align_image_tower,
     clip_score,
     cycle_score,
     perception_score,
 )
-from urbanprofile.embedders.urbanvlp import (
+from urbanprofile.embedders.multimodal.urbanvlp import (
     UrbanVLPEmbedder,
     UrbanVLPNetwork,
     VLPInputs,
@@ -177,7 +177,7 @@ def test_image_tower_alignment_scores_matched_pairs_above_mismatched() -> None:
 
 
 def test_caption_cut_and_token_spacing() -> None:
-    from urbanprofile.embedders.urbanvlp_inputs import evenly_spaced_tokens, truncate_words
+    from urbanprofile.embedders.multimodal.urbanvlp_inputs import evenly_spaced_tokens, truncate_words
 
     assert truncate_words("a b c d e", 3) == "a b c"
     assert truncate_words("a b", 3) == "a b"
@@ -195,7 +195,7 @@ def test_inputs_from_a_city_skip_and_report_bad_items(tmp_path: Path, monkeypatc
     import geopandas as gpd
 
     from urbanprofile.data.city import CityData
-    from urbanprofile.embedders.urbanvlp_inputs import vlp_inputs_from_city
+    from urbanprofile.embedders.multimodal.urbanvlp_inputs import vlp_inputs_from_city
 
     monkeypatch.setenv("URBANPROFILE_CACHE", str(tmp_path / "cache"))
     ids = pd.Index([f"16_1_{k}" for k in range(6)], name="region_id")

@@ -58,8 +58,8 @@ def test_a_row_covers_only_the_head_it_used() -> None:
     others = {"urbanprofile.heads.moe", "urbanprofile.heads.neural", "urbanprofile.heads.prompt4re",
               "urbanprofile.heads.prompts", "urbanprofile.encoders.llm"}
     assert not others & set(ridge.modules)
-    assert {"urbanprofile.heads.probes", "urbanprofile.evaluation.protocols", "urbanprofile.embedders.raw"} <= set(
-        ridge.modules)
+    assert {"urbanprofile.heads.probes", "urbanprofile.evaluation.protocols",
+            "urbanprofile.embedders.baselines.raw"} <= set(ridge.modules)
     assert {"urbanprofile.heads.moe", "urbanprofile.heads.neural"} <= set(moe.modules)
     assert "urbanprofile.heads.prompt4re" not in moe.modules
     assert {"urbanprofile.heads.prompts", "urbanprofile.encoders.llm"} <= set(prompt.modules)

@@ -19,8 +19,8 @@ from rich.text import Text
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
 
 if TYPE_CHECKING:
+    from urbanprofile.apps.r1.train import R1Config
     from urbanprofile.report.terminal import FitTable
-    from urbanprofile.rl.train import R1Config
 
 app = typer.Typer(
     help="urbanprofile: urban region profiling with leak-free evaluation.",
@@ -817,8 +817,8 @@ def r1_train(
     """
     import shutil
 
-    from urbanprofile.rl.policy import check_model_path
-    from urbanprofile.rl.train import R1Config, has_run_state
+    from urbanprofile.apps.r1.policy import check_model_path
+    from urbanprofile.apps.r1.train import R1Config, has_run_state
 
     config: R1Config = _configured(R1Config, config_file, dict(
         datasets=_split(datasets), task=task, model=model, answer=answer, n_levels=n_levels, protocol=protocol,
@@ -830,7 +830,7 @@ def r1_train(
         data_dir=str(data_dir) if data_dir else None, device=device,
     ), flag_names={"random_state": "--seed", "learning_rate": "--lr", "n_levels": "--levels",
                    "sft_learning_rate": "--sft-lr"})
-    from urbanprofile.rl.policy import resolve_device
+    from urbanprofile.apps.r1.policy import resolve_device
 
     resolve_device(config.device)  # an unknown device or a missing GPU stops here, before any data is read
     _threads(threads)
@@ -848,7 +848,7 @@ def r1_train(
 
 
 def _r1_train(config: R1Config, out_dir: Path, *, sft: bool, init: str, resume: bool) -> None:
-    from urbanprofile.rl.train import prepare_task, train_grpo, train_sft
+    from urbanprofile.apps.r1.train import prepare_task, train_grpo, train_sft
 
     data = prepare_task(config)
     err.print(f"{len(data.split('train'))} training and {len(data.split('test'))} held-out regions; "
@@ -877,10 +877,10 @@ def r1_evaluate(
     data_dir: DataDir = None,
 ) -> None:
     """Score the trained policy and its baselines on the held-out regions (metrics.json, predictions.csv)."""
+    from urbanprofile.apps.r1.evaluate import evaluate_run
+    from urbanprofile.apps.r1.policy import resolve_device
+    from urbanprofile.apps.r1.train import load_cities, read_config
     from urbanprofile.report.terminal import Column, FitTable
-    from urbanprofile.rl.evaluate import evaluate_run
-    from urbanprofile.rl.policy import resolve_device
-    from urbanprofile.rl.train import load_cities, read_config
 
     _threads(threads)
     config = read_config(run_dir)

@@ -139,33 +139,36 @@ _POI = ("poi_counts",)
 _LANDUSE = ("landuse_counts",)
 _OD = ("od_flows",)
 _ALL = ("poi_counts", "landuse_counts", "od_flows")
-_HAFUSION = "urbanprofile.embedders.hafusion:HAFusionEmbedder"
-_SREL = "urbanprofile.embedders.srel:SRELEmbedder"
-_WITH_RAW = "urbanprofile.embedders.with_raw:WithRawFeatures"
+_HAFUSION = "urbanprofile.embedders.multiview.hafusion:HAFusionEmbedder"
+_SREL = "urbanprofile.embedders.multiview.srel:SRELEmbedder"
+_WITH_RAW = "urbanprofile.embedders.baselines.with_raw:WithRawFeatures"
 
 # The multi-view embedders' mobility objective needs trips; they read POI and land use when a city has them.
 _BUILTIN = [
-    MethodSpec("raw-poi", "urbanprofile.embedders.raw:RawViews", {"views": _POI}, requires_views=_POI,
+    MethodSpec("raw-poi", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _POI}, requires_views=_POI,
                description="POI counts per category"),
-    MethodSpec("raw-landuse", "urbanprofile.embedders.raw:RawViews", {"views": _LANDUSE}, requires_views=_LANDUSE,
+    MethodSpec("raw-landuse", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _LANDUSE},
+               requires_views=_LANDUSE,
                description="land-use counts per class"),
-    MethodSpec("raw-mobility", "urbanprofile.embedders.raw:RawViews", {"views": _OD}, requires_views=_OD,
+    MethodSpec("raw-mobility", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _OD}, requires_views=_OD,
                description="out-flow and in-flow trip profiles (OD rows and columns)"),
-    MethodSpec("raw-all", "urbanprofile.embedders.raw:RawViews", {"views": _ALL}, requires_views=_ALL,
+    MethodSpec("raw-all", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _ALL}, requires_views=_ALL,
                description="POI, land use and mobility profiles side by side"),
-    MethodSpec("pca", "urbanprofile.embedders.pca:PCAEmbedder", {"n_components": 32}, views=_ALL, views_param="views",
+    MethodSpec("pca", "urbanprofile.embedders.baselines.pca:PCAEmbedder", {"n_components": 32}, views=_ALL,
+               views_param="views",
                description="32 principal components of the log-standardised raw views"),
-    MethodSpec("autoencoder", "urbanprofile.embedders.autoencoder:AutoencoderEmbedder",
+    MethodSpec("autoencoder", "urbanprofile.embedders.baselines.autoencoder:AutoencoderEmbedder",
                {"n_components": 32, "epochs": 300}, views=_ALL, views_param="views", stochastic=True,
                description="MLP autoencoder (torch) of the log-standardised raw views, 32-d"),
-    MethodSpec("raw-location", "urbanprofile.embedders.raw:SinusoidalLocation", {}, needs_locations=True,
+    MethodSpec("raw-location", "urbanprofile.embedders.baselines.raw:SinusoidalLocation", {}, needs_locations=True,
                description="multi-scale sinusoidal features of the region centroid"),
-    MethodSpec("knn-location", "urbanprofile.embedders.raw:Coordinates", {}, head="knn", needs_locations=True,
+    MethodSpec("knn-location", "urbanprofile.embedders.baselines.raw:Coordinates", {}, head="knn", needs_locations=True,
                description="k-nearest-neighbour regression on centroids (k chosen in training folds)"),
-    MethodSpec("mvure", "urbanprofile.embedders.mvure:MVUREEmbedder", {}, requires_views=_OD, views=_ALL,
+    MethodSpec("mvure", "urbanprofile.embedders.multiview.mvure:MVUREEmbedder", {}, requires_views=_OD, views=_ALL,
                views_param="views", stochastic=True, family="MVURE (IJCAI 2020)",
                description="per-view graph attention, cross-view sharing, attentive fusion; multi-task loss"),
-    MethodSpec("mgfn", "urbanprofile.embedders.mgfn:MGFNEmbedder", {}, requires_views=("od_flows", "od_patterns"),
+    MethodSpec("mgfn", "urbanprofile.embedders.multiview.mgfn:MGFNEmbedder", {},
+               requires_views=("od_flows", "od_patterns"),
                stochastic=True, family="MGFN (IJCAI 2022)",
                description="mobility pattern graphs fused by intra-/inter-pattern attention; mobility loss"),
     MethodSpec("hafusion", _HAFUSION, {}, requires_views=_OD, views=_ALL, views_param="views",
@@ -181,15 +184,15 @@ _BUILTIN = [
                family="ToPT (SREL)",
                description="srel with the ToPT paper's check-in setting: 5 layers, lr 2e-4, lambda 0.4 "
                            "(previous objective)"),
-    MethodSpec("urbanfusion", "urbanprofile.embedders.urbanfusion:UrbanFusionEmbedder", {}, stochastic=True,
+    MethodSpec("urbanfusion", "urbanprofile.embedders.multimodal.urbanfusion:UrbanFusionEmbedder", {}, stochastic=True,
                family="UrbanFusion (2025)",
                description="frozen modality encoders -> Transformer fusion; stochastic multimodal fusion (InfoNCE + "
                            "reconstruction); any modality subset at inference (--modalities)"),
-    MethodSpec("concat", "urbanprofile.embedders.modal_baselines:ConcatModalities", {},
+    MethodSpec("concat", "urbanprofile.embedders.multimodal.modal_baselines:ConcatModalities", {},
                description="the frozen modality encoder outputs concatenated (block-scaled), tuned Ridge"),
-    MethodSpec("tfidf-captions", "urbanprofile.embedders.modal_baselines:TfidfCaptions", {}, city_check=True,
+    MethodSpec("tfidf-captions", "urbanprofile.embedders.multimodal.modal_baselines:TfidfCaptions", {}, city_check=True,
                description="TF-IDF + truncated SVD (128-d) of each region's caption text"),
-    MethodSpec("urbanvlp", "urbanprofile.embedders.urbanvlp:UrbanVLPEmbedder", {}, needs_locations=True,
+    MethodSpec("urbanvlp", "urbanprofile.embedders.multimodal.urbanvlp:UrbanVLPEmbedder", {}, needs_locations=True,
                stochastic=True, city_check=True, family="UrbanVLP (AAAI 2025)",
                description="tile + street-view branches fused, CLIP loss to tile captions, token loss to "
                            "street-view captions; frozen encoders (needs tile captions)"),
@@ -203,7 +206,7 @@ _BUILTIN = [
 ]
 
 # srai's embedders (pip install 'urbanprofile[srai]'); the adapters import srai only when fitted.
-_SRAI = "urbanprofile.embedders.srai_adapters"
+_SRAI = "urbanprofile.embedders.srai"
 _BUILTIN += [
     MethodSpec("srai-count", f"{_SRAI}:SraiCount", {}, requires_views=_POI, city_check=True, family="srai",
                description="srai's CountEmbedder on POIs rebuilt from poi_counts (equals raw-poi)"),
@@ -219,7 +222,7 @@ _BUILTIN += [
 ]
 
 _BUILTIN.append(
-    MethodSpec("modalities", "urbanprofile.embedders.modal_blocks:ModalityBlocks", {},
+    MethodSpec("modalities", "urbanprofile.embedders.multimodal.modal_blocks:ModalityBlocks", {},
                description="every modality as its own standardised block (<modality>__k columns; moe reads them)"),
 )
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.loaders.synthetic import make_synthetic_city
 from urbanprofile.data.registry import discover, list_datasets, load_dataset, resolve_data_dir
-from urbanprofile.data.synthetic import make_synthetic_city
 from urbanprofile.data.tasks import TaskData, task_data
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 A city analyst brings region polygons (or only a boundary, cut into H3 cells), POI points with a
 category, land-use polygons, trips and indicator values; :func:`build_dataset` turns them into a
-built dataset folder (:mod:`urbanprofile.data.built`) that the registry discovers and every
+built dataset folder (:mod:`urbanprofile.data.loaders.built`) that the registry discovers and every
 embedder and protocol accepts. Each step is a public function that can be used on its own.
 """
 
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from urbanprofile.data.built import MAX_DENSE_PATTERN_CELLS, check_output, patterns_view, write_built
 from urbanprofile.data.city import SPARSE_VIEW_ABOVE, CityData, frame_from_array, sparse_square_view
 from urbanprofile.data.io import (
     NA_TOKENS,
@@ -34,6 +33,7 @@ from urbanprofile.data.io import (
     read_raw_table,
     read_vector,
 )
+from urbanprofile.data.loaders.built import MAX_DENSE_PATTERN_CELLS, check_output, patterns_view, write_built
 from urbanprofile.data.osm import OSM_CATEGORIES, is_osm_extract, osm_extent, read_osm_landuse, read_osm_pois
 from urbanprofile.errors import DataError, UrbanProfileError, require
 

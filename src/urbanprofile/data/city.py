@@ -40,7 +40,8 @@ class CityData:
             with one row per item and a ``region_id`` column (a region may have none, one or many items):
             ``tile_caption``/``geo_text`` (``text``), ``tile_image`` (``image`` path), ``streetview_caption``
             (``text``, ``item``, ``lon``, ``lat``), ``streetview_image`` (``image``, ``lon``, ``lat``),
-            ``region_image`` (``raster`` path: one image cut per region). See :mod:`urbanprofile.data.multimodal`.
+            ``region_image`` (``raster`` path: one image cut per region).
+            See :mod:`urbanprofile.data.loaders.multimodal`.
     """
 
     name: str

@@ -53,7 +53,7 @@ class DatasetEntry:
         attached = declared_indicator_tasks(self.name)
         if self.family != "built":
             return attached
-        from urbanprofile.data.built import read_manifest
+        from urbanprofile.data.loaders.built import read_manifest
 
         labels = read_manifest(self.path).get("labels") or {}
         return (*(str(t) for t in labels.get("tasks", [])), *attached)
@@ -70,31 +70,31 @@ class DatasetEntry:
 
 
 def _load_hafusion(entry: DatasetEntry) -> CityData:
-    from urbanprofile.data.hafusion import load_hafusion_city
+    from urbanprofile.data.loaders.hafusion import load_hafusion_city
 
     return load_hafusion_city(entry.path, entry.name)
 
 
 def _load_cityview(entry: DatasetEntry) -> CityData:
-    from urbanprofile.data.cityview import load_cityview_city
+    from urbanprofile.data.loaders.cityview import load_cityview_city
 
     return load_cityview_city(entry.path, entry.name)
 
 
 def _load_urbanvlp(entry: DatasetEntry) -> CityData:
-    from urbanprofile.data.cityview import load_urbanvlp_indicators
+    from urbanprofile.data.loaders.cityview import load_urbanvlp_indicators
 
     return load_urbanvlp_indicators(entry.path, entry.name)
 
 
 def _load_raster_regions(entry: DatasetEntry) -> CityData:
-    from urbanprofile.data.raster_regions import load_raster_regions
+    from urbanprofile.data.loaders.raster_regions import load_raster_regions
 
     return load_raster_regions(entry.path, entry.name)
 
 
 def _load_built(entry: DatasetEntry) -> CityData:
-    from urbanprofile.data.built import load_built
+    from urbanprofile.data.loaders.built import load_built
 
     return load_built(entry.path, entry.name)
 
@@ -177,7 +177,7 @@ def _discover_urbanvlp(root: Path) -> Iterable[DatasetEntry]:
 
 
 def _discover_raster_regions(root: Path) -> Iterable[DatasetEntry]:
-    from urbanprofile.data.raster_regions import raster_region_files
+    from urbanprofile.data.loaders.raster_regions import raster_region_files
 
     claimed = {folder for name in FAMILIES.names() for folder in FAMILIES.get(name).folders}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in claimed):

@@ -98,7 +98,7 @@ class EfficientNetImageEncoder(ModalityEncoder):
     """EfficientNet-Lite0 (ImageNet) pooled features, 1280-d, cached.
 
     ``encode`` takes image paths or H x W x 3 uint8 arrays; a missing or corrupt file is a one-line
-    :class:`DataError` naming it (filter with :func:`urbanprofile.data.multimodal.readable_images` first to skip
+    :class:`DataError` naming it (filter with :func:`urbanprofile.data.loaders.multimodal.readable_images` first to skip
     and count bad files instead).
 
     Args:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import Embedder
-from urbanprofile.embedders.srai_adapters import srai_city
+from urbanprofile.embedders.srai import srai_city
 from urbanprofile.errors import MethodUnavailableError, NotFittedError
 from urbanprofile.methods import get_method
 

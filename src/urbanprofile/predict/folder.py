@@ -27,8 +27,8 @@ CONFIG = "model.json"
 #: Classes of ours that skops may rebuild: the probes and the label-free baseline embedders.
 TRUSTED_PREFIXES = (
     "urbanprofile.heads.probes.",
-    "urbanprofile.embedders.raw.",
-    "urbanprofile.embedders.pca.",
+    "urbanprofile.embedders.baselines.raw.",
+    "urbanprofile.embedders.baselines.pca.",
     "urbanprofile.data.features.",
 )
 

@@ -47,7 +47,7 @@ FIT_PROTOCOLS = ("nested", "spatial")
 #: Heads a model folder can hold (skops-saved probes).
 SAVABLE_HEADS = ("ridge", "knn", "ridge-blocks")
 #: Embedder modules whose fitted state is saved (skops) and re-applied to the views of the dataset predicted on.
-_STATEFUL_BASELINES = ("urbanprofile.embedders.raw", "urbanprofile.embedders.pca")
+_STATEFUL_BASELINES = ("urbanprofile.embedders.baselines.raw", "urbanprofile.embedders.baselines.pca")
 
 
 def _method_kind(spec: MethodSpec) -> str:

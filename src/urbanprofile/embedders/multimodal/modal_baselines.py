@@ -20,8 +20,8 @@ import pandas as pd
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.embedders.urbanfusion import city_modalities
-from urbanprofile.encoders.modalities import check_modalities
+from urbanprofile.embedders.multimodal.modalities import check_modalities
+from urbanprofile.embedders.multimodal.urbanfusion import city_modalities
 from urbanprofile.errors import MethodUnavailableError
 
 

@@ -1,7 +1,7 @@
 """Per-modality feature blocks (the input of the multi-modal heads, e.g. ``moe``), columns named by block.
 
 Each modality the city has (POI, land use, mobility, location, caption text, ...; see
-:mod:`urbanprofile.encoders.modalities`) becomes one block: z-scored per column, and blocks wider than
+:mod:`urbanprofile.embedders.multimodal.modalities`) becomes one block: z-scored per column, and blocks wider than
 ``max_block_width`` reduced to that many principal components (label-free, like every embedder). A region
 without a modality gets zeros there and a ``has`` indicator column in that block. Columns are named
 ``<modality>__<k>``, which is how :func:`urbanprofile.heads.registry.embedding_blocks` finds the blocks;
@@ -18,8 +18,8 @@ from sklearn.decomposition import PCA
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import BLOCK_SEP, Embedder
-from urbanprofile.embedders.urbanfusion import city_modalities
-from urbanprofile.encoders.modalities import check_modalities
+from urbanprofile.embedders.multimodal.modalities import check_modalities
+from urbanprofile.embedders.multimodal.urbanfusion import city_modalities
 
 
 class ModalityBlocks(Embedder):

@@ -95,7 +95,7 @@ def load_hafusion_city(folder: Path, name: str) -> CityData:
     modalities: dict[str, pd.DataFrame] = {}
     prompts = folder / "prompts" / "prompt_data.json"
     if prompts.is_file():
-        from urbanprofile.data.multimodal import geo_text_from_prompts
+        from urbanprofile.data.loaders.multimodal import geo_text_from_prompts
 
         modalities["geo_text"] = geo_text_from_prompts(prompts, ids)
     return CityData(name=name, regions=regions, views=views, targets=targets, neighbors=neighbors, meta=meta,

@@ -1,6 +1,6 @@
 """UrbanFusion: stochastic multimodal fusion of frozen modality encoders (Mühlematter et al., 2025).
 
-Each modality of a region (see :mod:`urbanprofile.encoders.modalities`: GeoCLIP location, MiniLM captions,
+Each modality of a region (see :mod:`urbanprofile.embedders.multimodal.modalities`: GeoCLIP location, MiniLM captions,
 street-view captions, EfficientNet images, POI / land-use / mobility profiles) is encoded by a frozen
 encoder, standardised, and projected to one ``d_model`` token (plus a learned modality embedding). A
 Transformer encoder fuses the tokens that are present; the region vector is every trained modality's fused
@@ -29,7 +29,7 @@ import pandas as pd
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.encoders.modalities import RegionModalities, check_modalities, region_modalities
+from urbanprofile.embedders.multimodal.modalities import RegionModalities, check_modalities, region_modalities
 from urbanprofile.errors import MethodUnavailableError, TrainingError
 
 

@@ -18,9 +18,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from urbanprofile.apps.r1.prompts import AccuracyReward, check_reward_kind, format_reward, parse_answer
+from urbanprofile.apps.r1.task import R1Data, R1Example, TaskSpec, balanced_order, build_task
 from urbanprofile.errors import UrbanProfileError, require
-from urbanprofile.rl.prompts import AccuracyReward, check_reward_kind, format_reward, parse_answer
-from urbanprofile.rl.task import R1Data, R1Example, TaskSpec, balanced_order, build_task
 
 CONFIG_FILE = "config.json"
 ENGINES = ("prefix", "trl")
@@ -49,12 +49,12 @@ class R1Config:
         lora_rank: LoRA rank (0: full fine-tuning).
         lora_layers: LoRA on the last this many decoder layers only (0: all layers); the backward pass then
             stops there, which is what makes CPU steps cheap.
-        engine: ``prefix`` (our prompt-sharing GRPO step, :mod:`urbanprofile.rl.grpo`: each prompt runs once
+        engine: ``prefix`` (our prompt-sharing GRPO step, :mod:`urbanprofile.apps.r1.grpo`: each prompt runs once
             per step) or ``trl`` (trl's ``GRPOTrainer``, which runs each prompt once per completion; for GPUs).
         answer_prefix: Start the assistant's turn with ``<answer>`` (a structured answer template), so the
             model writes the value and the closing tag; the reward still checks both.
         reward: Accuracy reward: ``distance``, ``exact`` or ``debiased`` (centred per geographic group; see
-            :class:`~urbanprofile.rl.prompts.AccuracyReward`; ``distance`` lets GRPO collapse to the middle
+            :class:`~urbanprofile.apps.r1.prompts.AccuracyReward`; ``distance`` lets GRPO collapse to the middle
             level). Runs written before this field existed used ``distance``.
         init: Where GRPO starts: ``base`` (the base model) or ``sft`` (the SFT baseline of the same run,
             trained first; it is then also the KL reference, as in an SFT-then-RL recipe).
@@ -251,7 +251,7 @@ def first_tokens(config: R1Config, tokenizer: Any) -> list[int] | None:
     """The token ids an answer's first token is drawn among: the level digits when ``constrain_answer``."""
     if not config.constrain_answer:
         return None
-    from urbanprofile.rl.policy import level_token_ids
+    from urbanprofile.apps.r1.policy import level_token_ids
 
     return level_token_ids(tokenizer, config.n_levels)
 
@@ -354,7 +354,7 @@ def train_grpo(
     """
     import torch
 
-    from urbanprofile.rl.policy import check_model_path
+    from urbanprofile.apps.r1.policy import check_model_path
 
     config.check()
     check_model_path(config.model)
@@ -407,7 +407,7 @@ def _train_with_trl(config: R1Config, run_dir: Path, data: R1Data, last: Path | 
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, resolve_device, top_layers
+    from urbanprofile.apps.r1.policy import chat_prompt, load_policy, lora_config, resolve_device, top_layers
 
     checkpoints = run_dir / "checkpoints"
     model, tokenizer = load_policy(config.model, config.random_state, config.device)
@@ -478,8 +478,8 @@ def _train_prefix(config: R1Config, run_dir: Path, data: R1Data, last: Path | No
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    from urbanprofile.rl.grpo import grpo_step
-    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
+    from urbanprofile.apps.r1.grpo import grpo_step
+    from urbanprofile.apps.r1.policy import chat_prompt, load_policy, lora_config, top_layers
 
     sft_final = run_dir / "sft" / "final"
     if config.init == "sft" and not sft_final.is_dir():
@@ -667,7 +667,7 @@ def train_sft(config: R1Config, run_dir: str | Path, data: R1Data | None = None,
     import torch
     from tqdm import tqdm
 
-    from urbanprofile.rl.policy import chat_prompt, load_policy, lora_config, top_layers
+    from urbanprofile.apps.r1.policy import chat_prompt, load_policy, lora_config, top_layers
 
     config.check()
     run_dir = Path(run_dir)

@@ -10,20 +10,20 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.multiview import (
+from urbanprofile.embedders.multiview.layers import (
+    MemoryViewFusion,
+    MultiViewFusion,
+    ReconstructionHeads,
+    RegionBlock,
+    readout,
+)
+from urbanprofile.embedders.multiview.training import (
     MULTI_VIEWS,
     SIMILARITY_VIEWS,
     MultiTaskObjective,
     MultiViewEmbedder,
     MultiViewInputs,
     multitask_step,
-)
-from urbanprofile.encoders.layers import (
-    MemoryViewFusion,
-    MultiViewFusion,
-    ReconstructionHeads,
-    RegionBlock,
-    readout,
 )
 
 #: Inter-view fusions of :class:`HAFusionEmbedder`, by name.
@@ -69,7 +69,7 @@ class HAFusionEmbedder(MultiViewEmbedder):
         weight_decay: Adam weight decay (the authors' 5e-4).
         objective: The multi-task objective: ``authors`` (the authors' code: volume-weighted mobility on
             ``od_target``, cosine similarities), ``distribution``, or a dict of settings
-            (:data:`~urbanprofile.embedders.multiview.OBJECTIVES`).
+            (:data:`~urbanprofile.embedders.multiview.training.OBJECTIVES`).
         readout: ``deepfc`` (the authors' code: ends in LeakyReLU(0.3)) or ``mlp``.
         feedforward: Hidden width of a ReLU feed-forward with dropout in every attention block (the
             authors' code: 2048 in their intra-view and inter-region blocks; the default); ``None``: ``2 d``
@@ -80,7 +80,7 @@ class HAFusionEmbedder(MultiViewEmbedder):
             by a softmax over its row, mapped back and added to the attention output); ``None``: none.
         view_fusion: ``attention`` (a Transformer layer over each region's view tokens, attentive pooling)
             or ``memory`` (the authors' external-memory blocks and convolutional view scores,
-            :class:`~urbanprofile.encoders.layers.MemoryViewFusion`).
+            :class:`~urbanprofile.embedders.multiview.layers.MemoryViewFusion`).
         memory_blocks: External-memory blocks of ``view_fusion="memory"`` (the authors': 2 Chicago, 3 NYC).
         memory_size: Memory slots per block (the authors' half of their token width: 36 / 72).
         views: Count views read: ``od_flows`` (the mobility objective) and any of ``poi_counts``,

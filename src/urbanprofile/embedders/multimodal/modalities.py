@@ -183,7 +183,7 @@ def _mean_per_region(
 
 
 def _images(city: CityData, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    from urbanprofile.data.multimodal import readable_images
+    from urbanprofile.data.loaders.multimodal import readable_images
 
     encoder = _encoder("image")
     if "region_image" in city.modalities:

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.embedders.urbanvlp_inputs import VLPInputs, vlp_inputs_from_city
+from urbanprofile.embedders.multimodal.urbanvlp_inputs import VLPInputs, vlp_inputs_from_city
 from urbanprofile.errors import DataError, TrainingError
 
 #: Parts the downstream embedding may be made of.

@@ -36,7 +36,7 @@ def _first_logits(last: torch.Tensor, first_allowed: torch.Tensor | None) -> tor
     """The first completion token's logits, restricted to ``first_allowed`` when answers are constrained."""
     if first_allowed is None:
         return last
-    from urbanprofile.rl.policy import mask_to
+    from urbanprofile.apps.r1.policy import mask_to
 
     return mask_to(last, first_allowed)
 

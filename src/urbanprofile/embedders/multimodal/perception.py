@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from urbanprofile.embedders.urbanvlp import UrbanVLPNetwork, clip_loss
+from urbanprofile.embedders.multimodal.urbanvlp import UrbanVLPNetwork, clip_loss
 from urbanprofile.errors import DataError, UrbanProfileError
 
 #: CLIPScore's rescaling weight (Hessel et al. 2021).

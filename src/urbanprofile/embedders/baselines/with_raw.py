@@ -35,7 +35,7 @@ class WithRawFeatures(Embedder):
     #: Passed to the learned embedder (the CLI sets it to drive a progress bar over epochs).
     on_epoch: Callable[[int, int], None] | None = None
 
-    def __init__(self, learned: str = "urbanprofile.embedders.srel:SRELEmbedder",
+    def __init__(self, learned: str = "urbanprofile.embedders.multiview.srel:SRELEmbedder",
                  learned_params: dict[str, Any] | None = None, raw_views: tuple[str, ...] = ALL_VIEWS,
                  random_state: int | None = 0) -> None:
         self.learned = learned

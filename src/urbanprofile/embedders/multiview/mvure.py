@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.multiview import (
+from urbanprofile.embedders.multiview.layers import ReconstructionHeads, ViewEncoder, ViewFusion
+from urbanprofile.embedders.multiview.spatial_graph import knn_from_similarity
+from urbanprofile.embedders.multiview.training import (
     MULTI_VIEWS,
     SIMILARITY_VIEWS,
     MultiTaskObjective,
@@ -21,8 +23,6 @@ from urbanprofile.embedders.multiview import (
     cosine_similarity,
     multitask_step,
 )
-from urbanprofile.encoders.layers import ReconstructionHeads, ViewEncoder, ViewFusion
-from urbanprofile.encoders.spatial_graph import knn_from_similarity
 
 
 def view_graphs(inputs: MultiViewInputs, k: int) -> dict[str, np.ndarray]:

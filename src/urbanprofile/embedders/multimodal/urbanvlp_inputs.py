@@ -1,6 +1,6 @@
 """Frozen-encoder inputs of UrbanVLP from a city's modality items (CityView captions, street view, tiles).
 
-Reads ``city.modalities`` (see :mod:`urbanprofile.data.multimodal`): ``tile_caption`` (one row per
+Reads ``city.modalities`` (see :mod:`urbanprofile.data.loaders.multimodal`): ``tile_caption`` (one row per
 sentence), ``tile_image``, ``streetview_caption`` (``item``, ``lon``, ``lat``) and ``streetview_image``,
 and runs them through the frozen encoders of :mod:`urbanprofile.encoders` (cached on disk):
 
@@ -262,7 +262,7 @@ def _encode_photos(
     table: pd.DataFrame, position: pd.Series, what: str, notes: list[str], progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features of the readable photos of a table, and the row of each kept photo in ``table``."""
-    from urbanprofile.data.multimodal import readable_images
+    from urbanprofile.data.loaders.multimodal import readable_images
     from urbanprofile.encoders.image import EfficientNetImageEncoder
 
     paths = table["image"].astype(str).tolist()

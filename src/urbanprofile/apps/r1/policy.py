@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from urbanprofile.apps.r1.prompts import SYSTEM_PROMPT
 from urbanprofile.errors import UrbanProfileError, require
-from urbanprofile.rl.prompts import SYSTEM_PROMPT
 
 #: A randomly initialised model built from a config (no weights): for tests and smoke runs only.
 TINY_RANDOM = "tiny-random"

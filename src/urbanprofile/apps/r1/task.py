@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from urbanprofile.apps.r1.prompts import RegionDescriber, check_answer_kind, level_edges, question, to_level
 from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import task_data
 from urbanprofile.errors import DataError, UrbanProfileError
 from urbanprofile.evaluation.protocols import check_protocol, outer_splits
 from urbanprofile.evaluation.spatial import spatial_blocks
-from urbanprofile.rl.prompts import RegionDescriber, check_answer_kind, level_edges, question, to_level
 
 #: How prompts name the cities we ship loaders for.
 CITY_LABELS = {

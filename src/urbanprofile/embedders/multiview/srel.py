@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.multiview import (
+from urbanprofile.embedders.multiview.layers import (
+    MultiViewFusion,
+    ReconstructionHeads,
+    RegionBlock,
+    SpatialBias,
+    readout,
+)
+from urbanprofile.embedders.multiview.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
+from urbanprofile.embedders.multiview.training import (
     MULTI_VIEWS,
     SIMILARITY_VIEWS,
     MultiTaskObjective,
@@ -18,8 +26,6 @@ from urbanprofile.embedders.multiview import (
     MultiViewInputs,
     multitask_step,
 )
-from urbanprofile.encoders.layers import MultiViewFusion, ReconstructionHeads, RegionBlock, SpatialBias, readout
-from urbanprofile.encoders.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
 
 
 class SRELNetwork(nn.Module):

@@ -87,7 +87,7 @@ def load_cityview_city(csv: Path, name: str) -> CityData:
             "labels are evaluated on the log1p scale, as in UrbanCLIP/UrbanVLP",
         ],
     }
-    from urbanprofile.data.multimodal import SkipLog, cityview_modalities
+    from urbanprofile.data.loaders.multimodal import SkipLog, cityview_modalities
 
     skips = SkipLog()
     city_name = csv.stem
@@ -122,7 +122,7 @@ def load_urbanvlp_indicators(csv: Path, name: str) -> CityData:
     import geopandas as gpd
 
     from urbanprofile.data.city import frame_from_array
-    from urbanprofile.data.multimodal import parse_poi_dict
+    from urbanprofile.data.loaders.multimodal import parse_poi_dict
 
     table = _read(csv)
     required = ["Coordinate", "poi", *URBANVLP_TASKS, "houseprice_predict"]

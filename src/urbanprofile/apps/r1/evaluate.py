@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from urbanprofile.apps.r1.prompts import parse_answer, to_level
+from urbanprofile.apps.r1.task import R1Data
+from urbanprofile.apps.r1.train import R1Config, first_tokens, prepare_task, read_config
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.metrics import regression_metrics
-from urbanprofile.rl.prompts import parse_answer, to_level
-from urbanprofile.rl.task import R1Data
-from urbanprofile.rl.train import R1Config, first_tokens, prepare_task, read_config
 
 METHODS = ("zero-shot", "grpo", "sft", "ridge", "knn-location")
 LLM_METHODS = ("zero-shot", "grpo", "sft")
@@ -96,7 +96,7 @@ def llm_predictions(
     """Greedy held-out answers of the base model (``adapter=None``) or a trained adapter / model folder."""
     from tqdm import tqdm
 
-    from urbanprofile.rl.policy import chat_prompt, expected_levels, generate_answers, load_policy
+    from urbanprofile.apps.r1.policy import chat_prompt, expected_levels, generate_answers, load_policy
 
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         model, tokenizer = load_policy(str(adapter), config.random_state, config.device)  # fully fine-tuned
@@ -178,7 +178,7 @@ NOT_ACROSS_CITIES = "does not apply to a held-out city (one city's coordinates s
 def shared_features(city: Any) -> pd.DataFrame:
     """The raw facts a prompt states, per region: POI counts by category, land-use counts by class, taxi
     trips out and in (columns named by category, so cities with the same categories line up)."""
-    from urbanprofile.rl.prompts import taxi_totals
+    from urbanprofile.apps.r1.prompts import taxi_totals
 
     parts = []
     if "poi_counts" in city.views:
@@ -234,7 +234,7 @@ def evaluate_run(
         if m not in METHODS:
             raise unknown_name("r1 evaluation method", m, METHODS)
     if cities is None:
-        from urbanprofile.rl.train import load_cities
+        from urbanprofile.apps.r1.train import load_cities
 
         cities = load_cities(config)
     data = prepare_task(config, cities)

@@ -1,0 +1,1 @@
+"""Applications built on the toolkit that do not go through the benchmark runner."""

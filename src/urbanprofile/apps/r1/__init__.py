@@ -1,0 +1,1 @@
+"""Urban-R1: GRPO post-training of a small language model to predict region indicators."""

@@ -58,7 +58,7 @@ def test_rows_from_other_code_are_recomputed_and_reported(city: CityData, tmp_pa
     assert len(again.recomputed) == 2
     lines = describe_recomputed(again)
     assert len(lines) == 1 and "pca: 2 stored rows came from other code" in lines[0]
-    assert "embedders.pca" in lines[0] and "R² moved by up to 0.250" in lines[0]
+    assert "baselines.pca" in lines[0] and "R² moved by up to 0.250" in lines[0]
     assert len(stored) == 4 and {r["code_version"] for r in stored if r["method"] == "pca"} == {
         code_version("urbanprofile.embedders.baselines.pca:PCAEmbedder").version}
     first_pca = {r["protocol"]: r["r2"] for r in first.rows if r["method"] == "pca"}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import types
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -44,6 +48,43 @@ def assert_one_error(code: int, stderr: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def run_cli_argv(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        data_dir: Path | None = None) -> tuple[int, str, str]:
+    """Run ``urbanprofile`` in this process (faults can be simulated) and return (exit code, stdout, stderr)."""
+    if data_dir is not None:
+        monkeypatch.setenv("URBANPROFILE_DATA", str(data_dir))
+    return run_cli(monkeypatch, capsys, *argv)
+
+
+def whole_units(rows: list[dict[str, Any]], cells_per_unit: int) -> Counter[tuple[Any, ...]]:
+    """Rows per (dataset, method, seed); asserts every unit in the store is whole."""
+    units = Counter((r["dataset"], r["method"], r["seed"]) for r in rows)
+    assert set(units.values()) <= {cells_per_unit}, units
+    return units
+
+
+def run_cli_process(*args: str, data_dir: Path | None = None,
+                    cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``urbanprofile ARGS`` in a fresh Python process (what a user meets, start-up included)."""
+    env = dict(os.environ)
+    if data_dir is not None:
+        env["URBANPROFILE_DATA"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "urbanprofile.cli", *args], capture_output=True, text=True, env=env, cwd=cwd,
+        timeout=120,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """The process exited 2 with exactly one ``error:`` line holding every fragment, and no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 #: The documentation's worked examples (run by the tests, so the pages cannot drift from the code).

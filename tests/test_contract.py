@@ -35,7 +35,8 @@ N_REGIONS = 36
 SMALL = {"epochs": 2, "d": 8, "d_model": 16, "n_heads": 2, "n_components": 4, "batch_size": 16}
 #: Methods whose inputs need frozen pretrained encoders (MiniLM text, GeoCLIP, images): too slow for a contract run
 #: on 2 cores, and exercised with their own stand-ins elsewhere.
-HEAVY = {"urbanvlp": "frozen MiniLM/GeoCLIP encoders of captions and photos; covered by tests/test_urbanvlp.py"}
+HEAVY = {"urbanvlp": "frozen MiniLM/GeoCLIP encoders of captions and photos; "
+         "covered by tests/embedders/multimodal/test_urbanvlp.py"}
 
 
 def _with_patterns(city: CityData, n_patterns: int = 2) -> CityData:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_bad_input import assert_user_error, run_cli
+from helpers import assert_user_error
+from helpers import run_cli_process as run_cli
 
 from urbanprofile import threads as threads_module
 from urbanprofile.benchmark.executors import ProcessExecutor, SerialExecutor, _ray_unit, make_executor

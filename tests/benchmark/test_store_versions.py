@@ -9,7 +9,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from test_bad_input import assert_user_error, run_cli
+from helpers import assert_user_error
+from helpers import run_cli_process as run_cli
 
 from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark
 from urbanprofile.benchmark.store import COLUMNS, KEY, ResultStore

@@ -18,7 +18,8 @@ from typing import Any
 import pandas as pd
 import pytest
 from conftest import write_hafusion_city
-from test_faults_store import cli, whole_units
+from helpers import run_cli_argv as cli
+from helpers import whole_units
 
 from urbanprofile.benchmark import executors
 from urbanprofile.benchmark.executors import ProcessExecutor

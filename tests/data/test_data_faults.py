@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from test_faults_build import assert_one_error, cli
+from helpers import assert_one_error
+from helpers import run_cli as cli
 
 from urbanprofile.data import CityData, load_dataset, make_synthetic_city
 from urbanprofile.data.io import load_npy

@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from test_bad_input import assert_user_error, run_cli
+from helpers import assert_user_error
+from helpers import run_cli_process as run_cli
 
 from urbanprofile.benchmark.executors import ProcessExecutor, RayExecutor, SerialExecutor, make_executor
 from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark

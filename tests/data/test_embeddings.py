@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_bad_input import assert_user_error, run_cli
+from helpers import assert_user_error
+from helpers import run_cli_process as run_cli
 
 from urbanprofile import methods
 from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_bad_input import assert_user_error, run_cli
+from helpers import assert_user_error
+from helpers import run_cli_process as run_cli
 
 from urbanprofile.benchmark.runner import BenchmarkPlan, format_mean_std, leaderboard, run_benchmark
 from urbanprofile.benchmark.store import ResultStore

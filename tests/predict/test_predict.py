@@ -223,7 +223,7 @@ def test_cli_fit_predict_and_bad_input(make_data_dir, monkeypatch: pytest.Monkey
 
 
 # -- the tutorial page, run block by block as written -------------------------------------------------------
-TUTORIAL = Path(__file__).parent.parent / "docs" / "tutorial_predict.md"
+TUTORIAL = Path(__file__).resolve().parents[2] / "docs" / "tutorial_predict.md"
 
 
 def test_tutorial_predict(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import geopandas as gpd
 import pytest
-from test_bad_input import assert_user_error, run_cli
+from helpers import assert_user_error
+from helpers import run_cli_process as run_cli
 
 from urbanprofile.data import load_dataset
 from urbanprofile.data.build import BuildSpec, build_dataset

@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-
-def run_cli(*args: str, data_dir: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if data_dir is not None:
-        env["URBANPROFILE_DATA"] = str(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "urbanprofile.cli", *args], capture_output=True, text=True, env=env, cwd=cwd,
-        timeout=120,
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from helpers import assert_user_error
+from helpers import run_cli_process as run_cli
 
 
 def _break(folder: Path, case: str) -> None:

@@ -29,7 +29,7 @@ from urbanprofile.evaluation import evaluate_embedding  # noqa: E402
 from urbanprofile.interop.srai import SraiStyleEmbedder  # noqa: E402
 from urbanprofile.methods import get_method  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 FAST_HEX2VEC = {"encoder_sizes": (16, 8), "epochs": 2}
 
 

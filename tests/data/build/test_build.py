@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_bad_input import assert_user_error, run_cli
+from helpers import assert_user_error
+from helpers import run_cli_process as run_cli
 
 from urbanprofile.data import list_datasets, load_dataset
 from urbanprofile.data.build import BuildSpec, assign_points, build_dataset, h3_regions, map_categories, read_boundary

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import assert_one_error, run_cli
+from helpers import assert_one_error, whole_units
+from helpers import run_cli_argv as cli
 
 from urbanprofile.benchmark.runner import BenchmarkPlan, describe_recomputed, run_benchmark
 from urbanprofile.benchmark.store import KEY, ResultStore
@@ -27,21 +27,6 @@ PLAN = BenchmarkPlan(datasets=["synthetic"], methods=["raw-poi", "pca"], tasks=[
                      seeds=[0])
 
 
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-        data_dir: Path | None = None) -> tuple[int, str, str]:
-    """Run ``urbanprofile`` in this process (faults can be simulated) and return (exit code, stdout, stderr)."""
-    if data_dir is not None:
-        monkeypatch.setenv("URBANPROFILE_DATA", str(data_dir))
-    return run_cli(monkeypatch, capsys, *argv)
-
-
-
-
-def whole_units(rows: list[dict[str, Any]], cells_per_unit: int) -> Counter[tuple[Any, ...]]:
-    """Rows per (dataset, method, seed); asserts every unit in the store is whole."""
-    units = Counter((r["dataset"], r["method"], r["seed"]) for r in rows)
-    assert set(units.values()) <= {cells_per_unit}, units
-    return units
 
 
 def snapshot(path: Path) -> list[tuple[Any, ...]]:

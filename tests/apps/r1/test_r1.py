@@ -339,7 +339,7 @@ def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], t
     import sys
 
     import pandas as pd
-    from test_bad_input import assert_user_error
+    from helpers import assert_user_error
 
     def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "URBANPROFILE_DATA": str(data_dir)}

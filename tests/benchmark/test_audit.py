@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_hafusion_city
-from test_faults_store import cli
+from helpers import run_cli_argv as cli
 
 
 def test_our_numeric_warning_is_one_line_without_source(tmp_path: Path, capsys: pytest.CaptureFixture[str],

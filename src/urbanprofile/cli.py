@@ -673,7 +673,8 @@ def build(
     """
     import shlex
 
-    from urbanprofile.data.build import BuildSpec, build_dataset
+    from urbanprofile.data.build.pipeline import build_dataset
+    from urbanprofile.data.build.spec import BuildSpec
     from urbanprofile.report.terminal import Column, FitTable
 
     spec = _configured(BuildSpec, config, dict(

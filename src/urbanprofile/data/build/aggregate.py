@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def map_categories(
-    raw: pd.Series, categories: list[str] | dict[str, list[str]] | None
+    raw: pd.Series, categories: list[str] | dict[str, list[str]] | None, weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str], dict[str, int]]:
     """Map raw category values onto a category list; anything else counts as ``other``.
 
@@ -30,6 +30,8 @@ def map_categories(
         raw: Raw values (e.g. ``restaurant`` or, for OSM, ``amenity=restaurant``).
         categories: ``None`` (every value found is a category), a list of categories, or a mapping
             ``{category: [raw values]}`` where ``key=*`` matches any ``key=value``.
+        weights: How many points each value stands for (a streamed build maps each distinct value once, in the
+            order values first appear in the file); ``None``: one each.
 
     Returns:
         Category codes per point, the category names (``other`` last), and unknown raw values with counts
@@ -51,7 +53,11 @@ def map_categories(
         names = [str(c) for c in categories]
         mapped = values.where(values.isin(names))
     unknown = mapped.isna()
-    counts = values[unknown].fillna("<missing>").value_counts()
+    if weights is None:
+        counts = values[unknown].fillna("<missing>").value_counts()
+    else:  # the same order as value_counts: most frequent first, ties in order of first appearance
+        counts = pd.Series(np.asarray(weights)[unknown.to_numpy()], index=values[unknown].fillna("<missing>"))
+        counts = counts.groupby(level=0, sort=False).sum().sort_values(ascending=False, kind="stable")
     all_names = [*(n for n in names if n != OTHER), OTHER]
     codes = pd.Categorical(mapped.fillna(OTHER).astype(str), categories=all_names).codes
     return np.asarray(codes), all_names, {str(k): int(v) for k, v in counts.items()}

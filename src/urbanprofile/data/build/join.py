@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -99,19 +100,109 @@ def check_points_inside(
     Raises:
         DataError: Naming the file, how many points lie inside, and the extents (or the swap).
     """
-    n = len(lon)
+    refuse_points_outside(len(lon), int((position >= 0).sum()),
+                          lambda: int((assign_points(lat, lon, regions, engine) >= 0).sum())
+                          if (np.abs(lat) <= 180).all() else 0,
+                          lambda: span(lon, lat), regions, where, what, swap_hint)
+
+
+def refuse_points_outside(
+    n: int, inside: int, swapped: Callable[[], int], extent: Callable[[], str], regions: gpd.GeoDataFrame,
+    where: str, what: str = "POIs", swap_hint: str = "",
+) -> None:
+    """The judgement of :func:`check_points_inside` from counts (a streamed build has no array of all points).
+
+    Args:
+        n: Points with a location.
+        inside: Points inside a region.
+        swapped: Counts the points inside a region with longitude and latitude swapped (0 when that is impossible);
+            called only when most points are outside.
+        extent: Describes the points' extent (``lon a..b, lat c..d``), for the message.
+        regions: The regions.
+        where, what, swap_hint: The file, what the points are, and how to swap the columns, for messages.
+
+    Raises:
+        DataError: Naming the file, how many points lie inside, and the extents (or the swap).
+    """
     if n == 0:
         raise DataError(f"{where}: no {what} with a location")
-    inside = int((position >= 0).sum())
     if inside >= n / 2:
         return
-    swapped = int((assign_points(lat, lon, regions, engine) >= 0).sum()) if (np.abs(lat) <= 180).all() else 0
-    if swapped >= n / 2 and swapped > inside:
-        raise DataError(f"{where}: {inside} of {n} {what} lie inside a region, {swapped} would with longitude and "
+    n_swapped = swapped()
+    if n_swapped >= n / 2 and n_swapped > inside:
+        raise DataError(f"{where}: {inside} of {n} {what} lie inside a region, {n_swapped} would with longitude and "
                         f"latitude swapped: the coordinates look swapped{swap_hint}")
     if inside == 0:
         bounds = regions.total_bounds
-        raise DataError(f"{where}: none of the {n} {what} lies inside a region ({what} span {span(lon, lat)}; "
+        raise DataError(f"{where}: none of the {n} {what} lies inside a region ({what} span {extent()}; "
                         f"regions span {span(bounds[[0, 2]], bounds[[1, 3]])}): wrong file or CRS?")
 
 
+class RegionJoiner:
+    """Assigns chunk after chunk of points to the same regions, as :func:`assign_points` does for all at once.
+
+    The spatial index over the regions is built once (a streamed build joins millions of points in chunks). With
+    ``h3_resolution`` the regions are that resolution's H3 cells (ids are cell strings): a point's cell comes
+    straight from h3 and is kept when the point lies strictly inside the cell's polygon; the few points on or
+    next to a cell border, or outside every cell, go through the index, so a point on a shared border still goes
+    to the first region in order, as with :func:`assign_points`.
+
+    Args:
+        regions: Polygons in EPSG:4326.
+        engine: ``geopandas``/``auto`` (a shapely index, the one ``sjoin`` uses) or ``duckdb`` (per chunk).
+        h3_resolution: The resolution of H3 cell regions, or ``None`` for other polygons.
+    """
+
+    def __init__(self, regions: gpd.GeoDataFrame, engine: str = "auto", h3_resolution: int | None = None) -> None:
+        self.regions = regions
+        self.engine = DEFAULT_ENGINE if engine == "auto" else engine
+        self.h3_resolution = h3_resolution
+        self.geoms = regions.geometry.to_numpy()
+        self._tree: Any = None
+        self._cells: np.ndarray | None = None
+
+    def assign(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        """The position (0..N-1) of the region each point falls in, or -1 outside every region."""
+        if self.h3_resolution is None:
+            return self._indexed(lon, lat)
+        import shapely
+
+        position = self._h3_positions(lon, lat)
+        found = np.flatnonzero(position >= 0)
+        sure = np.zeros(len(lon), dtype=bool)
+        sure[found] = shapely.contains_properly(self.geoms[position[found]], shapely.points(lon[found], lat[found]))
+        rest = np.flatnonzero(~sure)
+        if len(rest):
+            position[rest] = self._indexed(lon[rest], lat[rest])
+        return position
+
+    def _h3_positions(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        """The position of each point's H3 cell among the regions, -1 where that cell is not a region."""
+        require("h3", "build")
+        from h3.api import basic_int
+
+        if self._cells is None:
+            cells = np.array([basic_int.str_to_int(c) for c in self.regions.index], dtype=np.uint64)
+            self._order = np.argsort(cells)
+            self._cells = cells[self._order]
+        resolution = self.h3_resolution
+        valid = (np.abs(lat) <= 90) & (np.abs(lon) <= 180)  # h3 refuses others; the index says they are outside
+        cell_of = np.frompyfunc(lambda y, x: basic_int.latlng_to_cell(y, x, resolution), 2, 1)
+        cells = np.zeros(len(lon), dtype=np.uint64)
+        if valid.any():
+            cells[valid] = cell_of(lat[valid], lon[valid]).astype(np.uint64)
+        at = np.minimum(np.searchsorted(self._cells, cells), len(self._cells) - 1)
+        hit = valid & (self._cells[at] == cells)
+        return np.where(hit, self._order[at], -1).astype(np.int64)
+
+    def _indexed(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        if self.engine == "duckdb":
+            return assign_points(lon, lat, self.regions, "duckdb")
+        import shapely
+
+        if self._tree is None:
+            self._tree = shapely.STRtree(self.geoms)
+        point, region = self._tree.query(shapely.points(lon, lat), predicate="intersects")
+        first = np.full(len(lon), len(self.geoms), dtype=np.int64)
+        np.minimum.at(first, point, region)  # a point on a shared border goes to the first region
+        return np.where(first < len(self.geoms), first, -1)

@@ -20,6 +20,7 @@ from urbanprofile.data.build.osm import OSM_CATEGORIES, is_osm_extract
 from urbanprofile.data.build.points import read_points
 from urbanprofile.data.build.regions import h3_cell_estimate, h3_regions, read_boundary, regions_from_file
 from urbanprofile.data.build.spec import BuildReport, BuildSpec, BuiltCity
+from urbanprofile.data.build.streaming import choose_engine, stream_poi_counts
 from urbanprofile.data.build.trips import od_from_trips
 from urbanprofile.data.city import CityData, frame_from_array, sparse_square_view
 from urbanprofile.data.io import load_json, read_raw_table
@@ -142,19 +143,24 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
         if spec.pois is not None:
             with steps.step("pois", f"joining POIs to {len(regions)} regions ({spec.engine})"):
                 pois_path = Path(spec.pois)
-                points = read_points(pois_path, spec.crs, spec.lon_column, spec.lat_column)
-                report.n_pois_missing_location = points.n_missing
-                report.n_pois_malformed = points.n_malformed
-                report.n_pois_unreadable = points.n_unreadable
-                report.unreadable_example = points.example
-                report.n_pois_read = points.n_rows - len(points.frame)
-                osm = is_osm_extract(pois_path)
-                column = spec.category_column or "category"
-                chosen = OSM_CATEGORIES if osm and categories is None else categories
-                swap_hint = (f" (pass --lon-column {spec.lat_column} --lat-column {spec.lon_column})"
-                             if points.unit in ("line", "row") else " (the file's axis order is lat, lon)")
-                views["poi_counts"] = poi_counts(points.frame, regions, column, chosen, spec.engine, report,
-                                                 str(pois_path), swap_hint)
+                report.build_engine = choose_engine(spec, pois_path)
+                if report.build_engine == "streaming":
+                    views["poi_counts"] = stream_poi_counts(pois_path, regions, spec, categories, report,
+                                                            meta.get("h3_resolution"))
+                else:
+                    points = read_points(pois_path, spec.crs, spec.lon_column, spec.lat_column)
+                    report.n_pois_missing_location = points.n_missing
+                    report.n_pois_malformed = points.n_malformed
+                    report.n_pois_unreadable = points.n_unreadable
+                    report.unreadable_example = points.example
+                    report.n_pois_read = points.n_rows - len(points.frame)
+                    osm = is_osm_extract(pois_path)
+                    column = spec.category_column or "category"
+                    chosen = OSM_CATEGORIES if osm and categories is None else categories
+                    swap_hint = (f" (pass --lon-column {spec.lat_column} --lat-column {spec.lon_column})"
+                                 if points.unit in ("line", "row") else " (the file's axis order is lat, lon)")
+                    views["poi_counts"] = poi_counts(points.frame, regions, column, chosen, spec.engine, report,
+                                                     str(pois_path), swap_hint)
                 sources["pois"] = _source(pois_path)
         if spec.landuse is not None:
             with steps.step("landuse", "overlaying land use"):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from urbanprofile.data.build.messages import listed
 from urbanprofile.data.build.osm import is_osm_extract, read_osm_pois
-from urbanprofile.data.io import first_line, parse_numbers, read_raw_table, read_vector
+from urbanprofile.data.io import RawTable, first_line, parse_numbers, read_raw_table, read_vector
 from urbanprofile.errors import DataError
+
+if TYPE_CHECKING:
+    import geopandas as gpd
 
 
 def xy_to_lonlat(x: np.ndarray, y: np.ndarray, crs: str | None, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -84,32 +88,48 @@ def read_points(path: Path, crs: str | None = None, lon_column: str = "lon", lat
     their ``key=value`` tag in ``category``.
     """
     if is_osm_extract(path):
-        frame: pd.DataFrame = read_osm_pois(path)
-    elif path.suffix.lower() in (".csv", ".tsv", ".txt") or not has_geo_metadata(path):
-        raw = read_raw_table(path)
-        table = raw.frame
-        missing = [c for c in (lon_column, lat_column) if c not in table.columns]
-        if missing:
-            raise DataError(
-                f"{path}: no column {missing[0]!r} for point coordinates (columns: {listed(table.columns)})")
-        x, _, x_bad = parse_numbers(table[lon_column])
-        y, _, y_bad = parse_numbers(table[lat_column])
-        unreadable = x_bad | y_bad
-        example = ""
-        if unreadable.any():
-            row = int(np.argmax(unreadable))
-            column, value = (lon_column, table[lon_column].iloc[row]) if x_bad[row] else \
-                (lat_column, table[lat_column].iloc[row])
-            example = f"first: {raw.where(row)} {column}={str(value)!r}"
-        lon, lat = xy_to_lonlat(x, y, crs, str(path))
-        keep = np.isfinite(lon) & np.isfinite(lat)
-        located = table.drop(columns=[lon_column, lat_column]).assign(lon=lon, lat=lat)[keep].reset_index(drop=True)
-        n_unreadable = int((unreadable & ~keep).sum())
-        return PointTable(located, path, "line" if raw.is_text else "row", raw.lines[keep],
-                          n_missing=int((~keep).sum()) - n_unreadable, n_malformed=len(raw.malformed),
-                          n_unreadable=n_unreadable, example=example)
-    else:
-        frame = read_vector(path, crs)
+        return points_from_vector(read_osm_pois(path), path)
+    if path.suffix.lower() in (".csv", ".tsv", ".txt") or not has_geo_metadata(path):
+        return points_from_table(read_raw_table(path), crs, lon_column, lat_column)
+    return points_from_vector(read_vector(path, crs), path)
+
+
+def points_from_table(raw: RawTable, crs: str | None, lon_column: str, lat_column: str) -> PointTable:
+    """Points of a plain table (all of a file, or one chunk of it) from its coordinate columns.
+
+    Raises:
+        DataError: A coordinate column is missing, or the coordinates are not degrees and no ``crs`` is given.
+    """
+    path, table = raw.path, raw.frame
+    missing = [c for c in (lon_column, lat_column) if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r} for point coordinates (columns: {listed(table.columns)})")
+    x, _, x_bad = parse_numbers(table[lon_column])
+    y, _, y_bad = parse_numbers(table[lat_column])
+    unreadable = x_bad | y_bad
+    example = ""
+    if unreadable.any():
+        row = int(np.argmax(unreadable))
+        column, value = (lon_column, table[lon_column].iloc[row]) if x_bad[row] else \
+            (lat_column, table[lat_column].iloc[row])
+        example = f"first: {raw.where(row)} {column}={str(value)!r}"
+    lon, lat = xy_to_lonlat(x, y, crs, str(path))
+    keep = np.isfinite(lon) & np.isfinite(lat)
+    located = table.drop(columns=[lon_column, lat_column]).assign(lon=lon, lat=lat)[keep].reset_index(drop=True)
+    n_unreadable = int((unreadable & ~keep).sum())
+    return PointTable(located, path, "line" if raw.is_text else "row", raw.lines[keep],
+                      n_missing=int((~keep).sum()) - n_unreadable, n_malformed=len(raw.malformed),
+                      n_unreadable=n_unreadable, example=example)
+
+
+def points_from_vector(frame: gpd.GeoDataFrame, path: Path, first_feature: int = 1) -> PointTable:
+    """Points of vector features in EPSG:4326 (lines and polygons become their representative point).
+
+    Args:
+        frame: The features (all of a file, or one chunk of it).
+        path: The file, for messages.
+        first_feature: The feature number of the first row (a chunk's offset in the file, plus one).
+    """
     geoms = frame.geometry
     located_mask = geoms.notna() & ~geoms.is_empty
     geoms = geoms[located_mask]
@@ -117,7 +137,7 @@ def read_points(path: Path, crs: str | None = None, lon_column: str = "lon", lat
     table = pd.DataFrame(frame[located_mask].drop(columns=frame.geometry.name))
     table["lon"] = points.x.to_numpy()
     table["lat"] = points.y.to_numpy()
-    numbers = np.flatnonzero(located_mask.to_numpy()) + 1
+    numbers = np.flatnonzero(located_mask.to_numpy()) + first_feature
     return PointTable(table.reset_index(drop=True), path, "feature", numbers, n_missing=int((~located_mask).sum()))
 
 

@@ -18,6 +18,13 @@ OTHER = "other"
 JOIN_ENGINES = ("auto", "geopandas", "duckdb")
 DEFAULT_ENGINE = "geopandas"
 LABEL_AGGREGATIONS = ("mean", "sum", "median", "max", "min")
+#: How point files are read: ``memory`` (all at once, geopandas), ``streaming`` (in chunks, memory bounded by the
+#: chunk) or ``auto`` (streaming from :data:`STREAMING_ABOVE_BYTES`; see ``benchmarks/build_streaming.py``).
+BUILD_ENGINES = ("auto", "memory", "streaming")
+#: Rows per chunk of a streamed build: about 100 MB of working memory per million POIs.
+DEFAULT_CHUNK_ROWS = 1_000_000
+#: Point files from this size are streamed by ``auto`` (the crossover measured in ``benchmarks/build_streaming.py``).
+STREAMING_ABOVE_BYTES = 32 * 1024 * 1024
 #: Default cap on the H3 cells a build may cut (``--max-cells``): a typo in ``--h3-res`` stops with the estimate
 #: instead of running for an hour and filling the disk.
 DEFAULT_MAX_CELLS = 200_000
@@ -60,6 +67,9 @@ class BuildSpec:
         crs: CRS of inputs that declare none (and of CSV coordinates); required for such files.
         join_engine: ``geopandas`` (sjoin), ``duckdb`` (spatial extension) or ``auto``.
         max_cells: Most H3 cells a boundary may be cut into (the estimate is checked before cutting).
+        build_engine: How POI files are read: ``memory``, ``streaming`` (CSV, Parquet and GeoParquet in chunks
+            of ``chunk_rows``) or ``auto`` (streaming for files from :data:`STREAMING_ABOVE_BYTES`).
+        chunk_rows: Rows per chunk of a streamed read.
     """
 
     city: str
@@ -88,6 +98,8 @@ class BuildSpec:
     crs: str | None = None
     join_engine: str = "auto"
     max_cells: int = DEFAULT_MAX_CELLS
+    build_engine: str = "auto"
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
 
     def check(self) -> None:
         """Raise a one-line error for an inconsistent spec, before any file is read."""
@@ -104,6 +116,10 @@ class BuildSpec:
         if self.label_agg not in LABEL_AGGREGATIONS:
             valid = ", ".join(LABEL_AGGREGATIONS)
             raise UrbanProfileError(f"unknown label aggregation {self.label_agg!r}; valid: {valid}")
+        if self.build_engine not in BUILD_ENGINES:
+            raise UrbanProfileError(f"unknown build engine {self.build_engine!r}; valid: {', '.join(BUILD_ENGINES)}")
+        if self.chunk_rows < 1:
+            raise UrbanProfileError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
         if self.max_cells < 1:
             raise UrbanProfileError(f"--max-cells must be >= 1, got {self.max_cells}")
         if self.n_time_patterns < 1:
@@ -129,6 +145,7 @@ class BuildReport:
     n_regions: int = 0
     n_geometries_repaired: int = 0
     join_engine: str = ""
+    build_engine: str = ""
     n_pois_read: int = 0
     n_pois_missing_location: int = 0
     n_pois_malformed: int = 0

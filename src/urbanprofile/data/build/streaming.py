@@ -30,6 +30,7 @@ from urbanprofile.errors import DataError
 
 if TYPE_CHECKING:
     import geopandas as gpd
+    import pyarrow.parquet as pq
 
 #: Bytes read at a time when scanning a CSV for quotes.
 _SCAN_BYTES = 1 << 26
@@ -132,7 +133,7 @@ def _quoted_csv_chunks(path: Path, delimiter: str, chunk_rows: int) -> Iterator[
                        malformed)
 
 
-def _parquet_file(path: Path) -> object:
+def _parquet_file(path: Path) -> pq.ParquetFile:
     import pyarrow.parquet as pq
 
     try:
@@ -147,19 +148,19 @@ def _geoparquet_chunks(path: Path, crs: str | None, chunk_rows: int) -> Iterator
 
     parquet = _parquet_file(path)
     try:
-        meta = json.loads(parquet.schema_arrow.metadata[b"geo"])  # type: ignore[attr-defined]
+        meta = json.loads(parquet.schema_arrow.metadata[b"geo"])
         column = meta["primary_column"]
         column_meta = meta["columns"][column]
     except (KeyError, TypeError, ValueError):
         raise DataError(f"{path}: GeoParquet metadata names no geometry column") from None
-    if column not in parquet.schema_arrow.names:  # type: ignore[attr-defined]
+    if column not in parquet.schema_arrow.names:
         raise DataError(f"{path}: holds no geometry (its metadata names column {column!r}, which is not there)")
     if column_meta.get("encoding", "WKB") != "WKB":
         raise DataError(f"{path}: geometry encoding {column_meta['encoding']!r} is read in memory only "
                         "(use --engine memory)")
     declared = column_meta.get("crs", "OGC:CRS84")  # the GeoParquet spec's default, as geopandas reads it
     offset = 0
-    for batch in parquet.iter_batches(batch_size=chunk_rows):  # type: ignore[attr-defined]
+    for batch in parquet.iter_batches(batch_size=chunk_rows):
         table = batch.to_pandas()
         geoms = gpd.GeoSeries.from_wkb(table.pop(column).to_numpy(), crs=declared)
         frame = gpd.GeoDataFrame(table, geometry=geoms.to_numpy(), crs=declared)
@@ -190,7 +191,7 @@ def point_chunks(
             yield points_from_table(raw, crs, lon_column, lat_column)
     elif not has_geo_metadata(path):
         offset = 0
-        for batch in _parquet_file(path).iter_batches(batch_size=chunk_rows):  # type: ignore[attr-defined]
+        for batch in _parquet_file(path).iter_batches(batch_size=chunk_rows):
             frame = batch.to_pandas()
             yield points_from_table(RawTable(path, frame, offset + 1 + np.arange(len(frame))), crs, lon_column,
                                     lat_column)

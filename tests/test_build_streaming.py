@@ -16,10 +16,11 @@ from urbanprofile.data.build.pipeline import build_city
 from urbanprofile.data.build.regions import h3_regions, read_boundary
 from urbanprofile.data.build.spec import BuildSpec
 from urbanprofile.data.build.streaming import choose_engine, point_chunks
+from urbanprofile.data.city import is_sparse_view, view_csr
 
 BOX = "0,0,0.06,0.05"
 #: Report figures that depend on how the file was read, not on what was built.
-_HOW = {"seconds", "build_engine", "output"}
+_HOW = {"seconds", "read_engines", "output"}
 
 
 def _write_regions(folder: Path) -> Path:
@@ -80,8 +81,20 @@ def _write_geoparquet(folder: Path, pois: pd.DataFrame) -> Path:
 def _same_build(spec: BuildSpec) -> None:
     memory = build_city(BuildSpec(**{**spec.__dict__, "build_engine": "memory"}))
     streamed = build_city(BuildSpec(**{**spec.__dict__, "build_engine": "streaming"}))
-    assert streamed.report.build_engine == "streaming" and memory.report.build_engine == "memory"
-    pd.testing.assert_frame_equal(streamed.city.views["poi_counts"], memory.city.views["poi_counts"])
+    assert set(streamed.report.read_engines.values()) == {"streaming"}
+    assert set(memory.report.read_engines.values()) == {"memory"}
+    assert set(streamed.city.views) == set(memory.city.views)
+    for name, view in memory.city.views.items():
+        mine = streamed.city.views[name]
+        if is_sparse_view(view):
+            assert is_sparse_view(mine) and (view_csr(mine) != view_csr(view)).nnz == 0, name
+            assert mine.dtypes.iloc[0] == view.dtypes.iloc[0]
+            assert list(mine.index) == list(view.index)
+        else:
+            pd.testing.assert_frame_equal(mine, view)
+    if memory.od_pattern_rows is not None:
+        assert streamed.od_pattern_rows is not None
+        pd.testing.assert_frame_equal(streamed.od_pattern_rows, memory.od_pattern_rows)
     pd.testing.assert_frame_equal(streamed.city.regions.drop(columns="geometry"),
                                   memory.city.regions.drop(columns="geometry"))
     mine = {k: v for k, v in streamed.report.to_dict().items() if k not in _HOW}
@@ -110,6 +123,30 @@ def test_streamed_h3_build_is_the_in_memory_build(tmp_path: Path, fmt: str) -> N
     pois = _pois(n=600, seed=1)
     path = _write_csv(tmp_path, pois) if fmt == "csv" else _write_geoparquet(tmp_path, pois)
     _same_build(BuildSpec("toy", boundary=BOX, h3_resolution=9, pois=path, chunk_rows=50 if fmt == "csv" else 150))
+
+
+@pytest.mark.parametrize("case", ["coordinates", "h3", "ids-weighted", "sparse"])
+def test_streamed_trips_are_the_in_memory_trips(raw_city: dict[str, Path], tmp_path: Path, case: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trips with times (patterns), a missing end, ends outside; by coordinates, by region ids with counts, over H3
+    cells, and above the sparse threshold (the OD matrix as CSR, the patterns as rows)."""
+    import urbanprofile.data.build.trips as trips_module
+
+    trips = raw_city["trips"]
+    settings: dict[str, Any] = {"regions": raw_city["regions"], "region_id_column": "region_id"}
+    if case == "h3":
+        settings = {"boundary": BOX, "h3_resolution": 9}
+    if case == "ids-weighted":
+        rng = np.random.default_rng(3)
+        ids = [f"c{i}{j}" for i in range(6) for j in range(5)] + ["elsewhere", ""]
+        table = pd.DataFrame({"origin": rng.choice(ids, 300), "destination": rng.choice(ids, 300),
+                              "trips": rng.integers(0, 5, 300), "time": rng.uniform(0, 24, 300).round(2)})
+        table.loc[12, "trips"] = None
+        trips = tmp_path / "od.parquet"
+        table.to_parquet(trips, index=False)
+    if case == "sparse":
+        monkeypatch.setattr(trips_module, "SPARSE_VIEW_ABOVE", 10)
+    _same_build(BuildSpec("toy", trips=trips, chunk_rows=23, **settings))
 
 
 def test_h3_cells_from_h3_match_the_polygon_join_on_borders_and_vertices() -> None:

@@ -663,7 +663,7 @@ def build(
         "--max-cells", help="Most H3 cells --boundary may be cut into (default: 200000).", show_default=False)
                          ] = None,
     engine: Annotated[str | None, _opt(
-        "How POI files are read: auto (default; streams large files), memory or streaming (CSV/Parquet in chunks).")
+        "How POI and trip files are read: auto (default; streams large ones), memory or streaming (in chunks).")
                       ] = None,
     chunk_rows: Annotated[int | None, _opt("Rows per chunk of a streamed read (default: 1000000).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(

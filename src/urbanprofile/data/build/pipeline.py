@@ -20,7 +20,7 @@ from urbanprofile.data.build.osm import OSM_CATEGORIES, is_osm_extract
 from urbanprofile.data.build.points import read_points
 from urbanprofile.data.build.regions import h3_cell_estimate, h3_regions, read_boundary, regions_from_file
 from urbanprofile.data.build.spec import BuildReport, BuildSpec, BuiltCity
-from urbanprofile.data.build.streaming import choose_engine, stream_poi_counts
+from urbanprofile.data.build.streaming import choose_engine, stream_od_from_trips, stream_poi_counts
 from urbanprofile.data.build.trips import od_from_trips
 from urbanprofile.data.city import CityData, frame_from_array, sparse_square_view
 from urbanprofile.data.io import load_json, read_raw_table
@@ -143,8 +143,8 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
         if spec.pois is not None:
             with steps.step("pois", f"joining POIs to {len(regions)} regions ({spec.engine})"):
                 pois_path = Path(spec.pois)
-                report.build_engine = choose_engine(spec, pois_path)
-                if report.build_engine == "streaming":
+                report.read_engines["pois"] = choose_engine(spec, pois_path)
+                if report.read_engines["pois"] == "streaming":
                     views["poi_counts"] = stream_poi_counts(pois_path, regions, spec, categories, report,
                                                             meta.get("h3_resolution"))
                 else:
@@ -175,8 +175,13 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
                 sources["landuse"] = _source(spec.landuse)
         if spec.trips is not None:
             with steps.step("trips", "assigning trips to regions"):
-                od, pattern_rows = od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
-                                                 str(spec.trips))
+                report.read_engines["trips"] = choose_engine(spec, Path(spec.trips))
+                if report.read_engines["trips"] == "streaming":
+                    od, pattern_rows = stream_od_from_trips(Path(spec.trips), regions, spec, report,
+                                                            meta.get("h3_resolution"))
+                else:
+                    od, pattern_rows = od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
+                                                     str(spec.trips))
                 views["od_flows"] = (frame_from_array(od, regions.index, regions.index) if isinstance(od, np.ndarray)
                                      else sparse_square_view(od, regions.index))
                 # A large city's time patterns go to disk as rows only (a dense view is P x N x N).

@@ -18,7 +18,7 @@ OTHER = "other"
 JOIN_ENGINES = ("auto", "geopandas", "duckdb")
 DEFAULT_ENGINE = "geopandas"
 LABEL_AGGREGATIONS = ("mean", "sum", "median", "max", "min")
-#: How point files are read: ``memory`` (all at once, geopandas), ``streaming`` (in chunks, memory bounded by the
+#: How POI and trip files are read: ``memory`` (all at once, geopandas), ``streaming`` (in chunks, memory bounded by the
 #: chunk) or ``auto`` (streaming from :data:`STREAMING_ABOVE_BYTES`; see ``benchmarks/build_streaming.py``).
 BUILD_ENGINES = ("auto", "memory", "streaming")
 #: Rows per chunk of a streamed build: about 100 MB of working memory per million POIs.
@@ -67,8 +67,8 @@ class BuildSpec:
         crs: CRS of inputs that declare none (and of CSV coordinates); required for such files.
         join_engine: ``geopandas`` (sjoin), ``duckdb`` (spatial extension) or ``auto``.
         max_cells: Most H3 cells a boundary may be cut into (the estimate is checked before cutting).
-        build_engine: How POI files are read: ``memory``, ``streaming`` (CSV, Parquet and GeoParquet in chunks
-            of ``chunk_rows``) or ``auto`` (streaming for files from :data:`STREAMING_ABOVE_BYTES`).
+        build_engine: How POI and trip files are read: ``memory``, ``streaming`` (CSV, Parquet and GeoParquet in
+            chunks of ``chunk_rows``) or ``auto`` (streaming for files from :data:`STREAMING_ABOVE_BYTES`).
         chunk_rows: Rows per chunk of a streamed read.
     """
 
@@ -145,7 +145,7 @@ class BuildReport:
     n_regions: int = 0
     n_geometries_repaired: int = 0
     join_engine: str = ""
-    build_engine: str = ""
+    read_engines: dict[str, str] = field(default_factory=dict)
     n_pois_read: int = 0
     n_pois_missing_location: int = 0
     n_pois_malformed: int = 0

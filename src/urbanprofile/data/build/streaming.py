@@ -13,7 +13,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,7 @@ from urbanprofile.data.build.messages import listed, span
 from urbanprofile.data.build.osm import is_osm_extract
 from urbanprofile.data.build.points import PointTable, has_geo_metadata, points_from_table, points_from_vector
 from urbanprofile.data.build.spec import STREAMING_ABOVE_BYTES, BuildReport, BuildSpec
+from urbanprofile.data.build.trips import TripCounts
 from urbanprofile.data.city import frame_from_array
 from urbanprofile.data.io import TABLE_SUFFIXES, RawTable, first_line, vector_in_degrees
 from urbanprofile.errors import DataError
@@ -168,6 +169,35 @@ def _geoparquet_chunks(path: Path, crs: str | None, chunk_rows: int) -> Iterator
         offset += len(table)
 
 
+def table_chunks(path: Path, chunk_rows: int) -> Iterator[RawTable]:
+    """Rows of a CSV or Parquet table, ``chunk_rows`` at a time, as :func:`urbanprofile.data.io.read_raw_table`
+    gives them for the whole file (CSV cells as text, malformed rows left out and counted, file line numbers)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        delimiter = "\t" if suffix == ".tsv" else ","
+        yield from (_quoted_csv_chunks if _csv_has_quotes(path) else _unquoted_csv_chunks)(path, delimiter, chunk_rows)
+        return
+    if suffix != ".parquet":
+        raise DataError(f"{path}: unsupported table format {suffix!r} (use .csv or .parquet)")
+    offset = 0
+    for batch in _parquet_file(path).iter_batches(batch_size=chunk_rows):
+        frame = batch.to_pandas()
+        yield RawTable(path, frame, offset + 1 + np.arange(len(frame)))
+        offset += len(frame)
+
+
+def _table_columns(path: Path) -> list[str]:
+    if path.suffix.lower() == ".parquet":
+        return list(_parquet_file(path).schema_arrow.names)
+    try:
+        return [str(c) for c in pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str,
+                                            nrows=0).columns]
+    except Exception as err:  # decoding and parsing raise many types for a corrupt file
+        raise DataError(f"{path}: cannot read table ({first_line(err)})") from None
+
+
 def point_chunks(
     path: Path, crs: str | None = None, lon_column: str = "lon", lat_column: str = "lat", chunk_rows: int = 1_000_000,
 ) -> Iterator[PointTable]:
@@ -184,18 +214,9 @@ def point_chunks(
     if not can_stream(path):
         raise DataError(f"{path}: only CSV, Parquet and GeoParquet point files are streamed")
     suffix = path.suffix.lower()
-    if suffix in TABLE_SUFFIXES:
-        delimiter = "\t" if suffix == ".tsv" else ","
-        chunks = (_quoted_csv_chunks if _csv_has_quotes(path) else _unquoted_csv_chunks)(path, delimiter, chunk_rows)
-        for raw in chunks:
+    if suffix in TABLE_SUFFIXES or not has_geo_metadata(path):
+        for raw in table_chunks(path, chunk_rows):
             yield points_from_table(raw, crs, lon_column, lat_column)
-    elif not has_geo_metadata(path):
-        offset = 0
-        for batch in _parquet_file(path).iter_batches(batch_size=chunk_rows):
-            frame = batch.to_pandas()
-            yield points_from_table(RawTable(path, frame, offset + 1 + np.arange(len(frame))), crs, lon_column,
-                                    lat_column)
-            offset += len(frame)
     else:
         for frame, first in _geoparquet_chunks(path, crs, chunk_rows):
             yield points_from_vector(frame, path, first)
@@ -307,3 +328,22 @@ def stream_poi_counts(
     report.n_pois_joined = inside
     report.n_pois_outside = n - inside
     return counts.counts(len(regions), categories, report, regions.index)
+
+
+def stream_od_from_trips(
+    path: Path, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport, h3_resolution: int | None = None,
+) -> tuple[Any, pd.DataFrame | None]:
+    """The OD matrix and time-pattern rows of a CSV or Parquet trip table read in chunks of ``spec.chunk_rows``.
+
+    Gives what :func:`urbanprofile.data.build.trips.od_from_trips` gives for the whole table read at once (exactly
+    for whole-number trip counts; fractional counts are summed chunk by chunk), keeping only the pairs that are not
+    zero.
+
+    Raises:
+        DataError: As :func:`~urbanprofile.data.build.trips.od_from_trips`.
+    """
+    joiner = RegionJoiner(regions, spec.engine, h3_resolution)
+    counts = TripCounts(regions, spec, report, str(path), _table_columns(path), joiner.assign)
+    for raw in table_chunks(path, spec.chunk_rows):
+        counts.add(raw)
+    return counts.finish(lambda: table_chunks(path, spec.chunk_rows))

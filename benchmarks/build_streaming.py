@@ -116,8 +116,9 @@ def markdown(rows: list[dict[str, Any]], limit: int) -> str:
              f"cells, seed 0, 1 thread; peak RSS and wall time from `/usr/bin/time -v`, each run stopped after {limit} "
              "s. `POI step s`: the build's own timing of reading and joining the POIs (the rest is start-up, cutting "
              "the cells and writing). `same counts`: the two engines wrote identical `poi_counts`.", "",
-             "**Measured on a loaded machine**: 2 cores shared by about 6 developers at the time, so wall times "
-             "move by tens of percent from run to run; peak memory does not.", "",
+             "**Measured on a loaded machine**: 2 cores shared with other developers' jobs (load average 9 to 18 "
+             "during the committed runs), so wall times move by tens of percent from run to run; peak memory does "
+             "not.", "",
              "| POIs | format | file MB | engine | build s | POI step s | peak RSS GB | same counts |",
              "|---:|---|---:|---|---:|---:|---:|---|"]
     for row in sorted(rows, key=lambda r: (r["format"], r["pois"], r["engine"])):

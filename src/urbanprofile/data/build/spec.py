@@ -21,10 +21,11 @@ LABEL_AGGREGATIONS = ("mean", "sum", "median", "max", "min")
 #: How POI and trip files are read: ``memory`` (all at once, geopandas), ``streaming`` (in chunks, memory bounded by the
 #: chunk) or ``auto`` (streaming from :data:`STREAMING_ABOVE_BYTES`; see ``benchmarks/build_streaming.py``).
 BUILD_ENGINES = ("auto", "memory", "streaming")
-#: Rows per chunk of a streamed build: about 100 MB of working memory per million POIs.
+#: Rows per chunk of a streamed build: about 200-300 MB of working memory per million POIs (Parquet or CSV).
 DEFAULT_CHUNK_ROWS = 1_000_000
-#: Point files from this size are streamed by ``auto`` (the crossover measured in ``benchmarks/build_streaming.py``).
-STREAMING_ABOVE_BYTES = 32 * 1024 * 1024
+#: POI and trip files from this size are streamed by ``auto``: at 100,000 POIs (2 MB of Parquet) both engines take
+#: the same time, from 1,000,000 (16 MB) streaming is faster and smaller (``benchmarks/build_streaming.py``).
+STREAMING_ABOVE_BYTES = 8 * 1024 * 1024
 #: Default cap on the H3 cells a build may cut (``--max-cells``): a typo in ``--h3-res`` stops with the estimate
 #: instead of running for an hour and filling the disk.
 DEFAULT_MAX_CELLS = 200_000

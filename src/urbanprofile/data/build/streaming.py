@@ -1,10 +1,10 @@
-"""Out-of-core POI counts: large point files read and joined in chunks, so memory follows the chunk, not the file.
+"""Out-of-core builds: large POI and trip files read and joined in chunks, so memory follows the chunk, not the file.
 
-A streamed build reads CSV, Parquet and GeoParquet point files in chunks of ``chunk_rows`` rows, assigns each
-chunk to regions (H3 cells straight from h3, polygons through one spatial index built once) and keeps only the
-counts per (region, raw category) that are not zero. Chunks go through the same readers and the same category
-mapping as the in-memory build, so both give the same dataset; :func:`choose_engine` picks the faster one.
-"""
+A streamed build reads CSV, Parquet and GeoParquet files in chunks of ``chunk_rows`` rows, assigns each chunk's
+points to regions (H3 cells straight from h3, polygons through one spatial index built once) and keeps only what
+is not zero: counts per (region, raw category) for POIs, trips per (origin, destination) and per (time pattern,
+origin, destination) for trips. Chunks go through the same readers, category mapping and trip rules as the
+in-memory build, so both give the same dataset; :func:`choose_engine` picks one by file size."""
 
 from __future__ import annotations
 
@@ -38,12 +38,12 @@ _SCAN_BYTES = 1 << 26
 
 
 def can_stream(path: Path) -> bool:
-    """Whether a point file can be streamed: CSV/TSV, Parquet or GeoParquet (not OSM, GeoPackage, shapefile)."""
+    """Whether a file can be streamed: CSV/TSV, Parquet or GeoParquet (not OSM, GeoPackage, shapefile)."""
     return not is_osm_extract(path) and (path.suffix.lower() in TABLE_SUFFIXES or path.suffix.lower() == ".parquet")
 
 
 def choose_engine(spec: BuildSpec, path: Path) -> str:
-    """``memory`` or ``streaming`` for a point file: as asked, or by file size with ``auto``.
+    """``memory`` or ``streaming`` for a POI or trip file: as asked, or by file size with ``auto``.
 
     Raises:
         DataError: Streaming is asked for a format that cannot be streamed.
@@ -52,8 +52,8 @@ def choose_engine(spec: BuildSpec, path: Path) -> str:
         return "memory"
     if spec.build_engine == "streaming":
         if not can_stream(path):
-            raise DataError(f"{path}: --engine streaming reads CSV, Parquet and GeoParquet point files; this one is "
-                            "read in memory (use --engine memory or auto)")
+            raise DataError(f"{path}: --engine streaming reads CSV, Parquet and GeoParquet files; this one is read "
+                            "in memory (use --engine memory or auto)")
         return "streaming"
     return "streaming" if can_stream(path) and path.stat().st_size >= STREAMING_ABOVE_BYTES else "memory"
 

@@ -21,7 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from urbanprofile.data import load_dataset
-from urbanprofile.data.build import BuildSpec, assign_points, build_dataset, h3_regions, read_boundary
+from urbanprofile.data.build.join import assign_points
+from urbanprofile.data.build.pipeline import build_dataset
+from urbanprofile.data.build.regions import h3_regions, read_boundary
+from urbanprofile.data.build.spec import BuildSpec
 from urbanprofile.embedders.baselines.pca import PCAEmbedder
 from urbanprofile.evaluation.protocols import evaluate_embedding
 from urbanprofile.methods import get_method

@@ -13,7 +13,7 @@ from urbanprofile import cli
 from urbanprofile.apps.r1.train import R1Config
 from urbanprofile.benchmark.runner import DEFAULT_SEEDS, BenchmarkPlan, StudyConfig
 from urbanprofile.config import load_config, make_config
-from urbanprofile.data.build import BuildSpec
+from urbanprofile.data.build.spec import BuildSpec
 from urbanprofile.errors import UrbanProfileError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -142,7 +142,7 @@ def _capture(monkeypatch: pytest.MonkeyPatch, target: Any, name: str) -> list[An
 
 def test_without_config_the_commands_build_the_dataclass_defaults(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import urbanprofile.data.build as build_module
+    import urbanprofile.data.build.pipeline as build_module
 
     specs = _capture(monkeypatch, build_module, "build_dataset")
     code, _, stderr = run(monkeypatch, capsys, "build", "mycity", "--regions", "r.gpkg", "--out", str(tmp_path / "o"))

@@ -662,6 +662,10 @@ def build(
     max_cells: Annotated[int | None, typer.Option(
         "--max-cells", help="Most H3 cells --boundary may be cut into (default: 200000).", show_default=False)
                          ] = None,
+    engine: Annotated[str | None, _opt(
+        "How POI and trip files are read: auto (default; streams large ones), memory or streaming (in chunks).")
+                      ] = None,
+    chunk_rows: Annotated[int | None, _opt("Rows per chunk of a streamed read (default: 1000000).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Replace an existing dataset folder (only one a build wrote, holding nothing else)."))] = False,
     parents: Annotated[bool, typer.Option("--parents", help="Create the output's missing parent folders.")] = False,
@@ -673,7 +677,8 @@ def build(
     """
     import shlex
 
-    from urbanprofile.data.build import BuildSpec, build_dataset
+    from urbanprofile.data.build.pipeline import build_dataset
+    from urbanprofile.data.build.spec import BuildSpec
     from urbanprofile.report.terminal import Column, FitTable
 
     spec = _configured(BuildSpec, config, dict(
@@ -686,9 +691,9 @@ def build(
         trip_weight_column=trip_weight,
         n_time_patterns=time_patterns, labels=labels, label_id_column=label_id_column,
         label_columns=_split(label_columns), label_agg=label_agg, crs=crs, join_engine=join_engine,
-        max_cells=max_cells,
+        max_cells=max_cells, build_engine=engine, chunk_rows=chunk_rows,
     ), flag_names={"city": "CITY", "h3_resolution": "--h3-res", "n_time_patterns": "--time-patterns",
-                   "trip_weight_column": "--trip-weight"})
+                   "trip_weight_column": "--trip-weight", "build_engine": "--engine"})
     city = spec.city
     if not out_dir.exists():  # an existing folder is judged by the build (--overwrite, only a built dataset)
         _check_output(out_dir, parents=parents, folder=True)

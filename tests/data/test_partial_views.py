@@ -136,7 +136,8 @@ def test_methods_list_says_which_views_each_method_reads() -> None:
 
 def test_own_city_without_land_use_from_the_command_line(raw_city: dict[str, Path], tmp_path: Path) -> None:
     """The user's case: build a city from POIs and trips only, then evaluate pca on it."""
-    from urbanprofile.data.build import BuildSpec, build_dataset
+    from urbanprofile.data.build.pipeline import build_dataset
+    from urbanprofile.data.build.spec import BuildSpec
 
     data = tmp_path / "data"
     build_dataset(BuildSpec(city="toy", regions=raw_city["regions"], pois=raw_city["pois"],

@@ -10,7 +10,8 @@ from helpers import assert_user_error
 from helpers import run_cli_process as run_cli
 
 from urbanprofile.data import load_dataset
-from urbanprofile.data.build import BuildSpec, build_dataset
+from urbanprofile.data.build.pipeline import build_dataset
+from urbanprofile.data.build.spec import BuildSpec
 from urbanprofile.errors import UnknownNameError, UrbanProfileError
 from urbanprofile.report.maps import layer_values, map_city, render_html
 

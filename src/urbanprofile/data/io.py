@@ -116,7 +116,6 @@ def read_vector(path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
             degrees although its CRS says they are (a projected file labelled EPSG:4326).
     """
     import geopandas as gpd
-    from pyproj.exceptions import CRSError
 
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -133,6 +132,18 @@ def read_vector(path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
         has_geometry = False
     if not has_geometry:
         raise DataError(f"{path}: holds no geometry (a table without shapes)")
+    return vector_in_degrees(frame, path, crs)
+
+
+def vector_in_degrees(frame: gpd.GeoDataFrame, path: Path, crs: str | None = None) -> gpd.GeoDataFrame:
+    """Features of ``path`` (all, or one chunk read on its own) reprojected to EPSG:4326 and checked to be degrees.
+
+    Raises:
+        DataError: The features have no CRS and no ``crs`` is given, the CRS is unknown, or the coordinates are not
+            lon/lat degrees after reprojecting.
+    """
+    from pyproj.exceptions import CRSError
+
     assumed = frame.crs is None
     try:
         if frame.crs is None:

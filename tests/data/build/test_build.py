@@ -12,7 +12,11 @@ from helpers import assert_user_error
 from helpers import run_cli_process as run_cli
 
 from urbanprofile.data import list_datasets, load_dataset
-from urbanprofile.data.build import BuildSpec, assign_points, build_dataset, h3_regions, map_categories, read_boundary
+from urbanprofile.data.build.aggregate import map_categories
+from urbanprofile.data.build.join import assign_points
+from urbanprofile.data.build.pipeline import build_dataset
+from urbanprofile.data.build.regions import h3_regions, read_boundary
+from urbanprofile.data.build.spec import BuildSpec
 from urbanprofile.errors import DataError
 from urbanprofile.evaluation.protocols import evaluate_embedding
 from urbanprofile.methods import get_method
@@ -80,7 +84,7 @@ def test_build_polygons_end_to_end(raw_city: dict[str, Path], tmp_path: Path) ->
 
 
 def test_join_engines_agree(raw_city: dict[str, Path]) -> None:
-    from urbanprofile.data.build import regions_from_file
+    from urbanprofile.data.build.regions import regions_from_file
 
     regions, _, _ = regions_from_file(raw_city["regions"])
     rng = np.random.default_rng(1)
@@ -260,7 +264,8 @@ def test_trip_columns_of_public_tables(raw_city: dict[str, Path]) -> None:
     """Renamed to a public schema (with distractor station ids), the trips give the same OD matrix and patterns."""
     import geopandas as gpd
 
-    from urbanprofile.data.build import BuildReport, od_from_trips
+    from urbanprofile.data.build.spec import BuildReport
+    from urbanprofile.data.build.trips import od_from_trips
 
     regions = gpd.read_file(raw_city["regions"]).set_index("region_id")
     trips = pd.read_csv(raw_city["trips"])
@@ -280,7 +285,7 @@ def test_trip_columns_of_public_tables(raw_city: dict[str, Path]) -> None:
 
 
 def test_trip_columns_ids_ambiguity_and_override() -> None:
-    from urbanprofile.data.build import trip_columns
+    from urbanprofile.data.build.trips import trip_columns
 
     assert trip_columns(["origin", "destination", "o_lon"]) == ["origin", "destination"]
     assert trip_columns(["tpep_pickup_datetime", "PULocationID", "DOLocationID"]) == ["PULocationID", "DOLocationID"]

@@ -15,7 +15,9 @@ import pytest
 from helpers import assert_one_error, run_cli
 
 from urbanprofile.data import load_dataset
-from urbanprofile.data.build import BuildSpec, build_city, build_dataset, h3_cell_estimate, read_boundary
+from urbanprofile.data.build.pipeline import build_city, build_dataset
+from urbanprofile.data.build.regions import h3_cell_estimate, read_boundary
+from urbanprofile.data.build.spec import BuildSpec
 from urbanprofile.errors import DataError
 
 LON0, LAT0, STEP = 10.0, 50.0, 0.01

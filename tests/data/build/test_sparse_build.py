@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-import urbanprofile.data.build as build
+import urbanprofile.data.build.trips as trips
 import urbanprofile.data.loaders.built as built
 from urbanprofile.data import load_dataset
-from urbanprofile.data.build import BuildSpec, build_city, build_dataset
+from urbanprofile.data.build.pipeline import build_city, build_dataset
+from urbanprofile.data.build.spec import BuildSpec
 from urbanprofile.data.city import is_sparse_view
 from urbanprofile.errors import MethodUnavailableError
 
@@ -30,7 +31,7 @@ def _spec(raw: dict[str, Path]) -> BuildSpec:
 
 def _large(monkeypatch: pytest.MonkeyPatch, above: int = 10) -> None:
     """Make cities of more than ``above`` regions count as large (sparse square views)."""
-    monkeypatch.setattr(build, "SPARSE_VIEW_ABOVE", above)
+    monkeypatch.setattr(trips, "SPARSE_VIEW_ABOVE", above)
     monkeypatch.setattr(built, "SPARSE_VIEW_ABOVE", above)
 
 

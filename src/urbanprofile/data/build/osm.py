@@ -106,10 +106,84 @@ def is_osm_extract(path: Path) -> bool:
     return path.name.lower().endswith(".osm.pbf")
 
 
+#: The largest block header the PBF format allows (64 KiB).
+_MAX_BLOB_HEADER = 64 * 1024
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("bad varint")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+def _blob_header(data: bytes) -> tuple[bytes, int]:
+    """The ``type`` and ``datasize`` of a PBF BlobHeader (a small protobuf message)."""
+    kind, size, at = b"", -1, 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(data, at)
+            if field == 3:
+                size = value
+        elif wire == 2:
+            length, at = _varint(data, at)
+            if field == 1:
+                kind = data[at:at + length]
+            at += length
+        else:
+            raise ValueError(f"wire type {wire}")
+    if size < 0 or at != len(data):
+        raise ValueError("no datasize")
+    return kind, size
+
+
+def check_pbf(path: Path) -> None:
+    """Walk the block framing of an OSM PBF file (headers only, seeking over the data), so that a file that is not
+    PBF or is cut short is an error before a reader silently returns part of it.
+
+    Raises:
+        DataError: The file is not OSM PBF, or ends inside a block (truncated).
+    """
+    size = path.stat().st_size
+    offset = blocks = 0
+    with path.open("rb") as handle:
+        while offset < size:
+            head = handle.read(4)
+            length = int.from_bytes(head, "big") if len(head) == 4 else -1
+            if blocks == 0 and not 0 < length <= _MAX_BLOB_HEADER:
+                raise DataError(f"{path}: not an OSM PBF file (it does not start with a PBF block header)")
+            header = handle.read(max(length, 0))
+            if length < 0 or len(header) < length:
+                raise DataError(f"{path}: truncated OSM PBF file (it ends inside block {blocks + 1}, at byte {size:,})")
+            try:
+                kind, datasize = _blob_header(header)
+            except ValueError:
+                raise DataError(f"{path}: not an OSM PBF file (block {blocks + 1} has no valid header)") from None
+            if blocks == 0 and kind != b"OSMHeader":
+                raise DataError(f"{path}: not an OSM PBF file (its first block is {kind[:20]!r}, not OSMHeader)")
+            offset += 4 + length + datasize
+            if offset > size:
+                raise DataError(f"{path}: truncated OSM PBF file (block {blocks + 1} needs {offset:,} bytes, the file "
+                                f"has {size:,})")
+            handle.seek(offset)
+            blocks += 1
+    if blocks == 0:
+        raise DataError(f"{path}: not an OSM PBF file (it is empty)")
+
+
 def _open(path: Path) -> object:
     pyrosm = require("pyrosm", "build")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    check_pbf(path)
     try:
         return pyrosm.OSM(str(path))
     except Exception as err:  # pyrosm raises many types for a corrupt extract

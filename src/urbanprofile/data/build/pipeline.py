@@ -1,0 +1,269 @@
+"""The whole build: every step in order, timed, and the dataset folder written only when all succeed."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from urbanprofile.data.build.aggregate import landuse_shares, poi_counts, read_landuse
+from urbanprofile.data.build.labels import labels_for_regions
+from urbanprofile.data.build.messages import span
+from urbanprofile.data.build.osm import OSM_CATEGORIES, is_osm_extract
+from urbanprofile.data.build.points import read_points
+from urbanprofile.data.build.regions import h3_cell_estimate, h3_regions, read_boundary, regions_from_file
+from urbanprofile.data.build.spec import BuildReport, BuildSpec, BuiltCity
+from urbanprofile.data.build.streaming import choose_engine, stream_od_from_trips, stream_poi_counts
+from urbanprofile.data.build.trips import od_from_trips
+from urbanprofile.data.city import CityData, frame_from_array, sparse_square_view
+from urbanprofile.data.io import load_json, read_raw_table
+from urbanprofile.data.loaders.built import MAX_DENSE_PATTERN_CELLS, check_output, patterns_view, write_built
+from urbanprofile.errors import DataError
+
+UNITS = {
+    "poi_counts": "POIs per region and category",
+    "landuse_counts": "share of the region's area (0-1) per land-use class",
+    "od_flows": "trips from origin region (row) to destination region (column)",
+    "od_patterns": "trips per time-of-day pattern (equal bins of the day), origin x destination",
+}
+
+
+def _load_categories(value: list[str] | dict[str, list[str]] | str | None) -> list[str] | dict[str, list[str]] | None:
+    """Categories from a list, a mapping, or a JSON file holding either."""
+    if value is None or isinstance(value, list | dict):
+        return value
+    path = Path(value)
+    loaded = load_json(path)
+    if isinstance(loaded, list) and all(isinstance(v, str) for v in loaded):
+        return loaded
+    if isinstance(loaded, dict) and all(isinstance(v, list) for v in loaded.values()):
+        return {str(k): [str(x) for x in v] for k, v in loaded.items()}
+    raise DataError(f"{path}: categories must be a JSON list of names or an object {{category: [raw values]}}")
+
+
+def _source(path: Path | str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        return {"value": str(path)}
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(file.resolve()), "bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+
+
+class _Steps:
+    """Times each step and, when asked, shows a rich progress bar on stderr."""
+
+    def __init__(self, total: int, show: bool, report: BuildReport, log: Callable[[str], None] | None = None) -> None:
+        self.report = report
+        self.log_to = log
+        self.progress: Any = None
+        if show:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("building", total=total)
+
+    @contextmanager
+    def step(self, name: str, description: str) -> Iterator[None]:
+        if self.progress is not None:
+            self.progress.update(self.task, description=description)
+        start = time.perf_counter()
+        yield
+        self.report.seconds[name] = round(time.perf_counter() - start, 3)
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def log(self, line: str) -> None:
+        """A line for the user, printed above the progress bar (or to ``log``)."""
+        if self.progress is not None:
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        elif self.log_to is not None:
+            self.log_to(line)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], None] | None = None) -> BuiltCity:
+    """Read every input of ``spec`` and aggregate it per region, in memory (nothing is written).
+
+    Args:
+        spec: What to read and how.
+        progress: Show a progress bar on stderr.
+        log: Where lines for the user go (the H3 size estimate) when there is no progress bar.
+
+    Raises:
+        DataError: An input is missing, unreadable or inconsistent, or a view would hold nothing (no POI, parcel
+            or trip joins a region): the message names the file, field or region.
+    """
+    spec.check()
+    categories = _load_categories(spec.categories)
+    report = BuildReport(city=spec.city, join_engine=spec.engine)
+    n_steps = 1 + sum(x is not None for x in (spec.pois, spec.landuse, spec.trips)) + (
+        spec.labels is not None or spec.label_columns is not None)
+    steps = _Steps(n_steps, progress, report, log)
+    start = time.perf_counter()
+    sources: dict[str, Any] = {}
+    views: dict[str, pd.DataFrame] = {}
+    meta: dict[str, Any] = {}
+    pattern_rows = None
+    try:
+        attributes = None
+        with steps.step("regions", "reading regions"):
+            if spec.regions is not None:
+                regions, attributes, report.n_geometries_repaired = regions_from_file(
+                    Path(spec.regions), spec.region_id_column, spec.region_name_column, spec.crs)
+                report.n_region_overlaps, report.region_overlap_example = regions.attrs.pop("overlaps", (0, ""))
+                report.region_kind = "polygon"
+                sources["regions"] = _source(spec.regions)
+            else:
+                assert spec.boundary is not None and spec.h3_resolution is not None
+                boundary = read_boundary(spec.boundary, spec.crs)
+                report.h3_cells_estimate = h3_cell_estimate(boundary, spec.h3_resolution, spec.h3_cover)
+                steps.log(f"H3 resolution {spec.h3_resolution} over {spec.boundary}: about "
+                          f"{report.h3_cells_estimate:,} cells (limit --max-cells {spec.max_cells:,})")
+                regions = h3_regions(boundary, spec.h3_resolution, spec.h3_cover, spec.max_cells, str(spec.boundary))
+                report.region_kind = "h3"
+                meta["h3_resolution"] = spec.h3_resolution
+                sources["boundary"] = _source(spec.boundary)
+            report.n_regions = len(regions)
+        if spec.pois is not None:
+            with steps.step("pois", f"joining POIs to {len(regions)} regions ({spec.engine})"):
+                pois_path = Path(spec.pois)
+                report.read_engines["pois"] = choose_engine(spec, pois_path)
+                if report.read_engines["pois"] == "streaming":
+                    views["poi_counts"] = stream_poi_counts(pois_path, regions, spec, categories, report,
+                                                            meta.get("h3_resolution"))
+                else:
+                    points = read_points(pois_path, spec.crs, spec.lon_column, spec.lat_column)
+                    report.n_pois_missing_location = points.n_missing
+                    report.n_pois_malformed = points.n_malformed
+                    report.n_pois_unreadable = points.n_unreadable
+                    report.unreadable_example = points.example
+                    report.n_pois_read = points.n_rows - len(points.frame)
+                    osm = is_osm_extract(pois_path)
+                    column = spec.category_column or "category"
+                    chosen = OSM_CATEGORIES if osm and categories is None else categories
+                    swap_hint = (f" (pass --lon-column {spec.lat_column} --lat-column {spec.lon_column})"
+                                 if points.unit in ("line", "row") else " (the file's axis order is lat, lon)")
+                    views["poi_counts"] = poi_counts(points.frame, regions, column, chosen, spec.engine, report,
+                                                     str(pois_path), swap_hint)
+                sources["pois"] = _source(pois_path)
+        if spec.landuse is not None:
+            with steps.step("landuse", "overlaying land use"):
+                landuse = read_landuse(Path(spec.landuse), spec.landuse_class_column, spec.crs, report)
+                report.n_landuse_polygons = len(landuse)
+                views["landuse_counts"] = landuse_shares(regions, landuse, spec.landuse_class_column)
+                if not views["landuse_counts"].to_numpy().any():
+                    bounds = landuse.total_bounds
+                    raise DataError(f"{spec.landuse}: no land-use polygon overlaps a region (they span "
+                                    f"{span(bounds[[0, 2]], bounds[[1, 3]])}); the view would be all zeros")
+                report.n_landuse_classes = views["landuse_counts"].shape[1]
+                sources["landuse"] = _source(spec.landuse)
+        if spec.trips is not None:
+            with steps.step("trips", "assigning trips to regions"):
+                report.read_engines["trips"] = choose_engine(spec, Path(spec.trips))
+                if report.read_engines["trips"] == "streaming":
+                    od, pattern_rows = stream_od_from_trips(Path(spec.trips), regions, spec, report,
+                                                            meta.get("h3_resolution"))
+                else:
+                    od, pattern_rows = od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
+                                                     str(spec.trips))
+                views["od_flows"] = (frame_from_array(od, regions.index, regions.index) if isinstance(od, np.ndarray)
+                                     else sparse_square_view(od, regions.index))
+                # A large city's time patterns go to disk as rows only (a dense view is P x N x N).
+                if (pattern_rows is not None and isinstance(od, np.ndarray)
+                        and spec.n_time_patterns * len(regions) ** 2 <= MAX_DENSE_PATTERN_CELLS):
+                    views["od_patterns"] = patterns_view(pattern_rows, regions.index, spec.n_time_patterns)
+                sources["trips"] = _source(spec.trips)
+        targets = pd.DataFrame(index=regions.index)
+        if spec.labels is not None or spec.label_columns is not None:
+            with steps.step("labels", "matching labels"):
+                targets = labels_for_regions(regions, attributes, spec, report)
+                report.tasks = list(targets.columns)
+                sources["labels"] = _source(spec.labels) if spec.labels is not None else {"value": "regions file"}
+    finally:
+        steps.close()
+    report.seconds["total"] = round(time.perf_counter() - start, 3)
+    meta.update({
+        "source": f"build of {spec.city}",
+        "family": "built",
+        "city": spec.city,
+        "region_kind": report.region_kind,
+        "paper_folds": {"n_splits": 10, "shuffle": True, "random_state": 2024},
+        "drop_zero": [],
+        "location_source": f"{report.region_kind} regions",
+        "units": {k: v for k, v in UNITS.items() if k in views or (k == "od_patterns" and pattern_rows is not None)},
+        "notes": report.warnings(),
+    })
+    city = CityData(name=f"built-{spec.city}", regions=regions, views=views, targets=targets, meta=meta).validate()
+    return BuiltCity(city=city, report=report, sources=sources, od_pattern_rows=pattern_rows)
+
+
+def build_dataset(
+    spec: BuildSpec, out: str | Path, overwrite: bool = False, progress: bool = False, command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """Build a dataset folder from raw files; nothing is written unless every step succeeds.
+
+    Example:
+        >>> spec = BuildSpec("helsinki", boundary="Helsinki.osm.pbf", h3_resolution=9, pois=Path("Helsinki.osm.pbf"))
+        >>> report = build_dataset(spec, "data/built/helsinki")  # doctest: +SKIP
+
+    Args:
+        spec: What to read and how.
+        out: Folder to create (``<data_dir>/built/<city>`` makes it ``built-<city>`` in the registry).
+        overwrite: Replace an existing folder.
+        progress: Show a progress bar on stderr.
+        command: The command line that ran the build (recorded in the manifest).
+        log: Where lines for the user go when there is no progress bar.
+
+    Raises:
+        DataError: A file is missing, unreadable or inconsistent (the message names it); ``out`` exists and is
+            not a built dataset holding only its own files, or is not replaceable without ``overwrite``; an input
+            lies inside ``out``; ``out`` cannot be written.
+    """
+    start = time.perf_counter()
+    target = Path(out).expanduser()
+    check_output(target, overwrite)  # before minutes of work, and again when writing
+    inputs = [spec.regions, spec.pois, spec.landuse, spec.trips, spec.labels, spec.boundary,
+              spec.categories if isinstance(spec.categories, str) else None]
+    for given in inputs:
+        if given is not None and Path(given).exists() and Path(given).resolve().is_relative_to(target.resolve()):
+            raise DataError(f"{given}: an input lies inside the output folder {target}, which the build replaces; "
+                            "choose another --out")
+    built = build_city(spec, progress=progress, log=log)
+    report = built.report
+    spec_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items() if v is not None}
+    extra = {
+        "city": spec.city,
+        "units": {**built.city.meta["units"], **{t: f"as in {built.sources['labels'].get('path', 'the regions file')}"
+                                                 for t in built.city.targets.columns}},
+        "sources": built.sources,
+        "build_command": command or f"urbanprofile.data.build.build_dataset(BuildSpec(**{spec_record!r}))",
+        "build_spec": spec_record,
+        "n_time_patterns": spec.n_time_patterns,
+        "notes": report.warnings(),
+    }
+    with_write = time.perf_counter()
+    target = write_built(built.city, out, {**extra, "report": report.to_dict()}, overwrite=overwrite,
+                         od_pattern_rows=built.od_pattern_rows if "od_patterns" not in built.city.views else None)
+    report.seconds["write"] = round(time.perf_counter() - with_write, 3)
+    report.seconds["total"] = round(time.perf_counter() - start, 3)
+    report.output = str(target)
+    return report
+
+

@@ -712,6 +712,7 @@ def build(
         *([(f"trips kept / read (by {report.trip_weight_column})",
             f"{report.trips_weighted_kept:g} / {report.trips_weighted_read:g}")] if report.trip_weight_column else []),
         ("trip columns", ", ".join(report.trip_columns) or "-"),
+        ("read", ", ".join(f"{k} {v}" for k, v in report.read_engines.items()) or "-"),
         ("tasks", ", ".join(report.tasks) or "-"),
         ("seconds", f"{report.seconds['total']:.1f}"),
     ]

@@ -12,7 +12,8 @@ from helpers import assert_one_error as one_error
 from helpers import run_cli
 from rich.console import Console
 
-from urbanprofile import cli
+from urbanprofile import cli, clikit
+from urbanprofile.cli import run as cli_run
 from urbanprofile.report.terminal import Column, FitTable
 
 
@@ -50,7 +51,7 @@ def test_leaderboard_fits_without_cutting_a_name_or_figure(width: int) -> None:
     from urbanprofile.benchmark.runner import format_mean_std, leaderboard
 
     rows = leaderboard_rows(np.random.default_rng(0))
-    text = render(cli._leaderboard_table(rows, "leaderboard (mean ± std over seeds)"), width)
+    text = render(cli_run._leaderboard_table(rows, "leaderboard (mean ± std over seeds)"), width)
     assert "…" not in text
     assert max(len(line) for line in text.splitlines()) <= width
     cells = shown_cells(text)
@@ -446,5 +447,5 @@ def test_benchmark_refuses_a_store_in_a_missing_folder(testcity: str, tmp_path: 
 
 def test_messages_keep_their_brackets(capsys: pytest.CaptureFixture[str]) -> None:
     # a failed row's reason, a path or a name may hold brackets; rich markup would drop them
-    cli._console().print("failed: ray is needed: pip install 'urbanprofile[ray]' ([see] data/[x].csv)")
+    clikit.make_console().print("failed: ray is needed: pip install 'urbanprofile[ray]' ([see] data/[x].csv)")
     assert "pip install 'urbanprofile[ray]' ([see] data/[x].csv)" in capsys.readouterr().out

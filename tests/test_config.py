@@ -11,7 +11,7 @@ from helpers import run_cli
 
 from urbanprofile import cli
 from urbanprofile.apps.r1 import cli as r1_cli
-from urbanprofile.apps.r1.train import R1Config
+from urbanprofile.apps.r1.config import R1Config
 from urbanprofile.benchmark.runner import DEFAULT_SEEDS, BenchmarkPlan, StudyConfig
 from urbanprofile.config import load_config, make_config
 from urbanprofile.data.build import BuildSpec

@@ -24,7 +24,7 @@ from urbanprofile.clikit import (
 )
 
 if TYPE_CHECKING:
-    from urbanprofile.apps.r1.train import R1Config
+    from urbanprofile.apps.r1.config import R1Config
 
 # -- r1: GRPO post-training of a language-model region profiler ----------------------------------------
 r1_app = typer.Typer(help="Urban-R1: GRPO post-training of a language-model region profiler.", no_args_is_help=True)
@@ -93,8 +93,8 @@ def r1_train(
     """
     import shutil
 
+    from urbanprofile.apps.r1.config import R1Config, has_run_state
     from urbanprofile.apps.r1.policy import check_model_path
-    from urbanprofile.apps.r1.train import R1Config, has_run_state
 
     config: R1Config = configured(R1Config, config_file, dict(
         datasets=split_list(datasets), task=task, model=model, answer=answer, n_levels=n_levels, protocol=protocol,
@@ -124,7 +124,9 @@ def r1_train(
 
 
 def _r1_train(config: R1Config, out_dir: Path, *, sft: bool, init: str, resume: bool) -> None:
-    from urbanprofile.apps.r1.train import prepare_task, train_grpo, train_sft
+    from urbanprofile.apps.r1.config import prepare_task
+    from urbanprofile.apps.r1.loop import train_grpo
+    from urbanprofile.apps.r1.sft import train_sft
 
     data = prepare_task(config)
     err.print(f"{len(data.split('train'))} training and {len(data.split('test'))} held-out regions; "
@@ -153,9 +155,9 @@ def r1_evaluate(
     data_dir: DataDir = None,
 ) -> None:
     """Score the trained policy and its baselines on the held-out regions (metrics.json, predictions.csv)."""
+    from urbanprofile.apps.r1.config import load_cities, read_config
     from urbanprofile.apps.r1.evaluate import evaluate_run
     from urbanprofile.apps.r1.policy import resolve_device
-    from urbanprofile.apps.r1.train import load_cities, read_config
     from urbanprofile.report.terminal import Column, FitTable
 
     set_threads(threads)

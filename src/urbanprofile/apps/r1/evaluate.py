@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from urbanprofile.apps.r1.config import R1Config, first_tokens, prepare_task, read_config
 from urbanprofile.apps.r1.prompts import parse_answer, to_level
 from urbanprofile.apps.r1.task import R1Data
-from urbanprofile.apps.r1.train import R1Config, first_tokens, prepare_task, read_config
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.metrics import regression_metrics
 
@@ -234,7 +234,7 @@ def evaluate_run(
         if m not in METHODS:
             raise unknown_name("r1 evaluation method", m, METHODS)
     if cities is None:
-        from urbanprofile.apps.r1.train import load_cities
+        from urbanprofile.apps.r1.config import load_cities
 
         cities = load_cities(config)
     data = prepare_task(config, cities)

@@ -16,7 +16,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from urbanprofile.config import load_config, make_config
 from urbanprofile.errors import UrbanProfileError
+from urbanprofile.threads import apply_threads
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -46,8 +48,6 @@ Threads = Annotated[
 
 
 def set_threads(threads: int | None) -> int:
-    from urbanprofile.threads import apply_threads
-
     return apply_threads(threads)
 
 
@@ -70,8 +70,6 @@ ConfigFile = Annotated[Path | None, typer.Option(
 def configured(schema: type[Any], path: Path | None, flags: dict[str, Any],
                 flag_names: dict[str, str] | None = None) -> Any:
     """The command's config dataclass: the flags given, else the ``--config`` file's keys, else its defaults."""
-    from urbanprofile.config import load_config, make_config
-
     file_values = load_config(path, schema) if path is not None else {}
     return make_config(schema, file_values, flags, source=path, flag_names=flag_names)
 

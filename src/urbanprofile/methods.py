@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from urbanprofile.errors import MethodUnavailableError
+from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileError
 from urbanprofile.registry import Registry
 
 if TYPE_CHECKING:
@@ -307,8 +307,6 @@ class ExternalMethodSpec(MethodSpec):
 
     def unavailable_reason(self, city: CityData) -> str | None:
         """Why the embedding does not fit ``city`` (another dataset, ids that differ, bad columns), or ``None``."""
-        from urbanprofile.errors import DataError
-
         try:
             self.build().fit(city)
         except DataError as err:
@@ -336,7 +334,6 @@ def register_embedding(name: str, source: str | Any) -> ExternalMethodSpec:
     import pandas as pd
 
     from urbanprofile.data.embeddings import file_hash, frame_hash, read_embedding_file
-    from urbanprofile.errors import UrbanProfileError
 
     name = name.removeprefix(EXTERNAL_PREFIX).strip()
     if not name or any(c in name for c in ",=[]"):
@@ -359,8 +356,6 @@ def register_embedding(name: str, source: str | Any) -> ExternalMethodSpec:
 def register_embeddings(text: str) -> list[str]:
     """Register ``NAME=FILE,NAME=FILE`` (a bare ``FILE`` is named after its stem); returns the method names."""
     from pathlib import Path
-
-    from urbanprofile.errors import UrbanProfileError
 
     names = []
     for item in (part.strip() for part in text.split(",")):

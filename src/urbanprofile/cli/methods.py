@@ -6,12 +6,16 @@ from urbanprofile.clikit import (
     err,
     out,
 )
+from urbanprofile.methods import broken_plugins, get_method, list_methods
+
+# The project's data, evaluation, benchmark and report modules are imported inside each command, not here: they
+# pull pandas and scikit-learn (about 2 s measured with `python -X importtime` on this busy 2-core machine, where
+# `urbanprofile --help` takes 0.3 s), which --help, --version and a mistyped option must not pay.
 
 
 # -- methods -----------------------------------------------------------------------------------------
 def methods_list() -> None:
     """List registered methods and what they need."""
-    from urbanprofile.methods import broken_plugins, get_method, list_methods
     from urbanprofile.report.terminal import Column, FitTable
 
     table = FitTable([Column("method"), Column("head", priority=2), Column("views", "text", priority=1),

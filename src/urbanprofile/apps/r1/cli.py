@@ -26,6 +26,9 @@ from urbanprofile.clikit import (
 if TYPE_CHECKING:
     from urbanprofile.apps.r1.config import R1Config
 
+# R1's modules are imported inside each command, not here: they pull pandas and scikit-learn, and policy pulls
+# torch (seconds, measured with `python -X importtime`), which `urbanprofile --help` must not pay.
+
 # -- r1: GRPO post-training of a language-model region profiler ----------------------------------------
 r1_app = typer.Typer(help="Urban-R1: GRPO post-training of a language-model region profiler.", no_args_is_help=True)
 

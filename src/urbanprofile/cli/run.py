@@ -86,6 +86,7 @@ def embed(
 ) -> None:
     """Fit a method on a dataset and write one embedding row per region."""
     from urbanprofile.data.registry import load_dataset
+    from urbanprofile.embedders.base import ReportsEpochs
 
     spec = get_method(method)
     check_output(out_path, parents=parents, overwrite=overwrite)  # before a fit that may take minutes
@@ -96,7 +97,7 @@ def embed(
     city = load_dataset(name, data_dir)
     spec = spec.for_city(city)
     embedder = spec.build(random_state=seed)
-    if hasattr(embedder, "on_epoch"):  # a trained method: show its epochs
+    if isinstance(embedder, ReportsEpochs):  # a trained method: show its epochs
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn(escape(f"training {method} on {name}")), BarColumn(), MofNCompleteColumn(),

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from urbanprofile.config import load_config, make_config
 from urbanprofile.errors import UrbanProfileError
 from urbanprofile.threads import apply_threads
 
@@ -48,10 +47,12 @@ Threads = Annotated[
 
 
 def set_threads(threads: int | None) -> int:
+    """Apply ``--threads`` to torch and BLAS; returns the number of threads in use."""
     return apply_threads(threads)
 
 
 def split_list(value: str | None) -> list[str] | None:
+    """A comma-separated option as a list (blank items dropped); ``None`` when not given or blank."""
     if value is None:
         return None
     items = [v.strip() for v in value.split(",") if v.strip()]
@@ -59,6 +60,7 @@ def split_list(value: str | None) -> list[str] | None:
 
 
 def opt(help_text: str) -> Any:
+    """An option whose default is not shown (its help says what not giving it means)."""
     return typer.Option(help=help_text, show_default=False)
 
 
@@ -70,11 +72,15 @@ ConfigFile = Annotated[Path | None, typer.Option(
 def configured(schema: type[Any], path: Path | None, flags: dict[str, Any],
                 flag_names: dict[str, str] | None = None) -> Any:
     """The command's config dataclass: the flags given, else the ``--config`` file's keys, else its defaults."""
+    # Here, not at the top: tomllib and typing's introspection cost --help about 20 ms (python -X importtime).
+    from urbanprofile.config import load_config, make_config
+
     file_values = load_config(path, schema) if path is not None else {}
     return make_config(schema, file_values, flags, source=path, flag_names=flag_names)
 
 
 def fmt(value: Any, digits: int = 3) -> str:
+    """A figure for a table: ``-`` for a missing value or NaN, floats with ``digits`` decimals."""
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -10,17 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from urbanprofile.clikit import (
-    ConfigFile,
-    DataDir,
-    check_output,
-    configured,
-    err,
-    fmt,
-    opt,
-    out,
-    split_list,
-)
+from urbanprofile.clikit import ConfigFile, DataDir, check_output, configured, err, fmt, opt, out, split_list
 from urbanprofile.errors import UrbanProfileError
 
 # The project's data, evaluation, benchmark and report modules are imported inside each command, not here: they

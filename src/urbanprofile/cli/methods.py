@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from urbanprofile.clikit import (
-    err,
-    out,
-)
-from urbanprofile.methods import broken_plugins, get_method, list_methods
+from urbanprofile.clikit import err, out
 
-# The project's data, evaluation, benchmark and report modules are imported inside each command, not here: they
-# pull pandas and scikit-learn (about 2 s measured with `python -X importtime` on this busy 2-core machine, where
-# `urbanprofile --help` takes 0.3 s), which --help, --version and a mistyped option must not pay.
+# The project's modules, urbanprofile.methods included, are imported inside each command, not here: the data,
+# evaluation, benchmark and report modules pull pandas and scikit-learn (about 2 s measured with `python -X importtime`
+# on this busy 2-core machine), and even urbanprofile.methods (importlib.metadata for its plug-ins) and
+# urbanprofile.config (tomllib) added 0.18 s to `import urbanprofile.cli` (0.21 -> 0.39 s, best of 7) when hoisted,
+# which --help, --version and a mistyped option must not pay.
 
 
 # -- methods -----------------------------------------------------------------------------------------
 def methods_list() -> None:
     """List registered methods and what they need."""
+    from urbanprofile.methods import broken_plugins, get_method, list_methods
     from urbanprofile.report.terminal import Column, FitTable
 
     table = FitTable([Column("method"), Column("head", priority=2), Column("views", "text", priority=1),

@@ -7,10 +7,7 @@ from typing import Annotated
 
 import typer
 
-from urbanprofile.clikit import (
-    DataDir,
-    err,
-)
+from urbanprofile.clikit import DataDir, err
 
 # The project's data, evaluation, benchmark and report modules are imported inside each command, not here: they
 # pull pandas and scikit-learn (about 2 s measured with `python -X importtime` on this busy 2-core machine, where

@@ -8,15 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from urbanprofile.clikit import (
-    DataDir,
-    Parents,
-    Threads,
-    check_output,
-    err,
-    set_threads,
-    writing,
-)
+from urbanprofile.clikit import DataDir, Parents, Threads, check_output, err, set_threads, writing
 
 # The project's data, evaluation, benchmark and report modules are imported inside each command, not here: they
 # pull pandas and scikit-learn (about 2 s measured with `python -X importtime` on this busy 2-core machine, where

@@ -27,14 +27,15 @@ from urbanprofile.clikit import (
     writing,
 )
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
-from urbanprofile.methods import get_method, register_embedding, register_embeddings, with_modalities
 
 if TYPE_CHECKING:
     from urbanprofile.report.terminal import FitTable
 
-# The project's data, evaluation, benchmark and report modules are imported inside each command, not here: they
-# pull pandas and scikit-learn (about 2 s measured with `python -X importtime` on this busy 2-core machine, where
-# `urbanprofile --help` takes 0.3 s), which --help, --version and a mistyped option must not pay.
+# The project's modules, urbanprofile.methods included, are imported inside each command, not here: the data,
+# evaluation, benchmark and report modules pull pandas and scikit-learn (about 2 s measured with `python -X importtime`
+# on this busy 2-core machine), and even urbanprofile.methods (importlib.metadata for its plug-ins) and
+# urbanprofile.config (tomllib) added 0.18 s to `import urbanprofile.cli` (0.21 -> 0.39 s, best of 7) when hoisted,
+# which --help, --version and a mistyped option must not pay.
 
 
 def _seeds(value: str) -> list[int]:
@@ -87,6 +88,7 @@ def embed(
     """Fit a method on a dataset and write one embedding row per region."""
     from urbanprofile.data.registry import load_dataset
     from urbanprofile.embedders.base import ReportsEpochs
+    from urbanprofile.methods import get_method
 
     spec = get_method(method)
     check_output(out_path, parents=parents, overwrite=overwrite)  # before a fit that may take minutes
@@ -192,9 +194,13 @@ def evaluate(
     if (method is None) == (embedding is None):
         raise UrbanProfileError("give either --method or --embedding")
     if embedding is not None:
+        from urbanprofile.methods import register_embedding
+
         method = register_embedding(embedding.stem, embedding).name
     assert method is not None
     if modalities is not None:
+        from urbanprofile.methods import get_method, with_modalities
+
         method = with_modalities(get_method(method), split_list(modalities) or []).name
     from urbanprofile.evaluation.protocols import check_train_fraction
 
@@ -282,6 +288,8 @@ def benchmark(
     _check_seeds(study.seeds, f"{config}: seeds" if config and seeds is None else "--seeds")
     method_names = study.methods
     if study.embeddings is not None:
+        from urbanprofile.methods import register_embeddings
+
         method_names = [*(method_names or []), *register_embeddings(study.embeddings)]
     plan = BenchmarkPlan(
         datasets=study.datasets, methods=method_names, tasks=study.tasks,

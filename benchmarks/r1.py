@@ -64,8 +64,10 @@ def main() -> None:
     set_threads(args.threads)
     import torch
 
+    from urbanprofile.apps.r1.config import R1Config, load_cities, prepare_task
     from urbanprofile.apps.r1.evaluate import evaluate_run
-    from urbanprofile.apps.r1.train import R1Config, load_cities, prepare_task, train_grpo, train_sft
+    from urbanprofile.apps.r1.loop import train_grpo
+    from urbanprofile.apps.r1.sft import train_sft
 
     config = R1Config(datasets=["hafusion-nyc", "hafusion-chicago"], task=args.task, model=args.model,
                       steps=args.steps, generations=args.generations, save_every=args.save_every,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rich.console import Console
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str,
@@ -22,12 +21,13 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     Args:
         width: A terminal width to render at (``None``: as the CLI chooses for a pipe).
     """
-    from urbanprofile import cli
+    from urbanprofile import cli, clikit
 
     monkeypatch.setattr(sys, "argv", ["urbanprofile", *args])
     if width is not None:
-        monkeypatch.setattr(cli, "out", Console(width=width, markup=False))
-        monkeypatch.setattr(cli, "err", Console(width=width, stderr=True, markup=False))
+        # Every command module prints through these two consoles: their width is set in place.
+        monkeypatch.setattr(clikit.out, "width", width)
+        monkeypatch.setattr(clikit.err, "width", width)
         monkeypatch.setenv("COLUMNS", str(width))
     capsys.readouterr()
     code = 0

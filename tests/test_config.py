@@ -10,7 +10,8 @@ import pytest
 from helpers import run_cli
 
 from urbanprofile import cli
-from urbanprofile.apps.r1.train import R1Config
+from urbanprofile.apps.r1 import cli as r1_cli
+from urbanprofile.apps.r1.config import R1Config
 from urbanprofile.benchmark.runner import DEFAULT_SEEDS, BenchmarkPlan, StudyConfig
 from urbanprofile.config import load_config, make_config
 from urbanprofile.data.build.spec import BuildSpec
@@ -149,7 +150,7 @@ def test_without_config_the_commands_build_the_dataclass_defaults(
     assert code == 2 and "stopped by the test" in stderr
     assert specs == [BuildSpec("mycity", regions=Path("r.gpkg"))]
 
-    configs = _capture(monkeypatch, cli, "_r1_train")
+    configs = _capture(monkeypatch, r1_cli, "_r1_train")
     code, _, stderr = run(monkeypatch, capsys, "r1", "train", "-d", "a,b", "-t", "crime", "--model", "tiny-random",
                           "--device", "cpu", "--out", str(tmp_path / "run"))
     assert code == 2 and "stopped by the test" in stderr
@@ -158,7 +159,7 @@ def test_without_config_the_commands_build_the_dataclass_defaults(
 
 def test_r1_train_takes_the_file_and_flags_override_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    configs = _capture(monkeypatch, cli, "_r1_train")
+    configs = _capture(monkeypatch, r1_cli, "_r1_train")
     path = write(tmp_path, 'datasets = ["a"]\ntask = "crime"\nmodel = "tiny-random"\ndevice = "cpu"\n'
                            "steps = 3\nlearning_rate = 0.01\nbalanced = false\n")
     code, _, stderr = run(monkeypatch, capsys, "r1", "train", "--config", str(path), "--steps", "5", "--balanced",

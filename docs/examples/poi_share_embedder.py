@@ -19,8 +19,6 @@ from urbanprofile.methods import MethodSpec, get_method, register_method
 class PoiShareEmbedder(Embedder):
     """Share of each POI category among a region's POIs (a region without POIs gets zeros)."""
 
-    required_views = ("poi_counts",)
-
     def __init__(self, smoothing: float = 0.0, random_state: int | None = None) -> None:
         self.smoothing = smoothing
         self.random_state = random_state  # unused: the method is deterministic

@@ -1,7 +1,7 @@
 """Config files: a TOML file whose keys are the fields of a config dataclass, overridden by flags.
 
 The defaults live only in the dataclasses (:class:`~urbanprofile.data.build.spec.BuildSpec`,
-:class:`~urbanprofile.benchmark.runner.StudyConfig`, :class:`~urbanprofile.apps.r1.train.R1Config`): a value is
+:class:`~urbanprofile.benchmark.runner.StudyConfig`, :class:`~urbanprofile.apps.r1.config.R1Config`): a value is
 taken from the command line when given, else from the file, else from the dataclass.
 """
 

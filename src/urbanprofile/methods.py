@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from urbanprofile.errors import MethodUnavailableError
+from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileError
 from urbanprofile.registry import Registry
 
 if TYPE_CHECKING:
@@ -36,9 +36,13 @@ class MethodSpec:
             ``requires_views`` are read when a city has them; a method that requires none needs at least one.
             This is the one place a method's views are declared: the embedder is built with the views a city
             has (see :meth:`for_city`).
-        views_param: The constructor argument that takes the views to read (``None``: the method always reads
-            all of ``views``).
+        views_param: The constructor argument that takes the views to read: :meth:`build` passes it the spec's
+            views, so the argument's default in the embedder plays no part (``None``: the method reads fixed
+            inputs of its own, which ``requires_views`` must name).
         needs_locations: Whether region locations are required.
+
+    A method's requirements (``requires_views``, ``views``, ``needs_locations``) are declared here only; an
+    embedder class declares none (``tests/test_single_source.py`` checks both), so the two cannot disagree.
         stochastic: Whether results vary with the seed (then run over several seeds).
         family: ``baseline`` or the paper the method comes from.
         description: One line for ``urbanprofile methods``.
@@ -58,6 +62,12 @@ class MethodSpec:
     city_check: bool = False
     views: tuple[str, ...] = ()
     views_param: str | None = None
+
+    def __post_init__(self) -> None:
+        given = self.params.get(self.views_param) if self.views_param is not None else None
+        if given is not None and tuple(given) != self.all_views:  # the views stated twice, differently
+            raise ValueError(f"method {self.name!r}: params[{self.views_param!r}] = {tuple(given)} differs from "
+                             f"its views {self.all_views}; declare them once, in views (or requires_views)")
 
     @property
     def all_views(self) -> tuple[str, ...]:
@@ -85,7 +95,10 @@ class MethodSpec:
     def build(self, random_state: int | None = 0) -> Embedder:
         module_name, _, class_name = self.factory.partition(":")
         cls = getattr(importlib.import_module(module_name), class_name)
-        embedder: Embedder = cls(**self.params, random_state=random_state)
+        params = dict(self.params)
+        if self.views_param is not None:  # the embedder reads the views declared here, not its argument's default
+            params.setdefault(self.views_param, self.all_views)
+        embedder: Embedder = cls(**params, random_state=random_state)
         return embedder
 
     def unavailable_reason(self, city: CityData) -> str | None:
@@ -145,14 +158,17 @@ _WITH_RAW = "urbanprofile.embedders.baselines.with_raw:WithRawFeatures"
 
 # The multi-view embedders' mobility objective needs trips; they read POI and land use when a city has them.
 _BUILTIN = [
-    MethodSpec("raw-poi", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _POI}, requires_views=_POI,
+    MethodSpec("raw-poi", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _POI},
+               requires_views=_POI, views_param="views",
                description="POI counts per category"),
     MethodSpec("raw-landuse", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _LANDUSE},
-               requires_views=_LANDUSE,
+               requires_views=_LANDUSE, views_param="views",
                description="land-use counts per class"),
-    MethodSpec("raw-mobility", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _OD}, requires_views=_OD,
+    MethodSpec("raw-mobility", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _OD},
+               requires_views=_OD, views_param="views",
                description="out-flow and in-flow trip profiles (OD rows and columns)"),
-    MethodSpec("raw-all", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _ALL}, requires_views=_ALL,
+    MethodSpec("raw-all", "urbanprofile.embedders.baselines.raw:RawViews", {"views": _ALL},
+               requires_views=_ALL, views_param="views",
                description="POI, land use and mobility profiles side by side"),
     MethodSpec("pca", "urbanprofile.embedders.baselines.pca:PCAEmbedder", {"n_components": 32}, views=_ALL,
                views_param="views",
@@ -307,8 +323,6 @@ class ExternalMethodSpec(MethodSpec):
 
     def unavailable_reason(self, city: CityData) -> str | None:
         """Why the embedding does not fit ``city`` (another dataset, ids that differ, bad columns), or ``None``."""
-        from urbanprofile.errors import DataError
-
         try:
             self.build().fit(city)
         except DataError as err:
@@ -336,7 +350,6 @@ def register_embedding(name: str, source: str | Any) -> ExternalMethodSpec:
     import pandas as pd
 
     from urbanprofile.data.embeddings import file_hash, frame_hash, read_embedding_file
-    from urbanprofile.errors import UrbanProfileError
 
     name = name.removeprefix(EXTERNAL_PREFIX).strip()
     if not name or any(c in name for c in ",=[]"):
@@ -359,8 +372,6 @@ def register_embedding(name: str, source: str | Any) -> ExternalMethodSpec:
 def register_embeddings(text: str) -> list[str]:
     """Register ``NAME=FILE,NAME=FILE`` (a bare ``FILE`` is named after its stem); returns the method names."""
     from pathlib import Path
-
-    from urbanprofile.errors import UrbanProfileError
 
     names = []
     for item in (part.strip() for part in text.split(",")):

@@ -12,7 +12,8 @@ from helpers import assert_one_error as one_error
 from helpers import run_cli
 from rich.console import Console
 
-from urbanprofile import cli
+from urbanprofile import cli, clikit
+from urbanprofile.cli import run as cli_run
 from urbanprofile.report.terminal import Column, FitTable
 
 
@@ -50,7 +51,7 @@ def test_leaderboard_fits_without_cutting_a_name_or_figure(width: int) -> None:
     from urbanprofile.benchmark.runner import format_mean_std, leaderboard
 
     rows = leaderboard_rows(np.random.default_rng(0))
-    text = render(cli._leaderboard_table(rows, "leaderboard (mean ± std over seeds)"), width)
+    text = render(cli_run._leaderboard_table(rows, "leaderboard (mean ± std over seeds)"), width)
     assert "…" not in text
     assert max(len(line) for line in text.splitlines()) <= width
     cells = shown_cells(text)
@@ -296,14 +297,15 @@ def test_a_datasets_own_indicator_is_a_valid_task(data_dir: Path, capsys: pytest
 def test_failed_r1_train_leaves_nothing_that_blocks(testcity: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from urbanprofile.apps.r1 import train
-    from urbanprofile.errors import TrainingError
+    from urbanprofile.apps.r1 import config as r1_config
+    from urbanprofile.apps.r1 import loop
+    from urbanprofile.errors import TrainingError, UrbanProfileError
 
     def fail(config: object, run_dir: Path, *args: object, **kwargs: object) -> None:
         assert (run_dir / "config.json").is_file()  # the failure comes after the run folder was started
         raise TrainingError("GRPO loss is nan at step 1")
 
-    monkeypatch.setattr(train, "_train_prefix", fail)
+    monkeypatch.setattr(loop, "_train_prefix", fail)
     run_dir = tmp_path / "runs" / "r1"
     (tmp_path / "runs").mkdir()
     args = ["r1", "train", "--datasets", testcity, "--task", "crime", "--model", "tiny-random", "--steps", "2",
@@ -315,16 +317,16 @@ def test_failed_r1_train_leaves_nothing_that_blocks(testcity: str, tmp_path: Pat
     (run_dir / "notes.txt").write_text("mine")
     one_error(*run(capsys, monkeypatch, *args, "--lr", "1e9")[::2], "nan")
     assert (run_dir / "notes.txt").read_text() == "mine"
-    config = train.R1Config(datasets=[testcity], task="crime", model="tiny-random", learning_rate=1e-3)
-    train._write_config(run_dir, config, resume=True)
-    assert train.read_config(run_dir).learning_rate == 1e-3
+    config = r1_config.R1Config(datasets=[testcity], task="crime", model="tiny-random", learning_rate=1e-3)
+    r1_config.write_config(run_dir, config, resume=True)
+    assert r1_config.read_config(run_dir).learning_rate == 1e-3
     # A folder with a checkpoint is a run to resume: another configuration is still refused.
     (run_dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
-    with pytest.raises(train.UrbanProfileError, match="another learning_rate"):
-        train._write_config(run_dir, train.R1Config(datasets=[testcity], task="crime", model="tiny-random",
-                                                    learning_rate=2e-3),
-                            resume=True)
+    with pytest.raises(UrbanProfileError, match="another learning_rate"):
+        r1_config.write_config(run_dir, r1_config.R1Config(datasets=[testcity], task="crime", model="tiny-random",
+                                                           learning_rate=2e-3),
+                               resume=True)
 
 
 @pytest.mark.parametrize(("edit", "fragment"), [
@@ -338,7 +340,7 @@ def test_r1_config_errors_name_the_file(edit: dict[str, object], fragment: str, 
                                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from urbanprofile.apps.r1.train import R1Config
+    from urbanprofile.apps.r1.config import R1Config
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -446,5 +448,5 @@ def test_benchmark_refuses_a_store_in_a_missing_folder(testcity: str, tmp_path: 
 
 def test_messages_keep_their_brackets(capsys: pytest.CaptureFixture[str]) -> None:
     # a failed row's reason, a path or a name may hold brackets; rich markup would drop them
-    cli._console().print("failed: ray is needed: pip install 'urbanprofile[ray]' ([see] data/[x].csv)")
+    clikit.make_console().print("failed: ray is needed: pip install 'urbanprofile[ray]' ([see] data/[x].csv)")
     assert "pip install 'urbanprofile[ray]' ([see] data/[x].csv)" in capsys.readouterr().out

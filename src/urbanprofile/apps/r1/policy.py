@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from urbanprofile.apps.r1.prompts import SYSTEM_PROMPT
+from urbanprofile.encoders.llm import load_causal_lm
 from urbanprofile.errors import UrbanProfileError, require
 
 #: A randomly initialised model built from a config (no weights): for tests and smoke runs only.
@@ -80,8 +81,6 @@ def load_policy(name_or_path: str, random_state: int = 0, device: str = "cpu") -
     if name_or_path == TINY_RANDOM:
         model, tokenizer = tiny_causal_lm(random_state)
     else:
-        from urbanprofile.encoders.llm import load_causal_lm
-
         model, tokenizer = load_causal_lm(name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

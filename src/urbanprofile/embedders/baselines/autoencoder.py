@@ -50,7 +50,7 @@ class AutoencoderEmbedder(Embedder):
         self.random_state = random_state
 
     @property
-    def required_views(self) -> tuple[str, ...]:  # type: ignore[override]
+    def required_views(self) -> tuple[str, ...]:
         return tuple(self.views)
 
     def fit(self, city: CityData) -> AutoencoderEmbedder:

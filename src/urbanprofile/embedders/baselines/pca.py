@@ -25,7 +25,7 @@ class PCAEmbedder(Embedder):
         self.random_state = random_state
 
     @property
-    def required_views(self) -> tuple[str, ...]:  # type: ignore[override]
+    def required_views(self) -> tuple[str, ...]:
         return tuple(self.views)
 
     def fit(self, city: CityData) -> PCAEmbedder:

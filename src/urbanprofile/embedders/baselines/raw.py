@@ -22,7 +22,7 @@ class RawViews(Embedder):
         self.random_state = random_state
 
     @property
-    def required_views(self) -> tuple[str, ...]:  # type: ignore[override]
+    def required_views(self) -> tuple[str, ...]:
         return tuple(self.views)
 
     def fit(self, city: CityData) -> RawViews:
@@ -47,8 +47,6 @@ class SinusoidalLocation(Embedder):
         wavelengths_km: Wavelengths of the sin/cos features; the default spans a block to a city.
     """
 
-    needs_locations = True
-
     def __init__(
         self,
         wavelengths_km: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
@@ -72,8 +70,6 @@ class SinusoidalLocation(Embedder):
 
 class Coordinates(Embedder):
     """Centroids in local kilometres: the input of the k-nearest-neighbour location baseline."""
-
-    needs_locations = True
 
     def __init__(self, random_state: int | None = None) -> None:
         self.random_state = random_state

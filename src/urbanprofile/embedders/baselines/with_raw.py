@@ -18,7 +18,7 @@ import pandas as pd
 
 from urbanprofile.data.city import CityData
 from urbanprofile.data.features import ALL_VIEWS, stacked_views
-from urbanprofile.embedders.base import Embedder
+from urbanprofile.embedders.base import Embedder, ReportsEpochs, candidates_of
 
 
 class WithRawFeatures(Embedder):
@@ -44,7 +44,7 @@ class WithRawFeatures(Embedder):
         self.random_state = random_state
 
     @property
-    def required_views(self) -> tuple[str, ...]:  # type: ignore[override]
+    def required_views(self) -> tuple[str, ...]:
         return tuple(self.raw_views)
 
     def _build_learned(self) -> Embedder:
@@ -57,8 +57,8 @@ class WithRawFeatures(Embedder):
             # The learned part reads the views the raw part stacks (those a city has), unless told otherwise.
             params.setdefault("views", tuple(self.raw_views))
         embedder: Embedder = cls(**params, random_state=self.random_state)
-        if self.on_epoch is not None:
-            embedder.on_epoch = self.on_epoch  # type: ignore[attr-defined]
+        if self.on_epoch is not None and isinstance(embedder, ReportsEpochs):
+            embedder.on_epoch = self.on_epoch
         return embedder
 
     def fit(self, city: CityData) -> WithRawFeatures:
@@ -72,7 +72,7 @@ class WithRawFeatures(Embedder):
         raw = self._raw(city)
         self.learned_ = learned
         self.embedding_ = self._join(self.learned_.transform(city), raw)
-        candidates = getattr(self.learned_, "candidates_", None) or {}
+        candidates = candidates_of(self.learned_) or {}
         self.candidates_ = {label: self._join(frame, raw) for label, frame in candidates.items()}
         self.log_ = getattr(self.learned_, "log_", None)
         return self

@@ -268,7 +268,6 @@ class UrbanVLPEmbedder(Embedder):
         random_state: Seed of the initialisation and the batches.
     """
 
-    needs_locations = True
     #: Called with (epoch, epochs) after each training epoch (the CLI sets it to drive a progress bar).
     on_epoch: Callable[[int, int], None] | None = None
 

@@ -410,7 +410,7 @@ class MultiViewEmbedder(Embedder):
     objective: str | dict[str, Any] = "authors"
 
     @property
-    def required_views(self) -> tuple[str, ...]:  # type: ignore[override]
+    def required_views(self) -> tuple[str, ...]:
         """The count views this instance reads (its ``views`` argument; none for a method with its own inputs)."""
         return tuple(getattr(self, "views", ()))
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS, md_table, parser, run, write_results
-from synthetic_country import CountrySpec, bbox_for_cells, generate
+from synthetic_country import CountrySpec, bbox_for_cells, generate, write_dataset
 
 from urbanprofile.errors import UrbanProfileError
 
@@ -131,18 +131,29 @@ def measure_build(cells: int, engine: str, engine_args: list[str]) -> dict[str, 
                 "peak_rss_gb": result["peak_rss_gb"]}
 
 
-def measure_evaluate(cells: int) -> dict[str, Any]:
-    """Build a labelled country of ``cells`` cells, then time embed and evaluate on it."""
+def measure_evaluate(cells: int, via_cli: bool = False) -> dict[str, Any]:
+    """Make a labelled country of ``cells`` cells into a dataset, then time embed and evaluate on it.
+
+    The dataset is written by :func:`synthetic_country.write_dataset` (seconds) unless ``via_cli``
+    (``urbanprofile build``, whose in-memory engine needs many minutes at a million cells on a loaded machine).
+    """
     with tempfile.TemporaryDirectory(prefix="scale-evaluate-") as tmp:
         work = Path(tmp)
         spec, country = _country(work / "in", cells, trips=False, labels=True)
         row: dict[str, Any] = {"size": cells, "pois": spec.n_pois, "generate_s": country["wall_s"],
                                "load_avg_1min": round(os.getloadavg()[0], 1)}
         built = work / "built"
-        build = measured(_build_command(work / "in", built, cells, [], trips=False, labels=True), work / "build.log")
-        if build["rc"] != 0:
-            return {**row, "failed": f"build {_failure(build)}"}
-        row.update(cells=_cells_built(built), build_s=build["wall_s"], build_peak_rss_gb=build["peak_rss_gb"])
+        if via_cli:
+            build = measured(_build_command(work / "in", built, cells, [], trips=False, labels=True),
+                             work / "build.log")
+            if build["rc"] != 0:
+                return {**row, "failed": f"build {_failure(build)}"}
+            row.update(build="urbanprofile build", build_s=build["wall_s"], build_peak_rss_gb=build["peak_rss_gb"])
+        else:
+            start = time.perf_counter()
+            write_dataset(work / "in", built)
+            row.update(build="synthetic_country.write_dataset", build_s=round(time.perf_counter() - start, 1))
+        row.update(cells=_cells_built(built))
         embed = measured(_cli("embed", str(built), "--method", "raw-poi", "--out", str(work / "emb") + "/",
                               "--chunk-rows", "100000"), work / "embed.log")
         row.update(embed_s=embed["wall_s"], embed_peak_rss_gb=embed["peak_rss_gb"],
@@ -197,8 +208,10 @@ def evaluate_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["# Embed and evaluate at scale (issue 22)", "",
              "`python benchmarks/scale.py --parts evaluate --sizes 100k,1m`: a seeded synthetic country with "
              f"{POIS_PER_CELL:g} POIs per H3 resolution-{RESOLUTION} cell and a count-like label per cell "
-             "(`activity`, driven by the same city mixture as the POIs, with noise), built with `urbanprofile "
-             "build`; then, each in its own subprocess: `embed --method raw-poi --out DIR/ --chunk-rows 100000` "
+             "(`activity`, driven by the same city mixture as the POIs, with noise), made into a dataset folder by "
+             "`synthetic_country.write_dataset` (the labelled cells as regions; `--evaluate-build cli` uses "
+             "`urbanprofile build` instead, build GB then filled); then, each in its own subprocess: "
+             "`embed --method raw-poi --out DIR/ --chunk-rows 100000` "
              "(part files) and `evaluate --method raw-poi --head ridge --task activity --seeds 0` under `nested` "
              "(10 shuffled folds, inner CV) and `spatial` (5 folds of whole k-means blocks, inner CV grouped by "
              "block). Peak RSS of each subprocess from `os.wait4`.", "",
@@ -215,7 +228,7 @@ def evaluate_markdown(rows: list[dict[str, Any]]) -> str:
             else:
                 cells += [f"{row[f'{protocol}_s']:.1f}", f"{row[f'{protocol}_peak_rss_gb']:.2f}",
                           f"{row[f'{protocol}_r2']:.3f}"]
-        table.append([f"{row['cells']:,}", f"{row['build_s']:.1f}", f"{row['build_peak_rss_gb']:.2f}",
+        table.append([f"{row['cells']:,}", f"{row['build_s']:.1f}", f"{row.get('build_peak_rss_gb', '-')}",
                       row.get("embed_failed", row.get("embed_s", "-")), row.get("embed_peak_rss_gb", "-"), *cells,
                       f"{row['load_avg_1min']:.1f}"])
     lines.append(md_table(["cells", "build s", "build GB", "embed s", "embed GB", "nested s", "nested GB",
@@ -236,6 +249,9 @@ def main() -> None:
     args_parser.add_argument("--engine-args", default=None,
                              help="build options selecting the engine (default: none for memory, else "
                                   "'--engine NAME')")
+    args_parser.add_argument("--evaluate-build", choices=("direct", "cli"), default="direct",
+                             help="how the evaluate part makes its dataset: written directly from the generated "
+                                  "cells (default) or by `urbanprofile build`")
     args = args_parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - {"build", "evaluate"})
@@ -258,7 +274,7 @@ def main() -> None:
     if "evaluate" in parts:
         rows = []
         for cells in sizes:
-            row = measure_evaluate(cells)
+            row = measure_evaluate(cells, via_cli=args.evaluate_build == "cli")
             print(json.dumps(row), flush=True)
             rows.append(row)
         merged = _merge(args.out / "scale_evaluate.json", rows, ("size",))

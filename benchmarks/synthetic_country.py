@@ -322,6 +322,61 @@ def generate(spec: CountrySpec, out: Path) -> dict[str, Any]:
     return summary
 
 
+def h3_polygons(cells: list[str]) -> np.ndarray:
+    """Shapely polygons (lon/lat) of H3 cells, made in vectorised groups of equal vertex count."""
+    import h3
+    import shapely
+
+    rings = [h3.cell_to_boundary(c) for c in cells]
+    out = np.empty(len(cells), dtype=object)
+    sizes = np.array([len(r) for r in rings])
+    for size in np.unique(sizes):
+        where = np.flatnonzero(sizes == size)
+        latlng = np.array([rings[i] for i in where])  # (n, size, 2) as (lat, lng)
+        out[where] = shapely.polygons(latlng[:, :, ::-1])
+    return out
+
+
+def write_dataset(country: Path, out: Path, name: str = "synthetic-country") -> Path:
+    """A built dataset folder straight from the generated files: the labelled H3 cells as regions, POI counts
+    per cell, the ``activity`` label. The files ``urbanprofile build --boundary --h3-res --pois --labels`` writes
+    (without its border ring of cells whose centre is outside the box), made in a fraction of its time, for
+    benchmarks of what comes after the build (embed, evaluate) at sizes where the build itself is the slow part.
+
+    Raises:
+        FileNotFoundError: ``country`` has no ``labels.parquet`` (generate with ``labels_resolution``).
+    """
+    import geopandas as gpd
+    import h3
+    import pandas as pd
+
+    from urbanprofile.data.city import CityData
+    from urbanprofile.data.loaders.built import write_built
+
+    summary = json.loads((country / "country.json").read_text())
+    resolution = summary["spec"]["labels_resolution"]
+    labels = pd.read_parquet(country / "labels.parquet").set_index("region_id")
+    ids = pd.Index(labels.index.astype(str), name="region_id")
+    counts = np.zeros((len(ids), len(CATEGORIES)), dtype=np.int64)
+    code = {c: i for i, c in enumerate(CATEGORIES)}
+    for batch in pq.ParquetFile(country / "pois.parquet").iter_batches(batch_size=500_000):
+        lon, lat = batch.column("lon").to_numpy(), batch.column("lat").to_numpy()
+        cells = [h3.latlng_to_cell(y, x, resolution) for y, x in zip(lat.tolist(), lon.tolist(), strict=True)]
+        rows = ids.get_indexer(cells)
+        cats = np.array([code[c] for c in batch.column("category").to_pylist()])
+        inside = rows >= 0  # POIs in border cells (centre outside the box) are not counted
+        np.add.at(counts, (rows[inside], cats[inside]), 1)
+    centres = np.array([h3.cell_to_latlng(c) for c in ids])
+    regions = gpd.GeoDataFrame({"lon": centres[:, 1], "lat": centres[:, 0]}, index=ids,
+                               geometry=h3_polygons(list(ids)), crs="EPSG:4326")
+    poi_counts = pd.DataFrame(counts, index=ids, columns=list(CATEGORIES))
+    targets = pd.DataFrame({"activity": labels["activity"].to_numpy(dtype=float)}, index=ids)
+    city = CityData(name=name, regions=regions, views={"poi_counts": poi_counts}, targets=targets,
+                    meta={"region_kind": "h3", "h3_resolution": resolution})
+    return write_built(city, out, {"city": name, "build_command": f"synthetic_country.write_dataset({country})",
+                                   "units": {"poi_counts": "POIs", "activity": "count"}})
+
+
 def _count(text: str) -> int:
     """``20_000_000``, ``20M``, ``500k`` or ``2e6`` as a whole number."""
     value = text.strip().lower().replace("_", "").replace(",", "")

@@ -441,6 +441,10 @@ def evaluate(
     if not as_json and rows:
         share = f"; probe fit on {train_fraction:g} of each training fold" if train_fraction != 1 else ""
         out.print(_leaderboard_table(rows, f"mean ± std over seeds{share}"))
+    from urbanprofile.evaluation.large import LARGE_EVALUATION, peak_rss_gb
+
+    if any((r.get("n_regions") or 0) >= LARGE_EVALUATION for r in rows):
+        err.print(f"peak memory {peak_rss_gb():.2f} GB")
 
 
 @app.command()

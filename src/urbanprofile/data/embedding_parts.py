@@ -33,11 +33,13 @@ PART_GLOB = "part-*.parquet"
 
 
 def is_folder_target(out: str | os.PathLike[str]) -> bool:
-    """Whether an ``--out`` value asks for a folder of part files: written with a trailing slash, an existing
-    folder, or a name without a file suffix."""
+    """Whether an ``--out`` value asks for a folder of part files: written with a trailing slash, or a name
+    without a ``.parquet``/``.csv`` suffix (a new name without a suffix, or an existing folder)."""
     text = os.fspath(out)
+    if text.endswith(("/", os.sep)):
+        return True
     path = Path(text)
-    return text.endswith(("/", os.sep)) or path.is_dir() or path.suffix == ""
+    return path.suffix.lower() not in (".parquet", ".csv") and (path.is_dir() or path.suffix == "")
 
 
 def check_chunk_rows(chunk_rows: object) -> int | None:

@@ -142,7 +142,7 @@ def measure_evaluate(cells: int, via_cli: bool = False) -> dict[str, Any]:
         spec, country = _country(work / "in", cells, trips=False, labels=True)
         row: dict[str, Any] = {"size": cells, "pois": spec.n_pois, "generate_s": country["wall_s"],
                                "load_avg_1min": round(os.getloadavg()[0], 1)}
-        built = work / "built"
+        built = work / "country"  # the dataset is named after its folder: built-country
         if via_cli:
             build = measured(_build_command(work / "in", built, cells, [], trips=False, labels=True),
                              work / "build.log")

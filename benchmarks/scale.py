@@ -3,7 +3,7 @@
 Every rung of ``--sizes`` is a number of H3 resolution-9 cells (``10k``, ``100k``, ``1m``...). The country of
 that size comes from ``synthetic_country.py`` (5 POIs and 0.5 trips per cell, the ratio of the issue's
 20 M POIs and 2 M trips over 4 M cells), and each measured command is its own subprocess, timed with its
-peak RSS read from ``os.wait4`` (the resource usage of exactly that child).
+peak RSS from GNU ``/usr/bin/time``.
 
 Parts (``--parts``):
     build     ``urbanprofile build --boundary --h3-res 9 --pois --trips`` per rung: wall time, peak RSS, cells,
@@ -60,18 +60,29 @@ def parse_size(text: str) -> int:
     return int(number * factor)
 
 
+TIME = Path("/usr/bin/time")
+
+
 def measured(command: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a command; its wall seconds, its own peak RSS in GB (``os.wait4``), exit code and the end of stderr."""
+    """Run a command; its wall seconds, its own peak RSS in GB, exit code and output.
+
+    The peak comes from ``/usr/bin/time`` (GNU time): Linux carries a process's peak RSS across ``exec``, so a
+    child forked straight from this script (which holds a generated country) would report this script's memory
+    when it is the larger; forked from the small ``time`` process, it reports its own.
+    """
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    if not TIME.is_file():
+        raise UrbanProfileError(f"{TIME} (GNU time) is needed to measure each command's own peak memory")
+    report = log.with_suffix(".time")
     with open(log, "w") as stream:
         start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
+        done = subprocess.run([str(TIME), "-f", "%M", "-o", str(report), *command], stdout=stream,
+                              stderr=subprocess.STDOUT, env=env, check=False)
         wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
     text = log.read_text(errors="replace")
-    return {"rc": child.returncode, "wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 3),
-            "output": text}
+    lines = report.read_text().split() if report.is_file() else []
+    peak_kb = int(lines[-1]) if lines and lines[-1].isdigit() else 0
+    return {"rc": done.returncode, "wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 1e6, 3), "output": text}
 
 
 def _cli(*args: str) -> list[str]:
@@ -183,7 +194,7 @@ def build_markdown(rows: list[dict[str, Any]]) -> str:
              f"`python benchmarks/scale.py --parts build --sizes ...`: a seeded synthetic country "
              f"(`benchmarks/synthetic_country.py`, seed {SEED}) of {POIS_PER_CELL:g} POIs and {TRIPS_PER_CELL:g} "
              f"trips per H3 resolution-{RESOLUTION} cell; one `urbanprofile build --boundary --h3-res "
-             f"{RESOLUTION} --pois --trips` subprocess per row, wall time and its own peak RSS (`os.wait4`).", "",
+             f"{RESOLUTION} --pois --trips` subprocess per row, wall time and its own peak RSS (GNU `time`).", "",
              f"Machine: {MACHINE}. Wall times move with the load; memory does not.", ""]
     table = []
     for row in sorted(rows, key=lambda r: (r["engine"], r["size"])):
@@ -214,7 +225,7 @@ def evaluate_markdown(rows: list[dict[str, Any]]) -> str:
              "`embed --method raw-poi --out DIR/ --chunk-rows 100000` "
              "(part files) and `evaluate --method raw-poi --head ridge --task activity --seeds 0` under `nested` "
              "(10 shuffled folds, inner CV) and `spatial` (5 folds of whole k-means blocks, inner CV grouped by "
-             "block). Peak RSS of each subprocess from `os.wait4`.", "",
+             "block). Peak RSS of each subprocess from GNU `time`.", "",
              f"Machine: {MACHINE}.", ""]
     table = []
     for row in sorted(rows, key=lambda r: r["size"]):

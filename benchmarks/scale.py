@@ -239,8 +239,10 @@ def evaluate_markdown(rows: list[dict[str, Any]]) -> str:
             else:
                 cells += [f"{row[f'{protocol}_s']:.1f}", f"{row[f'{protocol}_peak_rss_gb']:.2f}",
                           f"{row[f'{protocol}_r2']:.3f}"]
-        table.append([f"{row['cells']:,}", f"{row['build_s']:.1f}", f"{row.get('build_peak_rss_gb', '-')}",
-                      row.get("embed_failed", row.get("embed_s", "-")), row.get("embed_peak_rss_gb", "-"), *cells,
+        build_gb = row.get("build_peak_rss_gb")
+        table.append([f"{row['cells']:,}", f"{row['build_s']:.1f}", "-" if build_gb is None else f"{build_gb:.2f}",
+                      row.get("embed_failed", f"{row['embed_s']:.1f}"), f"{row.get('embed_peak_rss_gb', 0):.2f}",
+                      *cells,
                       f"{row['load_avg_1min']:.1f}"])
     lines.append(md_table(["cells", "build s", "build GB", "embed s", "embed GB", "nested s", "nested GB",
                            "nested R²", "spatial s", "spatial GB", "spatial R²", "load avg"], table))

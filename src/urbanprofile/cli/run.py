@@ -78,23 +78,26 @@ def _interrupted(stop: KeyboardInterrupt, store_path: Path | None) -> typer.Exit
 def embed(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet or .csv file.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output .parquet or .csv file, or a folder (DIR/) of "
+                                     "Parquet part files.")],
     seed: Annotated[int, typer.Option("--seed", help="random_state of the method.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     parents: Parents = False,
     threads: Threads = None,
     data_dir: DataDir = None,
+    chunk_rows: Annotated[int | None, typer.Option(
+        "--chunk-rows", help="Rows per part file (DIR/) or row group / CSV chunk (default: 250000 per part; a "
+        "file whole up to 1M rows).", show_default=False)] = None,
 ) -> None:
     """Fit a method on a dataset and write one embedding row per region."""
+    from urbanprofile.data.embedding_parts import check_embedding_target, write_embedding
     from urbanprofile.data.registry import load_dataset
     from urbanprofile.embedders.base import ReportsEpochs
     from urbanprofile.methods import get_method
 
     spec = get_method(method)
-    check_output(out_path, parents=parents, overwrite=overwrite)  # before a fit that may take minutes
-    suffix = out_path.suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        raise UrbanProfileError(f"{out_path}: output must end in .parquet or .csv")
+    out_path, folder = check_embedding_target(out, chunk_rows)
+    check_output(out_path, parents=parents, overwrite=overwrite, folder=folder)  # before a fit that may take minutes
     n_threads = set_threads(threads)
     city = load_dataset(name, data_dir)
     spec = spec.for_city(city)
@@ -111,13 +114,14 @@ def embed(
         with err.status(escape(f"fitting {method} on {name}")):
             embedding = embedder.fit_transform(city)
     from urbanprofile.data.embeddings import DATASET_ATTR
-    from urbanprofile.data.io import write_atomic
 
     embedding.attrs[DATASET_ATTR] = city.name  # parquet keeps it: `evaluate --embedding` refuses another dataset
     with writing(out_path):
-        write_atomic(out_path, embedding.to_parquet if suffix == ".parquet" else embedding.to_csv)
-    err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path} "
-              f"(views: {', '.join(spec.all_views) or '-'}; {n_threads} threads)")
+        _, pieces = write_embedding(embedding, out_path if not folder else out, chunk_rows=chunk_rows,
+                                    overwrite=overwrite)
+    err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}"
+              f"{f' in {pieces} part files' if folder else ''} (views: {', '.join(spec.all_views) or '-'}; "
+              f"{n_threads} threads)")
 
 
 # -- evaluate and benchmark --------------------------------------------------------------------------
@@ -232,6 +236,10 @@ def evaluate(
     if not as_json and rows:
         share = f"; probe fit on {train_fraction:g} of each training fold" if train_fraction != 1 else ""
         out.print(_leaderboard_table(rows, f"mean ± std over seeds{share}"))
+    from urbanprofile.evaluation.large import LARGE_EVALUATION, peak_rss_gb
+
+    if any((r.get("n_regions") or 0) >= LARGE_EVALUATION for r in rows):
+        err.print(f"peak memory {peak_rss_gb():.2f} GB")
 
 
 def benchmark(

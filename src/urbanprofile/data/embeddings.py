@@ -24,11 +24,17 @@ EMBEDDING_SUFFIXES = (".parquet", ".csv")
 
 
 def file_hash(path: Path) -> str:
-    """A short SHA-256 of a file's bytes: a changed file is a new result in the store."""
+    """A short SHA-256 of a file's bytes (of a folder of part files: their names and bytes, in order): a changed
+    file is a new result in the store."""
+    from urbanprofile.data.embedding_parts import part_files
+
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    for part in part_files(path) if path.is_dir() else [path]:
+        if path.is_dir():
+            digest.update(part.name.encode() + b"\x1f")
+        with open(part, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -42,7 +48,8 @@ def frame_hash(frame: pd.DataFrame) -> str:
 
 
 def read_embedding_file(path: str | Path) -> pd.DataFrame:
-    """Read an embedding file (``.parquet`` or ``.csv``) with its region ids as the index.
+    """Read an embedding file (``.parquet`` or ``.csv``, or a folder of Parquet part files written by
+    ``urbanprofile embed --out DIR/``) with its region ids as the index.
 
     The ids come from a ``region_id`` column, or from the index when a parquet file was written with one.
     A ``dataset`` column (CSV) or the parquet metadata written by ``urbanprofile embed`` says which dataset the
@@ -53,6 +60,8 @@ def read_embedding_file(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        return _read_parts(path)
     if suffix not in EMBEDDING_SUFFIXES:
         raise DataError(f"{path}: an embedding file must end in .parquet or .csv")
     if not path.is_file():
@@ -73,6 +82,29 @@ def read_embedding_file(path: str | Path) -> pd.DataFrame:
         declared = names[0] if len(names) else declared
         frame = frame.drop(columns="dataset")
     frame.attrs = {DATASET_ATTR: declared} if declared else {}
+    return frame
+
+
+def _read_parts(folder: Path) -> pd.DataFrame:
+    """A folder of part files as one frame, rows in part order."""
+    from urbanprofile.data.embedding_parts import PART_GLOB, part_files
+
+    parts = part_files(folder)
+    if not parts:
+        raise DataError(f"{folder}: a folder, but no embedding part files ({PART_GLOB}) in it")
+    try:
+        frames = [pd.read_parquet(part) for part in parts]
+    except Exception as err:  # readers raise many kinds of errors on a corrupt file
+        raise DataError(f"{folder}: a part file is not readable Parquet ({first_line(err)})") from None
+    frame = pd.concat(frames) if len(frames) > 1 else frames[0]
+    declared = {f.attrs.get(DATASET_ATTR) for f in frames}
+    if len(declared) > 1:
+        raise DataError(f"{folder}: part files name different datasets ({', '.join(map(str, declared))})")
+    frame.attrs = {DATASET_ATTR: declared.pop()} if None not in declared else {}
+    if frame.index.name != "region_id" and "region_id" in frame.columns:
+        frame = frame.set_index("region_id")
+    if frame.index.name != "region_id":
+        raise DataError(f"{folder}: no 'region_id' column (or index) in its part files")
     return frame
 
 

@@ -22,6 +22,7 @@ from sklearn.model_selection import KFold
 from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import TaskData, task_data
 from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileError
+from urbanprofile.evaluation.large import FoldProgress
 from urbanprofile.evaluation.metrics import regression_metrics
 from urbanprofile.evaluation.spatial import BLOCK_SEED, adjacency_weights, morans_i, spatial_blocks
 from urbanprofile.heads.registry import HeadSpec, build_head, embedding_blocks, head_unavailable_reason, parse_head
@@ -295,7 +296,9 @@ def evaluate_embedding(
     chosen: list[dict[str, Any]] = []
     n_train: list[int] = []
     start = time.perf_counter()
-    for k, (train, test) in enumerate(policy.splits(city, td)):
+    folds = policy.splits(city, td)
+    progress = FoldProgress(f"{city.name} {task} {protocol}", len(folds), len(y))
+    for k, (train, test) in enumerate(folds):
         train = subsample_train(train, train_fraction, random_state, k,
                                 inner_groups[train] if inner_groups is not None else None,
                                 f"{city.name} {task} {protocol}")
@@ -310,6 +313,7 @@ def evaluate_embedding(
         pred[test] = fits[label].predict(matrices[label][test])
         fold[test] = k
         chosen.append({**fits[label].chosen(), **({"candidate": label} if len(fits) > 1 else {})})
+        progress.fold_done(k)
     head_seconds = time.perf_counter() - start
     return ProtocolResult(
         task=task,

@@ -15,6 +15,17 @@ from urbanprofile.errors import MethodUnavailableError
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-3, 5, 17))
 DEFAULT_KS = (1, 2, 3, 5, 8, 12, 20, 30, 50)
+#: Above this many training regions a probe's inner CV chooses its settings on a seeded sample of this many
+#: (then the chosen probe is fit on every training region): a country of H3 cells is probed in linear time.
+INNER_CV_MAX_ROWS = 100_000
+
+
+def inner_cv_sample(n: int, max_rows: int | None, random_state: int | None) -> np.ndarray | None:
+    """Sorted row positions of the inner CV's seeded sample, or ``None`` when all ``n`` rows are used."""
+    if max_rows is None or n <= max_rows:
+        return None
+    seed = 0 if random_state is None else int(random_state)
+    return np.sort(np.random.default_rng([seed, n]).choice(n, max_rows, replace=False))
 
 
 def inner_splits(
@@ -119,7 +130,10 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
         scale: Standardisation options (fit on the training rows only).
         log_target: Target options (``True`` fits on log1p(y)).
         cv: Inner folds.
-        random_state: Seed of the inner fold shuffle.
+        random_state: Seed of the inner fold shuffle (and of the inner CV's sample).
+        inner_max_rows: Above this many training rows the settings are chosen by inner CV on a seeded sample of
+            this many rows (groups kept with their rows); the chosen probe is still fit on every row.
+            ``None``: always every row.
     """
 
     def __init__(
@@ -130,6 +144,7 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
         log_target: tuple[bool, ...] = (False, True),
         cv: int = 5,
         random_state: int | None = 0,
+        inner_max_rows: int | None = INNER_CV_MAX_ROWS,
     ) -> None:
         self.alphas = alphas
         self.log_features = log_features
@@ -137,6 +152,7 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
         self.log_target = log_target
         self.cv = cv
         self.random_state = random_state
+        self.inner_max_rows = inner_max_rows
 
     def _feature_options(self, X: np.ndarray) -> list[Any]:
         """The feature transforms to choose among: (log1p, standardise) pairs; log1p only for counts."""
@@ -167,18 +183,21 @@ class RidgeProbe(BaseEstimator, RegressorMixin):
         else:
             options = [(fo, lt) for fo in feature_options for lt in self.log_target]
             errors = np.zeros((len(options), len(alphas)))
-            for train, val in inner_splits(len(y), self.cv, groups, self.random_state):
+            sample = inner_cv_sample(len(y), self.inner_max_rows, self.random_state)
+            xs, ys = (X, y) if sample is None else (X[sample], y[sample])
+            gs = groups if sample is None or groups is None else np.asarray(groups)[sample]
+            for train, val in inner_splits(len(ys), self.cv, gs, self.random_state):
                 for f, fo in enumerate(feature_options):
-                    x_tr, x_va = self._apply(X[train], X[val], fo)
+                    x_tr, x_va = self._apply(xs[train], xs[val], fo)
                     svd = np.linalg.svd(x_tr - x_tr.mean(axis=0), full_matrices=False)
                     for t, lt in enumerate(self.log_target):
-                        target = TargetTransform(lt, y[train])
-                        z = ridge_path(x_tr, target.forward(y[train]), x_va, alphas, svd)
+                        target = TargetTransform(lt, ys[train])
+                        z = ridge_path(x_tr, target.forward(ys[train]), x_va, alphas, svd)
                         pred = np.clip(target.inverse(z), 0, None)
-                        errors[f * len(self.log_target) + t] += ((pred - y[val, None]) ** 2).sum(axis=0)
+                        errors[f * len(self.log_target) + t] += ((pred - ys[val, None]) ** 2).sum(axis=0)
             o, a = np.unravel_index(int(np.argmin(errors)), errors.shape)
             best = (*options[o], float(alphas[a]))
-            self.cv_error_ = float(errors[o, a]) / len(y)
+            self.cv_error_ = float(errors[o, a]) / len(ys)
         self.feature_option_, self.log_target_, self.alpha_ = best
         self._set_chosen_features(self.feature_option_)
         self.capped_ = not (n_options == 1 and len(alphas) == 1)

@@ -1,0 +1,299 @@
+"""How the build, embedding and evaluation grow with the number of regions, on a seeded synthetic country (issue 22).
+
+Every rung of ``--sizes`` is a number of H3 resolution-9 cells (``10k``, ``100k``, ``1m``...). The country of
+that size comes from ``synthetic_country.py`` (5 POIs and 0.5 trips per cell, the ratio of the issue's
+20 M POIs and 2 M trips over 4 M cells), and each measured command is its own subprocess, timed with its
+peak RSS from GNU ``/usr/bin/time``.
+
+Parts (``--parts``):
+    build     ``urbanprofile build --boundary --h3-res 9 --pois --trips`` per rung: wall time, peak RSS, cells,
+              and the log-log slope of time (and of memory) against cells over the rungs that finished.
+              ``--engine`` names the build engine measured: ``memory`` (today's in-memory build, no extra
+              option) or any other name, whose build options are ``--engine-args`` (default ``--engine NAME``,
+              for the streaming engine of another branch). Writes ``scale.{json,md}``.
+    evaluate  the country with POIs and a label per cell (``activity``), built, then ``embed --method raw-poi``
+              into part files and ``evaluate --method raw-poi --head ridge`` under ``nested`` and ``spatial``
+              (one seed): wall time and peak RSS of each command. Writes ``scale_evaluate.{json,md}``.
+
+Run:  python benchmarks/scale.py --parts build --sizes 10k,30k,100k [--engine memory]
+      python benchmarks/scale.py --parts evaluate --sizes 100k,1m
+Rows of other engines and sizes already in the results are kept. The figures come from whatever machine runs
+this; the committed ones from a shared, loaded 2-core machine (load average recorded per row).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import RESULTS, md_table, parser, run, write_results
+from synthetic_country import CountrySpec, bbox_for_cells, generate, write_dataset
+
+from urbanprofile.errors import UrbanProfileError
+
+SEED = 0
+RESOLUTION = 9
+POIS_PER_CELL = 5.0
+TRIPS_PER_CELL = 0.5
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def parse_size(text: str) -> int:
+    """``10k``, ``1m``, ``250000`` as a number of cells."""
+    value = text.strip().lower().replace("_", "")
+    factor = {"k": 1_000, "m": 1_000_000}.get(value[-1:], 1)
+    try:
+        number = float(value[:-1] if factor > 1 else value)
+    except ValueError:
+        raise UrbanProfileError(f"--sizes: {text!r} is not a number of cells (e.g. 10k, 1m)") from None
+    if number <= 0:
+        raise UrbanProfileError(f"--sizes: {text!r} must be positive")
+    return int(number * factor)
+
+
+TIME = Path("/usr/bin/time")
+
+
+def measured(command: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a command; its wall seconds, its own peak RSS in GB, exit code and output.
+
+    The peak comes from ``/usr/bin/time`` (GNU time): Linux carries a process's peak RSS across ``exec``, so a
+    child forked straight from this script (which holds a generated country) would report this script's memory
+    when it is the larger; forked from the small ``time`` process, it reports its own.
+    """
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    if not TIME.is_file():
+        raise UrbanProfileError(f"{TIME} (GNU time) is needed to measure each command's own peak memory")
+    report = log.with_suffix(".time")
+    with open(log, "w") as stream:
+        start = time.perf_counter()
+        done = subprocess.run([str(TIME), "-f", "%M", "-o", str(report), *command], stdout=stream,
+                              stderr=subprocess.STDOUT, env=env, check=False)
+        wall = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    lines = report.read_text().split() if report.is_file() else []
+    peak_kb = int(lines[-1]) if lines and lines[-1].isdigit() else 0
+    return {"rc": done.returncode, "wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 1e6, 3), "output": text}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "urbanprofile.cli", *args]
+
+
+def _failure(result: dict[str, Any]) -> str:
+    lines = [line for line in result["output"].strip().splitlines() if line.strip()]
+    return f"exit {result['rc']}: {lines[-1] if lines else '(no output)'}"
+
+
+def _country(folder: Path, cells: int, *, trips: bool, labels: bool) -> tuple[CountrySpec, dict[str, Any]]:
+    spec = CountrySpec(bbox=bbox_for_cells(cells, RESOLUTION), n_pois=int(POIS_PER_CELL * cells),
+                       n_trips=int(TRIPS_PER_CELL * cells) if trips else 0, seed=SEED,
+                       labels_resolution=RESOLUTION if labels else None)
+    start = time.perf_counter()
+    summary = generate(spec, folder)
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    return spec, summary
+
+
+def _build_command(folder: Path, out: Path, cells: int, engine_args: list[str], *, trips: bool,
+                   labels: bool) -> list[str]:
+    return _cli("build", "synthetic", "--boundary", str(folder / "boundary.geojson"), "--h3-res", str(RESOLUTION),
+                "--pois", str(folder / "pois.parquet"),
+                *(["--trips", str(folder / "trips.parquet")] if trips else []),
+                *(["--labels", str(folder / "labels.parquet")] if labels else []),
+                "--max-cells", str(2 * cells + 10_000), "--out", str(out), *engine_args)
+
+
+def _cells_built(out: Path) -> int:
+    return int(json.loads((out / "manifest.json").read_text())["regions"]["count"])
+
+
+def slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log(y) on log(x) (``None`` below two distinct sizes)."""
+    if len(set(xs)) < 2:
+        return None
+    return round(float(np.polyfit(np.log(xs), np.log(ys), 1)[0]), 3)
+
+
+def measure_build(cells: int, engine: str, engine_args: list[str]) -> dict[str, Any]:
+    """One rung of the build ladder (inputs generated into a temporary folder, removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="scale-build-") as tmp:
+        work = Path(tmp)
+        spec, country = _country(work / "in", cells, trips=True, labels=False)
+        load = os.getloadavg()[0]
+        result = measured(_build_command(work / "in", work / "out", cells, engine_args, trips=True, labels=False),
+                          work / "build.log")
+        row: dict[str, Any] = {"engine": engine, "engine_args": shlex.join(engine_args), "size": cells,
+                               "pois": spec.n_pois, "trips": spec.n_trips, "bbox": list(spec.bbox),
+                               "generate_s": country["wall_s"], "load_avg_1min": round(load, 1)}
+        if result["rc"] != 0:
+            return {**row, "failed": _failure(result), "wall_s": result["wall_s"],
+                    "peak_rss_gb": result["peak_rss_gb"]}
+        return {**row, "cells": _cells_built(work / "out"), "wall_s": result["wall_s"],
+                "peak_rss_gb": result["peak_rss_gb"]}
+
+
+def measure_evaluate(cells: int, via_cli: bool = False) -> dict[str, Any]:
+    """Make a labelled country of ``cells`` cells into a dataset, then time embed and evaluate on it.
+
+    The dataset is written by :func:`synthetic_country.write_dataset` (seconds) unless ``via_cli``
+    (``urbanprofile build``, whose in-memory engine needs many minutes at a million cells on a loaded machine).
+    """
+    with tempfile.TemporaryDirectory(prefix="scale-evaluate-") as tmp:
+        work = Path(tmp)
+        spec, country = _country(work / "in", cells, trips=False, labels=True)
+        row: dict[str, Any] = {"size": cells, "pois": spec.n_pois, "generate_s": country["wall_s"],
+                               "load_avg_1min": round(os.getloadavg()[0], 1)}
+        built = work / "country"  # the dataset is named after its folder: built-country
+        if via_cli:
+            build = measured(_build_command(work / "in", built, cells, [], trips=False, labels=True),
+                             work / "build.log")
+            if build["rc"] != 0:
+                return {**row, "failed": f"build {_failure(build)}"}
+            row.update(build="urbanprofile build", build_s=build["wall_s"], build_peak_rss_gb=build["peak_rss_gb"])
+        else:
+            start = time.perf_counter()
+            write_dataset(work / "in", built)
+            row.update(build="synthetic_country.write_dataset", build_s=round(time.perf_counter() - start, 1))
+        row.update(cells=_cells_built(built))
+        embed = measured(_cli("embed", str(built), "--method", "raw-poi", "--out", str(work / "emb") + "/",
+                              "--chunk-rows", "100000"), work / "embed.log")
+        row.update(embed_s=embed["wall_s"], embed_peak_rss_gb=embed["peak_rss_gb"],
+                   **({"embed_failed": _failure(embed)} if embed["rc"] != 0 else
+                      {"embed_parts": len(list((work / "emb").glob("part-*.parquet")))}))
+        for protocol in ("nested", "spatial"):
+            done = measured(_cli("evaluate", str(built), "--method", "raw-poi", "--head", "ridge", "--task",
+                                 "activity", "--protocol", protocol, "--seeds", "0", "--json"),
+                            work / f"evaluate-{protocol}.log")
+            if done["rc"] != 0:
+                row[f"{protocol}_failed"] = _failure(done)
+                continue
+            result = json.loads(next(line for line in done["output"].splitlines() if line.startswith("{")))
+            row.update({f"{protocol}_s": done["wall_s"], f"{protocol}_peak_rss_gb": done["peak_rss_gb"],
+                        f"{protocol}_r2": round(float(result["r2"]), 3),
+                        f"{protocol}_head_s": round(float(result.get("head_seconds") or math.nan), 1),
+                        f"{protocol}_n_regions": int(result["n_regions"])})
+        return row
+
+
+MACHINE = ("a shared 2-core machine (about 6 developers' jobs running beside it; the 1-minute load average at the "
+           "start of each rung is in the table), 1 thread per process")
+
+
+def build_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["# Build at scale: time and memory against cells (issue 22)", "",
+             f"`python benchmarks/scale.py --parts build --sizes ...`: a seeded synthetic country "
+             f"(`benchmarks/synthetic_country.py`, seed {SEED}) of {POIS_PER_CELL:g} POIs and {TRIPS_PER_CELL:g} "
+             f"trips per H3 resolution-{RESOLUTION} cell; one `urbanprofile build --boundary --h3-res "
+             f"{RESOLUTION} --pois --trips` subprocess per row, wall time and its own peak RSS (GNU `time`).", "",
+             f"Machine: {MACHINE}. Wall times move with the load; memory does not.", ""]
+    table = []
+    for row in sorted(rows, key=lambda r: (r["engine"], r["size"])):
+        table.append([row["engine"], f"{row['size']:,}", f"{row.get('cells', 0):,}" if "cells" in row else "-",
+                      f"{row['pois']:,}", f"{row['trips']:,}",
+                      f"{row['wall_s']:.1f}" if "failed" not in row else f"failed: {row['failed']}",
+                      f"{row['peak_rss_gb']:.2f}", f"{row['load_avg_1min']:.1f}"])
+    lines.append(md_table(["engine", "rung (cells)", "cells built", "POIs", "trips", "build s", "peak RSS GB",
+                           "load avg"], table))
+    for engine in sorted({r["engine"] for r in rows}):
+        done = [r for r in rows if r["engine"] == engine and "failed" not in r]
+        if len(done) >= 2:
+            cells = [float(r["cells"]) for r in done]
+            time_slope = slope(cells, [r["wall_s"] for r in done])
+            lines.append(f"- `{engine}`: log-log slope of time against cells {time_slope}, "
+                         f"of peak RSS {slope(cells, [r['peak_rss_gb'] for r in done])} over "
+                         f"{min(cells):,.0f} to {max(cells):,.0f} cells ({max(cells) / min(cells):.0f}x).")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["# Embed and evaluate at scale (issue 22)", "",
+             "`python benchmarks/scale.py --parts evaluate --sizes 100k,1m`: a seeded synthetic country with "
+             f"{POIS_PER_CELL:g} POIs per H3 resolution-{RESOLUTION} cell and a count-like label per cell "
+             "(`activity`, driven by the same city mixture as the POIs, with noise), made into a dataset folder by "
+             "`synthetic_country.write_dataset` (the labelled cells as regions; `--evaluate-build cli` uses "
+             "`urbanprofile build` instead, build GB then filled); then, each in its own subprocess: "
+             "`embed --method raw-poi --out DIR/ --chunk-rows 100000` "
+             "(part files) and `evaluate --method raw-poi --head ridge --task activity --seeds 0` under `nested` "
+             "(10 shuffled folds, inner CV) and `spatial` (5 folds of whole k-means blocks, inner CV grouped by "
+             "block). Peak RSS of each subprocess from GNU `time`.", "",
+             f"Machine: {MACHINE}.", ""]
+    table = []
+    for row in sorted(rows, key=lambda r: r["size"]):
+        if "failed" in row:
+            table.append([f"{row['size']:,}", f"failed: {row['failed']}", *["-"] * 9])
+            continue
+        cells = []
+        for protocol in ("nested", "spatial"):
+            if f"{protocol}_failed" in row:
+                cells += [f"failed: {row[f'{protocol}_failed']}", "-", "-"]
+            else:
+                cells += [f"{row[f'{protocol}_s']:.1f}", f"{row[f'{protocol}_peak_rss_gb']:.2f}",
+                          f"{row[f'{protocol}_r2']:.3f}"]
+        build_gb = row.get("build_peak_rss_gb")
+        table.append([f"{row['cells']:,}", f"{row['build_s']:.1f}", "-" if build_gb is None else f"{build_gb:.2f}",
+                      row.get("embed_failed", f"{row['embed_s']:.1f}"), f"{row.get('embed_peak_rss_gb', 0):.2f}",
+                      *cells,
+                      f"{row['load_avg_1min']:.1f}"])
+    lines.append(md_table(["cells", "build s", "build GB", "embed s", "embed GB", "nested s", "nested GB",
+                           "nested R²", "spatial s", "spatial GB", "spatial R²", "load avg"], table))
+    return "\n".join(lines) + "\n"
+
+
+def _merge(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    previous: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path.is_file() else []
+    fresh = {tuple(r.get(k) for k in key) for r in rows}
+    return [r for r in previous if tuple(r.get(k) for k in key) not in fresh] + rows
+
+
+def main() -> None:
+    args_parser = parser(__doc__, parts="build", out=RESULTS, parts_help="build and/or evaluate")
+    args_parser.add_argument("--sizes", default="10k,30k,100k", help="rungs, in H3 cells (default 10k,30k,100k)")
+    args_parser.add_argument("--engine", default="memory", help="build engine measured (default: memory, today's)")
+    args_parser.add_argument("--engine-args", default=None,
+                             help="build options selecting the engine (default: none for memory, else "
+                                  "'--engine NAME')")
+    args_parser.add_argument("--evaluate-build", choices=("direct", "cli"), default="direct",
+                             help="how the evaluate part makes its dataset: written directly from the generated "
+                                  "cells (default) or by `urbanprofile build`")
+    args = args_parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - {"build", "evaluate"})
+    if unknown:
+        raise UrbanProfileError(f"--parts: unknown part {unknown[0]!r} (choose from build, evaluate)")
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if args.engine_args is not None:
+        engine_args = shlex.split(args.engine_args)
+    else:
+        engine_args = [] if args.engine == "memory" else ["--engine", args.engine]
+    environment = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "machine": MACHINE, "seed": SEED}
+    if "build" in parts:
+        rows = []
+        for cells in sizes:
+            row = measure_build(cells, args.engine, engine_args)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        merged = _merge(args.out / "scale.json", rows, ("engine", "size"))
+        write_results(args.out, "scale", {"environment": environment, "rows": merged}, build_markdown(merged))
+    if "evaluate" in parts:
+        rows = []
+        for cells in sizes:
+            row = measure_evaluate(cells, via_cli=args.evaluate_build == "cli")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        merged = _merge(args.out / "scale_evaluate.json", rows, ("size",))
+        write_results(args.out, "scale_evaluate", {"environment": environment, "rows": merged},
+                      evaluate_markdown(merged))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.io import load_json, load_npy
 from urbanprofile.errors import DataError, MethodUnavailableError, MissingDependencyError
 
 #: Task prompt per indicator (our wording).
@@ -99,7 +100,6 @@ def _shipped_geo_texts(city: CityData) -> list[str] | None:
     folder = _prompt_folder(city)
     if folder is None or not (folder / "prompt_data.json").is_file():
         return None
-    from urbanprofile.data.io import load_json
 
     path = folder / "prompt_data.json"
     messages = load_json(path)
@@ -158,8 +158,6 @@ def load_prompt_vectors(path: Path, n_regions: int) -> np.ndarray:
         DataError: Unreadable file, wrong row count, non-float dtype, or NaN/infinite values (the message
             names the file and the first bad region row).
     """
-    from urbanprofile.data.io import load_npy
-
     array = load_npy(path, ndim=2)
     if array.shape[0] != n_regions:
         raise DataError(f"{path}: {array.shape[0]} rows of prompt vectors but the dataset has {n_regions} regions")

@@ -24,6 +24,7 @@ import numpy as np
 
 from urbanprofile.data.city import CityData
 from urbanprofile.data.io import load_json, load_npy
+from urbanprofile.encoders.llm import LLMPromptEncoder
 from urbanprofile.errors import DataError, MethodUnavailableError, MissingDependencyError
 
 #: Task prompt per indicator (our wording).
@@ -209,7 +210,7 @@ def _shipped_vectors(city: CityData, task: str, model: str, use_task_prompt: boo
 
 
 def _minilm_vectors(city: CityData, task: str, use_task_prompt: bool) -> np.ndarray:
-    try:
+    try:  # here, guarded: the MiniLM encoder is an optional dependency, and a missing one a one-line error
         from urbanprofile.encoders.text import MiniLMTextEncoder
     except ImportError as err:
         raise MissingDependencyError(
@@ -223,8 +224,6 @@ def _minilm_vectors(city: CityData, task: str, use_task_prompt: bool) -> np.ndar
 
 def _llm_vectors(city: CityData, model: str, task: str) -> None:
     """Every task's vectors (and the task-free ones) of a city in one pass, sharing each geo-text prefix."""
-    from urbanprofile.encoders.llm import LLMPromptEncoder
-
     tasks = list(dict.fromkeys([*city.tasks, task]))
     encoder = LLMPromptEncoder(model[len("local:"):] if model.startswith("local:") else model)
     pairs = encoder.encode_pairs(geo_texts(city), ["", *("\n\n" + task_prompt(t) for t in tasks)])

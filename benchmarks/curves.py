@@ -38,7 +38,7 @@ from common import md_table
 from urbanprofile import __version__
 from urbanprofile.data.city import CityData
 from urbanprofile.data.registry import load_dataset
-from urbanprofile.embedders.base import Embedder
+from urbanprofile.embedders.base import Embedder, candidates_of
 from urbanprofile.embedders.baselines.autoencoder import AutoencoderEmbedder
 from urbanprofile.embedders.baselines.pca import PCAEmbedder
 from urbanprofile.embedders.baselines.raw import RawViews
@@ -92,7 +92,7 @@ def fit_embedding(method: str, city: CityData, seed: int) -> tuple[pd.DataFrame,
     spec = get_method(method)
     embedder = spec.build(random_state=seed)
     embedding = embedder.fit_transform(city)
-    return embedding, getattr(embedder, "candidates_", None)
+    return embedding, candidates_of(embedder)
 
 
 def part_label_efficiency(methods: list[str], seeds: list[int], datasets: list[str], tasks: list[str],

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 
 from urbanprofile.benchmark.rows import COLUMNS, JSON_COLUMNS, KEY, ResultRow
 from urbanprofile.errors import DataError
+from urbanprofile.evaluation.protocols import PROTOCOLS
+from urbanprofile.methods import get_method, list_methods
 
 __all__ = ["COLUMNS", "DEFAULT_STORE", "KEY", "SCHEMA_VERSION", "ResultStore", "StoredState", "open_store"]
 
@@ -249,7 +251,6 @@ class ResultStore:
             sql += " WHERE " + " AND ".join(clauses)
         order = [c for c in ("dataset", "task", "protocol", "method", "head", "seed") if c not in self._absent]
         sql += " ORDER BY " + ", ".join(order)
-        from urbanprofile.evaluation.protocols import PROTOCOLS
 
         out = []
         for record in self._con.execute(sql, params).fetchall():
@@ -342,6 +343,4 @@ def _values(row: dict[str, Any]) -> list[Any]:
 
 def _default_heads() -> dict[str, str]:
     """Each registered method's own head (what a row of a store without a ``head`` column was probed with)."""
-    from urbanprofile.methods import get_method, list_methods
-
     return {name: get_method(name).head for name in list_methods()}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from urbanprofile.data.interpolate import Attached, interpolate
+from urbanprofile.data.interpolate import Attached, interpolate, read_weights
 from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import DataError, MissingDependencyError
 
@@ -176,8 +176,6 @@ def nyc_acs_indicators(city: CityData, vintage: int = 2023) -> tuple[Attached, d
         DataError: An unknown vintage, or a city without region polygons.
     """
     import geopandas as gpd
-
-    from urbanprofile.data.interpolate import read_weights
 
     if vintage not in ACS_VINTAGES:
         raise DataError(f"ACS vintage {vintage} is not in councilcount's files; valid: "

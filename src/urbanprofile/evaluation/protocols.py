@@ -25,6 +25,7 @@ from urbanprofile.errors import DataError, MethodUnavailableError, UrbanProfileE
 from urbanprofile.evaluation.large import FoldProgress
 from urbanprofile.evaluation.metrics import regression_metrics
 from urbanprofile.evaluation.spatial import BLOCK_SEED, adjacency_weights, morans_i, spatial_blocks
+from urbanprofile.heads.prompts import prompt_vectors
 from urbanprofile.heads.registry import HeadSpec, build_head, embedding_blocks, head_unavailable_reason, parse_head
 from urbanprofile.registry import Registry
 
@@ -347,7 +348,6 @@ def _prompt_features(city: CityData, spec: HeadSpec, task: str, region_ids: pd.I
     """The frozen prompt vectors of a prompt head, rows in ``region_ids`` order (label-free, all regions)."""
     if not spec.needs_prompts or spec.prompt_model is None:
         return None
-    from urbanprofile.heads.prompts import prompt_vectors
 
     vectors = prompt_vectors(city, task, spec.prompt_model, use_task_prompt=spec.task_prompt)
     position = pd.Series(np.arange(city.n_regions), index=city.region_ids).loc[region_ids].to_numpy()

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.io import load_json, load_npy
+from urbanprofile.encoders.llm import LLMPromptEncoder
 from urbanprofile.errors import DataError, MethodUnavailableError, MissingDependencyError
 
 #: Task prompt per indicator (our wording).
@@ -99,7 +101,6 @@ def _shipped_geo_texts(city: CityData) -> list[str] | None:
     folder = _prompt_folder(city)
     if folder is None or not (folder / "prompt_data.json").is_file():
         return None
-    from urbanprofile.data.io import load_json
 
     path = folder / "prompt_data.json"
     messages = load_json(path)
@@ -158,8 +159,6 @@ def load_prompt_vectors(path: Path, n_regions: int) -> np.ndarray:
         DataError: Unreadable file, wrong row count, non-float dtype, or NaN/infinite values (the message
             names the file and the first bad region row).
     """
-    from urbanprofile.data.io import load_npy
-
     array = load_npy(path, ndim=2)
     if array.shape[0] != n_regions:
         raise DataError(f"{path}: {array.shape[0]} rows of prompt vectors but the dataset has {n_regions} regions")
@@ -211,7 +210,7 @@ def _shipped_vectors(city: CityData, task: str, model: str, use_task_prompt: boo
 
 
 def _minilm_vectors(city: CityData, task: str, use_task_prompt: bool) -> np.ndarray:
-    try:
+    try:  # here, guarded: the MiniLM encoder is an optional dependency, and a missing one a one-line error
         from urbanprofile.encoders.text import MiniLMTextEncoder
     except ImportError as err:
         raise MissingDependencyError(
@@ -225,8 +224,6 @@ def _minilm_vectors(city: CityData, task: str, use_task_prompt: bool) -> np.ndar
 
 def _llm_vectors(city: CityData, model: str, task: str) -> None:
     """Every task's vectors (and the task-free ones) of a city in one pass, sharing each geo-text prefix."""
-    from urbanprofile.encoders.llm import LLMPromptEncoder
-
     tasks = list(dict.fromkeys([*city.tasks, task]))
     encoder = LLMPromptEncoder(model[len("local:"):] if model.startswith("local:") else model)
     pairs = encoder.encode_pairs(geo_texts(city), ["", *("\n\n" + task_prompt(t) for t in tasks)])

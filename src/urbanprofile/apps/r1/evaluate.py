@@ -99,6 +99,7 @@ def llm_predictions(
     """Greedy held-out answers of the base model (``adapter=None``) or a trained adapter / model folder."""
     from tqdm import tqdm
 
+    # Here: policy imports torch (3.5 s measured); the baselines (ridge, knn-location) are scored without it.
     from urbanprofile.apps.r1.policy import chat_prompt, expected_levels, generate_answers, load_policy
 
     if adapter is not None and not (adapter / "adapter_config.json").is_file():

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from urbanprofile.data.city import CityData
+from urbanprofile.data.city import CityData, frame_from_array
+from urbanprofile.data.loaders.multimodal import SkipLog, cityview_modalities, parse_poi_dict
 from urbanprofile.errors import DataError
 
 #: CSV column -> task name.
@@ -87,7 +88,6 @@ def load_cityview_city(csv: Path, name: str) -> CityData:
             "labels are evaluated on the log1p scale, as in UrbanCLIP/UrbanVLP",
         ],
     }
-    from urbanprofile.data.loaders.multimodal import SkipLog, cityview_modalities
 
     skips = SkipLog()
     city_name = csv.stem
@@ -120,9 +120,6 @@ def load_urbanvlp_indicators(csv: Path, name: str) -> CityData:
     from the city's CityView files, as for ``cityview-<city>``.
     """
     import geopandas as gpd
-
-    from urbanprofile.data.city import frame_from_array
-    from urbanprofile.data.loaders.multimodal import parse_poi_dict
 
     table = _read(csv)
     required = ["Coordinate", "poi", *URBANVLP_TASKS, "houseprice_predict"]

@@ -11,6 +11,7 @@ import pandas as pd
 
 from urbanprofile.data.city import CityData, frame_from_array
 from urbanprofile.data.io import centroid_lonlat, load_json, load_npy, read_vector
+from urbanprofile.data.loaders.multimodal import geo_text_from_prompts
 from urbanprofile.errors import DataError
 
 #: Label files and the task names they become.
@@ -95,8 +96,6 @@ def load_hafusion_city(folder: Path, name: str) -> CityData:
     modalities: dict[str, pd.DataFrame] = {}
     prompts = folder / "prompts" / "prompt_data.json"
     if prompts.is_file():
-        from urbanprofile.data.loaders.multimodal import geo_text_from_prompts
-
         modalities["geo_text"] = geo_text_from_prompts(prompts, ids)
     return CityData(name=name, regions=regions, views=views, targets=targets, neighbors=neighbors, meta=meta,
                     modalities=modalities)

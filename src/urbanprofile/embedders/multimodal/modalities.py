@@ -34,6 +34,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from urbanprofile.data.city import view_csr
+from urbanprofile.data.loaders.multimodal import readable_images
+from urbanprofile.encoders.image import EfficientNetImageEncoder, cut_region_images
+from urbanprofile.encoders.location import GeoCLIPLocationEncoder, SinusoidalLocationEncoder
+from urbanprofile.encoders.text import MiniLMTextEncoder
 from urbanprofile.errors import MethodUnavailableError, unknown_name
 
 if TYPE_CHECKING:
@@ -107,14 +112,9 @@ def first_words(text: str, n: int) -> str:
 @functools.cache
 def _encoder(kind: str) -> Any:
     if kind == "text":
-        from urbanprofile.encoders.text import MiniLMTextEncoder
-
         return MiniLMTextEncoder()
     if kind == "image":
-        from urbanprofile.encoders.image import EfficientNetImageEncoder
-
         return EfficientNetImageEncoder()
-    from urbanprofile.encoders.location import GeoCLIPLocationEncoder
 
     return GeoCLIPLocationEncoder()
 
@@ -138,8 +138,6 @@ def region_modalities(
 def _compute(city: CityData, name: str, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     n = city.n_regions
     if name == "location":
-        from urbanprofile.encoders.location import SinusoidalLocationEncoder
-
         latlon = city.regions[["lat", "lon"]].to_numpy(dtype=float)
         geoclip = _encoder("location").encode(latlon, progress=progress)
         return np.hstack([geoclip, SinusoidalLocationEncoder().encode(latlon)]), np.ones(n, bool), {}
@@ -147,8 +145,6 @@ def _compute(city: CityData, name: str, progress: bool) -> tuple[np.ndarray, np.
         view = city.view(f"{name}_counts").to_numpy(dtype=float)
         return np.log1p(np.clip(view, 0, None)), np.ones(n, bool), {}
     if name == "mobility":
-        from urbanprofile.data.city import view_csr
-
         od = view_csr(city.view("od_flows"))
         both = np.hstack([od.toarray(), od.T.toarray()])
         return np.log1p(np.clip(both, 0, None)), np.ones(n, bool), {}
@@ -183,12 +179,8 @@ def _mean_per_region(
 
 
 def _images(city: CityData, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    from urbanprofile.data.loaders.multimodal import readable_images
-
     encoder = _encoder("image")
     if "region_image" in city.modalities:
-        from urbanprofile.encoders.image import cut_region_images
-
         raster = str(city.modalities["region_image"]["raster"].iloc[0])
         cut = cut_region_images(city.regions, raster)
         table = pd.DataFrame({"region_id": cut.ids})

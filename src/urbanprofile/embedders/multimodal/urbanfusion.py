@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.registry import load_dataset
 from urbanprofile.embedders.base import Embedder, as_embedding
 from urbanprofile.embedders.multimodal.modalities import RegionModalities, check_modalities, region_modalities
 from urbanprofile.errors import MethodUnavailableError, TrainingError
@@ -136,8 +137,6 @@ class UrbanFusionEmbedder(Embedder):
 
     def fit(self, city: CityData) -> UrbanFusionEmbedder:
         import torch
-
-        from urbanprofile.data.registry import load_dataset
 
         self._validate()
         names = check_modalities(city, self.train_modalities)

@@ -22,6 +22,10 @@ import numpy as np
 import pandas as pd
 
 from urbanprofile.data.city import CityData
+from urbanprofile.data.loaders.multimodal import readable_images
+from urbanprofile.encoders.image import EfficientNetImageEncoder
+from urbanprofile.encoders.location import GeoCLIPLocationEncoder, SinusoidalLocationEncoder
+from urbanprofile.encoders.text import MiniLMTextEncoder
 from urbanprofile.errors import DataError, MethodUnavailableError
 
 
@@ -182,8 +186,6 @@ def evenly_spaced_tokens(tokens: np.ndarray, max_tokens: int) -> np.ndarray:
 
 def make_location_encoder(kind: str, origin_latlon: tuple[float, float]) -> Any:
     """The frozen location encoder: ``geoclip`` or ``sinusoidal`` (about ``origin_latlon``)."""
-    from urbanprofile.encoders.location import GeoCLIPLocationEncoder, SinusoidalLocationEncoder
-
     if kind == "geoclip":
         return GeoCLIPLocationEncoder()
     if kind == "sinusoidal":
@@ -214,8 +216,6 @@ def vlp_inputs_from_city(
     Raises:
         MethodUnavailableError: If the city has no locations or no tile captions.
     """
-    from urbanprofile.encoders.text import MiniLMTextEncoder
-
     if "tile_caption" not in city.modalities:
         have = ", ".join(sorted(city.modalities)) or "none"
         raise MethodUnavailableError(f"urbanvlp needs tile captions, which {city.name!r} lacks (it has: {have})")
@@ -262,9 +262,6 @@ def _encode_photos(
     table: pd.DataFrame, position: pd.Series, what: str, notes: list[str], progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features of the readable photos of a table, and the row of each kept photo in ``table``."""
-    from urbanprofile.data.loaders.multimodal import readable_images
-    from urbanprofile.encoders.image import EfficientNetImageEncoder
-
     paths = table["image"].astype(str).tolist()
     ok, bad = readable_images(paths)
     if bad:

@@ -767,11 +767,17 @@ def poi_counts(
 
 
 # -- land use ----------------------------------------------------------------------------------------
-def landuse_shares(regions: gpd.GeoDataFrame, landuse: gpd.GeoDataFrame, class_column: str) -> pd.DataFrame:
-    """Share of each region's area covered by each land-use class (overlay in the local UTM zone)."""
+def landuse_shares(
+    regions: gpd.GeoDataFrame, landuse: gpd.GeoDataFrame, class_column: str, utm: Any = None
+) -> pd.DataFrame:
+    """Share of each region's area covered by each land-use class (overlay in the local UTM zone).
+
+    ``utm`` fixes the projected CRS (default: the regions' UTM zone), so that a part of the regions gives the
+    shares the whole city gives.
+    """
     import geopandas as gpd
 
-    utm = regions.estimate_utm_crs()
+    utm = regions.estimate_utm_crs() if utm is None else utm
     cells = gpd.GeoDataFrame({"position": np.arange(len(regions))}, geometry=regions.geometry.to_numpy(),
                              crs="EPSG:4326").to_crs(utm)
     parcels = landuse[[class_column, landuse.geometry.name]].to_crs(utm)
@@ -911,13 +917,16 @@ def _trip_weights(raw: RawTable, column: str) -> tuple[np.ndarray, np.ndarray]:
 
 def od_from_trips(
     trips: pd.DataFrame | RawTable, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport,
-    where: str = "trips",
+    where: str = "trips", assign: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[Any, pd.DataFrame | None]:
     """Trip counts between regions (the OD matrix) and, with a time column, per time-of-day pattern.
 
     Each row is one trip, or as many as its count column says (``--trip-weight``, or a column named like
     ``trips``/``count``/``n``/``weight``/``flow``). Trips with a missing end (or count) are dropped and
     counted; so are trips with an end outside every region.
+
+    ``assign`` joins trip ends (lon, lat) to region positions like :func:`assign_points` (default: that
+    function, in this process).
 
     Returns:
         The (N, N) OD matrix (a SciPy CSR matrix above :data:`SPARSE_VIEW_ABOVE` regions, else a dense array)
@@ -960,8 +969,9 @@ def od_from_trips(
         o_lon, o_lat = _xy_to_lonlat(xy[0], xy[1], spec.crs, where)
         d_lon, d_lat = _xy_to_lonlat(xy[2], xy[3], spec.crs, where)
         keep = present
-        both = assign_points(np.concatenate([o_lon[keep], d_lon[keep]]), np.concatenate([o_lat[keep], d_lat[keep]]),
-                             regions, spec.engine)
+        ends_lon, ends_lat = np.concatenate([o_lon[keep], d_lon[keep]]), np.concatenate([o_lat[keep], d_lat[keep]])
+        both = (assign_points(ends_lon, ends_lat, regions, spec.engine) if assign is None
+                else assign(ends_lon, ends_lat))
         origin = np.full(len(table), -1, dtype=np.int64)
         dest = np.full(len(table), -1, dtype=np.int64)
         origin[keep], dest[keep] = both[: keep.sum()], both[keep.sum():]
@@ -1217,19 +1227,40 @@ class _Steps:
             self.progress.stop()
 
 
-def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], None] | None = None) -> BuiltCity:
+class Joiner:
+    """Where the POI, land-use and trip joins of a build run: here, in this process. A subclass may run them
+    elsewhere (:mod:`urbanprofile.data.distributed`: partitioned on a Dask cluster) and must give the same views."""
+
+    def poi_counts(self, points: pd.DataFrame, regions: gpd.GeoDataFrame, category_column: str,
+                   categories: list[str] | dict[str, list[str]] | None, engine: str, report: BuildReport,
+                   where: str, swap_hint: str) -> pd.DataFrame:
+        return poi_counts(points, regions, category_column, categories, engine, report, where, swap_hint)
+
+    def landuse_shares(self, regions: gpd.GeoDataFrame, landuse: gpd.GeoDataFrame, class_column: str) -> pd.DataFrame:
+        return landuse_shares(regions, landuse, class_column)
+
+    def od_from_trips(self, trips: RawTable, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport,
+                      where: str) -> tuple[Any, pd.DataFrame | None]:
+        return od_from_trips(trips, regions, spec, report, where)
+
+
+def build_city(
+    spec: BuildSpec, progress: bool = False, log: Callable[[str], None] | None = None, joiner: Joiner | None = None
+) -> BuiltCity:
     """Read every input of ``spec`` and aggregate it per region, in memory (nothing is written).
 
     Args:
         spec: What to read and how.
         progress: Show a progress bar on stderr.
         log: Where lines for the user go (the H3 size estimate) when there is no progress bar.
+        joiner: Where the joins run (default: :class:`Joiner`, in this process).
 
     Raises:
         DataError: An input is missing, unreadable or inconsistent, or a view would hold nothing (no POI, parcel
             or trip joins a region): the message names the file, field or region.
     """
     spec.check()
+    joiner = joiner or Joiner()
     categories = _load_categories(spec.categories)
     report = BuildReport(city=spec.city, join_engine=spec.engine)
     n_steps = 1 + sum(x is not None for x in (spec.pois, spec.landuse, spec.trips)) + (
@@ -1274,14 +1305,14 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
                 chosen = OSM_CATEGORIES if osm and categories is None else categories
                 swap_hint = (f" (pass --lon-column {spec.lat_column} --lat-column {spec.lon_column})"
                              if points.unit in ("line", "row") else " (the file's axis order is lat, lon)")
-                views["poi_counts"] = poi_counts(points.frame, regions, column, chosen, spec.engine, report,
-                                                 str(pois_path), swap_hint)
+                views["poi_counts"] = joiner.poi_counts(points.frame, regions, column, chosen, spec.engine, report,
+                                                        str(pois_path), swap_hint)
                 sources["pois"] = _source(pois_path)
         if spec.landuse is not None:
             with steps.step("landuse", "overlaying land use"):
                 landuse = read_landuse(Path(spec.landuse), spec.landuse_class_column, spec.crs, report)
                 report.n_landuse_polygons = len(landuse)
-                views["landuse_counts"] = landuse_shares(regions, landuse, spec.landuse_class_column)
+                views["landuse_counts"] = joiner.landuse_shares(regions, landuse, spec.landuse_class_column)
                 if not views["landuse_counts"].to_numpy().any():
                     bounds = landuse.total_bounds
                     raise DataError(f"{spec.landuse}: no land-use polygon overlaps a region (they span "
@@ -1290,8 +1321,8 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
                 sources["landuse"] = _source(spec.landuse)
         if spec.trips is not None:
             with steps.step("trips", "assigning trips to regions"):
-                od, pattern_rows = od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
-                                                 str(spec.trips))
+                od, pattern_rows = joiner.od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
+                                                        str(spec.trips))
                 views["od_flows"] = (frame_from_array(od, regions.index, regions.index) if isinstance(od, np.ndarray)
                                      else sparse_square_view(od, regions.index))
                 # A large city's time patterns go to disk as rows only (a dense view is P x N x N).
@@ -1325,7 +1356,7 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
 
 def build_dataset(
     spec: BuildSpec, out: str | Path, overwrite: bool = False, progress: bool = False, command: str | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, joiner: Joiner | None = None,
 ) -> BuildReport:
     """Build a dataset folder from raw files; nothing is written unless every step succeeds.
 
@@ -1340,6 +1371,7 @@ def build_dataset(
         progress: Show a progress bar on stderr.
         command: The command line that ran the build (recorded in the manifest).
         log: Where lines for the user go when there is no progress bar.
+        joiner: Where the joins run (default: in this process; see :class:`Joiner`).
 
     Raises:
         DataError: A file is missing, unreadable or inconsistent (the message names it); ``out`` exists and is
@@ -1355,7 +1387,7 @@ def build_dataset(
         if given is not None and Path(given).exists() and Path(given).resolve().is_relative_to(target.resolve()):
             raise DataError(f"{given}: an input lies inside the output folder {target}, which the build replaces; "
                             "choose another --out")
-    built = build_city(spec, progress=progress, log=log)
+    built = build_city(spec, progress=progress, log=log, joiner=joiner)
     report = built.report
     spec_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items() if v is not None}
     extra = {

@@ -39,14 +39,20 @@ def client() -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The toy city plus what tests the partition borders: POIs on region corners and block edges (shared by
-    regions of two partitions: the first region in order must win, as on one machine) and labels as points."""
+    """The toy city plus what tests the partition borders: POIs on region corners, block edges and H3 cell
+    vertices (shared by regions of two partitions: the first region in order must win, as on one machine), and
+    labels as points."""
     folder = tmp_path_factory.mktemp("raw")
     files = write_raw_city(folder, n_pois=900, n_trips=400)
     pois = pd.read_csv(files["pois"])
     corners = [(x / 100, y / 100) for x in range(7) for y in range(6)]
     edges = [(0.02, 0.013), (0.04, 0.031), (0.0333, 0.025), (0.02, 0.025)]
-    extra = pd.DataFrame([(x, y, "food") for x, y in corners + edges], columns=["lon", "lat", "category"])
+    import h3
+
+    # Vertices of H3 cells, shared by three cells (of different partitions where parents meet).
+    cells = {h3.latlng_to_cell(lat, lon, 9) for lon, lat in [(0.004, 0.004), (0.031, 0.026), (0.052, 0.041)]}
+    vertices = [(lng, lat) for cell in sorted(cells) for lat, lng in h3.cell_to_boundary(cell)]
+    extra = pd.DataFrame([(x, y, "food") for x, y in corners + edges + vertices], columns=["lon", "lat", "category"])
     pd.concat([pois, extra]).to_csv(files["pois"], index=False)
     rng = np.random.default_rng(3)
     points = pd.DataFrame({"lon": rng.uniform(0, 0.06, 200), "lat": rng.uniform(0, 0.05, 200),

@@ -97,10 +97,14 @@ def _assert_same_dataset(single: Path, spread: Path, commands_differ: bool = Fal
     assert ma == mb
 
 
-@pytest.mark.parametrize("kind, parts", [("polygon", 6), ("polygon", 1), ("h3", 5)])
+@pytest.mark.parametrize("kind, parts, engine", [
+    ("polygon", 6, "auto"), ("polygon", 1, "auto"), ("h3", 5, "auto"),
+    pytest.param("polygon", 3, "duckdb", marks=pytest.mark.scale),  # DuckDB loads its extension in every task
+])
 def test_distributed_build_equals_single_machine(raw: dict[str, Path], client: object, tmp_path: Path,
-                                                 kind: str, parts: int) -> None:
+                                                 kind: str, parts: int, engine: str) -> None:
     spec = _polygon_spec(raw) if kind == "polygon" else _h3_spec(raw)
+    spec.join_engine = engine
     single = build_dataset(spec, tmp_path / "single")
     lines: list[str] = []
     spread = build_dataset_distributed(spec, tmp_path / "spread", ClusterSpec(parts=parts), client=client,
@@ -172,7 +176,7 @@ def test_cluster_options() -> None:
     assert cluster_options(None, None, None) is None
     assert cluster_options(3, None, None) == ClusterSpec(workers=3, parts=16)
     for bad, fragment in [((None, None, 8), "--parts needs --workers"), ((0, None, None), "--workers must be"),
-                          ((2, None, 0), "--parts must be")]:
+                          ((2, None, 0), "--parts must be"), ((2, "tcp://h:8786", None), "not both")]:
         with pytest.raises(UrbanProfileError, match=fragment):
             cluster_options(*bad)
 

@@ -88,12 +88,16 @@ def cluster_options(workers: int | None, scheduler: str | None, parts: int | Non
     """The cluster asked for on the command line, or ``None`` for a build in this process.
 
     Raises:
-        UrbanProfileError: ``--parts`` without ``--workers`` or ``--scheduler``, or a setting out of range.
+        UrbanProfileError: ``--parts`` without ``--workers`` or ``--scheduler``, both of these, or a setting out of
+            range.
     """
     if workers is None and scheduler is None:
         if parts is not None:
             raise UrbanProfileError("--parts needs --workers N (a local cluster) or --scheduler ADDRESS")
         return None
+    if workers is not None and scheduler is not None:
+        raise UrbanProfileError("give --workers N (a local cluster started for the build) or --scheduler ADDRESS "
+                                "(a running cluster, whose workers are its own), not both")
     cluster = ClusterSpec(workers=DEFAULT_WORKERS if workers is None else workers, scheduler=scheduler,
                           parts=DEFAULT_PARTS if parts is None else parts)
     cluster.check()

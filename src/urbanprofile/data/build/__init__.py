@@ -5,16 +5,23 @@ category, land-use polygons, trips and indicator values; :func:`build_dataset` t
 built dataset folder (:mod:`urbanprofile.data.loaders.built`) that the registry discovers and every
 embedder and protocol accepts. Each step is a public function that can be used on its own, in the module
 of its concern: :mod:`~.spec` (what to build), :mod:`~.regions`, :mod:`~.points`, :mod:`~.join`,
-:mod:`~.aggregate`, :mod:`~.trips`, :mod:`~.labels`, :mod:`~.osm` and :mod:`~.pipeline` (the whole build).
+:mod:`~.aggregate`, :mod:`~.trips`, :mod:`~.labels`, :mod:`~.osm`, :mod:`~.streaming` (files read in chunks),
+:mod:`~.pipeline` (the whole build) and :mod:`~.distributed` (the joins as a partitioned job on a Dask cluster).
 """
 
 from __future__ import annotations
 
-from urbanprofile.data.build.aggregate import landuse_shares, map_categories, poi_counts, read_landuse
+from urbanprofile.data.build.aggregate import (
+    landuse_shares,
+    map_categories,
+    poi_counts,
+    read_landuse,
+    record_poi_figures,
+)
 from urbanprofile.data.build.join import assign_points, check_points_inside, spatial_extension_path
 from urbanprofile.data.build.labels import labels_for_regions
 from urbanprofile.data.build.osm import OSM_CATEGORIES, OSM_LANDUSE_CLASSES, is_osm_extract
-from urbanprofile.data.build.pipeline import UNITS, build_city, build_dataset
+from urbanprofile.data.build.pipeline import UNITS, Joiner, build_city, build_dataset
 from urbanprofile.data.build.points import PointTable, read_points
 from urbanprofile.data.build.regions import (
     OVERLAP_ERROR,
@@ -66,6 +73,7 @@ __all__ = [
     "BuildReport",
     "BuildSpec",
     "BuiltCity",
+    "Joiner",
     "PointTable",
     "assign_points",
     "build_city",
@@ -83,6 +91,7 @@ __all__ = [
     "read_boundary",
     "read_landuse",
     "read_points",
+    "record_poi_figures",
     "region_ids",
     "region_overlaps",
     "regions_from_file",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -83,20 +83,40 @@ def poi_counts(
     inside = position >= 0
     counts = np.zeros((len(regions), len(names)), dtype=np.int64)
     np.add.at(counts, (position[inside], codes[inside]), 1)
-    report.n_pois_read += len(points)
-    report.n_pois_joined = int(inside.sum())
-    report.n_pois_outside = int((~inside).sum())
-    report.n_pois_unknown_category = int(sum(unknown.values()))
-    report.unknown_categories = dict(list(unknown.items())[:20])
-    report.n_categories = len(names)
+    record_poi_figures(report, len(points), int(inside.sum()), unknown, names)
     return frame_from_array(counts, regions.index, names)
 
 
-def landuse_shares(regions: gpd.GeoDataFrame, landuse: gpd.GeoDataFrame, class_column: str) -> pd.DataFrame:
-    """Share of each region's area covered by each land-use class (overlay in the local UTM zone)."""
+def record_poi_figures(report: BuildReport, n_points: int, n_inside: int, unknown: dict[str, int],
+                       names: list[str]) -> None:
+    """Fill the POI figures of ``report`` from a join's totals (one place for every join that counts POIs).
+
+    Args:
+        report: Where the figures go.
+        n_points: POIs with a location that were joined.
+        n_inside: Those inside a region.
+        unknown: Unknown raw category values with counts, most frequent first (from :func:`map_categories`).
+        names: The categories of the view.
+    """
+    report.n_pois_read += n_points
+    report.n_pois_joined = n_inside
+    report.n_pois_outside = n_points - n_inside
+    report.n_pois_unknown_category = int(sum(unknown.values()))
+    report.unknown_categories = dict(list(unknown.items())[:20])
+    report.n_categories = len(names)
+
+
+def landuse_shares(
+    regions: gpd.GeoDataFrame, landuse: gpd.GeoDataFrame, class_column: str, utm: Any = None,
+) -> pd.DataFrame:
+    """Share of each region's area covered by each land-use class (overlay in the local UTM zone).
+
+    ``utm`` fixes the projected CRS (default: the regions' UTM zone), so that a part of the regions (a partition of
+    a distributed build) gives the shares the whole city gives.
+    """
     import geopandas as gpd
 
-    utm = regions.estimate_utm_crs()
+    utm = regions.estimate_utm_crs() if utm is None else utm
     cells = gpd.GeoDataFrame({"position": np.arange(len(regions))}, geometry=regions.geometry.to_numpy(),
                              crs="EPSG:4326").to_crs(utm)
     parcels = landuse[[class_column, landuse.geometry.name]].to_crs(utm)

@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from urbanprofile.data.build.aggregate import landuse_shares, poi_counts, read_landuse
+from urbanprofile.data.build.join import RegionJoiner
 from urbanprofile.data.build.labels import labels_for_regions
 from urbanprofile.data.build.messages import span
 from urbanprofile.data.build.osm import OSM_CATEGORIES, is_osm_extract
@@ -23,9 +24,12 @@ from urbanprofile.data.build.spec import BuildReport, BuildSpec, BuiltCity
 from urbanprofile.data.build.streaming import choose_engine, stream_od_from_trips, stream_poi_counts
 from urbanprofile.data.build.trips import od_from_trips
 from urbanprofile.data.city import CityData, frame_from_array, sparse_square_view
-from urbanprofile.data.io import load_json, read_raw_table
+from urbanprofile.data.io import RawTable, load_json, read_raw_table
 from urbanprofile.data.loaders.built import MAX_DENSE_PATTERN_CELLS, check_output, patterns_view, write_built
 from urbanprofile.errors import DataError
+
+if TYPE_CHECKING:
+    import geopandas as gpd
 
 UNITS = {
     "poi_counts": "POIs per region and category",
@@ -97,19 +101,50 @@ class _Steps:
             self.progress.stop()
 
 
-def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], None] | None = None) -> BuiltCity:
+class Joiner:
+    """Where the POI, land-use and trip joins of a build run: here, in this process. A subclass may run them
+    elsewhere (:class:`~urbanprofile.data.build.distributed.DaskJoiner`: partitioned on a Dask cluster) and must
+    give the same views and report figures."""
+
+    def poi_counts(self, points: pd.DataFrame, regions: gpd.GeoDataFrame, category_column: str,
+                   categories: list[str] | dict[str, list[str]] | None, engine: str, report: BuildReport,
+                   where: str, swap_hint: str) -> pd.DataFrame:
+        """The ``poi_counts`` view of POIs read in memory (see :func:`~.aggregate.poi_counts`)."""
+        return poi_counts(points, regions, category_column, categories, engine, report, where, swap_hint)
+
+    def landuse_shares(self, regions: gpd.GeoDataFrame, landuse: gpd.GeoDataFrame, class_column: str) -> pd.DataFrame:
+        """The ``landuse_counts`` view (see :func:`~.aggregate.landuse_shares`)."""
+        return landuse_shares(regions, landuse, class_column)
+
+    def od_from_trips(self, trips: RawTable, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport,
+                      where: str) -> tuple[Any, pd.DataFrame | None]:
+        """The OD matrix and pattern rows of trips read in memory (see :func:`~.trips.od_from_trips`)."""
+        return od_from_trips(trips, regions, spec, report, where)
+
+    def assigner(self, regions: gpd.GeoDataFrame, engine: str,
+                 h3_resolution: int | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """How a streamed build joins chunk after chunk of points (lon, lat arrays) to region positions."""
+        return RegionJoiner(regions, engine, h3_resolution).assign
+
+
+def build_city(
+    spec: BuildSpec, progress: bool = False, log: Callable[[str], None] | None = None, joiner: Joiner | None = None,
+) -> BuiltCity:
     """Read every input of ``spec`` and aggregate it per region, in memory (nothing is written).
 
     Args:
         spec: What to read and how.
         progress: Show a progress bar on stderr.
         log: Where lines for the user go (the H3 size estimate) when there is no progress bar.
+        joiner: Where the joins run (default: :class:`Joiner`, in this process). A streamed file is read here in
+            chunks either way; the joiner joins each chunk.
 
     Raises:
         DataError: An input is missing, unreadable or inconsistent, or a view would hold nothing (no POI, parcel
             or trip joins a region): the message names the file, field or region.
     """
     spec.check()
+    joiner = joiner or Joiner()
     categories = _load_categories(spec.categories)
     report = BuildReport(city=spec.city, join_engine=spec.engine)
     n_steps = 1 + sum(x is not None for x in (spec.pois, spec.landuse, spec.trips)) + (
@@ -145,8 +180,9 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
                 pois_path = Path(spec.pois)
                 report.read_engines["pois"] = choose_engine(spec, pois_path)
                 if report.read_engines["pois"] == "streaming":
-                    views["poi_counts"] = stream_poi_counts(pois_path, regions, spec, categories, report,
-                                                            meta.get("h3_resolution"))
+                    h3_resolution = meta.get("h3_resolution")
+                    views["poi_counts"] = stream_poi_counts(pois_path, regions, spec, categories, report, h3_resolution,
+                                                            joiner.assigner(regions, spec.engine, h3_resolution))
                 else:
                     points = read_points(pois_path, spec.crs, spec.lon_column, spec.lat_column)
                     report.n_pois_missing_location = points.n_missing
@@ -159,14 +195,14 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
                     chosen = OSM_CATEGORIES if osm and categories is None else categories
                     swap_hint = (f" (pass --lon-column {spec.lat_column} --lat-column {spec.lon_column})"
                                  if points.unit in ("line", "row") else " (the file's axis order is lat, lon)")
-                    views["poi_counts"] = poi_counts(points.frame, regions, column, chosen, spec.engine, report,
-                                                     str(pois_path), swap_hint)
+                    views["poi_counts"] = joiner.poi_counts(points.frame, regions, column, chosen, spec.engine,
+                                                            report, str(pois_path), swap_hint)
                 sources["pois"] = _source(pois_path)
         if spec.landuse is not None:
             with steps.step("landuse", "overlaying land use"):
                 landuse = read_landuse(Path(spec.landuse), spec.landuse_class_column, spec.crs, report)
                 report.n_landuse_polygons = len(landuse)
-                views["landuse_counts"] = landuse_shares(regions, landuse, spec.landuse_class_column)
+                views["landuse_counts"] = joiner.landuse_shares(regions, landuse, spec.landuse_class_column)
                 if not views["landuse_counts"].to_numpy().any():
                     bounds = landuse.total_bounds
                     raise DataError(f"{spec.landuse}: no land-use polygon overlaps a region (they span "
@@ -177,11 +213,12 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
             with steps.step("trips", "assigning trips to regions"):
                 report.read_engines["trips"] = choose_engine(spec, Path(spec.trips))
                 if report.read_engines["trips"] == "streaming":
-                    od, pattern_rows = stream_od_from_trips(Path(spec.trips), regions, spec, report,
-                                                            meta.get("h3_resolution"))
+                    h3_resolution = meta.get("h3_resolution")
+                    od, pattern_rows = stream_od_from_trips(Path(spec.trips), regions, spec, report, h3_resolution,
+                                                            joiner.assigner(regions, spec.engine, h3_resolution))
                 else:
-                    od, pattern_rows = od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
-                                                     str(spec.trips))
+                    od, pattern_rows = joiner.od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
+                                                            str(spec.trips))
                 views["od_flows"] = (frame_from_array(od, regions.index, regions.index) if isinstance(od, np.ndarray)
                                      else sparse_square_view(od, regions.index))
                 # A large city's time patterns go to disk as rows only (a dense view is P x N x N).
@@ -215,7 +252,7 @@ def build_city(spec: BuildSpec, progress: bool = False, log: Callable[[str], Non
 
 def build_dataset(
     spec: BuildSpec, out: str | Path, overwrite: bool = False, progress: bool = False, command: str | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, joiner: Joiner | None = None,
 ) -> BuildReport:
     """Build a dataset folder from raw files; nothing is written unless every step succeeds.
 
@@ -230,6 +267,7 @@ def build_dataset(
         progress: Show a progress bar on stderr.
         command: The command line that ran the build (recorded in the manifest).
         log: Where lines for the user go when there is no progress bar.
+        joiner: Where the joins run (default: in this process; see :class:`Joiner`).
 
     Raises:
         DataError: A file is missing, unreadable or inconsistent (the message names it); ``out`` exists and is
@@ -245,7 +283,7 @@ def build_dataset(
         if given is not None and Path(given).exists() and Path(given).resolve().is_relative_to(target.resolve()):
             raise DataError(f"{given}: an input lies inside the output folder {target}, which the build replaces; "
                             "choose another --out")
-    built = build_city(spec, progress=progress, log=log)
+    built = build_city(spec, progress=progress, log=log, joiner=joiner)
     report = built.report
     spec_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items() if v is not None}
     extra = {

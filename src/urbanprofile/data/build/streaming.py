@@ -11,14 +11,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from urbanprofile.data.build.aggregate import map_categories
+from urbanprofile.data.build.aggregate import map_categories, record_poi_figures
 from urbanprofile.data.build.join import RegionJoiner, refuse_points_outside
 from urbanprofile.data.build.messages import listed, span
 from urbanprofile.data.build.osm import is_osm_extract
@@ -247,8 +247,9 @@ class _CategoryCounts:
             if len(self.pairs) > 8:  # merge, so that memory follows the distinct pairs, not the chunks read
                 self.pairs = [pd.concat(self.pairs).groupby(level=0).sum()]
 
-    def counts(self, n_regions: int, categories: list[str] | dict[str, list[str]] | None, report: BuildReport,
-               regions: pd.Index) -> pd.DataFrame:
+    def counts(self, n_regions: int, categories: list[str] | dict[str, list[str]] | None,
+               regions: pd.Index) -> tuple[pd.DataFrame, dict[str, int], list[str]]:
+        """The view, the unknown raw values with counts (most frequent first) and the category names."""
         raw = pd.Series([pd.NA if v is None else v for v in self.values], dtype="string")
         codes, names, unknown = map_categories(raw, categories, self.totals)
         out = np.zeros((n_regions, len(names)), dtype=np.int64)
@@ -256,15 +257,13 @@ class _CategoryCounts:
             pairs = pd.concat(self.pairs).groupby(level=0).sum()
             keys = pairs.index.to_numpy()
             np.add.at(out, (keys >> 32, codes[keys & 0xFFFFFFFF]), pairs.to_numpy())
-        report.n_pois_unknown_category = int(sum(unknown.values()))
-        report.unknown_categories = dict(list(unknown.items())[:20])
-        report.n_categories = len(names)
-        return frame_from_array(out, regions, names)
+        return frame_from_array(out, regions, names), unknown, names
 
 
 def stream_poi_counts(
     path: Path, regions: gpd.GeoDataFrame, spec: BuildSpec, categories: list[str] | dict[str, list[str]] | None,
     report: BuildReport, h3_resolution: int | None = None,
+    assign: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """The ``poi_counts`` view of a point file read in chunks; fills the POI figures of ``report``.
 
@@ -278,6 +277,9 @@ def stream_poi_counts(
         categories: As for :func:`urbanprofile.data.build.aggregate.map_categories`.
         report: Where the figures go.
         h3_resolution: The resolution when the regions are H3 cells (their cells are found without a polygon join).
+        assign: Region positions (-1 outside) of a chunk's points (lon, lat arrays); default: a
+            :class:`~urbanprofile.data.build.join.RegionJoiner` in this process (a distributed build joins the
+            chunks on its cluster).
 
     Raises:
         DataError: The file cannot be read, has no category column, no POI lies inside a region, or the coordinates
@@ -285,7 +287,7 @@ def stream_poi_counts(
     """
     column = spec.category_column or "category"
     where = str(path)
-    joiner = RegionJoiner(regions, spec.engine, h3_resolution)
+    assign = assign or RegionJoiner(regions, spec.engine, h3_resolution).assign
     counts = _CategoryCounts()
     n = inside = n_rows = 0
     low, high = np.full(2, np.inf), np.full(2, -np.inf)  # lon, lat extent of the located points
@@ -306,7 +308,7 @@ def stream_poi_counts(
         report.n_pois_unreadable += chunk.n_unreadable
         n_rows += chunk.n_rows
         lon, lat = frame["lon"].to_numpy(float), frame["lat"].to_numpy(float)
-        position = joiner.assign(lon, lat)
+        position = assign(lon, lat)
         counts.add(frame[column], position)
         n += len(lon)
         inside += int((position >= 0).sum())
@@ -317,33 +319,34 @@ def stream_poi_counts(
     def swapped() -> int:
         if max(abs(low[1]), abs(high[1])) > 180:
             return 0
-        return sum(int((joiner.assign(c.frame["lat"].to_numpy(float), c.frame["lon"].to_numpy(float)) >= 0).sum())
+        return sum(int((assign(c.frame["lat"].to_numpy(float), c.frame["lon"].to_numpy(float)) >= 0).sum())
                    for c in chunks())  # a second pass, only when most points missed
 
     swap_hint = (" (the file's axis order is lat, lon)" if geo
                  else f" (pass --lon-column {spec.lat_column} --lat-column {spec.lon_column})")
     refuse_points_outside(n, inside, swapped, lambda: span(np.array([low[0], high[0]]), np.array([low[1], high[1]])),
                           regions, where, "POIs", swap_hint)
-    report.n_pois_read = n_rows
-    report.n_pois_joined = inside
-    report.n_pois_outside = n - inside
-    return counts.counts(len(regions), categories, report, regions.index)
+    view, unknown, names = counts.counts(len(regions), categories, regions.index)
+    report.n_pois_read = n_rows - n  # the rows without a usable location; the joined ones are added below
+    record_poi_figures(report, n, inside, unknown, names)
+    return view
 
 
 def stream_od_from_trips(
     path: Path, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport, h3_resolution: int | None = None,
+    assign: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[Any, pd.DataFrame | None]:
     """The OD matrix and time-pattern rows of a CSV or Parquet trip table read in chunks of ``spec.chunk_rows``.
 
     Gives what :func:`urbanprofile.data.build.trips.od_from_trips` gives for the whole table read at once (exactly
     for whole-number trip counts; fractional counts are summed chunk by chunk), keeping only the pairs that are not
-    zero.
+    zero. ``assign`` joins trip ends as for :func:`stream_poi_counts`.
 
     Raises:
         DataError: As :func:`~urbanprofile.data.build.trips.od_from_trips`.
     """
-    joiner = RegionJoiner(regions, spec.engine, h3_resolution)
-    counts = TripCounts(regions, spec, report, str(path), _table_columns(path), joiner.assign)
+    assign = assign or RegionJoiner(regions, spec.engine, h3_resolution).assign
+    counts = TripCounts(regions, spec, report, str(path), _table_columns(path), assign)
     for raw in table_chunks(path, spec.chunk_rows):
         counts.add(raw)
     return counts.finish(lambda: table_chunks(path, spec.chunk_rows))

@@ -147,13 +147,16 @@ def _trip_weights(raw: RawTable, column: str) -> tuple[np.ndarray, np.ndarray]:
 
 def od_from_trips(
     trips: pd.DataFrame | RawTable, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport,
-    where: str = "trips",
+    where: str = "trips", assign: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[Any, pd.DataFrame | None]:
     """Trip counts between regions (the OD matrix) and, with a time column, per time-of-day pattern.
 
     Each row is one trip, or as many as its count column says (``--trip-weight``, or a column named like
     ``trips``/``count``/``n``/``weight``/``flow``). Trips with a missing end (or count) are dropped and
     counted; so are trips with an end outside every region.
+
+    ``assign`` joins trip ends (lon, lat arrays) to region positions like :func:`assign_points` (default: that
+    function, in this process; a distributed build joins them on its cluster).
 
     Returns:
         The (N, N) OD matrix (a SciPy CSR matrix above :data:`SPARSE_VIEW_ABOVE` regions, else a dense array)
@@ -165,7 +168,7 @@ def od_from_trips(
     """
     raw = trips if isinstance(trips, RawTable) else RawTable(Path(where), trips, np.arange(1, len(trips) + 1))
     counts = TripCounts(regions, spec, report, where, raw.frame.columns,
-                        lambda lon, lat: assign_points(lon, lat, regions, spec.engine))
+                        assign or (lambda lon, lat: assign_points(lon, lat, regions, spec.engine)))
     counts.add(raw)
     return counts.finish(lambda: iter([raw]))
 

@@ -20,7 +20,7 @@ from urbanprofile.evaluation import large, spatial
 from urbanprofile.evaluation.protocols import evaluate_embedding
 from urbanprofile.heads.probes import RidgeProbe
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from synthetic_country import CountrySpec, bbox_for_cells, generate, write_dataset
 
 

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from urbanprofile.data import CityData, make_synthetic_city
+from urbanprofile.data.registry import FAMILIES
+from urbanprofile.evaluation.protocols import PROTOCOL_REGISTRY
+from urbanprofile.heads.registry import HEADS
+from urbanprofile.methods import METHODS
+
+
+@pytest.fixture(autouse=True)
+def _registries_restored() -> Iterator[None]:
+    """Every test leaves the registries as it found them: a method, head, family or protocol a test registers
+    (or replaces) is gone after it, so no test sees another's entries."""
+    registries = (METHODS, HEADS, FAMILIES, PROTOCOL_REGISTRY)
+    saved = [(dict(r.items), dict(r.broken)) for r in registries]
+    yield
+    for registry, (items, broken) in zip(registries, saved, strict=True):
+        registry.items.clear()
+        registry.items.update(items)
+        registry.broken.clear()
+        registry.broken.update(broken)
 
 
 @pytest.fixture

@@ -1,0 +1,105 @@
+"""The report's prediction page for a model folder: built, self-contained, flagged regions listed; bad input is one
+line."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_one_error, run_cli
+
+from urbanprofile.data import CityData
+from urbanprofile.predict import fit_model, predict_regions
+from urbanprofile.predict.conformal import held_out_fold_coverage
+from urbanprofile.predict.page import render_model_page
+
+#: Anything a browser would fetch: a URL in src/href/url(), a protocol-relative one, or a script.
+EXTERNAL = re.compile(r"""((src|href)\s*=\s*["']?(https?:)?//)|url\(\s*["']?(https?:)?//|<script|@import""", re.I)
+
+
+def _masked_with_a_far_region(city: CityData) -> tuple[CityData, str]:
+    targets = city.targets.copy()
+    targets.loc[city.region_ids[:10], "crime"] = np.nan
+    masked = replace(city, targets=targets)
+    far = str(masked.region_ids[0])
+    masked.views["poi_counts"].loc[masked.region_ids[0]] *= 50  # unlike every labelled region
+    return masked, far
+
+
+def test_page_has_card_coverage_maps_and_the_flagged_table(city: CityData, tmp_path: Path) -> None:
+    masked, far = _masked_with_a_far_region(city)
+    model = fit_model(masked, "raw-poi", "crime", tmp_path / "model")
+    frame = predict_regions(model, masked)
+    page = render_model_page(model, masked, frame, 0.9)
+    assert not EXTERNAL.search(page)
+    assert "default-src 'none'" in page  # the results report's strict CSP
+    assert "raw-poi + ridge" in page and "Model card" in page and "seed 0" in page
+    assert page.count('<figure class="map">') == 3
+    assert page.count("<path ") == 3 * masked.n_regions  # every region on every map (labelled ones grey)
+    flagged = re.search(r'<table class="flagged">(.*?)</table>', page, flags=re.S)
+    assert flagged is not None, "no flagged-regions table"
+    assert f"<td>{far}</td>" in flagged.group(1) and "embedding space" in flagged.group(1)
+    n_flagged = int((~frame["applicable"]).sum())
+    assert flagged.group(1).count("<tr>") == n_flagged + 1  # the header and one row per flagged region
+    coverage = float(re.search(r"Measured coverage of 90% intervals: <b>([0-9.]+)</b>", page).group(1))  # type: ignore[union-attr]
+    assert 0.0 < coverage <= 1.0
+
+
+def test_measured_coverage_leaves_each_fold_out_of_its_own_calibration() -> None:
+    """A fold whose residuals are far larger than the others' is not covered: it did not calibrate itself."""
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=200)
+    folds = np.repeat(np.arange(4), 50)
+    oof_pred = y + rng.normal(scale=0.1, size=200)
+    oof_pred[folds == 3] = y[folds == 3] + 5.0  # fold 3: every prediction 5 off
+    check = held_out_fold_coverage(y, oof_pred, np.ones(200), folds, 0.9)
+    per_fold = {f["fold"]: f for f in check["per_fold"]}  # type: ignore[attr-defined]
+    assert per_fold[3]["coverage"] == 0.0
+    assert all(per_fold[k]["coverage"] >= 0.8 for k in (0, 1, 2))
+    assert sum(f["n"] for f in per_fold.values()) == 200
+
+
+def test_cli_report_model_writes_the_page(make_data_dir, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                          capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    monkeypatch.setenv("URBANPROFILE_DATA", str(make_data_dir(n=40)))
+    model = tmp_path / "nyc-model"
+    code, _, err = run_cli(monkeypatch, capsys, "fit", "hafusion-testcity", "--method", "raw-all", "--task", "crime",
+                           "--out", str(model))
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "report", "--model", str(model), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    page = (tmp_path / "rep" / "model-nyc-model.html").read_text()
+    assert not EXTERNAL.search(page)
+    # Every region is labelled here: the page says it shows in-sample predictions rather than an empty map.
+    assert "in-sample" in page and "in-sample" in err
+    assert re.search(r"Flagged regions \(\d+\)", page)
+
+
+def test_cli_report_model_bad_input_is_one_line(make_data_dir, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                                capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    monkeypatch.setenv("URBANPROFILE_DATA", str(make_data_dir(n=40)))
+    model = tmp_path / "model"
+    code, _, err = run_cli(monkeypatch, capsys, "fit", "hafusion-testcity", "--method", "raw-all", "--task", "crime",
+                           "--out", str(model))
+    assert code == 0, err
+    out = tmp_path / "rep"
+    cases = [
+        (("--model", str(tmp_path / "nomodel")), ("nomodel", "no model folder")),
+        (("--model", str(model), "--level", "1.5"), ("--level",)),
+    ]
+    for args, fragments in cases:
+        assert_one_error(*_code_err(run_cli(monkeypatch, capsys, "report", *args, "--out", str(out))), *fragments)
+    (model / "calibration.safetensors").write_bytes(b"edited")
+    assert_one_error(*_code_err(run_cli(monkeypatch, capsys, "report", "--model", str(model), "--out", str(out))),
+                     "calibration.safetensors", "changed after")
+    (model / "manifest.json").unlink()
+    assert_one_error(*_code_err(run_cli(monkeypatch, capsys, "report", "--model", str(model), "--out", str(out))),
+                     "manifest.json", "missing")
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def _code_err(result: tuple[int, str, str]) -> tuple[int, str]:
+    return result[0], result[2]

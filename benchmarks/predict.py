@@ -53,7 +53,7 @@ CALIBRATIONS = ["spatial", "nested"]
 
 
 def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, calibration: str,
-                 work: Path) -> dict[str, Any]:
+                 work: Path, candidates: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit on all but one fold, predict it, for every fold of ``holdout``; pooled coverage and widths."""
     td = task_data(city, task)
     truth = city.targets[task]
@@ -66,7 +66,7 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
         masked = replace(city, targets=targets)
         folder = work / f"{city.name}-{method}-{task}-{holdout}-{calibration}-{k}"
         fit_model(masked, method, task, folder, protocol_for_settings=holdout, calibration=calibration,
-                  embedding=emb)
+                  embedding=emb, candidates=candidates)
         model = load_model(folder)
         frame = predict_regions(model, masked, level=LEVEL).loc[test_ids]
         q = float(np.quantile(np.abs(model.arrays["cal_residuals"]), LEVEL, method="higher"))
@@ -79,7 +79,7 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
         naive_all.append(np.full(len(test_ids), q))
         ids.append(test_ids)
     y, pred, lo, hi, half = (np.concatenate(a) for a in (y_all, pred_all, lo_all, hi_all, naive_all))
-    oof = evaluate_embedding(city, emb, task, protocol=holdout, head=get_method(method).head)
+    oof = evaluate_embedding(city, emb, task, protocol=holdout, head=get_method(method).head, candidates=candidates)
     oof_pred = oof.predictions()["pred"].loc[np.concatenate([i.to_numpy() for i in ids])].to_numpy()
     naive_lo = np.clip(pred - half, 0, None) if (td.y >= 0).all() else pred - half
     return {
@@ -151,8 +151,9 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
         f"(level {LEVEL:.0%}; seed 0).",
         "Hold-out `spatial`: each of 5 folds of whole k-means blocks held out in turn, the model fit on the rest; "
         "`nested`: 10 random folds. hafusion (seed 0) is trained once per city, label-free, and its "
-        "embedding reused. Calibration: the folds of the out-of-fold residuals inside `fit` (default "
-        "`spatial`). Naive: prediction ± the 90% quantile of the same absolute residuals. R² predict = pooled "
+        "checkpoints reused (each fit chooses one by inner CV on its labelled regions). Calibration: the folds of "
+        "the out-of-fold residuals inside `fit` (default `spatial`). Naive: prediction ± the 90% quantile of the "
+        "same absolute residuals. R² predict = pooled "
         "held-out predictions of `predict`; R² OOF = `evaluate_embedding` on the same folds (equal: one code path).",
         "",
         *summary_table(rows),
@@ -205,11 +206,12 @@ def main() -> int:
                     continue
                 key = (dataset, method)
                 if key not in embeddings:
-                    embeddings[key] = spec.build(random_state=0).fit_transform(city)
-                emb = embeddings[key]
+                    embedder = spec.build(random_state=0)
+                    embeddings[key] = (embedder.fit_transform(city), getattr(embedder, "candidates_", None))
+                emb, candidates = embeddings[key]
                 for holdout in HOLDOUTS:
                     for calibration in CALIBRATIONS:
-                        row = held_out_run(city, emb, method, task, holdout, calibration, Path(tmp))
+                        row = held_out_run(city, emb, method, task, holdout, calibration, Path(tmp), candidates)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     seconds = time.perf_counter() - start

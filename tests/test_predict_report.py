@@ -103,3 +103,34 @@ def test_cli_report_model_bad_input_is_one_line(make_data_dir, monkeypatch: pyte
 
 def _code_err(result: tuple[int, str, str]) -> tuple[int, str]:
     return result[0], result[2]
+
+
+# -- fit for learned methods: the checkpoint is chosen by inner CV on the labelled regions -------------------------
+def test_fit_chooses_the_checkpoint_by_inner_cv_and_predicts_like_the_protocol(city: CityData, tmp_path: Path) -> None:
+    """A learned method's candidates (training checkpoints): the informative one is kept, not the last one; the
+    held-out predictions are the protocol's out-of-fold ones with the same candidates."""
+    from urbanprofile.data.tasks import task_data
+    from urbanprofile.evaluation.protocols import evaluate_embedding, outer_splits
+    from urbanprofile.methods import get_method
+    from urbanprofile.predict import load_model
+
+    informative = get_method("raw-poi").build(random_state=0).fit_transform(city)
+    informative = informative.set_axis([f"emb_{i}" for i in range(informative.shape[1])], axis=1)
+    noise = informative.copy()
+    noise[:] = np.random.default_rng(0).normal(size=noise.shape)
+    candidates = {"epoch 10": informative, "epoch 20": noise}  # the final epoch is the useless one
+    td = task_data(city, "crime")
+    _, test = outer_splits(city, td, "nested")[0]
+    ids = td.region_ids[test]
+    targets = city.targets.copy()
+    targets.loc[ids, "crime"] = np.nan
+    masked = replace(city, targets=targets)
+    fit_model(masked, "hafusion", "crime", tmp_path / "m", embedding=noise, candidates=candidates)
+    model = load_model(tmp_path / "m")
+    assert model.config["checkpoint"]["chosen"] == "epoch 10"
+    assert model.embedding is not None
+    np.testing.assert_allclose(model.embedding.to_numpy(), informative.to_numpy())
+    oof = evaluate_embedding(city, noise, "crime", protocol="nested", head="ridge", candidates=candidates)
+    frame = predict_regions(model, masked)
+    np.testing.assert_allclose(frame.loc[ids, "prediction"], oof.predictions().loc[ids, "pred"], rtol=1e-9,
+                               atol=1e-9)

@@ -22,7 +22,13 @@ from urbanprofile import __version__
 from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import task_data
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
-from urbanprofile.evaluation.protocols import evaluate_embedding, get_protocol, n_spatial_blocks, outer_splits
+from urbanprofile.evaluation.protocols import (
+    evaluate_embedding,
+    fit_best_candidate,
+    get_protocol,
+    n_spatial_blocks,
+    outer_splits,
+)
 from urbanprofile.evaluation.spatial import spatial_blocks
 from urbanprofile.heads.registry import build_head, parse_head
 from urbanprofile.methods import MethodSpec, get_method
@@ -125,6 +131,7 @@ def fit_model(
     city: CityData, method: str, task: str, out: str | Path, head: str | None = None,
     protocol_for_settings: str = "nested", calibration: str = "spatial", random_state: int = 0,
     embedding: pd.DataFrame | None = None, source: str | None = None,
+    candidates: dict[str, pd.DataFrame] | None = None,
 ) -> FittedModel:
     """Fit ``method`` + ``head`` on every region of ``city`` labelled for ``task`` and write the model folder.
 
@@ -139,6 +146,12 @@ def fit_model(
         random_state: Seed of the embedder, the inner folds and the head.
         embedding: The method's embedding of ``city`` when already computed (benchmarks reuse one per seed).
         source: How the dataset was named (a dataset name or a built folder's path): ``predict``'s default.
+        candidates: With ``embedding``: the embedder's training checkpoints (``candidates_``) to choose from.
+
+    A learned method's embedding is not simply its final epoch: the checkpoint kept is the one whose head has the
+    lowest inner-CV error on the labelled regions (``protocol_for_settings``'s inner folds), as the ``nested`` and
+    ``spatial`` protocols choose it on each outer training fold; the calibration folds choose again on their own
+    training regions, so the intervals account for that choice too.
 
     Raises:
         UrbanProfileError: A bad option, too few labelled regions, a method unavailable on the city, an
@@ -171,17 +184,24 @@ def fit_model(
     emb = embedding if embedding is not None else embedder.fit_transform(city)
     if embedding is not None and _method_kind(spec) != "learned":
         embedder.fit(city)  # baselines are cheap and their fitted state is what the folder keeps
+    if embedding is None:
+        candidates = getattr(embedder, "candidates_", None)
     timings["embed"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    X = emb.loc[td.region_ids].to_numpy(dtype=float)
     n_learned = int(emb.columns.str.startswith("emb_").sum())
-    estimator = build_head(head_spec, get_protocol(protocol_for_settings).fixed_probe, random_state,
-                           n_region_features=X.shape[1],
-                           n_learned=n_learned)
-    estimator.fit(X, td.y, groups=_settings_groups(city, td.region_ids, protocol_for_settings))
+    options = dict(candidates) if candidates else {"final": emb}
+    matrices = {label: frame.loc[td.region_ids].to_numpy(dtype=float) for label, frame in options.items()}
+    n_features = next(iter(matrices.values())).shape[1]
+    chosen, estimator = fit_best_candidate(
+        matrices, np.arange(len(td.y)), td.y, _settings_groups(city, td.region_ids, protocol_for_settings),
+        lambda: build_head(head_spec, get_protocol(protocol_for_settings).fixed_probe, random_state,
+                           n_region_features=n_features, n_learned=n_learned))
+    emb = options[chosen]
+    X = matrices[chosen]
     # The calibration residuals: out-of-fold predictions of the very code that scores the method.
-    oof = evaluate_embedding(city, emb, task, protocol=calibration, head=head_name, random_state=random_state)
+    oof = evaluate_embedding(city, emb, task, protocol=calibration, head=head_name, random_state=random_state,
+                             candidates=candidates)
     timings["head"] = time.perf_counter() - start
 
     space = EmbeddingSpace.fit(X)
@@ -218,6 +238,11 @@ def fit_model(
         "origin_lonlat": None if origin is None else [float(v) for v in origin],
         "view_columns": {v: [str(c) for c in city.views[v].columns] for v in spec.requires_views},
         "embedding_columns": [str(c) for c in emb.columns],
+        "checkpoint": None if len(options) < 2 else {
+            "chosen": chosen, "candidates": list(options),
+            "by": f"lowest inner-CV error of the head ({protocol_for_settings} inner folds, labelled regions only)",
+            "embedder_weights": "the network after the last epoch; predict reads the chosen checkpoint's embedding "
+                                "(embedding.parquet)"},
     }
     writer = FolderWriter(out)
     try:

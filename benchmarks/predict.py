@@ -49,7 +49,7 @@ CASES = [
 #: The learned method is trained once per dataset (label-free) and its embedding reused by every fold.
 METHODS = ["raw-all", "raw-location", "knn-location", "hafusion"]
 HOLDOUTS = ["spatial", "nested"]
-CALIBRATIONS = ["spatial", "nested"]
+CALIBRATIONS = ["auto", "spatial", "nested"]
 
 
 def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, calibration: str,
@@ -59,6 +59,7 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
     truth = city.targets[task]
     y_all, pred_all, lo_all, hi_all, naive_all = [], [], [], [], []
     ids = []
+    chosen: dict[str, int] = {}
     for k, (_, test) in enumerate(outer_splits(city, td, holdout)):
         test_ids = td.region_ids[test]
         targets = city.targets.copy()
@@ -68,6 +69,7 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
         fit_model(masked, method, task, folder, protocol_for_settings=holdout, calibration=calibration,
                   embedding=emb, candidates=candidates)
         model = load_model(folder)
+        chosen[model.config["calibration"]] = chosen.get(model.config["calibration"], 0) + 1
         frame = predict_regions(model, masked, level=LEVEL).loc[test_ids]
         q = float(np.quantile(np.abs(model.arrays["cal_residuals"]), LEVEL, method="higher"))
         y = truth.loc[test_ids].to_numpy(dtype=float)
@@ -84,7 +86,7 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
     naive_lo = np.clip(pred - half, 0, None) if (td.y >= 0).all() else pred - half
     return {
         "dataset": city.name, "task": task, "method": method, "head": get_method(method).head,
-        "holdout": holdout, "calibration": calibration, "n_regions": len(y),
+        "holdout": holdout, "calibration": calibration, "calibration_folds_chosen": chosen, "n_regions": len(y),
         "coverage": float(np.mean((y >= lo) & (y <= hi))), "mean_width": float(np.mean(hi - lo)),
         "naive_coverage": float(np.mean((y >= naive_lo) & (y <= pred + half))),
         "naive_mean_width": float(np.mean(pred + half - naive_lo)),
@@ -143,6 +145,14 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _calibration_cell(row: dict[str, Any]) -> str:
+    """``auto (spatial 3, nested 2)``: what auto chose over the hold-out's folds."""
+    if row["calibration"] != "auto":
+        return str(row["calibration"])
+    chosen = row.get("calibration_folds_chosen", {})
+    return f"auto ({', '.join(f'{k} {v}' for k, v in sorted(chosen.items(), reverse=True))})"
+
+
 def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
     lines = [
         "# Prediction intervals of `urbanprofile predict` on held-out regions",
@@ -152,7 +162,9 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
         "Hold-out `spatial`: each of 5 folds of whole k-means blocks held out in turn, the model fit on the rest; "
         "`nested`: 10 random folds. hafusion (seed 0) is trained once per city, label-free, and its "
         "checkpoints reused (each fit chooses one by inner CV on its labelled regions). Calibration: the folds of "
-        "the out-of-fold residuals inside `fit` (default `spatial`). Naive: prediction ± the 90% quantile of the "
+        "the out-of-fold residuals inside `fit`: `auto` (the default: per fold, the folds whose held-out regions lie "
+        "as far from training as the masked regions lie from the labelled ones; the folds it chose in brackets), "
+        "`spatial` or `nested`. Naive: prediction ± the 90% quantile of the "
         "same absolute residuals. R² predict = pooled "
         "held-out predictions of `predict`; R² OOF = `evaluate_embedding` on the same folds (equal: one code path).",
         "",
@@ -164,8 +176,9 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['task']} | {r['method']} | {r['head']} | {r['holdout']} | "
-                     f"{r['calibration']} | {r['coverage']:.3f} | {r['mean_width']:.4g} | {r['naive_coverage']:.3f} | "
-                     f"{r['naive_mean_width']:.4g} | {r['r2_predict']:.3f} | {r['r2_out_of_fold']:.3f} |")
+                     f"{_calibration_cell(r)} | {r['coverage']:.3f} | {r['mean_width']:.4g} | "
+                     f"{r['naive_coverage']:.3f} | {r['naive_mean_width']:.4g} | {r['r2_predict']:.3f} | "
+                     f"{r['r2_out_of_fold']:.3f} |")
     lines += ["", f"Timing ({timings['case']}): {timings['in_process_seconds']:.1f} s in process, "
               f"{timings['cli_wall_seconds']:.1f} s wall for the two CLI commands (Python start-up and imports "
               f"included), on this 2-core machine shared with other jobs (1-minute load average "

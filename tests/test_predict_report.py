@@ -134,3 +134,25 @@ def test_fit_chooses_the_checkpoint_by_inner_cv_and_predicts_like_the_protocol(c
     frame = predict_regions(model, masked)
     np.testing.assert_allclose(frame.loc[ids, "prediction"], oof.predictions().loc[ids, "pred"], rtol=1e-9,
                                atol=1e-9)
+
+
+# -- --calibration auto: the folds that hold out regions the way the unlabelled ones lie ------------------------
+def test_auto_calibration_follows_how_the_gaps_lie() -> None:
+    from urbanprofile.data import make_synthetic_city
+    from urbanprofile.evaluation.protocols import n_spatial_blocks
+    from urbanprofile.evaluation.spatial import spatial_blocks
+    from urbanprofile.predict.model import choose_calibration
+
+    city = make_synthetic_city(n_regions=144, random_state=3)
+    blocks = spatial_blocks(city, n_spatial_blocks(city.n_regions))
+    district = city.region_ids[blocks == 0]  # a whole block missing
+    scattered = city.region_ids[::7]  # one region in seven missing, all over the city
+    picks = {}
+    for name, ids in (("district", district), ("scattered", scattered)):
+        targets = city.targets.copy()
+        targets.loc[ids, "crime"] = np.nan
+        picks[name], facts = choose_calibration(replace(city, targets=targets), "crime")
+        assert set(facts["mismatch"]) == {"spatial", "nested"}
+    assert picks == {"district": "spatial", "scattered": "nested"}
+    chosen, facts = choose_calibration(city, "crime")  # every region labelled: nothing to match
+    assert chosen == "spatial" and "every region is labelled" in facts["why"]

@@ -1031,7 +1031,8 @@ def fit(
     settings: Annotated[str, typer.Option("--protocol-for-settings", help="Inner folds choosing the head's "
                                           "settings: nested (random) or spatial (blocks).")] = "nested",
     calibration: Annotated[str, typer.Option("--calibration", help="Folds of the out-of-fold residuals that "
-                                             "calibrate the intervals: spatial or nested.")] = "spatial",
+                                             "calibrate the intervals: spatial, nested, or auto (those matching how "
+                                             "the unlabelled regions lie).")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the method, the folds and the head.")] = 0,
     data_dir: DataDir = None,
 ) -> None:

@@ -115,7 +115,8 @@ class FittedModel:
 
 def _check_protocol(option: str, protocol: str) -> None:
     if protocol not in FIT_PROTOCOLS:
-        raise UrbanProfileError(f"{option} must be one of {', '.join(FIT_PROTOCOLS)}, got {protocol!r}")
+        choices = ", ".join((*FIT_PROTOCOLS, "auto") if option == "--calibration" else FIT_PROTOCOLS)
+        raise UrbanProfileError(f"{option} must be one of {choices}, got {protocol!r}")
 
 
 def _settings_groups(city: CityData, region_ids: pd.Index, protocol: str) -> np.ndarray | None:
@@ -127,9 +128,79 @@ def _settings_groups(city: CityData, region_ids: pd.Index, protocol: str) -> np.
     return blocks.loc[region_ids].to_numpy()
 
 
+#: A region's distance to the labelled set is measured to its k-th nearest labelled region: the nearest alone says
+#: a region on the edge of a missing district is as well placed as one among labelled neighbours.
+GAP_NEIGHBOURS = 5
+
+
+def _kth_distance(reference: np.ndarray, query: np.ndarray) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(GAP_NEIGHBOURS, len(reference))
+    distance, _ = NearestNeighbors(n_neighbors=k).fit(reference).kneighbors(query)
+    return np.asarray(distance[:, -1], dtype=float)
+
+
+def _fold_distances(km: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each labelled region's distance to the labelled regions of its fold's training set."""
+    distance = np.zeros(len(km))
+    for train, test in folds:
+        distance[test] = _kth_distance(km[train], km[test])
+    return distance
+
+
+def choose_calibration(city: CityData, task: str) -> tuple[str, dict[str, Any]]:
+    """``--calibration auto``: the folds whose held-out regions lie as far from their training regions as the
+    regions to predict (those without the label) lie from the labelled ones.
+
+    Conformal intervals hold when calibration errors are made at the distances the predictions will be made at:
+    random folds calibrate on regions whose neighbours were in training (right for scattered gaps, far too
+    narrow for a missing district), whole blocks calibrate on regions far from training (right for a missing
+    district, too wide for scattered gaps). The choice reads only locations and which regions are labelled, never
+    a label of a region to predict. Distances are compared as distributions (1-Wasserstein) in units of the
+    labelled regions' median spacing; a tie, or a city with every region labelled, keeps ``spatial``, the
+    cautious choice.
+
+    Returns:
+        The protocol chosen and the facts behind the choice (for ``model.json``).
+    """
+    from scipy.stats import wasserstein_distance
+
+    if not city.has_locations:
+        return "nested", {"asked": "auto", "why": "no region locations: random folds"}
+    td = task_data(city, task)
+    labels = city.targets[task] if task in city.targets.columns else pd.Series(np.nan, index=city.region_ids)
+    gaps = city.region_ids[labels.isna().to_numpy()]
+    coords = pd.DataFrame(city.coordinates(), index=city.region_ids)
+    origin = city.coordinates().mean(axis=0)
+    labelled_km = lonlat_km(coords.loc[td.region_ids].to_numpy(), origin)
+    if not len(gaps):
+        return "spatial", {"asked": "auto", "why": "every region is labelled: no gaps to match; spatial blocks"}
+    spacing = float(np.median(leave_one_out_spacing(labelled_km))) or 1.0
+    gap_distance = _kth_distance(labelled_km, lonlat_km(coords.loc[gaps].to_numpy(), origin)) / spacing
+    mismatch: dict[str, float] = {}
+    for protocol in ("spatial", "nested"):
+        folds = outer_splits(city, td, protocol)
+        if len(folds) >= 2:
+            mismatch[protocol] = float(wasserstein_distance(_fold_distances(labelled_km, folds) / spacing,
+                                                            gap_distance))
+    chosen = min(mismatch, key=lambda p: (mismatch[p], p != "spatial"))
+    return chosen, {"asked": "auto", "gap_distance_median": float(np.median(gap_distance)),
+                    "mismatch": mismatch, "unit": "median spacing of the labelled regions",
+                    "why": f"{chosen} folds hold out regions at distances most like the {len(gaps)} unlabelled ones"}
+
+
+def leave_one_out_spacing(km: np.ndarray) -> np.ndarray:
+    """Each labelled region's distance to its nearest other labelled region."""
+    from sklearn.neighbors import NearestNeighbors
+
+    distance, _ = NearestNeighbors(n_neighbors=2).fit(km).kneighbors(km)
+    return np.asarray(distance[:, 1], dtype=float)
+
+
 def fit_model(
     city: CityData, method: str, task: str, out: str | Path, head: str | None = None,
-    protocol_for_settings: str = "nested", calibration: str = "spatial", random_state: int = 0,
+    protocol_for_settings: str = "nested", calibration: str = "auto", random_state: int = 0,
     embedding: pd.DataFrame | None = None, source: str | None = None,
     candidates: dict[str, pd.DataFrame] | None = None,
 ) -> FittedModel:
@@ -142,7 +213,8 @@ def fit_model(
         out: The model folder to create (its parent must exist; it must not exist or be empty).
         head: ``ridge``, ``knn`` or ``ridge-blocks`` (default: the method's own head).
         protocol_for_settings: ``nested`` (random inner folds) or ``spatial`` (inner folds over blocks).
-        calibration: Folds of the out-of-fold residuals the intervals are calibrated on.
+        calibration: Folds of the out-of-fold residuals the intervals are calibrated on: ``spatial``, ``nested``
+            or ``auto`` (the one matching how the unlabelled regions lie: :func:`choose_calibration`).
         random_state: Seed of the embedder, the inner folds and the head.
         embedding: The method's embedding of ``city`` when already computed (benchmarks reuse one per seed).
         source: How the dataset was named (a dataset name or a built folder's path): ``predict``'s default.
@@ -165,6 +237,9 @@ def fit_model(
         raise UrbanProfileError(f"head {head_name!r} cannot be kept in a model folder yet; use one of "
                                 f"{', '.join(SAVABLE_HEADS)}")
     _check_protocol("--protocol-for-settings", protocol_for_settings)
+    calibration_choice: dict[str, Any] = {"asked": calibration}
+    if calibration == "auto":
+        calibration, calibration_choice = choose_calibration(city, task)
     _check_protocol("--calibration", calibration)
     if "spatial" in (protocol_for_settings, calibration) and not city.has_locations:
         raise MethodUnavailableError(f"spatial folds need region locations, which {city.name!r} lacks; use "
@@ -231,6 +306,7 @@ def fit_model(
         "method_kind": _method_kind(spec), "head": head_name, "head_settings": estimator.chosen(),
         "task": task, "task_scale": td.scale, "labels_non_negative": bool((td.y >= 0).all()),
         "random_state": random_state, "protocol_for_settings": protocol_for_settings, "calibration": calibration,
+        "calibration_choice": calibration_choice,
         "oof_metrics": oof.metrics, "n_labelled": len(td.y), "n_calibration": len(td.y),
         "fingerprint": dataset_fingerprint(city), "dataset_source": source or city.name,
         "difficulty_floor": floor, "thresholds": thresholds,

@@ -1048,8 +1048,10 @@ def fit(
         model = fit_model(city, method, task, out_dir, head=head, protocol_for_settings=settings,
                           calibration=calibration, random_state=seed, source=source)
     m = model.config["oof_metrics"]
-    err.print(f"out-of-fold ({calibration}) on {model.config['n_labelled']} labelled regions: R² {m['r2']:.3f}, "
-              f"MAE {m['mae']:.4g}")
+    err.print(f"out-of-fold ({model.config['calibration']}) on {model.config['n_labelled']} labelled regions: R² "
+              f"{m['r2']:.3f}, MAE {m['mae']:.4g}")
+    if calibration == "auto":
+        err.print(f"calibration: {model.config['calibration_choice']['why']}", markup=False)
     err.print(f"wrote {model.folder}")
 
 

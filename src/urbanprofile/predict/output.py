@@ -161,7 +161,9 @@ def model_card(config: dict[str, Any]) -> str:
                                     f"(lowest inner-CV error)")] if isinstance(checkpoint, dict) else []),
         (f"out-of-fold ({config.get('calibration')})",
          f"R² {m.get('r2', nan):.3f}, MAE {m.get('mae', nan):.4g}, RMSE {m.get('rmse', nan):.4g}"),
-        ("intervals", f"normalised conformal (crepes) on the {config.get('calibration')} out-of-fold residuals"),
+        ("intervals", f"normalised conformal (crepes) on the {config.get('calibration')} out-of-fold residuals"
+                      + (f" (auto: {choice['why']})" if isinstance(choice := config.get("calibration_choice"), dict)
+                         and choice.get("asked") == "auto" and "why" in choice else "")),
         ("applicability", f"embedding distance > {thresholds.get('embedding', nan):.3g}"
                           + (f", or > {spatial:.3g} km from every labelled region" if spatial is not None else "")),
         ("urbanprofile", str(config.get("urbanprofile_version"))),

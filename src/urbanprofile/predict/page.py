@@ -180,11 +180,12 @@ def render_model_page(model: FittedModel, city: CityData, frame: Any, level: flo
     start = _page_start(esc(subtitle), title="urbanprofile prediction report").replace(
         "</style>", f"{_PAGE_CSS}</style>", 1)
     coverage = _coverage_html(model, level, notes)
+    flagged_line = (f"<b>{n_flagged}</b> of them lie outside what the model saw and are listed below with the reason"
+                    if n_flagged else "none lies outside what the model saw")
     notes_html = "".join(f'<p class="note">Note: {esc(n)}.</p>' for n in notes)
     return start + f"""<main>
 <p class="lead">{len(frame)} regions of {esc(city.name)} predicted with {level:.0%} conformal intervals (mean width
-{float(frame["interval_width"].mean()):.4g}); <b>{n_flagged}</b> of them lie outside what the model saw and are
-listed below with the reason.{scale_note}</p>
+{float(frame["interval_width"].mean()):.4g}); {flagged_line}.{scale_note}</p>
 {notes_html}
 <h2 id="card">Model card</h2>
 {model_card(config)}

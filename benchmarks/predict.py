@@ -188,12 +188,39 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path]) -> int:
+    """predict.json / predict.md from per-case row files and a timing file, rows in CASES order."""
+    rows: list[dict[str, Any]] = []
+    timings: dict[str, Any] = {}
+    seconds = 0.0
+    for path in paths:
+        part = json.loads(path.read_text())
+        rows += part.get("rows", [])
+        seconds += float(part.get("seconds", 0.0))
+        timings = part.get("timing", timings)
+    order = {case: i for i, case in enumerate(CASES)}
+    # Stable: each method's hold-out and calibration rows keep the order they were run in.
+    rows.sort(key=lambda r: (order.get((r["dataset"], r["task"]), len(order)), METHODS.index(r["method"])))
+    payload = {"rows": rows, "timing": timings, "level": LEVEL, "seconds": seconds, "urbanprofile": __version__,
+               "python": platform.python_version(), "machine": platform.machine(), "processes": len(paths)}
+    (RESULTS / "predict.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / "predict.md").write_text(markdown(rows, timings))
+    print(f"wrote {RESULTS / 'predict.json'} and predict.md ({len(rows)} rows)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="NYC crime only, for a smoke run")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--timing-only", action="store_true", help="re-measure the timings into predict.json/md")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite predict.md from predict.json")
+    # One process per case (on a shared machine each gets its own share of the CPUs), then --merge.
+    parser.add_argument("--cases", default=None, help="dataset:task,... (default: every case)")
+    parser.add_argument("--methods", default=None, help="method,... (default: every method)")
+    parser.add_argument("--rows-out", default=None, help="write only these cases' rows to this JSON file")
+    parser.add_argument("--timing-out", default=None, help="measure only the timings, into this JSON file")
+    parser.add_argument("--merge", nargs="+", default=None, help="--rows-out and --timing-out files -> results")
     args = parser.parse_args()
     if args.timing_only:
         payload = json.loads((RESULTS / "predict.json").read_text())
@@ -202,18 +229,25 @@ def main() -> int:
         (RESULTS / "predict.json").write_text(json.dumps(payload, indent=2) + "\n")
         (RESULTS / "predict.md").write_text(markdown(payload["rows"], payload["timing"]))
         return 0
+    if args.timing_out:
+        Path(args.timing_out).write_text(json.dumps({"timing": timing(args.data_dir)}) + "\n")
+        return 0
+    if args.merge:
+        return merge([Path(p) for p in args.merge])
     if args.markdown_only:
         payload = json.loads((RESULTS / "predict.json").read_text())
         (RESULTS / "predict.md").write_text(markdown(payload["rows"], payload["timing"]))
         return 0
     cases = CASES[:1] if args.quick else CASES
+    if args.cases:
+        cases = [tuple(c.split(":", 1)) for c in args.cases.split(",")]
     rows: list[dict[str, Any]] = []
     embeddings: dict[tuple[str, str], Any] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for dataset, task in cases:
             city = load_dataset(dataset, args.data_dir)
-            for method in METHODS:
+            for method in args.methods.split(",") if args.methods else METHODS:
                 spec = get_method(method)
                 if spec.unavailable_reason(city):
                     continue
@@ -228,6 +262,9 @@ def main() -> int:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     seconds = time.perf_counter() - start
+    if args.rows_out:
+        Path(args.rows_out).write_text(json.dumps({"rows": rows, "seconds": seconds}) + "\n")
+        return 0
     timings = timing(args.data_dir)
     print(json.dumps(timings), flush=True)
     if args.quick:

@@ -165,7 +165,9 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
         "the out-of-fold residuals inside `fit`: `auto` (the default: per fold, the folds whose held-out regions lie "
         "as far from training as the masked regions lie from the labelled ones; the folds it chose in brackets), "
         "`spatial` or `nested`. Naive: prediction ± the 90% quantile of the "
-        "same absolute residuals. R² predict = pooled "
+        "same absolute residuals. Run on a loaded 2-core machine shared with other jobs, cases and methods as "
+        "separate processes (`--cases`, `--methods`, `--merge`); the coverages do not depend on that, the timings do. "
+        "R² predict = pooled "
         "held-out predictions of `predict`; R² OOF = `evaluate_embedding` on the same folds (equal: one code path).",
         "",
         *summary_table(rows),

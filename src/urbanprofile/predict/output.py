@@ -157,8 +157,9 @@ def model_card(config: dict[str, Any]) -> str:
         ("region ids", f"sha256 {str(fingerprint.get('region_ids_sha256', ''))[:12]}"),
         ("settings chosen by", f"{config.get('protocol_for_settings')} inner CV on the labelled regions; seed "
                                f"{config.get('random_state')}"),
-        *([("embedding checkpoint", f"{checkpoint.get('chosen')} of {', '.join(checkpoint.get('candidates', []))} "
-                                    f"(lowest inner-CV error)")] if isinstance(checkpoint, dict) else []),
+        *([("embedding checkpoint", f"{checkpoint.get('chosen')}, chosen from "
+                                    f"{', '.join(checkpoint.get('candidates', []))} (lowest inner-CV error)")]
+          if isinstance(checkpoint, dict) else []),
         (f"out-of-fold ({config.get('calibration')})",
          f"R² {m.get('r2', nan):.3f}, MAE {m.get('mae', nan):.4g}, RMSE {m.get('rmse', nan):.4g}"),
         ("intervals", f"normalised conformal (crepes) on the {config.get('calibration')} out-of-fold residuals"

@@ -49,16 +49,17 @@ CASES = [
 #: The learned method is trained once per dataset (label-free) and its embedding reused by every fold.
 METHODS = ["raw-all", "raw-location", "knn-location", "hafusion"]
 HOLDOUTS = ["spatial", "nested"]
-CALIBRATIONS = ["spatial", "nested"]
+CALIBRATIONS = ["auto", "spatial", "nested"]
 
 
 def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, calibration: str,
-                 work: Path) -> dict[str, Any]:
+                 work: Path, candidates: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit on all but one fold, predict it, for every fold of ``holdout``; pooled coverage and widths."""
     td = task_data(city, task)
     truth = city.targets[task]
     y_all, pred_all, lo_all, hi_all, naive_all = [], [], [], [], []
     ids = []
+    chosen: dict[str, int] = {}
     for k, (_, test) in enumerate(outer_splits(city, td, holdout)):
         test_ids = td.region_ids[test]
         targets = city.targets.copy()
@@ -66,8 +67,9 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
         masked = replace(city, targets=targets)
         folder = work / f"{city.name}-{method}-{task}-{holdout}-{calibration}-{k}"
         fit_model(masked, method, task, folder, protocol_for_settings=holdout, calibration=calibration,
-                  embedding=emb)
+                  embedding=emb, candidates=candidates)
         model = load_model(folder)
+        chosen[model.config["calibration"]] = chosen.get(model.config["calibration"], 0) + 1
         frame = predict_regions(model, masked, level=LEVEL).loc[test_ids]
         q = float(np.quantile(np.abs(model.arrays["cal_residuals"]), LEVEL, method="higher"))
         y = truth.loc[test_ids].to_numpy(dtype=float)
@@ -79,12 +81,12 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
         naive_all.append(np.full(len(test_ids), q))
         ids.append(test_ids)
     y, pred, lo, hi, half = (np.concatenate(a) for a in (y_all, pred_all, lo_all, hi_all, naive_all))
-    oof = evaluate_embedding(city, emb, task, protocol=holdout, head=get_method(method).head)
+    oof = evaluate_embedding(city, emb, task, protocol=holdout, head=get_method(method).head, candidates=candidates)
     oof_pred = oof.predictions()["pred"].loc[np.concatenate([i.to_numpy() for i in ids])].to_numpy()
     naive_lo = np.clip(pred - half, 0, None) if (td.y >= 0).all() else pred - half
     return {
         "dataset": city.name, "task": task, "method": method, "head": get_method(method).head,
-        "holdout": holdout, "calibration": calibration, "n_regions": len(y),
+        "holdout": holdout, "calibration": calibration, "calibration_folds_chosen": chosen, "n_regions": len(y),
         "coverage": float(np.mean((y >= lo) & (y <= hi))), "mean_width": float(np.mean(hi - lo)),
         "naive_coverage": float(np.mean((y >= naive_lo) & (y <= pred + half))),
         "naive_mean_width": float(np.mean(pred + half - naive_lo)),
@@ -143,6 +145,14 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _calibration_cell(row: dict[str, Any]) -> str:
+    """``auto (spatial 3, nested 2)``: what auto chose over the hold-out's folds."""
+    if row["calibration"] != "auto":
+        return str(row["calibration"])
+    chosen = row.get("calibration_folds_chosen", {})
+    return f"auto ({', '.join(f'{k} {v}' for k, v in sorted(chosen.items(), reverse=True))})"
+
+
 def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
     lines = [
         "# Prediction intervals of `urbanprofile predict` on held-out regions",
@@ -151,8 +161,13 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
         f"(level {LEVEL:.0%}; seed 0).",
         "Hold-out `spatial`: each of 5 folds of whole k-means blocks held out in turn, the model fit on the rest; "
         "`nested`: 10 random folds. hafusion (seed 0) is trained once per city, label-free, and its "
-        "embedding reused. Calibration: the folds of the out-of-fold residuals inside `fit` (default "
-        "`spatial`). Naive: prediction ± the 90% quantile of the same absolute residuals. R² predict = pooled "
+        "checkpoints reused (each fit chooses one by inner CV on its labelled regions). Calibration: the folds of "
+        "the out-of-fold residuals inside `fit`: `auto` (the default: per fold, the folds whose held-out regions lie "
+        "as far from training as the masked regions lie from the labelled ones; the folds it chose in brackets), "
+        "`spatial` or `nested`. Naive: prediction ± the 90% quantile of the "
+        "same absolute residuals. Run on a loaded 2-core machine shared with other jobs, cases and methods as "
+        "separate processes (`--cases`, `--methods`, `--merge`); the coverages do not depend on that, the timings do. "
+        "R² predict = pooled "
         "held-out predictions of `predict`; R² OOF = `evaluate_embedding` on the same folds (equal: one code path).",
         "",
         *summary_table(rows),
@@ -163,8 +178,9 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['task']} | {r['method']} | {r['head']} | {r['holdout']} | "
-                     f"{r['calibration']} | {r['coverage']:.3f} | {r['mean_width']:.4g} | {r['naive_coverage']:.3f} | "
-                     f"{r['naive_mean_width']:.4g} | {r['r2_predict']:.3f} | {r['r2_out_of_fold']:.3f} |")
+                     f"{_calibration_cell(r)} | {r['coverage']:.3f} | {r['mean_width']:.4g} | "
+                     f"{r['naive_coverage']:.3f} | {r['naive_mean_width']:.4g} | {r['r2_predict']:.3f} | "
+                     f"{r['r2_out_of_fold']:.3f} |")
     lines += ["", f"Timing ({timings['case']}): {timings['in_process_seconds']:.1f} s in process, "
               f"{timings['cli_wall_seconds']:.1f} s wall for the two CLI commands (Python start-up and imports "
               f"included), on this 2-core machine shared with other jobs (1-minute load average "
@@ -174,12 +190,39 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path]) -> int:
+    """predict.json / predict.md from per-case row files and a timing file, rows in CASES order."""
+    rows: list[dict[str, Any]] = []
+    timings: dict[str, Any] = {}
+    seconds = 0.0
+    for path in paths:
+        part = json.loads(path.read_text())
+        rows += part.get("rows", [])
+        seconds += float(part.get("seconds", 0.0))
+        timings = part.get("timing", timings)
+    order = {case: i for i, case in enumerate(CASES)}
+    # Stable: each method's hold-out and calibration rows keep the order they were run in.
+    rows.sort(key=lambda r: (order.get((r["dataset"], r["task"]), len(order)), METHODS.index(r["method"])))
+    payload = {"rows": rows, "timing": timings, "level": LEVEL, "seconds": seconds, "urbanprofile": __version__,
+               "python": platform.python_version(), "machine": platform.machine(), "processes": len(paths)}
+    (RESULTS / "predict.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / "predict.md").write_text(markdown(rows, timings))
+    print(f"wrote {RESULTS / 'predict.json'} and predict.md ({len(rows)} rows)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="NYC crime only, for a smoke run")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--timing-only", action="store_true", help="re-measure the timings into predict.json/md")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite predict.md from predict.json")
+    # One process per case (on a shared machine each gets its own share of the CPUs), then --merge.
+    parser.add_argument("--cases", default=None, help="dataset:task,... (default: every case)")
+    parser.add_argument("--methods", default=None, help="method,... (default: every method)")
+    parser.add_argument("--rows-out", default=None, help="write only these cases' rows to this JSON file")
+    parser.add_argument("--timing-out", default=None, help="measure only the timings, into this JSON file")
+    parser.add_argument("--merge", nargs="+", default=None, help="--rows-out and --timing-out files -> results")
     args = parser.parse_args()
     if args.timing_only:
         payload = json.loads((RESULTS / "predict.json").read_text())
@@ -188,31 +231,42 @@ def main() -> int:
         (RESULTS / "predict.json").write_text(json.dumps(payload, indent=2) + "\n")
         (RESULTS / "predict.md").write_text(markdown(payload["rows"], payload["timing"]))
         return 0
+    if args.timing_out:
+        Path(args.timing_out).write_text(json.dumps({"timing": timing(args.data_dir)}) + "\n")
+        return 0
+    if args.merge:
+        return merge([Path(p) for p in args.merge])
     if args.markdown_only:
         payload = json.loads((RESULTS / "predict.json").read_text())
         (RESULTS / "predict.md").write_text(markdown(payload["rows"], payload["timing"]))
         return 0
     cases = CASES[:1] if args.quick else CASES
+    if args.cases:
+        cases = [tuple(c.split(":", 1)) for c in args.cases.split(",")]
     rows: list[dict[str, Any]] = []
     embeddings: dict[tuple[str, str], Any] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for dataset, task in cases:
             city = load_dataset(dataset, args.data_dir)
-            for method in METHODS:
+            for method in args.methods.split(",") if args.methods else METHODS:
                 spec = get_method(method)
                 if spec.unavailable_reason(city):
                     continue
                 key = (dataset, method)
                 if key not in embeddings:
-                    embeddings[key] = spec.build(random_state=0).fit_transform(city)
-                emb = embeddings[key]
+                    embedder = spec.build(random_state=0)
+                    embeddings[key] = (embedder.fit_transform(city), getattr(embedder, "candidates_", None))
+                emb, candidates = embeddings[key]
                 for holdout in HOLDOUTS:
                     for calibration in CALIBRATIONS:
-                        row = held_out_run(city, emb, method, task, holdout, calibration, Path(tmp))
+                        row = held_out_run(city, emb, method, task, holdout, calibration, Path(tmp), candidates)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     seconds = time.perf_counter() - start
+    if args.rows_out:
+        Path(args.rows_out).write_text(json.dumps({"rows": rows, "seconds": seconds}) + "\n")
+        return 0
     timings = timing(args.data_dir)
     print(json.dumps(timings), flush=True)
     if args.quick:

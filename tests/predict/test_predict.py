@@ -153,7 +153,8 @@ def test_bad_options(city: CityData, tmp_path: Path) -> None:
     corner = city.region_ids[blocks == np.bincount(blocks).argmax()]  # labels in one spatial block only
     assert len(corner) >= 10
     with pytest.raises(UrbanProfileError, match="at least 2 folds"):
-        fit_model(_masked(city, "crime", city.region_ids.difference(corner)), "raw-poi", "crime", tmp_path / "c")
+        fit_model(_masked(city, "crime", city.region_ids.difference(corner)), "raw-poi", "crime", tmp_path / "c",
+                  calibration="spatial")
     with pytest.raises(UrbanProfileError, match="--protocol-for-settings must be one of"):
         fit_model(masked, "raw-poi", "crime", tmp_path / "p", protocol_for_settings="paper")
     with pytest.raises(UrbanProfileError, match="head 'mlp' cannot be kept"):

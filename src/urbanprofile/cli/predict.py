@@ -25,7 +25,8 @@ def fit(
     settings: Annotated[str, typer.Option("--protocol-for-settings", help="Inner folds choosing the head's "
                                           "settings: nested (random) or spatial (blocks).")] = "nested",
     calibration: Annotated[str, typer.Option("--calibration", help="Folds of the out-of-fold residuals that "
-                                             "calibrate the intervals: spatial or nested.")] = "spatial",
+                                             "calibrate the intervals: spatial, nested, or auto (those matching how "
+                                             "the unlabelled regions lie).")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the method, the folds and the head.")] = 0,
     data_dir: DataDir = None,
 ) -> None:
@@ -41,8 +42,10 @@ def fit(
         model = fit_model(city, method, task, out_dir, head=head, protocol_for_settings=settings,
                           calibration=calibration, random_state=seed, source=source)
     m = model.config["oof_metrics"]
-    err.print(f"out-of-fold ({calibration}) on {model.config['n_labelled']} labelled regions: R² {m['r2']:.3f}, "
-              f"MAE {m['mae']:.4g}")
+    err.print(f"out-of-fold ({model.config['calibration']}) on {model.config['n_labelled']} labelled regions: R² "
+              f"{m['r2']:.3f}, MAE {m['mae']:.4g}")
+    if calibration == "auto":
+        err.print(f"calibration: {model.config['calibration_choice']['why']}", markup=False)
     err.print(f"wrote {model.folder}")
 
 

@@ -22,16 +22,34 @@ def report(
     no_maps: Annotated[bool, typer.Option("--no-maps", help="Leave out the per-block maps (needs no data).")] = False,
     parents: Parents = False,
     data_dir: DataDir = None,
+    model_dir: Annotated[Path | None, typer.Option("--model", help="A model folder from `fit`: write its prediction "
+                                                   "page (model-<folder>.html) instead of the store's.")] = None,
+    level: Annotated[float, typer.Option("--level", help="With --model: interval level, in (0, 1).")] = 0.9,
 ) -> None:
     """Write a static, self-contained HTML report of a results store (leaderboards, bias, seeds, maps)."""
     from urbanprofile.report.html import write_report
 
     check_output(out_dir, parents=parents, folder=True)
+    if model_dir is not None:
+        _report_model(model_dir, out_dir, level, data_dir)
+        return
     with err.status(escape(f"writing the report of {store_path}")), writing(out_dir / "index.html"):
         written = write_report(store_path, out_dir, data_dir=data_dir, with_maps=not no_maps)
     for note in written.notes:
         err.print(f"note: {note}")
     err.print(f"wrote {written.path} ({written.n_rows} rows, {written.n_datasets} datasets, {written.maps} maps)")
+
+
+def _report_model(model_dir: Path, out_dir: Path, level: float, data_dir: Path | None) -> None:
+    from urbanprofile.predict.conformal import check_level
+    from urbanprofile.predict.page import write_model_page
+
+    check_level(level)
+    with err.status(escape(f"writing the prediction page of {model_dir}")):
+        page = write_model_page(model_dir, out_dir, data_dir=data_dir, level=level)
+    for note in page.notes:
+        err.print(f"note: {note}", markup=False)
+    err.print(f"wrote {page.path} ({page.n_predicted} regions predicted, {page.n_flagged} flagged)")
 
 
 def map_command(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,6 +241,21 @@ def _task_blocks(city: CityData, task: TaskData, n_blocks: int) -> np.ndarray:
     return blocks.loc[task.region_ids].to_numpy()
 
 
+def fit_best_candidate(
+    matrices: dict[str, np.ndarray], rows: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
+    build: Callable[[], Any],
+) -> tuple[str, Any]:
+    """Fit a fresh head (``build()``) on ``rows`` of each candidate embedding and keep the one with the lowest
+    inner-CV error (a training checkpoint chosen on training labels only); one candidate is simply fit.
+
+    Returns:
+        The chosen candidate's label and its fitted head.
+    """
+    fits = {label: build().fit(X[rows], y[rows], groups=groups) for label, X in matrices.items()}
+    label = min(fits, key=lambda name: fits[name].cv_error_) if len(fits) > 1 else next(iter(fits))
+    return label, fits[label]
+
+
 def evaluate_embedding(
     city: CityData,
     embedding: pd.DataFrame,
@@ -305,15 +320,13 @@ def evaluate_embedding(
                                 f"{city.name} {task} {protocol}")
         n_train.append(len(train))
         groups = inner_groups[train] if inner_groups is not None else None
-        fits = {}
-        for label, X in matrices.items():
-            estimator = build_head(spec, policy.fixed_probe, random_state, n_region_features=n_features,
-                                   n_learned=n_learned)
-            fits[label] = estimator.fit(X[train], y[train], groups=groups)
-        label = min(fits, key=lambda name: fits[name].cv_error_) if len(fits) > 1 else next(iter(fits))
-        pred[test] = fits[label].predict(matrices[label][test])
+        label, estimator = fit_best_candidate(
+            matrices, train, y, groups,
+            lambda: build_head(spec, policy.fixed_probe, random_state, n_region_features=n_features,
+                               n_learned=n_learned))
+        pred[test] = estimator.predict(matrices[label][test])
         fold[test] = k
-        chosen.append({**fits[label].chosen(), **({"candidate": label} if len(fits) > 1 else {})})
+        chosen.append({**estimator.chosen(), **({"candidate": label} if len(matrices) > 1 else {})})
         progress.fold_done(k)
     head_seconds = time.perf_counter() - start
     return ProtocolResult(

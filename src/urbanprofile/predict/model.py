@@ -22,7 +22,13 @@ from urbanprofile import __version__
 from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import task_data
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
-from urbanprofile.evaluation.protocols import evaluate_embedding, get_protocol, n_spatial_blocks, outer_splits
+from urbanprofile.evaluation.protocols import (
+    evaluate_embedding,
+    fit_best_candidate,
+    get_protocol,
+    n_spatial_blocks,
+    outer_splits,
+)
 from urbanprofile.evaluation.spatial import spatial_blocks
 from urbanprofile.heads.registry import build_head, parse_head
 from urbanprofile.methods import MethodSpec, get_method
@@ -109,7 +115,8 @@ class FittedModel:
 
 def _check_protocol(option: str, protocol: str) -> None:
     if protocol not in FIT_PROTOCOLS:
-        raise UrbanProfileError(f"{option} must be one of {', '.join(FIT_PROTOCOLS)}, got {protocol!r}")
+        choices = ", ".join((*FIT_PROTOCOLS, "auto") if option == "--calibration" else FIT_PROTOCOLS)
+        raise UrbanProfileError(f"{option} must be one of {choices}, got {protocol!r}")
 
 
 def _settings_groups(city: CityData, region_ids: pd.Index, protocol: str) -> np.ndarray | None:
@@ -121,10 +128,81 @@ def _settings_groups(city: CityData, region_ids: pd.Index, protocol: str) -> np.
     return blocks.loc[region_ids].to_numpy()
 
 
+#: A region's distance to the labelled set is measured to its k-th nearest labelled region: the nearest alone says
+#: a region on the edge of a missing district is as well placed as one among labelled neighbours.
+GAP_NEIGHBOURS = 5
+
+
+def _kth_distance(reference: np.ndarray, query: np.ndarray) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(GAP_NEIGHBOURS, len(reference))
+    distance, _ = NearestNeighbors(n_neighbors=k).fit(reference).kneighbors(query)
+    return np.asarray(distance[:, -1], dtype=float)
+
+
+def _fold_distances(km: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each labelled region's distance to the labelled regions of its fold's training set."""
+    distance = np.zeros(len(km))
+    for train, test in folds:
+        distance[test] = _kth_distance(km[train], km[test])
+    return distance
+
+
+def choose_calibration(city: CityData, task: str) -> tuple[str, dict[str, Any]]:
+    """``--calibration auto``: the folds whose held-out regions lie as far from their training regions as the
+    regions to predict (those without the label) lie from the labelled ones.
+
+    Conformal intervals hold when calibration errors are made at the distances the predictions will be made at:
+    random folds calibrate on regions whose neighbours were in training (right for scattered gaps, far too
+    narrow for a missing district), whole blocks calibrate on regions far from training (right for a missing
+    district, too wide for scattered gaps). The choice reads only locations and which regions are labelled, never
+    a label of a region to predict. Distances are compared as distributions (1-Wasserstein) in units of the
+    labelled regions' median spacing; a tie, or a city with every region labelled, keeps ``spatial``, the
+    cautious choice.
+
+    Returns:
+        The protocol chosen and the facts behind the choice (for ``model.json``).
+    """
+    from scipy.stats import wasserstein_distance
+
+    if not city.has_locations:
+        return "nested", {"asked": "auto", "why": "no region locations: random folds"}
+    td = task_data(city, task)
+    labels = city.targets[task] if task in city.targets.columns else pd.Series(np.nan, index=city.region_ids)
+    gaps = city.region_ids[labels.isna().to_numpy()]
+    coords = pd.DataFrame(city.coordinates(), index=city.region_ids)
+    origin = city.coordinates().mean(axis=0)
+    labelled_km = lonlat_km(coords.loc[td.region_ids].to_numpy(), origin)
+    if not len(gaps):
+        return "spatial", {"asked": "auto", "why": "every region is labelled: no gaps to match; spatial blocks"}
+    spacing = float(np.median(leave_one_out_spacing(labelled_km))) or 1.0
+    gap_distance = _kth_distance(labelled_km, lonlat_km(coords.loc[gaps].to_numpy(), origin)) / spacing
+    mismatch: dict[str, float] = {}
+    for protocol in ("spatial", "nested"):
+        folds = outer_splits(city, td, protocol)
+        if len(folds) >= 2:
+            mismatch[protocol] = float(wasserstein_distance(_fold_distances(labelled_km, folds) / spacing,
+                                                            gap_distance))
+    chosen = min(mismatch, key=lambda p: (mismatch[p], p != "spatial"))
+    return chosen, {"asked": "auto", "gap_distance_median": float(np.median(gap_distance)),
+                    "mismatch": mismatch, "unit": "median spacing of the labelled regions",
+                    "why": f"{chosen} folds hold out regions at distances most like the {len(gaps)} unlabelled ones"}
+
+
+def leave_one_out_spacing(km: np.ndarray) -> np.ndarray:
+    """Each labelled region's distance to its nearest other labelled region."""
+    from sklearn.neighbors import NearestNeighbors
+
+    distance, _ = NearestNeighbors(n_neighbors=2).fit(km).kneighbors(km)
+    return np.asarray(distance[:, 1], dtype=float)
+
+
 def fit_model(
     city: CityData, method: str, task: str, out: str | Path, head: str | None = None,
-    protocol_for_settings: str = "nested", calibration: str = "spatial", random_state: int = 0,
+    protocol_for_settings: str = "nested", calibration: str = "auto", random_state: int = 0,
     embedding: pd.DataFrame | None = None, source: str | None = None,
+    candidates: dict[str, pd.DataFrame] | None = None,
 ) -> FittedModel:
     """Fit ``method`` + ``head`` on every region of ``city`` labelled for ``task`` and write the model folder.
 
@@ -135,10 +213,17 @@ def fit_model(
         out: The model folder to create (its parent must exist; it must not exist or be empty).
         head: ``ridge``, ``knn`` or ``ridge-blocks`` (default: the method's own head).
         protocol_for_settings: ``nested`` (random inner folds) or ``spatial`` (inner folds over blocks).
-        calibration: Folds of the out-of-fold residuals the intervals are calibrated on.
+        calibration: Folds of the out-of-fold residuals the intervals are calibrated on: ``spatial``, ``nested``
+            or ``auto`` (the one matching how the unlabelled regions lie: :func:`choose_calibration`).
         random_state: Seed of the embedder, the inner folds and the head.
         embedding: The method's embedding of ``city`` when already computed (benchmarks reuse one per seed).
         source: How the dataset was named (a dataset name or a built folder's path): ``predict``'s default.
+        candidates: With ``embedding``: the embedder's training checkpoints (``candidates_``) to choose from.
+
+    A learned method's embedding is not simply its final epoch: the checkpoint kept is the one whose head has the
+    lowest inner-CV error on the labelled regions (``protocol_for_settings``'s inner folds), as the ``nested`` and
+    ``spatial`` protocols choose it on each outer training fold; the calibration folds choose again on their own
+    training regions, so the intervals account for that choice too.
 
     Raises:
         UrbanProfileError: A bad option, too few labelled regions, a method unavailable on the city, an
@@ -152,6 +237,9 @@ def fit_model(
         raise UrbanProfileError(f"head {head_name!r} cannot be kept in a model folder yet; use one of "
                                 f"{', '.join(SAVABLE_HEADS)}")
     _check_protocol("--protocol-for-settings", protocol_for_settings)
+    calibration_choice: dict[str, Any] = {"asked": calibration}
+    if calibration == "auto":
+        calibration, calibration_choice = choose_calibration(city, task)
     _check_protocol("--calibration", calibration)
     if "spatial" in (protocol_for_settings, calibration) and not city.has_locations:
         raise MethodUnavailableError(f"spatial folds need region locations, which {city.name!r} lacks; use "
@@ -171,17 +259,24 @@ def fit_model(
     emb = embedding if embedding is not None else embedder.fit_transform(city)
     if embedding is not None and _method_kind(spec) != "learned":
         embedder.fit(city)  # baselines are cheap and their fitted state is what the folder keeps
+    if embedding is None:
+        candidates = getattr(embedder, "candidates_", None)
     timings["embed"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    X = emb.loc[td.region_ids].to_numpy(dtype=float)
     n_learned = int(emb.columns.str.startswith("emb_").sum())
-    estimator = build_head(head_spec, get_protocol(protocol_for_settings).fixed_probe, random_state,
-                           n_region_features=X.shape[1],
-                           n_learned=n_learned)
-    estimator.fit(X, td.y, groups=_settings_groups(city, td.region_ids, protocol_for_settings))
+    options = dict(candidates) if candidates else {"final": emb}
+    matrices = {label: frame.loc[td.region_ids].to_numpy(dtype=float) for label, frame in options.items()}
+    n_features = next(iter(matrices.values())).shape[1]
+    chosen, estimator = fit_best_candidate(
+        matrices, np.arange(len(td.y)), td.y, _settings_groups(city, td.region_ids, protocol_for_settings),
+        lambda: build_head(head_spec, get_protocol(protocol_for_settings).fixed_probe, random_state,
+                           n_region_features=n_features, n_learned=n_learned))
+    emb = options[chosen]
+    X = matrices[chosen]
     # The calibration residuals: out-of-fold predictions of the very code that scores the method.
-    oof = evaluate_embedding(city, emb, task, protocol=calibration, head=head_name, random_state=random_state)
+    oof = evaluate_embedding(city, emb, task, protocol=calibration, head=head_name, random_state=random_state,
+                             candidates=candidates)
     timings["head"] = time.perf_counter() - start
 
     space = EmbeddingSpace.fit(X)
@@ -211,6 +306,7 @@ def fit_model(
         "method_kind": _method_kind(spec), "head": head_name, "head_settings": estimator.chosen(),
         "task": task, "task_scale": td.scale, "labels_non_negative": bool((td.y >= 0).all()),
         "random_state": random_state, "protocol_for_settings": protocol_for_settings, "calibration": calibration,
+        "calibration_choice": calibration_choice,
         "oof_metrics": oof.metrics, "n_labelled": len(td.y), "n_calibration": len(td.y),
         "fingerprint": dataset_fingerprint(city), "dataset_source": source or city.name,
         "difficulty_floor": floor, "thresholds": thresholds,
@@ -218,6 +314,11 @@ def fit_model(
         "origin_lonlat": None if origin is None else [float(v) for v in origin],
         "view_columns": {v: [str(c) for c in city.views[v].columns] for v in spec.requires_views},
         "embedding_columns": [str(c) for c in emb.columns],
+        "checkpoint": None if len(options) < 2 else {
+            "chosen": chosen, "candidates": list(options),
+            "by": f"lowest inner-CV error of the head ({protocol_for_settings} inner folds, labelled regions only)",
+            "embedder_weights": "the network after the last epoch; predict reads the chosen checkpoint's embedding "
+                                "(embedding.parquet)"},
     }
     writer = FolderWriter(out)
     try:

@@ -126,6 +126,19 @@ _SCRIPT = """
 """
 
 
+def _settings(settings: Any) -> str:
+    """``{'alpha': 31.62, 'log_target': True}`` as ``alpha 31.6, log_target yes``."""
+    if not isinstance(settings, dict):
+        return str(settings or "-")
+
+    def shown(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{key} {shown(value)}" for key, value in settings.items()) or "-"
+
+
 def model_card(config: dict[str, Any]) -> str:
     """The model folder's facts as an HTML table: what was fit, on what, how it was checked."""
     m = config.get("oof_metrics", {})
@@ -133,17 +146,26 @@ def model_card(config: dict[str, Any]) -> str:
     fingerprint = config.get("fingerprint", {})
     thresholds = config.get("thresholds", {})
     spatial = thresholds.get("spatial_km")
+    checkpoint = config.get("checkpoint")
     rows = [
-        ("method + head", f"{config.get('method')} + {config.get('head')} {config.get('head_settings', '')}"),
+        ("method + head", f"{config.get('method')} + {config.get('head')}"),
+        ("head settings", _settings(config.get("head_settings"))),
         ("task", f"{config.get('task')} (labels on the {config.get('task_scale')} scale)"),
         ("fit on", f"{fingerprint.get('dataset')}: {config.get('n_labelled')} labelled of "
                    f"{fingerprint.get('n_regions')} regions; views "
                    f"{', '.join(fingerprint.get('views', {})) or 'none'}; content sha256 "
                    f"{str(fingerprint.get('content_sha256', ''))[:12]}"),
-        ("settings chosen by", f"{config.get('protocol_for_settings')} inner CV; seed {config.get('random_state')}"),
+        ("region ids", f"sha256 {str(fingerprint.get('region_ids_sha256', ''))[:12]}"),
+        ("settings chosen by", f"{config.get('protocol_for_settings')} inner CV on the labelled regions; seed "
+                               f"{config.get('random_state')}"),
+        *([("embedding checkpoint", f"{checkpoint.get('chosen')}, chosen from "
+                                    f"{', '.join(checkpoint.get('candidates', []))} (lowest inner-CV error)")]
+          if isinstance(checkpoint, dict) else []),
         (f"out-of-fold ({config.get('calibration')})",
          f"R² {m.get('r2', nan):.3f}, MAE {m.get('mae', nan):.4g}, RMSE {m.get('rmse', nan):.4g}"),
-        ("intervals", f"normalised conformal (crepes) on the {config.get('calibration')} out-of-fold residuals"),
+        ("intervals", f"normalised conformal (crepes) on the {config.get('calibration')} out-of-fold residuals"
+                      + (f" (auto: {choice['why']})" if isinstance(choice := config.get("calibration_choice"), dict)
+                         and choice.get("asked") == "auto" and "why" in choice else "")),
         ("applicability", f"embedding distance > {thresholds.get('embedding', nan):.3g}"
                           + (f", or > {spatial:.3g} km from every labelled region" if spatial is not None else "")),
         ("urbanprofile", str(config.get("urbanprofile_version"))),

@@ -448,17 +448,17 @@ Moran's I: spatial autocorrelation of the residuals on the region adjacency (0 =
     return page, n_maps, notes
 
 
-def _page_start(subtitle_html: str) -> str:
+def _page_start(subtitle_html: str, title: str = "urbanprofile benchmark report") -> str:
     """The page's head (a strict CSP: no scripts, no network) and its header line; ``subtitle_html`` is escaped."""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
-<title>urbanprofile benchmark report</title>
+<title>{html.escape(title)}</title>
 <style>{_CSS}</style></head>
 <body>
-<header><h1>urbanprofile benchmark report</h1><p>{subtitle_html}</p></header>
+<header><h1>{html.escape(title)}</h1><p>{subtitle_html}</p></header>
 """
 
 

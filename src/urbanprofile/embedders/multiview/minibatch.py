@@ -296,8 +296,12 @@ def _embed_all(network: Any, batches: list[np.ndarray], make: BatchMaker, n_regi
         network.train()
 
 
-def fit_minibatch(embedder: MultiViewEmbedder, city: CityData) -> None:
+def fit_minibatch(embedder: MultiViewEmbedder, city: CityData, max_steps: int | None = None) -> None:
     """Train ``embedder`` on ``city`` in mini-batches and set its fitted attributes (``log_``, ``embedding_``, ...).
+
+    ``max_steps`` stops the run after that many steps in all, part way through an epoch, and then sets only
+    ``log_`` (its ``epoch_seconds`` holds the partial epoch): a way to time an epoch of a very large city from
+    its first steps (``benchmarks/minibatch.py``); nothing is embedded.
 
     The embedder provides ``build_minibatch(city, inputs) -> (network, neighbours)``: a network whose
     ``network(batch)`` embeds a :class:`RegionBatch`, and a global (N, k) neighbour table (``None`` for dense
@@ -322,9 +326,12 @@ def fit_minibatch(embedder: MultiViewEmbedder, city: CityData) -> None:
     embed_batches = compact_batches(xy, batch_size)
     start = time.perf_counter()
     network.train()
+    steps = 0
     for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
         totals: dict[str, float] = {}
         batches = compact_batches(xy, batch_size, rng)
+        log.steps_per_epoch = len(batches)
         for index in batches:
             optimizer.zero_grad()
             parts = _step(network, objective, make, index)
@@ -340,7 +347,15 @@ def fit_minibatch(embedder: MultiViewEmbedder, city: CityData) -> None:
             optimizer.step()
             for part, value in parts.items():
                 totals[part] = totals.get(part, 0.0) + float(value.detach()) / len(batches)
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                log.epoch_seconds.append(time.perf_counter() - epoch_start)
+                log.steps_per_epoch = len(batches)
+                log.seconds = time.perf_counter() - start
+                embedder.log_ = log
+                return
         log.losses.append(totals)
+        log.epoch_seconds.append(time.perf_counter() - epoch_start)
         log.epochs = epoch
         if embedder.on_epoch is not None:
             embedder.on_epoch(epoch, epochs)

@@ -313,9 +313,15 @@ def _masked_mean(values: Any, mask: Any) -> Any:
 
 @dataclass
 class TrainingLog:
-    """What a training run did: per-part losses, timings and optional embedding snapshots."""
+    """What a training run did: per-part losses, timings and optional embedding snapshots.
+
+    ``epoch_seconds`` (mini-batch runs) holds each epoch's training time, without embedding its checkpoints, and
+    ``steps_per_epoch`` how many batches an epoch has.
+    """
 
     losses: list[dict[str, float]] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    steps_per_epoch: int = 1
     seconds: float = 0.0
     epochs: int = 0
     snapshots: dict[int, np.ndarray] = field(default_factory=dict)

@@ -37,6 +37,25 @@ def test_same_seed_same_numbers_and_other_seed_others(city: Any, cls: type) -> N
     assert np.isfinite(first).all() and first.shape == (city.n_regions, 16)
 
 
+def test_negatives_join_each_batch_seeded_and_distinct(city: Any) -> None:
+    from urbanprofile.embedders.multiview.minibatch import with_negatives
+
+    index = np.arange(10, 40)
+    extended = with_negatives(index, city.n_regions, 20, np.random.default_rng(0))
+    assert extended[:30].tolist() == index.tolist() and len(extended) == 50
+    assert len(set(extended.tolist())) == 50  # distinct, none from the batch
+    again = with_negatives(index, city.n_regions, 20, np.random.default_rng(0))
+    assert extended.tolist() == again.tolist()
+
+    def run(negatives: int) -> np.ndarray:
+        return SRELEmbedder(**SMALL, mode="minibatch", batch_size=32, negatives=negatives,
+                            random_state=0).fit_transform(city).to_numpy()
+
+    with_extra = run(16)
+    np.testing.assert_array_equal(with_extra, run(16))
+    assert np.isfinite(with_extra).all() and not np.allclose(with_extra, run(0))
+
+
 def test_one_batch_is_the_full_batch_step(city: Any) -> None:
     # With the whole city in one batch, the mini-batch losses and attention are the full-batch ones.
     full = HAFusionEmbedder(**SMALL, mode="full", random_state=0).fit(city)
@@ -123,6 +142,7 @@ def test_a_large_city_never_holds_an_n_by_n_matrix(cls: type) -> None:
     ({"mode": "minibatch", "batch_size": 1}, "batch_size must be an integer of at least 2 regions, got 1"),
     ({"mode": "minibatch", "batch_size": 64.0}, "batch_size must be an integer"),
     ({"minibatch_above": -5}, "minibatch_above must be an integer >= 0 regions, got -5"),
+    ({"mode": "minibatch", "negatives": -1}, "negatives must be an integer >= 0 regions, got -1"),
 ])
 def test_bad_parameters_are_one_line_errors(city: Any, params: dict[str, Any], match: str) -> None:
     with pytest.raises(ParameterError, match=match) as err:

@@ -96,6 +96,8 @@ class HAFusionEmbedder(MultiViewEmbedder):
         batch_size: Regions per mini-batch.
         minibatch_above: Largest city trained full-batch under ``auto`` (the default: where square views become
             sparse, since the full-batch form holds dense N x N attention maps and views).
+        negatives: Regions drawn uniformly from outside each mini-batch and added to it (context for its
+            attention, candidates of its losses; their own outputs are not kept).
         random_state: Seed of the initialisation.
     """
 
@@ -105,7 +107,8 @@ class HAFusionEmbedder(MultiViewEmbedder):
                  feedforward: int | None = 2048, edge_channels: int | None = None,
                  view_fusion: str = "attention", memory_blocks: int = 2, memory_size: int = 72,
                  views: tuple[str, ...] = MULTI_VIEWS, mode: str = "auto", batch_size: int = 1024,
-                 minibatch_above: int = SPARSE_VIEW_ABOVE, random_state: int | None = 0) -> None:
+                 minibatch_above: int = SPARSE_VIEW_ABOVE, negatives: int = 0,
+                 random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
         self.n_layers = n_layers
@@ -125,6 +128,7 @@ class HAFusionEmbedder(MultiViewEmbedder):
         self.mode = mode
         self.batch_size = batch_size
         self.minibatch_above = minibatch_above
+        self.negatives = negatives
         self.random_state = random_state
 
     minibatch_unsupported = None

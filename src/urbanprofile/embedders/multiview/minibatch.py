@@ -48,11 +48,11 @@ if TYPE_CHECKING:
 MODES = ("auto", "full", "minibatch")
 
 
-def check_mode(name: str, mode: str, batch_size: Any, minibatch_above: Any) -> None:
+def check_mode(name: str, mode: str, batch_size: Any, minibatch_above: Any, negatives: Any = 0) -> None:
     """Validate the mini-batch parameters of a method, with one-line errors.
 
     Raises:
-        ParameterError: On an unknown mode, a batch size below 2, or a negative threshold.
+        ParameterError: On an unknown mode, a batch size below 2, or a negative threshold or count of negatives.
     """
     if mode not in MODES:
         raise ParameterError(f"{name}: mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -60,6 +60,8 @@ def check_mode(name: str, mode: str, batch_size: Any, minibatch_above: Any) -> N
         raise ParameterError(f"{name}: batch_size must be an integer of at least 2 regions, got {batch_size!r}")
     if isinstance(minibatch_above, bool) or not isinstance(minibatch_above, int | np.integer) or minibatch_above < 0:
         raise ParameterError(f"{name}: minibatch_above must be an integer >= 0 regions, got {minibatch_above!r}")
+    if isinstance(negatives, bool) or not isinstance(negatives, int | np.integer) or negatives < 0:
+        raise ParameterError(f"{name}: negatives must be an integer >= 0 regions, got {negatives!r}")
 
 
 def uses_minibatch(mode: str, n_regions: int, minibatch_above: int) -> bool:
@@ -279,17 +281,32 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values[mask].mean() if bool(mask.any()) else values.sum() * 0.0
 
 
-def _embed_all(network: Any, batches: list[np.ndarray], make: BatchMaker, n_regions: int) -> np.ndarray:
-    """Every region's embedding, batch by batch, with dropout off and no gradients."""
+def with_negatives(index: np.ndarray, n_regions: int, negatives: int, rng: np.random.Generator) -> np.ndarray:
+    """A batch followed by up to ``negatives`` regions drawn uniformly from outside it (distinct, seeded)."""
+    if negatives <= 0 or len(index) >= n_regions:
+        return index
+    inside = np.zeros(n_regions, dtype=bool)  # O(N) booleans per step, small beside a step's work
+    inside[index] = True
+    drawn = rng.integers(0, n_regions, size=2 * negatives + 16)
+    drawn = drawn[~inside[drawn]]
+    _, first = np.unique(drawn, return_index=True)
+    extra = drawn[np.sort(first)][:negatives]
+    return np.concatenate([index, extra])
+
+
+def _embed_all(network: Any, batches: list[np.ndarray], make: BatchMaker, n_regions: int, negatives: int,
+               seed: int) -> np.ndarray:
+    """Every region's embedding, batch by batch, with dropout off and no gradients (the same negatives each time)."""
+    rng = np.random.default_rng([seed, 1])
     network.eval()
     try:
         out: np.ndarray | None = None
         with torch.no_grad():
             for index in batches:
-                values = network(make(index)).numpy()
+                values = network(make(with_negatives(index, n_regions, negatives, rng))).numpy()
                 if out is None:
                     out = np.empty((n_regions, values.shape[1]), dtype=np.float32)
-                out[index] = values
+                out[index] = values[: len(index)]
         assert out is not None
         return out
     finally:
@@ -318,6 +335,7 @@ def fit_minibatch(embedder: MultiViewEmbedder, city: CityData, max_steps: int | 
     make = BatchMaker(city.n_regions, neighbors)
     xy = batch_coordinates(city, inputs)
     batch_size = int(embedder.batch_size)
+    negatives = int(embedder.negatives)
     epochs = embedder.epochs
     checkpoints = {max(1, round(epochs * (k + 1) / embedder.n_checkpoints)) for k in range(embedder.n_checkpoints)}
     parameters = list(network.parameters())
@@ -334,7 +352,7 @@ def fit_minibatch(embedder: MultiViewEmbedder, city: CityData, max_steps: int | 
         log.steps_per_epoch = len(batches)
         for index in batches:
             optimizer.zero_grad()
-            parts = _step(network, objective, make, index)
+            parts = _step(network, objective, make, with_negatives(index, city.n_regions, negatives, rng))
             for part, value in parts.items():
                 if not torch.isfinite(value):
                     raise TrainingError(
@@ -360,7 +378,7 @@ def fit_minibatch(embedder: MultiViewEmbedder, city: CityData, max_steps: int | 
         if embedder.on_epoch is not None:
             embedder.on_epoch(epoch, epochs)
         if epoch in checkpoints:
-            log.snapshots[epoch] = _embed_all(network, embed_batches, make, city.n_regions)
+            log.snapshots[epoch] = _embed_all(network, embed_batches, make, city.n_regions, negatives, seed)
     log.seconds = time.perf_counter() - start
     for epoch, snapshot in log.snapshots.items():
         if not np.isfinite(snapshot).all():

@@ -102,6 +102,8 @@ class SRELEmbedder(MultiViewEmbedder):
         batch_size: Regions per mini-batch.
         minibatch_above: Largest city trained full-batch under ``auto`` (the sparse full-batch form took 8.3 GB
             at 20,000 regions).
+        negatives: Regions drawn uniformly from outside each mini-batch and added to it (context for its
+            attention, candidates of its losses; their own outputs are not kept).
         random_state: Seed of the initialisation and sampling.
     """
 
@@ -110,7 +112,8 @@ class SRELEmbedder(MultiViewEmbedder):
                  weight_decay: float = 5e-4, objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
                  attention: str = "auto", k_neighbors: int = 32, dense_limit: int = 2000,
                  feedforward: int | None = None, views: tuple[str, ...] = MULTI_VIEWS, mode: str = "auto",
-                 batch_size: int = 1024, minibatch_above: int = 10_000, random_state: int | None = 0) -> None:
+                 batch_size: int = 1024, minibatch_above: int = 10_000, negatives: int = 0,
+                 random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
         self.n_layers = n_layers
@@ -130,6 +133,7 @@ class SRELEmbedder(MultiViewEmbedder):
         self.mode = mode
         self.batch_size = batch_size
         self.minibatch_above = minibatch_above
+        self.negatives = negatives
         self.random_state = random_state
 
     minibatch_unsupported = None

@@ -419,6 +419,7 @@ class MultiViewEmbedder(Embedder):
     mode: str = "full"
     batch_size: int = 1024
     minibatch_above: int = 10_000
+    negatives: int = 0
     #: Why a method has no mini-batch mode (one line for its error), or ``None`` when it has one.
     minibatch_unsupported: str | None = "it has no mini-batch mode"
 
@@ -453,7 +454,7 @@ class MultiViewEmbedder(Embedder):
         from urbanprofile.embedders.multiview.minibatch import check_mode, uses_minibatch
 
         name = type(self).__name__
-        check_mode(name, self.mode, self.batch_size, self.minibatch_above)
+        check_mode(name, self.mode, self.batch_size, self.minibatch_above, self.negatives)
         if self.minibatch_unsupported is not None:
             if self.mode == "minibatch":
                 raise MethodUnavailableError(f"{name}: no mini-batch mode: {self.minibatch_unsupported}")

@@ -202,15 +202,16 @@ def markdown(payload: dict[str, Any]) -> str:
             groups.setdefault((r["dataset"], r["method"], r["task"]), []).append(r)
         table = [[d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
                   float(np.mean([r["r2_minibatch"] for r in rs])), float(np.mean([r["difference"] for r in rs])),
-                  float(np.max(np.abs([r["difference"] for r in rs])))]
+                  float(np.max(np.abs([r["difference"] for r in rs]))),
+                  float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-"]
                  for (d, m, t), rs in groups.items()]
         text += md_table(["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
-                          "largest |difference|"], table)
+                          "largest abs. difference", "sd of full over seeds"], table)
         diffs = [r["difference"] for r in parity_rows]
         within = sum(abs(d) <= 0.02 for d in diffs)
         text += (f"\nBatch size {parity_rows[0]['batch_size']} regions, {parity_rows[0]['epochs']} epochs. "
                  f"{within} of {len(diffs)} (city, task, seed) "
-                 f"cells within 0.02; mean difference {np.mean(diffs):+.3f}, mean |difference| "
+                 f"cells within 0.02; mean difference {np.mean(diffs):+.3f}, mean absolute difference "
                  f"{np.mean(np.abs(diffs)):.3f}. Fit seconds, full / mini-batch (mean): "
                  f"{np.mean([r['fit_seconds_full'] for r in parity_rows]):.1f} / "
                  f"{np.mean([r['fit_seconds_minibatch'] for r in parity_rows]):.1f}.\n\n")

@@ -11,7 +11,9 @@ is split on its first two mobility SVD components). Within a batch:
 - the mobility loss is the peers' softmax of e_s . e_d with the batch's regions as the candidate
   destinations (and origins): a sampled softmax whose negatives are the batch's other regions, scored on
   the trips between regions of the batch (the OD slice of the batch, read from a sparse matrix);
-- the similarity losses are over the batch's pairs.
+- the similarity losses are over the batch's pairs;
+- optionally (``negatives``) regions drawn uniformly from the rest of the city join each batch, as context for
+  its attention and as candidates of its losses (their own outputs are not kept).
 
 Memory is O(batch_size^2 + N k) and an epoch is N / batch_size steps, so its time is linear in N. With
 ``batch_size`` of at least N one batch is the whole city and the step is the full-batch step (for SREL, the

@@ -6,6 +6,7 @@ Parts (results in benchmarks/results/minibatch.{json,md}; a part not run keeps i
   ``--batch-size`` regions (``mode="minibatch"``) with the same seed, on hafusion-nyc (180 regions) and
   hafusion-chicago (77), seeds ``--seeds``; each embedding evaluated under ``nested`` on every task, the
   checkpoint chosen by inner CV as in ``urbanprofile benchmark``. Reports R² of both and their difference.
+  With ``--negatives M`` each mini-batch gets M uniform negatives and the rows go to ``parity_negatives``.
 - scale: a seeded synthetic metro generated in memory (clustered towns on a rural background, sparse POI counts,
   sparse OD from distance-decaying trips), ``--sizes`` regions; each (size, method) runs in a fresh process with
   one thread: setup seconds (inputs, neighbourhoods), seconds per training epoch, peak resident memory
@@ -116,7 +117,7 @@ def make_embedder(method: str, **params: Any) -> Any:
 
 
 def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: int,
-           epochs: int | None) -> list[dict[str, Any]]:
+           epochs: int | None, negatives: int = 0) -> list[dict[str, Any]]:
     from urbanprofile.data import load_dataset
     from urbanprofile.evaluation import evaluate_embedding
 
@@ -129,7 +130,8 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
                 seconds: dict[str, float] = {}
                 for mode in ("full", "minibatch"):
                     extra = {} if epochs is None else {"epochs": epochs}
-                    embedder = make_embedder(method, mode=mode, batch_size=batch_size, random_state=seed, **extra)
+                    embedder = make_embedder(method, mode=mode, batch_size=batch_size, negatives=negatives,
+                                             random_state=seed, **extra)
                     start = time.perf_counter()
                     embedding = embedder.fit_transform(city)
                     seconds[mode] = time.perf_counter() - start
@@ -138,7 +140,7 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
                                 for task in TASKS if task in city.tasks}
                 for task in r2["full"]:
                     row = {"dataset": name, "method": method, "seed": seed, "task": task, "batch_size": batch_size,
-                           "epochs": embedder.epochs,
+                           "epochs": embedder.epochs, "negatives": negatives,
                            "r2_full": r2["full"][task], "r2_minibatch": r2["minibatch"][task],
                            "difference": r2["minibatch"][task] - r2["full"][task],
                            "fit_seconds_full": seconds["full"], "fit_seconds_minibatch": seconds["minibatch"]}
@@ -191,30 +193,35 @@ def scale(sizes: list[int], methods: list[str], steps: int, full_epoch_max: int,
     return rows
 
 
+def parity_table(parity_rows: list[dict[str, Any]]) -> str:
+    """The parity rows as a table per (dataset, method, task) and a summary line."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in parity_rows:
+        groups.setdefault((r["dataset"], r["method"], r["task"]), []).append(r)
+    table = [[d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
+              float(np.mean([r["r2_minibatch"] for r in rs])), float(np.mean([r["difference"] for r in rs])),
+              float(np.max(np.abs([r["difference"] for r in rs]))),
+              float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-"]
+             for (d, m, t), rs in groups.items()]
+    text = md_table(["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
+                     "largest abs. difference", "sd of full over seeds"], table)
+    diffs = [r["difference"] for r in parity_rows]
+    within = sum(abs(d) <= 0.02 for d in diffs)
+    first = parity_rows[0]
+    return text + (f"\nBatch size {first['batch_size']} regions, {first.get('negatives', 0)} negatives, "
+                   f"{first['epochs']} epochs. {within} of {len(diffs)} (city, task, seed) cells within 0.02; mean "
+                   f"difference {np.mean(diffs):+.3f}, mean absolute difference {np.mean(np.abs(diffs)):.3f}. Fit "
+                   f"seconds, full / mini-batch (mean): {np.mean([r['fit_seconds_full'] for r in parity_rows]):.1f} / "
+                   f"{np.mean([r['fit_seconds_minibatch'] for r in parity_rows]):.1f}.\n\n")
+
+
 def markdown(payload: dict[str, Any]) -> str:
     text = ("# Mini-batch multi-view embedders\n\n`python benchmarks/minibatch.py` (figures from a loaded, shared "
             "2-core machine, one thread per process).\n\n")
-    parity_rows = payload.get("parity", [])
-    if parity_rows:
-        text += "## R², full batch vs mini-batch (nested, same seeds)\n\n"
-        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-        for r in parity_rows:
-            groups.setdefault((r["dataset"], r["method"], r["task"]), []).append(r)
-        table = [[d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
-                  float(np.mean([r["r2_minibatch"] for r in rs])), float(np.mean([r["difference"] for r in rs])),
-                  float(np.max(np.abs([r["difference"] for r in rs]))),
-                  float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-"]
-                 for (d, m, t), rs in groups.items()]
-        text += md_table(["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
-                          "largest abs. difference", "sd of full over seeds"], table)
-        diffs = [r["difference"] for r in parity_rows]
-        within = sum(abs(d) <= 0.02 for d in diffs)
-        text += (f"\nBatch size {parity_rows[0]['batch_size']} regions, {parity_rows[0]['epochs']} epochs. "
-                 f"{within} of {len(diffs)} (city, task, seed) "
-                 f"cells within 0.02; mean difference {np.mean(diffs):+.3f}, mean absolute difference "
-                 f"{np.mean(np.abs(diffs)):.3f}. Fit seconds, full / mini-batch (mean): "
-                 f"{np.mean([r['fit_seconds_full'] for r in parity_rows]):.1f} / "
-                 f"{np.mean([r['fit_seconds_minibatch'] for r in parity_rows]):.1f}.\n\n")
+    for key, title in (("parity", "R², full batch vs mini-batch (nested, same seeds)"),
+                       ("parity_negatives", "The same with uniform negatives joined to each batch")):
+        if payload.get(key):
+            text += f"## {title}\n\n" + parity_table(payload[key])
     scale_rows = payload.get("scale", [])
     if scale_rows:
         text += "## Seconds per epoch and peak memory on synthetic metros (mini-batch)\n\n"
@@ -244,6 +251,8 @@ def main() -> int:
     args_parser.add_argument("--batch-size", type=int, default=None,
                              help="regions per batch (default: 64 for parity, 1024 for scale)")
     args_parser.add_argument("--epochs", type=int, default=None, help="parity: epochs (default: the method's)")
+    args_parser.add_argument("--negatives", type=int, default=0,
+                             help="parity: uniform negatives per mini-batch (rows go to parity_negatives)")
     args_parser.add_argument("--sizes", default="10000,100000,1000000", help="scale: regions")
     args_parser.add_argument("--steps", type=int, default=40, help="scale: steps timed above --full-epoch-max")
     args_parser.add_argument("--full-epoch-max", type=int, default=100_000,
@@ -261,9 +270,10 @@ def main() -> int:
     payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     payload["environment"] = environment()
     if "parity" in parts:
-        payload["parity"] = parity([c.strip() for c in args.cities.split(",")],
-                                   [m.strip() for m in args.methods.split(",")], parse_seeds(args.seeds),
-                                   args.batch_size or 64, args.epochs)
+        key = "parity_negatives" if args.negatives else "parity"
+        payload[key] = parity([c.strip() for c in args.cities.split(",")],
+                              [m.strip() for m in args.methods.split(",")], parse_seeds(args.seeds),
+                              args.batch_size or 64, args.epochs, args.negatives)
     if "scale" in parts:
         payload["scale"] = scale([int(s) for s in args.sizes.split(",")],
                                  [m.strip() for m in args.scale_methods.split(",")], args.steps, args.full_epoch_max,

@@ -222,6 +222,8 @@ def markdown(payload: dict[str, Any]) -> str:
                        ("parity_negatives", "The same with uniform negatives joined to each batch")):
         if payload.get(key):
             text += f"## {title}\n\n" + parity_table(payload[key])
+    for note in payload.get("notes", []):
+        text += f"Note: {note}\n\n"
     scale_rows = payload.get("scale", [])
     if scale_rows:
         text += "## Seconds per epoch and peak memory on synthetic metros (mini-batch)\n\n"

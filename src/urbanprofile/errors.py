@@ -58,3 +58,7 @@ def require(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as err:
         raise MissingDependencyError(f"{module} is needed: pip install 'urbanprofile[{extra}]'") from err
+
+
+class ParameterError(UrbanProfileError, ValueError):
+    """A method parameter is out of range or of the wrong kind (a ``ValueError`` too, as scikit-learn's)."""

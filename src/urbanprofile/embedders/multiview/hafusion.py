@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from urbanprofile.data.city import CityData
+from urbanprofile.data.city import SPARSE_VIEW_ABOVE, CityData
 from urbanprofile.embedders.multiview.layers import (
     MemoryViewFusion,
     MultiViewFusion,
@@ -17,6 +18,7 @@ from urbanprofile.embedders.multiview.layers import (
     RegionBlock,
     readout,
 )
+from urbanprofile.embedders.multiview.minibatch import RegionBatch
 from urbanprofile.embedders.multiview.training import (
     MULTI_VIEWS,
     SIMILARITY_VIEWS,
@@ -25,6 +27,7 @@ from urbanprofile.embedders.multiview.training import (
     MultiViewInputs,
     multitask_step,
 )
+from urbanprofile.errors import MethodUnavailableError
 
 #: Inter-view fusions of :class:`HAFusionEmbedder`, by name.
 VIEW_FUSIONS = ("attention", "memory")
@@ -47,8 +50,10 @@ class HAFusionNetwork(nn.Module):
         self.out = readout(readout_kind, d, d)
         self.heads = ReconstructionHeads(d, tuple(v for v in SIMILARITY_VIEWS if v in features))
 
-    def forward(self) -> torch.Tensor:
-        h = self.views(self.features)
+    def forward(self, batch: RegionBatch | None = None) -> torch.Tensor:
+        """The (N, d) embedding, or with a mini-batch the (B, d) embedding of its regions (attention within it)."""
+        features = self.features if batch is None else {v: x[batch.index] for v, x in self.features.items()}
+        h = self.views(features)
         for block in self.blocks:
             h = block(h)
         return self.out(h)
@@ -85,6 +90,14 @@ class HAFusionEmbedder(MultiViewEmbedder):
         memory_size: Memory slots per block (the authors' half of their token width: 36 / 72).
         views: Count views read: ``od_flows`` (the mobility objective) and any of ``poi_counts``,
             ``landuse_counts`` (the registry passes those a city has).
+        mode: ``auto`` (mini-batches above ``minibatch_above`` regions, else full batch), ``full`` or
+            ``minibatch`` (:mod:`~urbanprofile.embedders.multiview.minibatch`: spatially compact batches, dense
+            attention among the batch's regions, the losses over the batch's regions and trips).
+        batch_size: Regions per mini-batch.
+        minibatch_above: Largest city trained full-batch under ``auto`` (the default: where square views become
+            sparse, since the full-batch form holds dense N x N attention maps and views).
+        negatives: Regions drawn uniformly from outside each mini-batch and added to it (context for its
+            attention, candidates of its losses; their own outputs are not kept).
         random_state: Seed of the initialisation.
     """
 
@@ -93,7 +106,8 @@ class HAFusionEmbedder(MultiViewEmbedder):
                  objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
                  feedforward: int | None = 2048, edge_channels: int | None = None,
                  view_fusion: str = "attention", memory_blocks: int = 2, memory_size: int = 72,
-                 views: tuple[str, ...] = MULTI_VIEWS,
+                 views: tuple[str, ...] = MULTI_VIEWS, mode: str = "auto", batch_size: int = 1024,
+                 minibatch_above: int = SPARSE_VIEW_ABOVE, negatives: int = 0,
                  random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
@@ -111,7 +125,13 @@ class HAFusionEmbedder(MultiViewEmbedder):
         self.memory_blocks = memory_blocks
         self.memory_size = memory_size
         self.views = views
+        self.mode = mode
+        self.batch_size = batch_size
+        self.minibatch_above = minibatch_above
+        self.negatives = negatives
         self.random_state = random_state
+
+    minibatch_unsupported = None
 
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
         if self.view_fusion not in VIEW_FUSIONS:
@@ -123,3 +143,15 @@ class HAFusionEmbedder(MultiViewEmbedder):
         objective = MultiTaskObjective(inputs, views=inputs.similarity_views, random_state=self.random_state,
                                        objective=self.objective)
         return network, multitask_step(network, network.heads, objective)
+
+    def build_minibatch(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, np.ndarray | None]:
+        if self.view_fusion not in VIEW_FUSIONS:
+            raise ValueError(f"unknown view_fusion {self.view_fusion!r}; valid: {', '.join(VIEW_FUSIONS)}")
+        if self.view_fusion == "memory":
+            raise MethodUnavailableError(
+                "HAFusionEmbedder: view_fusion='memory' has no mini-batch mode (its view scores project each "
+                "coordinate's column over all N regions); use view_fusion='attention' or mode='full'")
+        features = {v: torch.as_tensor(x, dtype=torch.float32) for v, x in inputs.features.items()}
+        network = HAFusionNetwork(features, self.d, self.n_intra_layers, self.n_layers, self.n_heads, self.dropout,
+                                  self.readout, self.feedforward, self.edge_channels, self.view_fusion)
+        return network, None

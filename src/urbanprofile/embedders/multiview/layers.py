@@ -36,7 +36,8 @@ class RegionAttention(nn.Module):
         self.edges = AttentionEdges(edge_channels, d) if edge_channels is not None else None
 
     def forward(
-        self, h: torch.Tensor, neighbors: torch.Tensor | None = None, bias: torch.Tensor | None = None
+        self, h: torch.Tensor, neighbors: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend.
 
@@ -44,6 +45,8 @@ class RegionAttention(nn.Module):
             h: (N, d) region features.
             neighbors: ``None`` for dense attention, else (N, k) indices each region attends to.
             bias: Additive logits per head: (H, N, N) dense, or (H, N, k) with ``neighbors``.
+            mask: (N, k) booleans, with ``neighbors``: which neighbours are attended to (a mini-batch leaves
+                out those outside it); every row must keep at least one.
         """
         n = h.shape[0]
         q, k, v = self.qkv(h).view(n, 3, self.n_heads, self.head_dim).unbind(1)  # (N, H, dh) each
@@ -58,6 +61,8 @@ class RegionAttention(nn.Module):
             logits = torch.einsum("nhd,nkhd->hnk", q, k[neighbors]) * scale
             if bias is not None:
                 logits = logits + bias
+            if mask is not None:
+                logits = logits.masked_fill(~mask[None], float("-inf"))
             weights = self.dropout(torch.softmax(logits, dim=-1))
             mixed = torch.einsum("hnk,nkhd->nhd", weights, v[neighbors])
         out = self.out(mixed.reshape(n, -1))
@@ -131,9 +136,10 @@ class RegionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, h: torch.Tensor, neighbors: torch.Tensor | None = None, bias: torch.Tensor | None = None
+        self, h: torch.Tensor, neighbors: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.norm1(h + self.dropout(self.attention(h, neighbors, bias)))
+        h = self.norm1(h + self.dropout(self.attention(h, neighbors, bias, mask)))
         return self.norm2(h + self.dropout(self.ffn(h)))
 
 
@@ -157,10 +163,11 @@ class ViewEncoder(nn.Module):
         self.blocks = nn.ModuleList(RegionBlock(d, n_heads, dropout, feedforward=feedforward,
                                                 edge_channels=edge_channels) for _ in range(n_layers))
 
-    def forward(self, x: torch.Tensor, neighbors: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, neighbors: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.project(x)
         for block in self.blocks:
-            h = block(h, neighbors)
+            h = block(h, neighbors, mask=mask)
         return h
 
 
@@ -341,5 +348,6 @@ class MultiViewFusion(nn.Module):
         )
         self.fusion = fusion if fusion is not None else ViewFusion(d, n_heads, mix_views=True, dropout=dropout)
 
-    def forward(self, features: dict[str, torch.Tensor], neighbors: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fusion([self.encoders[v](features[v], neighbors) for v in self.view_names])
+    def forward(self, features: dict[str, torch.Tensor], neighbors: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fusion([self.encoders[v](features[v], neighbors, mask) for v in self.view_names])

@@ -54,20 +54,26 @@ class MGFNEmbedder(MultiViewEmbedder):
         epochs: Full-batch epochs (the final one is the embedding; checkpoints are candidates).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        mode: ``full`` (or ``auto``, the same); ``minibatch`` is refused with the reason in
+            :attr:`minibatch_unsupported`.
         random_state: Seed.
     """
+
+    minibatch_unsupported = ("its inputs are dense P x N x N time-pattern graphs, each attended over all N "
+                             "regions; not ported to mini-batches")
 
     #: MGFN keeps the per-row distribution objective it was benchmarked with (not re-checked against its code).
     objective = "distribution"
 
     def __init__(self, d: int = 144, n_heads: int = 4, dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4,
-                 weight_decay: float = 1e-5, random_state: int | None = 0) -> None:
+                 weight_decay: float = 1e-5, mode: str = "full", random_state: int | None = 0) -> None:
         self.d = d
         self.n_heads = n_heads
         self.dropout = dropout
         self.epochs = epochs
         self.lr = lr
         self.weight_decay = weight_decay
+        self.mode = mode
         self.random_state = random_state
 
     def fit(self, city: CityData) -> MGFNEmbedder:
@@ -77,6 +83,7 @@ class MGFNEmbedder(MultiViewEmbedder):
             MethodUnavailableError: The city is large enough that its time patterns stay on disk (MGFN's
                 graphs are dense P x N x N), or it has no ``od_flows``/``od_patterns`` view.
         """
+        self.uses_minibatch(city)  # refuses mode="minibatch" before the sparse check below
         if "od_patterns" not in city.views and "od_flows" in city.views and is_sparse_view(city.views["od_flows"]):
             raise MethodUnavailableError(
                 f"mgfn needs dense (P, N, N) time-pattern graphs; dataset {city.name!r} has {city.n_regions} regions "

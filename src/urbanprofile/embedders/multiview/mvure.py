@@ -77,13 +77,18 @@ class MVUREEmbedder(MultiViewEmbedder):
         objective: The multi-task objective (``distribution``, ``authors`` or a dict of settings).
         views: Count views read: ``od_flows`` (the mobility objective) and any of ``poi_counts``,
             ``landuse_counts`` (the registry passes those a city has).
+        mode: ``full`` (or ``auto``, the same); ``minibatch`` is refused with the reason in
+            :attr:`minibatch_unsupported`.
         random_state: Seed.
     """
+
+    minibatch_unsupported = ("its view graphs are the k nearest regions in dense N x N similarity matrices and its "
+                             "mobility features are whole OD rows (N x 2N); not ported to mini-batches")
 
     def __init__(self, d: int = 144, n_layers: int = 2, n_heads: int = 4, k_neighbors: int = 10,
                  sharing: float = 0.2, dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4,
                  weight_decay: float = 1e-5, objective: str | dict[str, Any] = "distribution",
-                 views: tuple[str, ...] = MULTI_VIEWS,
+                 views: tuple[str, ...] = MULTI_VIEWS, mode: str = "full",
                  random_state: int | None = 0) -> None:
         self.d = d
         self.n_layers = n_layers
@@ -96,6 +101,7 @@ class MVUREEmbedder(MultiViewEmbedder):
         self.weight_decay = weight_decay
         self.objective = objective
         self.views = views
+        self.mode = mode
         self.random_state = random_state
 
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:

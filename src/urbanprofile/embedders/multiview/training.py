@@ -34,7 +34,7 @@ from scipy import sparse
 from urbanprofile.data.city import CityData, view_csr
 from urbanprofile.data.features import LogScaler
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.errors import TrainingError
+from urbanprofile.errors import MethodUnavailableError, TrainingError
 
 #: Similarity views the objectives reconstruct, by the count view they describe.
 SIMILARITY_VIEWS = {"poi": ("poi_counts", "poi_similarity"), "landuse": ("landuse_counts", "landuse_similarity")}
@@ -313,9 +313,15 @@ def _masked_mean(values: Any, mask: Any) -> Any:
 
 @dataclass
 class TrainingLog:
-    """What a training run did: per-part losses, timings and optional embedding snapshots."""
+    """What a training run did: per-part losses, timings and optional embedding snapshots.
+
+    ``epoch_seconds`` (mini-batch runs) holds each epoch's training time, without embedding its checkpoints, and
+    ``steps_per_epoch`` how many batches an epoch has.
+    """
 
     losses: list[dict[str, float]] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    steps_per_epoch: int = 1
     seconds: float = 0.0
     epochs: int = 0
     snapshots: dict[int, np.ndarray] = field(default_factory=dict)
@@ -408,6 +414,14 @@ class MultiViewEmbedder(Embedder):
     random_state: int | None
     #: The multi-task objective (a name in OBJECTIVES or a dict of settings); subclasses take it as a parameter.
     objective: str | dict[str, Any] = "authors"
+    #: Training mode (``auto``, ``full``, ``minibatch``; see :mod:`.minibatch`), regions per mini-batch, and the
+    #: city size above which ``auto`` trains in mini-batches; methods with a mini-batch mode take them as parameters.
+    mode: str = "full"
+    batch_size: int = 1024
+    minibatch_above: int = 10_000
+    negatives: int = 0
+    #: Why a method has no mini-batch mode (one line for its error), or ``None`` when it has one.
+    minibatch_unsupported: str | None = "it has no mini-batch mode"
 
     @property
     def required_views(self) -> tuple[str, ...]:
@@ -421,6 +435,32 @@ class MultiViewEmbedder(Embedder):
     def build(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, Callable[[], dict[str, Any]]]:
         """Return (network, step): the torch module to train and a function computing the loss parts."""
 
+    def build_minibatch(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, np.ndarray | None]:
+        """Return (network, neighbours) for mini-batch training: ``network(batch)`` embeds a ``RegionBatch``, and
+        an (N, k) neighbour table (itself first) restricts its attention, ``None`` for dense attention in a batch.
+
+        Raises:
+            MethodUnavailableError: The method has no mini-batch mode (:attr:`minibatch_unsupported` says why).
+        """
+        raise MethodUnavailableError(f"{type(self).__name__}: no mini-batch mode: {self.minibatch_unsupported}")
+
+    def uses_minibatch(self, city: CityData) -> bool:
+        """Whether ``fit`` on this city trains in mini-batches (validates the mode parameters).
+
+        Raises:
+            ParameterError: A bad ``mode``, ``batch_size`` or ``minibatch_above``.
+            MethodUnavailableError: Mini-batches asked of a method without them.
+        """
+        from urbanprofile.embedders.multiview.minibatch import check_mode, uses_minibatch
+
+        name = type(self).__name__
+        check_mode(name, self.mode, self.batch_size, self.minibatch_above, self.negatives)
+        if self.minibatch_unsupported is not None:
+            if self.mode == "minibatch":
+                raise MethodUnavailableError(f"{name}: no mini-batch mode: {self.minibatch_unsupported}")
+            return False
+        return uses_minibatch(self.mode, city.n_regions, self.minibatch_above)
+
     def fit(self, city: CityData) -> MultiViewEmbedder:
         """Train on the city's views (never its targets)."""
         for view in self.required_views:
@@ -428,6 +468,11 @@ class MultiViewEmbedder(Embedder):
         if self.epochs < 1 or self.lr <= 0:
             raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={self.epochs}, lr={self.lr}")
         settings = objective_settings(self.objective)
+        if self.uses_minibatch(city):
+            from urbanprofile.embedders.multiview.minibatch import fit_minibatch
+
+            fit_minibatch(self, city)
+            return self
         torch.manual_seed(0 if self.random_state is None else int(self.random_state))
         inputs = self.inputs(city)
         network, step = self.build(city, inputs)

@@ -1,0 +1,296 @@
+"""Mini-batch multi-view embedders: R² against full batch on the real cities, time and memory up to 1 M regions.
+
+Parts (results in benchmarks/results/minibatch.{json,md}; a part not run keeps its previous figures there):
+
+- parity: each method in ``--methods`` (default hafusion) fit full-batch (``mode="full"``) and in mini-batches of
+  ``--batch-size`` regions (``mode="minibatch"``) with the same seed, on hafusion-nyc (180 regions) and
+  hafusion-chicago (77), seeds ``--seeds``; each embedding evaluated under ``nested`` on every task, the
+  checkpoint chosen by inner CV as in ``urbanprofile benchmark``. Reports R² of both and their difference.
+  With ``--negatives M`` each mini-batch gets M uniform negatives and the rows go to ``parity_negatives``.
+- scale: a seeded synthetic metro generated in memory (clustered towns on a rural background, sparse POI counts,
+  sparse OD from distance-decaying trips), ``--sizes`` regions; each (size, method) runs in a fresh process with
+  one thread: setup seconds (inputs, neighbourhoods), seconds per training epoch, peak resident memory
+  (ru_maxrss). Cities above ``--full-epoch-max`` regions train for ``--steps`` steps only and their epoch time
+  is that time per step times the steps of an epoch (labelled "extrapolated"); smaller ones train one whole
+  epoch and embed every region.
+
+    URBANPROFILE_DATA=../shared/data python benchmarks/minibatch.py [--parts parity,scale] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import RESULTS, environment, md_table, parse_seeds, parser, run, set_threads, write_results
+
+CITIES = ("hafusion-nyc", "hafusion-chicago")
+TASKS = ("checkin", "crime", "service_calls")
+
+
+def synthetic_metro(n_regions: int, random_state: int = 0, n_poi_categories: int = 20, n_landuse_classes: int = 6,
+                    cell_km: float = 0.35, trips_per_region: float = 12.0) -> Any:
+    """A seeded synthetic metro of ``n_regions`` grid cells, made in memory (no files, no ``build``).
+
+    Towns (one per 20,000 cells, at least 3) of random size and weight on a rural background set the density;
+    land use is a softmax of smooth random waves; POI counts are Poisson draws from the land-use mixtures
+    times the density (mostly zero outside towns, kept sparse); each cell sends Poisson(density-scaled) trips
+    over an exponential distance decay (mean 3 cells), a tenth of them to its nearest town centre, summed
+    into a sparse OD matrix (about ``trips_per_region`` trips per cell).
+    """
+    import geopandas as gpd
+    import pandas as pd
+    from scipy import sparse
+
+    from urbanprofile.data.city import CityData, frame_from_array, sparse_square_view
+
+    rng = np.random.default_rng(random_state)
+    n = n_regions
+    cols = int(np.ceil(np.sqrt(n)))
+    gx, gy = np.arange(n) % cols, np.arange(n) // cols
+    xy = np.column_stack([gx, gy]) * cell_km + cell_km / 2
+    side = cols * cell_km
+    n_towns = max(3, n // 20_000)
+    centres = rng.uniform(0, side, size=(n_towns, 2))
+    radii = rng.uniform(0.01, 0.05, size=n_towns) * side + cell_km
+    weights = rng.lognormal(0.0, 1.0, size=n_towns)
+    density = np.full(n, 0.05)
+    nearest_town = np.zeros(n, dtype=np.int64)
+    best = np.full(n, np.inf)
+    for t in range(n_towns):  # one town at a time: O(N) memory
+        dist = np.linalg.norm(xy - centres[t], axis=1)
+        density += weights[t] * np.exp(-dist / radii[t])
+        closer = dist < best
+        nearest_town[closer], best[closer] = t, dist[closer]
+    waves = rng.normal(size=(n_landuse_classes, 2)) * (2 * np.pi / (side / 4))
+    phases = rng.uniform(0, 2 * np.pi, size=n_landuse_classes)
+    logits = 1.5 * np.sin(xy @ waves.T + phases)
+    logits[:, 0] += np.log(density)  # residential follows the towns
+    shares = np.exp(logits - logits.max(axis=1, keepdims=True))
+    shares /= shares.sum(axis=1, keepdims=True)
+    landuse = rng.poisson(shares * 20).astype(np.int32)
+    mixtures = rng.dirichlet(np.full(n_poi_categories, 0.3), size=n_landuse_classes)
+    poi = sparse.csr_matrix(rng.poisson(density[:, None] * (shares @ mixtures) * 2.0).astype(np.float64))
+
+    trips = rng.poisson(trips_per_region * density / density.mean())
+    origin = np.repeat(np.arange(n), trips)
+    radius = rng.exponential(3.0, size=len(origin))
+    angle = rng.uniform(0, 2 * np.pi, size=len(origin))
+    dx = np.clip(np.rint(gx[origin] + radius * np.cos(angle)), 0, cols - 1).astype(np.int64)
+    dy = np.clip(np.rint(gy[origin] + radius * np.sin(angle)), 0, (n - 1) // cols).astype(np.int64)
+    destination = np.minimum(dy * cols + dx, n - 1)
+    to_town = rng.random(len(origin)) < 0.1
+    town_cells = np.rint(centres[nearest_town[origin[to_town]]] / cell_km - 0.5).astype(np.int64)
+    town_cells = np.clip(town_cells, 0, cols - 1)
+    destination[to_town] = np.minimum(town_cells[:, 1] * cols + town_cells[:, 0], n - 1)
+    od = sparse.csr_matrix((np.ones(len(origin)), (origin, destination)), shape=(n, n))
+    od.sum_duplicates()
+
+    ids = pd.Index(np.arange(n), name="region_id")
+    lat0 = 45.0
+    lon = (xy[:, 0] - side / 2) / (111.32 * np.cos(np.deg2rad(lat0)))
+    lat = lat0 + (xy[:, 1] - side / 2) / 111.32
+    regions = gpd.GeoDataFrame({"lon": lon, "lat": lat}, index=ids, geometry=gpd.points_from_xy(lon, lat),
+                               crs="EPSG:4326")
+    poi_frame = pd.DataFrame.sparse.from_spmatrix(poi, index=ids, columns=[f"poi_{k}" for k in range(poi.shape[1])])
+    views = {"poi_counts": poi_frame,
+             "landuse_counts": frame_from_array(landuse, ids, [f"landuse_{k}" for k in range(n_landuse_classes)]),
+             "od_flows": sparse_square_view(od, ids)}
+    meta = {"source": f"benchmarks/minibatch.py synthetic_metro(n_regions={n}, random_state={random_state})",
+            "family": "synthetic", "city": "synthetic-metro", "notes": []}
+    return CityData(f"synthetic-metro-{n}", regions, views, pd.DataFrame(index=ids), None, meta)
+
+
+def make_embedder(method: str, **params: Any) -> Any:
+    from urbanprofile.embedders.multiview.hafusion import HAFusionEmbedder
+    from urbanprofile.embedders.multiview.srel import SRELEmbedder
+
+    classes = {"hafusion": HAFusionEmbedder, "srel": SRELEmbedder}
+    return classes[method](**params)
+
+
+def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: int,
+           epochs: int | None, negatives: int = 0) -> list[dict[str, Any]]:
+    from urbanprofile.data import load_dataset
+    from urbanprofile.evaluation import evaluate_embedding
+
+    rows = []
+    for name in cities:
+        city = load_dataset(name)
+        for method in methods:
+            for seed in seeds:
+                r2: dict[str, dict[str, float]] = {}
+                seconds: dict[str, float] = {}
+                for mode in ("full", "minibatch"):
+                    extra = {} if epochs is None else {"epochs": epochs}
+                    embedder = make_embedder(method, mode=mode, batch_size=batch_size, negatives=negatives,
+                                             random_state=seed, **extra)
+                    start = time.perf_counter()
+                    embedding = embedder.fit_transform(city)
+                    seconds[mode] = time.perf_counter() - start
+                    r2[mode] = {task: evaluate_embedding(city, embedding, task, "nested", random_state=seed,
+                                                         candidates=embedder.candidates_).metrics["r2"]
+                                for task in TASKS if task in city.tasks}
+                for task in r2["full"]:
+                    row = {"dataset": name, "method": method, "seed": seed, "task": task, "batch_size": batch_size,
+                           "epochs": embedder.epochs, "negatives": negatives,
+                           "r2_full": r2["full"][task], "r2_minibatch": r2["minibatch"][task],
+                           "difference": r2["minibatch"][task] - r2["full"][task],
+                           "fit_seconds_full": seconds["full"], "fit_seconds_minibatch": seconds["minibatch"]}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    return rows
+
+
+def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> dict[str, Any]:
+    """One (size, method) measurement inside this process (called in a fresh process by :func:`scale`)."""
+    from urbanprofile.embedders.multiview.minibatch import fit_minibatch
+
+    start = time.perf_counter()
+    city = synthetic_metro(size)
+    generate_seconds = time.perf_counter() - start
+    embedder = make_embedder(method, mode="minibatch", batch_size=batch_size, epochs=1, random_state=0)
+    start = time.perf_counter()
+    fit_minibatch(embedder, city, max_steps=steps)
+    total = time.perf_counter() - start
+    log = embedder.log_
+    epoch = log.epoch_seconds[0]
+    done = steps if steps is not None and steps < log.steps_per_epoch else log.steps_per_epoch
+    row = {"regions": size, "method": method, "batch_size": batch_size, "generate_seconds": generate_seconds,
+           "steps_run": done, "steps_per_epoch": log.steps_per_epoch,
+           "epoch_seconds": epoch * log.steps_per_epoch / done, "extrapolated": done < log.steps_per_epoch,
+           "setup_seconds": total - log.seconds, "embed_seconds": log.seconds - epoch if done == log.steps_per_epoch
+           else None, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+           "load_average": os.getloadavg()[0]}
+    return row
+
+
+def scale(sizes: list[int], methods: list[str], steps: int, full_epoch_max: int, batch_size: int,
+          timeout: float) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        for method in methods:
+            command = [sys.executable, __file__, "--worker", f"{size},{method},"
+                       f"{steps if size > full_epoch_max else 0},{batch_size}"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+            except subprocess.TimeoutExpired:
+                row = {"regions": size, "method": method, "error": f"over the {timeout:.0f} s limit"}
+            else:
+                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
+                    "regions": size, "method": method, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def parity_table(parity_rows: list[dict[str, Any]]) -> str:
+    """The parity rows as a table per (dataset, method, task) and a summary line."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in parity_rows:
+        groups.setdefault((r["dataset"], r["method"], r["task"]), []).append(r)
+    table = [[d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
+              float(np.mean([r["r2_minibatch"] for r in rs])), float(np.mean([r["difference"] for r in rs])),
+              float(np.max(np.abs([r["difference"] for r in rs]))),
+              float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-"]
+             for (d, m, t), rs in groups.items()]
+    text = md_table(["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
+                     "largest abs. difference", "sd of full over seeds"], table)
+    diffs = [r["difference"] for r in parity_rows]
+    within = sum(abs(d) <= 0.02 for d in diffs)
+    first = parity_rows[0]
+    return text + (f"\nBatch size {first['batch_size']} regions, {first.get('negatives', 0)} negatives, "
+                   f"{first['epochs']} epochs. {within} of {len(diffs)} (city, task, seed) cells within 0.02; mean "
+                   f"difference {np.mean(diffs):+.3f}, mean absolute difference {np.mean(np.abs(diffs)):.3f}. Fit "
+                   f"seconds, full / mini-batch (mean): {np.mean([r['fit_seconds_full'] for r in parity_rows]):.1f} / "
+                   f"{np.mean([r['fit_seconds_minibatch'] for r in parity_rows]):.1f}.\n\n")
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    text = ("# Mini-batch multi-view embedders\n\n`python benchmarks/minibatch.py` (figures from a loaded, shared "
+            "2-core machine, one thread per process).\n\n")
+    for key, title in (("parity", "R², full batch vs mini-batch (nested, same seeds)"),
+                       ("parity_negatives", "The same with uniform negatives joined to each batch")):
+        if payload.get(key):
+            text += f"## {title}\n\n" + parity_table(payload[key])
+    for note in payload.get("notes", []):
+        text += f"Note: {note}\n\n"
+    scale_rows = payload.get("scale", [])
+    if scale_rows:
+        text += "## Seconds per epoch and peak memory on synthetic metros (mini-batch)\n\n"
+        table = []
+        for r in scale_rows:
+            if "error" in r:
+                table.append([r["regions"], r["method"], "-", "-", "-", "-", r["error"]])
+                continue
+            how = (f"extrapolated from {r['steps_run']} of {r['steps_per_epoch']} steps" if r["extrapolated"] else
+                   f"one whole epoch ({r['steps_per_epoch']} steps); embedding all regions {r['embed_seconds']:.0f} s")
+            table.append([f"{r['regions']:,}", r["method"], f"{r['epoch_seconds']:.0f}", f"{r['setup_seconds']:.0f}",
+                          f"{r['peak_rss_gb']:.2f}", f"{r['load_average']:.1f}", how])
+        text += md_table(["regions", "method", "s / epoch", "setup s", "peak RSS GB", "load", "how"], table)
+        text += ("\nSetup: the sparse OD view to CSR, SVD mobility features, k-nearest neighbourhoods (srel), the "
+                 "objective's sparse matrices. Peak RSS includes the synthetic city itself (generated in the same "
+                 "process, its OD as a pandas sparse view).\n")
+    return text
+
+
+def main() -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    set_threads(1)
+    args_parser = parser(__doc__, out=RESULTS, seeds="0,1,2", parts="parity,scale")
+    args_parser.add_argument("--methods", default="hafusion", help="parity: methods (hafusion, srel)")
+    args_parser.add_argument("--cities", default=",".join(CITIES), help="parity: datasets")
+    args_parser.add_argument("--scale-methods", default="srel,hafusion", help="scale: methods")
+    args_parser.add_argument("--batch-size", type=int, default=None,
+                             help="regions per batch (default: 64 for parity, 1024 for scale)")
+    args_parser.add_argument("--epochs", type=int, default=None, help="parity: epochs (default: the method's)")
+    args_parser.add_argument("--negatives", type=int, default=0,
+                             help="parity: uniform negatives per mini-batch (rows go to parity_negatives)")
+    args_parser.add_argument("--sizes", default="10000,100000,1000000", help="scale: regions")
+    args_parser.add_argument("--steps", type=int, default=40, help="scale: steps timed above --full-epoch-max")
+    args_parser.add_argument("--full-epoch-max", type=int, default=100_000,
+                             help="scale: largest city run a whole epoch")
+    args_parser.add_argument("--timeout", type=float, default=900, help="scale: seconds per (size, method)")
+    args_parser.add_argument("--worker", default=None, help=argparse_hidden())
+    args = args_parser.parse_args()
+    if args.worker:
+        size, method, steps, batch = args.worker.split(",")
+        row = scale_worker(int(size), method, int(steps) or None, int(batch))
+        print(json.dumps(row))
+        return 0
+    parts = [p.strip() for p in args.parts.split(",")]
+    path = args.out / "minibatch.json"
+    payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    payload["environment"] = environment()
+    if "parity" in parts:
+        key = "parity_negatives" if args.negatives else "parity"
+        payload[key] = parity([c.strip() for c in args.cities.split(",")],
+                              [m.strip() for m in args.methods.split(",")], parse_seeds(args.seeds),
+                              args.batch_size or 64, args.epochs, args.negatives)
+    if "scale" in parts:
+        payload["scale"] = scale([int(s) for s in args.sizes.split(",")],
+                                 [m.strip() for m in args.scale_methods.split(",")], args.steps, args.full_epoch_max,
+                                 args.batch_size or 1024, args.timeout)
+    _, md_path = write_results(args.out, "minibatch", payload, markdown(payload))
+    print(md_path.read_text())
+    return 0
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    run(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,18 +17,33 @@ from urbanprofile.heads.registry import HEADS
 from urbanprofile.methods import METHODS
 
 
+@contextlib.contextmanager
+def _registries_kept() -> Iterator[None]:
+    registries = (METHODS, HEADS, FAMILIES, PROTOCOL_REGISTRY)
+    saved = [(dict(r.items), dict(r.broken)) for r in registries]
+    try:
+        yield
+    finally:
+        for registry, (items, broken) in zip(registries, saved, strict=True):
+            registry.items.clear()
+            registry.items.update(items)
+            registry.broken.clear()
+            registry.broken.update(broken)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registries_restored_per_module() -> Iterator[None]:
+    """What a module-scoped fixture registers is gone when its module ends."""
+    with _registries_kept():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _registries_restored() -> Iterator[None]:
     """Every test leaves the registries as it found them: a method, head, family or protocol a test registers
     (or replaces) is gone after it, so no test sees another's entries."""
-    registries = (METHODS, HEADS, FAMILIES, PROTOCOL_REGISTRY)
-    saved = [(dict(r.items), dict(r.broken)) for r in registries]
-    yield
-    for registry, (items, broken) in zip(registries, saved, strict=True):
-        registry.items.clear()
-        registry.items.update(items)
-        registry.broken.clear()
-        registry.broken.update(broken)
+    with _registries_kept():
+        yield
 
 
 @pytest.fixture

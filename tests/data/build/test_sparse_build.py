@@ -89,7 +89,7 @@ def test_mgfn_says_why_it_cannot_use_a_large_city(raw_city: dict[str, Path], tmp
 def test_srel_sparse_inputs_read_the_sparse_view(raw_city: dict[str, Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """SREL above its dense limit takes the OD view as CSR, with the values of the dense build."""
-    from urbanprofile.embedders.multiview.training import MultiViewInputs
+    from urbanprofile.embedders.multiview.inputs import MultiViewInputs
 
     build_dataset(_spec(raw_city), tmp_path / "toy")
     dense = load_dataset(tmp_path / "toy").views["od_flows"].to_numpy(dtype=float)

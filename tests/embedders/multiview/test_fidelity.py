@@ -10,6 +10,7 @@ import torch
 from urbanprofile.benchmark.runner import BenchmarkPlan, plan_units
 from urbanprofile.data import CityData
 from urbanprofile.embedders.multiview.hafusion import HAFusionEmbedder
+from urbanprofile.embedders.multiview.inputs import MultiViewInputs, objective_settings
 from urbanprofile.embedders.multiview.layers import (
     AttentionEdges,
     MemoryViewFusion,
@@ -19,7 +20,7 @@ from urbanprofile.embedders.multiview.layers import (
     readout,
 )
 from urbanprofile.embedders.multiview.srel import SRELEmbedder
-from urbanprofile.embedders.multiview.training import MultiTaskObjective, MultiViewInputs, objective_settings
+from urbanprofile.embedders.multiview.training import MultiTaskObjective
 from urbanprofile.errors import MethodUnavailableError
 from urbanprofile.evaluation import evaluate_embedding
 from urbanprofile.heads.probes import BlockRidgeProbe, RidgeProbe, make_probe

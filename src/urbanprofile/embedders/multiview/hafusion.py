@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import SPARSE_VIEW_ABOVE, CityData
+from urbanprofile.embedders.multiview.inputs import MULTI_VIEWS, SIMILARITY_VIEWS, MultiViewInputs
 from urbanprofile.embedders.multiview.layers import (
     MemoryViewFusion,
     MultiViewFusion,
@@ -19,14 +20,7 @@ from urbanprofile.embedders.multiview.layers import (
     readout,
 )
 from urbanprofile.embedders.multiview.minibatch import RegionBatch
-from urbanprofile.embedders.multiview.training import (
-    MULTI_VIEWS,
-    SIMILARITY_VIEWS,
-    MultiTaskObjective,
-    MultiViewEmbedder,
-    MultiViewInputs,
-    multitask_step,
-)
+from urbanprofile.embedders.multiview.training import MultiTaskObjective, MultiViewEmbedder, multitask_step
 from urbanprofile.errors import MethodUnavailableError
 
 #: Inter-view fusions of :class:`HAFusionEmbedder`, by name.
@@ -74,7 +68,7 @@ class HAFusionEmbedder(MultiViewEmbedder):
         weight_decay: Adam weight decay (the authors' 5e-4).
         objective: The multi-task objective: ``authors`` (the authors' code: volume-weighted mobility on
             ``od_target``, cosine similarities), ``distribution``, or a dict of settings
-            (:data:`~urbanprofile.embedders.multiview.training.OBJECTIVES`).
+            (:data:`~urbanprofile.embedders.multiview.inputs.OBJECTIVES`).
         readout: ``deepfc`` (the authors' code: ends in LeakyReLU(0.3)) or ``mlp``.
         feedforward: Hidden width of a ReLU feed-forward with dropout in every attention block (the
             authors' code: 2048 in their intra-view and inter-region blocks; the default); ``None``: ``2 d``

@@ -13,13 +13,9 @@ from torch import nn
 
 from urbanprofile.data.city import SPARSE_VIEW_ABOVE, CityData, is_sparse_view
 from urbanprofile.data.features import LogScaler
+from urbanprofile.embedders.multiview.inputs import MultiViewInputs
 from urbanprofile.embedders.multiview.layers import ReconstructionHeads, RegionBlock, mlp
-from urbanprofile.embedders.multiview.training import (
-    MultiTaskObjective,
-    MultiViewEmbedder,
-    MultiViewInputs,
-    multitask_step,
-)
+from urbanprofile.embedders.multiview.training import MultiTaskObjective, MultiViewEmbedder, multitask_step
 from urbanprofile.errors import MethodUnavailableError
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,18 +33,15 @@ from scipy import sparse
 
 from urbanprofile.data.city import SPARSE_VIEW_ABOVE, CityData, is_sparse_view
 from urbanprofile.embedders.base import as_embedding
-from urbanprofile.embedders.multiview.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
-from urbanprofile.embedders.multiview.training import (
+from urbanprofile.embedders.multiview.inputs import (
     MultiViewInputs,
     TrainingLog,
-    _top_k_rows,
     mobility_svd,
     objective_settings,
+    top_k_rows,
 )
+from urbanprofile.embedders.multiview.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
 from urbanprofile.errors import ParameterError, TrainingError
-
-if TYPE_CHECKING:
-    from urbanprofile.embedders.multiview.training import MultiViewEmbedder
 
 #: Training modes of the multi-view embedders: ``auto`` is mini-batch above the method's region threshold.
 MODES = ("auto", "full", "minibatch")
@@ -150,7 +147,7 @@ def neighbourhood_prior(city: CityData, inputs: MultiViewInputs, k: int) -> Spat
     both.data = np.log1p(both.data)
     top = float(both.data.max()) if both.nnz else 1.0
     k = max(1, min(k, city.n_regions))
-    idx, weight = _top_k_rows(both, max(k - 1, 1), scale=top)
+    idx, weight = top_k_rows(both, max(k - 1, 1), scale=top)
     idx, weight = idx[:, : k - 1], weight[:, : k - 1]
     neighbors = np.column_stack([np.arange(city.n_regions), np.where(weight > 0, idx, -1)]).astype(np.int64)
     adjacency = np.column_stack([np.ones(city.n_regions), weight])
@@ -315,7 +312,7 @@ def _embed_all(network: Any, batches: list[np.ndarray], make: BatchMaker, n_regi
         network.train()
 
 
-def fit_minibatch(embedder: MultiViewEmbedder, city: CityData, max_steps: int | None = None) -> None:
+def fit_minibatch(embedder: Any, city: CityData, max_steps: int | None = None) -> None:
     """Train ``embedder`` on ``city`` in mini-batches and set its fitted attributes (``log_``, ``embedding_``, ...).
 
     ``max_steps`` stops the run after that many steps in all, part way through an epoch, and then sets only

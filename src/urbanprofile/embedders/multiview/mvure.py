@@ -12,17 +12,10 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
+from urbanprofile.embedders.multiview.inputs import MULTI_VIEWS, SIMILARITY_VIEWS, MultiViewInputs, cosine_similarity
 from urbanprofile.embedders.multiview.layers import ReconstructionHeads, ViewEncoder, ViewFusion
 from urbanprofile.embedders.multiview.spatial_graph import knn_from_similarity
-from urbanprofile.embedders.multiview.training import (
-    MULTI_VIEWS,
-    SIMILARITY_VIEWS,
-    MultiTaskObjective,
-    MultiViewEmbedder,
-    MultiViewInputs,
-    cosine_similarity,
-    multitask_step,
-)
+from urbanprofile.embedders.multiview.training import MultiTaskObjective, MultiViewEmbedder, multitask_step
 
 
 def view_graphs(inputs: MultiViewInputs, k: int) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from urbanprofile.data.city import CityData
+from urbanprofile.embedders.multiview.inputs import MULTI_VIEWS, SIMILARITY_VIEWS, MultiViewInputs
 from urbanprofile.embedders.multiview.layers import (
     MultiViewFusion,
     ReconstructionHeads,
@@ -20,14 +21,7 @@ from urbanprofile.embedders.multiview.layers import (
 )
 from urbanprofile.embedders.multiview.minibatch import RegionBatch, neighbourhood_prior
 from urbanprofile.embedders.multiview.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
-from urbanprofile.embedders.multiview.training import (
-    MULTI_VIEWS,
-    SIMILARITY_VIEWS,
-    MultiTaskObjective,
-    MultiViewEmbedder,
-    MultiViewInputs,
-    multitask_step,
-)
+from urbanprofile.embedders.multiview.training import MultiTaskObjective, MultiViewEmbedder, multitask_step
 
 
 class SRELNetwork(nn.Module):

@@ -199,15 +199,23 @@ class RegionJoiner:
             k = int(lengths.max()) - 1
             edge = slot < lengths[owner] - 1  # every vertex but the closing one starts an edge
             start = np.zeros((len(self.geoms), k, 2))
-            end = np.zeros((len(self.geoms), k, 2))
+            # An edge ends where the next one starts; the last one at the first vertex (a ring's closing vertex is
+            # the first one, exactly). Slots of the next vertex, not a second (N, k, 2) array of coordinates: that
+            # would be 96 bytes per region, 0.4 GB for a country of 4 M cells.
+            following = np.zeros((len(self.geoms), k), dtype=np.int8 if k < 127 else np.int64)
             valid = np.zeros((len(self.geoms), k), dtype=bool)
             start[owner[edge], slot[edge]] = coords[edge]
-            end[owner[edge], slot[edge]] = coords[np.flatnonzero(edge) + 1]
+            following[owner[edge], slot[edge]] = np.where(slot[edge] + 1 < lengths[owner[edge]] - 1, slot[edge] + 1, 0)
             valid[owner[edge], slot[edge]] = True
-            signed_area = np.sum(start[..., 0] * end[..., 1] - end[..., 0] * start[..., 1], axis=1)
-            self._edges = (start, end, valid, np.sign(signed_area))
-        start, end, valid, orientation = self._edges
-        a, b = start[position], end[position]
+            signed_area = np.zeros(len(self.geoms))
+            for lo in range(0, len(self.geoms), _EDGE_BATCH):  # in batches, for the same reason
+                a = start[lo:lo + _EDGE_BATCH]
+                b = np.take_along_axis(a, following[lo:lo + _EDGE_BATCH, :, None].astype(np.intp), axis=1)
+                signed_area[lo:lo + _EDGE_BATCH] = np.sum(a[..., 0] * b[..., 1] - b[..., 0] * a[..., 1], axis=1)
+            self._edges = (start, following, valid, np.sign(signed_area))
+        start, following, valid, orientation = self._edges
+        a = start[position]
+        b = np.take_along_axis(a, following[position][..., None].astype(np.intp), axis=1)
         cross = ((b[..., 0] - a[..., 0]) * (lat[:, None] - a[..., 1])
                  - (b[..., 1] - a[..., 1]) * (lon[:, None] - a[..., 0])) * orientation[position][:, None]
         return np.all((cross > _EDGE_MARGIN) | ~valid[position], axis=1)

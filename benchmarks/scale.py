@@ -191,8 +191,8 @@ ENGINE_NOTES = {
     "streaming-before": "`--engine streaming` at main 130e98c, before the bulk H3 cells and the OD write of issue "
                         "22's scale work (branch i-scale2)",
     "streaming": "`--engine streaming` with the bulk H3 cells (`data/build/h3_fast.py`), the OD matrix written "
-                 "from SciPy without a pandas sparse view and the lighter edge arrays of the H3 join (i-scale2 at "
-                 "3632887)",
+                 "from SciPy without a pandas sparse view and the edges of the H3 join taken per batch of points "
+                 "(i-scale2 at d694fb6)",
 }
 
 MACHINE = ("a shared 2-core machine (about 6 developers' jobs running beside it; the 1-minute load average at the "

@@ -185,6 +185,16 @@ def measure_evaluate(cells: int, via_cli: bool = False) -> dict[str, Any]:
         return row
 
 
+#: What the engine labels of the committed rows measured (rows of other labels say so in their ``engine_args``).
+ENGINE_NOTES = {
+    "memory": "the in-memory build (no engine option), rows measured before this branch",
+    "streaming-before": "`--engine streaming` at main 130e98c, before the bulk H3 cells and the OD write of issue "
+                        "22's scale work (branch i-scale2)",
+    "streaming": "`--engine streaming` with the bulk H3 cells (`data/build/h3_fast.py`), the OD matrix written "
+                 "from SciPy without a pandas sparse view and the edges of the H3 join taken per batch of points "
+                 "(i-scale2 at d694fb6)",
+}
+
 MACHINE = ("a shared 2-core machine (about 6 developers' jobs running beside it; the 1-minute load average at the "
            "start of each rung is in the table), 1 thread per process")
 
@@ -204,6 +214,8 @@ def build_markdown(rows: list[dict[str, Any]]) -> str:
                       f"{row['peak_rss_gb']:.2f}", f"{row['load_avg_1min']:.1f}"])
     lines.append(md_table(["engine", "rung (cells)", "cells built", "POIs", "trips", "build s", "peak RSS GB",
                            "load avg"], table))
+    lines += [f"- `{engine}`: {ENGINE_NOTES[engine]}." for engine in sorted({r["engine"] for r in rows})
+              if engine in ENGINE_NOTES]
     for engine in sorted({r["engine"] for r in rows}):
         done = [r for r in rows if r["engine"] == engine and "failed" not in r]
         if len(done) >= 2:

@@ -167,7 +167,6 @@ class RegionJoiner:
         self.geoms = regions.geometry.to_numpy()
         self._tree: Any = None
         self._cells: np.ndarray | None = None
-        self._edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def assign(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
         """The position (0..N-1) of the region each point falls in, or -1 outside every region."""
@@ -188,29 +187,30 @@ class RegionJoiner:
         """Whether each point lies clearly inside the polygon at ``position``: on the inner side of every edge by
         more than the rounding error of the test (such a point is in no other region, as regions do not overlap
         by more than a shared border). A point that is not is left to the polygon index, so none is misplaced.
-        """
-        if self._edges is None:
-            import shapely
 
-            coords, owner = shapely.get_coordinates(shapely.get_exterior_ring(self.geoms), return_index=True)
-            lengths = np.bincount(owner, minlength=len(self.geoms))  # vertices per ring, the first one repeated
-            first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            slot = np.arange(len(coords)) - first[owner]  # the vertex's place in its ring
-            k = int(lengths.max()) - 1
-            edge = slot < lengths[owner] - 1  # every vertex but the closing one starts an edge
-            start = np.zeros((len(self.geoms), k, 2))
-            end = np.zeros((len(self.geoms), k, 2))
-            valid = np.zeros((len(self.geoms), k), dtype=bool)
-            start[owner[edge], slot[edge]] = coords[edge]
-            end[owner[edge], slot[edge]] = coords[np.flatnonzero(edge) + 1]
-            valid[owner[edge], slot[edge]] = True
-            signed_area = np.sum(start[..., 0] * end[..., 1] - end[..., 0] * start[..., 1], axis=1)
-            self._edges = (start, end, valid, np.sign(signed_area))
-        start, end, valid, orientation = self._edges
-        a, b = start[position], end[position]
+        The edges are taken from the polygons of this batch's regions only: kept for every region they would be
+        about 100 bytes per region (0.4 GB for a country of 4 M cells) for the whole build.
+        """
+        import shapely
+
+        regions, at = np.unique(position, return_inverse=True)
+        coords, owner = shapely.get_coordinates(shapely.get_exterior_ring(self.geoms[regions]), return_index=True)
+        lengths = np.bincount(owner, minlength=len(regions))  # vertices per ring, the first one repeated
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        slot = np.arange(len(coords)) - first[owner]  # the vertex's place in its ring
+        k = int(lengths.max()) - 1
+        edge = slot < lengths[owner] - 1  # every vertex but the closing one starts an edge
+        start = np.zeros((len(regions), k, 2))
+        end = np.zeros((len(regions), k, 2))
+        valid = np.zeros((len(regions), k), dtype=bool)
+        start[owner[edge], slot[edge]] = coords[edge]
+        end[owner[edge], slot[edge]] = coords[np.flatnonzero(edge) + 1]
+        valid[owner[edge], slot[edge]] = True
+        orientation = np.sign(np.sum(start[..., 0] * end[..., 1] - end[..., 0] * start[..., 1], axis=1))
+        a, b = start[at], end[at]
         cross = ((b[..., 0] - a[..., 0]) * (lat[:, None] - a[..., 1])
-                 - (b[..., 1] - a[..., 1]) * (lon[:, None] - a[..., 0])) * orientation[position][:, None]
-        return np.all((cross > _EDGE_MARGIN) | ~valid[position], axis=1)
+                 - (b[..., 1] - a[..., 1]) * (lon[:, None] - a[..., 0])) * orientation[at][:, None]
+        return np.all((cross > _EDGE_MARGIN) | ~valid[at], axis=1)
 
     def _h3_positions(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
         """The position of each point's H3 cell among the regions, -1 where that cell is not a region."""

@@ -129,6 +129,7 @@ class Joiner:
 
 def build_city(
     spec: BuildSpec, progress: bool = False, log: Callable[[str], None] | None = None, joiner: Joiner | None = None,
+    sparse_od_view: bool = True,
 ) -> BuiltCity:
     """Read every input of ``spec`` and aggregate it per region, in memory (nothing is written).
 
@@ -138,6 +139,9 @@ def build_city(
         log: Where lines for the user go (the H3 size estimate) when there is no progress bar.
         joiner: Where the joins run (default: :class:`Joiner`, in this process). A streamed file is read here in
             chunks either way; the joiner joins each chunk.
+        sparse_od_view: Give a large city's sparse OD matrix as a view; ``False`` keeps it in
+            ``BuiltCity.od_matrix`` only (a pandas sparse view holds one column object per region, about 1.5 KB
+            and 30 µs each: GBs and minutes for a country, spent only to be written out again).
 
     Raises:
         DataError: An input is missing, unreadable or inconsistent, or a view would hold nothing (no POI, parcel
@@ -155,6 +159,7 @@ def build_city(
     views: dict[str, pd.DataFrame] = {}
     meta: dict[str, Any] = {}
     pattern_rows = None
+    od_matrix = None
     try:
         attributes = None
         with steps.step("regions", "reading regions"):
@@ -219,8 +224,12 @@ def build_city(
                 else:
                     od, pattern_rows = joiner.od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
                                                             str(spec.trips))
-                views["od_flows"] = (frame_from_array(od, regions.index, regions.index) if isinstance(od, np.ndarray)
-                                     else sparse_square_view(od, regions.index))
+                if isinstance(od, np.ndarray):
+                    views["od_flows"] = frame_from_array(od, regions.index, regions.index)
+                elif sparse_od_view:
+                    views["od_flows"] = sparse_square_view(od, regions.index)
+                else:
+                    od_matrix = od
                 # A large city's time patterns go to disk as rows only (a dense view is P x N x N).
                 if (pattern_rows is not None and isinstance(od, np.ndarray)
                         and spec.n_time_patterns * len(regions) ** 2 <= MAX_DENSE_PATTERN_CELLS):
@@ -243,11 +252,12 @@ def build_city(
         "paper_folds": {"n_splits": 10, "shuffle": True, "random_state": 2024},
         "drop_zero": [],
         "location_source": f"{report.region_kind} regions",
-        "units": {k: v for k, v in UNITS.items() if k in views or (k == "od_patterns" and pattern_rows is not None)},
+        "units": {k: v for k, v in UNITS.items() if k in views or (k == "od_patterns" and pattern_rows is not None)
+                  or (k == "od_flows" and od_matrix is not None)},
         "notes": report.warnings(),
     })
     city = CityData(name=f"built-{spec.city}", regions=regions, views=views, targets=targets, meta=meta).validate()
-    return BuiltCity(city=city, report=report, sources=sources, od_pattern_rows=pattern_rows)
+    return BuiltCity(city=city, report=report, sources=sources, od_pattern_rows=pattern_rows, od_matrix=od_matrix)
 
 
 def build_dataset(
@@ -283,7 +293,7 @@ def build_dataset(
         if given is not None and Path(given).exists() and Path(given).resolve().is_relative_to(target.resolve()):
             raise DataError(f"{given}: an input lies inside the output folder {target}, which the build replaces; "
                             "choose another --out")
-    built = build_city(spec, progress=progress, log=log, joiner=joiner)
+    built = build_city(spec, progress=progress, log=log, joiner=joiner, sparse_od_view=False)
     report = built.report
     spec_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items() if v is not None}
     extra = {
@@ -298,7 +308,8 @@ def build_dataset(
     }
     with_write = time.perf_counter()
     target = write_built(built.city, out, {**extra, "report": report.to_dict()}, overwrite=overwrite,
-                         od_pattern_rows=built.od_pattern_rows if "od_patterns" not in built.city.views else None)
+                         od_pattern_rows=built.od_pattern_rows if "od_patterns" not in built.city.views else None,
+                         od_matrix=built.od_matrix)
     report.seconds["write"] = round(time.perf_counter() - with_write, 3)
     report.seconds["total"] = round(time.perf_counter() - start, 3)
     report.output = str(target)

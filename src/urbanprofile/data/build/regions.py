@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from urbanprofile.data.build.h3_fast import cell_centres, cell_polygons
 from urbanprofile.data.build.messages import few, listed
 from urbanprofile.data.build.osm import is_osm_extract, osm_extent
 from urbanprofile.data.io import NA_TOKENS, centroid_lonlat, read_vector
@@ -211,9 +213,11 @@ def h3_regions(
         DataError: The estimate exceeds ``max_cells`` (the message says how to raise it), or no cell is left.
     """
     import geopandas as gpd
-    from shapely.geometry import Polygon
+    import shapely
 
-    h3 = require("h3", "build")
+    require("h3", "build")
+    from h3.api import basic_int as h3i
+
     if max_cells is not None:
         estimate = h3_cell_estimate(boundary, resolution, cover)
         if estimate > max_cells:
@@ -221,27 +225,27 @@ def h3_regions(
                             f"--max-cells {max_cells:,}; use a coarser --h3-res, or raise --max-cells if you "
                             "mean it")
     shape = boundary.to_crs("EPSG:4326").geometry.make_valid().union_all()
-    cells = set(h3.geo_to_cells(shape, resolution)) if not shape.is_empty else set()
-
-    def polygon(cell: str) -> Polygon:
-        return Polygon([(lng, lat) for lat, lng in h3.cell_to_boundary(cell)])
-
+    # Cells as 64-bit integers while the set grows: a country's millions of cell strings in Python sets cost GBs.
+    cells = np.unique(np.fromiter(h3i.geo_to_cells(shape, resolution), dtype=np.uint64)) if not shape.is_empty \
+        else np.zeros(0, dtype=np.uint64)
     if cover and not shape.is_empty:
-        if not cells:  # a boundary smaller than one cell
+        if not len(cells):  # a boundary smaller than one cell
             point = shape.representative_point()
-            cells = {h3.latlng_to_cell(point.y, point.x, resolution)}
-        frontier = set(cells)
-        while frontier:  # grow outwards while neighbouring cells still overlap the boundary
-            ring = {n for c in frontier for n in h3.grid_disk(c, 1)} - cells
-            frontier = {c for c in ring if polygon(c).intersects(shape)}
-            cells |= frontier
-    if not cells:
+            cells = np.array([h3i.latlng_to_cell(point.y, point.x, resolution)], dtype=np.uint64)
+        shapely.prepare(shape)
+        frontier = cells
+        while len(frontier):  # grow outwards while neighbouring cells still overlap the boundary
+            near = np.fromiter(chain.from_iterable(h3i.grid_disk(int(c), 1) for c in frontier), dtype=np.uint64)
+            ring = np.setdiff1d(np.unique(near), cells, assume_unique=True)
+            frontier = ring[shapely.intersects(cell_polygons([h3i.int_to_str(c) for c in ring.tolist()]), shape)]
+            cells = np.union1d(cells, frontier)
+    if not len(cells):
         raise DataError(f"the boundary holds no H3 cell centre at resolution {resolution} (try a finer --h3-res)")
-    ordered = sorted(cells)
-    polygons = [polygon(c) for c in ordered]
-    centres = np.array([h3.cell_to_latlng(c) for c in ordered])
+    ordered = [h3i.int_to_str(c) for c in cells.tolist()]  # Python ints: numpy scalars convert 10 times slower
+    ordered.sort()  # the strings' order (already the integers' order at one resolution, so this is one pass)
+    del cells
+    lon, lat = cell_centres(ordered)
     ids = pd.Index(ordered, name="region_id", dtype=str)
-    return gpd.GeoDataFrame({"lon": centres[:, 1], "lat": centres[:, 0]}, index=ids, geometry=polygons,
-                            crs="EPSG:4326")
+    return gpd.GeoDataFrame({"lon": lon, "lat": lat}, index=ids, geometry=cell_polygons(ordered), crs="EPSG:4326")
 
 

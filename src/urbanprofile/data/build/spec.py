@@ -228,5 +228,7 @@ class BuiltCity:
     report: BuildReport
     sources: dict[str, Any]
     od_pattern_rows: pd.DataFrame | None = None
+    #: A large city's OD matrix (SciPy sparse, regions in order) when :func:`build_city` kept it out of the views.
+    od_matrix: Any = None
 
 

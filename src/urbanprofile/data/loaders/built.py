@@ -122,9 +122,15 @@ def check_output(target: Path, overwrite: bool) -> None:
 
 def _sparse_rows(frame: pd.DataFrame, value: str) -> pd.DataFrame:
     """Non-zero cells of a square view as (origin, destination, value) rows (a sparse view is not densified)."""
-    coo = view_csr(frame).tocoo()
+    return _matrix_rows(view_csr(frame), frame.index, value)
+
+
+def _matrix_rows(matrix: Any, ids: pd.Index, value: str) -> pd.DataFrame:
+    """Non-zero cells of a SciPy sparse (N, N) matrix as (origin, destination, value) rows, row by row."""
+    csr = matrix.tocsr().astype(float)
+    csr.sum_duplicates()  # canonical: duplicates summed, columns sorted within each row (as a view's matrix is)
+    coo = csr.tocoo()
     keep = coo.data != 0
-    ids = frame.index
     return pd.DataFrame({"origin": ids[coo.row[keep]], "destination": ids[coo.col[keep]], value: coo.data[keep]})
 
 
@@ -145,6 +151,7 @@ def write_built(
     manifest_extra: dict[str, Any],
     overwrite: bool = False,
     od_pattern_rows: pd.DataFrame | None = None,
+    od_matrix: Any = None,
 ) -> Path:
     """Write ``city`` as a built dataset folder, atomically.
 
@@ -155,6 +162,11 @@ def write_built(
         overwrite: Replace an existing folder.
         od_pattern_rows: Time-pattern trips as (pattern, origin, destination, trips) rows, for cities whose
             pattern tensor is too large to hold as a view.
+        od_matrix: The ``od_flows`` view as a SciPy sparse matrix (regions in order), for a city built without it
+            among its views; validated here as the view would be (finite, not negative).
+
+    Raises:
+        DataError: The folder cannot be written, or ``od_matrix`` holds a negative or non-finite count.
     """
     target = Path(folder).expanduser()
     check_output(target, overwrite)
@@ -165,7 +177,7 @@ def write_built(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
-        manifest = _write_files(city, tmp, manifest_extra, od_pattern_rows)
+        manifest = _write_files(city, tmp, manifest_extra, od_pattern_rows, od_matrix)
         _dump_json(tmp / MANIFEST, manifest)
         _move_into_place(tmp, target)
     except OSError as err:  # read-only location, full disk: the old folder (if any) is left as it was
@@ -177,7 +189,8 @@ def write_built(
 
 
 def _write_files(
-    city: CityData, folder: Path, extra: dict[str, Any], od_pattern_rows: pd.DataFrame | None
+    city: CityData, folder: Path, extra: dict[str, Any], od_pattern_rows: pd.DataFrame | None,
+    od_matrix: Any = None,
 ) -> dict[str, Any]:
     regions = city.regions.copy()
     regions.index = regions.index.rename("region_id")
@@ -196,6 +209,15 @@ def _write_files(
             out.reset_index().to_parquet(folder / f"{name}.parquet", index=False)
             views[name] = {"file": f"{name}.parquet", "layout": "dense", "columns": list(out.columns),
                            "units": units.get(name, "")}
+    if od_matrix is not None and "od_flows" not in city.views:
+        rows = _matrix_rows(od_matrix, city.region_ids, "value")
+        values = rows["value"].to_numpy()
+        bad = ~np.isfinite(values) | (values < 0)
+        if bad.any():
+            region = rows["origin"].iloc[int(np.argmax(bad))]
+            raise DataError(f"{city.name}: view 'od_flows' has negative or non-finite counts (region {region})")
+        rows.to_parquet(folder / "od_flows.parquet", index=False)
+        views["od_flows"] = {"file": "od_flows.parquet", "layout": "sparse", "units": units.get("od_flows", "")}
     patterns = _pattern_rows(city.views["od_patterns"]) if "od_patterns" in city.views else od_pattern_rows
     if patterns is not None:
         patterns.to_parquet(folder / "od_patterns.parquet", index=False)

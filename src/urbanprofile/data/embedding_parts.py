@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from urbanprofile.data.io import write_atomic
+from urbanprofile.data.io import replace_folder, write_atomic
 from urbanprofile.errors import UrbanProfileError
 
 #: Above this many rows a single output file is written in chunks even when no chunk size was asked for.
@@ -160,13 +160,7 @@ def write_embedding(
             if on_chunk is not None:
                 on_chunk(min((k + 1) * rows, len(frame)), len(frame))
         os.chmod(tmp, 0o755)
-        if path.exists():  # checked above to hold only part files: set it aside, then drop it once replaced
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-            os.replace(path, old / "parts")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_folder(tmp, path)  # an existing folder was checked above to hold only part files
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

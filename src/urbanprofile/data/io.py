@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -303,3 +304,20 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Rename a finished folder ``tmp`` over ``target``; an old target is set aside first and removed only once
+    the new folder is in place (put back if the rename fails), so a failure never loses the old one."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    os.replace(target, old / "previous")
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.replace(old / "previous", target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

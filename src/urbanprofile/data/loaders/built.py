@@ -34,7 +34,7 @@ from urbanprofile.data.city import (
     sparse_square_view,
     view_csr,
 )
-from urbanprofile.data.io import first_line, load_json, read_table
+from urbanprofile.data.io import first_line, load_json, read_table, replace_folder
 from urbanprofile.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -179,7 +179,7 @@ def write_built(
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
         manifest = _write_files(city, tmp, manifest_extra, od_pattern_rows, od_matrix)
         _dump_json(tmp / MANIFEST, manifest)
-        _move_into_place(tmp, target)
+        replace_folder(tmp, target)
     except OSError as err:  # read-only location, full disk: the old folder (if any) is left as it was
         raise DataError(f"{target}: cannot write the dataset ({err.strerror or first_line(err)})") from None
     finally:
@@ -255,22 +255,6 @@ def _dump_json(path: Path, payload: Any) -> None:
     import json
 
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished folder over the target; an old target is removed only once the new one is in."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / "previous")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            os.replace(old / "previous", target)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def load_built(folder: str | os.PathLike[str], name: str | None = None) -> CityData:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -152,6 +151,7 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
 def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> dict[str, Any]:
     """One (size, method) measurement inside this process (called in a fresh process by :func:`scale`)."""
     from urbanprofile.embedders.multiview.minibatch import fit_minibatch
+    from urbanprofile.evaluation.large import peak_rss_gb
 
     start = time.perf_counter()
     city = synthetic_metro(size)
@@ -167,7 +167,7 @@ def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> 
            "steps_run": done, "steps_per_epoch": log.steps_per_epoch,
            "epoch_seconds": epoch * log.steps_per_epoch / done, "extrapolated": done < log.steps_per_epoch,
            "setup_seconds": total - log.seconds, "embed_seconds": log.seconds - epoch if done == log.steps_per_epoch
-           else None, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+           else None, "peak_rss_gb": peak_rss_gb(),
            "load_average": os.getloadavg()[0]}
     return row
 

@@ -14,7 +14,7 @@ import pandas as pd
 from urbanprofile.data.city import CityData
 from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import UrbanProfileError, require
-from urbanprofile.report.maps import _svg_paths
+from urbanprofile.report.maps import svg_paths
 
 TABLE_FORMATS = (".parquet", ".gpkg")
 MAP_FORMATS = (".png", ".html")
@@ -28,7 +28,8 @@ LAYERS = (
 FLAG_COLOURS = ("#d7301f", "#a6dba0")
 
 
-def _cmap(name: str) -> Any:
+def layer_cmap(name: str) -> Any:
+    """The matplotlib colour map of a prediction layer (the flag layer: its two colours)."""
     if name == "flag":
         colors = require("matplotlib.colors", "maps")
         return colors.ListedColormap(list(FLAG_COLOURS))
@@ -61,7 +62,8 @@ def write_predictions(frame: Any, path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _layer_values(frame: Any, column: str) -> np.ndarray:
+def prediction_layer_values(frame: Any, column: str) -> np.ndarray:
+    """A prediction column as floats to colour (the applicability flag as 0/1)."""
     values = frame[column]
     if column == "applicable":
         return values.astype(float).to_numpy()
@@ -81,11 +83,11 @@ def render_png(city: CityData, frame: Any, title: str, path: Path, dpi: int = 11
     polygons = bool(base.geometry.notna().any() and base.geometry.geom_type.isin(["Polygon", "MultiPolygon"]).any())
     for k, (column, label, cmap) in enumerate(LAYERS):
         ax = fig.add_subplot(1, 3, k + 1)
-        values = pd.Series(_layer_values(frame, column), index=frame.index)
+        values = pd.Series(prediction_layer_values(frame, column), index=frame.index)
         if polygons:
             base.plot(ax=ax, color="#eeeeee", edgecolor="white", linewidth=0.15)
             shown = frame.assign(_value=values.to_numpy())
-            shown.plot(ax=ax, column="_value", cmap=_cmap(cmap), vmin=0 if column == "applicable" else None,
+            shown.plot(ax=ax, column="_value", cmap=layer_cmap(cmap), vmin=0 if column == "applicable" else None,
                        vmax=1 if column == "applicable" else None, edgecolor="white", linewidth=0.15,
                        legend=column != "applicable", legend_kwds={"shrink": 0.6})
         else:
@@ -93,7 +95,7 @@ def render_png(city: CityData, frame: Any, title: str, path: Path, dpi: int = 11
             ax.scatter(lonlat[:, 0], lonlat[:, 1], c="#eeeeee", s=10, linewidths=0)
             own = base.loc[frame.index, ["lon", "lat"]].to_numpy(dtype=float)
             flag = column == "applicable"  # a constant flag layer must not be rescaled onto one colour
-            points = ax.scatter(own[:, 0], own[:, 1], c=values.to_numpy(), cmap=_cmap(cmap), s=10, linewidths=0,
+            points = ax.scatter(own[:, 0], own[:, 1], c=values.to_numpy(), cmap=layer_cmap(cmap), s=10, linewidths=0,
                                 vmin=0.0 if flag else None, vmax=1.0 if flag else None)
             if column != "applicable":
                 fig.colorbar(points, ax=ax, shrink=0.6)
@@ -179,16 +181,16 @@ def render_html(city: CityData, frame: Any, title: str, width: float = 900.0,
     """One standalone page (inline SVG and script; no CDN, no tiles) with the three layers behind buttons, and
     the model card when the model's configuration is given."""
     colors = require("matplotlib.colors", "maps")
-    paths, height = _svg_paths(city, width)
+    paths, height = svg_paths(city, width)
     esc = html.escape
     fills: list[list[str]] = []
     legends = []
     for k, (column, label, cmap_name) in enumerate(LAYERS):
-        values = _layer_values(frame, column)
+        values = prediction_layer_values(frame, column)
         finite = values[np.isfinite(values)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         norm = colors.Normalize(vmin=low, vmax=high if high > low else low + 1.0)
-        cmap = _cmap(cmap_name)
+        cmap = layer_cmap(cmap_name)
         if column == "applicable":
             norm = colors.Normalize(vmin=0.0, vmax=1.0)
         fills.append([colors.to_hex(cmap(norm(v))) if np.isfinite(v) else "#d9d9d9" for v in values])

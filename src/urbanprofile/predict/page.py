@@ -23,9 +23,9 @@ from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import UrbanProfileError, require
 from urbanprofile.predict.conformal import held_out_fold_coverage
 from urbanprofile.predict.model import FittedModel, load_model, predict_regions
-from urbanprofile.predict.output import FLAG_COLOURS, LAYERS, _cmap, _layer_values, model_card
-from urbanprofile.report.html import _page_start
-from urbanprofile.report.maps import _svg_paths
+from urbanprofile.predict.output import FLAG_COLOURS, LAYERS, layer_cmap, model_card, prediction_layer_values
+from urbanprofile.report.html import page_start
+from urbanprofile.report.maps import svg_paths
 
 esc = html.escape
 #: Regions the model was not asked about (they have the label): drawn, not coloured.
@@ -58,13 +58,13 @@ class ModelPage:
 
 def _fills(frame: Any, column: str, cmap_name: str) -> tuple[list[str], float, float]:
     colors = require("matplotlib.colors", "maps")
-    values = _layer_values(frame, column)
+    values = prediction_layer_values(frame, column)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if column == "applicable":
         low, high = 0.0, 1.0
     norm = colors.Normalize(vmin=low, vmax=high if high > low else low + 1.0)
-    cmap = _cmap(cmap_name)
+    cmap = layer_cmap(cmap_name)
     return [colors.to_hex(cmap(norm(v))) if np.isfinite(v) else LABELLED_FILL for v in values], low, high
 
 
@@ -76,7 +76,7 @@ def _legend(k: int, column: str, cmap_name: str, label: str, low: float, high: f
                 f'<rect x="190" y="4" width="14" height="14" fill="{FLAG_COLOURS[1]}"/>'
                 '<text x="208" y="16">applicable</text></svg>')
     colors = require("matplotlib.colors", "maps")
-    cmap = _cmap(cmap_name)
+    cmap = layer_cmap(cmap_name)
     stops = "".join(f'<stop offset="{j / 10:.1f}" stop-color="{colors.to_hex(cmap(j / 10))}"/>' for j in range(11))
     return (f'<svg width="{MAP_WIDTH:.0f}" height="36" role="img" aria-label="{esc(label)} colour scale">'
             f'<defs><linearGradient id="scale{k}">{stops}</linearGradient></defs>'
@@ -88,7 +88,7 @@ def _legend(k: int, column: str, cmap_name: str, label: str, low: float, high: f
 
 def maps_svg(city: CityData, frame: Any) -> str:
     """Prediction, interval width and applicability as three static maps; flagged regions outlined on each."""
-    paths, height = _svg_paths(city, MAP_WIDTH)
+    paths, height = svg_paths(city, MAP_WIDTH)
     rows = {region: i for i, region in enumerate(frame.index)}
     names = city.regions["name"] if "name" in city.regions.columns else None
     figures = []
@@ -177,7 +177,7 @@ def render_model_page(model: FittedModel, city: CityData, frame: Any, level: flo
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = (f"{config['task']} on {city.name} by {config['method']} + {config['head']} · model folder "
                 f"{model.folder} · generated {when}")
-    start = _page_start(esc(subtitle), title="urbanprofile prediction report").replace(
+    start = page_start(esc(subtitle), title="urbanprofile prediction report").replace(
         "</style>", f"{_PAGE_CSS}</style>", 1)
     coverage = _coverage_html(model, level, notes)
     flagged_line = (f"<b>{n_flagged}</b> of them lie outside what the model saw and are listed below with the reason"

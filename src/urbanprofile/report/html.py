@@ -28,7 +28,7 @@ from urbanprofile.evaluation.protocols import N_BIAS_BLOCKS, PROTOCOLS
 from urbanprofile.evaluation.spatial import spatial_blocks
 from urbanprofile.evaluation.suites import SUITES, suite_aggregate
 from urbanprofile.methods import get_method
-from urbanprofile.report.maps import BLOCK_R2_BOUND, _svg_paths, diverging_colour
+from urbanprofile.report.maps import BLOCK_R2_BOUND, diverging_colour, svg_paths
 from urbanprofile.report.tables import PUBLISHED_R2
 
 #: Published figures whose authors picked the training epoch by the test-fold score (data README).
@@ -156,7 +156,7 @@ def _block_colour(value: float) -> str:
 
 def block_map_svg(city: Any, block_r2: dict[str, float], title: str, width: float = 300.0) -> str:
     """Regions coloured by the R^2 of the spatial bias block they lie in (mean over seeds)."""
-    paths, height = _svg_paths(city, width)
+    paths, height = svg_paths(city, width)
     blocks = spatial_blocks(city, N_BIAS_BLOCKS)
     shapes = []
     for region, d, block in zip(city.region_ids, paths, blocks, strict=True):
@@ -430,7 +430,7 @@ def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | 
             f"{', '.join(map(str, seeds_used))} · "
             f"generated {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
     notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
-    page = _page_start(f"{esc(source)} · {esc(meta)}") + f"""<main>
+    page = page_start(f"{esc(source)} · {esc(meta)}") + f"""<main>
 <p class="lead">{summary} R² is pooled out-of-fold, mean ± std over seeds; <i>nested</i> is the honest figure,
 <i>spatial</i> holds out whole areas, <i>paper</i> is the peers' protocol, shown only beside their published
 figures († / <span class="warn">test-selected</span>: the authors chose the epoch on the test folds, so the figure
@@ -448,7 +448,7 @@ Moran's I: spatial autocorrelation of the residuals on the region adjacency (0 =
     return page, n_maps, notes
 
 
-def _page_start(subtitle_html: str, title: str = "urbanprofile benchmark report") -> str:
+def page_start(subtitle_html: str, title: str = "urbanprofile benchmark report") -> str:
     """The page's head (a strict CSP: no scripts, no network) and its header line; ``subtitle_html`` is escaped."""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -473,7 +473,7 @@ def _failed_list(failed: list[dict[str, Any]]) -> str:
 def _failures_page(failed: list[dict[str, Any]], source: str) -> str:
     """The page of a store whose every row failed: what failed and why, rather than "no results"."""
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return _page_start(f"{esc(source)} · no successful results · generated {when}") + f"""<main>
+    return page_start(f"{esc(source)} · no successful results · generated {when}") + f"""<main>
 <p class="lead">No result in this store succeeded: every one of its {len(failed)} rows failed. Their reasons follow;
 fix the cause and run <code>urbanprofile benchmark</code> again (failed rows are retried).</p>
 {_failed_list(failed)}

@@ -213,7 +213,7 @@ def render_png(city: CityData, layer: MapLayer, path: Path, dpi: int = 110) -> N
 
 
 # -- HTML --------------------------------------------------------------------------------------------
-def _svg_paths(city: CityData, width: float) -> tuple[list[str], float]:
+def svg_paths(city: CityData, width: float) -> tuple[list[str], float]:
     """SVG path data per region in a local equirectangular projection, and the drawing's height."""
     import shapely
 
@@ -291,7 +291,7 @@ def render_html(city: CityData, layer: MapLayer, width: float = 900.0) -> str:
     layer = dataclasses.replace(layer, values=values)
     hexes, cmap, norm = _colours(layer)
     colors = require("matplotlib.colors", "maps")
-    paths, height = _svg_paths(city, width)
+    paths, height = svg_paths(city, width)
     names = city.regions["name"] if "name" in city.regions.columns else None
     esc = html.escape
     shapes = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from scipy import sparse
 from urbanprofile.data import CityData, load_dataset, task_data
 from urbanprofile.evaluation import evaluate_embedding, outer_splits
 from urbanprofile.evaluation.metrics import r2
-from urbanprofile.evaluation.protocols import n_spatial_blocks
+from urbanprofile.evaluation.protocols import get_protocol, n_spatial_blocks
 from urbanprofile.evaluation.spatial import morans_i, spatial_blocks
 from urbanprofile.methods import get_method
 
@@ -32,6 +33,22 @@ def test_spatial_folds_are_contiguous_blocks(city: CityData) -> None:
     for train, test in folds:
         assert not set(blocks[test]) & set(blocks[train])  # no block is split across train and test
     assert sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(len(td.y)))
+
+
+def test_another_block_seed_is_another_layout_of_whole_blocks(city: CityData) -> None:
+    td = task_data(city, "crime")
+    spatial = get_protocol("spatial")
+    own = outer_splits(city, td, spatial)
+    assert [t.tolist() for _, t in own] == [t.tolist() for _, t in outer_splits(city, td, "spatial")]
+    other = replace(spatial, block_seed=1)
+    folds = outer_splits(city, td, other)
+    blocks = spatial_blocks(city, n_spatial_blocks(city.n_regions), seed=1)
+    for train, test in folds:
+        assert not set(blocks[test]) & set(blocks[train])
+    assert sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(len(td.y)))
+    assert [t.tolist() for _, t in folds] != [t.tolist() for _, t in own]
+    embedding = get_method("raw-poi").build().fit_transform(city)
+    assert evaluate_embedding(city, embedding, "crime", other).protocol == "spatial"
 
 
 def test_nested_result_has_metrics_and_bias(city: CityData) -> None:

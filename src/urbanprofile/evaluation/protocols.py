@@ -90,12 +90,16 @@ class Protocol:
             checkpoints ignored), ``False`` for settings chosen by inner CV on each outer training fold.
         spatial_folds: Outer folds of whole k-means blocks of centroids, inner CV grouped by block (needs
             region locations); ``False``: the dataset's own folds (``paper_folds``).
+        block_seed: Seed of the block layout and of dealing blocks to folds (spatial folds only). Every stored
+            result uses the default; another seed is another draw of held-out areas, for studies of how much a
+            figure depends on the one layout (``dataclasses.replace(get_protocol("spatial"), block_seed=1)``).
     """
 
     name: str
     description: str
     fixed_probe: bool = False
     spatial_folds: bool = False
+    block_seed: int = BLOCK_SEED
 
     def unavailable_reason(self, city: CityData) -> str | None:
         """Why this protocol cannot run on ``city`` (one line), or ``None`` when it can."""
@@ -117,9 +121,9 @@ class Protocol:
         n = len(task.y)
         if self.spatial_folds:
             n_blocks = n_spatial_blocks(city.n_regions)
-            blocks = _task_blocks(city, task, n_blocks)
+            blocks = _task_blocks(city, task, n_blocks, self.block_seed)
             # Deal whole blocks to folds in a fixed shuffled order, so no block is split across folds.
-            fold_of_block = np.random.default_rng(BLOCK_SEED).permutation(n_blocks) % N_SPATIAL_FOLDS
+            fold_of_block = np.random.default_rng(self.block_seed).permutation(n_blocks) % N_SPATIAL_FOLDS
             folds = fold_of_block[blocks]
             return [(np.where(folds != f)[0], np.where(folds == f)[0]) for f in np.unique(folds)]
         settings = city.meta.get("paper_folds", {"n_splits": 10, "shuffle": True, "random_state": 2024})
@@ -131,7 +135,9 @@ class Protocol:
 
     def inner_groups(self, city: CityData, task: TaskData) -> np.ndarray | None:
         """Groups of the task's regions for the inner CV of the heads (``None``: ungrouped folds)."""
-        return _task_blocks(city, task, n_spatial_blocks(city.n_regions)) if self.spatial_folds else None
+        if not self.spatial_folds:
+            return None
+        return _task_blocks(city, task, n_spatial_blocks(city.n_regions), self.block_seed)
 
 
 #: Every protocol; plug-ins come from the ``urbanprofile.protocols`` entry-point group (a ``Protocol``).
@@ -185,7 +191,7 @@ def protocol_unavailable_reason(head: str, protocol: str) -> str | None:
     return get_protocol(protocol).head_unavailable_reason(head)
 
 
-def outer_splits(city: CityData, task: TaskData, protocol: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def outer_splits(city: CityData, task: TaskData, protocol: str | Protocol) -> list[tuple[np.ndarray, np.ndarray]]:
     """Outer folds as index arrays into the task's regions."""
     return get_protocol(protocol).splits(city, task)
 
@@ -236,8 +242,8 @@ def subsample_train(
     return train[keep]
 
 
-def _task_blocks(city: CityData, task: TaskData, n_blocks: int) -> np.ndarray:
-    blocks = pd.Series(spatial_blocks(city, n_blocks), index=city.region_ids)
+def _task_blocks(city: CityData, task: TaskData, n_blocks: int, seed: int = BLOCK_SEED) -> np.ndarray:
+    blocks = pd.Series(spatial_blocks(city, n_blocks, seed), index=city.region_ids)
     return blocks.loc[task.region_ids].to_numpy()
 
 
@@ -260,7 +266,7 @@ def evaluate_embedding(
     city: CityData,
     embedding: pd.DataFrame,
     task: str,
-    protocol: str = "nested",
+    protocol: str | Protocol = "nested",
     head: str = "ridge",
     random_state: int | None = 0,
     candidates: dict[str, pd.DataFrame] | None = None,
@@ -272,7 +278,7 @@ def evaluate_embedding(
         city: The city (targets, locations, folds settings).
         embedding: One row per region, indexed by ``region_id``.
         task: Indicator to predict.
-        protocol: ``paper``, ``nested`` or ``spatial``.
+        protocol: ``paper``, ``nested`` or ``spatial``, or a :class:`Protocol` object.
         head: A single-task head name (see :mod:`urbanprofile.heads.registry`): ``ridge``, ``knn``,
             ``ridge-blocks`` (an embedding whose ``emb_*`` columns are learned and whose other columns are raw
             counts; the probe weighs the two blocks, chosen by inner CV), ``mlp``, ``prompt4re-<model>``, ...
@@ -313,11 +319,11 @@ def evaluate_embedding(
     n_train: list[int] = []
     start = time.perf_counter()
     folds = policy.splits(city, td)
-    progress = FoldProgress(f"{city.name} {task} {protocol}", len(folds), len(y))
+    progress = FoldProgress(f"{city.name} {task} {policy.name}", len(folds), len(y))
     for k, (train, test) in enumerate(folds):
         train = subsample_train(train, train_fraction, random_state, k,
                                 inner_groups[train] if inner_groups is not None else None,
-                                f"{city.name} {task} {protocol}")
+                                f"{city.name} {task} {policy.name}")
         n_train.append(len(train))
         groups = inner_groups[train] if inner_groups is not None else None
         label, estimator = fit_best_candidate(
@@ -331,7 +337,7 @@ def evaluate_embedding(
     head_seconds = time.perf_counter() - start
     return ProtocolResult(
         task=task,
-        protocol=protocol,
+        protocol=policy.name,
         region_ids=td.region_ids,
         y=y,
         pred=pred,

@@ -15,28 +15,29 @@ BLOCK_SEED = 2024
 BLOCK_FIT_SAMPLE = 50_000
 
 
-def spatial_blocks(city: CityData, n_blocks: int) -> np.ndarray:
+def spatial_blocks(city: CityData, n_blocks: int, seed: int = BLOCK_SEED) -> np.ndarray:
     """Cluster region centroids (local km) into ``n_blocks`` contiguous blocks; one label per region.
 
     Above :data:`BLOCK_FIT_SAMPLE` regions the k-means centres are fitted on a seeded sample of that many
     centroids and every region goes to its nearest centre: 50 blocks of a million cells then take seconds
     instead of minutes (k-means with 10 starts over every cell), with the same kind of contiguous blocks.
+    Another ``seed`` draws another layout of blocks (to measure how much a figure depends on the one layout).
     """
-    key = ("spatial_blocks", n_blocks)
+    key = ("spatial_blocks", n_blocks) if seed == BLOCK_SEED else ("spatial_blocks", n_blocks, seed)
     if key not in city.cache:
-        city.cache[key] = block_labels(city.coordinates_km(), n_blocks)
+        city.cache[key] = block_labels(city.coordinates_km(), n_blocks, seed)
     return np.asarray(city.cache[key])
 
 
-def block_labels(xy: np.ndarray, n_blocks: int) -> np.ndarray:
+def block_labels(xy: np.ndarray, n_blocks: int, seed: int = BLOCK_SEED) -> np.ndarray:
     """K-means block of each point (local km), fitted on at most :data:`BLOCK_FIT_SAMPLE` seeded points."""
     from sklearn.cluster import KMeans
 
     n = min(n_blocks, len(xy))
-    kmeans = KMeans(n_clusters=n, n_init=10, random_state=BLOCK_SEED)
+    kmeans = KMeans(n_clusters=n, n_init=10, random_state=seed)
     if len(xy) <= BLOCK_FIT_SAMPLE:
         return kmeans.fit_predict(xy)
-    sample = np.sort(np.random.default_rng(BLOCK_SEED).choice(len(xy), BLOCK_FIT_SAMPLE, replace=False))
+    sample = np.sort(np.random.default_rng(seed).choice(len(xy), BLOCK_FIT_SAMPLE, replace=False))
     return kmeans.fit(xy[sample]).predict(xy)
 
 

@@ -49,6 +49,29 @@ def test_report_is_self_contained_and_matches_the_store(store: tuple[Path, Path]
         render_report([], "empty.duckdb")
 
 
+def test_index_and_prediction_pages_link_each_other_in_either_order(store: tuple[Path, Path], tmp_path: Path) -> None:
+    from urbanprofile.data.registry import load_dataset
+    from urbanprofile.predict import fit_model
+    from urbanprofile.predict.page import write_model_page
+
+    path, data = store
+    city = load_dataset("hafusion-testcity", data)
+    for name in ("first", "second"):
+        fit_model(city, "raw-poi", "crime", tmp_path / name)
+    out = tmp_path / "report"
+    write_model_page(tmp_path / "first", out, data_dir=data)  # a page before the index ...
+    index = write_report(path, out, data_dir=data, with_maps=False).path
+    assert 'href="model-first.html"' in index.read_text() and "Prediction pages (1)" in index.read_text()
+    second = write_model_page(tmp_path / "second", out, data_dir=data)  # ... and one after it
+    text = index.read_text()
+    assert 'href="model-first.html"' in text and 'href="model-second.html"' in text
+    assert "Prediction pages (2)" in text and "crime on hafusion-testcity by raw-poi + ridge (second)" in text
+    assert any("now links this page" in n for n in second.notes)
+    assert 'href="index.html"' in second.path.read_text()
+    assert 'href="index.html"' not in (out / "model-first.html").read_text()  # no index existed when it was written
+    assert text.count("Prediction pages") == 1
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_in_headless_chromium(store: tuple[Path, Path], tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")

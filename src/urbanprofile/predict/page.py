@@ -24,7 +24,7 @@ from urbanprofile.errors import UrbanProfileError, require
 from urbanprofile.predict.conformal import held_out_fold_coverage
 from urbanprofile.predict.model import FittedModel, load_model, predict_regions
 from urbanprofile.predict.output import FLAG_COLOURS, LAYERS, layer_cmap, model_card, prediction_layer_values
-from urbanprofile.report.html import page_start
+from urbanprofile.report.html import MODEL_PAGE_META, page_start, refresh_model_links
 from urbanprofile.report.maps import svg_paths
 
 esc = html.escape
@@ -167,9 +167,11 @@ def _flagged_html(frame: Any, city: CityData) -> str:
 
 
 def render_model_page(model: FittedModel, city: CityData, frame: Any, level: float,
-                      notes: list[str] | None = None) -> str:
-    """The page for ``model``'s predictions ``frame`` on ``city`` (from :func:`predict_regions`)."""
+                      notes: list[str] | None = None, index_link: bool = False) -> str:
+    """The page for ``model``'s predictions ``frame`` on ``city`` (from :func:`predict_regions`); ``index_link``:
+    link back to the results report (``index.html``) written in the same folder."""
     notes = [] if notes is None else notes
+    back = '<p class="note"><a href="index.html">← the results report</a></p>' if index_link else ""
     config = model.config
     n_flagged = int((~frame["applicable"].astype(bool)).sum())
     scale = str(frame["label_scale"].iloc[0]) if "label_scale" in frame else "raw"
@@ -177,13 +179,16 @@ def render_model_page(model: FittedModel, city: CityData, frame: Any, level: flo
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = (f"{config['task']} on {city.name} by {config['method']} + {config['head']} · model folder "
                 f"{model.folder} · generated {when}")
+    label = f"{config['task']} on {city.name} by {config['method']} + {config['head']} ({model.folder.resolve().name})"
     start = page_start(esc(subtitle), title="urbanprofile prediction report").replace(
-        "</style>", f"{_PAGE_CSS}</style>", 1)
+        "</style>", f"{_PAGE_CSS}</style>", 1).replace(
+        "<title>", f'<meta name="{MODEL_PAGE_META}" content="{esc(label)}">\n<title>', 1)
     coverage = _coverage_html(model, level, notes)
     flagged_line = (f"<b>{n_flagged}</b> of them lie outside what the model saw and are listed below with the reason"
                     if n_flagged else "none lies outside what the model saw")
     notes_html = "".join(f'<p class="note">Note: {esc(n)}.</p>' for n in notes)
     return start + f"""<main>
+{back}
 <p class="lead">{len(frame)} regions of {esc(city.name)} predicted with {level:.0%} conformal intervals (mean width
 {float(frame["interval_width"].mean()):.4g}); {flagged_line}.{scale_note}</p>
 {notes_html}
@@ -226,15 +231,17 @@ def write_model_page(model_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         notes.append(f"every region of {city.name!r} has a {task!r} label: the page shows the model's predictions "
                      "for all of them (in-sample: the maps are not held-out estimates)")
     frame = predict_regions(model, city, level=level, all_regions=all_regions)
-    page = render_model_page(model, city, frame, level, notes)
     target = Path(out_dir)
     if target.exists() and not target.is_dir():
         raise UrbanProfileError(f"{target}: exists and is not a folder")
+    page = render_model_page(model, city, frame, level, notes, index_link=(target / "index.html").is_file())
     path = target / f"model-{model.folder.resolve().name}.html"
 
     def write_page(tmp: Path) -> None:
         tmp.write_text(page, encoding="utf-8")
 
     write_atomic(path, write_page)
+    if refresh_model_links(target):  # the results report in this folder lists the page now
+        notes.append(f"{target / 'index.html'} now links this page")
     return ModelPage(path, len(frame), int((~frame["applicable"].astype(bool)).sum()), notes)
 

@@ -11,6 +11,7 @@ import datetime as dt
 import html
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,9 +365,49 @@ def _suite_summary(ok: list[dict[str, Any]]) -> str:
             'baseline on the same folds.</p><div class="boards">' + "".join(parts) + "</div>")
 
 
+#: The index's list of prediction pages sits between these markers, so a page written later can be added to it.
+_MODELS_START, _MODELS_END = "<!-- prediction pages -->", "<!-- /prediction pages -->"
+#: A prediction page names what it predicts in this meta tag; the index's list reads it.
+MODEL_PAGE_META = "urbanprofile-model-page"
+
+
+def model_pages_html(folder: Path) -> str:
+    """The index's section linking the prediction pages (``model-*.html``, from ``report --model``) in ``folder``."""
+    items = []
+    for page in sorted(folder.glob("model-*.html")):
+        head = page.read_text(encoding="utf-8", errors="replace")[:4000]
+        found = re.search(rf'<meta name="{MODEL_PAGE_META}" content="([^"]*)">', head)
+        label = html.unescape(found.group(1)) if found else page.stem
+        items.append(f'<li><a href="{esc(page.name)}">{esc(label)}</a></li>')
+    if not items:
+        return _MODELS_START + _MODELS_END
+    return (f'{_MODELS_START}<h2 id="models">Prediction pages ({len(items)})</h2><p class="note">Models fit with '
+            '<code>urbanprofile fit</code>: predictions for regions without the label, intervals and their measured '
+            f'coverage, applicability (<code>urbanprofile report --model</code>).</p><ul>{"".join(items)}</ul>'
+            + _MODELS_END)
+
+
+def refresh_model_links(folder: Path) -> bool:
+    """Rewrite the prediction-page list of ``folder/index.html`` (when it has one); ``True`` if it was rewritten."""
+    index = folder / "index.html"
+    if not index.is_file():
+        return False
+    text = index.read_text(encoding="utf-8")
+    start, end = text.find(_MODELS_START), text.find(_MODELS_END)
+    if start < 0 or end < start:
+        return False  # an index written before pages were listed, or not ours
+    updated = text[:start] + model_pages_html(folder) + text[end + len(_MODELS_END):]
+
+    def write_index(tmp: Path) -> None:
+        tmp.write_text(updated, encoding="utf-8")
+
+    write_atomic(index, write_index)
+    return True
+
+
 def render_report(rows: list[dict[str, Any]], source: str = "", data_dir: str | os.PathLike[str] | None = None,
-                  with_maps: bool = True) -> tuple[str, int, list[str]]:
-    """The report page for the stored ``rows``.
+                  with_maps: bool = True, models_html: str = "") -> tuple[str, int, list[str]]:
+    """The report page for the stored ``rows``; ``models_html``: the list of prediction pages beside it.
 
     Returns:
         The HTML, the number of maps drawn and notes (what was left out and why).
@@ -437,6 +478,7 @@ figures († / <span class="warn">test-selected</span>: the authors chose the ep
 is optimistic).</p>
 {glance}
 {_suite_summary(ok)}
+{models_html or _MODELS_START + _MODELS_END}
 <nav>Jump to: {nav}</nav>
 {"".join(sections)}
 {failed_html}
@@ -484,17 +526,18 @@ fix the cause and run <code>urbanprofile benchmark</code> again (failed rows are
 
 def write_report(store: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                  data_dir: str | os.PathLike[str] | None = None, with_maps: bool = True) -> ReportResult:
-    """Read ``store`` (read-only) and write ``out_dir/index.html``.
+    """Read ``store`` (read-only) and write ``out_dir/index.html``, linking the prediction pages already in ``out_dir``.
 
     Raises:
         DataError: If the store is missing, locked, of another version, or holds no results.
     """
     with ResultStore(Path(store), read_only=True) as results:
         rows = [_with_head(r) for r in results.rows()]
-    page, n_maps, notes = render_report(rows, str(store), data_dir, with_maps)
     target = Path(out_dir)
     if target.exists() and not target.is_dir():
         raise UrbanProfileError(f"{target}: exists and is not a folder")
+    page, n_maps, notes = render_report(rows, str(store), data_dir, with_maps,
+                                        models_html=model_pages_html(target) if target.is_dir() else "")
     target.mkdir(parents=True, exist_ok=True)
     path = target / "index.html"
     def write_page(tmp: Path) -> None:

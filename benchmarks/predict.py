@@ -54,7 +54,8 @@ CALIBRATIONS = ["auto", "spatial", "nested"]
 
 
 def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, calibration: str,
-                 work: Path, candidates: dict[str, Any] | None = None, block_seed: int | None = None) -> dict[str, Any]:
+                 work: Path, candidates: dict[str, Any] | None = None, block_seed: int | None = None,
+                 interval: str = "normalised") -> dict[str, Any]:
     """Fit on all but one fold, predict it, for every fold of ``holdout``; pooled coverage and widths.
 
     ``block_seed`` (spatial hold-out only): another layout of the held-out blocks than the protocol's own. The
@@ -72,9 +73,9 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
         targets = city.targets.copy()
         targets.loc[test_ids, task] = np.nan
         masked = replace(city, targets=targets)
-        folder = work / f"{city.name}-{method}-{task}-{holdout}-{block_seed}-{calibration}-{k}"
+        folder = work / f"{city.name}-{method}-{task}-{holdout}-{block_seed}-{calibration}-{interval}-{k}"
         fit_model(masked, method, task, folder, protocol_for_settings=holdout, calibration=calibration,
-                  embedding=emb, candidates=candidates)
+                  embedding=emb, candidates=candidates, interval=interval)
         model = load_model(folder)
         chosen[model.config["calibration"]] = chosen.get(model.config["calibration"], 0) + 1
         frame = predict_regions(model, masked, level=LEVEL).loc[test_ids]
@@ -93,7 +94,7 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
     naive_lo = np.clip(pred - half, 0, None) if (td.y >= 0).all() else pred - half
     return {
         "dataset": city.name, "task": task, "method": method, "head": get_method(method).head,
-        "holdout": holdout, "block_seed": policy.block_seed, "calibration": calibration,
+        "holdout": holdout, "block_seed": policy.block_seed, "calibration": calibration, "interval": interval,
         "calibration_folds_chosen": chosen, "n_regions": len(y),
         "coverage": float(np.mean((y >= lo) & (y <= hi))), "mean_width": float(np.mean(hi - lo)),
         "naive_coverage": float(np.mean((y >= naive_lo) & (y <= pred + half))),
@@ -139,7 +140,8 @@ def default_layout(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def layouts_table(rows: list[dict[str, Any]]) -> list[str]:
     """Spatial hold-out, default calibration, over several layouts of the held-out blocks: per case and summary."""
-    runs = [r for r in rows if r["holdout"] == "spatial" and r["calibration"] == "auto"]
+    runs = [r for r in rows if r["holdout"] == "spatial" and r["calibration"] == "auto"
+            and r.get("interval", "normalised") == "normalised"]
     seeds = sorted({r.get("block_seed", BLOCK_SEED) for r in runs})
     if len(seeds) < 2:
         return []
@@ -172,31 +174,33 @@ def layouts_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     """Coverage over every case per (hold-out, calibration): range, median, share in [0.85, 0.95], width vs naive."""
-    lines = ["| hold-out | calibration | cases | coverage min | median | max | cases in [0.85, 0.95] | "
+    lines = ["| hold-out | calibration | interval | cases | coverage min | median | max | cases in [0.85, 0.95] | "
              "median width / naive width | naive coverage min | median | max | naive in [0.85, 0.95] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for holdout in HOLDOUTS:
-        for calibration in CALIBRATIONS:
-            group = [r for r in rows if r["holdout"] == holdout and r["calibration"] == calibration]
-            if not group:
-                continue
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    intervals = list(dict.fromkeys(r.get("interval", "normalised") for r in rows))
+    for holdout, calibration, interval in ((h, c, i) for i in intervals for h in HOLDOUTS for c in CALIBRATIONS):
+        group = [r for r in rows if r["holdout"] == holdout and r["calibration"] == calibration
+                 and r.get("interval", "normalised") == interval]
+        if group:
             cov = np.array([r["coverage"] for r in group])
             ratio = np.median([r["mean_width"] / r["naive_mean_width"] for r in group])
             inside = int(((cov >= 0.85) & (cov <= 0.95)).sum())
             naive = np.array([r["naive_coverage"] for r in group])
             naive_inside = int(((naive >= 0.85) & (naive <= 0.95)).sum())
-            lines.append(f"| {holdout} | {calibration} | {len(group)} | {cov.min():.3f} | {np.median(cov):.3f} | "
+            lines.append(f"| {holdout} | {calibration} | {interval} | {len(group)} | {cov.min():.3f} | "
+                         f"{np.median(cov):.3f} | "
                          f"{cov.max():.3f} | {inside} | {ratio:.2f} | {naive.min():.3f} | {np.median(naive):.3f} | "
                          f"{naive.max():.3f} | {naive_inside} |")
     return lines
 
 
 def _calibration_cell(row: dict[str, Any]) -> str:
-    """``auto (spatial 3, nested 2)``: what auto chose over the hold-out's folds."""
+    """``auto (spatial 3, nested 2)``: what auto chose over the hold-out's folds (``, cv+`` for CV+ intervals)."""
+    suffix = ", cv+" if row.get("interval", "normalised") == "cv+" else ""
     if row["calibration"] != "auto":
-        return str(row["calibration"])
+        return str(row["calibration"]) + suffix
     chosen = row.get("calibration_folds_chosen", {})
-    return f"auto ({', '.join(f'{k} {v}' for k, v in sorted(chosen.items(), reverse=True))})"
+    return f"auto ({', '.join(f'{k} {v}' for k, v in sorted(chosen.items(), reverse=True))}){suffix}"
 
 
 def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
@@ -270,6 +274,8 @@ def main() -> int:
     parser.add_argument("--rows-out", default=None, help="write only these cases' rows to this JSON file")
     parser.add_argument("--timing-out", default=None, help="measure only the timings, into this JSON file")
     parser.add_argument("--merge", nargs="+", default=None, help="--rows-out and --timing-out files -> results")
+    parser.add_argument("--cv-plus-only", action="store_true",
+                        help="CV+ intervals (fit --interval cv+), calibration auto, both hold-outs (with --rows-out)")
     parser.add_argument("--block-seeds", default=None,
                         help="seed,...: spatial hold-out with calibration auto only, over these layouts of the "
                              "held-out blocks (with --rows-out; --merge adds them to the results)")
@@ -309,10 +315,11 @@ def main() -> int:
                     embeddings[key] = (embedder.fit_transform(city), getattr(embedder, "candidates_", None))
                 emb, candidates = embeddings[key]
                 runs = ([("spatial", "auto", int(seed)) for seed in args.block_seeds.split(",")] if args.block_seeds
+                        else [(h, "auto", None) for h in HOLDOUTS] if args.cv_plus_only
                         else [(h, c, None) for h in HOLDOUTS for c in CALIBRATIONS])
                 for holdout, calibration, block_seed in runs:
                     row = held_out_run(city, emb, method, task, holdout, calibration, Path(tmp), candidates,
-                                       block_seed=block_seed)
+                                       block_seed=block_seed, interval="cv+" if args.cv_plus_only else "normalised")
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     seconds = time.perf_counter() - start

@@ -65,6 +65,9 @@ class ProtocolResult:
     train_fraction: float = 1.0
     #: Labelled training regions per outer fold.
     n_train: list[int] = field(default_factory=list)
+    #: Per outer fold, the candidate embedding chosen and the fitted head (``keep_heads=True`` only): the fold
+    #: models that CV+ intervals put around a new region.
+    fold_heads: list[tuple[str, Any]] = field(default_factory=list)
 
     @property
     def n_regions(self) -> int:
@@ -271,6 +274,7 @@ def evaluate_embedding(
     random_state: int | None = 0,
     candidates: dict[str, pd.DataFrame] | None = None,
     train_fraction: float = 1.0,
+    keep_heads: bool = False,
 ) -> ProtocolResult:
     """Cross-validate a probe on an embedding and measure its error and geographic bias.
 
@@ -290,6 +294,7 @@ def evaluate_embedding(
         train_fraction: Share of each outer training fold the probe is fit on (a label-efficiency point): a
             subset drawn with ``random_state``, nested across shares (:func:`subsample_train`); the probe's
             settings are still chosen by inner CV on the subset only, and the test folds are unchanged.
+        keep_heads: Keep each outer fold's fitted head and chosen candidate in ``fold_heads``.
 
     Raises:
         UrbanProfileError: A train fraction outside (0, 1] or one that leaves too few regions for the inner CV.
@@ -317,6 +322,7 @@ def evaluate_embedding(
     fold = np.zeros(len(y), dtype=int)
     chosen: list[dict[str, Any]] = []
     n_train: list[int] = []
+    fold_heads: list[tuple[str, Any]] = []
     start = time.perf_counter()
     folds = policy.splits(city, td)
     progress = FoldProgress(f"{city.name} {task} {policy.name}", len(folds), len(y))
@@ -333,6 +339,8 @@ def evaluate_embedding(
         pred[test] = estimator.predict(matrices[label][test])
         fold[test] = k
         chosen.append({**estimator.chosen(), **({"candidate": label} if len(matrices) > 1 else {})})
+        if keep_heads:
+            fold_heads.append((label, estimator))
         progress.fold_done(k)
     head_seconds = time.perf_counter() - start
     return ProtocolResult(
@@ -350,6 +358,7 @@ def evaluate_embedding(
         head=head,
         train_fraction=float(train_fraction),
         n_train=n_train,
+        fold_heads=fold_heads,
     )
 
 

@@ -39,10 +39,12 @@ from urbanprofile.predict.applicability import (
     nearest_distance,
 )
 from urbanprofile.predict.conformal import (
+    INTERVALS,
     EmbeddingSpace,
     calibration_difficulty,
     check_level,
     conformal_intervals,
+    cv_plus_intervals,
     difficulty,
     difficulty_floor,
 )
@@ -103,6 +105,10 @@ class FittedModel:
     embedder: Any = None
     embedding: pd.DataFrame | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: ``--interval cv+``: each calibration fold's head, and the embeddings of the checkpoints they chose
+    #: (learned methods; by candidate label) where not the one ``embedding`` holds.
+    fold_heads: list[Any] = field(default_factory=list)
+    fold_embeddings: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -202,7 +208,7 @@ def fit_model(
     city: CityData, method: str, task: str, out: str | Path, head: str | None = None,
     protocol_for_settings: str = "nested", calibration: str = "auto", random_state: int = 0,
     embedding: pd.DataFrame | None = None, source: str | None = None,
-    candidates: dict[str, pd.DataFrame] | None = None,
+    candidates: dict[str, pd.DataFrame] | None = None, interval: str = "normalised",
 ) -> FittedModel:
     """Fit ``method`` + ``head`` on every region of ``city`` labelled for ``task`` and write the model folder.
 
@@ -219,6 +225,9 @@ def fit_model(
         embedding: The method's embedding of ``city`` when already computed (benchmarks reuse one per seed).
         source: How the dataset was named (a dataset name or a built folder's path): ``predict``'s default.
         candidates: With ``embedding``: the embedder's training checkpoints (``candidates_``) to choose from.
+        interval: ``normalised`` (the full model's prediction +- a quantile of the difficulty-scaled out-of-fold
+            residuals) or ``cv+`` (the calibration folds' own models at the new region, CV+; the folder then
+            keeps one head per calibration fold).
 
     A learned method's embedding is not simply its final epoch: the checkpoint kept is the one whose head has the
     lowest inner-CV error on the labelled regions (``protocol_for_settings``'s inner folds), as the ``nested`` and
@@ -237,6 +246,8 @@ def fit_model(
         raise UrbanProfileError(f"head {head_name!r} cannot be kept in a model folder yet; use one of "
                                 f"{', '.join(SAVABLE_HEADS)}")
     _check_protocol("--protocol-for-settings", protocol_for_settings)
+    if interval not in INTERVALS:
+        raise UrbanProfileError(f"--interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
     calibration_choice: dict[str, Any] = {"asked": calibration}
     if calibration == "auto":
         calibration, calibration_choice = choose_calibration(city, task)
@@ -276,7 +287,7 @@ def fit_model(
     X = matrices[chosen]
     # The calibration residuals: out-of-fold predictions of the very code that scores the method.
     oof = evaluate_embedding(city, emb, task, protocol=calibration, head=head_name, random_state=random_state,
-                             candidates=candidates)
+                             candidates=candidates, keep_heads=interval == "cv+")
     timings["head"] = time.perf_counter() - start
 
     space = EmbeddingSpace.fit(X)
@@ -296,6 +307,9 @@ def fit_model(
                                 .to_numpy(), origin)
         arrays["labelled_km"] = labelled_km
         thresholds["spatial_km"] = leave_one_out_threshold(labelled_km)
+    # CV+ with a learned method: a fold's head reads the checkpoint it chose, which may not be the one kept.
+    fold_embeddings = {label: options[label].set_axis(options[label].index.astype(str))
+                       for label in dict.fromkeys(label for label, _ in oof.fold_heads) if label != chosen}
     training = pd.DataFrame({"y": oof.y, "oof_pred": oof.pred, "fold": oof.fold}, index=td.region_ids)
     training.index.name = "region_id"
     fit_regions = pd.DataFrame({"fit_region": True}, index=city.region_ids.astype(str))
@@ -306,7 +320,9 @@ def fit_model(
         "method_kind": _method_kind(spec), "head": head_name, "head_settings": estimator.chosen(),
         "task": task, "task_scale": td.scale, "labels_non_negative": bool((td.y >= 0).all()),
         "random_state": random_state, "protocol_for_settings": protocol_for_settings, "calibration": calibration,
-        "calibration_choice": calibration_choice,
+        "calibration_choice": calibration_choice, "interval": interval,
+        "fold_candidates": [label for label, _ in oof.fold_heads],
+        "fold_embedding_files": {label: f"fold-embedding-{i}.parquet" for i, label in enumerate(fold_embeddings)},
         "oof_metrics": oof.metrics, "n_labelled": len(td.y), "n_calibration": len(td.y),
         "fingerprint": dataset_fingerprint(city), "dataset_source": source or city.name,
         "difficulty_floor": floor, "thresholds": thresholds,
@@ -327,6 +343,10 @@ def fit_model(
         writer.arrays("calibration.safetensors", arrays)
         writer.parquet("training.parquet", training)
         writer.parquet("fit_regions.parquet", fit_regions)
+        for k, (_, fold_head) in enumerate(oof.fold_heads):
+            writer.skops(f"fold-head-{k}.skops", fold_head)
+        for label, file in config["fold_embedding_files"].items():
+            writer.parquet(file, fold_embeddings[label])
         if config["method_kind"] == "learned":
             # Transductive: the embedding of the fit regions is what predict reads; the trained network is kept
             # beside it (safetensors) so the folder holds the whole fitted model.
@@ -342,7 +362,8 @@ def fit_model(
     learned = config["method_kind"] == "learned"
     # Region ids as the folder keeps them (strings), so a just-fit model predicts like a loaded one.
     return FittedModel(folder, config, estimator, arrays, training, None if learned else embedder,
-                       emb.set_axis(emb.index.astype(str)) if learned else None, timings)
+                       emb.set_axis(emb.index.astype(str)) if learned else None, timings,
+                       fold_heads=[fold_head for _, fold_head in oof.fold_heads], fold_embeddings=fold_embeddings)
 
 
 def load_model(folder: str | Path) -> FittedModel:
@@ -353,11 +374,17 @@ def load_model(folder: str | Path) -> FittedModel:
         if key not in config:
             raise ModelFolderError(f"{reader.folder / CONFIG}: no {key!r} entry")
     kind = config["method_kind"]
+    n_fold_heads = len(config.get("fold_candidates", []))
+    if config.get("interval", "normalised") == "cv+" and not n_fold_heads:
+        raise ModelFolderError(f"{reader.folder / CONFIG}: a cv+ model with no calibration-fold heads")
     return FittedModel(
         folder=reader.folder, config=config, head=reader.skops("head.skops"),
         arrays=reader.arrays("calibration.safetensors"), training=reader.parquet("training.parquet"),
         embedder=reader.skops("embedder.skops") if kind != "learned" else None,
         embedding=reader.parquet("embedding.parquet") if kind == "learned" else None,
+        fold_heads=[reader.skops(f"fold-head-{k}.skops") for k in range(n_fold_heads)],
+        fold_embeddings={label: reader.parquet(file)
+                         for label, file in config.get("fold_embedding_files", {}).items()},
     )
 
 
@@ -406,6 +433,14 @@ def _embed(model: FittedModel, city: CityData) -> pd.DataFrame:
     return frame.loc[city.region_ids]
 
 
+def _fold_matrix(model: FittedModel, label: str, emb: pd.DataFrame, targets: pd.Index) -> np.ndarray:
+    """The features a calibration fold's head reads: the kept embedding, or the checkpoint that fold chose."""
+    if label not in model.fold_embeddings:
+        return emb.loc[targets].to_numpy(dtype=float)
+    frame = model.fold_embeddings[label]
+    return frame.loc[targets.astype(str)].to_numpy(dtype=float)
+
+
 def predict_regions(
     model: FittedModel, city: CityData, level: float = 0.9, all_regions: bool = False,
 ) -> pd.DataFrame:
@@ -437,7 +472,15 @@ def predict_regions(
     Z = space.transform(X)
     sigmas = difficulty(a["Z_labelled"], a["abs_residuals"], Z, float(model.config["difficulty_floor"]))
     y_min = 0.0 if model.config["labels_non_negative"] else -np.inf
-    lower, upper = conformal_intervals(pred, sigmas, a["cal_residuals"], a["cal_sigmas"], level, y_min=y_min)
+    if model.config.get("interval", "normalised") == "cv+":
+        fold_preds = np.vstack([
+            np.asarray(fold_head.predict(_fold_matrix(model, label, emb, targets)), dtype=float)
+            for fold_head, label in zip(model.fold_heads, model.config["fold_candidates"], strict=True)])
+        scores = np.abs(a["cal_residuals"]) / a["cal_sigmas"]
+        lower, upper = cv_plus_intervals(fold_preds, model.training["fold"].to_numpy(dtype=int), scores, sigmas,
+                                         level, y_min=y_min)
+    else:
+        lower, upper = conformal_intervals(pred, sigmas, a["cal_residuals"], a["cal_sigmas"], level, y_min=y_min)
     thresholds = model.config["thresholds"]
     spatial = None
     if "labelled_km" in a and city.has_locations:

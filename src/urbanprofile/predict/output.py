@@ -165,7 +165,9 @@ def model_card(config: dict[str, Any]) -> str:
           if isinstance(checkpoint, dict) else []),
         (f"out-of-fold ({config.get('calibration')})",
          f"R² {m.get('r2', nan):.3f}, MAE {m.get('mae', nan):.4g}, RMSE {m.get('rmse', nan):.4g}"),
-        ("intervals", f"normalised conformal (crepes) on the {config.get('calibration')} out-of-fold residuals"
+        ("intervals", ("CV+ over the calibration folds' own heads, normalised, on the"
+                       if config.get("interval") == "cv+" else "normalised conformal (crepes) on the")
+                      + f" {config.get('calibration')} out-of-fold residuals"
                       + (f" (auto: {choice['why']})" if isinstance(choice := config.get("calibration_choice"), dict)
                          and choice.get("asked") == "auto" and "why" in choice else "")),
         ("applicability", f"embedding distance > {thresholds.get('embedding', nan):.3g}"

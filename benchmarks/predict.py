@@ -38,7 +38,6 @@ from urbanprofile.evaluation.protocols import evaluate_embedding, get_protocol, 
 from urbanprofile.evaluation.spatial import BLOCK_SEED
 from urbanprofile.methods import get_method
 from urbanprofile.predict import fit_model, load_model, predict_regions
-from urbanprofile.predict.model import calibration_label
 from urbanprofile.predict.output import write_predictions
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,8 +77,7 @@ def held_out_run(city: Any, emb: Any, method: str, task: str, holdout: str, cali
         fit_model(masked, method, task, folder, protocol_for_settings=holdout, calibration=calibration,
                   embedding=emb, candidates=candidates, interval=interval)
         model = load_model(folder)
-        label = calibration_label(model.config)
-        chosen[label] = chosen.get(label, 0) + 1
+        chosen[model.config["calibration"]] = chosen.get(model.config["calibration"], 0) + 1
         frame = predict_regions(model, masked, level=LEVEL).loc[test_ids]
         q = float(np.quantile(np.abs(model.arrays["cal_residuals"]), LEVEL, method="higher"))
         y = truth.loc[test_ids].to_numpy(dtype=float)

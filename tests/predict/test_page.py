@@ -143,21 +143,16 @@ def test_auto_calibration_follows_how_the_gaps_lie() -> None:
     from urbanprofile.evaluation.spatial import spatial_blocks
     from urbanprofile.predict.model import choose_calibration
 
-    city = make_synthetic_city(n_regions=400, random_state=3)
-    own = n_spatial_blocks(city.n_regions)
-    district = city.region_ids[spatial_blocks(city, own) == 0]  # a whole block missing
-    large = city.region_ids[spatial_blocks(city, 5) == 0]  # a fifth of the city missing in one piece
+    city = make_synthetic_city(n_regions=144, random_state=3)
+    blocks = spatial_blocks(city, n_spatial_blocks(city.n_regions))
+    district = city.region_ids[blocks == 0]  # a whole block missing
     scattered = city.region_ids[::7]  # one region in seven missing, all over the city
     picks = {}
-    for name, ids in (("district", district), ("large", large), ("scattered", scattered)):
+    for name, ids in (("district", district), ("scattered", scattered)):
         targets = city.targets.copy()
         targets.loc[ids, "crime"] = np.nan
-        chosen, blocks, facts = choose_calibration(replace(city, targets=targets), "crime")
-        picks[name] = (chosen, blocks)
-        assert {"spatial", "nested", f"spatial ({own * 2} blocks)", f"spatial ({own // 2} blocks)"} <= set(
-            facts["mismatch"])
-    assert picks["district"][0] == "spatial" and picks["scattered"] == ("nested", None)
-    # The larger the missing piece, the larger the blocks that calibrate it.
-    assert picks["large"][0] == "spatial" and (picks["large"][1] or own) < (picks["district"][1] or own)
-    chosen, blocks, facts = choose_calibration(city, "crime")  # every region labelled: nothing to match
-    assert (chosen, blocks) == ("spatial", None) and "every region is labelled" in facts["why"]
+        picks[name], facts = choose_calibration(replace(city, targets=targets), "crime")
+        assert set(facts["mismatch"]) == {"spatial", "nested"}
+    assert picks == {"district": "spatial", "scattered": "nested"}
+    chosen, facts = choose_calibration(city, "crime")  # every region labelled: nothing to match
+    assert chosen == "spatial" and "every region is labelled" in facts["why"]

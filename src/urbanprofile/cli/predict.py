@@ -37,7 +37,6 @@ def fit(
     from urbanprofile.data.registry import load_dataset
     from urbanprofile.predict import fit_model
     from urbanprofile.predict.folder import check_new_folder
-    from urbanprofile.predict.model import calibration_label
 
     check_new_folder(out_dir)
     city = load_dataset(name, data_dir)
@@ -46,7 +45,7 @@ def fit(
         model = fit_model(city, method, task, out_dir, head=head, protocol_for_settings=settings,
                           calibration=calibration, random_state=seed, source=source, interval=interval)
     m = model.config["oof_metrics"]
-    err.print(f"out-of-fold ({calibration_label(model.config)}) on {model.config['n_labelled']} labelled regions: R² "
+    err.print(f"out-of-fold ({model.config['calibration']}) on {model.config['n_labelled']} labelled regions: R² "
               f"{m['r2']:.3f}, MAE {m['mae']:.4g}")
     if calibration == "auto":
         err.print(f"calibration: {model.config['calibration_choice']['why']}", markup=False)

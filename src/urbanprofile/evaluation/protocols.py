@@ -93,8 +93,6 @@ class Protocol:
             checkpoints ignored), ``False`` for settings chosen by inner CV on each outer training fold.
         spatial_folds: Outer folds of whole k-means blocks of centroids, inner CV grouped by block (needs
             region locations); ``False``: the dataset's own folds (``paper_folds``).
-        blocks: Number of k-means blocks (spatial folds only; ``None``: :func:`n_spatial_blocks`, about 20 regions
-            each). Fewer blocks hold out larger areas (``fit --calibration auto`` matches them to the gaps).
         block_seed: Seed of the block layout and of dealing blocks to folds (spatial folds only). Every stored
             result uses the default; another seed is another draw of held-out areas, for studies of how much a
             figure depends on the one layout (``dataclasses.replace(get_protocol("spatial"), block_seed=1)``).
@@ -104,12 +102,7 @@ class Protocol:
     description: str
     fixed_probe: bool = False
     spatial_folds: bool = False
-    blocks: int | None = None
     block_seed: int = BLOCK_SEED
-
-    def n_blocks(self, city: CityData) -> int:
-        """The number of k-means blocks of ``city`` (spatial folds)."""
-        return self.blocks or n_spatial_blocks(city.n_regions)
 
     def unavailable_reason(self, city: CityData) -> str | None:
         """Why this protocol cannot run on ``city`` (one line), or ``None`` when it can."""
@@ -130,7 +123,7 @@ class Protocol:
         """Outer folds as index arrays into the task's regions."""
         n = len(task.y)
         if self.spatial_folds:
-            n_blocks = self.n_blocks(city)
+            n_blocks = n_spatial_blocks(city.n_regions)
             blocks = _task_blocks(city, task, n_blocks, self.block_seed)
             # Deal whole blocks to folds in a fixed shuffled order, so no block is split across folds.
             fold_of_block = np.random.default_rng(self.block_seed).permutation(n_blocks) % N_SPATIAL_FOLDS
@@ -147,7 +140,7 @@ class Protocol:
         """Groups of the task's regions for the inner CV of the heads (``None``: ungrouped folds)."""
         if not self.spatial_folds:
             return None
-        return _task_blocks(city, task, self.n_blocks(city), self.block_seed)
+        return _task_blocks(city, task, n_spatial_blocks(city.n_regions), self.block_seed)
 
 
 #: Every protocol; plug-ins come from the ``urbanprofile.protocols`` entry-point group (a ``Protocol``).

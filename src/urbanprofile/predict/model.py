@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,6 @@ from urbanprofile.data.city import CityData
 from urbanprofile.data.tasks import task_data
 from urbanprofile.errors import MethodUnavailableError, UrbanProfileError
 from urbanprofile.evaluation.protocols import (
-    N_SPATIAL_FOLDS,
-    Protocol,
     evaluate_embedding,
     fit_best_candidate,
     get_protocol,
@@ -157,47 +155,25 @@ def _fold_distances(km: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]]) 
     return distance
 
 
-#: ``--calibration auto`` also tries spatial blocks this many times larger or smaller than the protocol's own (about
-#: 20 regions each), so a calibration hole can be as large as the gap it stands for.
-BLOCK_SIZE_FACTORS = (0.5, 2.0, 4.0)
-
-
-def calibration_protocol(config: dict[str, Any]) -> Protocol:
-    """The calibration folds a model was fit with (``calibration`` and, for matched block sizes,
-    ``calibration_blocks``)."""
-    policy = get_protocol(str(config["calibration"]))
-    blocks = config.get("calibration_blocks")
-    return replace(policy, blocks=int(blocks)) if blocks else policy
-
-
-def calibration_label(config: dict[str, Any]) -> str:
-    """``spatial``, ``nested`` or ``spatial (12 blocks)``: the calibration folds in words."""
-    blocks = config.get("calibration_blocks")
-    return f"{config.get('calibration')}" + (f" ({blocks} blocks)" if blocks else "")
-
-
-def choose_calibration(city: CityData, task: str) -> tuple[str, int | None, dict[str, Any]]:
+def choose_calibration(city: CityData, task: str) -> tuple[str, dict[str, Any]]:
     """``--calibration auto``: the folds whose held-out regions lie as far from their training regions as the
     regions to predict (those without the label) lie from the labelled ones.
 
     Conformal intervals hold when calibration errors are made at the distances the predictions will be made at:
     random folds calibrate on regions whose neighbours were in training (right for scattered gaps, far too
     narrow for a missing district), whole blocks calibrate on regions far from training (right for a missing
-    district, too wide for scattered gaps), and a missing district larger than the protocol's blocks needs larger
-    blocks. The candidates are random folds and spatial blocks of the protocol's size and of
-    :data:`BLOCK_SIZE_FACTORS` times it. The choice reads only locations and which regions are labelled, never a
-    label of a region to predict. Distances are compared as distributions (1-Wasserstein) in units of the
-    labelled regions' median spacing; a tie, or a city with every region labelled, keeps the protocol's spatial
-    blocks, the cautious choice.
+    district, too wide for scattered gaps). The choice reads only locations and which regions are labelled, never
+    a label of a region to predict. Distances are compared as distributions (1-Wasserstein) in units of the
+    labelled regions' median spacing; a tie, or a city with every region labelled, keeps ``spatial``, the
+    cautious choice.
 
     Returns:
-        The protocol chosen, its number of blocks when not the protocol's own (``None`` otherwise), and the facts
-        behind the choice (for ``model.json``).
+        The protocol chosen and the facts behind the choice (for ``model.json``).
     """
     from scipy.stats import wasserstein_distance
 
     if not city.has_locations:
-        return "nested", None, {"asked": "auto", "why": "no region locations: random folds"}
+        return "nested", {"asked": "auto", "why": "no region locations: random folds"}
     td = task_data(city, task)
     labels = city.targets[task] if task in city.targets.columns else pd.Series(np.nan, index=city.region_ids)
     gaps = city.region_ids[labels.isna().to_numpy()]
@@ -205,29 +181,19 @@ def choose_calibration(city: CityData, task: str) -> tuple[str, int | None, dict
     origin = city.coordinates().mean(axis=0)
     labelled_km = lonlat_km(coords.loc[td.region_ids].to_numpy(), origin)
     if not len(gaps):
-        return "spatial", None, {"asked": "auto",
-                                 "why": "every region is labelled: no gaps to match; spatial blocks"}
+        return "spatial", {"asked": "auto", "why": "every region is labelled: no gaps to match; spatial blocks"}
     spacing = float(np.median(leave_one_out_spacing(labelled_km))) or 1.0
     gap_distance = _kth_distance(labelled_km, lonlat_km(coords.loc[gaps].to_numpy(), origin)) / spacing
-    own = n_spatial_blocks(city.n_regions)
-    candidates: dict[str, tuple[str, int | None]] = {"nested": ("nested", None), "spatial": ("spatial", None)}
-    for factor in BLOCK_SIZE_FACTORS:
-        n_blocks = round(own / factor)
-        if N_SPATIAL_FOLDS <= n_blocks < len(td.y) and n_blocks != own:
-            candidates[f"spatial ({n_blocks} blocks)"] = ("spatial", n_blocks)
     mismatch: dict[str, float] = {}
-    for label, (name, size) in candidates.items():
-        policy = get_protocol(name) if size is None else replace(get_protocol(name), blocks=size)
-        folds = outer_splits(city, td, policy)
+    for protocol in ("spatial", "nested"):
+        folds = outer_splits(city, td, protocol)
         if len(folds) >= 2:
-            mismatch[label] = float(wasserstein_distance(_fold_distances(labelled_km, folds) / spacing,
-                                                         gap_distance))
-    chosen = min(mismatch, key=lambda label: (mismatch[label], label != "spatial"))
-    name, blocks = candidates[chosen]
-    return name, blocks, {"asked": "auto", "gap_distance_median": float(np.median(gap_distance)),
-                          "mismatch": mismatch, "unit": "median spacing of the labelled regions",
-                          "why": f"{chosen} folds hold out regions at distances most like the {len(gaps)} "
-                                 "unlabelled ones"}
+            mismatch[protocol] = float(wasserstein_distance(_fold_distances(labelled_km, folds) / spacing,
+                                                            gap_distance))
+    chosen = min(mismatch, key=lambda p: (mismatch[p], p != "spatial"))
+    return chosen, {"asked": "auto", "gap_distance_median": float(np.median(gap_distance)),
+                    "mismatch": mismatch, "unit": "median spacing of the labelled regions",
+                    "why": f"{chosen} folds hold out regions at distances most like the {len(gaps)} unlabelled ones"}
 
 
 def leave_one_out_spacing(km: np.ndarray) -> np.ndarray:
@@ -283,17 +249,15 @@ def fit_model(
     if interval not in INTERVALS:
         raise UrbanProfileError(f"--interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
     calibration_choice: dict[str, Any] = {"asked": calibration}
-    calibration_blocks: int | None = None
     if calibration == "auto":
-        calibration, calibration_blocks, calibration_choice = choose_calibration(city, task)
+        calibration, calibration_choice = choose_calibration(city, task)
     _check_protocol("--calibration", calibration)
-    calibration_policy = calibration_protocol({"calibration": calibration, "calibration_blocks": calibration_blocks})
     if "spatial" in (protocol_for_settings, calibration) and not city.has_locations:
         raise MethodUnavailableError(f"spatial folds need region locations, which {city.name!r} lacks; use "
                                      "--protocol-for-settings nested --calibration nested")
     spec.check_available(city)
     td = task_data(city, task)
-    n_folds = len(outer_splits(city, td, calibration_policy))
+    n_folds = len(outer_splits(city, td, calibration))
     if n_folds < 2:
         raise UrbanProfileError(f"{city.name}: the {len(td.y)} regions labelled for {task!r} fall in {n_folds} "
                                 f"{calibration} fold; calibration needs labelled regions in at least 2 folds "
@@ -322,7 +286,7 @@ def fit_model(
     emb = options[chosen]
     X = matrices[chosen]
     # The calibration residuals: out-of-fold predictions of the very code that scores the method.
-    oof = evaluate_embedding(city, emb, task, protocol=calibration_policy, head=head_name, random_state=random_state,
+    oof = evaluate_embedding(city, emb, task, protocol=calibration, head=head_name, random_state=random_state,
                              candidates=candidates, keep_heads=interval == "cv+")
     timings["head"] = time.perf_counter() - start
 
@@ -356,7 +320,7 @@ def fit_model(
         "method_kind": _method_kind(spec), "head": head_name, "head_settings": estimator.chosen(),
         "task": task, "task_scale": td.scale, "labels_non_negative": bool((td.y >= 0).all()),
         "random_state": random_state, "protocol_for_settings": protocol_for_settings, "calibration": calibration,
-        "calibration_blocks": calibration_blocks, "calibration_choice": calibration_choice, "interval": interval,
+        "calibration_choice": calibration_choice, "interval": interval,
         "fold_candidates": [label for label, _ in oof.fold_heads],
         "fold_embedding_files": {label: f"fold-embedding-{i}.parquet" for i, label in enumerate(fold_embeddings)},
         "oof_metrics": oof.metrics, "n_labelled": len(td.y), "n_calibration": len(td.y),

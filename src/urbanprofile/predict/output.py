@@ -14,7 +14,6 @@ import pandas as pd
 from urbanprofile.data.city import CityData
 from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import UrbanProfileError, require
-from urbanprofile.predict.model import calibration_label
 from urbanprofile.report.maps import svg_paths
 
 TABLE_FORMATS = (".parquet", ".gpkg")
@@ -164,11 +163,11 @@ def model_card(config: dict[str, Any]) -> str:
         *([("embedding checkpoint", f"{checkpoint.get('chosen')}, chosen from "
                                     f"{', '.join(checkpoint.get('candidates', []))} (lowest inner-CV error)")]
           if isinstance(checkpoint, dict) else []),
-        (f"out-of-fold ({calibration_label(config)})",
+        (f"out-of-fold ({config.get('calibration')})",
          f"R² {m.get('r2', nan):.3f}, MAE {m.get('mae', nan):.4g}, RMSE {m.get('rmse', nan):.4g}"),
         ("intervals", ("CV+ over the calibration folds' own heads, normalised, on the"
                        if config.get("interval") == "cv+" else "normalised conformal (crepes) on the")
-                      + f" {calibration_label(config)} out-of-fold residuals"
+                      + f" {config.get('calibration')} out-of-fold residuals"
                       + (f" (auto: {choice['why']})" if isinstance(choice := config.get("calibration_choice"), dict)
                          and choice.get("asked") == "auto" and "why" in choice else "")),
         ("applicability", f"embedding distance > {thresholds.get('embedding', nan):.3g}"

@@ -22,7 +22,7 @@ from urbanprofile.data.city import CityData
 from urbanprofile.data.io import write_atomic
 from urbanprofile.errors import UrbanProfileError, require
 from urbanprofile.predict.conformal import held_out_fold_coverage
-from urbanprofile.predict.model import FittedModel, calibration_label, load_model, predict_regions
+from urbanprofile.predict.model import FittedModel, load_model, predict_regions
 from urbanprofile.predict.output import FLAG_COLOURS, LAYERS, layer_cmap, model_card, prediction_layer_values
 from urbanprofile.report.html import MODEL_PAGE_META, page_start, refresh_model_links
 from urbanprofile.report.maps import svg_paths
@@ -136,7 +136,7 @@ def _coverage_html(model: FittedModel, level: float, notes: list[str]) -> str:
     body = "".join(f'<tr><td class="num">{f["fold"]}</td><td class="num">{f["n"]}</td>'
                    f'<td class="num">{f["coverage"]:.3f}</td><td class="num">{f["mean_width"]:.4g}</td></tr>'
                    for f in check["per_fold"])  # type: ignore[attr-defined]
-    calibration = calibration_label(model.config)
+    calibration = model.config.get("calibration")
     cv_plus = (" Measured for the normalised construction: CV+ would need heads fit without two folds; "
                "benchmarks/predict.md measures CV+ on held-out regions." if model.config.get("interval") == "cv+"
                else "")

@@ -246,14 +246,23 @@ def merge(paths: list[Path]) -> int:
     rows: list[dict[str, Any]] = []
     timings: dict[str, Any] = {}
     seconds = 0.0
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return (row["dataset"], row["task"], row["method"], row["holdout"], row["calibration"],
+                row.get("interval", "normalised"), row.get("block_seed", BLOCK_SEED))
+
     for path in paths:
         part = json.loads(path.read_text())
-        rows += part.get("rows", [])
+        new = part.get("rows", [])
+        replaced = {key(r) for r in new}
+        rows = [r for r in rows if key(r) not in replaced] + new
         seconds += float(part.get("seconds", 0.0))
         timings = part.get("timing", timings)
     order = {case: i for i, case in enumerate(CASES)}
     # Stable: each method's hold-out and calibration rows keep the order they were run in.
-    rows.sort(key=lambda r: (order.get((r["dataset"], r["task"]), len(order)), METHODS.index(r["method"])))
+    rows.sort(key=lambda r: (order.get((r["dataset"], r["task"]), len(order)), METHODS.index(r["method"]),
+                             r.get("interval", "normalised") != "normalised", HOLDOUTS.index(r["holdout"]),
+                             CALIBRATIONS.index(r["calibration"]), r.get("block_seed", BLOCK_SEED) != BLOCK_SEED,
+                             r.get("block_seed", BLOCK_SEED)))
     payload = {"rows": rows, "timing": timings, "level": LEVEL, "seconds": seconds, "urbanprofile": __version__,
                "python": platform.python_version(), "machine": platform.machine(), "processes": len(paths)}
     (RESULTS / "predict.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -274,11 +283,11 @@ def main() -> int:
     parser.add_argument("--rows-out", default=None, help="write only these cases' rows to this JSON file")
     parser.add_argument("--timing-out", default=None, help="measure only the timings, into this JSON file")
     parser.add_argument("--merge", nargs="+", default=None, help="--rows-out and --timing-out files -> results")
-    parser.add_argument("--cv-plus-only", action="store_true",
-                        help="CV+ intervals (fit --interval cv+), calibration auto, both hold-outs (with --rows-out)")
+    parser.add_argument("--calibrations", default=",".join(CALIBRATIONS), help="calibration,... to run")
+    parser.add_argument("--interval", default="normalised", choices=["normalised", "cv+"], help="fit --interval")
     parser.add_argument("--block-seeds", default=None,
-                        help="seed,...: spatial hold-out with calibration auto only, over these layouts of the "
-                             "held-out blocks (with --rows-out; --merge adds them to the results)")
+                        help="seed,...: the spatial hold-out only, over these layouts of the held-out blocks "
+                             "(with --rows-out; --merge adds them to the results)")
     args = parser.parse_args()
     if args.timing_only:
         payload = json.loads((RESULTS / "predict.json").read_text())
@@ -314,12 +323,12 @@ def main() -> int:
                     embedder = spec.build(random_state=0)
                     embeddings[key] = (embedder.fit_transform(city), getattr(embedder, "candidates_", None))
                 emb, candidates = embeddings[key]
-                runs = ([("spatial", "auto", int(seed)) for seed in args.block_seeds.split(",")] if args.block_seeds
-                        else [(h, "auto", None) for h in HOLDOUTS] if args.cv_plus_only
-                        else [(h, c, None) for h in HOLDOUTS for c in CALIBRATIONS])
+                calibrations = args.calibrations.split(",")
+                runs = ([("spatial", c, int(seed)) for seed in args.block_seeds.split(",") for c in calibrations]
+                        if args.block_seeds else [(h, c, None) for h in HOLDOUTS for c in calibrations])
                 for holdout, calibration, block_seed in runs:
                     row = held_out_run(city, emb, method, task, holdout, calibration, Path(tmp), candidates,
-                                       block_seed=block_seed, interval="cv+" if args.cv_plus_only else "normalised")
+                                       block_seed=block_seed, interval=args.interval)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     seconds = time.perf_counter() - start

@@ -61,7 +61,7 @@ def test_fit_cv_plus_keeps_one_head_per_fold_and_reloads(city: CityData, tmp_pat
     np.testing.assert_allclose(normalised["prediction"], b["prediction"])  # the point prediction is the same
     assert not np.allclose(normalised["interval_width"], b["interval_width"])
     (tmp_path / "m" / "fold-head-1.skops").unlink()
-    with pytest.raises(ModelFolderError, match="fold-head-1.skops is missing"):
+    with pytest.raises(ModelFolderError, match=r"fold-head-1\.skops is missing"):
         load_model(tmp_path / "m")
 
 

@@ -152,15 +152,14 @@ def test_bad_options(city: CityData, tmp_path: Path) -> None:
     blocks = spatial_blocks(city, n_spatial_blocks(city.n_regions))
     corner = city.region_ids[blocks == np.bincount(blocks).argmax()]  # labels in one spatial block only
     assert len(corner) >= 10
-    # Labels in one corner still calibrate over whole blocks: the blocks are drawn over the labelled regions.
-    cornered = fit_model(_masked(city, "crime", city.region_ids.difference(corner)), "raw-poi", "crime",
-                         tmp_path / "c", calibration="spatial")
-    assert cornered.training["fold"].nunique() >= 2 and len(cornered.training) == len(corner)
+    with pytest.raises(UrbanProfileError, match="at least 2 folds"):
+        fit_model(_masked(city, "crime", city.region_ids.difference(corner)), "raw-poi", "crime", tmp_path / "c",
+                  calibration="spatial")
     with pytest.raises(UrbanProfileError, match="--protocol-for-settings must be one of"):
         fit_model(masked, "raw-poi", "crime", tmp_path / "p", protocol_for_settings="paper")
     with pytest.raises(UrbanProfileError, match="head 'mlp' cannot be kept"):
         fit_model(masked, "raw-poi", "crime", tmp_path / "h", head="mlp")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 # -- the command line, run in process (each subprocess would import everything again) -----------------------
@@ -255,19 +254,3 @@ def test_tutorial_predict(data_dir: Path, tmp_path: Path, monkeypatch: pytest.Mo
     quoted = re.search(r"this prints `(.*?)`", TUTORIAL.read_text().replace("\n", " "))
     assert quoted is not None and quoted.group(1) in " ".join(printed.split()), printed
     assert (tmp_path / "olinda-predictions.html").is_file() and (tmp_path / "olinda-predictions.png").is_file()
-
-
-def test_calibration_blocks_are_drawn_over_the_labelled_regions(city: CityData, tmp_path: Path) -> None:
-    """Whole blocks of what the model has, not the city's blocks cut into fragments by the gaps."""
-    blocks = spatial_blocks(city, n_spatial_blocks(city.n_regions))
-    gap = city.region_ids[blocks == 0][::2]  # half of one block missing: city-wide blocks would leave a fragment
-    masked = _masked(city, "crime", gap)
-    model = fit_model(masked, "raw-poi", "crime", tmp_path / "m", calibration="spatial")
-    labelled = masked.subset(task_data(masked, "crime").region_ids)
-    folds = outer_splits(labelled, task_data(labelled, "crime"), "spatial")
-    expected = np.empty(len(labelled.region_ids), dtype=int)
-    for k, (_, test) in enumerate(folds):
-        expected[test] = k
-    np.testing.assert_array_equal(model.training["fold"].to_numpy(), expected)
-    city_wide = outer_splits(masked, task_data(masked, "crime"), "spatial")
-    assert [t.tolist() for _, t in city_wide] != [t.tolist() for _, t in folds]

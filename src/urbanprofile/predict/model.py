@@ -184,10 +184,9 @@ def choose_calibration(city: CityData, task: str) -> tuple[str, dict[str, Any]]:
         return "spatial", {"asked": "auto", "why": "every region is labelled: no gaps to match; spatial blocks"}
     spacing = float(np.median(leave_one_out_spacing(labelled_km))) or 1.0
     gap_distance = _kth_distance(labelled_km, lonlat_km(coords.loc[gaps].to_numpy(), origin)) / spacing
-    labelled = labelled_only(city, td.region_ids)
     mismatch: dict[str, float] = {}
     for protocol in ("spatial", "nested"):
-        folds = outer_splits(labelled, task_data(labelled, task), protocol)
+        folds = outer_splits(city, td, protocol)
         if len(folds) >= 2:
             mismatch[protocol] = float(wasserstein_distance(_fold_distances(labelled_km, folds) / spacing,
                                                             gap_distance))
@@ -195,17 +194,6 @@ def choose_calibration(city: CityData, task: str) -> tuple[str, dict[str, Any]]:
     return chosen, {"asked": "auto", "gap_distance_median": float(np.median(gap_distance)),
                     "mismatch": mismatch, "unit": "median spacing of the labelled regions",
                     "why": f"{chosen} folds hold out regions at distances most like the {len(gaps)} unlabelled ones"}
-
-
-def labelled_only(city: CityData, labelled: pd.Index) -> CityData:
-    """The city of the labelled regions alone, whose folds calibrate the intervals.
-
-    Spatial blocks drawn over the whole city and then cut by the gaps leave fragments: held-out pieces smaller,
-    and nearer to training, than the gaps they stand for, so the calibration errors come out too small. Blocks
-    drawn over the labelled regions are whole pieces of what the model has. (On CityView Beijing, with five
-    layouts of held-out blocks, city-wide blocks covered 0.80-0.86 at 90%.)
-    """
-    return city if len(labelled) == city.n_regions else city.subset(labelled)
 
 
 def leave_one_out_spacing(km: np.ndarray) -> np.ndarray:
@@ -269,8 +257,7 @@ def fit_model(
                                      "--protocol-for-settings nested --calibration nested")
     spec.check_available(city)
     td = task_data(city, task)
-    calibration_city = labelled_only(city, td.region_ids)
-    n_folds = len(outer_splits(calibration_city, task_data(calibration_city, task), calibration))
+    n_folds = len(outer_splits(city, td, calibration))
     if n_folds < 2:
         raise UrbanProfileError(f"{city.name}: the {len(td.y)} regions labelled for {task!r} fall in {n_folds} "
                                 f"{calibration} fold; calibration needs labelled regions in at least 2 folds "
@@ -299,10 +286,8 @@ def fit_model(
     emb = options[chosen]
     X = matrices[chosen]
     # The calibration residuals: out-of-fold predictions of the very code that scores the method.
-    oof = evaluate_embedding(calibration_city, emb, task, protocol=calibration, head=head_name,
-                             random_state=random_state, candidates=candidates, keep_heads=interval == "cv+")
-    if not oof.region_ids.equals(td.region_ids):  # the calibration arrays are kept in the labelled regions' order
-        raise AssertionError("calibration regions out of order")
+    oof = evaluate_embedding(city, emb, task, protocol=calibration, head=head_name, random_state=random_state,
+                             candidates=candidates, keep_heads=interval == "cv+")
     timings["head"] = time.perf_counter() - start
 
     space = EmbeddingSpace.fit(X)

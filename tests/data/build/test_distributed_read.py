@@ -88,8 +88,9 @@ def test_workers_read_their_shares(raw: dict[str, Path], client: object, tmp_pat
     joiner = DaskJoiner(client, parts, h3_resolution=9 if kind == "h3" else None)
     spread = build_dataset(spec, tmp_path / "spread", joiner=joiner)
     _assert_same_dataset(tmp_path / "single", tmp_path / "spread")
-    shares = parquet_shares(raw[pois], spec.chunk_rows)
-    assert len(shares) == 4 and [first for _, first in shares] == [0, 300, 600, 900]
+    # 1,042 rows in row groups of 150 on 2 workers: shares of at most 1042 / 4 rows, so one row group each.
+    shares = parquet_shares(raw[pois], 261)
+    assert len(shares) == 7 and [first for _, first in shares] == [0, 150, 300, 450, 600, 750, 900]
     assert joiner.figures.shares_read_on_workers == len(shares)
     located = single.n_pois_read - single.n_pois_missing_location - single.n_pois_unreadable - \
         single.n_pois_malformed

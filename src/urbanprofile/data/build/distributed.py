@@ -515,7 +515,12 @@ class DaskJoiner(Joiner):
         chunks (its rows cannot be found without reading every byte before them) and joined on the workers."""
         if path.suffix.lower() != ".parquet":
             return super().stream_poi_counts(path, regions, spec, categories, report, h3_resolution)
-        shares = parquet_shares(path, spec.chunk_rows)
+        workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        rows = parquet_file(path).metadata.num_rows
+        # At most a chunk per share (the memory a worker's read may take), and enough shares to keep every worker
+        # busy; row groups are never cut, so a file of one row group is read by one task.
+        shares = parquet_shares(path, max(1, min(spec.chunk_rows, math.ceil(rows / (SHARES_IN_FLIGHT_PER_WORKER
+                                                                                     * workers)))))
         column = spec.category_column or "category"
 
         def summaries(swap: bool) -> Iterator[PoiChunk]:

@@ -1,5 +1,5 @@
-"""A distributed build whose workers read their own shares of a Parquet or GeoParquet POI file: the client never
-reads the points, and the folder is the single-machine one, byte for byte."""
+"""A distributed build whose workers read their own shares of a Parquet or GeoParquet POI file and of a Parquet trip
+file: the client never reads their rows, and the folder is the single-machine one, byte for byte."""
 
 from __future__ import annotations
 
@@ -57,8 +57,24 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # Points around (10 E, 40 N) written with the axes swapped: found only by the second, swapped pass.
     far = pois.assign(lon=pois["lon"] + 10, lat=pois["lat"] + 40)
     far.rename(columns={"lon": "lat", "lat": "lon"}).to_parquet(folder / "swapped.parquet", row_group_size=ROW_GROUP)
+    # Trips with fractional counts (summed in the same order only if the chunks are the same rows), coordinates as
+    # text (one unreadable, one missing), in row groups of 70 against chunks of 100.
+    rng = np.random.default_rng(5)
+    n = 430
+    trips = pd.DataFrame({"o_lon": rng.uniform(0, 0.06, n), "o_lat": rng.uniform(0, 0.05, n),
+                          "d_lon": rng.uniform(-0.01, 0.06, n), "d_lat": rng.uniform(0, 0.05, n)}).map(repr)
+    trips.loc[11, "o_lon"] = "x"
+    trips.loc[250, "d_lat"] = None
+    trips["time"] = rng.uniform(0, 24, n).round(2)
+    trips["trips"] = rng.choice([0.1, 0.7, 1.3, 2.0], n)
+    pq.write_table(pa.Table.from_pandas(trips, preserve_index=False), folder / "trips.parquet", row_group_size=70)
+    ids = pd.DataFrame({"origin": rng.choice([f"c{i}{j}" for i in range(6) for j in range(5)] + ["zz"], n),
+                        "destination": rng.choice([f"c{i}{j}" for i in range(6) for j in range(5)], n),
+                        "count": rng.integers(0, 5, n)})
+    ids.to_parquet(folder / "trip_ids.parquet", index=False, row_group_size=70)
     return {**files, "pois_parquet": folder / "pois.parquet", "pois_geo": folder / "pois_geo.parquet",
-            "swapped": folder / "swapped.parquet"}
+            "swapped": folder / "swapped.parquet", "trips_parquet": folder / "trips.parquet",
+            "trip_ids": folder / "trip_ids.parquet"}
 
 
 def _spec(raw: dict[str, Path], pois: str, kind: str) -> BuildSpec:
@@ -78,7 +94,8 @@ def _client_cannot_read(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("pois, kind, parts", [
-    ("pois_parquet", "polygon", 4), ("pois_geo", "polygon", 3), ("pois_parquet", "h3", 5), ("pois_geo", "h3", 1),
+    ("pois_parquet", "polygon", 4), ("pois_geo", "polygon", 3), ("pois_parquet", "h3", 5),
+    pytest.param("pois_geo", "h3", 1, marks=pytest.mark.scale),
 ])
 def test_workers_read_their_shares(raw: dict[str, Path], client: object, tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch, pois: str, kind: str, parts: int) -> None:
@@ -103,19 +120,43 @@ def test_workers_read_their_shares(raw: dict[str, Path], client: object, tmp_pat
         assert single.n_pois_unreadable == 1 and "row 18" in single.unreadable_example
 
 
+@pytest.mark.parametrize("trips, kind", [("trips_parquet", "h3"), ("trip_ids", "polygon"),
+                                         pytest.param("trips_parquet", "polygon", marks=pytest.mark.scale)])
+def test_workers_read_trip_chunks(raw: dict[str, Path], client: object, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch, trips: str, kind: str) -> None:
+    """Parquet trips are read on the workers chunk by chunk, the same rows as the client's chunks on one machine
+    (row groups of 70, chunks of 100), so fractional counts sum to the same floats."""
+    spec = _spec(raw, "pois_parquet", kind)
+    spec.trips, spec.chunk_rows = raw[trips], 100
+    single = build_dataset(spec, tmp_path / "single")
+    _client_cannot_read(monkeypatch)
+    monkeypatch.setattr(streaming_module, "table_chunks", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("the client read the trip file")))
+    joiner = DaskJoiner(client, 4, h3_resolution=9 if kind == "h3" else None)
+    spread = build_dataset(spec, tmp_path / "spread", joiner=joiner)
+    _assert_same_dataset(tmp_path / "single", tmp_path / "spread")
+    assert single.n_trips_kept > 100 and single.n_trips_kept == spread.n_trips_kept
+    if trips == "trips_parquet":
+        assert single.n_trips_unreadable == 1 and single.n_trips_missing >= 1 and single.trips_weighted_kept % 1
+    assert joiner.figures.shares_read_on_workers == 7 + 5  # 1,042 POIs in 7 shares, 430 trips in 5 chunks
+
+
 def test_same_errors_as_one_machine(raw: dict[str, Path], client: object, tmp_path: Path) -> None:
     """Swapped axes and a missing category column stop the distributed build with the single-machine line."""
     swapped = BuildSpec(city="far", boundary="10,40,10.06,40.05", h3_resolution=9, pois=raw["swapped"],
                         build_engine="streaming", chunk_rows=300)
     missing_column = _spec(raw, "pois_parquet", "polygon")
     missing_column.category_column = "kind"
-    for pois, spec in [("swapped", swapped), ("pois_parquet", missing_column)]:
+    bad_count = _spec(raw, "pois_parquet", "polygon")
+    bad_count.trips, bad_count.trip_weight_column = raw["trips_parquet"], "o_lon"  # 'x' at row 12 is no count
+    for pois, spec in [("swapped", swapped), ("pois_parquet", missing_column), ("trips", bad_count)]:
         with pytest.raises(DataError) as single:
             build_dataset(spec, tmp_path / "single")
         with pytest.raises(UrbanProfileError) as spread:
             build_dataset(spec, tmp_path / "spread", joiner=DaskJoiner(client, 3, spec.h3_resolution))
         assert str(spread.value) == str(single.value)
-        assert ("--lon-column lat" if pois == "swapped" else "no column 'kind'") in str(single.value)
+        assert {"swapped": "--lon-column lat", "pois_parquet": "no column 'kind'",
+                "trips": "row 12: trip count 'o_lon'"}[pois] in str(single.value)
         assert not (tmp_path / "spread").exists()
 
 

@@ -202,7 +202,7 @@ def table_chunks(path: Path, chunk_rows: int, row_groups: Sequence[int] | None =
         offset += len(frame)
 
 
-def _table_columns(path: Path) -> list[str]:
+def table_columns(path: Path) -> list[str]:
     if path.suffix.lower() == ".parquet":
         return list(parquet_file(path).schema_arrow.names)
     try:
@@ -407,7 +407,7 @@ def stream_od_from_trips(
         DataError: As :func:`~urbanprofile.data.build.trips.od_from_trips`.
     """
     assign = assign or RegionJoiner(regions, spec.engine, h3_resolution).assign
-    counts = TripCounts(regions, spec, report, str(path), _table_columns(path), assign)
+    counts = TripCounts(regions, spec, report, str(path), table_columns(path), assign)
     for raw in table_chunks(path, spec.chunk_rows):
         counts.add(raw)
     return counts.finish(lambda: table_chunks(path, spec.chunk_rows))

@@ -172,3 +172,18 @@ def test_shares_are_whole_row_groups(tmp_path: Path) -> None:
     assert parquet_shares(path, 600) == [([0, 1], 0), ([2, 3], 600)]  # 300 + 300, then 300 + 100
     assert parquet_shares(path, 100) == [([0], 0), ([1], 300), ([2], 600), ([3], 900)]  # a group is never cut
     assert parquet_shares(path, 10_000) == [([0, 1, 2, 3], 0)]
+
+
+def test_a_workers_chunk_is_the_clients_chunk(raw: dict[str, Path]) -> None:
+    """The rows a worker reads for chunk k are the k-th chunk of the single-machine streamed read (which crosses row
+    groups), row numbers included: the merged float sums rest on it."""
+    from urbanprofile.data.build.distributed import _read_rows
+    from urbanprofile.data.build.streaming import table_chunks
+
+    path = raw["trips_parquet"]
+    chunks = list(table_chunks(path, 100))
+    assert [len(c.frame) for c in chunks] == [100, 100, 100, 100, 30]
+    for k, chunk in enumerate(chunks):
+        mine = _read_rows(str(path), 100 * k, min(100 * (k + 1), 430))
+        pd.testing.assert_frame_equal(mine.frame, chunk.frame)
+        assert mine.lines.tolist() == chunk.lines.tolist()

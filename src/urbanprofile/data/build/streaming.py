@@ -358,8 +358,12 @@ def stream_poi_counts(
     n = inside = n_rows = 0
     low, high = np.full(2, np.inf), np.full(2, -np.inf)  # lon, lat extent of the located points
 
+    joiners: list[Callable[[np.ndarray, np.ndarray], np.ndarray]] = [assign] if assign is not None else []
+
     def read_here(swap: bool) -> Iterator[PoiChunk]:
-        joined = assign or RegionJoiner(regions, spec.engine, h3_resolution).assign
+        if not joiners:  # one index for both passes, built only when the file is read here
+            joiners.append(RegionJoiner(regions, spec.engine, h3_resolution).assign)
+        joined = joiners[0]
         for chunk in point_chunks(path, spec.crs, spec.lon_column, spec.lat_column, spec.chunk_rows):
             lon, lat = chunk.frame["lon"].to_numpy(float), chunk.frame["lat"].to_numpy(float)
             yield poi_chunk(chunk, column, joined(lat, lon) if swap else joined(lon, lat))

@@ -62,10 +62,13 @@ def extracts() -> list[tuple[str, int, str, list[str] | None]]:
 def measure_real(measured: Any, cli: Any, failure: Any) -> list[dict[str, Any]]:
     """Build every extract whose package is installed (``measured``, ``cli``, ``failure``: scale.py's helpers)."""
     rows = []
+    missing: set[str] = set()
     for name, resolution, source, args in extracts():
         if args is None:
-            print(f"skipped: {name}: {source.split()[0]} is not installed (pip install {source.split()[0]})",
-                  file=sys.stderr)
+            package = source.split()[0]
+            if package not in missing:  # one line per missing package
+                print(f"skipped: {name}: {package} is not installed (pip install {package})", file=sys.stderr)
+                missing.add(package)
             continue
         with tempfile.TemporaryDirectory(prefix="scale-real-") as tmp:
             out = Path(tmp) / "out"

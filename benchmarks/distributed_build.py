@@ -6,6 +6,10 @@ process; the distributed builds run on one local cluster of ``--workers`` proces
 ``--parts``. Every distributed folder is checked to be the single-machine one file for file (the manifest but its
 timings). Overhead per partition: the slope of the wall time against the number of partitions.
 
+The POIs and trips are written as Parquet in row groups of 100,000 (``--input-format parquet``, default), which the
+workers read themselves (POIs share by share, trips chunk by chunk), or as CSV (``--input-format csv``), read on the
+client in chunks whose points are joined on the workers.
+
 Run:  python benchmarks/distributed_build.py [--workers 2 --parts 4,16,64 --pois 1500000 --trips 300000]
 Writes benchmarks/results/distributed_build.{json,md}.
 """
@@ -32,10 +36,13 @@ BBOX = (-74.30, 40.50, -73.60, 41.00)  # about 31,000 H3 resolution-9 cells
 CATEGORIES = ("food", "shop", "school", "health", "office", "leisure")
 LANDUSE = ("residential", "commercial", "industrial", "park", "water")
 PARCELS = 40  # a 40 x 40 grid of parcels
+ROW_GROUP = 100_000  # rows per row group of the POI Parquet file: the unit of the workers' shares
 
 
-def synthetic_inputs(folder: Path, n_pois: int, n_trips: int, seed: int) -> None:
-    """Clustered POIs and trips around 25 centres, a grid of land-use parcels, seeded."""
+def synthetic_inputs(folder: Path, n_pois: int, n_trips: int, seed: int,
+                     input_format: str = "parquet") -> tuple[Path, Path]:
+    """Clustered POIs and trips around 25 centres, a grid of land-use parcels, seeded; returns the POI and trip
+    files."""
     import geopandas as gpd
     from shapely.geometry import box
 
@@ -49,16 +56,26 @@ def synthetic_inputs(folder: Path, n_pois: int, n_trips: int, seed: int) -> None
         return np.clip(xy, [west, south], [east, north])
 
     poi = around(n_pois)
-    pd.DataFrame({"lon": poi[:, 0], "lat": poi[:, 1],
-                  "category": rng.choice(CATEGORIES, n_pois)}).to_csv(folder / "pois.csv", index=False)
+    pois = pd.DataFrame({"lon": poi[:, 0], "lat": poi[:, 1], "category": rng.choice(CATEGORIES, n_pois)})
+    pois_path = folder / f"pois.{input_format}"
+    if input_format == "parquet":
+        pois.to_parquet(pois_path, index=False, row_group_size=ROW_GROUP)
+    else:
+        pois.to_csv(pois_path, index=False)
     origin, dest = around(n_trips), around(n_trips)
-    pd.DataFrame({"o_lon": origin[:, 0], "o_lat": origin[:, 1], "d_lon": dest[:, 0], "d_lat": dest[:, 1],
-                  "time": rng.uniform(0, 24, n_trips).round(3) % 24}).to_csv(folder / "trips.csv", index=False)
+    trips = pd.DataFrame({"o_lon": origin[:, 0], "o_lat": origin[:, 1], "d_lon": dest[:, 0], "d_lat": dest[:, 1],
+                          "time": rng.uniform(0, 24, n_trips).round(3) % 24})
+    trips_path = folder / f"trips.{input_format}"
+    if input_format == "parquet":
+        trips.to_parquet(trips_path, index=False, row_group_size=ROW_GROUP)
+    else:
+        trips.to_csv(trips_path, index=False)
     dx, dy = (east - west) / PARCELS, (north - south) / PARCELS
     parcels = [box(west + i * dx, south + j * dy, west + (i + 1) * dx, south + (j + 1) * dy)
                for i in range(PARCELS) for j in range(PARCELS)]
     gpd.GeoDataFrame({"class": rng.choice(LANDUSE, len(parcels))}, geometry=parcels,
                      crs="EPSG:4326").to_file(folder / "landuse.gpkg")
+    return pois_path, trips_path
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -76,13 +93,14 @@ def _digest(folder: Path) -> dict[str, str]:
     return out
 
 
-def measure(n_pois: int, n_trips: int, workers: int, parts: list[int]) -> dict[str, Any]:
+def measure(n_pois: int, n_trips: int, workers: int, parts: list[int],
+            input_format: str = "parquet") -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="distributed-build-") as tmp:
         work = Path(tmp)
-        synthetic_inputs(work, n_pois, n_trips, SEED)
+        pois, trips = synthetic_inputs(work, n_pois, n_trips, SEED, input_format)
         spec = BuildSpec(city="synthetic", boundary=",".join(map(str, BBOX)), h3_resolution=9,
-                         pois=work / "pois.csv", landuse=work / "landuse.gpkg", trips=work / "trips.csv")
+                         pois=pois, landuse=work / "landuse.gpkg", trips=trips)
         expected: dict[str, str] = {}
 
         def single(run: str) -> None:
@@ -114,6 +132,7 @@ def measure(n_pois: int, n_trips: int, workers: int, parts: list[int]) -> dict[s
                                          if k in report.seconds},
                              "partitions": lines[0].split(" in ", 1)[-1] if lines else "",
                              "tasks": figures.tasks, "points_routed": figures.points_routed,
+                             "shares_read_on_workers": figures.shares_read_on_workers,
                              "parcels_sent": figures.parcels_sent, "parcels": figures.parcels,
                              "read": report.read_engines, "same_dataset": _digest(out) == expected})
                 print(json.dumps(rows[-1]), flush=True)
@@ -124,25 +143,29 @@ def measure(n_pois: int, n_trips: int, workers: int, parts: list[int]) -> dict[s
     overhead = None
     if len(spread) > 1:  # least-squares slope of wall time against the number of partitions
         overhead = round(float(np.polyfit([r["parts"] for r in spread], [r["wall_s"] for r in spread], 1)[0]), 4)
-    return {"seed": SEED, "cells": n_cells, "pois": n_pois, "trips": n_trips, "parcels": PARCELS ** 2,
+    return {"seed": SEED, "cells": n_cells, "pois": n_pois, "input_format": input_format, "trips": n_trips,
+            "parcels": PARCELS ** 2,
             "cluster_start_s": round(cluster_s, 2), "overhead_s_per_partition": overhead, "rows": rows,
             "load_average": os.getloadavg()[0]}
 
 
 def markdown(result: dict[str, Any]) -> str:
+    files = result.get("input_format", "csv") + (f", row groups of {ROW_GROUP:,}"
+                                                  if result.get("input_format") == "parquet" else "")
     head = (f"# Distributed build (Dask) against the single-machine build\n\n"
             f"`python benchmarks/distributed_build.py` (seed {result['seed']}): {result['cells']:,} H3 "
             f"resolution-9 cells, {result['pois']:,} clustered POIs, {result['parcels']:,} land-use parcels, "
-            f"{result['trips']:,} trips with departure times. One local cluster (processes, 1 thread each; "
+            f"{result['trips']:,} trips with departure times (POIs and trips as {files}). One local cluster "
+            f"(processes, 1 thread each; "
             f"started in {result['cluster_start_s']} s, not counted below) runs every distributed build. "
             f"'same dataset': every file of the folder equals the single-machine one (the manifest but its "
             f"timings). Load average when it ended: {result['load_average']:.1f} on 2 shared cores.\n\n")
     table = md_table(
-        ["run", "parts", "read", "wall s", "POIs s", "land use s", "trips s", "tasks", "parcel copies",
-         "same dataset", "partitions"],
+        ["run", "parts", "read", "wall s", "POIs s", "land use s", "trips s", "tasks", "shares read on workers",
+         "parcel copies", "same dataset", "partitions"],
         [[r["run"], r["parts"] or "-", ", ".join(f"{k} {v}" for k, v in r.get("read", {}).items()) or "-",
           r["wall_s"], r["steps_s"].get("pois", "-"), r["steps_s"].get("landuse", "-"),
-          r["steps_s"].get("trips", "-"), r.get("tasks", "-"),
+          r["steps_s"].get("trips", "-"), r.get("tasks", "-"), r.get("shares_read_on_workers", "-"),
           f"{r['parcels_sent'] / r['parcels']:.2f}" if r.get("parcels") else "-",
           "yes" if r["same_dataset"] else "NO", r.get("partitions", "")]
          for r in result["rows"]])
@@ -156,9 +179,11 @@ def main() -> int:
     args_parser.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
     args_parser.add_argument("--pois", type=int, default=1_500_000, help="POIs (default 1500000)")
     args_parser.add_argument("--trips", type=int, default=300_000, help="trips (default 300000)")
+    args_parser.add_argument("--input-format", choices=("parquet", "csv"), default="parquet",
+                             help="POI and trip files: parquet (read by the workers; default) or csv (by the client)")
     args = args_parser.parse_args()
     parts = [int(p) for p in args.parts.split(",") if p]
-    result = measure(args.pois, args.trips, args.workers, parts)
+    result = measure(args.pois, args.trips, args.workers, parts, args.input_format)
     write_results(args.out, "distributed_build", result, markdown(result))
     return 0 if all(r["same_dataset"] for r in result["rows"]) else 1
 

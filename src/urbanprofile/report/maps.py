@@ -35,6 +35,14 @@ DIVERGING_CMAP = "RdBu"
 BLOCK_R2_BOUND = 1.0
 #: Residuals are drawn on ± this many standard deviations of the label (rounded up to a round number).
 RESIDUAL_BOUND_STD = 2.0
+#: A sequential scale ends at this quantile of the values when the largest value is more than
+#: :data:`TAIL_FACTOR` times it: one Stuyvesant Town (17,222 people on one tax lot) would otherwise paint every
+#: other cell of New York the bottom colour. The regions beyond get the end colour, and the legend says so.
+TAIL_QUANTILE = 0.99
+TAIL_FACTOR = 2.0
+#: Above this many regions polygons are drawn without outlines: at New York's 54,730 resolution-10 cells the
+#: white outlines cover more of the map than the cells' colours do.
+OUTLINE_MAX_REGIONS = 5_000
 
 
 @dataclasses.dataclass
@@ -150,6 +158,9 @@ def _colours(layer: MapLayer) -> tuple[list[str], Any, Any]:
         norm = colors.Normalize(vmin=-bound, vmax=bound, clip=True)
         cmap = cm.colormaps[DIVERGING_CMAP]
     else:
+        top = float(np.quantile(finite, TAIL_QUANTILE)) if finite.size else high
+        if top > low and high - low > TAIL_FACTOR * (top - low):  # a long tail: the bulk keeps the colours
+            high = top
         norm = colors.Normalize(vmin=low, vmax=high if high > low else low + 1.0)
         cmap = cm.colormaps["viridis"]
     hexes = [colors.to_hex(cmap(norm(v))) if np.isfinite(v) else _MISSING for v in values]
@@ -182,7 +193,9 @@ def map_figure(city: CityData, layer: MapLayer) -> Any:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if _has_polygons(city):
-        city.regions.plot(ax=ax, color=hexes, edgecolor="white", linewidth=0.15)
+        outline = len(city.regions) <= OUTLINE_MAX_REGIONS
+        city.regions.plot(ax=ax, color=hexes, edgecolor="white" if outline else "face",
+                          linewidth=0.15 if outline else 0.05)
     else:
         lonlat = city.coordinates()
         ax.scatter(lonlat[:, 0], lonlat[:, 1], c=hexes, s=12, linewidths=0)
@@ -194,10 +207,9 @@ def map_figure(city: CityData, layer: MapLayer) -> Any:
 
     finite = layer.values.to_numpy(dtype=float)
     finite = finite[np.isfinite(finite)]
-    extend = "neither"
-    if layer.diverging:  # say when values lie beyond the fixed scale
-        below, above = bool((finite < norm.vmin).any()), bool((finite > norm.vmax).any())
-        extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
+    # Say when values lie beyond the scale (a fixed diverging range, or a sequential one cut at its tail).
+    below, above = bool((finite < norm.vmin).any()), bool((finite > norm.vmax).any())
+    extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7, label=layer.legend, extend=extend)
     ticks = MaxNLocator(nbins=4 if layer.diverging else 6, steps=[1, 2, 2.5, 5, 10],
                         symmetric=layer.diverging).tick_values(norm.vmin, norm.vmax)
@@ -308,9 +320,9 @@ def render_html(city: CityData, layer: MapLayer, width: float = 900.0) -> str:
         )
     low, high = f"{float(norm.vmin):.3g}", f"{float(norm.vmax):.3g}"
     finite = values.to_numpy(dtype=float)[np.isfinite(values.to_numpy(dtype=float))]
-    if layer.diverging and (finite < norm.vmin).any():
+    if (finite < norm.vmin).any():
         low = f"≤ {low}"
-    if layer.diverging and (finite > norm.vmax).any():
+    if (finite > norm.vmax).any():
         high = f"≥ {high}"
     stops = "".join(
         f'<stop offset="{k / 10:.1f}" stop-color="{colors.to_hex(cmap(k / 10))}"/>' for k in range(11)

@@ -14,10 +14,19 @@ joins to the workers:
   in the city's UTM zone, so every region's shares are the single-machine ones;
 - both ends of a trip are joined where they lie (possibly in two partitions) and come back as region positions,
   from which the client counts the OD matrix and time patterns with the single-machine code;
-- a file that the build streams (``--engine streaming``, or ``auto`` on a large file) is read on the client in
-  chunks of ``chunk_rows`` as on one machine, and each chunk's points are routed and joined on the workers; their
-  region positions come back and are counted on the client with the streamed build's code, so the client holds
-  one chunk at a time.
+- a Parquet or GeoParquet POI file that the build streams (``--engine streaming``, or ``auto`` on a large file) is
+  read by the workers, each task its own share of the file's row groups (the file's path must be one the workers
+  can open, as on a shared file system): the share's points are routed to the partitions and joined there, and
+  each share's counts per (region, raw category) and figures come back and are added in file order with the
+  streamed build's code, so the input never passes through the client;
+- a Parquet trip file that the build streams is read by the workers too, one task per chunk of ``chunk_rows`` rows
+  (the very rows of the client's chunk on one machine, so that even fractional trip counts are summed in the same
+  order): each chunk's trip ends are routed and joined in the partitions, and the chunk's counts (per
+  origin-destination pair and time pattern, and the trip figures) come back and are merged in file order
+  (``TripCounts.merge``);
+- any other file that the build streams (CSV POIs or trips) is read on the client in chunks of ``chunk_rows`` as on
+  one machine, and each chunk's points are routed and joined on the workers; their region positions come back and
+  are counted on the client with the streamed build's code, so the client holds one chunk at a time.
 
 ``docs/scale-out.md`` says how the same job spreads over a real cluster and what moves over the network.
 """
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,12 +48,22 @@ import pandas as pd
 from urbanprofile.data.build.aggregate import landuse_shares, map_categories, record_poi_figures
 from urbanprofile.data.build.join import assign_points, check_points_inside
 from urbanprofile.data.build.pipeline import Joiner, build_dataset
+from urbanprofile.data.build.points import PointTable
 from urbanprofile.data.build.spec import BuildReport, BuildSpec
-from urbanprofile.data.build.trips import od_from_trips
+from urbanprofile.data.build.streaming import (
+    PoiChunk,
+    parquet_file,
+    poi_chunk,
+    point_chunks,
+    stream_poi_counts,
+    table_chunks,
+    table_columns,
+)
+from urbanprofile.data.build.trips import TripCounts, od_from_trips
 from urbanprofile.data.city import frame_from_array
 from urbanprofile.data.io import RawTable, first_line
 from urbanprofile.data.loaders.built import check_output
-from urbanprofile.errors import UrbanProfileError, require
+from urbanprofile.errors import DataError, UrbanProfileError, require
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -55,6 +75,9 @@ DEFAULT_PARTS = 16
 DEFAULT_WORKERS = 2
 #: Points per routing task: each task routes a slice of the input to the partitions.
 ROUTE_CHUNK = 250_000
+#: Shares of a file read on the workers at once, per worker: enough to keep every worker busy, few enough that the
+#: cluster holds a bounded part of the file.
+SHARES_IN_FLIGHT_PER_WORKER = 2
 
 
 @dataclass
@@ -267,6 +290,8 @@ def _hold(value: Any) -> Any:
 def _route(router: BlockRouter | H3Router, rows: np.ndarray, lon: np.ndarray, lat: np.ndarray,
            payload: np.ndarray | None) -> dict[int, tuple[np.ndarray, ...]]:
     """Split a slice of points by partition: ``{partition: (rows, lon, lat[, payload])}``."""
+    if not len(lon):  # a chunk of trips given as region ids, or whose rows all lack a location
+        return {}
     part = router.route(lon, lat)
     order = np.argsort(part, kind="stable")
     keys, starts = np.unique(part[order], return_index=True)
@@ -329,6 +354,129 @@ def _landuse_part(own: gpd.GeoDataFrame, parcels: gpd.GeoDataFrame, class_column
     return shares.reindex(columns=classes, fill_value=0.0).to_numpy(dtype=float)
 
 
+def parquet_shares(path: Path, rows_per_share: int) -> list[tuple[list[int], int]]:
+    """Cut a Parquet file into shares of whole row groups, about ``rows_per_share`` rows each (a larger row group is
+    a share of its own): ``(row groups, the share's first row in the file)``. Only the file's footer is read.
+
+    Raises:
+        DataError: The file is not readable Parquet.
+    """
+    meta = parquet_file(path).metadata
+    shares: list[tuple[list[int], int]] = []
+    first = rows = 0
+    groups: list[int] = []
+    for group in range(meta.num_row_groups):
+        n = meta.row_group(group).num_rows
+        if groups and rows + n > rows_per_share:
+            shares.append((groups, first))
+            first, rows, groups = first + rows, 0, []
+        groups.append(group)
+        rows += n
+    if groups:
+        shares.append((groups, first))
+    return shares
+
+
+def _read_share(path: str, row_groups: list[int], first_row: int, spec: BuildSpec, column: str,
+                swap: bool) -> list[PointTable]:
+    """Read one share of a POI file on a worker, with the single-machine reader: its chunks of points, each kept to
+    the coordinates and the category column (the coordinates swapped for the second pass that looks for swapped
+    axes)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not found on a Dask worker (the workers read a streamed Parquet POI file "
+                        "themselves: give a path they can open, as on a shared file system)")
+    tables = []
+    for chunk in point_chunks(Path(path), spec.crs, spec.lon_column, spec.lat_column, spec.chunk_rows, row_groups,
+                              first_row):
+        if column not in chunk.frame.columns:
+            poi_chunk(chunk, column, np.zeros(0, dtype=np.int64))  # raises the single-machine message
+        frame = chunk.frame[["lon", "lat", column]]
+        if swap:
+            frame = frame.assign(lon=frame["lat"].to_numpy(), lat=frame["lon"].to_numpy())
+        chunk.frame = frame
+        tables.append(chunk)
+    return tables
+
+
+def _share_points(tables: list[PointTable]) -> tuple[np.ndarray, np.ndarray]:
+    if not tables:
+        return np.zeros(0), np.zeros(0)
+    return (np.concatenate([t.frame["lon"].to_numpy(float) for t in tables]),
+            np.concatenate([t.frame["lat"].to_numpy(float) for t in tables]))
+
+
+def _route_share(router: BlockRouter | H3Router, tables: list[PointTable]) -> dict[int, tuple[np.ndarray, ...]]:
+    lon, lat = _share_points(tables)
+    return _route(router, np.arange(len(lon)), lon, lat, None)
+
+
+def _summarise_share(tables: list[PointTable], column: str,
+                     *assigned: tuple[np.ndarray, np.ndarray]) -> list[PoiChunk]:
+    """The share's chunk summaries, from the region positions its points got in the partitions."""
+    position = np.full(sum(len(t.frame) for t in tables), -1, dtype=np.int64)
+    for rows, found in assigned:
+        position[rows] = found
+    out, start = [], 0
+    for table in tables:
+        out.append(poi_chunk(table, column, position[start:start + len(table.frame)]))
+        start += len(table.frame)
+    return out
+
+
+def _read_rows(path: str, start: int, stop: int) -> RawTable:
+    """Rows ``start`` to ``stop`` (from 0) of a Parquet table, read on a worker from the row groups holding them: the
+    chunk a single-machine streamed read gives for these rows, with the file's row numbers."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not found on a Dask worker (the workers read a streamed Parquet trip file "
+                        "themselves: give a path they can open, as on a shared file system)")
+    parquet = parquet_file(Path(path))
+    groups: list[int] = []
+    first = offset = 0
+    for group in range(parquet.metadata.num_row_groups):
+        n = parquet.metadata.row_group(group).num_rows
+        if offset < stop and offset + n > start:
+            first = first if groups else offset
+            groups.append(group)
+        offset += n
+    frame = parquet.read_row_groups(groups).slice(start - first, stop - start).to_pandas()
+    return RawTable(Path(path), frame, start + 1 + np.arange(len(frame)))
+
+
+def _trip_counter(regions: pd.DataFrame, spec: BuildSpec, where: str, columns: list[str],
+                  assign: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> TripCounts:
+    """A worker's counter of one chunk: the client's settings (regions: their ids only), its own throwaway report."""
+    def no_join(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        raise AssertionError("trip ends are joined in the partitions")
+
+    return TripCounts(regions, spec, BuildReport(city=spec.city), where, columns,
+                      assign or no_join)
+
+
+def _read_trip_chunk(path: str, start: int, stop: int, regions: pd.DataFrame, spec: BuildSpec,
+                     columns: list[str]) -> tuple[RawTable, np.ndarray, np.ndarray]:
+    """Read one chunk of a trip file on a worker, with the trip ends the count joins (lon, lat)."""
+    raw = _read_rows(path, start, stop)
+    return (raw, *_trip_counter(regions, spec, path, columns).ends_to_join(raw.frame))
+
+
+def _route_trip_chunk(router: BlockRouter | H3Router,
+                      chunk: tuple[RawTable, np.ndarray, np.ndarray]) -> dict[int, tuple[np.ndarray, ...]]:
+    _, lon, lat = chunk
+    return _route(router, np.arange(len(lon)), lon, lat, None)
+
+
+def _count_trip_chunk(chunk: tuple[RawTable, np.ndarray, np.ndarray], regions: pd.DataFrame, spec: BuildSpec,
+                      path: str, columns: list[str], *assigned: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """Count one chunk of trips with the single-machine counter, its ends' regions found in the partitions."""
+    raw, lon, _ = chunk
+    position = np.full(len(lon), -1, dtype=np.int64)
+    for rows, found in assigned:
+        position[rows] = found
+    counter = _trip_counter(regions, spec, path, columns, assign=lambda lon, lat: position)
+    counter.add(raw)
+    return counter.summary()
+
+
 # -- the joiner ----------------------------------------------------------------------------------------
 @dataclass
 class _Plan:
@@ -344,6 +492,7 @@ class JobFigures:
 
     partitions: int = 0
     tasks: int = 0
+    shares_read_on_workers: int = 0
     points_routed: int = 0
     parcels_sent: int = 0
     parcels: int = 0
@@ -427,6 +576,84 @@ class DaskJoiner(Joiner):
                  h3_resolution: int | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """A streamed file's chunks, read on the client, are joined on the workers one chunk at a time."""
         return lambda lon, lat: self.assign(lon, lat, regions, engine)
+
+    def stream_poi_counts(self, path: Path, regions: gpd.GeoDataFrame, spec: BuildSpec,
+                          categories: list[str] | dict[str, list[str]] | None, report: BuildReport,
+                          h3_resolution: int | None) -> pd.DataFrame:
+        """A streamed Parquet or GeoParquet POI file is read by the workers, share by share; a CSV is read here in
+        chunks (its rows cannot be found without reading every byte before them) and joined on the workers."""
+        if path.suffix.lower() != ".parquet":
+            return super().stream_poi_counts(path, regions, spec, categories, report, h3_resolution)
+        workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        rows = parquet_file(path).metadata.num_rows
+        # At most a chunk per share (the memory a worker's read may take), and enough shares to keep every worker
+        # busy; row groups are never cut, so a file of one row group is read by one task.
+        shares = parquet_shares(path, max(1, min(spec.chunk_rows, math.ceil(rows / (SHARES_IN_FLIGHT_PER_WORKER
+                                                                                     * workers)))))
+        column = spec.category_column or "category"
+
+        def summaries(swap: bool) -> Iterator[PoiChunk]:
+            return self._read_on_workers(path, shares, spec, column, regions, swap)
+
+        return stream_poi_counts(path, regions, spec, categories, report, h3_resolution, shares=summaries)
+
+    def stream_od_from_trips(self, path: Path, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport,
+                             h3_resolution: int | None) -> tuple[Any, pd.DataFrame | None]:
+        """A streamed Parquet trip file is read by the workers, chunk by chunk; a CSV is read here in chunks and its
+        trip ends joined on the workers."""
+        if path.suffix.lower() != ".parquet":
+            return super().stream_od_from_trips(path, regions, spec, report, h3_resolution)
+        columns = table_columns(path)
+        assign = self.assigner(regions, spec.engine, h3_resolution)
+        counts = TripCounts(regions, spec, report, str(path), columns, assign)  # checks the columns here first
+        rows = parquet_file(path).metadata.num_rows
+        step = max(1, spec.chunk_rows)
+        plan = self._plan(regions)
+        ids = self._submit(_hold, pd.DataFrame(index=regions.index))  # trips given as region ids need them
+
+        def submit(start: int) -> Any:
+            self.figures.shares_read_on_workers += 1
+            chunk = self._submit(_read_trip_chunk, str(path), start, min(start + step, rows), ids, spec, columns)
+            routed = [self._submit(_route_trip_chunk, plan.router, chunk)]
+            assigned = [self._submit(_assign_part, plan.halos[p], plan.partitions.halo[p], spec.engine,
+                                     *self._pieces(routed, p)) for p in self._used(plan)]
+            return self._submit(_count_trip_chunk, chunk, ids, spec, str(path), columns, *assigned)
+
+        for summary in self._in_order(submit(start) for start in range(0, rows, step)):
+            counts.merge(summary)
+            self.figures.points_routed += 2 * (summary["n_located"])
+        # Read again here only when no trip joins two regions, to tell swapped columns in the message.
+        return counts.finish(lambda: table_chunks(path, spec.chunk_rows))
+
+    def _in_order(self, futures: Iterator[Any]) -> Iterator[Any]:
+        """Results of lazily submitted tasks in submission order, a few per worker in flight at a time."""
+        workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        pending: deque[Any] = deque()
+        for future in futures:
+            pending.append(future)
+            if len(pending) >= SHARES_IN_FLIGHT_PER_WORKER * workers:
+                yield self._gather([pending.popleft()])[0]
+        while pending:
+            yield self._gather([pending.popleft()])[0]
+
+    def _read_on_workers(self, path: Path, shares: list[tuple[list[int], int]], spec: BuildSpec, column: str,
+                         regions: gpd.GeoDataFrame, swap: bool) -> Iterator[PoiChunk]:
+        """Chunk summaries of every share in file order, a few shares in flight at a time. Per share: one task reads
+        it, one routes its points, one per partition joins the points routed there, one summarises; only the
+        summary comes back."""
+        plan = self._plan(regions)
+
+        def submit(row_groups: list[int], first_row: int) -> Any:
+            self.figures.shares_read_on_workers += 1
+            tables = self._submit(_read_share, str(path), row_groups, first_row, spec, column, swap)
+            routed = [self._submit(_route_share, plan.router, tables)]
+            assigned = [self._submit(_assign_part, plan.halos[p], plan.partitions.halo[p], spec.engine,
+                                     *self._pieces(routed, p)) for p in self._used(plan)]
+            return self._submit(_summarise_share, tables, column, *assigned)
+
+        for chunks in self._in_order(submit(row_groups, first_row) for row_groups, first_row in shares):
+            self.figures.points_routed += sum(c.n for c in chunks)
+            yield from chunks
 
     def assign(self, lon: np.ndarray, lat: np.ndarray, regions: gpd.GeoDataFrame, engine: str) -> np.ndarray:
         """Like :func:`~urbanprofile.data.build.join.assign_points`, joined on the workers."""

@@ -126,6 +126,19 @@ class Joiner:
         """How a streamed build joins chunk after chunk of points (lon, lat arrays) to region positions."""
         return RegionJoiner(regions, engine, h3_resolution).assign
 
+    def stream_poi_counts(self, path: Path, regions: gpd.GeoDataFrame, spec: BuildSpec,
+                          categories: list[str] | dict[str, list[str]] | None, report: BuildReport,
+                          h3_resolution: int | None) -> pd.DataFrame:
+        """The ``poi_counts`` view of a POI file read in chunks (see :func:`~.streaming.stream_poi_counts`)."""
+        return stream_poi_counts(path, regions, spec, categories, report, h3_resolution,
+                                 self.assigner(regions, spec.engine, h3_resolution))
+
+    def stream_od_from_trips(self, path: Path, regions: gpd.GeoDataFrame, spec: BuildSpec, report: BuildReport,
+                             h3_resolution: int | None) -> tuple[Any, pd.DataFrame | None]:
+        """The OD matrix and pattern rows of a trip file read in chunks (:func:`~.streaming.stream_od_from_trips`)."""
+        return stream_od_from_trips(path, regions, spec, report, h3_resolution,
+                                    self.assigner(regions, spec.engine, h3_resolution))
+
 
 def build_city(
     spec: BuildSpec, progress: bool = False, log: Callable[[str], None] | None = None, joiner: Joiner | None = None,
@@ -138,7 +151,8 @@ def build_city(
         progress: Show a progress bar on stderr.
         log: Where lines for the user go (the H3 size estimate) when there is no progress bar.
         joiner: Where the joins run (default: :class:`Joiner`, in this process). A streamed file is read here in
-            chunks either way; the joiner joins each chunk.
+            chunks and the joiner joins each chunk, except a streamed Parquet POI or trip file on a Dask cluster,
+            whose workers read it.
         sparse_od_view: Give a large city's sparse OD matrix as a view; ``False`` keeps it in
             ``BuiltCity.od_matrix`` only (a pandas sparse view holds one column object per region, about 1.5 KB
             and 30 µs each: GBs and minutes for a country, spent only to be written out again).
@@ -186,8 +200,8 @@ def build_city(
                 report.read_engines["pois"] = choose_engine(spec, pois_path)
                 if report.read_engines["pois"] == "streaming":
                     h3_resolution = meta.get("h3_resolution")
-                    views["poi_counts"] = stream_poi_counts(pois_path, regions, spec, categories, report, h3_resolution,
-                                                            joiner.assigner(regions, spec.engine, h3_resolution))
+                    views["poi_counts"] = joiner.stream_poi_counts(pois_path, regions, spec, categories, report,
+                                                                   h3_resolution)
                 else:
                     points = read_points(pois_path, spec.crs, spec.lon_column, spec.lat_column)
                     report.n_pois_missing_location = points.n_missing
@@ -219,8 +233,8 @@ def build_city(
                 report.read_engines["trips"] = choose_engine(spec, Path(spec.trips))
                 if report.read_engines["trips"] == "streaming":
                     h3_resolution = meta.get("h3_resolution")
-                    od, pattern_rows = stream_od_from_trips(Path(spec.trips), regions, spec, report, h3_resolution,
-                                                            joiner.assigner(regions, spec.engine, h3_resolution))
+                    od, pattern_rows = joiner.stream_od_from_trips(Path(spec.trips), regions, spec, report,
+                                                                   h3_resolution)
                 else:
                     od, pattern_rows = joiner.od_from_trips(read_raw_table(Path(spec.trips)), regions, spec, report,
                                                             str(spec.trips))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +135,7 @@ def _quoted_csv_chunks(path: Path, delimiter: str, chunk_rows: int) -> Iterator[
                        malformed)
 
 
-def _parquet_file(path: Path) -> pq.ParquetFile:
+def parquet_file(path: Path) -> pq.ParquetFile:
     import pyarrow.parquet as pq
 
     try:
@@ -143,11 +144,20 @@ def _parquet_file(path: Path) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
 
 
-def _geoparquet_chunks(path: Path, crs: str | None, chunk_rows: int) -> Iterator[tuple[gpd.GeoDataFrame, int]]:
-    """Chunks of a GeoParquet file as GeoDataFrames in EPSG:4326, with the feature number of their first row."""
+def _batches(parquet: pq.ParquetFile, chunk_rows: int, row_groups: Sequence[int] | None) -> Iterator[Any]:
+    """Record batches of the whole file, or of some of its row groups (a share read on a worker)."""
+    if row_groups is None:
+        return parquet.iter_batches(batch_size=chunk_rows)
+    return parquet.iter_batches(batch_size=chunk_rows, row_groups=list(row_groups))
+
+
+def _geoparquet_chunks(path: Path, crs: str | None, chunk_rows: int, row_groups: Sequence[int] | None = None,
+                       first_row: int = 0) -> Iterator[tuple[gpd.GeoDataFrame, int]]:
+    """Chunks of a GeoParquet file as GeoDataFrames in EPSG:4326, with the feature number of their first row
+    (``row_groups``: only these, whose first row is row ``first_row`` of the file, counted from 0)."""
     import geopandas as gpd
 
-    parquet = _parquet_file(path)
+    parquet = parquet_file(path)
     try:
         meta = json.loads(parquet.schema_arrow.metadata[b"geo"])
         column = meta["primary_column"]
@@ -160,8 +170,8 @@ def _geoparquet_chunks(path: Path, crs: str | None, chunk_rows: int) -> Iterator
         raise DataError(f"{path}: geometry encoding {column_meta['encoding']!r} is read in memory only "
                         "(use --engine memory)")
     declared = column_meta.get("crs", "OGC:CRS84")  # the GeoParquet spec's default, as geopandas reads it
-    offset = 0
-    for batch in parquet.iter_batches(batch_size=chunk_rows):
+    offset = first_row
+    for batch in _batches(parquet, chunk_rows, row_groups):
         table = batch.to_pandas()
         geoms = gpd.GeoSeries.from_wkb(table.pop(column).to_numpy(), crs=declared)
         frame = gpd.GeoDataFrame(table, geometry=geoms.to_numpy(), crs=declared)
@@ -169,9 +179,13 @@ def _geoparquet_chunks(path: Path, crs: str | None, chunk_rows: int) -> Iterator
         offset += len(table)
 
 
-def table_chunks(path: Path, chunk_rows: int) -> Iterator[RawTable]:
+def table_chunks(path: Path, chunk_rows: int, row_groups: Sequence[int] | None = None,
+                 first_row: int = 0) -> Iterator[RawTable]:
     """Rows of a CSV or Parquet table, ``chunk_rows`` at a time, as :func:`urbanprofile.data.io.read_raw_table`
-    gives them for the whole file (CSV cells as text, malformed rows left out and counted, file line numbers)."""
+    gives them for the whole file (CSV cells as text, malformed rows left out and counted, file line numbers).
+
+    ``row_groups`` reads only these row groups of a Parquet file, whose first row is row ``first_row`` of the file
+    (counted from 0), so that each worker of a distributed build reads its own share."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()
@@ -181,16 +195,16 @@ def table_chunks(path: Path, chunk_rows: int) -> Iterator[RawTable]:
         return
     if suffix != ".parquet":
         raise DataError(f"{path}: unsupported table format {suffix!r} (use .csv or .parquet)")
-    offset = 0
-    for batch in _parquet_file(path).iter_batches(batch_size=chunk_rows):
+    offset = first_row
+    for batch in _batches(parquet_file(path), chunk_rows, row_groups):
         frame = batch.to_pandas()
         yield RawTable(path, frame, offset + 1 + np.arange(len(frame)))
         offset += len(frame)
 
 
-def _table_columns(path: Path) -> list[str]:
+def table_columns(path: Path) -> list[str]:
     if path.suffix.lower() == ".parquet":
-        return list(_parquet_file(path).schema_arrow.names)
+        return list(parquet_file(path).schema_arrow.names)
     try:
         return [str(c) for c in pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str,
                                             nrows=0).columns]
@@ -200,11 +214,13 @@ def _table_columns(path: Path) -> list[str]:
 
 def point_chunks(
     path: Path, crs: str | None = None, lon_column: str = "lon", lat_column: str = "lat", chunk_rows: int = 1_000_000,
+    row_groups: Sequence[int] | None = None, first_row: int = 0,
 ) -> Iterator[PointTable]:
     """Points of a CSV, Parquet or GeoParquet file, ``chunk_rows`` rows at a time.
 
     Each chunk is what :func:`urbanprofile.data.build.points.read_points` gives for those rows of the file (line,
-    row or feature numbers are the file's), so the chunks together are the whole file read at once.
+    row or feature numbers are the file's), so the chunks together are the whole file read at once. ``row_groups``
+    and ``first_row``: only these row groups of a Parquet file (see :func:`table_chunks`).
 
     Raises:
         DataError: The file cannot be streamed or read, or a chunk is invalid (named as the whole read names it).
@@ -215,14 +231,66 @@ def point_chunks(
         raise DataError(f"{path}: only CSV, Parquet and GeoParquet point files are streamed")
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES or not has_geo_metadata(path):
-        for raw in table_chunks(path, chunk_rows):
+        for raw in table_chunks(path, chunk_rows, row_groups, first_row):
             yield points_from_table(raw, crs, lon_column, lat_column)
     else:
-        for frame, first in _geoparquet_chunks(path, crs, chunk_rows):
+        for frame, first in _geoparquet_chunks(path, crs, chunk_rows, row_groups, first_row):
             yield points_from_vector(frame, path, first)
 
 
 # -- counting in chunks -------------------------------------------------------------------------------------------
+@dataclass
+class PoiChunk:
+    """What one chunk of a POI file adds to the counts, made where the chunk was read (here, or on a worker of a
+    distributed build that reads its own share of the file); chunks added in file order give the whole file's view.
+
+    Attributes:
+        n_rows, n_missing, n_malformed, n_unreadable, example: The chunk's :class:`PointTable` figures.
+        n: Points with a location.
+        inside: Those in a region.
+        low, high: The lon, lat extent of the located points (``inf``, ``-inf`` when none).
+        values: Raw category values (``None``: missing) in order of first appearance in the chunk.
+        totals: Points per raw value, inside a region or not.
+        pairs: Points per ``region position << 32 | value number`` (the chunk's value numbers), inside only.
+    """
+
+    n_rows: int
+    n_missing: int
+    n_malformed: int
+    n_unreadable: int
+    example: str
+    n: int
+    inside: int
+    low: np.ndarray
+    high: np.ndarray
+    values: list[object]
+    totals: np.ndarray
+    pairs: pd.Series
+
+
+def poi_chunk(chunk: PointTable, column: str, position: np.ndarray) -> PoiChunk:
+    """Summarise one chunk of POIs whose region positions (-1 outside) are known.
+
+    Raises:
+        DataError: The chunk has no column ``column``.
+    """
+    frame = chunk.frame
+    if column not in frame.columns:
+        raise DataError(f"{chunk.path}: no column {column!r} for POI categories "
+                        f"(columns: {listed(c for c in frame.columns if c not in ('lon', 'lat'))})")
+    codes, uniques = pd.factorize(frame[column].astype("string"), use_na_sentinel=False)  # first appearance order
+    lon, lat = frame["lon"].to_numpy(float), frame["lat"].to_numpy(float)
+    inside = position >= 0
+    # One int64 key per (position, value number): sorting integers is much faster than grouping pairs.
+    keys, n = np.unique((position[inside] << 32) | codes[inside].astype(np.int64), return_counts=True)
+    low, high = np.full(2, np.inf), np.full(2, -np.inf)
+    if len(lon):
+        low, high = np.array([np.nanmin(lon), np.nanmin(lat)]), np.array([np.nanmax(lon), np.nanmax(lat)])
+    return PoiChunk(chunk.n_rows, chunk.n_missing, chunk.n_malformed, chunk.n_unreadable, chunk.example, len(lon),
+                    int(inside.sum()), low, high, [None if pd.isna(v) else str(v) for v in uniques],
+                    np.bincount(codes, minlength=len(uniques)), pd.Series(n, index=keys))
+
+
 class _CategoryCounts:
     """Counts per (region position, raw category value), kept sparse, with raw values in order of first appearance."""
 
@@ -231,19 +299,14 @@ class _CategoryCounts:
         self.totals = np.zeros(0, dtype=np.int64)  # points per raw value id, inside a region or not
         self.pairs: list[pd.Series] = []
 
-    def add(self, raw: pd.Series, position: np.ndarray) -> None:
-        """Count one chunk: its raw category values and the region position of each point (-1 outside)."""
-        codes, uniques = pd.factorize(raw.astype("string"), use_na_sentinel=False)  # in order of first appearance
-        lookup = np.array([self.values.setdefault(None if pd.isna(v) else str(v), len(self.values)) for v in uniques],
-                          dtype=np.int64)
-        ids = lookup[codes]
+    def add(self, chunk: PoiChunk) -> None:
+        """Count one chunk (chunks are added in file order, so raw values keep their order of first appearance)."""
+        lookup = np.array([self.values.setdefault(v, len(self.values)) for v in chunk.values], dtype=np.int64)
         self.totals = np.pad(self.totals, (0, len(self.values) - len(self.totals)))
-        self.totals += np.bincount(ids, minlength=len(self.values))
-        inside = position >= 0
-        if inside.any():
-            # One int64 key per (position, value id): sorting integers is much faster than grouping pairs.
-            keys, n = np.unique((position[inside] << 32) | ids[inside], return_counts=True)
-            self.pairs.append(pd.Series(n, index=keys))
+        np.add.at(self.totals, lookup, chunk.totals)
+        if len(chunk.pairs):
+            keys = chunk.pairs.index.to_numpy()
+            self.pairs.append(pd.Series(chunk.pairs.to_numpy(), index=(keys >> 32 << 32) | lookup[keys & 0xFFFFFFFF]))
             if len(self.pairs) > 8:  # merge, so that memory follows the distinct pairs, not the chunks read
                 self.pairs = [pd.concat(self.pairs).groupby(level=0).sum()]
 
@@ -264,6 +327,7 @@ def stream_poi_counts(
     path: Path, regions: gpd.GeoDataFrame, spec: BuildSpec, categories: list[str] | dict[str, list[str]] | None,
     report: BuildReport, h3_resolution: int | None = None,
     assign: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    shares: Callable[[bool], Iterator[PoiChunk]] | None = None,
 ) -> pd.DataFrame:
     """The ``poi_counts`` view of a point file read in chunks; fills the POI figures of ``report``.
 
@@ -280,6 +344,9 @@ def stream_poi_counts(
         assign: Region positions (-1 outside) of a chunk's points (lon, lat arrays); default: a
             :class:`~urbanprofile.data.build.join.RegionJoiner` in this process (a distributed build joins the
             chunks on its cluster).
+        shares: The chunks' summaries in file order, made elsewhere (a distributed build whose workers read their
+            own shares of a Parquet file); called with ``True``, the summaries of the points with longitude and
+            latitude swapped (only ``inside`` is read). Default: the file read here, chunk by chunk.
 
     Raises:
         DataError: The file cannot be read, has no category column, no POI lies inside a region, or the coordinates
@@ -287,40 +354,38 @@ def stream_poi_counts(
     """
     column = spec.category_column or "category"
     where = str(path)
-    assign = assign or RegionJoiner(regions, spec.engine, h3_resolution).assign
     counts = _CategoryCounts()
     n = inside = n_rows = 0
     low, high = np.full(2, np.inf), np.full(2, -np.inf)  # lon, lat extent of the located points
 
-    def chunks() -> Iterator[PointTable]:
-        return point_chunks(path, spec.crs, spec.lon_column, spec.lat_column, spec.chunk_rows)
+    joiners: list[Callable[[np.ndarray, np.ndarray], np.ndarray]] = [assign] if assign is not None else []
 
+    def read_here(swap: bool) -> Iterator[PoiChunk]:
+        if not joiners:  # one index for both passes, built only when the file is read here
+            joiners.append(RegionJoiner(regions, spec.engine, h3_resolution).assign)
+        joined = joiners[0]
+        for chunk in point_chunks(path, spec.crs, spec.lon_column, spec.lat_column, spec.chunk_rows):
+            lon, lat = chunk.frame["lon"].to_numpy(float), chunk.frame["lat"].to_numpy(float)
+            yield poi_chunk(chunk, column, joined(lat, lon) if swap else joined(lon, lat))
+
+    summaries = shares or read_here
     geo = path.suffix.lower() == ".parquet" and has_geo_metadata(path)
-    for chunk in chunks():
-        frame = chunk.frame
-        if column not in frame.columns:
-            raise DataError(f"{where}: no column {column!r} for POI categories "
-                            f"(columns: {listed(c for c in frame.columns if c not in ('lon', 'lat'))})")
+    for chunk in summaries(False):
         if chunk.example and not report.unreadable_example:
             report.unreadable_example = chunk.example
         report.n_pois_missing_location += chunk.n_missing
         report.n_pois_malformed += chunk.n_malformed
         report.n_pois_unreadable += chunk.n_unreadable
         n_rows += chunk.n_rows
-        lon, lat = frame["lon"].to_numpy(float), frame["lat"].to_numpy(float)
-        position = assign(lon, lat)
-        counts.add(frame[column], position)
-        n += len(lon)
-        inside += int((position >= 0).sum())
-        if len(lon):
-            low = np.minimum(low, [np.nanmin(lon), np.nanmin(lat)])
-            high = np.maximum(high, [np.nanmax(lon), np.nanmax(lat)])
+        counts.add(chunk)
+        n += chunk.n
+        inside += chunk.inside
+        low, high = np.minimum(low, chunk.low), np.maximum(high, chunk.high)
 
     def swapped() -> int:
         if max(abs(low[1]), abs(high[1])) > 180:
             return 0
-        return sum(int((assign(c.frame["lat"].to_numpy(float), c.frame["lon"].to_numpy(float)) >= 0).sum())
-                   for c in chunks())  # a second pass, only when most points missed
+        return sum(c.inside for c in summaries(True))  # a second pass, only when most points missed
 
     swap_hint = (" (the file's axis order is lat, lon)" if geo
                  else f" (pass --lon-column {spec.lat_column} --lat-column {spec.lon_column})")
@@ -346,7 +411,7 @@ def stream_od_from_trips(
         DataError: As :func:`~urbanprofile.data.build.trips.od_from_trips`.
     """
     assign = assign or RegionJoiner(regions, spec.engine, h3_resolution).assign
-    counts = TripCounts(regions, spec, report, str(path), _table_columns(path), assign)
+    counts = TripCounts(regions, spec, report, str(path), table_columns(path), assign)
     for raw in table_chunks(path, spec.chunk_rows):
         counts.add(raw)
     return counts.finish(lambda: table_chunks(path, spec.chunk_rows))

@@ -173,6 +173,13 @@ def od_from_trips(
     return counts.finish(lambda: iter([raw]))
 
 
+#: What :meth:`TripCounts.merge` adds up: the accumulator's fields and the report's trip counts.
+_MERGED = ("n_rows", "n_located", "n_origins_inside", "any_both_inside", "weighted_read", "weighted_kept", "integral",
+           "id_examples", "low", "high", "pairs", "patterns")
+_REPORT_COUNTS = ("n_trips_malformed", "n_trips_read", "n_trips_unreadable", "n_trips_missing", "n_trips_outside",
+                  "n_trips_kept")
+
+
 class TripCounts:
     """Trips summed per (origin, destination) and per (time pattern, origin, destination), one table or chunk at a
     time, so that a trip file can be read in chunks (only the pairs that are not zero are kept).
@@ -220,6 +227,51 @@ class TripCounts:
                      "n_trips_outside", "n_trips_kept"):
             setattr(report, name, 0)
 
+    def _located(self, table: pd.DataFrame) -> tuple[np.ndarray, ...]:
+        """Rows with both ends' coordinates, rows unreadable, and the ends in degrees (o_lon, o_lat, d_lon, d_lat)."""
+        parsed = [parse_numbers(table[c]) for c in self.ends]
+        xy = [numbers for numbers, _, _ in parsed]
+        unreadable = np.any([bad for _, _, bad in parsed], axis=0)
+        keep = np.isfinite(np.column_stack(xy)).all(axis=1)
+        o_lon, o_lat = xy_to_lonlat(xy[0], xy[1], self.spec.crs, self.where)
+        d_lon, d_lat = xy_to_lonlat(xy[2], xy[3], self.spec.crs, self.where)
+        return keep, unreadable, o_lon, o_lat, d_lon, d_lat
+
+    def ends_to_join(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """The lon, lat of the trip ends that :meth:`add` joins for this table, in the order it joins them (origins,
+        then destinations, of the rows with both ends located); empty for trips given as region ids."""
+        if len(self.ends) == 2:
+            return np.zeros(0), np.zeros(0)
+        keep, _, o_lon, o_lat, d_lon, d_lat = self._located(table)
+        return np.concatenate([o_lon[keep], d_lon[keep]]), np.concatenate([o_lat[keep], d_lat[keep]])
+
+    def summary(self) -> dict[str, Any]:
+        """What this accumulator counted (of one chunk, on a worker), for :meth:`merge` into another."""
+        return {**{name: getattr(self, name) for name in _MERGED},
+                "report": {name: getattr(self.report, name) for name in _REPORT_COUNTS}}
+
+    def merge(self, chunk: dict[str, Any]) -> None:
+        """Add the :meth:`summary` of one chunk, as :meth:`add` would have added the chunk itself (chunks in file
+        order give the same sums, float sums included, and the same first ids)."""
+        for name in _REPORT_COUNTS:
+            setattr(self.report, name, getattr(self.report, name) + chunk["report"][name])
+        self.n_rows += chunk["n_rows"]
+        self.n_located += chunk["n_located"]
+        self.n_origins_inside += chunk["n_origins_inside"]
+        self.any_both_inside = self.any_both_inside or chunk["any_both_inside"]
+        self.weighted_read += chunk["weighted_read"]
+        self.weighted_kept += chunk["weighted_kept"]
+        self.integral = self.integral and chunk["integral"]
+        self.low, self.high = np.minimum(self.low, chunk["low"]), np.maximum(self.high, chunk["high"])
+        if len(self.ends) == 2 and len(self.id_examples) <= 3:
+            # The chunk's first 4 distinct ids hold every id the whole chunk would add to at most 3 earlier ones.
+            self.id_examples = list(dict.fromkeys([*self.id_examples, *chunk["id_examples"]]))[:4]
+        self.pairs += chunk["pairs"]
+        self.patterns += chunk["patterns"]
+        if len(self.pairs) > 8:  # merged as add merges them, so that the sums are the same
+            self.pairs = [pd.concat(self.pairs).groupby(level=[0, 1]).sum()]
+            self.patterns = [pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum()] if self.patterns else []
+
     def _ends(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Origin and destination positions (-1 outside), rows with both ends given, rows unreadable."""
         n = len(self.regions)
@@ -233,12 +285,7 @@ class TripCounts:
                 found = keys.reindex(id_keys(table[column].where(present, "")).to_numpy())
                 ends.append(np.where(present, found.fillna(-1).to_numpy(dtype=np.int64), -1))
             return ends[0], ends[1], np.asarray(present, dtype=bool), unreadable
-        parsed = [parse_numbers(table[c]) for c in columns]
-        xy = [numbers for numbers, _, _ in parsed]
-        unreadable = np.any([bad for _, _, bad in parsed], axis=0)
-        keep = np.isfinite(np.column_stack(xy)).all(axis=1)
-        o_lon, o_lat = xy_to_lonlat(xy[0], xy[1], self.spec.crs, self.where)
-        d_lon, d_lat = xy_to_lonlat(xy[2], xy[3], self.spec.crs, self.where)
+        keep, unreadable, o_lon, o_lat, d_lon, d_lat = self._located(table)
         both = self.assign(np.concatenate([o_lon[keep], d_lon[keep]]), np.concatenate([o_lat[keep], d_lat[keep]]))
         origin = np.full(len(table), -1, dtype=np.int64)
         dest = np.full(len(table), -1, dtype=np.int64)

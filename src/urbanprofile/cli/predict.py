@@ -30,6 +30,9 @@ def fit(
     interval: Annotated[str, typer.Option("--interval", help="normalised (the full model +- scaled residual "
                                           "quantile) or cv+ (the calibration folds' own models; keeps one head "
                                           "per fold).")] = "normalised",
+    widths: Annotated[str, typer.Option("--widths", help="How widths vary: difficulty (scaled by each region's "
+                                        "difficulty), constant, or auto (difficulty where it holds on the "
+                                        "calibration folds).")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the method, the folds and the head.")] = 0,
     data_dir: DataDir = None,
 ) -> None:
@@ -43,7 +46,8 @@ def fit(
     source = str(Path(name).resolve()) if Path(name).is_dir() else name
     with err.status(f"fitting {method} on {city.name} ({task})"):
         model = fit_model(city, method, task, out_dir, head=head, protocol_for_settings=settings,
-                          calibration=calibration, random_state=seed, source=source, interval=interval)
+                          calibration=calibration, random_state=seed, source=source, interval=interval,
+                          widths=widths)
     m = model.config["oof_metrics"]
     err.print(f"out-of-fold ({model.config['calibration']}) on {model.config['n_labelled']} labelled regions: R² "
               f"{m['r2']:.3f}, MAE {m['mae']:.4g}")

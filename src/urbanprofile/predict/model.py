@@ -47,6 +47,7 @@ from urbanprofile.predict.conformal import (
     cv_plus_intervals,
     difficulty,
     difficulty_floor,
+    held_out_fold_coverage,
 )
 from urbanprofile.predict.folder import CONFIG, FolderReader, FolderWriter, ModelFolderError, check_new_folder
 
@@ -196,6 +197,43 @@ def choose_calibration(city: CityData, task: str) -> tuple[str, dict[str, Any]]:
                     "why": f"{chosen} folds hold out regions at distances most like the {len(gaps)} unlabelled ones"}
 
 
+#: ``fit --widths``: how interval widths vary between regions.
+WIDTHS = ("auto", "difficulty", "constant")
+#: The level ``--widths auto`` compares the two at (``predict``'s default).
+WIDTHS_LEVEL = 0.9
+
+
+def choose_scale(
+    widths: str, y: np.ndarray, oof_pred: np.ndarray, cal_sigmas: np.ndarray, folds: np.ndarray, y_min: float,
+) -> tuple[str, dict[str, Any]]:
+    """``--widths auto``: difficulty-scaled widths where they hold on the labelled regions, else one width.
+
+    Each calibration fold in turn is scored with intervals calibrated on the other folds only (as the prediction
+    page measures coverage), once with difficulty-scaled and once with constant widths; the construction whose
+    coverage at :data:`WIDTHS_LEVEL` lies nearer to it is kept (a tie keeps the difficulty). Scaling by the
+    difficulty of a region's neighbours in embedding space narrows the intervals where neighbours were easy,
+    which under-covers where errors come from distance to the labelled regions rather than from the embedding
+    (CityView's tiles in a missing block). Reads only the labelled regions' out-of-fold residuals.
+
+    Returns:
+        ``difficulty`` or ``constant``, and the measured coverages (for ``model.json``).
+    """
+    if widths != "auto":
+        return widths, {"asked": widths}
+    measured = {}
+    for name, sigmas in (("difficulty", cal_sigmas), ("constant", np.ones_like(cal_sigmas))):
+        try:
+            measured[name] = float(held_out_fold_coverage(y, oof_pred, sigmas, folds, WIDTHS_LEVEL,
+                                                          y_min=y_min)["coverage"])  # type: ignore[arg-type]
+        except UrbanProfileError:  # too few regions in the other folds for a finite interval
+            return "difficulty", {"asked": "auto", "why": "too few calibration regions to compare"}
+    chosen = min(measured, key=lambda k: (abs(measured[k] - WIDTHS_LEVEL), k != "difficulty"))
+    other = "constant" if chosen == "difficulty" else "difficulty"
+    return chosen, {"asked": "auto", "held_out_coverage": measured, "level": WIDTHS_LEVEL,
+                    "why": f"{chosen} widths covered {measured[chosen]:.3f} of the held-out calibration folds at "
+                           f"{WIDTHS_LEVEL:.0%} ({other}: {measured[other]:.3f})"}
+
+
 def leave_one_out_spacing(km: np.ndarray) -> np.ndarray:
     """Each labelled region's distance to its nearest other labelled region."""
     from sklearn.neighbors import NearestNeighbors
@@ -208,7 +246,7 @@ def fit_model(
     city: CityData, method: str, task: str, out: str | Path, head: str | None = None,
     protocol_for_settings: str = "nested", calibration: str = "auto", random_state: int = 0,
     embedding: pd.DataFrame | None = None, source: str | None = None,
-    candidates: dict[str, pd.DataFrame] | None = None, interval: str = "normalised",
+    candidates: dict[str, pd.DataFrame] | None = None, interval: str = "normalised", widths: str = "auto",
 ) -> FittedModel:
     """Fit ``method`` + ``head`` on every region of ``city`` labelled for ``task`` and write the model folder.
 
@@ -228,6 +266,8 @@ def fit_model(
         interval: ``normalised`` (the full model's prediction +- a quantile of the difficulty-scaled out-of-fold
             residuals) or ``cv+`` (the calibration folds' own models at the new region, CV+; the folder then
             keeps one head per calibration fold).
+        widths: ``difficulty`` (each region's width scaled by its difficulty), ``constant`` (one width) or
+            ``auto`` (:func:`choose_scale`: difficulty where it holds on the calibration folds).
 
     A learned method's embedding is not simply its final epoch: the checkpoint kept is the one whose head has the
     lowest inner-CV error on the labelled regions (``protocol_for_settings``'s inner folds), as the ``nested`` and
@@ -246,6 +286,8 @@ def fit_model(
         raise UrbanProfileError(f"head {head_name!r} cannot be kept in a model folder yet; use one of "
                                 f"{', '.join(SAVABLE_HEADS)}")
     _check_protocol("--protocol-for-settings", protocol_for_settings)
+    if widths not in WIDTHS:
+        raise UrbanProfileError(f"--widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
     if interval not in INTERVALS:
         raise UrbanProfileError(f"--interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
     calibration_choice: dict[str, Any] = {"asked": calibration}
@@ -295,6 +337,10 @@ def fit_model(
     abs_residuals = np.abs(oof.y - oof.pred)
     floor = difficulty_floor(abs_residuals)
     cal_sigmas = calibration_difficulty(Z, abs_residuals, floor)
+    scale, scale_choice = choose_scale(widths, oof.y, oof.pred, cal_sigmas, oof.fold,
+                                       0.0 if (td.y >= 0).all() else -np.inf)
+    if scale == "constant":
+        cal_sigmas = np.ones_like(cal_sigmas)
     arrays: dict[str, np.ndarray] = {
         "Z_labelled": Z, "abs_residuals": abs_residuals, "cal_residuals": oof.y - oof.pred,
         "cal_sigmas": cal_sigmas, "space_mean": space.mean, "space_scale": space.scale,
@@ -320,7 +366,8 @@ def fit_model(
         "method_kind": _method_kind(spec), "head": head_name, "head_settings": estimator.chosen(),
         "task": task, "task_scale": td.scale, "labels_non_negative": bool((td.y >= 0).all()),
         "random_state": random_state, "protocol_for_settings": protocol_for_settings, "calibration": calibration,
-        "calibration_choice": calibration_choice, "interval": interval,
+        "calibration_choice": calibration_choice, "interval": interval, "widths": scale,
+        "widths_choice": scale_choice,
         "fold_candidates": [label for label, _ in oof.fold_heads],
         "fold_embedding_files": {label: f"fold-embedding-{i}.parquet" for i, label in enumerate(fold_embeddings)},
         "oof_metrics": oof.metrics, "n_labelled": len(td.y), "n_calibration": len(td.y),
@@ -471,6 +518,8 @@ def predict_regions(
     space = EmbeddingSpace(bool(model.config["space_log"]), a["space_mean"], a["space_scale"])
     Z = space.transform(X)
     sigmas = difficulty(a["Z_labelled"], a["abs_residuals"], Z, float(model.config["difficulty_floor"]))
+    if model.config.get("widths", "difficulty") == "constant":
+        sigmas = np.ones_like(sigmas)
     y_min = 0.0 if model.config["labels_non_negative"] else -np.inf
     if model.config.get("interval", "normalised") == "cv+":
         fold_preds = np.vstack([

@@ -299,7 +299,37 @@ class TripCounts:
         Raises:
             DataError: No trip joins two regions, or every count is 0.
         """
-        report, where, n = self.report, self.where, len(self.regions)
+        n = len(self.regions)
+        dtype, pairs, grouped = self.totals(reread)
+        origin = pairs.index.get_level_values(0).to_numpy()
+        dest = pairs.index.get_level_values(1).to_numpy()
+        od: Any
+        if n > SPARSE_VIEW_ABOVE:
+            # A large city's OD matrix is mostly zeros: N x N dense would be 0.8 GB at 10,000 cells, 80 GB at 100,000.
+            from scipy import sparse
+
+            od = sparse.coo_matrix((pairs.to_numpy().astype(dtype), (origin, dest)), shape=(n, n)).tocsr()
+            od.sum_duplicates()
+        else:
+            od = np.zeros((n, n), dtype=dtype)
+            od[origin, dest] = pairs.to_numpy().astype(dtype)
+        if grouped is None:
+            return od, None
+        ids = self.regions.index
+        pattern_rows = pd.DataFrame({"pattern": grouped.index.get_level_values(0).to_numpy(),
+                                     "origin": ids[grouped.index.get_level_values(1).to_numpy()],
+                                     "destination": ids[grouped.index.get_level_values(2).to_numpy()],
+                                     "trips": grouped.to_numpy().astype(dtype)})
+        return od, pattern_rows
+
+    def totals(self, reread: Callable[[], Iterator[RawTable]]) -> tuple[np.dtype, pd.Series, pd.Series | None]:
+        """The checks of :meth:`finish` and its sums: the count dtype, trips per (origin, destination) position
+        pair and per (pattern, origin, destination) (``None`` without times), each sorted by its keys.
+
+        Raises:
+            DataError: As :meth:`finish`.
+        """
+        report, where = self.report, self.where
         report.trips_weighted_read = self.weighted_read
         report.trips_weighted_kept = self.weighted_kept
         if self.n_located and not self.any_both_inside:  # say why: swapped, or somewhere else
@@ -318,27 +348,8 @@ class TripCounts:
                             "zeros")
         dtype = np.dtype(np.int64 if self.integral else float)
         pairs = pd.concat(self.pairs).groupby(level=[0, 1]).sum()
-        origin = pairs.index.get_level_values(0).to_numpy()
-        dest = pairs.index.get_level_values(1).to_numpy()
-        od: Any
-        if n > SPARSE_VIEW_ABOVE:
-            # A large city's OD matrix is mostly zeros: N x N dense would be 0.8 GB at 10,000 cells, 80 GB at 100,000.
-            from scipy import sparse
-
-            od = sparse.coo_matrix((pairs.to_numpy().astype(dtype), (origin, dest)), shape=(n, n)).tocsr()
-            od.sum_duplicates()
-        else:
-            od = np.zeros((n, n), dtype=dtype)
-            od[origin, dest] = pairs.to_numpy().astype(dtype)
-        if self.time_column is None:
-            return od, None
-        grouped = pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum()
-        ids = self.regions.index
-        pattern_rows = pd.DataFrame({"pattern": grouped.index.get_level_values(0).to_numpy(),
-                                     "origin": ids[grouped.index.get_level_values(1).to_numpy()],
-                                     "destination": ids[grouped.index.get_level_values(2).to_numpy()],
-                                     "trips": grouped.to_numpy().astype(dtype)})
-        return od, pattern_rows
+        grouped = pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum() if self.time_column is not None else None
+        return dtype, pairs, grouped
 
     def _swapped(self, reread: Callable[[], Iterator[RawTable]]) -> int:
         """Trip origins inside a region with longitude and latitude swapped (0 when latitudes cannot be swapped)."""

@@ -20,7 +20,7 @@ from urbanprofile.errors import require
 BATCH_CELLS = 250_000
 
 
-def _api_cells(cells: Sequence[str] | np.ndarray) -> tuple[Any, Sequence[Any]]:
+def _api_cells(cells: Sequence[str] | np.ndarray) -> tuple[Any, Any]:
     """h3's string or integer API for ``cells``, and the cells as it takes them (Python ints for integers)."""
     h3 = require("h3", "build")
     if isinstance(cells, np.ndarray) and cells.dtype.kind in "ui":

@@ -363,7 +363,7 @@ def _write_poi_counts(path: Path, cells: np.ndarray, keys: np.ndarray, n: np.nda
             block = np.zeros((stop - start, len(names)), dtype=np.int64)
             np.add.at(block, (position[lo:hi] - start, codes[keys[lo:hi] & 0xFFFFFFFF]), n[lo:hi])
             frame = pd.DataFrame(block, columns=[str(c) for c in names])
-            frame.insert(0, "region_id", pd.array(cell_strings(cells[start:stop]), dtype=str))
+            frame.insert(0, "region_id", pd.Index(cell_strings(cells[start:stop]), dtype=str))
             writer.write(_frame_table(frame))
     finally:
         writer.close()

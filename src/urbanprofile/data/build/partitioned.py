@@ -48,7 +48,13 @@ from urbanprofile.data.build.h3_fast import cell_boundaries, cell_centres, cell_
 from urbanprofile.data.build.join import _EDGE_BATCH, _EDGE_MARGIN
 from urbanprofile.data.build.regions import h3_cell_estimate, read_boundary
 from urbanprofile.data.build.spec import BuildReport, BuildSpec
-from urbanprofile.data.build.streaming import _table_columns, can_stream, count_poi_chunks, table_chunks
+from urbanprofile.data.build.streaming import (
+    _CategoryCounts,
+    _table_columns,
+    can_stream,
+    count_poi_chunks,
+    table_chunks,
+)
 from urbanprofile.data.build.trips import TripCounts, trip_columns
 from urbanprofile.data.city import SPARSE_VIEW_ABOVE
 from urbanprofile.data.io import first_line, replace_folder
@@ -69,6 +75,8 @@ PARENT_STEPS = 5
 MIN_PARENTS = 64
 #: Cells per row group of the files written (and per batch of polygons held while writing regions).
 WRITE_CELLS = 250_000
+#: The folder of spilled counts inside the folder being built (removed before it is renamed into place).
+_SPILL = ".spill"
 #: ``--engine auto`` takes this engine from this many estimated cells (see docs/scale-out.md for the measurement).
 PARTITIONED_ABOVE_CELLS = 500_000
 
@@ -276,6 +284,61 @@ class _RowGroups:
             self.writer.close()
 
 
+class _Spill:
+    """Records appended to one file per block of :data:`WRITE_CELLS` regions, read back block by block: what
+    keeps a count's memory to one block of regions, not the country."""
+
+    def __init__(self, folder: Path, name: str, dtype: np.dtype | type) -> None:
+        self.folder, self.name, self.dtype = folder, name, np.dtype(dtype)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, block: int) -> Path:
+        return self.folder / f"{self.name}-{block:06d}.bin"
+
+    def add(self, position: np.ndarray, records: np.ndarray) -> None:
+        """Append ``records`` to the files of the blocks of their region ``position``."""
+        block = position // WRITE_CELLS
+        order = np.argsort(block, kind="stable")
+        block, records = block[order], records[order]
+        found, first = np.unique(block, return_index=True)
+        for b, lo, hi in zip(found.tolist(), first.tolist(), [*first[1:].tolist(), len(block)], strict=True):
+            with self.path(b).open("ab") as handle:
+                records[lo:hi].tofile(handle)
+
+    def read(self, block: int) -> np.ndarray:
+        path = self.path(block)
+        return np.fromfile(path, dtype=self.dtype) if path.exists() else np.zeros(0, dtype=self.dtype)
+
+
+class _SpilledPOIs(_CategoryCounts):
+    """POI counts whose (position, raw category) keys go to disk by block of regions (see :class:`_Spill`)."""
+
+    def __init__(self, spill: _Spill) -> None:
+        super().__init__()
+        self.spill = spill
+
+    def keep(self, keys: np.ndarray) -> None:
+        self.spill.add(keys >> 32, keys)
+
+
+#: A trip with both ends in a region, as spilled: origin and destination positions, time pattern, trips.
+_TRIP = np.dtype([("o", "<i8"), ("d", "<i8"), ("p", "<i8"), ("w", "<f8")])
+
+
+class _SpilledTrips(TripCounts):
+    """Trip counts whose rows go to disk by block of origins (see :class:`_Spill`)."""
+
+    def __init__(self, spill: _Spill, *args: Any) -> None:
+        super().__init__(*args)
+        self.spill = spill
+
+    def keep(self, origin: np.ndarray, dest: np.ndarray, pattern: np.ndarray | None, weights: np.ndarray) -> None:
+        records = np.empty(len(origin), dtype=_TRIP)
+        records["o"], records["d"], records["w"] = origin, dest, weights
+        records["p"] = -1 if pattern is None else pattern
+        self.spill.add(origin, records)
+
+
 def _region_table(cells: np.ndarray, polygons: np.ndarray) -> pa.Table:
     """Rows of ``regions.parquet`` as the other engines write them (``region_id``, ``lon``, ``lat``, geometry)."""
     import geopandas as gpd
@@ -351,50 +414,70 @@ def _cut(spec: BuildSpec, folder: Path, report: BuildReport, bounds: _Bounds) ->
     return np.concatenate(parts)
 
 
-def _write_poi_counts(path: Path, cells: np.ndarray, keys: np.ndarray, n: np.ndarray, codes: np.ndarray,
-                      names: list[str]) -> None:
-    """``poi_counts.parquet``: one row per region (zeros included), row group by row group."""
+def _write_poi_counts(path: Path, cells: np.ndarray, spill: _Spill, codes: np.ndarray, names: list[str]) -> None:
+    """``poi_counts.parquet``: one row per region (zeros included), a row group per block of regions."""
     writer = _RowGroups(path)
-    position = keys >> 32
     try:
-        for start in range(0, len(cells), WRITE_CELLS):
+        for block, start in enumerate(range(0, len(cells), WRITE_CELLS)):
             stop = min(start + WRITE_CELLS, len(cells))
-            lo, hi = np.searchsorted(position, [start, stop])
-            block = np.zeros((stop - start, len(names)), dtype=np.int64)
-            np.add.at(block, (position[lo:hi] - start, codes[keys[lo:hi] & 0xFFFFFFFF]), n[lo:hi])
-            frame = pd.DataFrame(block, columns=[str(c) for c in names])
+            keys, n = np.unique(spill.read(block), return_counts=True)
+            out = np.zeros((stop - start, len(names)), dtype=np.int64)
+            np.add.at(out, ((keys >> 32) - start, codes[keys & 0xFFFFFFFF]), n)
+            frame = pd.DataFrame(out, columns=[str(c) for c in names])
             frame.insert(0, "region_id", pd.Index(cell_strings(cells[start:stop]), dtype=str))
             writer.write(_frame_table(frame))
     finally:
         writer.close()
 
 
-def _trip_rows(cells: np.ndarray, dtype: np.dtype, pairs: pd.Series, patterns: pd.Series | None,
-               n_patterns: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """The ``od_flows`` and ``od_patterns`` rows the other engines write, from the sums per position pair."""
-    def ids(level: np.ndarray) -> np.ndarray:
-        return np.asarray(cell_strings(cells[level]), dtype=object)
-
-    values = pairs.to_numpy().astype(dtype).astype(float)  # as the writer takes the matrix: float, no zeros
-    keep = values != 0
-    flows = pd.DataFrame({"origin": ids(pairs.index.get_level_values(0).to_numpy()[keep]),
-                          "destination": ids(pairs.index.get_level_values(1).to_numpy()[keep]),
-                          "value": values[keep]})
-    if patterns is None:
-        return flows, None
-    pattern = patterns.index.get_level_values(0).to_numpy()
-    origin = patterns.index.get_level_values(1).to_numpy()
-    dest = patterns.index.get_level_values(2).to_numpy()
-    trips = patterns.to_numpy().astype(dtype)
+def _write_trips(folder: Path, cells: np.ndarray, spill: _Spill, dtype: np.dtype, n_patterns: int | None) -> None:
+    """``od_flows.parquet`` (rows by origin, then destination) and, with times, ``od_patterns.parquet`` (by
+    pattern, origin, destination; a small city's by origin, pattern, destination, as its view is written), the
+    rows of the other engines, a row group per block of origins (and pattern)."""
     n = len(cells)
-    if n <= SPARSE_VIEW_ABOVE and n_patterns * n ** 2 <= MAX_DENSE_PATTERN_CELLS:
-        # A small city's patterns are a view the writer lists origin by origin, without zeros.
-        order = np.lexsort((dest, pattern, origin))
-        keep = trips[order] != 0
-        order = order[keep]
-        pattern, origin, dest, trips = pattern[order], origin[order], dest[order], trips[order]
-    rows = pd.DataFrame({"pattern": pattern, "origin": ids(origin), "destination": ids(dest), "trips": trips})
-    return flows, rows
+    n_blocks = (n + WRITE_CELLS - 1) // WRITE_CELLS
+
+    def ids(positions: np.ndarray) -> np.ndarray:
+        return np.asarray(cell_strings(cells[positions]), dtype=object)
+
+    def sums(key: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        unique, at = np.unique(key, return_inverse=True)
+        return unique, np.bincount(at, weights=weights, minlength=len(unique)).astype(dtype)
+
+    flows = _RowGroups(folder / "od_flows.parquet")
+    try:
+        for block in range(n_blocks):
+            records = spill.read(block)
+            key, total = sums(records["o"] * n + records["d"], records["w"])
+            keep = total.astype(float) != 0  # the writer takes the matrix as float, without zeros
+            flows.write(_frame_table(pd.DataFrame({"origin": ids(key[keep] // n), "destination": ids(key[keep] % n),
+                                                   "value": total[keep].astype(float)})))
+    finally:
+        flows.close()
+    if n_patterns is None:
+        return
+    patterns = _RowGroups(folder / "od_patterns.parquet")
+    small = n <= SPARSE_VIEW_ABOVE and n_patterns * n ** 2 <= MAX_DENSE_PATTERN_CELLS
+    try:
+        for pattern in [None] if small else range(n_patterns):  # a large city: one pass over the blocks per pattern
+            for block in range(n_blocks):
+                records = spill.read(block)
+                if pattern is not None:
+                    records = records[records["p"] == pattern]
+                p, o, d = records["p"], records["o"], records["d"]
+                # A small city's patterns are a view the writer lists origin by origin, without zeros.
+                key, total = sums((o * n_patterns + p) * n + d if small else (p * n + o) * n + d, records["w"])
+                if small:
+                    o, rest = key // (n_patterns * n), key % (n_patterns * n)
+                    p, d = rest // n, rest % n
+                    keep = total != 0
+                else:
+                    p, o, d = key // (n * n), (key // n) % n, key % n
+                    keep = np.ones(len(key), dtype=bool)
+                patterns.write(_frame_table(pd.DataFrame({"pattern": p[keep], "origin": ids(o[keep]),
+                                                          "destination": ids(d[keep]), "trips": total[keep]})))
+    finally:
+        patterns.close()
 
 
 def build_partitioned(
@@ -487,13 +570,11 @@ def _build_into(spec: BuildSpec, folder: Path, report: BuildReport, steps: _Step
         with steps.step("pois", f"joining POIs to {len(cells)} regions (partitioned)"):
             path = Path(spec.pois)
             report.read_engines["pois"] = "partitioned"
-            counts = count_poi_chunks(path, extent, spec, report, assign)
+            spill = _Spill(folder / _SPILL, "pois", np.int64)
+            counts = count_poi_chunks(path, extent, spec, report, assign, _SpilledPOIs(spill))
             codes, names, unknown = counts.categories(categories)
-            keys, n = counts.merged()
             record_poi_figures(report, counts.n_points, counts.n_inside, unknown, names)
-            del counts
-            _write_poi_counts(folder / "poi_counts.parquet", cells, keys, n, codes, names)
-            del keys, n
+            _write_poi_counts(folder / "poi_counts.parquet", cells, spill, codes, names)
             views["poi_counts"] = {"file": "poi_counts.parquet", "layout": "dense",
                                    "columns": [str(c) for c in names], "units": units_of["poi_counts"]}
             units["poi_counts"] = units_of["poi_counts"]
@@ -502,21 +583,21 @@ def _build_into(spec: BuildSpec, folder: Path, report: BuildReport, steps: _Step
         with steps.step("trips", "assigning trips to regions (partitioned)"):
             path = Path(spec.trips)
             report.read_engines["trips"] = "partitioned"
-            trips = TripCounts(extent, spec, report, str(path), _table_columns(path), assign)
+            spill = _Spill(folder / _SPILL, "trips", _TRIP)
+            trips = _SpilledTrips(spill, extent, spec, report, str(path), _table_columns(path), assign)
             for raw in table_chunks(path, spec.chunk_rows):
                 trips.add(raw)
-            dtype, pairs, patterns = trips.totals(lambda: table_chunks(path, spec.chunk_rows))
-            del trips
-            flows, pattern_rows = _trip_rows(cells, dtype, pairs, patterns, spec.n_time_patterns)
-            flows.to_parquet(folder / "od_flows.parquet", index=False)
+            dtype = trips.check(lambda: table_chunks(path, spec.chunk_rows))
+            timed = trips.time_column is not None
+            _write_trips(folder, cells, spill, dtype, spec.n_time_patterns if timed else None)
             views["od_flows"] = {"file": "od_flows.parquet", "layout": "sparse", "units": units_of["od_flows"]}
             units["od_flows"] = units_of["od_flows"]
-            if pattern_rows is not None:
-                pattern_rows.to_parquet(folder / "od_patterns.parquet", index=False)
+            if timed:
                 views["od_patterns"] = {"file": "od_patterns.parquet", "layout": "patterns",
                                         "n_patterns": spec.n_time_patterns, "units": units_of["od_patterns"]}
                 units["od_patterns"] = units_of["od_patterns"]
             sources["trips"] = source(path)
+    shutil.rmtree(folder / _SPILL, ignore_errors=True)
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,

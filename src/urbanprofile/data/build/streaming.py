@@ -243,7 +243,13 @@ class _CategoryCounts:
         inside = position >= 0
         if inside.any():
             # One int64 key per (position, value id): sorting integers is much faster than grouping pairs.
-            keys, n = np.unique((position[inside] << 32) | ids[inside], return_counts=True)
+            self.keep((position[inside] << 32) | ids[inside])
+
+    def keep(self, keys: np.ndarray) -> None:
+        """Count the ``position << 32 | raw value id`` keys of one chunk's points inside a region (kept in memory
+        here; a partitioned build spills them to disk by block of regions)."""
+        if len(keys):
+            keys, n = np.unique(keys, return_counts=True)
             self.pairs.append(pd.Series(n, index=keys))
             if len(self.pairs) > 8:  # merge, so that memory follows the distinct pairs, not the chunks read
                 self.pairs = [pd.concat(self.pairs).groupby(level=0).sum()]
@@ -305,7 +311,8 @@ def stream_poi_counts(
 
 
 def count_poi_chunks(path: Path, regions: gpd.GeoDataFrame | gpd.GeoSeries, spec: BuildSpec, report: BuildReport,
-                     assign: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> _CategoryCounts:
+                     assign: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                     counts: _CategoryCounts | None = None) -> _CategoryCounts:
     """The POIs of a point file read in chunks, counted per (region position, raw category) as ``assign`` places
     them, with the file's figures added to ``report`` (:func:`stream_poi_counts` makes the view from them).
 
@@ -313,13 +320,14 @@ def count_poi_chunks(path: Path, regions: gpd.GeoDataFrame | gpd.GeoSeries, spec
         path, spec, report, assign: As for :func:`stream_poi_counts`.
         regions: The regions, or anything with their extent (``total_bounds``), for the message of a file whose
             points miss them.
+        counts: Where the counts go (default: in memory).
 
     Raises:
         DataError: As :func:`stream_poi_counts`.
     """
     column = spec.category_column or "category"
     where = str(path)
-    counts = _CategoryCounts()
+    counts = counts if counts is not None else _CategoryCounts()
     n = inside = n_rows = 0
     low, high = np.full(2, np.inf), np.full(2, -np.inf)  # lon, lat extent of the located points
 

@@ -279,13 +279,20 @@ class TripCounts:
             self.id_examples = list(dict.fromkeys([*self.id_examples, *table[self.ends[0]][present].astype(str)]))[:4]
         if not inside.any():
             return
-        key = pd.MultiIndex.from_arrays([origin[inside], dest[inside]], names=["o", "d"])
-        self.pairs.append(pd.Series(weights[inside], index=key).groupby(level=[0, 1]).sum())
+        pattern = None
         if hours is not None:
             n_patterns = self.spec.n_time_patterns
             pattern = np.minimum((hours[inside] / (24 / n_patterns)).astype(np.int64), n_patterns - 1)
-            key = pd.MultiIndex.from_arrays([pattern, origin[inside], dest[inside]], names=["pattern", "o", "d"])
-            self.patterns.append(pd.Series(weights[inside], index=key).groupby(level=[0, 1, 2]).sum())
+        self.keep(origin[inside], dest[inside], pattern, weights[inside])
+
+    def keep(self, origin: np.ndarray, dest: np.ndarray, pattern: np.ndarray | None, weights: np.ndarray) -> None:
+        """Sum one chunk's trips with both ends in a region (origin and destination positions, time pattern or
+        ``None``, trips per row): kept in memory here; a partitioned build spills them to disk by origin block."""
+        key = pd.MultiIndex.from_arrays([origin, dest], names=["o", "d"])
+        self.pairs.append(pd.Series(weights, index=key).groupby(level=[0, 1]).sum())
+        if pattern is not None:
+            key = pd.MultiIndex.from_arrays([pattern, origin, dest], names=["pattern", "o", "d"])
+            self.patterns.append(pd.Series(weights, index=key).groupby(level=[0, 1, 2]).sum())
         if len(self.pairs) > 8:  # merge, so that memory follows the distinct pairs, not the chunks read
             self.pairs = [pd.concat(self.pairs).groupby(level=[0, 1]).sum()]
             self.patterns = [pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum()] if self.patterns else []
@@ -329,6 +336,17 @@ class TripCounts:
         Raises:
             DataError: As :meth:`finish`.
         """
+        dtype = self.check(reread)
+        pairs = pd.concat(self.pairs).groupby(level=[0, 1]).sum()
+        grouped = pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum() if self.time_column is not None else None
+        return dtype, pairs, grouped
+
+    def check(self, reread: Callable[[], Iterator[RawTable]]) -> np.dtype:
+        """The checks of :meth:`finish` (the trip figures of the report completed); the dtype of the counts.
+
+        Raises:
+            DataError: As :meth:`finish`.
+        """
         report, where = self.report, self.where
         report.trips_weighted_read = self.weighted_read
         report.trips_weighted_kept = self.weighted_kept
@@ -346,10 +364,7 @@ class TripCounts:
         if report.trips_weighted_kept == 0:
             raise DataError(f"{where}: every trip count in {self.weight_column!r} is 0; the OD matrix would be all "
                             "zeros")
-        dtype = np.dtype(np.int64 if self.integral else float)
-        pairs = pd.concat(self.pairs).groupby(level=[0, 1]).sum()
-        grouped = pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum() if self.time_column is not None else None
-        return dtype, pairs, grouped
+        return np.dtype(np.int64 if self.integral else float)
 
     def _swapped(self, reread: Callable[[], Iterator[RawTable]]) -> int:
         """Trip origins inside a region with longitude and latitude swapped (0 when latitudes cannot be swapped)."""

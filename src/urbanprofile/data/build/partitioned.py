@@ -199,17 +199,13 @@ class H3Assigner:
 
     def assign(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
         """The position (0..N-1) of the region each point falls in, or -1 outside every region."""
-        require("h3", "build")
-        from h3.api import basic_int
-
-        resolution = self.resolution
         valid = (np.abs(lat) <= 90) & (np.abs(lon) <= 180)  # h3 refuses others; no region holds them
-        cell_of = np.frompyfunc(lambda y, x: basic_int.latlng_to_cell(y, x, resolution), 2, 1)
         cells = np.zeros(len(lon), dtype=np.uint64)
         if valid.any():
-            cells[valid] = cell_of(lat[valid], lon[valid]).astype(np.uint64)
+            cells[valid] = cells_of_points(lon[valid], lat[valid], self.resolution)
         position = np.where(valid, self.positions(cells), -1)
         found = np.flatnonzero(position >= 0)
+        found = found[np.argsort(cells[found], kind="stable")]  # a cell's vertices are then taken once per chunk
         sure = np.zeros(len(lon), dtype=bool)
         for start in range(0, len(found), _EDGE_BATCH):
             part = found[start:start + _EDGE_BATCH]
@@ -238,6 +234,27 @@ class H3Assigner:
         first = np.full(len(cells), len(self.cells), dtype=np.int64)
         np.minimum.at(first, point[hit], candidate[hit])  # a point on a shared border goes to the first region
         return np.where(first < len(self.cells), first, -1)
+
+
+def cells_of_points(lon: np.ndarray, lat: np.ndarray, resolution: int) -> np.ndarray:
+    """The H3 cell (``uint64``) of each point (valid coordinates only): h3ronpy's vectorised ``latlng_to_cell``
+    where installed (about 1 µs a point instead of 2 to 3 with a Python call each), else h3's.
+
+    Only a first guess: a point is kept in this cell only if it lies clearly inside the cell's polygon (h3's
+    vertices), and is otherwise judged against the polygons of the cell and its neighbours, so a point on which
+    two implementations of H3 disagree (on a cell border, to the last bit) ends in the same region either way.
+    """
+    try:
+        from h3ronpy.vector import coordinates_to_cells
+    except ImportError:
+        require("h3", "build")
+        from h3.api import basic_int
+
+        cell_of = np.frompyfunc(lambda y, x: basic_int.latlng_to_cell(y, x, resolution), 2, 1)
+        return np.asarray(cell_of(lat, lon), dtype=np.uint64)
+    found = coordinates_to_cells(np.ascontiguousarray(lat, dtype=float), np.ascontiguousarray(lon, dtype=float),
+                                 resolution)
+    return np.asarray(found.to_numpy(), dtype=np.uint64)
 
 
 def clearly_inside(cells: np.ndarray, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:

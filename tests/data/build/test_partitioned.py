@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def test_same_dataset_as_the_streamed_build(tmp_path: Path, monkeypatch: pytest.
 
 def test_small_city_patterns_in_view_order(tmp_path: Path) -> None:
     """A city of 3,000 regions or fewer has dense OD views; its pattern rows are written origin by origin."""
-    inputs = _inputs(tmp_path, box="7.0,45.0,0.05,45.03".replace("0.05", "7.05"), resolution=10, n=3_000)
+    inputs = _inputs(tmp_path, box="7.0,45.0,7.05,45.03", resolution=10, n=3_000)
     _assert_same_dataset(_build(tmp_path, inputs, "streaming"), _build(tmp_path, inputs, "partitioned"))
 
 
@@ -157,3 +158,11 @@ def test_cli_max_cells_and_nothing_half_written(tmp_path: Path, monkeypatch: pyt
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
     assert load_built(out).validate().meta["h3_resolution"] == 10
+
+
+def test_without_h3ronpy_cells_come_from_h3(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    lon, lat = rng.uniform(6.9, 7.2, 5_000), rng.uniform(44.9, 45.1, 5_000)
+    with_h3ronpy = partitioned.cells_of_points(lon, lat, 10)
+    monkeypatch.setitem(sys.modules, "h3ronpy.vector", None)  # an import of it raises ImportError
+    np.testing.assert_array_equal(partitioned.cells_of_points(lon, lat, 10), with_h3ronpy)

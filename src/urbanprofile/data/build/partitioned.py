@@ -78,7 +78,7 @@ WRITE_CELLS = 250_000
 #: The folder of spilled counts inside the folder being built (removed before it is renamed into place).
 _SPILL = ".spill"
 #: ``--engine auto`` takes this engine from this many estimated cells (see docs/scale-out.md for the measurement).
-PARTITIONED_ABOVE_CELLS = 500_000
+PARTITIONED_ABOVE_CELLS = 100_000
 
 
 def unsupported(spec: BuildSpec) -> str | None:

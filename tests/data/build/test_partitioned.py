@@ -137,6 +137,11 @@ def test_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     pd.DataFrame({"origin": ["a"], "destination": ["b"]}).to_csv(tmp_path / "od.csv", index=False)
     with pytest.raises(DataError, match="--engine partitioned: it joins trips by their coordinates"):
         use_partitioned(BuildSpec("box", build_engine="partitioned", **{**inputs, "trips": tmp_path / "od.csv"}))
+    with pytest.raises(DataError, match="antimeridian or a pole"):
+        build_dataset(BuildSpec("box", build_engine="partitioned", **{**inputs, "boundary": "178.5,10,179.5,10.1"}),
+                      tmp_path / "seam")
+    assert not use_partitioned(BuildSpec("box", **{**inputs, "boundary": "-180,60,-170,89", "max_cells": 10**9}))
+    assert not (tmp_path / "seam").exists() and not list(tmp_path.glob(".seam*"))
     with pytest.raises(DataError, match="not --h3-centres-only"):
         use_partitioned(BuildSpec("box", build_engine="partitioned", h3_cover=False, **inputs))
 

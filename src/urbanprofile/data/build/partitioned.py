@@ -77,6 +77,8 @@ MIN_PARENTS = 64
 WRITE_CELLS = 250_000
 #: The folder of spilled counts inside the folder being built (removed before it is renamed into place).
 _SPILL = ".spill"
+#: Boundaries this close (degrees) to the antimeridian or a pole are left to the other engines (:func:`near_seams`).
+SEAM_DEGREES = 2.0
 #: ``--engine auto`` takes this engine from this many estimated cells (see docs/scale-out.md for the measurement).
 PARTITIONED_ABOVE_CELLS = 100_000
 
@@ -123,7 +125,19 @@ def use_partitioned(spec: BuildSpec, joiner: object | None = None) -> bool:
         return False
     assert spec.boundary is not None and spec.h3_resolution is not None
     boundary = read_boundary(spec.boundary, spec.crs)
+    if near_seams(boundary):
+        return False
     return h3_cell_estimate(boundary, spec.h3_resolution, spec.h3_cover) >= PARTITIONED_ABOVE_CELLS
+
+
+def near_seams(boundary: gpd.GeoDataFrame) -> bool:
+    """Whether a boundary comes within :data:`SEAM_DEGREES` of the antimeridian or a pole, where a cell's
+    straight-edged polygon in longitude and latitude is not close to the cell (it may wrap around the globe), so
+    a point may lie in a polygon that is no neighbour of its cell; the polygon index of the other engines is kept
+    there."""
+    west, south, east, north = boundary.to_crs("EPSG:4326").total_bounds
+    return bool(west < -180 + SEAM_DEGREES or east > 180 - SEAM_DEGREES or south < -90 + SEAM_DEGREES
+                or north > 90 - SEAM_DEGREES)
 
 
 # -- cutting ------------------------------------------------------------------------------------------------------
@@ -395,6 +409,9 @@ def _cut(spec: BuildSpec, folder: Path, report: BuildReport, bounds: _Bounds) ->
     """Cut the boundary into cells, writing ``regions.parquet``; the cells, sorted."""
     assert spec.boundary is not None and spec.h3_resolution is not None
     boundary = read_boundary(spec.boundary, spec.crs)
+    if near_seams(boundary):
+        raise DataError(f"{spec.boundary}: --engine partitioned: the boundary comes within {SEAM_DEGREES:g} degrees "
+                        "of the antimeridian or a pole, where cell polygons wrap; use --engine auto")
     resolution = spec.h3_resolution
     estimate = h3_cell_estimate(boundary, resolution, spec.h3_cover)
     if estimate > spec.max_cells:

@@ -94,9 +94,12 @@ def _failure(result: dict[str, Any]) -> str:
     return f"exit {result['rc']}: {lines[-1] if lines else '(no output)'}"
 
 
-def _country(folder: Path, cells: int, *, trips: bool, labels: bool) -> tuple[CountrySpec, dict[str, Any]]:
-    spec = CountrySpec(bbox=bbox_for_cells(cells, RESOLUTION), n_pois=int(POIS_PER_CELL * cells),
-                       n_trips=int(TRIPS_PER_CELL * cells) if trips else 0, seed=SEED,
+def _country(folder: Path, cells: int, *, trips: bool, labels: bool, n_pois: int | None = None,
+             n_trips: int | None = None) -> tuple[CountrySpec, dict[str, Any]]:
+    n_pois = int(POIS_PER_CELL * cells) if n_pois is None else n_pois
+    n_trips = int(TRIPS_PER_CELL * cells) if n_trips is None else n_trips
+    spec = CountrySpec(bbox=bbox_for_cells(cells, RESOLUTION), n_pois=n_pois, n_trips=n_trips if trips else 0,
+                       seed=SEED,
                        labels_resolution=RESOLUTION if labels else None)
     start = time.perf_counter()
     summary = generate(spec, folder)
@@ -124,11 +127,13 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
     return round(float(np.polyfit(np.log(xs), np.log(ys), 1)[0]), 3)
 
 
-def measure_build(cells: int, engine: str, engine_args: list[str]) -> dict[str, Any]:
-    """One rung of the build ladder (inputs generated into a temporary folder, removed afterwards)."""
+def measure_build(cells: int, engine: str, engine_args: list[str], n_pois: int | None = None,
+                  n_trips: int | None = None) -> dict[str, Any]:
+    """One rung of the build ladder (inputs generated into a temporary folder, removed afterwards); ``n_pois`` and
+    ``n_trips`` replace the country's density (5 POIs and 0.5 trips per cell) by fixed counts."""
     with tempfile.TemporaryDirectory(prefix="scale-build-") as tmp:
         work = Path(tmp)
-        spec, country = _country(work / "in", cells, trips=True, labels=False)
+        spec, country = _country(work / "in", cells, trips=True, labels=False, n_pois=n_pois, n_trips=n_trips)
         load = os.getloadavg()[0]
         result = measured(_build_command(work / "in", work / "out", cells, engine_args, trips=True, labels=False),
                           work / "build.log")
@@ -287,6 +292,9 @@ def main() -> None:
     args_parser.add_argument("--evaluate-build", choices=("direct", "cli"), default="direct",
                              help="how the evaluate part makes its dataset: written directly from the generated "
                                   "cells (default) or by `urbanprofile build`")
+    args_parser.add_argument("--pois", type=int, default=None,
+                             help="POIs per rung instead of 5 per cell (a larger area at the same POI count)")
+    args_parser.add_argument("--trips", type=int, default=None, help="trips per rung instead of 0.5 per cell")
     args = args_parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - {"build", "evaluate"})
@@ -301,7 +309,7 @@ def main() -> None:
     if "build" in parts:
         rows = []
         for cells in sizes:
-            row = measure_build(cells, args.engine, engine_args)
+            row = measure_build(cells, args.engine, engine_args, args.pois, args.trips)
             print(json.dumps(row), flush=True)
             rows.append(row)
         merged = _merge(args.out / "scale.json", rows, ("engine", "size"))

@@ -69,18 +69,21 @@ def main() -> None:
         row = measure(parse_size(text), "streaming" if i % 2 == 0 else "partitioned")
         print(row, flush=True)
         rows.append(row)
+    write_results(args.out, "partitioned_build", {"environment": {"machine": MACHINE, "seed": SEED}, "rows": rows},
+                  markdown(rows))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
     table = [[f"{r['size']:,}", f"{r['cells']:,}", f"{r['pois']:,}", f"{r['trips']:,}", r["first"],
               f"{r['streaming_s']:.1f}", f"{r['partitioned_s']:.1f}", "yes" if r["same_dataset"] else "NO",
               f"{r['load_avg_1min']:.1f}"] for r in rows]
-    markdown = "\n".join([
+    return "\n".join([
         "# The partitioned build against the streamed build", "",
         "`python benchmarks/partitioned_build.py`: both engines on one seeded synthetic country per row, in one "
         "process, one after the other; the folders compared file by file as read.", "",
         f"Machine: {MACHINE}. Wall times move with the load.", "",
         md_table(["rung (cells)", "cells", "POIs", "trips", "built first", "streaming s", "partitioned s",
-                  "same dataset", "load avg"], table), ""])
-    write_results(args.out, "partitioned_build", {"environment": {"machine": MACHINE, "seed": SEED}, "rows": rows},
-                  markdown)
+                  "same dataset", "load avg"], table), *[f"- {r['note']}" for r in rows if "note" in r], ""])
 
 
 if __name__ == "__main__":

@@ -225,7 +225,16 @@ def build_markdown(rows: list[dict[str, Any]]) -> str:
     lines += [f"- `{engine}`: {ENGINE_NOTES[engine]}." for engine in sorted({r["engine"] for r in rows})
               if engine in ENGINE_NOTES]
     for engine in sorted({r["engine"] for r in rows}):
-        done = [r for r in rows if r["engine"] == engine and "failed" not in r]
+        finished = [r for r in rows if r["engine"] == engine and "failed" not in r]
+        done = [r for r in finished if r["pois"] == int(POIS_PER_CELL * r["size"])]  # at the country's density
+        fixed = [r for r in finished if r not in done]
+        if fixed and len(finished) >= 2:
+            cells = [float(r["cells"]) for r in finished]
+            counts = ", ".join(f"{r['size']:,} cells: {r['pois']:,} POIs, {r['trips']:,} trips" for r in fixed)
+            lines.append(f"- `{engine}` with the rungs of fixed counts ({counts}"
+                         f"): log-log slope of time {slope(cells, [r['wall_s'] for r in finished])}, of peak RSS "
+                         f"{slope(cells, [r['peak_rss_gb'] for r in finished])} over {min(cells):,.0f} to "
+                         f"{max(cells):,.0f} cells; the slopes below are over the rungs at 5 POIs per cell only.")
         if len(done) >= 2:
             cells = [float(r["cells"]) for r in done]
             time_slope = slope(cells, [r["wall_s"] for r in done])

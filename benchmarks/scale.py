@@ -100,9 +100,12 @@ def _failure(result: dict[str, Any]) -> str:
     return f"exit {result['rc']}: {lines[-1] if lines else '(no output)'}"
 
 
-def _country(folder: Path, cells: int, *, trips: bool, labels: bool) -> tuple[CountrySpec, dict[str, Any]]:
-    spec = CountrySpec(bbox=bbox_for_cells(cells, RESOLUTION), n_pois=int(POIS_PER_CELL * cells),
-                       n_trips=int(TRIPS_PER_CELL * cells) if trips else 0, seed=SEED,
+def _country(folder: Path, cells: int, *, trips: bool, labels: bool, n_pois: int | None = None,
+             n_trips: int | None = None) -> tuple[CountrySpec, dict[str, Any]]:
+    n_pois = int(POIS_PER_CELL * cells) if n_pois is None else n_pois
+    n_trips = int(TRIPS_PER_CELL * cells) if n_trips is None else n_trips
+    spec = CountrySpec(bbox=bbox_for_cells(cells, RESOLUTION), n_pois=n_pois, n_trips=n_trips if trips else 0,
+                       seed=SEED,
                        labels_resolution=RESOLUTION if labels else None)
     start = time.perf_counter()
     summary = generate(spec, folder)
@@ -130,11 +133,13 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
     return round(float(np.polyfit(np.log(xs), np.log(ys), 1)[0]), 3)
 
 
-def measure_build(cells: int, engine: str, engine_args: list[str]) -> dict[str, Any]:
-    """One rung of the build ladder (inputs generated into a temporary folder, removed afterwards)."""
+def measure_build(cells: int, engine: str, engine_args: list[str], n_pois: int | None = None,
+                  n_trips: int | None = None) -> dict[str, Any]:
+    """One rung of the build ladder (inputs generated into a temporary folder, removed afterwards); ``n_pois`` and
+    ``n_trips`` replace the country's density (5 POIs and 0.5 trips per cell) by fixed counts."""
     with tempfile.TemporaryDirectory(prefix="scale-build-") as tmp:
         work = Path(tmp)
-        spec, country = _country(work / "in", cells, trips=True, labels=False)
+        spec, country = _country(work / "in", cells, trips=True, labels=False, n_pois=n_pois, n_trips=n_trips)
         load = os.getloadavg()[0]
         result = measured(_build_command(work / "in", work / "out", cells, engine_args, trips=True, labels=False),
                           work / "build.log")
@@ -199,6 +204,9 @@ ENGINE_NOTES = {
     "streaming": "`--engine streaming` with the bulk H3 cells (`data/build/h3_fast.py`), the OD matrix written "
                  "from SciPy without a pandas sparse view and the edges of the H3 join taken per batch of points "
                  "(i-scale2 at d694fb6)",
+    "partitioned": "`--engine partitioned` (`data/build/partitioned.py`): H3 cells as integers, cut parent by parent "
+                   "and written as they are cut, points joined without a polygon index, POI and trip counts spilled "
+                   "to disk by block of 250,000 regions (i-country)",
 }
 
 MACHINE = ("a shared 2-core machine (about 6 developers' jobs running beside it; the 1-minute load average at the "
@@ -223,13 +231,29 @@ def build_markdown(rows: list[dict[str, Any]]) -> str:
     lines += [f"- `{engine}`: {ENGINE_NOTES[engine]}." for engine in sorted({r["engine"] for r in rows})
               if engine in ENGINE_NOTES]
     for engine in sorted({r["engine"] for r in rows}):
-        done = [r for r in rows if r["engine"] == engine and "failed" not in r]
+        finished = [r for r in rows if r["engine"] == engine and "failed" not in r]
+        done = [r for r in finished if r["pois"] == int(POIS_PER_CELL * r["size"])]  # at the country's density
+        fixed = [r for r in finished if r not in done]
+        if fixed and len(finished) >= 2:
+            cells = [float(r["cells"]) for r in finished]
+            counts = ", ".join(f"{r['size']:,} cells: {r['pois']:,} POIs, {r['trips']:,} trips" for r in fixed)
+            lines.append(f"- `{engine}` with the rungs of fixed counts ({counts}"
+                         f"): log-log slope of time {slope(cells, [r['wall_s'] for r in finished])}, of peak RSS "
+                         f"{slope(cells, [r['peak_rss_gb'] for r in finished])} over {min(cells):,.0f} to "
+                         f"{max(cells):,.0f} cells; the slopes below are over the rungs at 5 POIs per cell only.")
         if len(done) >= 2:
             cells = [float(r["cells"]) for r in done]
             time_slope = slope(cells, [r["wall_s"] for r in done])
             lines.append(f"- `{engine}`: log-log slope of time against cells {time_slope}, "
                          f"of peak RSS {slope(cells, [r['peak_rss_gb'] for r in done])} over "
                          f"{min(cells):,.0f} to {max(cells):,.0f} cells ({max(cells) / min(cells):.0f}x).")
+            top = [r for r in done if r["cells"] >= max(cells) / 110]  # the issue's figure: over a 100x range
+            if len(top) >= 2 and len(top) < len(done) and max(cells) / min(r["cells"] for r in top) >= 90:
+                cells = [float(r["cells"]) for r in top]
+                time_slope = slope(cells, [r["wall_s"] for r in top])
+                lines.append(f"- `{engine}`, top 100x only: log-log slope of time {time_slope}, of peak RSS "
+                             f"{slope(cells, [r['peak_rss_gb'] for r in top])} over {min(cells):,.0f} to "
+                             f"{max(cells):,.0f} cells.")
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +307,9 @@ def main() -> None:
     args_parser.add_argument("--evaluate-build", choices=("direct", "cli"), default="direct",
                              help="how the evaluate part makes its dataset: written directly from the generated "
                                   "cells (default) or by `urbanprofile build`")
+    args_parser.add_argument("--pois", type=int, default=None,
+                             help="POIs per rung instead of 5 per cell (a larger area at the same POI count)")
+    args_parser.add_argument("--trips", type=int, default=None, help="trips per rung instead of 0.5 per cell")
     args = args_parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - {"build", "evaluate", "real"})
@@ -297,7 +324,7 @@ def main() -> None:
     if "build" in parts:
         rows = []
         for cells in sizes:
-            row = measure_build(cells, args.engine, engine_args)
+            row = measure_build(cells, args.engine, engine_args, args.pois, args.trips)
             print(json.dumps(row), flush=True)
             rows.append(row)
         merged = _merge(args.out / "scale.json", rows, ("engine", "size"))

@@ -120,7 +120,8 @@ def build(
         "--max-cells", help="Most H3 cells --boundary may be cut into (default: 200000).", show_default=False)
                          ] = None,
     engine: Annotated[str | None, opt(
-        "How POI and trip files are read: auto (default; streams large ones), memory or streaming (in chunks).")
+        "How POI and trip files are read: auto (default; streams large ones), memory, streaming (in chunks) or "
+        "partitioned (large H3 builds, no polygon per cell held).")
                       ] = None,
     chunk_rows: Annotated[int | None, opt("Rows per chunk of a streamed read (default: 1000000).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(

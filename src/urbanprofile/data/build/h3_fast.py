@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
+from typing import Any
 
 import numpy as np
 
@@ -19,24 +20,34 @@ from urbanprofile.errors import require
 BATCH_CELLS = 250_000
 
 
-def cell_boundaries(cells: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _api_cells(cells: Sequence[str] | np.ndarray) -> tuple[Any, Any]:
+    """h3's string or integer API for ``cells``, and the cells as it takes them (Python ints for integers)."""
+    h3 = require("h3", "build")
+    if isinstance(cells, np.ndarray) and cells.dtype.kind in "ui":
+        from h3.api import basic_int
+
+        return basic_int, cells.tolist()  # Python ints: numpy scalars convert about 10 times slower
+    return h3, cells
+
+
+def cell_boundaries(cells: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The vertices of H3 cells, as h3 gives them, in (lon, lat) order.
 
     Args:
-        cells: H3 cell ids (strings).
+        cells: H3 cell ids (strings, or a uint64 array of cell integers: the same cells give the same vertices).
 
     Returns:
         The vertices of every cell one after the other, shape ``(M, 2)`` (lon, lat), and the number of vertices
         of each cell (6 for a hexagon, 5 for a pentagon, up to 10 for a cell cut by an icosahedron edge).
     """
-    h3 = require("h3", "build")
-    boundaries = [h3.cell_to_boundary(cell) for cell in cells]
+    api, given = _api_cells(cells)
+    boundaries = [api.cell_to_boundary(cell) for cell in given]
     counts = np.fromiter(map(len, boundaries), dtype=np.int64, count=len(boundaries))
     flat = np.fromiter(chain.from_iterable(chain.from_iterable(boundaries)), dtype=float, count=2 * int(counts.sum()))
     return flat.reshape(-1, 2)[:, ::-1].copy(), counts
 
 
-def cell_polygons(cells: Sequence[str]) -> np.ndarray:
+def cell_polygons(cells: Sequence[str] | np.ndarray) -> np.ndarray:
     """Shapely polygons of H3 cells, vertex for vertex those of ``Polygon([(lng, lat) for lat, lng in
     h3.cell_to_boundary(cell)])``, built in batches of :data:`BATCH_CELLS`.
 
@@ -54,9 +65,9 @@ def cell_polygons(cells: Sequence[str]) -> np.ndarray:
     return out
 
 
-def cell_centres(cells: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Longitudes and latitudes of H3 cell centres, as ``h3.cell_to_latlng`` gives them."""
-    h3 = require("h3", "build")
-    flat = np.fromiter(chain.from_iterable(h3.cell_to_latlng(cell) for cell in cells), dtype=float,
+def cell_centres(cells: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Longitudes and latitudes of H3 cell centres (strings or a uint64 array), as ``h3.cell_to_latlng`` gives them."""
+    api, given = _api_cells(cells)
+    flat = np.fromiter(chain.from_iterable(api.cell_to_latlng(cell) for cell in given), dtype=float,
                        count=2 * len(cells))
     return flat[1::2].copy(), flat[0::2].copy()

@@ -307,6 +307,10 @@ def build_dataset(
         if given is not None and Path(given).exists() and Path(given).resolve().is_relative_to(target.resolve()):
             raise DataError(f"{given}: an input lies inside the output folder {target}, which the build replaces; "
                             "choose another --out")
+    from urbanprofile.data.build.partitioned import build_partitioned, use_partitioned
+
+    if use_partitioned(spec, joiner):  # large H3 builds: no polygon per cell held (data/build/partitioned.py)
+        return build_partitioned(spec, target, overwrite, progress, command, log)
     built = build_city(spec, progress=progress, log=log, joiner=joiner, sparse_od_view=False)
     report = built.report
     spec_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items() if v is not None}

@@ -19,8 +19,10 @@ JOIN_ENGINES = ("auto", "geopandas", "duckdb")
 DEFAULT_ENGINE = "geopandas"
 LABEL_AGGREGATIONS = ("mean", "sum", "median", "max", "min")
 #: How POI and trip files are read: ``memory`` (all at once, geopandas), ``streaming`` (in chunks, memory bounded by the
-#: chunk) or ``auto`` (streaming from :data:`STREAMING_ABOVE_BYTES`; see ``benchmarks/build_streaming.py``).
-BUILD_ENGINES = ("auto", "memory", "streaming")
+#: chunk) or ``auto`` (streaming from :data:`STREAMING_ABOVE_BYTES`; see ``benchmarks/build_streaming.py``);
+#: ``partitioned`` builds H3 cells partition by partition, holding no polygon per cell (``data/build/partitioned.py``,
+#: taken by ``auto`` for large H3 builds it can do).
+BUILD_ENGINES = ("auto", "memory", "streaming", "partitioned")
 #: Rows per chunk of a streamed build: about 200-300 MB of working memory per million POIs (Parquet or CSV).
 DEFAULT_CHUNK_ROWS = 1_000_000
 #: POI and trip files from this size are streamed by ``auto``: at 100,000 POIs (2 MB of Parquet) both engines take

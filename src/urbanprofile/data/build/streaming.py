@@ -298,6 +298,7 @@ class _CategoryCounts:
         self.values: dict[object, int] = {}  # raw value (None for missing) -> id, in order of first appearance
         self.totals = np.zeros(0, dtype=np.int64)  # points per raw value id, inside a region or not
         self.pairs: list[pd.Series] = []
+        self.n_points = self.n_inside = 0  # POIs with a location, and those inside a region (set by the reader)
 
     def add(self, chunk: PoiChunk) -> None:
         """Count one chunk (chunks are added in file order, so raw values keep their order of first appearance)."""
@@ -306,21 +307,37 @@ class _CategoryCounts:
         np.add.at(self.totals, lookup, chunk.totals)
         if len(chunk.pairs):
             keys = chunk.pairs.index.to_numpy()
-            self.pairs.append(pd.Series(chunk.pairs.to_numpy(), index=(keys >> 32 << 32) | lookup[keys & 0xFFFFFFFF]))
-            if len(self.pairs) > 8:  # merge, so that memory follows the distinct pairs, not the chunks read
-                self.pairs = [pd.concat(self.pairs).groupby(level=0).sum()]
+            self.keep((keys >> 32 << 32) | lookup[keys & 0xFFFFFFFF], chunk.pairs.to_numpy())
+
+    def keep(self, keys: np.ndarray, n: np.ndarray) -> None:
+        """Count one chunk's distinct ``position << 32 | raw value id`` keys, ``n`` points each (kept in memory
+        here; a partitioned build spills them to disk by block of regions)."""
+        self.pairs.append(pd.Series(n, index=keys))
+        if len(self.pairs) > 8:  # merge, so that memory follows the distinct pairs, not the chunks read
+            self.pairs = [pd.concat(self.pairs).groupby(level=0).sum()]
 
     def counts(self, n_regions: int, categories: list[str] | dict[str, list[str]] | None,
                regions: pd.Index) -> tuple[pd.DataFrame, dict[str, int], list[str]]:
         """The view, the unknown raw values with counts (most frequent first) and the category names."""
-        raw = pd.Series([pd.NA if v is None else v for v in self.values], dtype="string")
-        codes, names, unknown = map_categories(raw, categories, self.totals)
+        codes, names, unknown = self.categories(categories)
         out = np.zeros((n_regions, len(names)), dtype=np.int64)
-        if self.pairs:
-            pairs = pd.concat(self.pairs).groupby(level=0).sum()
-            keys = pairs.index.to_numpy()
-            np.add.at(out, (keys >> 32, codes[keys & 0xFFFFFFFF]), pairs.to_numpy())
+        keys, n = self.merged()
+        np.add.at(out, (keys >> 32, codes[keys & 0xFFFFFFFF]), n)
         return frame_from_array(out, regions, names), unknown, names
+
+    def categories(self, categories: list[str] | dict[str, list[str]] | None
+                   ) -> tuple[np.ndarray, list[str], dict[str, int]]:
+        """The category code of each raw value id, the category names, and the unknown raw values with counts."""
+        raw = pd.Series([pd.NA if v is None else v for v in self.values], dtype="string")
+        return map_categories(raw, categories, self.totals)
+
+    def merged(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct ``position << 32 | raw value id`` keys, sorted, and their counts."""
+        if not self.pairs:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        pairs = pd.concat(self.pairs).groupby(level=0).sum()
+        self.pairs = [pairs]
+        return pairs.index.to_numpy(), pairs.to_numpy()
 
 
 def stream_poi_counts(
@@ -352,9 +369,32 @@ def stream_poi_counts(
         DataError: The file cannot be read, has no category column, no POI lies inside a region, or the coordinates
             look swapped.
     """
+    counts = count_poi_chunks(path, regions, spec, report, assign, h3_resolution=h3_resolution, shares=shares)
+    view, unknown, names = counts.counts(len(regions), categories, regions.index)
+    record_poi_figures(report, counts.n_points, counts.n_inside, unknown, names)
+    return view
+
+
+def count_poi_chunks(
+    path: Path, regions: gpd.GeoDataFrame | gpd.GeoSeries, spec: BuildSpec, report: BuildReport,
+    assign: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, counts: _CategoryCounts | None = None,
+    h3_resolution: int | None = None, shares: Callable[[bool], Iterator[PoiChunk]] | None = None,
+) -> _CategoryCounts:
+    """The POIs of a point file read in chunks, counted per (region position, raw category) as ``assign`` places
+    them, with the file's figures added to ``report`` (:func:`stream_poi_counts` makes the view from them).
+
+    Args:
+        path, spec, report, assign, h3_resolution, shares: As for :func:`stream_poi_counts`.
+        regions: The regions, or anything with their extent (``total_bounds``), for the message of a file whose
+            points miss them (and for the default ``assign``).
+        counts: Where the counts go (default: in memory).
+
+    Raises:
+        DataError: As :func:`stream_poi_counts`.
+    """
     column = spec.category_column or "category"
     where = str(path)
-    counts = _CategoryCounts()
+    counts = counts if counts is not None else _CategoryCounts()
     n = inside = n_rows = 0
     low, high = np.full(2, np.inf), np.full(2, -np.inf)  # lon, lat extent of the located points
 
@@ -391,10 +431,9 @@ def stream_poi_counts(
                  else f" (pass --lon-column {spec.lat_column} --lat-column {spec.lon_column})")
     refuse_points_outside(n, inside, swapped, lambda: span(np.array([low[0], high[0]]), np.array([low[1], high[1]])),
                           regions, where, "POIs", swap_hint)
-    view, unknown, names = counts.counts(len(regions), categories, regions.index)
-    report.n_pois_read = n_rows - n  # the rows without a usable location; the joined ones are added below
-    record_poi_figures(report, n, inside, unknown, names)
-    return view
+    report.n_pois_read = n_rows - n  # the rows without a usable location; the joined ones are added by the caller
+    counts.n_points, counts.n_inside = n, inside
+    return counts
 
 
 def stream_od_from_trips(

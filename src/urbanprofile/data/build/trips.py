@@ -326,13 +326,20 @@ class TripCounts:
             self.id_examples = list(dict.fromkeys([*self.id_examples, *table[self.ends[0]][present].astype(str)]))[:4]
         if not inside.any():
             return
-        key = pd.MultiIndex.from_arrays([origin[inside], dest[inside]], names=["o", "d"])
-        self.pairs.append(pd.Series(weights[inside], index=key).groupby(level=[0, 1]).sum())
+        pattern = None
         if hours is not None:
             n_patterns = self.spec.n_time_patterns
             pattern = np.minimum((hours[inside] / (24 / n_patterns)).astype(np.int64), n_patterns - 1)
-            key = pd.MultiIndex.from_arrays([pattern, origin[inside], dest[inside]], names=["pattern", "o", "d"])
-            self.patterns.append(pd.Series(weights[inside], index=key).groupby(level=[0, 1, 2]).sum())
+        self.keep(origin[inside], dest[inside], pattern, weights[inside])
+
+    def keep(self, origin: np.ndarray, dest: np.ndarray, pattern: np.ndarray | None, weights: np.ndarray) -> None:
+        """Sum one chunk's trips with both ends in a region (origin and destination positions, time pattern or
+        ``None``, trips per row): kept in memory here; a partitioned build spills them to disk by origin block."""
+        key = pd.MultiIndex.from_arrays([origin, dest], names=["o", "d"])
+        self.pairs.append(pd.Series(weights, index=key).groupby(level=[0, 1]).sum())
+        if pattern is not None:
+            key = pd.MultiIndex.from_arrays([pattern, origin, dest], names=["pattern", "o", "d"])
+            self.patterns.append(pd.Series(weights, index=key).groupby(level=[0, 1, 2]).sum())
         if len(self.pairs) > 8:  # merge, so that memory follows the distinct pairs, not the chunks read
             self.pairs = [pd.concat(self.pairs).groupby(level=[0, 1]).sum()]
             self.patterns = [pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum()] if self.patterns else []
@@ -346,7 +353,48 @@ class TripCounts:
         Raises:
             DataError: No trip joins two regions, or every count is 0.
         """
-        report, where, n = self.report, self.where, len(self.regions)
+        n = len(self.regions)
+        dtype, pairs, grouped = self.totals(reread)
+        origin = pairs.index.get_level_values(0).to_numpy()
+        dest = pairs.index.get_level_values(1).to_numpy()
+        od: Any
+        if n > SPARSE_VIEW_ABOVE:
+            # A large city's OD matrix is mostly zeros: N x N dense would be 0.8 GB at 10,000 cells, 80 GB at 100,000.
+            from scipy import sparse
+
+            od = sparse.coo_matrix((pairs.to_numpy().astype(dtype), (origin, dest)), shape=(n, n)).tocsr()
+            od.sum_duplicates()
+        else:
+            od = np.zeros((n, n), dtype=dtype)
+            od[origin, dest] = pairs.to_numpy().astype(dtype)
+        if grouped is None:
+            return od, None
+        ids = self.regions.index
+        pattern_rows = pd.DataFrame({"pattern": grouped.index.get_level_values(0).to_numpy(),
+                                     "origin": ids[grouped.index.get_level_values(1).to_numpy()],
+                                     "destination": ids[grouped.index.get_level_values(2).to_numpy()],
+                                     "trips": grouped.to_numpy().astype(dtype)})
+        return od, pattern_rows
+
+    def totals(self, reread: Callable[[], Iterator[RawTable]]) -> tuple[np.dtype, pd.Series, pd.Series | None]:
+        """The checks of :meth:`finish` and its sums: the count dtype, trips per (origin, destination) position
+        pair and per (pattern, origin, destination) (``None`` without times), each sorted by its keys.
+
+        Raises:
+            DataError: As :meth:`finish`.
+        """
+        dtype = self.check(reread)
+        pairs = pd.concat(self.pairs).groupby(level=[0, 1]).sum()
+        grouped = pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum() if self.time_column is not None else None
+        return dtype, pairs, grouped
+
+    def check(self, reread: Callable[[], Iterator[RawTable]]) -> np.dtype:
+        """The checks of :meth:`finish` (the trip figures of the report completed); the dtype of the counts.
+
+        Raises:
+            DataError: As :meth:`finish`.
+        """
+        report, where = self.report, self.where
         report.trips_weighted_read = self.weighted_read
         report.trips_weighted_kept = self.weighted_kept
         if self.n_located and not self.any_both_inside:  # say why: swapped, or somewhere else
@@ -363,29 +411,7 @@ class TripCounts:
         if report.trips_weighted_kept == 0:
             raise DataError(f"{where}: every trip count in {self.weight_column!r} is 0; the OD matrix would be all "
                             "zeros")
-        dtype = np.dtype(np.int64 if self.integral else float)
-        pairs = pd.concat(self.pairs).groupby(level=[0, 1]).sum()
-        origin = pairs.index.get_level_values(0).to_numpy()
-        dest = pairs.index.get_level_values(1).to_numpy()
-        od: Any
-        if n > SPARSE_VIEW_ABOVE:
-            # A large city's OD matrix is mostly zeros: N x N dense would be 0.8 GB at 10,000 cells, 80 GB at 100,000.
-            from scipy import sparse
-
-            od = sparse.coo_matrix((pairs.to_numpy().astype(dtype), (origin, dest)), shape=(n, n)).tocsr()
-            od.sum_duplicates()
-        else:
-            od = np.zeros((n, n), dtype=dtype)
-            od[origin, dest] = pairs.to_numpy().astype(dtype)
-        if self.time_column is None:
-            return od, None
-        grouped = pd.concat(self.patterns).groupby(level=[0, 1, 2]).sum()
-        ids = self.regions.index
-        pattern_rows = pd.DataFrame({"pattern": grouped.index.get_level_values(0).to_numpy(),
-                                     "origin": ids[grouped.index.get_level_values(1).to_numpy()],
-                                     "destination": ids[grouped.index.get_level_values(2).to_numpy()],
-                                     "trips": grouped.to_numpy().astype(dtype)})
-        return od, pattern_rows
+        return np.dtype(np.int64 if self.integral else float)
 
     def _swapped(self, reread: Callable[[], Iterator[RawTable]]) -> int:
         """Trip origins inside a region with longitude and latitude swapped (0 when latitudes cannot be swapped)."""

@@ -71,11 +71,13 @@ class RegionModalities:
 
 def available_modalities(city: CityData) -> list[str]:
     """The modalities this city has data for (in :data:`MODALITIES` order)."""
-    mods = city.modalities
+    # A modality table with no rows (e.g. UrbanVLP's Beijing tiles, whose images are not public) is no modality:
+    # counting it would make a default pretraining ask for a modality no region has.
+    mods = {name: table for name, table in city.modalities.items() if len(table) > 0}
     have = {
         "location": city.has_locations,
         "text": "tile_caption" in mods or "geo_text" in mods,
-        "streetview": "streetview_caption" in mods and len(mods["streetview_caption"]) > 0,
+        "streetview": "streetview_caption" in mods,
         "image": "tile_image" in mods or "region_image" in mods,
         "poi": "poi_counts" in city.views,
         "landuse": "landuse_counts" in city.views,

@@ -48,8 +48,8 @@ def test_negatives_join_each_batch_seeded_and_distinct(city: Any) -> None:
     assert extended.tolist() == again.tolist()
 
     def run(negatives: int) -> np.ndarray:
-        return SRELEmbedder(**SMALL, mode="minibatch", batch_size=32, negatives=negatives,
-                            random_state=0).fit_transform(city).to_numpy()
+        return HAFusionEmbedder(**SMALL, mode="minibatch", batch_size=32, negatives=negatives,
+                                random_state=0).fit_transform(city).to_numpy()
 
     with_extra = run(16)
     np.testing.assert_array_equal(with_extra, run(16))
@@ -97,7 +97,8 @@ def test_city_without_locations_takes_neighbours_from_trips(city: Any) -> None:
     bare = city.subset(city.region_ids)
     bare.regions = bare.regions.drop(columns=["lon", "lat"])
     assert not bare.has_locations
-    embedder = SRELEmbedder(**SMALL, mode="minibatch", batch_size=32, k_neighbors=8, random_state=0).fit(bare)
+    embedder = SRELEmbedder(**SMALL, mode="minibatch", batch_size=32, k_neighbors=8, attention="sparse",
+                            random_state=0).fit(bare)
     assert "trip partners" in embedder.prior_source_
     assert np.isfinite(embedder.embedding_.to_numpy()).all()
 

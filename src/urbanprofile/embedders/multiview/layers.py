@@ -192,12 +192,26 @@ class ViewFusion(nn.Module):
         )
         self.score = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
         self.view_weights = torch.zeros(0)
+        self.row_scores = torch.zeros(0)
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, views: list[torch.Tensor], row_weights: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Fuse (N, d) views into (N, d).
+
+        Args:
+            views: One (N, d) tensor per view.
+            row_weights: (N,) weights of the rows in the pooled score, summing to 1 (``None``: the mean over
+                rows). A mini-batch with a halo weighs its target regions as a sample of the city and its halo 0.
+            pooled: (V,) pooled scores to use instead of the rows' (a batch embedded with the city's scores).
+        """
         z = torch.stack(views, dim=1)  # (N, V, d)
         if self.mix is not None:
             z = self.mix(z)
-        weights = torch.softmax(self.score(z).mean(dim=0).squeeze(-1), dim=0)  # (V,)
+        scores = self.score(z).squeeze(-1)  # (N, V)
+        self.row_scores = scores.detach()
+        if pooled is None:
+            pooled = scores.mean(dim=0) if row_weights is None else (row_weights[:, None] * scores).sum(dim=0)
+        weights = torch.softmax(pooled, dim=0)  # (V,)
         self.view_weights = weights.detach()
         return (z * weights[None, :, None]).sum(dim=1)
 
@@ -349,5 +363,8 @@ class MultiViewFusion(nn.Module):
         self.fusion = fusion if fusion is not None else ViewFusion(d, n_heads, mix_views=True, dropout=dropout)
 
     def forward(self, features: dict[str, torch.Tensor], neighbors: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fusion([self.encoders[v](features[v], neighbors, mask) for v in self.view_names])
+                mask: torch.Tensor | None = None, **pooling: torch.Tensor | None) -> torch.Tensor:
+        """Encode and fuse the views; ``pooling`` (``row_weights``, ``pooled``) goes to a :class:`ViewFusion`."""
+        encoded = [self.encoders[v](features[v], neighbors, mask) for v in self.view_names]
+        given = {k: v for k, v in pooling.items() if v is not None}
+        return self.fusion(encoded, **given) if given else self.fusion(encoded)

@@ -115,8 +115,14 @@ def make_embedder(method: str, **params: Any) -> Any:
     return classes[method](**params)
 
 
+#: Parity fits: the mode and the extra parameters of each (``accumulate``: the halo mode's one step per epoch).
+PARITY_MODES: dict[str, dict[str, Any]] = {"full": {"mode": "full"}, "minibatch": {"mode": "minibatch"},
+                                           "accumulate": {"mode": "minibatch", "accumulate": True}}
+
+
 def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: int,
-           epochs: int | None, negatives: int = 0) -> list[dict[str, Any]]:
+           epochs: int | None, negatives: int | None = 0,
+           modes: tuple[str, ...] = ("full", "minibatch")) -> list[dict[str, Any]]:
     from urbanprofile.data import load_dataset
     from urbanprofile.evaluation import evaluate_embedding
 
@@ -127,10 +133,12 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
             for seed in seeds:
                 r2: dict[str, dict[str, float]] = {}
                 seconds: dict[str, float] = {}
-                for mode in ("full", "minibatch"):
-                    extra = {} if epochs is None else {"epochs": epochs}
-                    embedder = make_embedder(method, mode=mode, batch_size=batch_size, negatives=negatives,
-                                             random_state=seed, **extra)
+                for mode in modes:
+                    extra: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
+                    if negatives is not None:
+                        extra["negatives"] = negatives
+                    embedder = make_embedder(method, batch_size=batch_size, random_state=seed,
+                                             **PARITY_MODES[mode], **extra)
                     start = time.perf_counter()
                     embedding = embedder.fit_transform(city)
                     seconds[mode] = time.perf_counter() - start
@@ -139,10 +147,16 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
                                 for task in TASKS if task in city.tasks}
                 for task in r2["full"]:
                     row = {"dataset": name, "method": method, "seed": seed, "task": task, "batch_size": batch_size,
-                           "epochs": embedder.epochs, "negatives": negatives,
+                           "epochs": embedder.epochs, "negatives": embedder.negatives,
+                           "training": "halo" if getattr(embedder, "minibatch_halo", False) else "in-batch",
                            "r2_full": r2["full"][task], "r2_minibatch": r2["minibatch"][task],
                            "difference": r2["minibatch"][task] - r2["full"][task],
-                           "fit_seconds_full": seconds["full"], "fit_seconds_minibatch": seconds["minibatch"]}
+                           "fit_seconds_full": seconds["full"], "fit_seconds_minibatch": seconds["minibatch"],
+                           "load_average": os.getloadavg()[0]}
+                    if "accumulate" in r2:
+                        row.update({"r2_accumulate": r2["accumulate"][task],
+                                    "difference_accumulate": r2["accumulate"][task] - r2["full"][task],
+                                    "fit_seconds_accumulate": seconds["accumulate"]})
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return rows
@@ -157,6 +171,7 @@ def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> 
     city = synthetic_metro(size)
     generate_seconds = time.perf_counter() - start
     embedder = make_embedder(method, mode="minibatch", batch_size=batch_size, epochs=1, random_state=0)
+    training = "halo" if getattr(embedder, "minibatch_halo", False) else "in-batch"
     start = time.perf_counter()
     fit_minibatch(embedder, city, max_steps=steps)
     total = time.perf_counter() - start
@@ -168,7 +183,7 @@ def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> 
            "epoch_seconds": epoch * log.steps_per_epoch / done, "extrapolated": done < log.steps_per_epoch,
            "setup_seconds": total - log.seconds, "embed_seconds": log.seconds - epoch if done == log.steps_per_epoch
            else None, "peak_rss_gb": peak_rss_gb(),
-           "load_average": os.getloadavg()[0]}
+           "load_average": os.getloadavg()[0], "negatives": embedder.negatives, "training": training}
     return row
 
 
@@ -218,7 +233,9 @@ def parity_table(parity_rows: list[dict[str, Any]]) -> str:
 def markdown(payload: dict[str, Any]) -> str:
     text = ("# Mini-batch multi-view embedders\n\n`python benchmarks/minibatch.py` (figures from a loaded, shared "
             "2-core machine, one thread per process).\n\n")
-    for key, title in (("parity", "R², full batch vs mini-batch (nested, same seeds)"),
+    for key, title in (("parity_srel", "srel with halo mini-batches: R², full batch vs mini-batch (nested, same "
+                                       "seeds)"),
+                       ("parity", "R², full batch vs mini-batch (nested, same seeds)"),
                        ("parity_negatives", "The same with uniform negatives joined to each batch")):
         if payload.get(key):
             text += f"## {title}\n\n" + parity_table(payload[key])
@@ -253,8 +270,15 @@ def main() -> int:
     args_parser.add_argument("--batch-size", type=int, default=None,
                              help="regions per batch (default: 64 for parity, 1024 for scale)")
     args_parser.add_argument("--epochs", type=int, default=None, help="parity: epochs (default: the method's)")
-    args_parser.add_argument("--negatives", type=int, default=0,
-                             help="parity: uniform negatives per mini-batch (rows go to parity_negatives)")
+    args_parser.add_argument("--negatives", type=int, default=None,
+                             help="parity: uniform negatives per mini-batch (default: the method's; hafusion rows "
+                                  "with negatives go to parity_negatives)")
+    args_parser.add_argument("--modes", default="full,minibatch",
+                             help="parity: fits per seed (full, minibatch, accumulate: the halo mode's one step "
+                                  "per epoch); full and minibatch are needed")
+    args_parser.add_argument("--key", default=None,
+                             help="parity: where the rows go in the results (default: parity_srel for srel, else "
+                                  "parity or parity_negatives)")
     args_parser.add_argument("--sizes", default="10000,100000,1000000", help="scale: regions")
     args_parser.add_argument("--steps", type=int, default=40, help="scale: steps timed above --full-epoch-max")
     args_parser.add_argument("--full-epoch-max", type=int, default=100_000,
@@ -272,10 +296,13 @@ def main() -> int:
     payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     payload["environment"] = environment()
     if "parity" in parts:
-        key = "parity_negatives" if args.negatives else "parity"
+        methods = [m.strip() for m in args.methods.split(",")]
+        key = args.key or ("parity_srel" if methods == ["srel"] else "parity_negatives" if args.negatives
+                           else "parity")
         payload[key] = parity([c.strip() for c in args.cities.split(",")],
                               [m.strip() for m in args.methods.split(",")], parse_seeds(args.seeds),
-                              args.batch_size or 64, args.epochs, args.negatives)
+                              args.batch_size or 64, args.epochs, args.negatives,
+                              tuple(m.strip() for m in args.modes.split(",")))
     if "scale" in parts:
         payload["scale"] = scale([int(s) for s in args.sizes.split(",")],
                                  [m.strip() for m in args.scale_methods.split(",")], args.steps, args.full_epoch_max,

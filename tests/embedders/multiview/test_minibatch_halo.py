@@ -118,7 +118,7 @@ def test_sampled_negatives_estimate_the_full_rows(city: Any) -> None:
     embedder = SRELEmbedder(**SMALL, objective={"epsilon": 0.0}, random_state=0)
     inputs = minibatch_inputs(city, embedder.required_views)
     torch.manual_seed(0)
-    network, neighbors = embedder.build_minibatch(city, inputs)
+    network, _ = embedder.build_minibatch(city, inputs)
     network.eval()
     objective = HaloObjective(inputs, inputs.similarity_views, embedder.objective)
     seeds = np.arange(10)

@@ -286,7 +286,8 @@ def fit_halo(embedder: Any, city: CityData, max_steps: int | None = None) -> Non
                 totals[part] = totals.get(part, 0.0) + float(value.detach())
             # Per step, the batch's rows times N / seeds estimate the full loss (its scale against weight decay).
             scale = 1.0 if accumulate else city.n_regions / len(seeds)
-            (sum(parts.values()) * scale).backward()
+            total = torch.stack(list(parts.values())).sum()
+            (total * scale).backward()
             if not accumulate:
                 finish_step()
             steps += 1

@@ -14,7 +14,6 @@ from urbanprofile.data.loaders.synthetic import make_synthetic_city
 from urbanprofile.embedders.multiview.hafusion import HAFusionEmbedder
 from urbanprofile.embedders.multiview.mgfn import MGFNEmbedder
 from urbanprofile.embedders.multiview.minibatch import compact_batches
-from urbanprofile.embedders.multiview.mvure import MVUREEmbedder
 from urbanprofile.embedders.multiview.srel import SRELEmbedder
 from urbanprofile.errors import MethodUnavailableError, ParameterError
 
@@ -154,8 +153,6 @@ def test_bad_parameters_are_one_line_errors(city: Any, params: dict[str, Any], m
 
 
 def test_methods_without_a_minibatch_mode_say_why(city: Any) -> None:
-    with pytest.raises(MethodUnavailableError, match="MVUREEmbedder: no mini-batch mode: its view graphs"):
-        MVUREEmbedder(d=16, epochs=1, mode="minibatch").fit(city)
     with pytest.raises(MethodUnavailableError, match="MGFNEmbedder: no mini-batch mode: its inputs are dense"):
         MGFNEmbedder(d=16, epochs=1, mode="minibatch").fit(city)
     with pytest.raises(MethodUnavailableError, match="view_fusion='memory' has no mini-batch mode"):

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from urbanprofile.data.loaders.synthetic import make_synthetic_city
 from urbanprofile.embedders.multiview.halo import Halo, HaloForward, HaloObjective
@@ -16,6 +17,7 @@ from urbanprofile.embedders.multiview.minibatch import (
     compact_batches,
     minibatch_inputs,
 )
+from urbanprofile.embedders.multiview.mvure import MVUREEmbedder
 from urbanprofile.embedders.multiview.srel import SRELEmbedder
 from urbanprofile.embedders.multiview.training import MultiTaskObjective, multitask_step
 from urbanprofile.errors import ParameterError
@@ -158,3 +160,54 @@ def test_accumulate_must_be_a_bool(city: Any) -> None:
     with pytest.raises(ParameterError, match="SRELEmbedder: accumulate must be True or False, got 'yes'") as err:
         SRELEmbedder(**SMALL, epochs=1, mode="minibatch", accumulate="yes").fit(city)  # type: ignore[arg-type]
     assert "\n" not in str(err.value)
+
+
+def test_mvure_accumulated_epoch_is_its_full_batch_step(city: Any) -> None:
+    params = {"d": 16, "n_heads": 2, "n_layers": 2, "k_neighbors": 5, "dropout": 0.0, "epochs": 2,
+              "random_state": 1, "objective": {"base": "distribution", "clip": None}}
+    mini = MVUREEmbedder(**params, mode="minibatch", batch_size=32, negatives=city.n_regions,
+                         accumulate=True).fit(city)
+    # The reference is MVURE's own full-batch code path (build and its step), same seed.
+    reference = MVUREEmbedder(**params)
+    torch.manual_seed(1)
+    network, step = reference.build(city, reference.inputs(city))
+    optimizer = torch.optim.Adam(network.parameters(), lr=reference.lr, weight_decay=reference.weight_decay)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        total = sum(step().values())
+        total.backward()
+        optimizer.step()
+        losses.append(float(total.detach()))
+    assert [sum(epoch.values()) for epoch in mini.log_.losses] == pytest.approx(losses, rel=1e-5)
+    for (name, ours), theirs in zip(mini.network_.named_parameters(), network.parameters(), strict=True):
+        scale = float(theirs.grad.abs().max()) + 1e-12
+        np.testing.assert_allclose(ours.grad.numpy() / scale, theirs.grad.numpy() / scale, atol=1e-5, err_msg=name)
+        keep = theirs.grad.abs().numpy() > 1e-6  # see _full_batch_steps: Adam scales rounding noise up
+        np.testing.assert_allclose(ours.detach().numpy()[keep], theirs.detach().numpy()[keep], rtol=1e-5,
+                                   atol=1e-5, err_msg=name)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def test_mvure_on_a_large_city_never_holds_an_n_by_n_tensor() -> None:
+    n = 3200  # above 3,000 the synthetic OD is sparse and the inputs are the sparse ones
+    big = make_synthetic_city(n_regions=n, n_poi_categories=6, with_geometry=False, random_state=0)
+    embedder = MVUREEmbedder(d=8, n_heads=2, n_layers=1, epochs=1, mode="minibatch", batch_size=256, random_state=0)
+    with _LargestTensor() as mode:
+        embedder.fit(big)
+    assert mode.largest < n * n / 10, f"a tensor of {mode.largest} elements"
+    assert np.isfinite(embedder.embedding_.to_numpy()).all()

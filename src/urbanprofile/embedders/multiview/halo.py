@@ -211,7 +211,7 @@ class HaloForward:
             with torch.no_grad():
                 if self.dense:
                     return np.asarray(network().numpy(), dtype=np.float32)
-                fusion = network.views.fusion
+                fusion = network.views.fusion if hasattr(network, "views") else network.fusion
                 total: torch.Tensor | None = None
                 for seeds in batches:
                     network(self.make(self.halo.nodes(seeds)))

@@ -209,25 +209,42 @@ def scale(sizes: list[int], methods: list[str], steps: int, full_epoch_max: int,
 
 
 def parity_table(parity_rows: list[dict[str, Any]]) -> str:
-    """The parity rows as a table per (dataset, method, task) and a summary line."""
+    """The parity rows as a table per (dataset, method, task) and a summary line (with the accumulate fits' too)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in parity_rows:
         groups.setdefault((r["dataset"], r["method"], r["task"]), []).append(r)
-    table = [[d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
-              float(np.mean([r["r2_minibatch"] for r in rs])), float(np.mean([r["difference"] for r in rs])),
-              float(np.max(np.abs([r["difference"] for r in rs]))),
-              float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-"]
-             for (d, m, t), rs in groups.items()]
-    text = md_table(["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
-                     "largest abs. difference", "sd of full over seeds"], table)
-    diffs = [r["difference"] for r in parity_rows]
-    within = sum(abs(d) <= 0.02 for d in diffs)
+    accumulated = all("r2_accumulate" in r for r in parity_rows)
+    table = []
+    for (d, m, t), rs in groups.items():
+        line = [d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
+                float(np.mean([r["r2_minibatch"] for r in rs])), float(np.mean([r["difference"] for r in rs])),
+                float(np.max(np.abs([r["difference"] for r in rs])))]
+        if accumulated:
+            line += [float(np.mean([r["r2_accumulate"] for r in rs])),
+                     float(np.mean([r["difference_accumulate"] for r in rs])),
+                     float(np.max(np.abs([r["difference_accumulate"] for r in rs])))]
+        line.append(float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-")
+        table.append(line)
+    header = ["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
+              "largest abs. difference"]
+    if accumulated:
+        header += ["R² accumulate", "mean difference (accumulate)", "largest abs. difference (accumulate)"]
+    text = md_table([*header, "sd of full over seeds"], table)
     first = parity_rows[0]
-    return text + (f"\nBatch size {first['batch_size']} regions, {first.get('negatives', 0)} negatives, "
-                   f"{first['epochs']} epochs. {within} of {len(diffs)} (city, task, seed) cells within 0.02; mean "
-                   f"difference {np.mean(diffs):+.3f}, mean absolute difference {np.mean(np.abs(diffs)):.3f}. Fit "
-                   f"seconds, full / mini-batch (mean): {np.mean([r['fit_seconds_full'] for r in parity_rows]):.1f} / "
-                   f"{np.mean([r['fit_seconds_minibatch'] for r in parity_rows]):.1f}.\n\n")
+    text += (f"\nBatch size {first['batch_size']} regions, {first.get('negatives', 0)} negatives, "
+             f"{first['epochs']} epochs, {first.get('training', 'in-batch')} mini-batches. ")
+    kinds = [("difference", "Mini-batch (a step per batch)")]
+    if accumulated:
+        kinds.append(("difference_accumulate", "Accumulate (a step per epoch)"))
+    for key, label in kinds:
+        diffs = [r[key] for r in parity_rows]
+        within = sum(abs(d) <= 0.02 for d in diffs)
+        text += (f"{label}: {within} of {len(diffs)} (city, task, seed) cells within 0.02; mean difference "
+                 f"{np.mean(diffs):+.3f}, mean absolute difference {np.mean(np.abs(diffs)):.3f}. ")
+    seconds = [f"{np.mean([r[f'fit_seconds_{mode}'] for r in parity_rows]):.1f}"
+               for mode in ("full", "minibatch", "accumulate") if f"fit_seconds_{mode}" in first]
+    text += f"Fit seconds ({' / '.join(m for m in ('full', 'mini-batch', 'accumulate')[:len(seconds)])}, mean): "
+    return text + " / ".join(seconds) + ".\n\n"
 
 
 def markdown(payload: dict[str, Any]) -> str:

@@ -263,14 +263,16 @@ def markdown(payload: dict[str, Any]) -> str:
         text += "## Seconds per epoch and peak memory on synthetic metros (mini-batch)\n\n"
         table = []
         for r in scale_rows:
+            form = r.get("training", "in-batch")
             if "error" in r:
-                table.append([r["regions"], r["method"], "-", "-", "-", "-", r["error"]])
+                table.append([r["regions"], r["method"], form, "-", "-", "-", "-", r["error"]])
                 continue
             how = (f"extrapolated from {r['steps_run']} of {r['steps_per_epoch']} steps" if r["extrapolated"] else
                    f"one whole epoch ({r['steps_per_epoch']} steps); embedding all regions {r['embed_seconds']:.0f} s")
-            table.append([f"{r['regions']:,}", r["method"], f"{r['epoch_seconds']:.0f}", f"{r['setup_seconds']:.0f}",
-                          f"{r['peak_rss_gb']:.2f}", f"{r['load_average']:.1f}", how])
-        text += md_table(["regions", "method", "s / epoch", "setup s", "peak RSS GB", "load", "how"], table)
+            table.append([f"{r['regions']:,}", r["method"], form, f"{r['epoch_seconds']:.0f}",
+                          f"{r['setup_seconds']:.0f}", f"{r['peak_rss_gb']:.2f}", f"{r['load_average']:.1f}", how])
+        text += md_table(["regions", "method", "mini-batches", "s / epoch", "setup s", "peak RSS GB", "load", "how"],
+                         table)
         text += ("\nSetup: the sparse OD view to CSR, SVD mobility features, k-nearest neighbourhoods (srel), the "
                  "objective's sparse matrices. Peak RSS includes the synthetic city itself (generated in the same "
                  "process, its OD as a pandas sparse view).\n")

@@ -30,28 +30,36 @@ def city() -> Any:
     return make_synthetic_city(n_regions=90, n_poi_categories=8, random_state=0)
 
 
-def test_the_halo_gives_a_batch_its_full_batch_outputs() -> None:
+@pytest.mark.parametrize("embedder", [
+    SRELEmbedder(**SMALL, attention="sparse", random_state=0),
+    MVUREEmbedder(d=16, n_heads=2, n_layers=2, k_neighbors=4, dropout=0.0, random_state=0),
+], ids=["srel", "mvure"])
+def test_the_halo_gives_a_batch_its_full_batch_outputs(embedder: Any) -> None:
     big = make_synthetic_city(n_regions=400, n_poi_categories=6, random_state=1)
-    embedder = SRELEmbedder(**SMALL, attention="sparse", random_state=0)
     inputs = minibatch_inputs(big, embedder.required_views)
     torch.manual_seed(0)
     network, neighbors = embedder.build_minibatch(big, inputs)
     network.eval()
+    fusion = network.views.fusion if hasattr(network, "views") else network.fusion
     with torch.no_grad():
         full = network()
-        pooled = network.views.fusion.row_scores.mean(dim=0)
+        pooled = fusion.row_scores.mean(dim=0)
         seeds = compact_batches(batch_coordinates(big, inputs), 50)[0]
         make = BatchMaker(big.n_regions, neighbors)
-        nodes = Halo(big.n_regions, neighbors, network.hops).nodes(seeds)
-        assert len(nodes) < big.n_regions / 2  # the halo is a neighbourhood, not the city
+        forward = HaloForward(network, big.n_regions, neighbors)
+        nodes = forward.halo.nodes(seeds)
+        assert len(nodes) < big.n_regions * 0.75  # the halo is a neighbourhood, not the city
+        # Every layer on the whole halo, or each ring only as far as the next layer reads it: the same outputs.
         batch = network(make(nodes), pooled=pooled)[: len(seeds)]
         np.testing.assert_allclose(batch.numpy(), full[seeds].numpy(), rtol=1e-5, atol=1e-5)
+        rings = network(forward.batch(nodes), pooled=pooled)
+        assert len(rings) == len(seeds) and forward.halo.rings[-1] == len(nodes)
+        np.testing.assert_allclose(rings.numpy(), full[seeds].numpy(), rtol=1e-5, atol=1e-5)
         # One hop short, the border seeds see fewer neighbours than in full batch.
         short = Halo(big.n_regions, neighbors, network.hops - 1).nodes(seeds)
         error = np.abs(network(make(short), pooled=pooled)[: len(seeds)].numpy() - full[seeds].numpy()).max()
         assert error > 20 * np.abs(batch.numpy() - full[seeds].numpy()).max() and error > 1e-5
         # The whole-city embedding, batch by batch, is the full-batch one.
-        forward = HaloForward(network, big.n_regions, neighbors)
         every = forward.embed_all(compact_batches(batch_coordinates(big, inputs), 50))
         np.testing.assert_allclose(every, full.numpy(), rtol=1e-5, atol=1e-5)
 

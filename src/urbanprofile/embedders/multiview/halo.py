@@ -65,11 +65,14 @@ class Halo:
         self.hops = hops
         # One reusable membership array instead of an N-sized allocation per batch.
         self.seen = np.zeros(n_regions, dtype=bool)
+        #: After :meth:`nodes`: how many of its regions lie within 0, 1, ..., ``hops`` steps of the targets.
+        self.rings: list[int] = []
 
     def nodes(self, targets: np.ndarray) -> np.ndarray:
         """``targets`` first (in their order), then the regions of their halo, nearest hops first."""
         assert self.neighbors is not None
         parts = [targets]
+        self.rings = [len(targets)]
         self.seen[targets] = True
         frontier = targets
         for _ in range(self.hops):
@@ -80,7 +83,9 @@ class Halo:
                 break
             self.seen[fresh] = True
             parts.append(fresh)
+            self.rings.append(self.rings[-1] + len(fresh))
             frontier = fresh
+        self.rings += [self.rings[-1]] * (self.hops + 1 - len(self.rings))
         nodes = np.concatenate(parts)
         self.seen[nodes] = False
         return nodes
@@ -197,10 +202,16 @@ class HaloForward:
         """(len(targets), d) embeddings; the fusion's mean over regions estimated from the weighted targets."""
         if self.dense:
             return self.network()[torch.as_tensor(targets, dtype=torch.long)]
-        nodes = self.halo.nodes(targets)
-        row_weights = torch.zeros(len(nodes))
+        row_weights = torch.zeros(len(nodes := self.halo.nodes(targets)))
         row_weights[: len(targets)] = torch.as_tensor(weights / weights.sum(), dtype=torch.float32)
-        return self.network(self.make(nodes), row_weights=row_weights)[: len(targets)]
+        return self.network(self.batch(nodes), row_weights=row_weights)[: len(targets)]
+
+    def batch(self, nodes: np.ndarray) -> Any:
+        """The network's batch of ``nodes`` (just computed by the halo), with its rings: each attention layer then
+        computes only the regions the next one reads (the targets' outputs are the same, the work less)."""
+        batch = self.make(nodes)
+        batch.rings = list(self.halo.rings)
+        return batch
 
     def embed_all(self, batches: list[np.ndarray]) -> np.ndarray:
         """Every region's embedding (dropout off, no gradients): the fusion's pooled scores over the whole city
@@ -214,14 +225,14 @@ class HaloForward:
                 fusion = network.views.fusion if hasattr(network, "views") else network.fusion
                 total: torch.Tensor | None = None
                 for seeds in batches:
-                    network(self.make(self.halo.nodes(seeds)))
+                    network(self.batch(self.halo.nodes(seeds)))
                     part = fusion.row_scores[: len(seeds)].sum(dim=0)
                     total = part if total is None else total + part
                 assert total is not None
                 pooled = total / self.n
                 out: np.ndarray | None = None
                 for seeds in batches:
-                    values = network(self.make(self.halo.nodes(seeds)), pooled=pooled)[: len(seeds)].numpy()
+                    values = network(self.batch(self.halo.nodes(seeds)), pooled=pooled)[: len(seeds)].numpy()
                     if out is None:
                         out = np.empty((self.n, values.shape[1]), dtype=np.float32)
                     out[seeds] = values

@@ -169,11 +169,14 @@ class RegionBatch:
         index: (B,) global positions of the batch's regions.
         neighbors: (B, k) positions within the batch of each region's neighbours (0 where masked), or ``None``.
         mask: (B, k) which neighbours lie in the batch, or ``None``.
+        rings: For a halo batch (:mod:`.halo`), how many of its regions (they come nearest first) lie within
+            0, 1, 2, ... neighbourhood steps of its targets; ``None`` otherwise.
     """
 
     index: torch.Tensor
     neighbors: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    rings: list[int] | None = None
 
 
 class BatchMaker:

@@ -87,17 +87,19 @@ class MVURENetwork(nn.Module):
             views = [self.encoders[v](self.features[v], self.graphs[v]) for v in self.graphs]
         else:
             assert batch.neighbors is not None and batch.mask is not None
+            rows = None if batch.rings is None else [batch.rings[self.hops - j] for j in range(1, self.hops + 1)]
             views = []
             start = 0
             for v, graph in self.graphs.items():
                 columns = slice(start, start + graph.shape[1])
                 start += graph.shape[1]
                 views.append(self.encoders[v](self.features[v][batch.index], batch.neighbors[:, columns],
-                                              batch.mask[:, columns]))
+                                              batch.mask[:, columns], rows))
         total = torch.stack(views).sum(0)
         # Cross-view information sharing: each view mixes in the mean of the others.
         shared = [(1 - self.sharing) * z + self.sharing * (total - z) / (len(views) - 1) for z in views]
-        return self.fusion(shared, row_weights=row_weights, pooled=pooled)
+        weights = None if row_weights is None else row_weights[: shared[0].shape[0]]  # the rows left
+        return self.fusion(shared, row_weights=weights, pooled=pooled)
 
 
 class MVUREEmbedder(MultiViewEmbedder):

@@ -67,11 +67,19 @@ class SRELNetwork(nn.Module):
             return self.out(h)
         index = batch.index
         features = {v: x[index] for v, x in self.features.items()}
-        h = self.views(features, batch.neighbors, batch.mask, row_weights=row_weights, pooled=pooled)
-        h = h + self.centrality_projection(self.centrality[index])
-        bias = self.bias(self.adjacency[index], self.buckets[index])
-        for block in self.blocks:
-            h = block(h, batch.neighbors, bias, batch.mask)
+        rings, n_intra = batch.rings, self.hops - len(self.blocks)
+        # With rings, layer j outputs only the regions within hops - j steps of the targets (all the next reads).
+        view_rows = None if rings is None else [rings[self.hops - j] for j in range(1, n_intra + 1)]
+        h = self.views(features, batch.neighbors, batch.mask, rows=view_rows, row_weights=row_weights, pooled=pooled)
+        inner = index[: h.shape[0]]
+        h = h + self.centrality_projection(self.centrality[inner])
+        bias = self.bias(self.adjacency[inner], self.buckets[inner])
+        for j, block in enumerate(self.blocks, start=1):
+            if rings is None or batch.neighbors is None or batch.mask is None:
+                h = block(h, batch.neighbors, bias, batch.mask)
+            else:
+                r = rings[self.hops - n_intra - j]
+                h = block(h, batch.neighbors[:r], bias[:, :r], batch.mask[:r])
         return self.out(h)
 
 

@@ -214,6 +214,11 @@ def parity_table(parity_rows: list[dict[str, Any]]) -> str:
     for r in parity_rows:
         groups.setdefault((r["dataset"], r["method"], r["task"]), []).append(r)
     accumulated = all("r2_accumulate" in r for r in parity_rows)
+    # Floors, added to the rows by a separate script (see the notes): full batch again with its loss times 1 + 1e-6
+    # (rounding), and with the same initial weights but other dropout masks.
+    floors = [(key, label) for key, label in (("difference_rescaled", "full, loss x (1 + 1e-6)"),
+                                              ("difference_reseeded", "full, other dropout masks"))
+              if any(key in r for r in parity_rows)]
     table = []
     for (d, m, t), rs in groups.items():
         line = [d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
@@ -223,12 +228,17 @@ def parity_table(parity_rows: list[dict[str, Any]]) -> str:
             line += [float(np.mean([r["r2_accumulate"] for r in rs])),
                      float(np.mean([r["difference_accumulate"] for r in rs])),
                      float(np.max(np.abs([r["difference_accumulate"] for r in rs])))]
+        for key, _ in floors:
+            floor = [r[key] for r in rs if key in r]
+            line += [float(np.mean(floor)), float(np.max(np.abs(floor)))] if floor else ["-", "-"]
         line.append(float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-")
         table.append(line)
     header = ["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
               "largest abs. difference"]
     if accumulated:
         header += ["R² accumulate", "mean difference (accumulate)", "largest abs. difference (accumulate)"]
+    for _, label in floors:
+        header += [f"mean difference ({label})", f"largest abs. difference ({label})"]
     text = md_table([*header, "sd of full over seeds"], table)
     first = parity_rows[0]
     text += (f"\nBatch size {first['batch_size']} regions, {first.get('negatives', 0)} negatives, "
@@ -236,8 +246,9 @@ def parity_table(parity_rows: list[dict[str, Any]]) -> str:
     kinds = [("difference", "Mini-batch (a step per batch)")]
     if accumulated:
         kinds.append(("difference_accumulate", "Accumulate (a step per epoch)"))
+    kinds += [(key, f"Floor, {label}") for key, label in floors]
     for key, label in kinds:
-        diffs = [r[key] for r in parity_rows]
+        diffs = [r[key] for r in parity_rows if key in r]
         within = sum(abs(d) <= 0.02 for d in diffs)
         text += (f"{label}: {within} of {len(diffs)} (city, task, seed) cells within 0.02; mean difference "
                  f"{np.mean(diffs):+.3f}, mean absolute difference {np.mean(np.abs(diffs)):.3f}. ")

@@ -7,6 +7,8 @@ Parts (results in benchmarks/results/minibatch.{json,md}; a part not run keeps i
   hafusion-chicago (77), seeds ``--seeds``; each embedding evaluated under ``nested`` on every task, the
   checkpoint chosen by inner CV as in ``urbanprofile benchmark``. Reports R² of both and their difference.
   With ``--negatives M`` each mini-batch gets M uniform negatives and the rows go to ``parity_negatives``.
+  ``--methods srel`` (halo mini-batches) puts its rows in ``parity_srel``; ``--modes full,minibatch,accumulate`` adds
+  a third fit per seed, the halo mode with one optimizer step per epoch (``accumulate=True``).
 - scale: a seeded synthetic metro generated in memory (clustered towns on a rural background, sparse POI counts,
   sparse OD from distance-decaying trips), ``--sizes`` regions; each (size, method) runs in a fresh process with
   one thread: setup seconds (inputs, neighbourhoods), seconds per training epoch, peak resident memory
@@ -252,6 +254,10 @@ def parity_table(parity_rows: list[dict[str, Any]]) -> str:
         within = sum(abs(d) <= 0.02 for d in diffs)
         text += (f"{label}: {within} of {len(diffs)} (city, task, seed) cells within 0.02; mean difference "
                  f"{np.mean(diffs):+.3f}, mean absolute difference {np.mean(np.abs(diffs)):.3f}. ")
+    by_seed = [f"{d} {t}: " + ", ".join(f"{r['seed']}: {r['difference']:+.3f}" for r in rs)
+               for (d, _, t), rs in groups.items()]
+    text += "\n\nPer (city, task), mini-batch minus full batch by seed: " + "; ".join(by_seed)
+    text += ".\n\n"
     seconds = [f"{np.mean([r[f'fit_seconds_{mode}'] for r in parity_rows]):.1f}"
                for mode in ("full", "minibatch", "accumulate") if f"fit_seconds_{mode}" in first]
     text += f"Fit seconds ({' / '.join(m for m in ('full', 'mini-batch', 'accumulate')[:len(seconds)])}, mean): "
@@ -278,7 +284,8 @@ def markdown(payload: dict[str, Any]) -> str:
             if "error" in r:
                 table.append([r["regions"], r["method"], form, "-", "-", "-", "-", r["error"]])
                 continue
-            how = (f"extrapolated from {r['steps_run']} of {r['steps_per_epoch']} steps" if r["extrapolated"] else
+            how = (f"batches of {r['batch_size']}; extrapolated from {r['steps_run']} of {r['steps_per_epoch']} steps"
+                   if r["extrapolated"] else
                    f"one whole epoch ({r['steps_per_epoch']} steps); embedding all regions {r['embed_seconds']:.0f} s")
             table.append([f"{r['regions']:,}", r["method"], form, f"{r['epoch_seconds']:.0f}",
                           f"{r['setup_seconds']:.0f}", f"{r['peak_rss_gb']:.2f}", f"{r['load_average']:.1f}", how])

@@ -166,7 +166,7 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
 
 def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> dict[str, Any]:
     """One (size, method) measurement inside this process (called in a fresh process by :func:`scale`)."""
-    from urbanprofile.embedders.multiview.minibatch import fit_minibatch
+    from urbanprofile.embedders.multiview.halo import fit_batched
     from urbanprofile.evaluation.large import peak_rss_gb
 
     start = time.perf_counter()
@@ -175,7 +175,7 @@ def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> 
     embedder = make_embedder(method, mode="minibatch", batch_size=batch_size, epochs=1, random_state=0)
     training = "halo" if getattr(embedder, "minibatch_halo", False) else "in-batch"
     start = time.perf_counter()
-    fit_minibatch(embedder, city, max_steps=steps)
+    fit_batched(embedder, city, max_steps=steps)
     total = time.perf_counter() - start
     log = embedder.log_
     epoch = log.epoch_seconds[0]

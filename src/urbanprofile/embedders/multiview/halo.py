@@ -46,6 +46,7 @@ from urbanprofile.embedders.multiview.minibatch import (
     MiniBatchObjective,
     batch_coordinates,
     compact_batches,
+    fit_minibatch,
     minibatch_inputs,
 )
 from urbanprofile.errors import TrainingError
@@ -325,3 +326,11 @@ def fit_halo(embedder: Any, city: CityData, max_steps: int | None = None) -> Non
     embedder.candidates_ = {f"epoch {e}": as_embedding(v, city.region_ids) for e, v in log.snapshots.items()}
     embedder.embedding_ = embedder.candidates_[f"epoch {epochs}"]
 
+
+
+def fit_batched(embedder: Any, city: CityData, max_steps: int | None = None) -> None:
+    """Train ``embedder`` in mini-batches of its form: with halos (``minibatch_halo``) or within batches."""
+    if getattr(embedder, "minibatch_halo", False):
+        fit_halo(embedder, city, max_steps)
+    else:
+        fit_minibatch(embedder, city, max_steps)

@@ -327,12 +327,6 @@ def fit_minibatch(embedder: Any, city: CityData, max_steps: int | None = None) -
     ``network(batch)`` embeds a :class:`RegionBatch`, and a global (N, k) neighbour table (``None`` for dense
     attention within the batch).
     """
-    if getattr(embedder, "minibatch_halo", False):
-        # A method whose attention is local trains with halos (the full-batch method, batched): .halo.
-        from urbanprofile.embedders.multiview.halo import fit_halo
-
-        fit_halo(embedder, city, max_steps)
-        return
     name = type(embedder).__name__
     settings = objective_settings(embedder.objective)
     seed = 0 if embedder.random_state is None else int(embedder.random_state)

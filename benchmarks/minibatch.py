@@ -8,7 +8,8 @@ Parts (results in benchmarks/results/minibatch.{json,md}; a part not run keeps i
   checkpoint chosen by inner CV as in ``urbanprofile benchmark``. Reports R² of both and their difference.
   With ``--negatives M`` each mini-batch gets M uniform negatives and the rows go to ``parity_negatives``.
   ``--methods srel`` (halo mini-batches) puts its rows in ``parity_srel``; ``--modes full,minibatch,accumulate`` adds
-  a third fit per seed, the halo mode with one optimizer step per epoch (``accumulate=True``).
+  a third fit per seed, the halo mode with one optimizer step per epoch (``accumulate=True``); ``rescaled`` and
+  ``reseeded`` add the floors (full batch with its loss x (1 + 1e-6), or with other dropout masks).
 - scale: a seeded synthetic metro generated in memory (clustered towns on a rural background, sparse POI counts,
   sparse OD from distance-decaying trips), ``--sizes`` regions; each (size, method) runs in a fresh process with
   one thread: setup seconds (inputs, neighbourhoods), seconds per training epoch, peak resident memory
@@ -118,8 +119,32 @@ def make_embedder(method: str, **params: Any) -> Any:
 
 
 #: Parity fits: the mode and the extra parameters of each (``accumulate``: the halo mode's one step per epoch).
+#: ``rescaled`` and ``reseeded`` are floors: full batch with its loss times 1 + 1e-6 (rounding), and with the same
+#: initial weights but other dropout masks (torch reseeded after the network is built).
 PARITY_MODES: dict[str, dict[str, Any]] = {"full": {"mode": "full"}, "minibatch": {"mode": "minibatch"},
-                                           "accumulate": {"mode": "minibatch", "accumulate": True}}
+                                           "accumulate": {"mode": "minibatch", "accumulate": True},
+                                           "rescaled": {"mode": "full"}, "reseeded": {"mode": "full"}}
+#: Row fields of the modes beyond full and minibatch.
+EXTRA_FIELDS = {"accumulate": ("r2_accumulate", "difference_accumulate"),
+                "rescaled": ("r2_full_rescaled", "difference_rescaled"),
+                "reseeded": ("r2_full_reseeded", "difference_reseeded")}
+
+
+def floor_embedder(method: str, kind: str, **params: Any) -> Any:
+    """A full-batch embedder whose training differs only by rounding (``rescaled``) or dropout masks (``reseeded``)."""
+    base = type(make_embedder(method))
+
+    class Floor(base):  # type: ignore[misc, valid-type]
+        def build(self, city: Any, inputs: Any) -> Any:
+            network, step = super().build(city, inputs)
+            if kind == "reseeded":
+                import torch
+
+                torch.manual_seed(10_000 + int(self.random_state or 0))  # same weights, other dropout masks
+                return network, step
+            return network, (lambda: {k: v * (1.0 + 1e-6) for k, v in step().items()})
+
+    return Floor(**params)
 
 
 def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: int,
@@ -139,8 +164,11 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
                     extra: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
                     if negatives is not None:
                         extra["negatives"] = negatives
-                    embedder = make_embedder(method, batch_size=batch_size, random_state=seed,
-                                             **PARITY_MODES[mode], **extra)
+                    made = floor_embedder if mode in ("rescaled", "reseeded") else None
+                    embedder = (made(method, mode, batch_size=batch_size, random_state=seed, **PARITY_MODES[mode],
+                                     **extra) if made else
+                                make_embedder(method, batch_size=batch_size, random_state=seed, **PARITY_MODES[mode],
+                                              **extra))
                     start = time.perf_counter()
                     embedding = embedder.fit_transform(city)
                     seconds[mode] = time.perf_counter() - start
@@ -155,10 +183,10 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
                            "difference": r2["minibatch"][task] - r2["full"][task],
                            "fit_seconds_full": seconds["full"], "fit_seconds_minibatch": seconds["minibatch"],
                            "load_average": os.getloadavg()[0]}
-                    if "accumulate" in r2:
-                        row.update({"r2_accumulate": r2["accumulate"][task],
-                                    "difference_accumulate": r2["accumulate"][task] - r2["full"][task],
-                                    "fit_seconds_accumulate": seconds["accumulate"]})
+                    for mode, (r2_key, difference_key) in EXTRA_FIELDS.items():
+                        if mode in r2:
+                            row.update({r2_key: r2[mode][task], difference_key: r2[mode][task] - r2["full"][task],
+                                        f"fit_seconds_{mode}": seconds[mode]})
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return rows
@@ -312,7 +340,8 @@ def main() -> int:
                                   "with negatives go to parity_negatives)")
     args_parser.add_argument("--modes", default="full,minibatch",
                              help="parity: fits per seed (full, minibatch, accumulate: the halo mode's one step "
-                                  "per epoch); full and minibatch are needed")
+                                  "per epoch; rescaled, reseeded: the floors, full batch with its loss x (1 + 1e-6) "
+                                  "or with other dropout masks); full and minibatch are needed")
     args_parser.add_argument("--key", default=None,
                              help="parity: where the rows go in the results (default: parity_srel for srel, else "
                                   "parity or parity_negatives)")

@@ -7,6 +7,9 @@ Parts (results in benchmarks/results/minibatch.{json,md}; a part not run keeps i
   hafusion-chicago (77), seeds ``--seeds``; each embedding evaluated under ``nested`` on every task, the
   checkpoint chosen by inner CV as in ``urbanprofile benchmark``. Reports R² of both and their difference.
   With ``--negatives M`` each mini-batch gets M uniform negatives and the rows go to ``parity_negatives``.
+  ``--methods srel`` (halo mini-batches) puts its rows in ``parity_srel``; ``--modes full,minibatch,accumulate`` adds
+  a third fit per seed, the halo mode with one optimizer step per epoch (``accumulate=True``); ``rescaled`` and
+  ``reseeded`` add the floors (full batch with its loss x (1 + 1e-6), or with other dropout masks).
 - scale: a seeded synthetic metro generated in memory (clustered towns on a rural background, sparse POI counts,
   sparse OD from distance-decaying trips), ``--sizes`` regions; each (size, method) runs in a fresh process with
   one thread: setup seconds (inputs, neighbourhoods), seconds per training epoch, peak resident memory
@@ -115,8 +118,38 @@ def make_embedder(method: str, **params: Any) -> Any:
     return classes[method](**params)
 
 
+#: Parity fits: the mode and the extra parameters of each (``accumulate``: the halo mode's one step per epoch).
+#: ``rescaled`` and ``reseeded`` are floors: full batch with its loss times 1 + 1e-6 (rounding), and with the same
+#: initial weights but other dropout masks (torch reseeded after the network is built).
+PARITY_MODES: dict[str, dict[str, Any]] = {"full": {"mode": "full"}, "minibatch": {"mode": "minibatch"},
+                                           "accumulate": {"mode": "minibatch", "accumulate": True},
+                                           "rescaled": {"mode": "full"}, "reseeded": {"mode": "full"}}
+#: Row fields of the modes beyond full and minibatch.
+EXTRA_FIELDS = {"accumulate": ("r2_accumulate", "difference_accumulate"),
+                "rescaled": ("r2_full_rescaled", "difference_rescaled"),
+                "reseeded": ("r2_full_reseeded", "difference_reseeded")}
+
+
+def floor_embedder(method: str, kind: str, **params: Any) -> Any:
+    """A full-batch embedder whose training differs only by rounding (``rescaled``) or dropout masks (``reseeded``)."""
+    base = type(make_embedder(method))
+
+    class Floor(base):  # type: ignore[misc, valid-type]
+        def build(self, city: Any, inputs: Any) -> Any:
+            network, step = super().build(city, inputs)
+            if kind == "reseeded":
+                import torch
+
+                torch.manual_seed(10_000 + int(self.random_state or 0))  # same weights, other dropout masks
+                return network, step
+            return network, (lambda: {k: v * (1.0 + 1e-6) for k, v in step().items()})
+
+    return Floor(**params)
+
+
 def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: int,
-           epochs: int | None, negatives: int = 0) -> list[dict[str, Any]]:
+           epochs: int | None, negatives: int | None = 0,
+           modes: tuple[str, ...] = ("full", "minibatch")) -> list[dict[str, Any]]:
     from urbanprofile.data import load_dataset
     from urbanprofile.evaluation import evaluate_embedding
 
@@ -127,10 +160,15 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
             for seed in seeds:
                 r2: dict[str, dict[str, float]] = {}
                 seconds: dict[str, float] = {}
-                for mode in ("full", "minibatch"):
-                    extra = {} if epochs is None else {"epochs": epochs}
-                    embedder = make_embedder(method, mode=mode, batch_size=batch_size, negatives=negatives,
-                                             random_state=seed, **extra)
+                for mode in modes:
+                    extra: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
+                    if negatives is not None:
+                        extra["negatives"] = negatives
+                    made = floor_embedder if mode in ("rescaled", "reseeded") else None
+                    embedder = (made(method, mode, batch_size=batch_size, random_state=seed, **PARITY_MODES[mode],
+                                     **extra) if made else
+                                make_embedder(method, batch_size=batch_size, random_state=seed, **PARITY_MODES[mode],
+                                              **extra))
                     start = time.perf_counter()
                     embedding = embedder.fit_transform(city)
                     seconds[mode] = time.perf_counter() - start
@@ -139,10 +177,16 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
                                 for task in TASKS if task in city.tasks}
                 for task in r2["full"]:
                     row = {"dataset": name, "method": method, "seed": seed, "task": task, "batch_size": batch_size,
-                           "epochs": embedder.epochs, "negatives": negatives,
+                           "epochs": embedder.epochs, "negatives": embedder.negatives,
+                           "training": "halo" if getattr(embedder, "minibatch_halo", False) else "in-batch",
                            "r2_full": r2["full"][task], "r2_minibatch": r2["minibatch"][task],
                            "difference": r2["minibatch"][task] - r2["full"][task],
-                           "fit_seconds_full": seconds["full"], "fit_seconds_minibatch": seconds["minibatch"]}
+                           "fit_seconds_full": seconds["full"], "fit_seconds_minibatch": seconds["minibatch"],
+                           "load_average": os.getloadavg()[0]}
+                    for mode, (r2_key, difference_key) in EXTRA_FIELDS.items():
+                        if mode in r2:
+                            row.update({r2_key: r2[mode][task], difference_key: r2[mode][task] - r2["full"][task],
+                                        f"fit_seconds_{mode}": seconds[mode]})
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return rows
@@ -150,15 +194,16 @@ def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: 
 
 def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> dict[str, Any]:
     """One (size, method) measurement inside this process (called in a fresh process by :func:`scale`)."""
-    from urbanprofile.embedders.multiview.minibatch import fit_minibatch
+    from urbanprofile.embedders.multiview.halo import fit_batched
     from urbanprofile.evaluation.large import peak_rss_gb
 
     start = time.perf_counter()
     city = synthetic_metro(size)
     generate_seconds = time.perf_counter() - start
     embedder = make_embedder(method, mode="minibatch", batch_size=batch_size, epochs=1, random_state=0)
+    training = "halo" if getattr(embedder, "minibatch_halo", False) else "in-batch"
     start = time.perf_counter()
-    fit_minibatch(embedder, city, max_steps=steps)
+    fit_batched(embedder, city, max_steps=steps)
     total = time.perf_counter() - start
     log = embedder.log_
     epoch = log.epoch_seconds[0]
@@ -168,7 +213,7 @@ def scale_worker(size: int, method: str, steps: int | None, batch_size: int) -> 
            "epoch_seconds": epoch * log.steps_per_epoch / done, "extrapolated": done < log.steps_per_epoch,
            "setup_seconds": total - log.seconds, "embed_seconds": log.seconds - epoch if done == log.steps_per_epoch
            else None, "peak_rss_gb": peak_rss_gb(),
-           "load_average": os.getloadavg()[0]}
+           "load_average": os.getloadavg()[0], "negatives": embedder.negatives, "training": training}
     return row
 
 
@@ -194,31 +239,65 @@ def scale(sizes: list[int], methods: list[str], steps: int, full_epoch_max: int,
 
 
 def parity_table(parity_rows: list[dict[str, Any]]) -> str:
-    """The parity rows as a table per (dataset, method, task) and a summary line."""
+    """The parity rows as a table per (dataset, method, task) and a summary line (with the accumulate fits' too)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in parity_rows:
         groups.setdefault((r["dataset"], r["method"], r["task"]), []).append(r)
-    table = [[d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
-              float(np.mean([r["r2_minibatch"] for r in rs])), float(np.mean([r["difference"] for r in rs])),
-              float(np.max(np.abs([r["difference"] for r in rs]))),
-              float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-"]
-             for (d, m, t), rs in groups.items()]
-    text = md_table(["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
-                     "largest abs. difference", "sd of full over seeds"], table)
-    diffs = [r["difference"] for r in parity_rows]
-    within = sum(abs(d) <= 0.02 for d in diffs)
+    accumulated = all("r2_accumulate" in r for r in parity_rows)
+    # Floors, added to the rows by a separate script (see the notes): full batch again with its loss times 1 + 1e-6
+    # (rounding), and with the same initial weights but other dropout masks.
+    floors = [(key, label) for key, label in (("difference_rescaled", "full, loss x (1 + 1e-6)"),
+                                              ("difference_reseeded", "full, other dropout masks"))
+              if any(key in r for r in parity_rows)]
+    table = []
+    for (d, m, t), rs in groups.items():
+        line = [d, m, t, len(rs), float(np.mean([r["r2_full"] for r in rs])),
+                float(np.mean([r["r2_minibatch"] for r in rs])), float(np.mean([r["difference"] for r in rs])),
+                float(np.max(np.abs([r["difference"] for r in rs])))]
+        if accumulated:
+            line += [float(np.mean([r["r2_accumulate"] for r in rs])),
+                     float(np.mean([r["difference_accumulate"] for r in rs])),
+                     float(np.max(np.abs([r["difference_accumulate"] for r in rs])))]
+        for key, _ in floors:
+            floor = [r[key] for r in rs if key in r]
+            line += [float(np.mean(floor)), float(np.max(np.abs(floor)))] if floor else ["-", "-"]
+        line.append(float(np.std([r["r2_full"] for r in rs], ddof=1)) if len(rs) > 1 else "-")
+        table.append(line)
+    header = ["dataset", "method", "task", "seeds", "R² full", "R² mini-batch", "mean difference",
+              "largest abs. difference"]
+    if accumulated:
+        header += ["R² accumulate", "mean difference (accumulate)", "largest abs. difference (accumulate)"]
+    for _, label in floors:
+        header += [f"mean difference ({label})", f"largest abs. difference ({label})"]
+    text = md_table([*header, "sd of full over seeds"], table)
     first = parity_rows[0]
-    return text + (f"\nBatch size {first['batch_size']} regions, {first.get('negatives', 0)} negatives, "
-                   f"{first['epochs']} epochs. {within} of {len(diffs)} (city, task, seed) cells within 0.02; mean "
-                   f"difference {np.mean(diffs):+.3f}, mean absolute difference {np.mean(np.abs(diffs)):.3f}. Fit "
-                   f"seconds, full / mini-batch (mean): {np.mean([r['fit_seconds_full'] for r in parity_rows]):.1f} / "
-                   f"{np.mean([r['fit_seconds_minibatch'] for r in parity_rows]):.1f}.\n\n")
+    text += (f"\nBatch size {first['batch_size']} regions, {first.get('negatives', 0)} negatives, "
+             f"{first['epochs']} epochs, {first.get('training', 'in-batch')} mini-batches. ")
+    kinds = [("difference", "Mini-batch (a step per batch)")]
+    if accumulated:
+        kinds.append(("difference_accumulate", "Accumulate (a step per epoch)"))
+    kinds += [(key, f"Floor, {label}") for key, label in floors]
+    for key, label in kinds:
+        diffs = [r[key] for r in parity_rows if key in r]
+        within = sum(abs(d) <= 0.02 for d in diffs)
+        text += (f"{label}: {within} of {len(diffs)} (city, task, seed) cells within 0.02; mean difference "
+                 f"{np.mean(diffs):+.3f}, mean absolute difference {np.mean(np.abs(diffs)):.3f}. ")
+    by_seed = [f"{d} {t}: " + ", ".join(f"{r['seed']}: {r['difference']:+.3f}" for r in rs)
+               for (d, _, t), rs in groups.items()]
+    text += "\n\nPer (city, task), mini-batch minus full batch by seed: " + "; ".join(by_seed)
+    text += ".\n\n"
+    seconds = [f"{np.mean([r[f'fit_seconds_{mode}'] for r in parity_rows]):.1f}"
+               for mode in ("full", "minibatch", "accumulate") if f"fit_seconds_{mode}" in first]
+    text += f"Fit seconds ({' / '.join(m for m in ('full', 'mini-batch', 'accumulate')[:len(seconds)])}, mean): "
+    return text + " / ".join(seconds) + ".\n\n"
 
 
 def markdown(payload: dict[str, Any]) -> str:
     text = ("# Mini-batch multi-view embedders\n\n`python benchmarks/minibatch.py` (figures from a loaded, shared "
             "2-core machine, one thread per process).\n\n")
-    for key, title in (("parity", "R², full batch vs mini-batch (nested, same seeds)"),
+    for key, title in (("parity_srel", "srel with halo mini-batches: R², full batch vs mini-batch (nested, same "
+                                       "seeds)"),
+                       ("parity", "R², full batch vs mini-batch (nested, same seeds)"),
                        ("parity_negatives", "The same with uniform negatives joined to each batch")):
         if payload.get(key):
             text += f"## {title}\n\n" + parity_table(payload[key])
@@ -229,14 +308,17 @@ def markdown(payload: dict[str, Any]) -> str:
         text += "## Seconds per epoch and peak memory on synthetic metros (mini-batch)\n\n"
         table = []
         for r in scale_rows:
+            form = r.get("training", "in-batch")
             if "error" in r:
-                table.append([r["regions"], r["method"], "-", "-", "-", "-", r["error"]])
+                table.append([r["regions"], r["method"], form, "-", "-", "-", "-", r["error"]])
                 continue
-            how = (f"extrapolated from {r['steps_run']} of {r['steps_per_epoch']} steps" if r["extrapolated"] else
+            how = (f"batches of {r['batch_size']}; extrapolated from {r['steps_run']} of {r['steps_per_epoch']} steps"
+                   if r["extrapolated"] else
                    f"one whole epoch ({r['steps_per_epoch']} steps); embedding all regions {r['embed_seconds']:.0f} s")
-            table.append([f"{r['regions']:,}", r["method"], f"{r['epoch_seconds']:.0f}", f"{r['setup_seconds']:.0f}",
-                          f"{r['peak_rss_gb']:.2f}", f"{r['load_average']:.1f}", how])
-        text += md_table(["regions", "method", "s / epoch", "setup s", "peak RSS GB", "load", "how"], table)
+            table.append([f"{r['regions']:,}", r["method"], form, f"{r['epoch_seconds']:.0f}",
+                          f"{r['setup_seconds']:.0f}", f"{r['peak_rss_gb']:.2f}", f"{r['load_average']:.1f}", how])
+        text += md_table(["regions", "method", "mini-batches", "s / epoch", "setup s", "peak RSS GB", "load", "how"],
+                         table)
         text += ("\nSetup: the sparse OD view to CSR, SVD mobility features, k-nearest neighbourhoods (srel), the "
                  "objective's sparse matrices. Peak RSS includes the synthetic city itself (generated in the same "
                  "process, its OD as a pandas sparse view).\n")
@@ -253,8 +335,16 @@ def main() -> int:
     args_parser.add_argument("--batch-size", type=int, default=None,
                              help="regions per batch (default: 64 for parity, 1024 for scale)")
     args_parser.add_argument("--epochs", type=int, default=None, help="parity: epochs (default: the method's)")
-    args_parser.add_argument("--negatives", type=int, default=0,
-                             help="parity: uniform negatives per mini-batch (rows go to parity_negatives)")
+    args_parser.add_argument("--negatives", type=int, default=None,
+                             help="parity: uniform negatives per mini-batch (default: the method's; hafusion rows "
+                                  "with negatives go to parity_negatives)")
+    args_parser.add_argument("--modes", default="full,minibatch",
+                             help="parity: fits per seed (full, minibatch, accumulate: the halo mode's one step "
+                                  "per epoch; rescaled, reseeded: the floors, full batch with its loss x (1 + 1e-6) "
+                                  "or with other dropout masks); full and minibatch are needed")
+    args_parser.add_argument("--key", default=None,
+                             help="parity: where the rows go in the results (default: parity_srel for srel, else "
+                                  "parity or parity_negatives)")
     args_parser.add_argument("--sizes", default="10000,100000,1000000", help="scale: regions")
     args_parser.add_argument("--steps", type=int, default=40, help="scale: steps timed above --full-epoch-max")
     args_parser.add_argument("--full-epoch-max", type=int, default=100_000,
@@ -272,10 +362,13 @@ def main() -> int:
     payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     payload["environment"] = environment()
     if "parity" in parts:
-        key = "parity_negatives" if args.negatives else "parity"
+        methods = [m.strip() for m in args.methods.split(",")]
+        key = args.key or ("parity_srel" if methods == ["srel"] else "parity_negatives" if args.negatives
+                           else "parity")
         payload[key] = parity([c.strip() for c in args.cities.split(",")],
                               [m.strip() for m in args.methods.split(",")], parse_seeds(args.seeds),
-                              args.batch_size or 64, args.epochs, args.negatives)
+                              args.batch_size or 64, args.epochs, args.negatives,
+                              tuple(m.strip() for m in args.modes.split(",")))
     if "scale" in parts:
         payload["scale"] = scale([int(s) for s in args.sizes.split(",")],
                                  [m.strip() for m in args.scale_methods.split(",")], args.steps, args.full_epoch_max,

@@ -47,9 +47,14 @@ class RegionAttention(nn.Module):
             bias: Additive logits per head: (H, N, N) dense, or (H, N, k) with ``neighbors``.
             mask: (N, k) booleans, with ``neighbors``: which neighbours are attended to (a mini-batch leaves
                 out those outside it); every row must keep at least one.
+
+        With ``neighbors`` of M < N rows only the first M regions attend (a halo batch's inner rows, whose
+        neighbours lie among the N) and the output has M rows.
         """
         n = h.shape[0]
         q, k, v = self.qkv(h).view(n, 3, self.n_heads, self.head_dim).unbind(1)  # (N, H, dh) each
+        n_out = n if neighbors is None else neighbors.shape[0]
+        q = q[:n_out]
         scale = 1.0 / math.sqrt(self.head_dim)
         if neighbors is None:
             logits = torch.einsum("nhd,mhd->hnm", q, k) * scale
@@ -65,7 +70,7 @@ class RegionAttention(nn.Module):
                 logits = logits.masked_fill(~mask[None], float("-inf"))
             weights = self.dropout(torch.softmax(logits, dim=-1))
             mixed = torch.einsum("hnk,nkhd->nhd", weights, v[neighbors])
-        out = self.out(mixed.reshape(n, -1))
+        out = self.out(mixed.reshape(n_out, -1))
         if self.edges is not None:
             out = out + self.edges(weights.mean(dim=0))
         return out
@@ -139,7 +144,8 @@ class RegionBlock(nn.Module):
         self, h: torch.Tensor, neighbors: torch.Tensor | None = None, bias: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.norm1(h + self.dropout(self.attention(h, neighbors, bias, mask)))
+        attended = self.attention(h, neighbors, bias, mask)  # fewer rows than h when neighbors has fewer
+        h = self.norm1(h[: attended.shape[0]] + self.dropout(attended))
         return self.norm2(h + self.dropout(self.ffn(h)))
 
 
@@ -164,10 +170,15 @@ class ViewEncoder(nn.Module):
                                                 edge_channels=edge_channels) for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor, neighbors: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, rows: list[int] | None = None) -> torch.Tensor:
+        """Embed; with ``rows`` (one count per block, with ``neighbors``) block i outputs only its first rows[i]
+        regions (a halo batch shrinking towards its targets, each ring computed only as far as it is needed)."""
         h = self.project(x)
-        for block in self.blocks:
-            h = block(h, neighbors, mask=mask)
+        for i, block in enumerate(self.blocks):
+            if rows is None or neighbors is None:
+                h = block(h, neighbors, mask=mask)
+            else:
+                h = block(h, neighbors[: rows[i]], mask=None if mask is None else mask[: rows[i]])
         return h
 
 
@@ -192,12 +203,26 @@ class ViewFusion(nn.Module):
         )
         self.score = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
         self.view_weights = torch.zeros(0)
+        self.row_scores = torch.zeros(0)
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, views: list[torch.Tensor], row_weights: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Fuse (N, d) views into (N, d).
+
+        Args:
+            views: One (N, d) tensor per view.
+            row_weights: (N,) weights of the rows in the pooled score, summing to 1 (``None``: the mean over
+                rows). A mini-batch with a halo weighs its target regions as a sample of the city and its halo 0.
+            pooled: (V,) pooled scores to use instead of the rows' (a batch embedded with the city's scores).
+        """
         z = torch.stack(views, dim=1)  # (N, V, d)
         if self.mix is not None:
             z = self.mix(z)
-        weights = torch.softmax(self.score(z).mean(dim=0).squeeze(-1), dim=0)  # (V,)
+        scores = self.score(z).squeeze(-1)  # (N, V)
+        self.row_scores = scores.detach()
+        if pooled is None:
+            pooled = scores.mean(dim=0) if row_weights is None else (row_weights[:, None] * scores).sum(dim=0)
+        weights = torch.softmax(pooled, dim=0)  # (V,)
         self.view_weights = weights.detach()
         return (z * weights[None, :, None]).sum(dim=1)
 
@@ -349,5 +374,11 @@ class MultiViewFusion(nn.Module):
         self.fusion = fusion if fusion is not None else ViewFusion(d, n_heads, mix_views=True, dropout=dropout)
 
     def forward(self, features: dict[str, torch.Tensor], neighbors: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fusion([self.encoders[v](features[v], neighbors, mask) for v in self.view_names])
+                mask: torch.Tensor | None = None, rows: list[int] | None = None,
+                **pooling: torch.Tensor | None) -> torch.Tensor:
+        """Encode and fuse the views; ``rows`` goes to each :class:`ViewEncoder`, ``pooling`` (``row_weights``,
+        ``pooled``: for the rows left) to a :class:`ViewFusion`."""
+        encoded = [self.encoders[v](features[v], neighbors, mask, rows) for v in self.view_names]
+        left = encoded[0].shape[0]
+        given = {k: (v[:left] if k == "row_weights" else v) for k, v in pooling.items() if v is not None}
+        return self.fusion(encoded, **given) if given else self.fusion(encoded)

@@ -56,7 +56,7 @@ class MGFNEmbedder(MultiViewEmbedder):
     """
 
     minibatch_unsupported = ("its inputs are dense P x N x N time-pattern graphs, each attended over all N "
-                             "regions; not ported to mini-batches")
+                             "regions, so a batch's halo would be the whole city; not ported to mini-batches")
 
     #: MGFN keeps the per-row distribution objective it was benchmarked with (not re-checked against its code).
     objective = "distribution"

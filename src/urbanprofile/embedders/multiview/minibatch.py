@@ -6,8 +6,9 @@ run over all N x N pairs. In mini-batch mode an epoch is one pass over compact b
 centroids, rotated by a seeded random angle every epoch so that batch borders move (a city without locations
 is split on its first two mobility SVD components). Within a batch:
 
-- attention is over the batch: SREL attends to each region's k nearest regions (one global sparse graph;
-  neighbours outside the batch are masked), HAFusion attends densely over the batch's regions;
+- attention is over the batch: HAFusion attends densely over the batch's regions (SREL, whose attention is local,
+  trains with halos instead: :mod:`.halo`, the full-batch method batched; dense attention has the whole city as
+  its halo, so HAFusion keeps this in-batch form);
 - the mobility loss is the peers' softmax of e_s . e_d with the batch's regions as the candidate
   destinations (and origins): a sampled softmax whose negatives are the batch's other regions, scored on
   the trips between regions of the batch (the OD slice of the batch, read from a sparse matrix);
@@ -16,8 +17,8 @@ is split on its first two mobility SVD components). Within a batch:
   its attention and as candidates of its losses (their own outputs are not kept).
 
 Memory is O(batch_size^2 + N k) and an epoch is N / batch_size steps, so its time is linear in N. With
-``batch_size`` of at least N one batch is the whole city and the step is the full-batch step (for SREL, the
-step of its k-nearest attention). Batch embeddings (checkpoints, the final embedding) use the unrotated split.
+``batch_size`` of at least N one batch is the whole city and the step is the full-batch step. Batch embeddings
+(checkpoints, the final embedding) use the unrotated split.
 """
 
 from __future__ import annotations
@@ -168,11 +169,14 @@ class RegionBatch:
         index: (B,) global positions of the batch's regions.
         neighbors: (B, k) positions within the batch of each region's neighbours (0 where masked), or ``None``.
         mask: (B, k) which neighbours lie in the batch, or ``None``.
+        rings: For a halo batch (:mod:`.halo`), how many of its regions (they come nearest first) lie within
+            0, 1, 2, ... neighbourhood steps of its targets; ``None`` otherwise.
     """
 
     index: torch.Tensor
     neighbors: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    rings: list[int] | None = None
 
 
 class BatchMaker:

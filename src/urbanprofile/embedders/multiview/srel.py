@@ -22,6 +22,7 @@ from urbanprofile.embedders.multiview.layers import (
 from urbanprofile.embedders.multiview.minibatch import RegionBatch, neighbourhood_prior
 from urbanprofile.embedders.multiview.spatial_graph import N_BUCKETS, SpatialPrior, spatial_prior
 from urbanprofile.embedders.multiview.training import MultiTaskObjective, MultiViewEmbedder, multitask_step
+from urbanprofile.errors import ParameterError
 
 
 class SRELNetwork(nn.Module):
@@ -48,9 +49,16 @@ class SRELNetwork(nn.Module):
                                     for _ in range(n_layers))
         self.out = readout(readout_kind, d, d)
         self.heads = ReconstructionHeads(d, tuple(v for v in SIMILARITY_VIEWS if v in features))
+        #: Attention layers a region's output depends through: the receptive field is this many neighbourhood hops.
+        self.hops = n_intra_layers + n_layers
 
-    def forward(self, batch: RegionBatch | None = None) -> torch.Tensor:
-        """The (N, d) embedding, or with a mini-batch the (B, d) embedding of its regions (attention within it)."""
+    def forward(self, batch: RegionBatch | None = None, row_weights: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The (N, d) embedding, or with a mini-batch the (B, d) embedding of its regions (attention within it).
+
+        A batch that holds its regions' ``hops``-hop neighbourhood (a halo) gives its inner regions their full-batch
+        outputs, given the view fusion's pooled scores (``row_weights`` or ``pooled``, see :class:`ViewFusion`).
+        """
         if batch is None:
             h = self.views(self.features, self.neighbors) + self.centrality_projection(self.centrality)
             bias = self.bias(self.adjacency, self.buckets)
@@ -59,10 +67,19 @@ class SRELNetwork(nn.Module):
             return self.out(h)
         index = batch.index
         features = {v: x[index] for v, x in self.features.items()}
-        h = self.views(features, batch.neighbors, batch.mask) + self.centrality_projection(self.centrality[index])
-        bias = self.bias(self.adjacency[index], self.buckets[index])
-        for block in self.blocks:
-            h = block(h, batch.neighbors, bias, batch.mask)
+        rings, n_intra = batch.rings, self.hops - len(self.blocks)
+        # With rings, layer j outputs only the regions within hops - j steps of the targets (all the next reads).
+        view_rows = None if rings is None else [rings[self.hops - j] for j in range(1, n_intra + 1)]
+        h = self.views(features, batch.neighbors, batch.mask, rows=view_rows, row_weights=row_weights, pooled=pooled)
+        inner = index[: h.shape[0]]
+        h = h + self.centrality_projection(self.centrality[inner])
+        bias = self.bias(self.adjacency[inner], self.buckets[inner])
+        for j, block in enumerate(self.blocks, start=1):
+            if rings is None or batch.neighbors is None or batch.mask is None:
+                h = block(h, batch.neighbors, bias, batch.mask)
+            else:
+                r = rings[self.hops - n_intra - j]
+                h = block(h, batch.neighbors[:r], bias[:, :r], batch.mask[:r])
         return self.out(h)
 
 
@@ -84,20 +101,24 @@ class SRELEmbedder(MultiViewEmbedder):
         readout: ``deepfc`` (HAFusion's code) or ``mlp``.
         feedforward: Hidden width of a ReLU feed-forward with dropout in every attention block (HAFusion's
             2048, the ``hafusion`` default); ``None``: the 2 d GELU feed-forward.
-        attention: ``auto`` (dense up to ``dense_limit`` regions, else sparse), ``dense`` or ``sparse`` (full-batch
-            mode; mini-batches always attend to the k nearest regions within the batch).
-        k_neighbors: Neighbourhood size of the sparse attention (and of the mini-batch attention).
+        attention: ``auto`` (dense up to ``dense_limit`` regions, else sparse), ``dense`` or ``sparse``, in both
+            modes (a mini-batch with dense attention runs the whole city's forward for its halo).
+        k_neighbors: Neighbourhood size of the sparse attention.
         dense_limit: Largest city trained with dense N x N attention under ``auto``.
         views: Count views read: ``od_flows`` (the mobility objective) and any of ``poi_counts``,
             ``landuse_counts`` (the registry passes those a city has).
         mode: ``auto`` (mini-batches above ``minibatch_above`` regions, else full batch), ``full`` or
-            ``minibatch`` (:mod:`~urbanprofile.embedders.multiview.minibatch`: spatially compact batches, attention
-            to the k nearest regions in the batch, the losses over the batch's regions and trips).
-        batch_size: Regions per mini-batch.
+            ``minibatch`` (:mod:`~urbanprofile.embedders.multiview.halo`: spatially compact batches of seed regions
+            with their trip partners, sampled negatives and the attention neighbourhood of those as a halo, so the
+            seeds' outputs are the full-batch ones; the loss is the seeds' rows of the full-batch loss).
+        batch_size: Seed regions per mini-batch.
         minibatch_above: Largest city trained full-batch under ``auto`` (the sparse full-batch form took 8.3 GB
             at 20,000 regions).
-        negatives: Regions drawn uniformly from outside each mini-batch and added to it (context for its
-            attention, candidates of its losses; their own outputs are not kept).
+        negatives: Regions drawn uniformly from outside each mini-batch's seeds and trip partners, as candidates of
+            its softmax and similarity sums (weighted as a sample of the rest of the city; all of the rest when it
+            has no more regions than this: the exact loss rows).
+        accumulate: Mini-batch mode: one optimizer step per epoch on the gradients summed over its batches (with
+            every region a candidate, the full-batch step); ``False``: a step per batch (the fast path).
         random_state: Seed of the initialisation and sampling.
     """
 
@@ -106,8 +127,8 @@ class SRELEmbedder(MultiViewEmbedder):
                  weight_decay: float = 5e-4, objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
                  attention: str = "auto", k_neighbors: int = 32, dense_limit: int = 2000,
                  feedforward: int | None = None, views: tuple[str, ...] = MULTI_VIEWS, mode: str = "auto",
-                 batch_size: int = 1024, minibatch_above: int = 10_000, negatives: int = 0,
-                 random_state: int | None = 0) -> None:
+                 batch_size: int = 1024, minibatch_above: int = 10_000, negatives: int = 32,
+                 accumulate: bool = False, random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers
         self.n_layers = n_layers
@@ -128,9 +149,17 @@ class SRELEmbedder(MultiViewEmbedder):
         self.batch_size = batch_size
         self.minibatch_above = minibatch_above
         self.negatives = negatives
+        self.accumulate = accumulate
         self.random_state = random_state
 
     minibatch_unsupported = None
+    #: Mini-batches carry their attention neighbourhood as a halo (:mod:`~urbanprofile.embedders.multiview.halo`).
+    minibatch_halo = True
+
+    def uses_minibatch(self, city: CityData) -> bool:
+        if not isinstance(self.accumulate, bool):
+            raise ParameterError(f"SRELEmbedder: accumulate must be True or False, got {self.accumulate!r}")
+        return super().uses_minibatch(city)
 
     def _sparse(self, city: CityData) -> bool:
         if self.attention not in ("auto", "dense", "sparse"):
@@ -152,7 +181,11 @@ class SRELEmbedder(MultiViewEmbedder):
         return network, multitask_step(network, network.heads, objective)
 
     def build_minibatch(self, city: CityData, inputs: MultiViewInputs) -> tuple[Any, np.ndarray | None]:
-        prior = neighbourhood_prior(city, inputs, self.k_neighbors)
+        if self._sparse(city):
+            prior = neighbourhood_prior(city, inputs, self.k_neighbors)
+        else:
+            # Dense attention, as the full-batch form of a city this small: every batch's halo is the city.
+            prior = spatial_prior(city, dense_limit=city.n_regions)
         self.prior_source_ = prior.source
         features = {v: torch.as_tensor(x, dtype=torch.float32) for v, x in inputs.features.items()}
         network = SRELNetwork(features, prior, self.d, self.n_intra_layers, self.n_layers, self.n_heads,

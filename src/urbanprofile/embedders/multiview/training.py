@@ -32,6 +32,7 @@ from scipy import sparse
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import Embedder, as_embedding
+from urbanprofile.embedders.multiview.halo import fit_batched
 from urbanprofile.embedders.multiview.inputs import (
     NEGATIVES,
     SIMILARITY_PAIRS,
@@ -41,7 +42,7 @@ from urbanprofile.embedders.multiview.inputs import (
     objective_settings,
     top_k_rows,
 )
-from urbanprofile.embedders.multiview.minibatch import check_mode, fit_minibatch, uses_minibatch
+from urbanprofile.embedders.multiview.minibatch import check_mode, uses_minibatch
 from urbanprofile.errors import MethodUnavailableError, TrainingError
 
 
@@ -245,6 +246,8 @@ class MultiViewEmbedder(Embedder):
     batch_size: int = 1024
     minibatch_above: int = 10_000
     negatives: int = 0
+    #: Whether its mini-batches carry a halo (:mod:`.halo`: the full-batch method batched) or attend within the batch.
+    minibatch_halo: bool = False
     #: Why a method has no mini-batch mode (one line for its error), or ``None`` when it has one.
     minibatch_unsupported: str | None = "it has no mini-batch mode"
 
@@ -294,7 +297,7 @@ class MultiViewEmbedder(Embedder):
         settings = objective_settings(self.objective)
         if self.uses_minibatch(city):
 
-            fit_minibatch(self, city)
+            fit_batched(self, city)
             return self
         torch.manual_seed(0 if self.random_state is None else int(self.random_state))
         inputs = self.inputs(city)

@@ -31,6 +31,10 @@ from urbanprofile.embedders.multimodal.urbanfusion import (
 )
 from urbanprofile.errors import TrainingError, UrbanProfileError, require
 
+#: Restarts of the worker group after a failure (a lost worker, a rendezvous port taken meanwhile): each restart
+#: trains from the beginning, and the run is seeded, so the result is the same.
+RETRIES = 2
+
 
 def pretrain_on_ray(embedder: UrbanFusionEmbedder, store: str | Path, num_workers: int = 2,
                     address: str | None = None) -> UrbanFusionEmbedder:
@@ -47,7 +51,7 @@ def pretrain_on_ray(embedder: UrbanFusionEmbedder, store: str | Path, num_worker
         ``embedder``, fitted (its ``model_`` holds rank 0's weights after the last step).
 
     Raises:
-        TrainingError: A worker failed (one line with its reason).
+        TrainingError: The workers failed ``RETRIES + 1`` times (one line with the last reason).
     """
     ray = require("ray", "ray")
     require("ray.train.torch", "ray")
@@ -79,7 +83,7 @@ def pretrain_on_ray(embedder: UrbanFusionEmbedder, store: str | Path, num_worker
                 scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
                                              resources_per_worker={"CPU": 1}),
                 run_config=RunConfig(name="urbanfusion", storage_path=runs,
-                                     failure_config=FailureConfig(max_failures=0),
+                                     failure_config=FailureConfig(max_failures=RETRIES),
                                      checkpoint_config=CheckpointConfig(num_to_keep=1)))
             try:
                 result = trainer.fit()

@@ -110,6 +110,9 @@ def test_checkpoint_round_trip_embeds_the_same(city_store: tuple[object, Path], 
     assert sorted(p.name for p in folder.iterdir()) == ["urbanfusion.json", "urbanfusion.safetensors"]
     back = UrbanFusionEmbedder.from_checkpoint(folder)
     np.testing.assert_array_equal(back.transform(city).to_numpy(), model.transform(city).to_numpy())  # type: ignore[arg-type]
+    narrower = make_synthetic_city(n_regions=70, n_poi_categories=5, random_state=0)
+    with pytest.raises(DataError, match="modality 'poi' is 5-d here, the model was pretrained on"):
+        back.transform(narrower)
     (folder / "urbanfusion.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(DataError, match="not an urbanfusion checkpoint"):
         UrbanFusionEmbedder.from_checkpoint(folder)

@@ -405,6 +405,10 @@ class UrbanFusionEmbedder(Embedder):
         if unknown:
             raise MethodUnavailableError(f"modality {unknown[0]!r} was not trained (trained: {self.names_})")
         feats = city_modalities(city, names)
+        for m in names:  # a model pretrained on a store of other encoders' outputs meets this city's
+            if feats.values[m].shape[1] != self.dims_[m]:
+                raise DataError(f"{city.name}: modality {m!r} is {feats.values[m].shape[1]}-d here, the model was "
+                                f"pretrained on {self.dims_[m]}-d")
         mask = np.column_stack([feats.present[m] if m in names else np.zeros(city.n_regions, bool)
                                 for m in self.names_])
         empty = ~mask.any(1)

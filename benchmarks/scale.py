@@ -230,7 +230,7 @@ def measure_srai(cells: int, epochs: int, methods: list[str]) -> list[dict[str, 
             load = os.getloadavg()[0]
             done = measured([sys.executable, "-c", _FIT_ONE, method, str(built), str(epochs)],
                             work / f"{method}.log")
-            row: dict[str, Any] = {"method": method, "size": cells, "cells": _cells_built(built),
+            row: dict[str, Any] = {"method": method, "code": "now", "size": cells, "cells": _cells_built(built),
                                    "pois": spec.n_pois, "epochs": epochs, "load_avg_1min": round(load, 1),
                                    "wall_s": done["wall_s"], "peak_rss_gb": done["peak_rss_gb"]}
             if done["rc"] != 0:
@@ -249,12 +249,17 @@ def srai_markdown(rows: list[dict[str, Any]]) -> str:
              "resolution-9 cell, written as a dataset directly), each method fitted for the epochs shown and applied "
              "to every cell in its own subprocess (peak RSS from GNU time, which includes loading the dataset). "
              f"Machine: {MACHINE}.", "",
-             "| method | cells | epochs | load s | fit s | transform s | wall s | peak RSS GB | load avg | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| method | code | cells | epochs | load s | fit s | transform s | wall s | peak RSS GB | load avg "
+             "| note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r.get('cells', r['size']):,} | {r['epochs']} | {r.get('load_s', '-')} | "
+        lines.append(f"| {r['method']} | {r.get('code', 'now')} | {r.get('cells', r['size']):,} | {r['epochs']} | "
+                     f"{r.get('load_s', '-')} | "
                      f"{r.get('fit_s', '-')} | {r.get('transform_s', '-')} | {r['wall_s']} | {r['peak_rss_gb']} | "
                      f"{r['load_avg_1min']} | {r.get('failed', '')} |")
+    lines += ["", "Code `before`: the hex2vec adapter checked that every region has a negative to sample with a set "
+              "difference against all regions per region (O(N^2)); `now`: it counts the city's regions among the near "
+              "ones (O(rings) per region)."]
     return "\n".join(lines) + "\n"
 
 
@@ -517,7 +522,7 @@ def main() -> None:
                       pretrain_markdown(merged))
     if "srai" in parts:
         rows = [row for cells in sizes for row in measure_srai(cells, args.srai_epochs, args.srai_methods.split(","))]
-        merged = _merge(args.out / "scale_srai.json", rows, ("method", "size", "epochs"))
+        merged = _merge(args.out / "scale_srai.json", rows, ("method", "size", "epochs", "code"))
         write_results(args.out, "scale_srai", {"environment": environment, "rows": merged}, srai_markdown(merged))
 
 

@@ -338,8 +338,9 @@ def measured_anon(command: list[str], log: Path) -> dict[str, Any]:
             "peak_file_gb": round(peaks["RssFile"] / 1e6, 3)}
 
 
-def measure_pretrain(n: int, epochs: int, in_memory_max: int) -> list[dict[str, Any]]:
-    """``urbanprofile pretrain`` on a synthetic store of ``n`` locations, through the loader (and in memory)."""
+def measure_pretrain(n: int, epochs: int, in_memory_max: int, ray_workers: int = 0) -> list[dict[str, Any]]:
+    """``urbanprofile pretrain`` on a synthetic store of ``n`` locations, through the loader (and in memory, and
+    on a local Ray Train with ``ray_workers`` workers: the driver's memory only, the workers are other processes)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="scale-pretrain-") as tmp:
         work = Path(tmp)
@@ -347,13 +348,18 @@ def measure_pretrain(n: int, epochs: int, in_memory_max: int) -> list[dict[str, 
         make_store(work / "store", n)
         made = round(time.perf_counter() - start, 1)
         store_gb = round(sum(f.stat().st_size for f in (work / "store").iterdir()) / 1e9, 2)
-        for path in ("loader", "in-memory"):
+        twins = [f"shards-{ray_workers}", f"ray-{ray_workers}"] if ray_workers else []
+        paths = ["loader", "in-memory", *twins]
+        for path in paths:
             if path == "in-memory" and n > in_memory_max:
                 continue
+            workers = ["--workers", str(ray_workers)]
+            options = {"in-memory": ["--in-memory"], "loader": [], f"shards-{ray_workers}": workers}.get(
+                path, ["--executor", "ray", *workers])
             load = os.getloadavg()[0]
             out = work / f"ckpt-{path}"
             done = measured_anon(_cli("pretrain", str(work / "store"), "--out", str(out), "--epochs", str(epochs),
-                                      *(["--in-memory"] if path == "in-memory" else [])), work / f"{path}.log")
+                                      *options), work / f"{path}.log")
             row: dict[str, Any] = {"path": path, "size": n, "store_gb": store_gb, "store_s": made, "epochs": epochs,
                                    "dims": sum(STORE_DIMS.values()), "load_avg_1min": round(load, 1),
                                    **{k: done[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "peak_file_gb")}}
@@ -377,7 +383,10 @@ def pretrain_markdown(rows: list[dict[str, Any]]) -> str:
              "DataLoader over the memory-mapped store (`loader`) or with `--in-memory`. Peak RSS from GNU time; its "
              "anonymous (the process's own) and file-backed (the mapped store's pages in the page cache) parts "
              "sampled twice a second. Setup (opening the store, the standardisation pass over it) is in wall s, "
-             f"not in s / epoch. Machine: {MACHINE}.", "",
+             "not in s / epoch. `shards-N`: `--workers N` in one process (each batch in N parts, their gradients "
+             "averaged); `ray-N`: `--executor ray --workers N` on a local Ray (wall s includes starting Ray; "
+             "memory is the driver's, the workers are other processes; the steps are those of `--workers N` in one "
+             f"process, whose InfoNCE has B / N negatives per part, so its loss differs). Machine: {MACHINE}.", "",
              "| locations | path | store GB | s / epoch | steps | wall s | peak RSS GB | anon GB | file GB | load avg "
              "| note |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -482,6 +491,8 @@ def main() -> None:
     args_parser.add_argument("--pretrain-epochs", type=int, default=1, help="epochs of the pretrain part")
     args_parser.add_argument("--in-memory-max", type=parse_size, default=200_000,
                              help="largest size also pretrained --in-memory (default 200k)")
+    args_parser.add_argument("--ray-workers", type=int, default=0,
+                             help="also pretrain on a local Ray Train with this many workers (default 0: not)")
     args_parser.add_argument("--srai-epochs", type=int, default=1, help="epochs of the srai part (default 1)")
     args_parser.add_argument("--srai-methods", default="hex2vec,geovex", help="methods of the srai part")
     args_parser.add_argument("--evaluate-build", choices=("direct", "cli"), default="direct",
@@ -516,7 +527,8 @@ def main() -> None:
         write_results(args.out, "scale_evaluate", {"environment": environment, "rows": merged},
                       evaluate_markdown(merged))
     if "pretrain" in parts:
-        rows = [row for n in sizes for row in measure_pretrain(n, args.pretrain_epochs, args.in_memory_max)]
+        rows = [row for n in sizes for row in measure_pretrain(n, args.pretrain_epochs, args.in_memory_max,
+                                                                 args.ray_workers)]
         merged = _merge(args.out / "scale_pretrain.json", rows, ("path", "size", "epochs"))
         write_results(args.out, "scale_pretrain", {"environment": environment, "rows": merged},
                       pretrain_markdown(merged))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_one_error, run_cli
 
-from tests.helpers import assert_one_error, run_cli
 from urbanprofile.data import make_synthetic_city
 from urbanprofile.embedders.multimodal.pretrain_store import (
     META,

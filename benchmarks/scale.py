@@ -18,9 +18,20 @@ Parts (``--parts``):
               resolutions 9 and 10, councilcount's New York tax lots over the five boroughs at resolution 10
               (``--sizes`` unused); an extract whose package is missing is skipped with one line.
               Writes ``scale_real.{json,md}``.
+    srai      the same labelled country (POI counts per H3 cell), then ``hex2vec`` and ``geovex`` (srai's own
+              torch training, wrapped in ``embedders/srai.py``) fitted for ``--srai-epochs`` epochs and applied to
+              every cell, each in its own subprocess: seconds for the fit and the transform, peak RSS.
+              Writes ``scale_srai.{json,md}``.
+    pretrain  ``urbanprofile pretrain`` (UrbanFusion) on a seeded synthetic store of cached encoder outputs
+              (location 546-d, text 384-d, POI 32-d; text present for 70% of locations) with ``--sizes``
+              locations: seconds per epoch, peak RSS and its anonymous part, through the data loader over the
+              memory-mapped store and (up to ``--in-memory-max`` locations) in memory. Writes
+              ``scale_pretrain.{json,md}``.
 
 Run:  python benchmarks/scale.py --parts build --sizes 10k,30k,100k [--engine memory]
       python benchmarks/scale.py --parts evaluate --sizes 100k,1m
+      python benchmarks/scale.py --parts srai --sizes 100k
+      python benchmarks/scale.py --parts pretrain --sizes 10k,110k,1m
       python benchmarks/scale.py --parts real
 Rows of other engines and sizes already in the results are kept. The figures come from whatever machine runs
 this; the committed ones from a shared, loaded 2-core machine (load average recorded per row).
@@ -196,6 +207,206 @@ def measure_evaluate(cells: int, via_cli: bool = False) -> dict[str, Any]:
         return row
 
 
+#: Fits one method on one built dataset for some epochs, then embeds every region: run as its own process.
+_FIT_ONE = """
+import json, sys, time
+import numpy as np
+from urbanprofile.data.registry import load_dataset
+from urbanprofile.methods import get_method
+method, folder, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+start = time.perf_counter()
+city = load_dataset(folder)
+loaded = time.perf_counter()
+embedder = get_method(method).for_city(city).build(random_state=0)
+embedder.epochs = epochs
+embedder.fit(city)
+fitted = time.perf_counter()
+embedding = embedder.transform(city)
+done = time.perf_counter()
+print(json.dumps({"load_s": round(loaded - start, 1), "fit_s": round(fitted - loaded, 1),
+                  "transform_s": round(done - fitted, 1), "rows": int(embedding.shape[0]),
+                  "dims": int(embedding.shape[1]), "finite": bool(np.isfinite(embedding.to_numpy()).all())}))
+"""
+
+
+def measure_srai(cells: int, epochs: int, methods: list[str]) -> list[dict[str, Any]]:
+    """hex2vec and geovex on a labelled country of ``cells`` H3 cells (written directly, as for ``evaluate``)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scale-srai-") as tmp:
+        work = Path(tmp)
+        spec, _ = _country(work / "in", cells, trips=False, labels=True)
+        built = work / "country"
+        write_dataset(work / "in", built)
+        for method in methods:
+            load = os.getloadavg()[0]
+            done = measured([sys.executable, "-c", _FIT_ONE, method, str(built), str(epochs)],
+                            work / f"{method}.log")
+            row: dict[str, Any] = {"method": method, "code": "now", "size": cells, "cells": _cells_built(built),
+                                   "pois": spec.n_pois, "epochs": epochs, "load_avg_1min": round(load, 1),
+                                   "wall_s": done["wall_s"], "peak_rss_gb": done["peak_rss_gb"]}
+            if done["rc"] != 0:
+                row["failed"] = _failure(done)
+            else:
+                row.update(json.loads(next(line for line in done["output"].splitlines()[::-1]
+                                           if line.startswith("{"))))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def srai_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["# srai's hex2vec and geovex on many H3 cells", "",
+             "`python benchmarks/scale.py --parts srai --sizes 100k`: a seeded synthetic country (5 POIs per H3 "
+             "resolution-9 cell, written as a dataset directly), each method fitted for the epochs shown and applied "
+             "to every cell in its own subprocess (peak RSS from GNU time, which includes loading the dataset). "
+             f"Machine: {MACHINE}.", "",
+             "| method | code | cells | epochs | load s | fit s | transform s | wall s | peak RSS GB | load avg "
+             "| note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r.get('code', 'now')} | {r.get('cells', r['size']):,} | {r['epochs']} | "
+                     f"{r.get('load_s', '-')} | "
+                     f"{r.get('fit_s', '-')} | {r.get('transform_s', '-')} | {r['wall_s']} | {r['peak_rss_gb']} | "
+                     f"{r['load_avg_1min']} | {r.get('failed', '')} |")
+    lines += ["", "Code `before`: the hex2vec adapter checked that every region has a negative to sample with a set "
+              "difference against all regions per region (O(N^2)); `now`: it counts the city's regions among the near "
+              "ones (O(rings) per region)."]
+    return "\n".join(lines) + "\n"
+
+
+#: The synthetic store of the pretrain part: modality widths as the real encoders give them (GeoCLIP 512 + the
+#: 34 sinusoidal features; MiniLM 384), a POI profile of 32 categories; text is present for 70% of locations.
+STORE_DIMS = {"location": 546, "text": 384, "poi": 32}
+TEXT_PRESENT = 0.7
+STORE_CHUNK = 100_000
+
+
+def make_store(folder: Path, n: int, seed: int = SEED) -> Path:
+    """A seeded store of ``n`` synthetic encoder outputs, written ``STORE_CHUNK`` rows at a time.
+
+    Each location has a latent 8-d "place" vector; every modality is a fixed random linear map of it plus noise,
+    so the modalities agree about a location (there is something for the contrastive loss to learn).
+    """
+    from urbanprofile.embedders.multimodal.pretrain_store import StoreWriter
+
+    root = np.random.default_rng(seed)
+    maps = {m: root.normal(size=(8, d)).astype(np.float32) for m, d in STORE_DIMS.items()}
+    writer = StoreWriter(folder, STORE_DIMS, n)
+    for k, begin in enumerate(range(0, n, STORE_CHUNK)):
+        rows = min(STORE_CHUNK, n - begin)
+        rng = np.random.default_rng([seed, k])
+        place = rng.normal(size=(rows, 8)).astype(np.float32)
+        values = {m: place @ w + 0.5 * rng.normal(size=(rows, w.shape[1])).astype(np.float32)
+                  for m, w in maps.items()}
+        values["poi"] = np.log1p(np.exp(values["poi"]))  # counts-like: positive, skewed
+        present = {m: np.ones(rows, bool) for m in STORE_DIMS}
+        present["text"] = rng.random(rows) < TEXT_PRESENT
+        writer.append(values, present)
+    return writer.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rss_kb(pid: int) -> dict[str, int]:
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except OSError:
+        return {}
+    return {k: int(fields[k].split()[0]) for k in ("RssAnon", "RssFile") if k in fields}
+
+
+def measured_anon(command: list[str], log: Path) -> dict[str, Any]:
+    """:func:`measured`, plus the peak of the command's anonymous and file-backed RSS sampled twice a second.
+
+    A memory-mapped store's pages the process has touched count in its RSS as file-backed pages (the kernel's page
+    cache, reclaimable, shared with any other reader); the anonymous part is the process's own memory.
+    """
+    import threading
+
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            for timer in _children(os.getpid()):
+                for pid in _children(timer):  # time -> the measured command
+                    for key, value in _rss_kb(pid).items():
+                        peaks[key] = max(peaks[key], value)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = measured(command, log)
+    finally:
+        stop.set()
+        sampler.join()
+    return {**result, "peak_anon_gb": round(peaks["RssAnon"] / 1e6, 3),
+            "peak_file_gb": round(peaks["RssFile"] / 1e6, 3)}
+
+
+def measure_pretrain(n: int, epochs: int, in_memory_max: int, ray_workers: int = 0) -> list[dict[str, Any]]:
+    """``urbanprofile pretrain`` on a synthetic store of ``n`` locations, through the loader (and in memory, and
+    on a local Ray Train with ``ray_workers`` workers: the driver's memory only, the workers are other processes)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scale-pretrain-") as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        make_store(work / "store", n)
+        made = round(time.perf_counter() - start, 1)
+        store_gb = round(sum(f.stat().st_size for f in (work / "store").iterdir()) / 1e9, 2)
+        twins = [f"shards-{ray_workers}", f"ray-{ray_workers}"] if ray_workers else []
+        paths = ["loader", "in-memory", *twins]
+        for path in paths:
+            if path == "in-memory" and n > in_memory_max:
+                continue
+            workers = ["--workers", str(ray_workers)]
+            options = {"in-memory": ["--in-memory"], "loader": [], f"shards-{ray_workers}": workers}.get(
+                path, ["--executor", "ray", *workers])
+            load = os.getloadavg()[0]
+            out = work / f"ckpt-{path}"
+            done = measured_anon(_cli("pretrain", str(work / "store"), "--out", str(out), "--epochs", str(epochs),
+                                      *options), work / f"{path}.log")
+            row: dict[str, Any] = {"path": path, "size": n, "store_gb": store_gb, "store_s": made, "epochs": epochs,
+                                   "dims": sum(STORE_DIMS.values()), "load_avg_1min": round(load, 1),
+                                   **{k: done[k] for k in ("wall_s", "peak_rss_gb", "peak_anon_gb", "peak_file_gb")}}
+            if done["rc"] != 0:
+                row["failed"] = _failure(done)
+            else:
+                meta = json.loads((out / "urbanfusion.json").read_text())
+                row.update(epoch_s=round(float(np.mean(meta["epoch_seconds"])), 1),
+                           steps_per_epoch=-(-n // 256), loss=round(float(meta["loss_history"][-1]), 4))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def pretrain_markdown(rows: list[dict[str, Any]]) -> str:
+    dims = ", ".join(f"{m} {d}" for m, d in STORE_DIMS.items())
+    lines = ["# UrbanFusion pretraining from cached encoder outputs", "",
+             "`python benchmarks/scale.py --parts pretrain --sizes 10k,110k,1m`: a seeded synthetic modality store "
+             f"(widths {dims}; text present for {TEXT_PRESENT:.0%} of locations; float32 `.npy`), then "
+             "`urbanprofile pretrain STORE --epochs 1` (d_model 128, 2 layers, batches of 256, one thread) through the "
+             "DataLoader over the memory-mapped store (`loader`) or with `--in-memory`. Peak RSS from GNU time; its "
+             "anonymous (the process's own) and file-backed (the mapped store's pages in the page cache) parts "
+             "sampled twice a second. Setup (opening the store, the standardisation pass over it) is in wall s, "
+             "not in s / epoch. `shards-N`: `--workers N` in one process (each batch in N parts, their gradients "
+             "averaged); `ray-N`: `--executor ray --workers N` on a local Ray (wall s includes starting Ray; "
+             "memory is the driver's, the workers are other processes; the steps are those of `--workers N` in one "
+             f"process, whose InfoNCE has B / N negatives per part, so its loss differs). Machine: {MACHINE}.", "",
+             "| locations | path | store GB | s / epoch | steps | wall s | peak RSS GB | anon GB | file GB | load avg "
+             "| note |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']:,} | {r['path']} | {r['store_gb']} | {r.get('epoch_s', '-')} | "
+                     f"{r.get('steps_per_epoch', '-')} | {r['wall_s']} | {r['peak_rss_gb']} | {r['peak_anon_gb']} | "
+                     f"{r['peak_file_gb']} | {r['load_avg_1min']} | {r.get('failed', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 #: What the engine labels of the committed rows measured (rows of other labels say so in their ``engine_args``).
 ENGINE_NOTES = {
     "memory": "the in-memory build (no engine option), rows measured before this branch",
@@ -297,6 +508,9 @@ def _merge(path: Path, rows: list[dict[str, Any]], key: tuple[str, ...]) -> list
     return [r for r in previous if tuple(r.get(k) for k in key) not in fresh] + rows
 
 
+PARTS = ("build", "evaluate", "real", "srai", "pretrain")
+
+
 def main() -> None:
     args_parser = parser(__doc__, parts="build", out=RESULTS, parts_help="build, evaluate and/or real")
     args_parser.add_argument("--sizes", default="10k,30k,100k", help="rungs, in H3 cells (default 10k,30k,100k)")
@@ -304,6 +518,13 @@ def main() -> None:
     args_parser.add_argument("--engine-args", default=None,
                              help="build options selecting the engine (default: none for memory, else "
                                   "'--engine NAME')")
+    args_parser.add_argument("--pretrain-epochs", type=int, default=1, help="epochs of the pretrain part")
+    args_parser.add_argument("--in-memory-max", type=parse_size, default=200_000,
+                             help="largest size also pretrained --in-memory (default 200k)")
+    args_parser.add_argument("--ray-workers", type=int, default=0,
+                             help="also pretrain on a local Ray Train with this many workers (default 0: not)")
+    args_parser.add_argument("--srai-epochs", type=int, default=1, help="epochs of the srai part (default 1)")
+    args_parser.add_argument("--srai-methods", default="hex2vec,geovex", help="methods of the srai part")
     args_parser.add_argument("--evaluate-build", choices=("direct", "cli"), default="direct",
                              help="how the evaluate part makes its dataset: written directly from the generated "
                                   "cells (default) or by `urbanprofile build`")
@@ -312,9 +533,9 @@ def main() -> None:
     args_parser.add_argument("--trips", type=int, default=None, help="trips per rung instead of 0.5 per cell")
     args = args_parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
-    unknown = sorted(set(parts) - {"build", "evaluate", "real"})
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise UrbanProfileError(f"--parts: unknown part {unknown[0]!r} (choose from build, evaluate, real)")
+        raise UrbanProfileError(f"--parts: unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if args.engine_args is not None:
         engine_args = shlex.split(args.engine_args)
@@ -342,6 +563,16 @@ def main() -> None:
         merged = _merge(args.out / "scale_real.json", measure_real(measured, _cli, _failure), ("extract", "resolution"))
         write_results(args.out, "scale_real", {"environment": environment, "rows": merged},
                       real_markdown(merged, MACHINE))
+    if "pretrain" in parts:
+        rows = [row for n in sizes for row in measure_pretrain(n, args.pretrain_epochs, args.in_memory_max,
+                                                                 args.ray_workers)]
+        merged = _merge(args.out / "scale_pretrain.json", rows, ("path", "size", "epochs"))
+        write_results(args.out, "scale_pretrain", {"environment": environment, "rows": merged},
+                      pretrain_markdown(merged))
+    if "srai" in parts:
+        rows = [row for cells in sizes for row in measure_srai(cells, args.srai_epochs, args.srai_methods.split(","))]
+        merged = _merge(args.out / "scale_srai.json", rows, ("method", "size", "epochs", "code"))
+        write_results(args.out, "scale_srai", {"environment": environment, "rows": merged}, srai_markdown(merged))
 
 
 if __name__ == "__main__":

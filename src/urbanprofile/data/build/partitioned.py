@@ -48,6 +48,7 @@ from urbanprofile.data.build.h3_fast import cell_boundaries, cell_centres, cell_
 from urbanprofile.data.build.join import _EDGE_BATCH, _EDGE_MARGIN
 from urbanprofile.data.build.regions import h3_cell_estimate, read_boundary
 from urbanprofile.data.build.spec import BuildReport, BuildSpec
+from urbanprofile.data.build.steps import UNITS, Steps, load_categories, source_of
 from urbanprofile.data.build.streaming import (
     _CategoryCounts,
     can_stream,
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from urbanprofile.data.build.pipeline import _Steps
 
 #: Parents are at most this many resolutions coarser than the cells (7**5 = 16,807 children per parent).
 PARENT_STEPS = 5
@@ -528,7 +528,6 @@ def build_partitioned(
     Raises:
         DataError: As :func:`~urbanprofile.data.build.pipeline.build_dataset`; nothing is written then.
     """
-    from urbanprofile.data.build.pipeline import UNITS, _load_categories, _source, _Steps
 
     start = time.perf_counter()
     spec.check()
@@ -542,9 +541,9 @@ def build_partitioned(
         if given is not None and Path(given).exists() and Path(given).resolve().is_relative_to(target.resolve()):
             raise DataError(f"{given}: an input lies inside the output folder {target}, which the build replaces; "
                             "choose another --out")
-    categories = _load_categories(spec.categories)
+    categories = load_categories(spec.categories)
     report = BuildReport(city=spec.city, join_engine=spec.engine, region_kind="h3")
-    steps = _Steps(2 + (spec.pois is not None) + (spec.trips is not None), progress, report, log)
+    steps = Steps(2 + (spec.pois is not None) + (spec.trips is not None), progress, report, log)
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -552,7 +551,7 @@ def build_partitioned(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
-        manifest = _build_into(spec, tmp, report, steps, categories, UNITS, _source)
+        manifest = _build_into(spec, tmp, report, steps, categories, UNITS, source_of)
         with steps.step("write", "writing the manifest"):
             spec_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()
                            if v is not None}
@@ -579,7 +578,7 @@ def build_partitioned(
     return report
 
 
-def _build_into(spec: BuildSpec, folder: Path, report: BuildReport, steps: _Steps,
+def _build_into(spec: BuildSpec, folder: Path, report: BuildReport, steps: Steps,
                 categories: list[str] | dict[str, list[str]] | None, units_of: dict[str, str],
                 source: Callable[[Path | str], dict[str, Any]]) -> dict[str, Any]:
     """Write every file of the dataset into ``folder``; the manifest without its last keys."""

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,85 +19,16 @@ from urbanprofile.data.build.osm import OSM_CATEGORIES, is_osm_extract
 from urbanprofile.data.build.points import read_points
 from urbanprofile.data.build.regions import h3_cell_estimate, h3_regions, read_boundary, regions_from_file
 from urbanprofile.data.build.spec import BuildReport, BuildSpec, BuiltCity
+from urbanprofile.data.build.steps import UNITS, Steps, load_categories, source_of
 from urbanprofile.data.build.streaming import choose_engine, stream_od_from_trips, stream_poi_counts
 from urbanprofile.data.build.trips import od_from_trips
 from urbanprofile.data.city import CityData, frame_from_array, sparse_square_view
-from urbanprofile.data.io import RawTable, load_json, read_raw_table
+from urbanprofile.data.io import RawTable, read_raw_table
 from urbanprofile.data.loaders.built import MAX_DENSE_PATTERN_CELLS, check_output, patterns_view, write_built
 from urbanprofile.errors import DataError
 
 if TYPE_CHECKING:
     import geopandas as gpd
-
-UNITS = {
-    "poi_counts": "POIs per region and category",
-    "landuse_counts": "share of the region's area (0-1) per land-use class",
-    "od_flows": "trips from origin region (row) to destination region (column)",
-    "od_patterns": "trips per time-of-day pattern (equal bins of the day), origin x destination",
-}
-
-
-def _load_categories(value: list[str] | dict[str, list[str]] | str | None) -> list[str] | dict[str, list[str]] | None:
-    """Categories from a list, a mapping, or a JSON file holding either."""
-    if value is None or isinstance(value, list | dict):
-        return value
-    path = Path(value)
-    loaded = load_json(path)
-    if isinstance(loaded, list) and all(isinstance(v, str) for v in loaded):
-        return loaded
-    if isinstance(loaded, dict) and all(isinstance(v, list) for v in loaded.values()):
-        return {str(k): [str(x) for x in v] for k, v in loaded.items()}
-    raise DataError(f"{path}: categories must be a JSON list of names or an object {{category: [raw values]}}")
-
-
-def _source(path: Path | str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        return {"value": str(path)}
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"path": str(file.resolve()), "bytes": file.stat().st_size, "sha256": digest.hexdigest()}
-
-
-class _Steps:
-    """Times each step and, when asked, shows a rich progress bar on stderr."""
-
-    def __init__(self, total: int, show: bool, report: BuildReport, log: Callable[[str], None] | None = None) -> None:
-        self.report = report
-        self.log_to = log
-        self.progress: Any = None
-        if show:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task("building", total=total)
-
-    @contextmanager
-    def step(self, name: str, description: str) -> Iterator[None]:
-        if self.progress is not None:
-            self.progress.update(self.task, description=description)
-        start = time.perf_counter()
-        yield
-        self.report.seconds[name] = round(time.perf_counter() - start, 3)
-        if self.progress is not None:
-            self.progress.advance(self.task)
-
-    def log(self, line: str) -> None:
-        """A line for the user, printed above the progress bar (or to ``log``)."""
-        if self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
-        elif self.log_to is not None:
-            self.log_to(line)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
 
 class Joiner:
     """Where the POI, land-use and trip joins of a build run: here, in this process. A subclass may run them
@@ -163,11 +92,11 @@ def build_city(
     """
     spec.check()
     joiner = joiner or Joiner()
-    categories = _load_categories(spec.categories)
+    categories = load_categories(spec.categories)
     report = BuildReport(city=spec.city, join_engine=spec.engine)
     n_steps = 1 + sum(x is not None for x in (spec.pois, spec.landuse, spec.trips)) + (
         spec.labels is not None or spec.label_columns is not None)
-    steps = _Steps(n_steps, progress, report, log)
+    steps = Steps(n_steps, progress, report, log)
     start = time.perf_counter()
     sources: dict[str, Any] = {}
     views: dict[str, pd.DataFrame] = {}
@@ -182,7 +111,7 @@ def build_city(
                     Path(spec.regions), spec.region_id_column, spec.region_name_column, spec.crs)
                 report.n_region_overlaps, report.region_overlap_example = regions.attrs.pop("overlaps", (0, ""))
                 report.region_kind = "polygon"
-                sources["regions"] = _source(spec.regions)
+                sources["regions"] = source_of(spec.regions)
             else:
                 assert spec.boundary is not None and spec.h3_resolution is not None
                 boundary = read_boundary(spec.boundary, spec.crs)
@@ -192,7 +121,7 @@ def build_city(
                 regions = h3_regions(boundary, spec.h3_resolution, spec.h3_cover, spec.max_cells, str(spec.boundary))
                 report.region_kind = "h3"
                 meta["h3_resolution"] = spec.h3_resolution
-                sources["boundary"] = _source(spec.boundary)
+                sources["boundary"] = source_of(spec.boundary)
             report.n_regions = len(regions)
         if spec.pois is not None:
             with steps.step("pois", f"joining POIs to {len(regions)} regions ({spec.engine})"):
@@ -216,7 +145,7 @@ def build_city(
                                  if points.unit in ("line", "row") else " (the file's axis order is lat, lon)")
                     views["poi_counts"] = joiner.poi_counts(points.frame, regions, column, chosen, spec.engine,
                                                             report, str(pois_path), swap_hint)
-                sources["pois"] = _source(pois_path)
+                sources["pois"] = source_of(pois_path)
         if spec.landuse is not None:
             with steps.step("landuse", "overlaying land use"):
                 landuse = read_landuse(Path(spec.landuse), spec.landuse_class_column, spec.crs, report)
@@ -227,7 +156,7 @@ def build_city(
                     raise DataError(f"{spec.landuse}: no land-use polygon overlaps a region (they span "
                                     f"{span(bounds[[0, 2]], bounds[[1, 3]])}); the view would be all zeros")
                 report.n_landuse_classes = views["landuse_counts"].shape[1]
-                sources["landuse"] = _source(spec.landuse)
+                sources["landuse"] = source_of(spec.landuse)
         if spec.trips is not None:
             with steps.step("trips", "assigning trips to regions"):
                 report.read_engines["trips"] = choose_engine(spec, Path(spec.trips))
@@ -248,13 +177,13 @@ def build_city(
                 if (pattern_rows is not None and isinstance(od, np.ndarray)
                         and spec.n_time_patterns * len(regions) ** 2 <= MAX_DENSE_PATTERN_CELLS):
                     views["od_patterns"] = patterns_view(pattern_rows, regions.index, spec.n_time_patterns)
-                sources["trips"] = _source(spec.trips)
+                sources["trips"] = source_of(spec.trips)
         targets = pd.DataFrame(index=regions.index)
         if spec.labels is not None or spec.label_columns is not None:
             with steps.step("labels", "matching labels"):
                 targets = labels_for_regions(regions, attributes, spec, report)
                 report.tasks = list(targets.columns)
-                sources["labels"] = _source(spec.labels) if spec.labels is not None else {"value": "regions file"}
+                sources["labels"] = source_of(spec.labels) if spec.labels is not None else {"value": "regions file"}
     finally:
         steps.close()
     report.seconds["total"] = round(time.perf_counter() - start, 3)

@@ -214,8 +214,10 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, Any]) -> str:
         "checkpoints reused (each fit chooses one by inner CV on its labelled regions). Calibration: the folds of "
         "the out-of-fold residuals inside `fit`: `auto` (the default: per fold, the folds whose held-out regions lie "
         "as far from training as the masked regions lie from the labelled ones; the folds it chose in brackets), "
-        "`spatial` or `nested`. Naive: prediction ± the 90% quantile of the "
-        "same absolute residuals. Run on a loaded 2-core machine shared with other jobs, cases and methods as "
+        "`spatial` or `nested`. Widths: `--widths auto`, the default (difficulty-scaled where that holds on the "
+        "model's own held-out calibration folds, else constant); interval: normalised unless the row says cv+. "
+        "Naive: prediction ± the 90% quantile of the same absolute residuals. "
+        "Run on a loaded 2-core machine shared with other jobs, cases and methods as "
         "separate processes (`--cases`, `--methods`, `--merge`); the coverages do not depend on that, the timings do. "
         "R² predict = pooled "
         "held-out predictions of `predict`; R² OOF = `evaluate_embedding` on the same folds (equal: one code path).",

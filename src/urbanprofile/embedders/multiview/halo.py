@@ -39,17 +39,12 @@ import torch
 from scipy import sparse
 
 from urbanprofile.data.city import CityData
-from urbanprofile.embedders.base import as_embedding
-from urbanprofile.embedders.multiview.inputs import TrainingLog, objective_settings
 from urbanprofile.embedders.multiview.minibatch import (
+    BatchedRun,
     BatchMaker,
     MiniBatchObjective,
-    batch_coordinates,
-    compact_batches,
     fit_minibatch,
-    minibatch_inputs,
 )
-from urbanprofile.errors import TrainingError
 
 
 class Halo:
@@ -251,81 +246,34 @@ def fit_halo(embedder: Any, city: CityData, max_steps: int | None = None) -> Non
     the parameters ``batch_size``, ``negatives`` and ``accumulate``. ``max_steps`` as in
     :func:`.minibatch.fit_minibatch`.
     """
-    name = type(embedder).__name__
-    settings = objective_settings(embedder.objective)
-    seed = 0 if embedder.random_state is None else int(embedder.random_state)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    inputs = minibatch_inputs(city, embedder.required_views)
-    network, neighbors = embedder.build_minibatch(city, inputs)
-    objective = HaloObjective(inputs, inputs.similarity_views, embedder.objective)
-    forward = HaloForward(network, city.n_regions, neighbors)
-    xy = batch_coordinates(city, inputs)
-    batch_size, negatives = int(embedder.batch_size), int(embedder.negatives)
+    run = BatchedRun(embedder, city, max_steps)
+    objective = HaloObjective(run.inputs, run.inputs.similarity_views, embedder.objective)
+    forward = HaloForward(run.network, city.n_regions, run.neighbors)
     accumulate = bool(embedder.accumulate)
-    epochs = embedder.epochs
-    checkpoints = {max(1, round(epochs * (k + 1) / embedder.n_checkpoints)) for k in range(embedder.n_checkpoints)}
-    parameters = list(network.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=embedder.lr, weight_decay=embedder.weight_decay)
-    log = TrainingLog()
-    embed_batches = compact_batches(xy, batch_size)
-    start = time.perf_counter()
-    network.train()
-    steps = 0
-
-    def finish_step() -> None:
-        if settings["clip"] is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, settings["clip"])
-        optimizer.step()
-
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, run.epochs + 1):
         epoch_start = time.perf_counter()
         totals: dict[str, float] = {}
-        batches = compact_batches(xy, batch_size, rng)
-        log.steps_per_epoch = len(batches)
-        optimizer.zero_grad()
-        for seeds in batches:
+        run.optimizer.zero_grad()
+        for seeds in run.epoch_batches():
             if not accumulate:
-                optimizer.zero_grad()
-            targets, weights = objective.candidates(seeds, negatives, rng)
-            parts = objective.parts(len(seeds), targets, weights, forward(targets, weights), network.heads)
+                run.optimizer.zero_grad()
+            targets, weights = objective.candidates(seeds, run.negatives, run.rng)
+            parts = objective.parts(len(seeds), targets, weights, forward(targets, weights), run.network.heads)
+            run.check(parts, epoch)
             for part, value in parts.items():
-                if not torch.isfinite(value):
-                    raise TrainingError(
-                        f"{name}: the {part} loss became {float(value.detach())} at epoch {epoch} (mini-batch); "
-                        f"check the {part} view for degenerate values or lower the learning rate"
-                    )
                 totals[part] = totals.get(part, 0.0) + float(value.detach())
             # Per step, the batch's rows times N / seeds estimate the full loss (its scale against weight decay).
             scale = 1.0 if accumulate else city.n_regions / len(seeds)
             total = torch.stack(list(parts.values())).sum()
             (total * scale).backward()
             if not accumulate:
-                finish_step()
-            steps += 1
-            if max_steps is not None and steps >= max_steps:
-                log.epoch_seconds.append(time.perf_counter() - epoch_start)
-                log.seconds = time.perf_counter() - start
-                embedder.log_ = log
+                run.optimizer_step()
+            if run.stepped(epoch_start):
                 return
         if accumulate:
-            finish_step()
-        log.losses.append(totals)
-        log.epoch_seconds.append(time.perf_counter() - epoch_start)
-        log.epochs = epoch
-        if embedder.on_epoch is not None:
-            embedder.on_epoch(epoch, epochs)
-        if epoch in checkpoints:
-            log.snapshots[epoch] = forward.embed_all(embed_batches)
-    log.seconds = time.perf_counter() - start
-    for epoch, snapshot in log.snapshots.items():
-        if not np.isfinite(snapshot).all():
-            raise TrainingError(f"{name}: the embedding has NaN values at epoch {epoch} (mini-batch)")
-    embedder.log_ = log
-    embedder.network_ = network
-    embedder.candidates_ = {f"epoch {e}": as_embedding(v, city.region_ids) for e, v in log.snapshots.items()}
-    embedder.embedding_ = embedder.candidates_[f"epoch {epochs}"]
-
+            run.optimizer_step()
+        run.end_epoch(epoch, totals, epoch_start, lambda: forward.embed_all(run.embed_batches))
+    run.finish()
 
 
 def fit_batched(embedder: Any, city: CityData, max_steps: int | None = None) -> None:

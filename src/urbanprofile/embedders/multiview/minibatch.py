@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,6 +317,88 @@ def _embed_all(network: Any, batches: list[np.ndarray], make: BatchMaker, n_regi
         network.train()
 
 
+class BatchedRun:
+    """What both mini-batch forms share (:func:`fit_minibatch`, :func:`.halo.fit_halo`): the seeded set-up, the
+    optimizer and log, the loss checks, the early stop of ``max_steps``, checkpoints and the fitted attributes.
+
+    The set-up keeps one order, so the same seed gives the same network: torch seeded, the NumPy generator, the
+    inputs, then the network (``build_minibatch``).
+    """
+
+    def __init__(self, embedder: Any, city: CityData, max_steps: int | None) -> None:
+        self.embedder, self.city, self.max_steps = embedder, city, max_steps
+        self.name = type(embedder).__name__
+        self.settings = objective_settings(embedder.objective)
+        self.seed = 0 if embedder.random_state is None else int(embedder.random_state)
+        torch.manual_seed(self.seed)
+        self.rng = np.random.default_rng(self.seed)
+        self.inputs = minibatch_inputs(city, embedder.required_views)
+        self.network, self.neighbors = embedder.build_minibatch(city, self.inputs)
+        self.xy = batch_coordinates(city, self.inputs)
+        self.batch_size, self.negatives = int(embedder.batch_size), int(embedder.negatives)
+        self.epochs = embedder.epochs
+        self.checkpoints = {max(1, round(self.epochs * (k + 1) / embedder.n_checkpoints))
+                            for k in range(embedder.n_checkpoints)}
+        self.parameters = list(self.network.parameters())
+        self.optimizer = torch.optim.Adam(self.parameters, lr=embedder.lr, weight_decay=embedder.weight_decay)
+        self.log = TrainingLog()
+        self.embed_batches = compact_batches(self.xy, self.batch_size)
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.network.train()
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        """This epoch's spatially compact batches, re-drawn from the seeded generator."""
+        batches = compact_batches(self.xy, self.batch_size, self.rng)
+        self.log.steps_per_epoch = len(batches)
+        return batches
+
+    def check(self, parts: dict[str, Any], epoch: int) -> None:
+        for part, value in parts.items():
+            if not torch.isfinite(value):
+                raise TrainingError(
+                    f"{self.name}: the {part} loss became {float(value.detach())} at epoch {epoch} (mini-batch); "
+                    f"check the {part} view for degenerate values or lower the learning rate"
+                )
+
+    def optimizer_step(self) -> None:
+        if self.settings["clip"] is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.settings["clip"])
+        self.optimizer.step()
+
+    def stepped(self, epoch_start: float) -> bool:
+        """Count a step; ``True`` when ``max_steps`` is reached (the partial epoch and ``log_`` are recorded)."""
+        self.steps += 1
+        if self.max_steps is None or self.steps < self.max_steps:
+            return False
+        self.log.epoch_seconds.append(time.perf_counter() - epoch_start)
+        self.log.seconds = time.perf_counter() - self.start
+        self.embedder.log_ = self.log
+        return True
+
+    def end_epoch(self, epoch: int, totals: dict[str, float], epoch_start: float,
+                  embed_all: Callable[[], np.ndarray]) -> None:
+        self.log.losses.append(totals)
+        self.log.epoch_seconds.append(time.perf_counter() - epoch_start)
+        self.log.epochs = epoch
+        if self.embedder.on_epoch is not None:
+            self.embedder.on_epoch(epoch, self.epochs)
+        if epoch in self.checkpoints:
+            self.log.snapshots[epoch] = embed_all()
+
+    def finish(self) -> None:
+        """Check the checkpoints and set the embedder's fitted attributes."""
+        log, embedder = self.log, self.embedder
+        log.seconds = time.perf_counter() - self.start
+        for epoch, snapshot in log.snapshots.items():
+            if not np.isfinite(snapshot).all():
+                raise TrainingError(f"{self.name}: the embedding has NaN values at epoch {epoch} (mini-batch)")
+        embedder.log_ = log
+        embedder.network_ = self.network
+        embedder.candidates_ = {f"epoch {e}": as_embedding(v, self.city.region_ids) for e, v in log.snapshots.items()}
+        embedder.embedding_ = embedder.candidates_[f"epoch {self.epochs}"]
+
+
 def fit_minibatch(embedder: Any, city: CityData, max_steps: int | None = None) -> None:
     """Train ``embedder`` on ``city`` in mini-batches and set its fitted attributes (``log_``, ``embedding_``, ...).
 
@@ -327,69 +410,26 @@ def fit_minibatch(embedder: Any, city: CityData, max_steps: int | None = None) -
     ``network(batch)`` embeds a :class:`RegionBatch`, and a global (N, k) neighbour table (``None`` for dense
     attention within the batch).
     """
-    name = type(embedder).__name__
-    settings = objective_settings(embedder.objective)
-    seed = 0 if embedder.random_state is None else int(embedder.random_state)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    inputs = minibatch_inputs(city, embedder.required_views)
-    network, neighbors = embedder.build_minibatch(city, inputs)
-    objective = MiniBatchObjective(inputs, inputs.similarity_views, embedder.objective)
-    make = BatchMaker(city.n_regions, neighbors)
-    xy = batch_coordinates(city, inputs)
-    batch_size = int(embedder.batch_size)
-    negatives = int(embedder.negatives)
-    epochs = embedder.epochs
-    checkpoints = {max(1, round(epochs * (k + 1) / embedder.n_checkpoints)) for k in range(embedder.n_checkpoints)}
-    parameters = list(network.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=embedder.lr, weight_decay=embedder.weight_decay)
-    log = TrainingLog()
-    embed_batches = compact_batches(xy, batch_size)
-    start = time.perf_counter()
-    network.train()
-    steps = 0
-    for epoch in range(1, epochs + 1):
+    run = BatchedRun(embedder, city, max_steps)
+    objective = MiniBatchObjective(run.inputs, run.inputs.similarity_views, embedder.objective)
+    make = BatchMaker(city.n_regions, run.neighbors)
+    for epoch in range(1, run.epochs + 1):
         epoch_start = time.perf_counter()
         totals: dict[str, float] = {}
-        batches = compact_batches(xy, batch_size, rng)
-        log.steps_per_epoch = len(batches)
+        batches = run.epoch_batches()
         for index in batches:
-            optimizer.zero_grad()
-            parts = _step(network, objective, make, with_negatives(index, city.n_regions, negatives, rng))
-            for part, value in parts.items():
-                if not torch.isfinite(value):
-                    raise TrainingError(
-                        f"{name}: the {part} loss became {float(value.detach())} at epoch {epoch} (mini-batch); "
-                        f"check the {part} view for degenerate values or lower the learning rate"
-                    )
+            run.optimizer.zero_grad()
+            parts = _step(run.network, objective, make, with_negatives(index, city.n_regions, run.negatives, run.rng))
+            run.check(parts, epoch)
             sum(parts.values()).backward()
-            if settings["clip"] is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, settings["clip"])
-            optimizer.step()
+            run.optimizer_step()
             for part, value in parts.items():
                 totals[part] = totals.get(part, 0.0) + float(value.detach()) / len(batches)
-            steps += 1
-            if max_steps is not None and steps >= max_steps:
-                log.epoch_seconds.append(time.perf_counter() - epoch_start)
-                log.steps_per_epoch = len(batches)
-                log.seconds = time.perf_counter() - start
-                embedder.log_ = log
+            if run.stepped(epoch_start):
                 return
-        log.losses.append(totals)
-        log.epoch_seconds.append(time.perf_counter() - epoch_start)
-        log.epochs = epoch
-        if embedder.on_epoch is not None:
-            embedder.on_epoch(epoch, epochs)
-        if epoch in checkpoints:
-            log.snapshots[epoch] = _embed_all(network, embed_batches, make, city.n_regions, negatives, seed)
-    log.seconds = time.perf_counter() - start
-    for epoch, snapshot in log.snapshots.items():
-        if not np.isfinite(snapshot).all():
-            raise TrainingError(f"{name}: the embedding has NaN values at epoch {epoch} (mini-batch)")
-    embedder.log_ = log
-    embedder.network_ = network
-    embedder.candidates_ = {f"epoch {e}": as_embedding(v, city.region_ids) for e, v in log.snapshots.items()}
-    embedder.embedding_ = embedder.candidates_[f"epoch {epochs}"]
+        run.end_epoch(epoch, totals, epoch_start, lambda: _embed_all(run.network, run.embed_batches, make,
+                                                                      city.n_regions, run.negatives, run.seed))
+    run.finish()
 
 
 def _step(network: Any, objective: MiniBatchObjective, make: BatchMaker, index: np.ndarray) -> dict[str, Any]:

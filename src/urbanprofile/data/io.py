@@ -306,6 +306,17 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def building_folder(target: Path) -> Path:
+    """A new, empty folder beside ``target`` to build it in (then :func:`replace_folder`), with the permissions of
+    a folder the user makes (``mkdtemp`` makes it private; a dataset folder should not be)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def replace_folder(tmp: Path, target: Path) -> None:
     """Rename a finished folder ``tmp`` over ``target``; an old target is set aside first and removed only once
     the new folder is in place (put back if the rename fails), so a failure never loses the old one."""

@@ -130,7 +130,7 @@ def test_overwrite_swaps_atomically_and_a_failed_rebuild_keeps_the_old(city_file
 def test_read_only_output_location(city_files: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:
     import tempfile
 
-    import urbanprofile.data.loaders.built as built
+    import urbanprofile.data.io as io
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -143,7 +143,7 @@ def test_read_only_output_location(city_files: dict[str, Path], tmp_path: Path, 
                 raise PermissionError(13, "Permission denied", dir)
             return mkdtemp(*args, dir=dir, **kwargs)  # type: ignore[call-overload]
 
-        monkeypatch.setattr(built.tempfile, "mkdtemp", refuse)
+        monkeypatch.setattr(io.tempfile, "mkdtemp", refuse)  # the dataset's building folder is made there
     try:
         code, _, err = cli(monkeypatch, capsys, "build", "toy", "--regions", str(city_files["regions"]), "--pois",
                            str(city_files["pois"]), "-o", str(locked / "toy"))

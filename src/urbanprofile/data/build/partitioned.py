@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -58,7 +56,7 @@ from urbanprofile.data.build.streaming import (
 )
 from urbanprofile.data.build.trips import TripCounts, trip_columns
 from urbanprofile.data.city import SPARSE_VIEW_ABOVE
-from urbanprofile.data.io import first_line, replace_folder
+from urbanprofile.data.io import building_folder, first_line, replace_folder
 from urbanprofile.data.loaders.built import FORMAT, FORMAT_VERSION, MANIFEST, MAX_DENSE_PATTERN_CELLS, check_output
 from urbanprofile.errors import DataError, UrbanProfileError, require
 
@@ -546,11 +544,7 @@ def build_partitioned(
     steps = Steps(2 + (spec.pois is not None) + (spec.trips is not None), progress, report, log)
     tmp: Path | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
+        tmp = building_folder(target)
         manifest = _build_into(spec, tmp, report, steps, categories, UNITS, source_of)
         with steps.step("write", "writing the manifest"):
             spec_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from urbanprofile.data.city import (
     sparse_square_view,
     view_csr,
 )
-from urbanprofile.data.io import first_line, load_json, read_table, replace_folder
+from urbanprofile.data.io import building_folder, first_line, load_json, read_table, replace_folder
 from urbanprofile.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -172,11 +171,7 @@ def write_built(
     check_output(target, overwrite)
     tmp: Path | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
+        tmp = building_folder(target)
         manifest = _write_files(city, tmp, manifest_extra, od_pattern_rows, od_matrix)
         _dump_json(tmp / MANIFEST, manifest)
         replace_folder(tmp, target)

@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch_helpers import LargestTensor
 
 from urbanprofile.data.loaders.synthetic import make_synthetic_city
 from urbanprofile.embedders.multiview.hafusion import HAFusionEmbedder
@@ -102,21 +101,6 @@ def test_city_without_locations_takes_neighbours_from_trips(city: Any) -> None:
     assert np.isfinite(embedder.embedding_.to_numpy()).all()
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the most elements of any tensor an op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
-        return out
-
-
 @pytest.mark.parametrize("cls", [SRELEmbedder, HAFusionEmbedder])
 def test_a_large_city_never_holds_an_n_by_n_matrix(cls: type) -> None:
     n = 3200  # above 3,000 the synthetic OD is sparse; N x N float64 would be 82 MB
@@ -126,7 +110,7 @@ def test_a_large_city_never_holds_an_n_by_n_matrix(cls: type) -> None:
     assert embedder.uses_minibatch(big)
     tracemalloc.start()
     try:
-        with _LargestTensor() as mode:
+        with LargestTensor() as mode:
             embedder.fit(big)
         _, numpy_peak = tracemalloc.get_traced_memory()
     finally:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch_helpers import LargestTensor
 
 from urbanprofile.data.loaders.synthetic import make_synthetic_city
 from urbanprofile.embedders.multiview.halo import Halo, HaloForward, HaloObjective
@@ -196,26 +196,11 @@ def test_mvure_accumulated_epoch_is_its_full_batch_step(city: Any) -> None:
                                    atol=1e-5, err_msg=name)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the most elements of any tensor an op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
-        return out
-
-
 def test_mvure_on_a_large_city_never_holds_an_n_by_n_tensor() -> None:
     n = 3200  # above 3,000 the synthetic OD is sparse and the inputs are the sparse ones
     big = make_synthetic_city(n_regions=n, n_poi_categories=6, with_geometry=False, random_state=0)
     embedder = MVUREEmbedder(d=8, n_heads=2, n_layers=1, epochs=1, mode="minibatch", batch_size=256, random_state=0)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         embedder.fit(big)
     assert mode.largest < n * n / 10, f"a tensor of {mode.largest} elements"
     assert np.isfinite(embedder.embedding_.to_numpy()).all()

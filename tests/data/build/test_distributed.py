@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,6 @@ distributed = pytest.importorskip("distributed")
 pytest.importorskip("h3")
 
 BOX = "0,0,0.06,0.05"  # the raw city's extent
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[object]:
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  silence_logs=50) as cluster, distributed.Client(cluster) as connected:
-        yield connected
 
 
 @pytest.fixture(scope="module")

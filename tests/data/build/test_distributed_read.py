@@ -3,7 +3,6 @@ file: the client never reads their rows, and the folder is the single-machine on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +22,6 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 ROW_GROUP = 150  # several row groups per file, shares of two of them at chunk_rows=300
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[object]:
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  silence_logs=50) as cluster, distributed.Client(cluster) as connected:
-        yield connected
 
 
 @pytest.fixture(scope="module")

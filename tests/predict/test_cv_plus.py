@@ -114,3 +114,23 @@ def test_bad_interval_is_one_line(city: CityData, tmp_path: Path, make_data_dir,
                            "--interval", "cv+", "--out", str(tmp_path / "cli"))
     assert code == 0, err
     assert load_model(tmp_path / "cli").config["interval"] == "cv+"
+    assert "widths: " in err  # what --widths auto chose, and why
+
+
+def test_widths_auto_keeps_the_difficulty_only_where_it_holds() -> None:
+    """Areas whose errors differ in scale, told apart by the difficulty, keep it; a difficulty pointing the wrong way
+    gives one width."""
+    from urbanprofile.predict.model import choose_scale
+
+    rng = np.random.default_rng(0)
+    folds = np.repeat(np.arange(5), 80)
+    sigma = 0.2 * 3.0 ** folds + rng.uniform(0, 0.05, size=len(folds))  # each area its own error scale
+    y = np.zeros(len(folds))
+    pred = rng.normal(scale=sigma)
+    chosen, facts = choose_scale("auto", y, pred, sigma, folds, -np.inf)
+    assert chosen == "difficulty", facts  # one width calibrated on the other areas misses the loud one
+    wrong = sigma[::-1].copy()  # small exactly where the errors are large
+    chosen, facts = choose_scale("auto", y, pred, wrong, folds, -np.inf)
+    assert chosen == "constant", facts
+    assert set(facts["held_out_coverage"]) == {"difficulty", "constant"}
+    assert choose_scale("constant", y, pred, sigma, folds, -np.inf)[0] == "constant"

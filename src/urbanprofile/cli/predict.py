@@ -53,6 +53,8 @@ def fit(
               f"{m['r2']:.3f}, MAE {m['mae']:.4g}")
     if calibration == "auto":
         err.print(f"calibration: {model.config['calibration_choice']['why']}", markup=False)
+    if "why" in model.config["widths_choice"]:
+        err.print(f"widths: {model.config['widths_choice']['why']}", markup=False)
     err.print(f"wrote {model.folder}")
 
 

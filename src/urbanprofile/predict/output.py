@@ -170,6 +170,8 @@ def model_card(config: dict[str, Any]) -> str:
                       + f" {config.get('calibration')} out-of-fold residuals"
                       + (f" (auto: {choice['why']})" if isinstance(choice := config.get("calibration_choice"), dict)
                          and choice.get("asked") == "auto" and "why" in choice else "")),
+        ("widths", str(config.get("widths", "difficulty")) + (f" (auto: {widths['why']})" if isinstance(
+            widths := config.get("widths_choice"), dict) and "why" in widths else "")),
         ("applicability", f"embedding distance > {thresholds.get('embedding', nan):.3g}"
                           + (f", or > {spatial:.3g} km from every labelled region" if spatial is not None else "")),
         ("urbanprofile", str(config.get("urbanprofile_version"))),

@@ -40,6 +40,11 @@ def is_baseline(method: str) -> bool:
     return method.startswith(BASELINE_PREFIXES) or method in BASELINES
 
 
+#: What the results file keeps of each row.
+ROW_FIELDS = ("dataset", "task", "method", "head", "protocol", "seed", "n_regions", "r2", "mae", "rmse",
+              "worst_block_r2", "r2_gap", "morans_i", "embed_seconds", "head_seconds", "code_version")
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Result rows of a ``--json`` run (lines with an R² and no ``row`` kind; failed rows kept out)."""
     rows = []
@@ -206,7 +211,9 @@ def main() -> None:
     if skips:
         lines += ["Skipped by the run:", "", *[f"- {s}" for s in skips], ""]
     payload["skipped"] = skips
-    payload["rows"] = rows
+    # The figures of each row, not the store's bookkeeping (per-module code hashes, fingerprints, chosen settings):
+    # the tables above are made from these fields only.
+    payload["rows"] = [{k: r.get(k) for k in ROW_FIELDS} for r in rows]
     write_results(RESULTS, args.stem, payload, "\n".join(lines), default=str)
     print("\n".join(lines))
 

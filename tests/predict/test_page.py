@@ -64,11 +64,7 @@ def test_measured_coverage_leaves_each_fold_out_of_its_own_calibration() -> None
 
 def test_cli_report_model_writes_the_page(make_data_dir, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
                                           capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    monkeypatch.setenv("URBANPROFILE_DATA", str(make_data_dir(n=40)))
-    model = tmp_path / "nyc-model"
-    code, _, err = run_cli(monkeypatch, capsys, "fit", "hafusion-testcity", "--method", "raw-all", "--task", "crime",
-                           "--out", str(model))
-    assert code == 0, err
+    model = _fit_cli(make_data_dir, monkeypatch, capsys, tmp_path / "nyc-model")
     code, _, err = run_cli(monkeypatch, capsys, "report", "--model", str(model), "--out", str(tmp_path / "rep"))
     assert code == 0, err
     page = (tmp_path / "rep" / "model-nyc-model.html").read_text()
@@ -80,11 +76,7 @@ def test_cli_report_model_writes_the_page(make_data_dir, monkeypatch: pytest.Mon
 
 def test_cli_report_model_bad_input_is_one_line(make_data_dir, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
                                                 capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    monkeypatch.setenv("URBANPROFILE_DATA", str(make_data_dir(n=40)))
-    model = tmp_path / "model"
-    code, _, err = run_cli(monkeypatch, capsys, "fit", "hafusion-testcity", "--method", "raw-all", "--task", "crime",
-                           "--out", str(model))
-    assert code == 0, err
+    model = _fit_cli(make_data_dir, monkeypatch, capsys, tmp_path / "model")
     out = tmp_path / "rep"
     cases = [
         (("--model", str(tmp_path / "nomodel")), ("nomodel", "no model folder")),
@@ -99,6 +91,16 @@ def test_cli_report_model_bad_input_is_one_line(make_data_dir, monkeypatch: pyte
     assert_one_error(*_code_err(run_cli(monkeypatch, capsys, "report", "--model", str(model), "--out", str(out))),
                      "manifest.json", "missing")
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def _fit_cli(make_data_dir, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+             capsys: pytest.CaptureFixture[str], model: Path) -> Path:
+    """``urbanprofile fit`` raw-all + ridge on a 40-region test city (the data directory set for what follows)."""
+    monkeypatch.setenv("URBANPROFILE_DATA", str(make_data_dir(n=40)))
+    code, _, err = run_cli(monkeypatch, capsys, "fit", "hafusion-testcity", "--method", "raw-all", "--task", "crime",
+                           "--out", str(model))
+    assert code == 0, err
+    return model
 
 
 def _code_err(result: tuple[int, str, str]) -> tuple[int, str]:

@@ -517,9 +517,10 @@ def predict_regions(
     a = model.arrays
     space = EmbeddingSpace(bool(model.config["space_log"]), a["space_mean"], a["space_scale"])
     Z = space.transform(X)
-    sigmas = difficulty(a["Z_labelled"], a["abs_residuals"], Z, float(model.config["difficulty_floor"]))
     if model.config.get("widths", "difficulty") == "constant":
-        sigmas = np.ones_like(sigmas)
+        sigmas = np.ones(len(Z))
+    else:
+        sigmas = difficulty(a["Z_labelled"], a["abs_residuals"], Z, float(model.config["difficulty_floor"]))
     y_min = 0.0 if model.config["labels_non_negative"] else -np.inf
     if model.config.get("interval", "normalised") == "cv+":
         fold_preds = np.vstack([

@@ -137,9 +137,9 @@ def _coverage_html(model: FittedModel, level: float, notes: list[str]) -> str:
                    f'<td class="num">{f["coverage"]:.3f}</td><td class="num">{f["mean_width"]:.4g}</td></tr>'
                    for f in check["per_fold"])  # type: ignore[attr-defined]
     calibration = model.config.get("calibration")
-    cv_plus = (" Measured for the normalised construction: CV+ would need heads fit without two folds; "
-               "benchmarks/predict.md measures CV+ on held-out regions." if model.config.get("interval") == "cv+"
-               else "")
+    cv_plus = (" Measured for the normalised construction: CV+ would need heads fit without two folds (CV+ on "
+               "held-out development cases: benchmarks/results/predict_variants.md)."
+               if model.config.get("interval") == "cv+" else "")
     return (f'<p class="lead">Measured coverage of {level:.0%} intervals: <b>{check["coverage"]:.3f}</b> '
             f'(mean width {check["mean_width"]:.4g}) over the {len(y)} labelled regions, each '
             f"{calibration} fold scored with intervals calibrated on the other folds only.{cv_plus}</p>"

@@ -93,13 +93,16 @@ def measured(command: list[str], log: Path, env: dict[str, str] | None = None) -
     report = log.with_suffix(".time")
     with open(log, "w") as stream:
         start = time.perf_counter()
-        done = subprocess.run([str(TIME), "-f", "%M", "-o", str(report), *command], stdout=stream,
+        done = subprocess.run([str(TIME), "-f", "%U %S %M", "-o", str(report), *command], stdout=stream,
                               stderr=subprocess.STDOUT, env=env, check=False)
         wall = time.perf_counter() - start
     text = log.read_text(errors="replace")
-    lines = report.read_text().split() if report.is_file() else []
-    peak_kb = int(lines[-1]) if lines and lines[-1].isdigit() else 0
-    return {"rc": done.returncode, "wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 1e6, 3), "output": text}
+    # GNU time's last line: user s, system s, peak KB (a line above it may say the command was signalled).
+    fields = report.read_text().strip().splitlines()[-1].split() if report.is_file() else []
+    peak_kb = int(fields[2]) if len(fields) == 3 and fields[2].isdigit() else 0
+    cpu = round(float(fields[0]) + float(fields[1]), 1) if len(fields) == 3 else None
+    return {"rc": done.returncode, "wall_s": round(wall, 1), "cpu_s": cpu, "peak_rss_gb": round(peak_kb / 1e6, 3),
+            "output": text}
 
 
 def _cli(*args: str) -> list[str]:
@@ -160,7 +163,7 @@ def measure_build(cells: int, engine: str, engine_args: list[str], n_pois: int |
         if result["rc"] != 0:
             return {**row, "failed": _failure(result), "wall_s": result["wall_s"],
                     "peak_rss_gb": result["peak_rss_gb"]}
-        return {**row, "cells": _cells_built(work / "out"), "wall_s": result["wall_s"],
+        return {**row, "cells": _cells_built(work / "out"), "wall_s": result["wall_s"], "cpu_s": result["cpu_s"],
                 "peak_rss_gb": result["peak_rss_gb"]}
 
 
@@ -436,9 +439,10 @@ def build_markdown(rows: list[dict[str, Any]]) -> str:
         table.append([row["engine"], f"{row['size']:,}", f"{row.get('cells', 0):,}" if "cells" in row else "-",
                       f"{row['pois']:,}", f"{row['trips']:,}",
                       f"{row['wall_s']:.1f}" if "failed" not in row else f"failed: {row['failed']}",
+                      f"{row['cpu_s']:.1f}" if row.get("cpu_s") is not None else "-",
                       f"{row['peak_rss_gb']:.2f}", f"{row['load_avg_1min']:.1f}"])
-    lines.append(md_table(["engine", "rung (cells)", "cells built", "POIs", "trips", "build s", "peak RSS GB",
-                           "load avg"], table))
+    lines.append(md_table(["engine", "rung (cells)", "cells built", "POIs", "trips", "build s", "CPU s",
+                           "peak RSS GB", "load avg"], table))
     lines += [f"- `{engine}`: {ENGINE_NOTES[engine]}." for engine in sorted({r["engine"] for r in rows})
               if engine in ENGINE_NOTES]
     for engine in sorted({r["engine"] for r in rows}):
@@ -465,6 +469,13 @@ def build_markdown(rows: list[dict[str, Any]]) -> str:
                 lines.append(f"- `{engine}`, top 100x only: log-log slope of time {time_slope}, of peak RSS "
                              f"{slope(cells, [r['peak_rss_gb'] for r in top])} over {min(cells):,.0f} to "
                              f"{max(cells):,.0f} cells.")
+            timed = [r for r in done if r.get("cpu_s") is not None]
+            if len(timed) >= 2:
+                cells = [float(r["cells"]) for r in timed]
+                lines.append(f"- `{engine}`, the rungs with CPU seconds (user + system, which the load moves less than "
+                             f"wall time): log-log slope of CPU time {slope(cells, [r['cpu_s'] for r in timed])}, of "
+                             f"wall time {slope(cells, [r['wall_s'] for r in timed])} over {min(cells):,.0f} to "
+                             f"{max(cells):,.0f} cells ({max(cells) / min(cells):.0f}x).")
     return "\n".join(lines) + "\n"
 
 
@@ -548,7 +559,7 @@ def main() -> None:
             row = measure_build(cells, args.engine, engine_args, args.pois, args.trips)
             print(json.dumps(row), flush=True)
             rows.append(row)
-        merged = _merge(args.out / "scale.json", rows, ("engine", "size"))
+        merged = _merge(args.out / "scale.json", rows, ("engine", "size", "pois"))
         write_results(args.out, "scale", {"environment": environment, "rows": merged}, build_markdown(merged))
     if "evaluate" in parts:
         rows = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -272,10 +273,10 @@ def broken_plugins() -> dict[str, str]:
 
 
 def list_methods(external: bool = False) -> list[str]:
-    """Names of every registered method (with ``external=True`` also the ``file:`` embeddings registered in this
-    session, which a plan runs only when it names them)."""
+    """Names of every registered method (with ``external=True`` also the ``file:`` embeddings and the checkpoints
+    registered in this session, which a plan runs only when it names them)."""
     _ensure_loaded()
-    return [name for name in _REGISTRY if external or not name.startswith(EXTERNAL_PREFIX)]
+    return [name for name, spec in _REGISTRY.items() if external or not isinstance(spec, ExternalMethodSpec)]
 
 
 def with_modalities(spec: MethodSpec, modalities: list[str] | tuple[str, ...]) -> MethodSpec:
@@ -390,3 +391,59 @@ def register_embeddings(text: str) -> list[str]:
     if len(set(names)) < len(names):
         raise UrbanProfileError(f"--embeddings: a name is used twice ({', '.join(names)})")
     return names
+
+
+#: Prefix of the methods that serve a pretrained UrbanFusion checkpoint (``urbanfusion:ckpt-<content hash>``).
+CHECKPOINT_PREFIX = "urbanfusion:ckpt-"
+_CHECKPOINT_FACTORY = "urbanprofile.embedders.multimodal.pretrained:PretrainedUrbanFusion"
+
+
+@dataclass(frozen=True)
+class CheckpointMethodSpec(ExternalMethodSpec):
+    """A pretrained UrbanFusion checkpoint served frozen, like an embedding made elsewhere: its name and ``params``
+    hold the checkpoint's content hash, so a changed checkpoint is a new result and a copy elsewhere the same one.
+    """
+
+    def build(self, random_state: int | None = 0) -> Embedder:
+        from urbanprofile.embedders.multimodal.pretrained import PretrainedUrbanFusion
+
+        return PretrainedUrbanFusion(self.source, self.params.get("checkpoint_hash"), self.params.get("modalities"),
+                                     random_state=random_state)
+
+    def unavailable_reason(self, city: CityData) -> str | None:
+        """Why the checkpoint does not fit ``city`` (none of its modalities, another width), or ``None``."""
+        try:
+            self.build().fit(city)
+        except (DataError, MethodUnavailableError) as err:
+            return str(err)
+        return None
+
+
+def register_checkpoint(folder: str | os.PathLike[str], method: str | None = None) -> CheckpointMethodSpec:
+    """Register a pretrained UrbanFusion checkpoint folder as the method ``urbanfusion:ckpt-<content hash>``.
+
+    Args:
+        folder: What ``urbanprofile pretrain --out`` wrote.
+        method: The method named beside it, if any: only ``urbanfusion`` goes with a checkpoint.
+
+    Raises:
+        DataError: The folder is not a readable urbanfusion checkpoint.
+        UrbanProfileError: ``method`` is another method.
+    """
+    from pathlib import Path
+
+    # Here: it pulls torch, which the registry, and so `urbanprofile --help`, must not pay.
+    from urbanprofile.embedders.multimodal.pretrained import checkpoint_hash, read_checkpoint
+
+    if method is not None and method != "urbanfusion":
+        raise UrbanProfileError(f"--checkpoint is an urbanfusion checkpoint; it does not go with --method {method} "
+                                "(leave out --method, or give --method urbanfusion)")
+    root = Path(folder).expanduser().resolve()
+    read_checkpoint(root)  # a folder that is not a checkpoint fails here, before any data is read
+    content = checkpoint_hash(root)
+    _ensure_loaded()
+    spec = CheckpointMethodSpec(f"{CHECKPOINT_PREFIX}{content}", _CHECKPOINT_FACTORY, {"checkpoint_hash": content},
+                                family="UrbanFusion (2025)", description=f"urbanfusion pretrained, read from {root}",
+                                source=root)
+    register_method(spec, replace=True)
+    return spec

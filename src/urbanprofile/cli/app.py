@@ -15,7 +15,7 @@ from urbanprofile.apps.r1.cli import r1_app
 from urbanprofile.cli.data import attach, build, datasets_info, datasets_list
 from urbanprofile.cli.methods import methods_list
 from urbanprofile.cli.predict import fit, predict
-from urbanprofile.cli.pretrain import pretrain
+from urbanprofile.cli.pretrain import pretrain, pretrain_store
 from urbanprofile.cli.results import map_command, report
 from urbanprofile.cli.run import benchmark, embed, evaluate
 from urbanprofile.clikit import err
@@ -37,6 +37,7 @@ app.command("map")(map_command)
 app.command()(attach)
 app.command()(fit)
 app.command()(predict)
+app.command("pretrain-store")(pretrain_store)
 app.command()(pretrain)
 
 datasets_app = typer.Typer(help="Datasets found in the data directory.", no_args_is_help=True)

@@ -1,5 +1,6 @@
-"""The ``pretrain`` command: UrbanFusion pretrained on a modality store of cached encoder outputs (a thin shell
-over :mod:`urbanprofile.embedders.multimodal.pretraining`)."""
+"""The ``pretrain-store`` and ``pretrain`` commands: a modality store of cached encoder outputs written from datasets,
+and UrbanFusion pretrained on a store (thin shells over :mod:`urbanprofile.embedders.multimodal.dataset_store` and
+:mod:`urbanprofile.embedders.multimodal.pretraining`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,35 @@ from typing import Annotated
 
 import typer
 
-from urbanprofile.clikit import Parents, Threads, check_output, err, set_threads, split_list, writing
+from urbanprofile.clikit import DataDir, Parents, Threads, check_output, err, set_threads, split_list, writing
+
+
+def pretrain_store(
+    datasets: Annotated[str, typer.Argument(help="Comma-separated datasets (names or built dataset folders) whose "
+                                            "regions become the pretraining locations.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Modality store folder to write (must not exist).")],
+    modalities: Annotated[str | None, typer.Option(
+        "--modalities", help="Modalities to store (default: every one that any of the datasets has).",
+        show_default=False)] = None,
+    parents: Parents = False,
+    threads: Threads = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Write a modality store (the frozen encoders' outputs per region) from datasets, for `urbanprofile pretrain`."""
+    from urbanprofile.embedders.multimodal.dataset_store import write_dataset_store
+
+    check_output(out, parents=parents, folder=True)  # an existing folder is refused by the writer: never replaced
+    set_threads(threads)
+    with writing(out):
+        store = write_dataset_store(split_list(datasets) or [], out, modalities=split_list(modalities),
+                                    data_dir=data_dir)
+    for note in store.notes:
+        err.print(f"note: {note}", soft_wrap=True)
+    parts = ", ".join(f"{s.dataset} {s.rows}" + (f" of {s.regions}" if s.rows < s.regions else "")
+                      for s in store.sources)
+    widths = ", ".join(f"{m} {d}-d" for m, d in store.dims.items())
+    err.print(f"wrote a modality store of {store.n} locations ({parts}; {widths}) to {out}; pretrain on it with: "
+              f"urbanprofile pretrain {out} --out CKPT/", soft_wrap=True)
 
 
 def pretrain(

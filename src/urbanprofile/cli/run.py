@@ -77,9 +77,16 @@ def _interrupted(stop: KeyboardInterrupt, store_path: Path | None) -> typer.Exit
 # -- embed -------------------------------------------------------------------------------------------
 def embed(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
-    method: Annotated[str, typer.Option("--method", "-m", help="Method name.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output .parquet or .csv file, or a folder (DIR/) of "
                                      "Parquet part files.")],
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method name (with --checkpoint: "
+                                               "urbanfusion, or leave it out).", show_default=False)] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="Embed with a pretrained urbanfusion checkpoint folder (urbanprofile pretrain --out), "
+        "frozen, instead of fitting a method.", show_default=False)] = None,
+    modalities: Annotated[str | None, typer.Option(
+        "--modalities", help="Modalities used at inference, e.g. location,poi (urbanfusion, concat).",
+        show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="random_state of the method.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     parents: Parents = False,
@@ -89,13 +96,18 @@ def embed(
         "--chunk-rows", help="Rows per part file (DIR/) or row group / CSV chunk (default: 250000 per part; a "
         "file whole up to 1M rows).", show_default=False)] = None,
 ) -> None:
-    """Fit a method on a dataset and write one embedding row per region."""
+    """Fit a method on a dataset (or read a pretrained checkpoint) and write one embedding row per region."""
     from urbanprofile.data.embedding_parts import check_embedding_target, write_embedding
     from urbanprofile.data.registry import load_dataset
     from urbanprofile.embedders.base import ReportsEpochs
-    from urbanprofile.methods import get_method
+    from urbanprofile.methods import get_method, register_checkpoint, with_modalities
 
-    spec = get_method(method)
+    if checkpoint is None and method is None:
+        raise UrbanProfileError("give --method (or --checkpoint, a pretrained urbanfusion folder)")
+    spec = register_checkpoint(checkpoint, method) if checkpoint is not None else get_method(str(method))
+    if modalities is not None:
+        spec = with_modalities(spec, split_list(modalities) or [])
+    method = spec.name
     out_path, folder = check_embedding_target(out, chunk_rows)
     check_output(out_path, parents=parents, overwrite=overwrite, folder=folder)  # before a fit that may take minutes
     n_threads = set_threads(threads)
@@ -179,6 +191,9 @@ def evaluate(
     embedding: Annotated[Path | None, typer.Option(
         "--embedding", help="Evaluate an embedding made elsewhere (.parquet/.csv: region_id + numeric columns) "
         "as method file:<stem>, instead of --method.", show_default=False)] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="Evaluate a pretrained urbanfusion checkpoint folder, frozen, as method "
+        "urbanfusion:ckpt-<content hash> (--method: urbanfusion or left out).", show_default=False)] = None,
     train_fraction: Annotated[float, typer.Option(
         "--train-fraction", help="Fit the probe on this share of each outer training fold (a seeded subset; "
         "test folds unchanged): a label-efficiency point. Not stored.")] = 1.0,
@@ -195,6 +210,12 @@ def evaluate(
     if head:
         parse_head(head)  # a typo fails before any data is read
     set_threads(threads)
+    if checkpoint is not None:
+        from urbanprofile.methods import register_checkpoint
+
+        if embedding is not None:
+            raise UrbanProfileError("give --embedding or --checkpoint, not both")
+        method = register_checkpoint(checkpoint, method).name
     if (method is None) == (embedding is None):
         raise UrbanProfileError("give either --method or --embedding")
     if embedding is not None:

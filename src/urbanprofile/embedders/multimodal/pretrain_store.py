@@ -98,10 +98,12 @@ class StoreWriter:
         folder: The store to create (must not exist).
         dims: Width of each modality, in store order.
         n: Number of locations.
+        meta: More fields for ``store.json`` (e.g. which datasets filled which rows); the store's own fields win.
     """
 
-    def __init__(self, folder: str | Path, dims: dict[str, int], n: int) -> None:
+    def __init__(self, folder: str | Path, dims: dict[str, int], n: int, meta: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
+        self.meta = dict(meta or {})
         if self.folder.exists():
             raise DataError(f"{self.folder}: already exists (a store is written once; remove it to rewrite)")
         self.dims, self.n, self.filled = dict(dims), int(n), 0
@@ -139,7 +141,7 @@ class StoreWriter:
         for array in (*self._values.values(), *self._present.values()):
             array.flush()
         self._values, self._present = {}, {}
-        meta = {"format": FORMAT, "modalities": list(self.dims), "dims": self.dims, "n": self.n}
+        meta = {**self.meta, "format": FORMAT, "modalities": list(self.dims), "dims": self.dims, "n": self.n}
         (self._tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         self._tmp.rename(self.folder)
         return self.folder

@@ -450,6 +450,8 @@ def build_markdown(rows: list[dict[str, Any]]) -> str:
         done = [r for r in finished if r["pois"] == int(POIS_PER_CELL * r["size"])]  # at the country's density
         fixed = [r for r in finished if r not in done]
         if fixed and len(finished) >= 2:
+            # The fixed-count rungs against the density rungs below them (a larger area, the same counts).
+            finished = [r for r in done if r["size"] < min(f["size"] for f in fixed)] + fixed
             cells = [float(r["cells"]) for r in finished]
             counts = ", ".join(f"{r['size']:,} cells: {r['pois']:,} POIs, {r['trips']:,} trips" for r in fixed)
             lines.append(f"- `{engine}` with the rungs of fixed counts ({counts}"

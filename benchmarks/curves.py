@@ -14,7 +14,8 @@ Parts (each prints its tables and writes benchmarks/results/curves_<part>.json a
   (11 classes in NYC, 12 in Chicago, unnamed), nor mobility (an N x N matrix over each city's own regions), nor
   the graph methods (hafusion, srel, mvure, mgfn), whose inputs and layers are sized by the city's regions
   (transductive). Beijing <-> Guangzhou for urbanfusion is read from ``multimodal_oor.json``
-  (``benchmarks/multimodal.py --parts oor``), not rerun.
+  (``benchmarks/multimodal.py --parts oor --cityview-seeds 0,1,2``), not rerun here: ``--summarise --parts transfer``
+  rewrites ``curves_transfer.md`` from the two JSON files after that run.
 
     URBANPROFILE_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/curves.py \\
         --parts label_efficiency,transfer --methods raw-poi,raw-all,pca,autoencoder,knn-location --seeds 0,1,2
@@ -27,7 +28,6 @@ import json
 import math
 import platform
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,12 @@ def part_transfer(seeds: list[int], tasks: list[str], protocols: list[str]) -> N
                                          "method": method, "seed": seed, "task": task, "protocol": protocol,
                                          **result.metrics, "embed_seconds": embed_seconds})
     write_json(RESULTS / "curves_transfer.json", "transfer", rows)
+    summarise_transfer(rows)
+
+
+def summarise_transfer(rows: list[dict[str, Any]]) -> None:
+    """Write ``curves_transfer.md`` from the NYC <-> Chicago rows and, when it exists, ``multimodal_oor.json``."""
+    seeds = sorted({int(r["seed"]) for r in rows})
     frame = pd.DataFrame(rows)
     mean = frame.groupby(["target", "protocol", "task", "method", "in_city"])["r2"].mean().unstack("in_city")
     table = []
@@ -291,17 +297,66 @@ def part_transfer(seeds: list[int], tasks: list[str], protocols: list[str]) -> N
              "each city's own regions.\n"]
     oor = RESULTS / "multimodal_oor.json"
     if oor.is_file():
-        lines.append("\n## Transfer Beijing <-> Guangzhou (urbanfusion, from `benchmarks/multimodal.py --parts oor`, "
-                     "not rerun), spatial\n")
-        oor_rows = json.loads(oor.read_text())["rows"]
-        by = defaultdict(list)
-        for r in oor_rows:
-            by[(r["dataset"], r["task"], r["method"])].append(r["r2"])
-        lines.append(md_table(["evaluated on", "task", "method", "R² spatial", "seeds"],
-                              [[d, t, m, float(np.mean(v)), len(v)] for (d, t, m), v in sorted(by.items())]))
+        lines += oor_section(json.loads(oor.read_text())["rows"])
     markdown = "\n".join(lines)
     (RESULTS / "curves_transfer.md").write_text(markdown)
     print(markdown)
+
+
+#: The three kinds of row of ``multimodal_oor.json``, by method name.
+OOR_COLUMNS = ("knn-location", "urbanfusion in-city", "urbanfusion other city only")
+
+
+def oor_kind(method: str) -> str:
+    """Which column of the Beijing <-> Guangzhou table a ``multimodal_oor`` method's rows go to."""
+    if method == "knn-location":
+        return OOR_COLUMNS[0]
+    if method.startswith("urbanfusion[pretrained on "):
+        return OOR_COLUMNS[2]
+    if method.startswith("urbanfusion"):
+        return OOR_COLUMNS[1]
+    raise ValueError(f"multimodal_oor.json: unexpected method {method!r}")
+
+
+def oor_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The Beijing <-> Guangzhou table: per target and task, R² mean ± sd over seeds of ``knn-location``, urbanfusion
+    pretrained on the target city and on the other city only, and the differences of those means.
+
+    Args:
+        rows: The result rows of ``multimodal_oor.json`` (``dataset``, ``task``, ``method``, ``seed``, ``protocol``,
+            ``r2``).
+
+    Returns:
+        The section's Markdown lines.
+    """
+    frame = pd.DataFrame([{"dataset": r["dataset"], "task": r["task"], "kind": oor_kind(r["method"]),
+                           "seed": int(r["seed"]), "r2": float(r["r2"]), "protocol": r["protocol"]} for r in rows])
+    protocols = sorted(frame["protocol"].unique())
+    stats = frame.groupby(["dataset", "task", "kind"])["r2"].agg(["mean", "std", "count"])
+    seeds = sorted(frame.loc[frame["kind"] != OOR_COLUMNS[0], "seed"].unique())
+
+    def cell(key: tuple[str, str, str]) -> str:
+        if key not in stats.index:
+            return "-"
+        r = stats.loc[key]
+        return f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["count"] > 1 else "")
+
+    def diff(key: tuple[str, str], a: str, b: str) -> str:
+        if (*key, a) not in stats.index or (*key, b) not in stats.index:
+            return "-"
+        return f"{stats.loc[(*key, a), 'mean'] - stats.loc[(*key, b), 'mean']:+.3f}"
+
+    table = []
+    for dataset, task in sorted({(d, t) for d, t in zip(frame["dataset"], frame["task"], strict=True)}):
+        key = (dataset, task)
+        table.append([dataset, task, *[cell((*key, c)) for c in OOR_COLUMNS],
+                      diff(key, OOR_COLUMNS[1], OOR_COLUMNS[0]), diff(key, OOR_COLUMNS[2], OOR_COLUMNS[1]),
+                      diff(key, OOR_COLUMNS[2], OOR_COLUMNS[0])])
+    return [f"\n## Transfer Beijing <-> Guangzhou (urbanfusion on location + tile captions, from "
+            f"`benchmarks/multimodal.py --parts oor`), {', '.join(protocols)}; R², mean ± sd over seeds "
+            f"{[int(s) for s in seeds]} (`knn-location` is deterministic: one run)\n",
+            md_table(["evaluated on", "task", *OOR_COLUMNS, "in-city - knn-location", "other city - in-city",
+                      "other city - knn-location"], table)]
 
 
 def main() -> None:
@@ -313,12 +368,19 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
-    parser.add_argument("--summarise", action="store_true", help="only rewrite the label-efficiency tables and plot")
+    parser.add_argument("--summarise", action="store_true",
+                        help="only rewrite the tables (and plot) of the parts in --parts from their JSON results")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks, protocols = args.tasks.split(","), args.protocols.split(",")
     if args.summarise:
-        summarise_label_efficiency(read_rows(RESULTS / "curves_label_efficiency.json"))
+        for part in args.parts.split(","):
+            if part == "label_efficiency":
+                summarise_label_efficiency(read_rows(RESULTS / "curves_label_efficiency.json"))
+            elif part == "transfer":
+                summarise_transfer(read_rows(RESULTS / "curves_transfer.json"))
+            else:
+                raise SystemExit(f"error: unknown part {part!r}; valid: label_efficiency, transfer")
         return
     for part in args.parts.split(","):
         if part == "label_efficiency":

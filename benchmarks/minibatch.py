@@ -7,9 +7,12 @@ Parts (results in benchmarks/results/minibatch.{json,md}; a part not run keeps i
   hafusion-chicago (77), seeds ``--seeds``; each embedding evaluated under ``nested`` on every task, the
   checkpoint chosen by inner CV as in ``urbanprofile benchmark``. Reports R² of both and their difference.
   With ``--negatives M`` each mini-batch gets M uniform negatives and the rows go to ``parity_negatives``.
-  ``--methods srel`` (halo mini-batches) puts its rows in ``parity_srel``; ``--modes full,minibatch,accumulate`` adds
-  a third fit per seed, the halo mode with one optimizer step per epoch (``accumulate=True``); ``rescaled`` and
-  ``reseeded`` add the floors (full batch with its loss x (1 + 1e-6), or with other dropout masks).
+  ``--methods srel`` (halo mini-batches) puts its rows in ``parity_srel_auto`` (its default ``negatives="auto"``;
+  ``parity_srel`` with a count); ``--modes full,minibatch,accumulate`` adds a third fit per seed, the halo mode with
+  one optimizer step per epoch (``accumulate=True``); ``rescaled`` and ``reseeded`` add the floors (full batch with
+  its loss x (1 + 1e-6), or with other dropout masks). Each parity table is followed by its distribution over seeds
+  per (city, task): mini-batch minus full batch and the ``reseeded`` floor minus full batch as means with 95% t
+  intervals, the cells within 0.02, and a verdict (:func:`parity_distribution`).
 - scale: a seeded synthetic metro generated in memory (clustered towns on a rural background, sparse POI counts,
   sparse OD from distance-decaying trips), ``--sizes`` regions; each (size, method) runs in a fresh process with
   one thread: setup seconds (inputs, neighbourhoods), seconds per training epoch, peak resident memory
@@ -148,7 +151,7 @@ def floor_embedder(method: str, kind: str, **params: Any) -> Any:
 
 
 def parity(cities: list[str], methods: list[str], seeds: list[int], batch_size: int,
-           epochs: int | None, negatives: int | None = 0,
+           epochs: int | None, negatives: int | str | None = 0,
            modes: tuple[str, ...] = ("full", "minibatch")) -> list[dict[str, Any]]:
     from urbanprofile.data import load_dataset
     from urbanprofile.evaluation import evaluate_embedding
@@ -271,7 +274,7 @@ def parity_table(parity_rows: list[dict[str, Any]]) -> str:
         header += [f"mean difference ({label})", f"largest abs. difference ({label})"]
     text = md_table([*header, "sd of full over seeds"], table)
     first = parity_rows[0]
-    text += (f"\nBatch size {first['batch_size']} regions, {first.get('negatives', 0)} negatives, "
+    text += (f"\nBatch size {first['batch_size']} regions, negatives {first.get('negatives', 0)}, "
              f"{first['epochs']} epochs, {first.get('training', 'in-batch')} mini-batches. ")
     kinds = [("difference", "Mini-batch (a step per batch)")]
     if accumulated:
@@ -292,15 +295,89 @@ def parity_table(parity_rows: list[dict[str, Any]]) -> str:
     return text + " / ".join(seconds) + ".\n\n"
 
 
+#: Where one seed's R² may lie from another's and still count as the same, per cell (issue 22's figure).
+PARITY_TOLERANCE = 0.02
+#: The floor a parity is read against: full batch again, same initial weights, other dropout masks.
+FLOOR_KEY, FLOOR_LABEL = "difference_reseeded", "full batch, other dropout masks"
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """The mean and its 95% Student t interval (seeds are few, so a bootstrap would understate the width)."""
+    from scipy import stats
+
+    data = np.asarray(values, dtype=float)
+    mean = float(data.mean())
+    if len(data) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(data) - 1) * data.std(ddof=1) / np.sqrt(len(data)))
+    return mean, mean - half, mean + half
+
+
+def parity_verdict(minibatch: tuple[float, float, float], floor: tuple[float, float, float] | None) -> str:
+    """``same method`` when the mini-batch's 95% interval lies within the tolerance or overlaps the floor's."""
+    _, low, high = minibatch
+    if low >= -PARITY_TOLERANCE and high <= PARITY_TOLERANCE:
+        return f"same method (within ±{PARITY_TOLERANCE})"
+    if floor is None:
+        return f"not within ±{PARITY_TOLERANCE} (no floor measured)"
+    if low <= floor[2] and floor[1] <= high:
+        return "same method (not told apart from the floor)"
+    return "differs (apart from the floor)"
+
+
+def parity_distribution(parity_rows: list[dict[str, Any]]) -> str:
+    """Per (city, task) and over all cells: mini-batch minus full batch over seeds as a mean with its 95% interval,
+    the same for the floor (:data:`FLOOR_KEY`) where the rows have it, the paired mini-batch minus floor, the cells
+    within :data:`PARITY_TOLERANCE`, and the verdict of :func:`parity_verdict`."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in parity_rows:
+        groups.setdefault((r["dataset"], r["task"]), []).append(r)
+    groups[("all cells", "")] = list(parity_rows)
+    floored = all(FLOOR_KEY in r for r in parity_rows)
+
+    def shown(stat: tuple[float, float, float]) -> str:
+        return f"{stat[0]:+.3f} [{stat[1]:+.3f}, {stat[2]:+.3f}]"
+
+    def within(values: list[float]) -> str:
+        return f"{sum(abs(v) <= PARITY_TOLERANCE for v in values)} of {len(values)}"
+
+    table = []
+    for (dataset, task), rs in groups.items():
+        differences = [r["difference"] for r in rs]
+        minibatch = mean_interval(differences)
+        line = [dataset, task, len(rs), shown(minibatch), within(differences)]
+        floor = None
+        if floored:
+            floors = [r[FLOOR_KEY] for r in rs]
+            floor = mean_interval(floors)
+            paired = mean_interval([r["r2_minibatch"] - r["r2_full"] - r[FLOOR_KEY] for r in rs])
+            line += [shown(floor), within(floors), shown(paired)]
+        table.append([*line, parity_verdict(minibatch, floor)])
+    header = ["dataset", "task", "cells", "mini-batch − full: mean [95% CI]", f"within {PARITY_TOLERANCE}"]
+    if floored:
+        header += [f"floor ({FLOOR_LABEL}) − full: mean [95% CI]", f"within {PARITY_TOLERANCE}",
+                   "mini-batch − floor, paired: mean [95% CI]"]
+    text = md_table([*header, "verdict"], table)
+    return text + (f"\nIntervals: 95% Student t over the seeds of each (city, task) (over all cells on the last line, "
+                   f"whose cells of one seed share a fit, so that interval is too narrow). Verdict: \"same method\" "
+                   f"where the mini-batch interval lies within ±{PARITY_TOLERANCE} or overlaps the floor's; with "
+                   f"{min(len(rs) for rs in groups.values())} seeds an overlap says the two are not told apart, not "
+                   f"that they are equal.\n\n")
+
+
 def markdown(payload: dict[str, Any]) -> str:
     text = ("# Mini-batch multi-view embedders\n\n`python benchmarks/minibatch.py` (figures from a loaded, shared "
             "2-core machine, one thread per process).\n\n")
-    for key, title in (("parity_srel", "srel with halo mini-batches: R², full batch vs mini-batch (nested, same "
+    for key, title in (("parity_srel_auto", "srel with halo mini-batches, negatives \"auto\" (every region a "
+                                            "candidate on these cities): R², full batch vs mini-batch (nested, same "
+                                            "seeds)"),
+                       ("parity_srel", "srel with halo mini-batches: R², full batch vs mini-batch (nested, same "
                                        "seeds)"),
                        ("parity", "R², full batch vs mini-batch (nested, same seeds)"),
                        ("parity_negatives", "The same with uniform negatives joined to each batch")):
         if payload.get(key):
             text += f"## {title}\n\n" + parity_table(payload[key])
+            text += "As a distribution over seeds:\n\n" + parity_distribution(payload[key])
     for note in payload.get("notes", []):
         text += f"Note: {note}\n\n"
     scale_rows = payload.get("scale", [])
@@ -335,9 +412,10 @@ def main() -> int:
     args_parser.add_argument("--batch-size", type=int, default=None,
                              help="regions per batch (default: 64 for parity, 1024 for scale)")
     args_parser.add_argument("--epochs", type=int, default=None, help="parity: epochs (default: the method's)")
-    args_parser.add_argument("--negatives", type=int, default=None,
-                             help="parity: uniform negatives per mini-batch (default: the method's; hafusion rows "
-                                  "with negatives go to parity_negatives)")
+    args_parser.add_argument("--negatives", type=negatives_argument, default=None,
+                             help="parity: negatives per mini-batch, a count or (srel) auto / all (default: the "
+                                  "method's; hafusion rows with negatives go to parity_negatives)")
+    args_parser.add_argument("--note", default=None, help="a note to add below the tables (how the run was made)")
     args_parser.add_argument("--modes", default="full,minibatch",
                              help="parity: fits per seed (full, minibatch, accumulate: the halo mode's one step "
                                   "per epoch; rescaled, reseeded: the floors, full batch with its loss x (1 + 1e-6) "
@@ -363,12 +441,15 @@ def main() -> int:
     payload["environment"] = environment()
     if "parity" in parts:
         methods = [m.strip() for m in args.methods.split(",")]
-        key = args.key or ("parity_srel" if methods == ["srel"] else "parity_negatives" if args.negatives
-                           else "parity")
+        # srel's rows by its default negatives ("auto") go beside those of the earlier default (32, parity_srel).
+        key = args.key or (("parity_srel_auto" if args.negatives in (None, "auto") else "parity_srel")
+                           if methods == ["srel"] else "parity_negatives" if args.negatives else "parity")
         payload[key] = parity([c.strip() for c in args.cities.split(",")],
                               [m.strip() for m in args.methods.split(",")], parse_seeds(args.seeds),
                               args.batch_size or 64, args.epochs, args.negatives,
                               tuple(m.strip() for m in args.modes.split(",")))
+    if args.note:
+        payload.setdefault("notes", []).append(args.note)
     if "scale" in parts:
         payload["scale"] = scale([int(s) for s in args.sizes.split(",")],
                                  [m.strip() for m in args.scale_methods.split(",")], args.steps, args.full_epoch_max,
@@ -376,6 +457,11 @@ def main() -> int:
     _, md_path = write_results(args.out, "minibatch", payload, markdown(payload))
     print(md_path.read_text())
     return 0
+
+
+def negatives_argument(value: str) -> int | str:
+    """``--negatives``: a count, or a word of the halo form (``auto``, ``all``)."""
+    return value if value in ("auto", "all") else int(value)
 
 
 def argparse_hidden() -> str:

@@ -126,7 +126,7 @@ def test_a_large_city_never_holds_an_n_by_n_matrix(cls: type) -> None:
     ({"mode": "minibatch", "batch_size": 1}, "batch_size must be an integer of at least 2 regions, got 1"),
     ({"mode": "minibatch", "batch_size": 64.0}, "batch_size must be an integer"),
     ({"minibatch_above": -5}, "minibatch_above must be an integer >= 0 regions, got -5"),
-    ({"mode": "minibatch", "negatives": -1}, "negatives must be an integer >= 0 regions, got -1"),
+    ({"mode": "minibatch", "negatives": -1}, "negatives must be an integer >= 0 regions.*, got -1"),
 ])
 def test_bad_parameters_are_one_line_errors(city: Any, params: dict[str, Any], match: str) -> None:
     with pytest.raises(ParameterError, match=match) as err:

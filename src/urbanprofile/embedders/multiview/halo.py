@@ -8,7 +8,10 @@ Cluster-GCN with their neighbourhood halos, a batch is:
 - its *seed* regions (a spatially compact batch of :func:`.minibatch.compact_batches`);
 - their *trip partners*: every region a seed sends trips to or receives trips from (the mobility rows of the
   seeds are non-zero only there), which with the seeds make the batch's fixed candidates ``D``;
-- ``negatives`` regions drawn uniformly from outside ``D`` (all of them when there are no more than that);
+- negatives from outside ``D``: under ``negatives="auto"`` (the default) *every* region outside ``D`` when there
+  are at most :data:`EXACT_REST` (1,024) of them, else :data:`AUTO_NEGATIVES` (32) drawn uniformly; ``"all"``:
+  every region outside ``D`` whatever their number; an integer ``M``: ``M`` drawn uniformly (all of them when
+  there are no more than ``M``);
 - the *halo*: every region within ``hops`` neighbourhood steps of those (``hops`` = the network's attention layers;
   read-only context whose own outputs are wrong and never used). A network with dense attention has the whole
   city as its halo, so it runs its full-batch forward.
@@ -18,7 +21,10 @@ rows of the full-batch loss: for each seed, its mobility cross-entropy over dest
 over origins) and its similarity errors against every region; sums over all regions are estimated from the
 candidates, ``D`` with weight 1 and each negative with weight ``(N - |D|) / negatives`` (a stratified sample: exact
 when the negatives are all the rest, unbiased for the similarity sums and the softmax normaliser otherwise). The
-view fusion's mean over regions of its view scores is estimated the same way. Normalisations are the full-batch
+view fusion's mean over regions of its view scores is estimated the same way. So under ``"auto"`` a batch of a small
+city (at most 1,024 regions outside its seeds and partners) has no sampling error at all: its loss is exactly the
+seeds' rows of the full-batch loss; a large city's batches keep 32 sampled negatives (their cost is the halo each
+negative brings, so a bound, not a share of N). Normalisations are the full-batch
 ones (``/ N^2``, ``/`` the city's count of non-empty rows), so over an epoch the batches' losses add up to the
 full-batch loss, and with every region a candidate their gradients add up to the full-batch gradient:
 ``accumulate=True`` takes one optimizer step per epoch with that sum (the full-batch step,
@@ -45,6 +51,30 @@ from urbanprofile.embedders.multiview.minibatch import (
     MiniBatchObjective,
     fit_minibatch,
 )
+
+#: Under ``negatives="auto"``: a batch with at most this many regions outside its seeds and trip partners takes all
+#: of them as candidates (its loss rows exact); one with more draws :data:`AUTO_NEGATIVES` of them.
+EXACT_REST = 1024
+#: Negatives drawn under ``negatives="auto"`` when a batch has more than :data:`EXACT_REST` regions outside.
+AUTO_NEGATIVES = 32
+#: The words ``negatives`` takes besides a count (see the module).
+NEGATIVE_WORDS = ("auto", "all")
+
+
+def negatives_to_draw(negatives: int | str, rest: int) -> int:
+    """How many of the ``rest`` regions outside a batch's seeds and trip partners become its candidates.
+
+    Args:
+        negatives: ``"auto"``, ``"all"`` or a count (see the module).
+        rest: Regions of the city outside the batch's seeds and trip partners.
+
+    Returns:
+        A number in ``[0, rest]``; ``rest`` means every one of them (the batch's loss rows exact).
+    """
+    if negatives == "all" or (negatives == "auto" and rest <= EXACT_REST):
+        return rest
+    count = AUTO_NEGATIVES if negatives == "auto" else int(negatives)
+    return min(max(count, 0), rest)
 
 
 class Halo:
@@ -98,8 +128,14 @@ class HaloObjective(MiniBatchObjective):
         self.n_in = max(int(self.has_in.sum()), 1)
         self.inside = np.zeros(self.n, dtype=bool)
 
-    def candidates(self, seeds: np.ndarray, negatives: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def candidates(self, seeds: np.ndarray, negatives: int | str,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """The batch's candidates, seeds first, then their trip partners, then the negatives; and their weights.
+
+        Args:
+            seeds: Global positions of the batch's seed regions.
+            negatives: ``"auto"``, ``"all"`` or a count (:func:`negatives_to_draw`).
+            rng: Draws the negatives (used only when they are a sample of the rest).
 
         Returns:
             (targets, weights): global positions, and how many regions of the city each one stands for.
@@ -111,13 +147,14 @@ class HaloObjective(MiniBatchObjective):
         fixed = np.concatenate([seeds, partners])
         self.inside[fixed] = True
         rest = self.n - len(fixed)
+        count = negatives_to_draw(negatives, rest)
         try:
-            if negatives <= 0 or rest <= 0:
+            if count <= 0:
                 drawn = np.zeros(0, dtype=np.int64)
-            elif negatives >= rest:
+            elif count >= rest:
                 drawn = np.flatnonzero(~self.inside)
             else:
-                drawn = _draw_outside(self.inside, negatives, rng)
+                drawn = _draw_outside(self.inside, count, rng)
         finally:
             self.inside[fixed] = False
         weights = np.ones(len(fixed) + len(drawn))
@@ -243,8 +280,8 @@ def fit_halo(embedder: Any, city: CityData, max_steps: int | None = None) -> Non
 
     The embedder provides ``build_minibatch(city, inputs) -> (network, neighbours)`` (``neighbours`` ``None`` for
     dense attention), a network with ``hops``, ``heads`` and ``network(batch, row_weights=..., pooled=...)``, and
-    the parameters ``batch_size``, ``negatives`` and ``accumulate``. ``max_steps`` as in
-    :func:`.minibatch.fit_minibatch`.
+    the parameters ``batch_size``, ``negatives`` (``"auto"``, ``"all"`` or a count) and ``accumulate``.
+    ``max_steps`` as in :func:`.minibatch.fit_minibatch`.
     """
     run = BatchedRun(embedder, city, max_steps)
     objective = HaloObjective(run.inputs, run.inputs.similarity_views, embedder.objective)

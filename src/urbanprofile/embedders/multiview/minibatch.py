@@ -49,8 +49,14 @@ from urbanprofile.errors import ParameterError, TrainingError
 MODES = ("auto", "full", "minibatch")
 
 
-def check_mode(name: str, mode: str, batch_size: Any, minibatch_above: Any, negatives: Any = 0) -> None:
+def check_mode(name: str, mode: str, batch_size: Any, minibatch_above: Any, negatives: Any = 0,
+               negative_words: tuple[str, ...] = ()) -> None:
     """Validate the mini-batch parameters of a method, with one-line errors.
+
+    Args:
+        name: The method, for the messages.
+        mode, batch_size, minibatch_above, negatives: Its parameters.
+        negative_words: Words ``negatives`` may be besides a count (the halo form's ``auto`` and ``all``).
 
     Raises:
         ParameterError: On an unknown mode, a batch size below 2, or a negative threshold or count of negatives.
@@ -61,8 +67,11 @@ def check_mode(name: str, mode: str, batch_size: Any, minibatch_above: Any, nega
         raise ParameterError(f"{name}: batch_size must be an integer of at least 2 regions, got {batch_size!r}")
     if isinstance(minibatch_above, bool) or not isinstance(minibatch_above, int | np.integer) or minibatch_above < 0:
         raise ParameterError(f"{name}: minibatch_above must be an integer >= 0 regions, got {minibatch_above!r}")
+    if isinstance(negatives, str) and negatives in negative_words:
+        return
     if isinstance(negatives, bool) or not isinstance(negatives, int | np.integer) or negatives < 0:
-        raise ParameterError(f"{name}: negatives must be an integer >= 0 regions, got {negatives!r}")
+        words = "".join(f" or {word!r}" for word in negative_words)
+        raise ParameterError(f"{name}: negatives must be an integer >= 0 regions{words}, got {negatives!r}")
 
 
 def uses_minibatch(mode: str, n_regions: int, minibatch_above: int) -> bool:
@@ -335,7 +344,10 @@ class BatchedRun:
         self.inputs = minibatch_inputs(city, embedder.required_views)
         self.network, self.neighbors = embedder.build_minibatch(city, self.inputs)
         self.xy = batch_coordinates(city, self.inputs)
-        self.batch_size, self.negatives = int(embedder.batch_size), int(embedder.negatives)
+        self.batch_size = int(embedder.batch_size)
+        # A word (the halo form's "auto" or "all", checked by check_mode) or a count.
+        self.negatives: int | str = (embedder.negatives if isinstance(embedder.negatives, str)
+                                     else int(embedder.negatives))
         self.epochs = embedder.epochs
         self.checkpoints = {max(1, round(self.epochs * (k + 1) / embedder.n_checkpoints))
                             for k in range(embedder.n_checkpoints)}
@@ -413,13 +425,14 @@ def fit_minibatch(embedder: Any, city: CityData, max_steps: int | None = None) -
     run = BatchedRun(embedder, city, max_steps)
     objective = MiniBatchObjective(run.inputs, run.inputs.similarity_views, embedder.objective)
     make = BatchMaker(city.n_regions, run.neighbors)
+    negatives = int(run.negatives)  # in-batch methods take a count only (check_mode)
     for epoch in range(1, run.epochs + 1):
         epoch_start = time.perf_counter()
         totals: dict[str, float] = {}
         batches = run.epoch_batches()
         for index in batches:
             run.optimizer.zero_grad()
-            parts = _step(run.network, objective, make, with_negatives(index, city.n_regions, run.negatives, run.rng))
+            parts = _step(run.network, objective, make, with_negatives(index, city.n_regions, negatives, run.rng))
             run.check(parts, epoch)
             sum(parts.values()).backward()
             run.optimizer_step()
@@ -428,7 +441,7 @@ def fit_minibatch(embedder: Any, city: CityData, max_steps: int | None = None) -
             if run.stepped(epoch_start):
                 return
         run.end_epoch(epoch, totals, epoch_start, lambda: _embed_all(run.network, run.embed_batches, make,
-                                                                      city.n_regions, run.negatives, run.seed))
+                                                                      city.n_regions, negatives, run.seed))
     run.finish()
 
 

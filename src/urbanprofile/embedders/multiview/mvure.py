@@ -125,7 +125,8 @@ class MVUREEmbedder(MultiViewEmbedder):
             a nearest-neighbour search instead of dense similarities (:func:`sparse_view_graphs`).
         batch_size: Seed regions per mini-batch.
         minibatch_above: Largest city trained full-batch under ``auto``.
-        negatives: Regions drawn uniformly from outside a batch's seeds and trip partners (see ``SRELEmbedder``).
+        negatives: Regions from outside a batch's seeds and trip partners that join its candidates: ``"auto"``
+            (all of them up to 1,024, else 32 drawn), ``"all"`` or a count (see ``SRELEmbedder``).
         accumulate: Mini-batch mode: one optimizer step per epoch (with every region a candidate, the full-batch
             step); ``False``: a step per batch.
         random_state: Seed.
@@ -139,7 +140,7 @@ class MVUREEmbedder(MultiViewEmbedder):
                  sharing: float = 0.2, dropout: float = 0.1, epochs: int = 500, lr: float = 5e-4,
                  weight_decay: float = 1e-5, objective: str | dict[str, Any] = "distribution",
                  views: tuple[str, ...] = MULTI_VIEWS, mode: str = "full", batch_size: int = 1024,
-                 minibatch_above: int = 10_000, negatives: int = 32, accumulate: bool = False,
+                 minibatch_above: int = 10_000, negatives: int | str = "auto", accumulate: bool = False,
                  random_state: int | None = 0) -> None:
         self.d = d
         self.n_layers = n_layers

@@ -114,9 +114,11 @@ class SRELEmbedder(MultiViewEmbedder):
         batch_size: Seed regions per mini-batch.
         minibatch_above: Largest city trained full-batch under ``auto`` (the sparse full-batch form took 8.3 GB
             at 20,000 regions).
-        negatives: Regions drawn uniformly from outside each mini-batch's seeds and trip partners, as candidates of
-            its softmax and similarity sums (weighted as a sample of the rest of the city; all of the rest when it
-            has no more regions than this: the exact loss rows).
+        negatives: Regions from outside each mini-batch's seeds and trip partners that join its candidates, for
+            its softmax and similarity sums. ``"auto"``: all of them when they are at most 1,024 (``EXACT_REST``: the
+            batch's loss is exactly its seeds' rows of the full-batch loss), else 32 drawn uniformly (weighted as a
+            sample of the rest of the city); ``"all"``: always all of them; a count ``M``: ``M`` drawn uniformly
+            (all of the rest when it has no more regions than ``M``).
         accumulate: Mini-batch mode: one optimizer step per epoch on the gradients summed over its batches (with
             every region a candidate, the full-batch step); ``False``: a step per batch (the fast path).
         random_state: Seed of the initialisation and sampling.
@@ -127,7 +129,7 @@ class SRELEmbedder(MultiViewEmbedder):
                  weight_decay: float = 5e-4, objective: str | dict[str, Any] = "authors", readout: str = "deepfc",
                  attention: str = "auto", k_neighbors: int = 32, dense_limit: int = 2000,
                  feedforward: int | None = None, views: tuple[str, ...] = MULTI_VIEWS, mode: str = "auto",
-                 batch_size: int = 1024, minibatch_above: int = 10_000, negatives: int = 32,
+                 batch_size: int = 1024, minibatch_above: int = 10_000, negatives: int | str = "auto",
                  accumulate: bool = False, random_state: int | None = 0) -> None:
         self.d = d
         self.n_intra_layers = n_intra_layers

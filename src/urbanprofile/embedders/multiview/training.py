@@ -32,7 +32,7 @@ from scipy import sparse
 
 from urbanprofile.data.city import CityData
 from urbanprofile.embedders.base import Embedder, as_embedding
-from urbanprofile.embedders.multiview.halo import fit_batched
+from urbanprofile.embedders.multiview.halo import NEGATIVE_WORDS, fit_batched
 from urbanprofile.embedders.multiview.inputs import (
     NEGATIVES,
     SIMILARITY_PAIRS,
@@ -245,7 +245,7 @@ class MultiViewEmbedder(Embedder):
     mode: str = "full"
     batch_size: int = 1024
     minibatch_above: int = 10_000
-    negatives: int = 0
+    negatives: int | str = 0
     #: Whether its mini-batches carry a halo (:mod:`.halo`: the full-batch method batched) or attend within the batch.
     minibatch_halo: bool = False
     #: Why a method has no mini-batch mode (one line for its error), or ``None`` when it has one.
@@ -281,7 +281,8 @@ class MultiViewEmbedder(Embedder):
         """
 
         name = type(self).__name__
-        check_mode(name, self.mode, self.batch_size, self.minibatch_above, self.negatives)
+        check_mode(name, self.mode, self.batch_size, self.minibatch_above, self.negatives,
+                   NEGATIVE_WORDS if self.minibatch_halo else ())
         if self.minibatch_unsupported is not None:
             if self.mode == "minibatch":
                 raise MethodUnavailableError(f"{name}: no mini-batch mode: {self.minibatch_unsupported}")

@@ -133,7 +133,7 @@ def embed(
                                     overwrite=overwrite)
     err.print(f"wrote {embedding.shape[0]} regions x {embedding.shape[1]} dimensions to {out_path}"
               f"{f' in {pieces} part files' if folder else ''} (views: {', '.join(spec.all_views) or '-'}; "
-              f"{n_threads} threads)")
+              f"{n_threads} thread{'s' if n_threads != 1 else ''})")
 
 
 # -- evaluate and benchmark --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ reclaimable and are not the process's own).
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator, Sequence
@@ -204,44 +205,76 @@ def standardise(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.n
 
 
 # -- the data loader ---------------------------------------------------------------------------------------
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous ``(begin, end)`` rows of each of ``shards`` near-equal parts of a batch of ``n``."""
+    edges = [n * k // shards for k in range(shards + 1)]
+    return list(itertools.pairwise(edges))
+
+
 class StoreBatches:
     """A torch map-style dataset whose item is a whole mini-batch: ``dataset[indices]`` -> (features, mask).
 
-    Indices are sorted before reading (memory-mapped rows are read in file order) and the rows put back in the
-    batch's order, so a batch is the same whatever the storage.
+    The batch is cut into ``shards`` contiguous parts (:func:`shard_bounds`) and only the features of the parts in
+    ``parts`` are read: a data-parallel worker reads its own part's rows. The presence mask is read for the whole
+    batch, because the views drawn for it depend on every row's available modalities (one byte per modality and
+    row, against ``4 * width`` bytes of features).
+
+    Within a part, indices are sorted before reading (memory-mapped rows are read in file order) and the rows put
+    back in the batch's order, so a part is the same whatever the storage and whichever parts are read.
 
     Args:
         store: The store.
         names: Modalities to read, in model order.
         mean, scale: Standardisation per modality (float64 or float32 arrays).
+        shards: Parts a batch is cut into.
+        parts: The parts whose features are read (``None``: every part).
     """
 
     def __init__(self, store: ModalityStore, names: Sequence[str], mean: dict[str, np.ndarray],
-                 scale: dict[str, np.ndarray]) -> None:
+                 scale: dict[str, np.ndarray], shards: int = 1, parts: Sequence[int] | None = None) -> None:
         self.store, self.names, self.mean, self.scale = store, list(names), mean, scale
+        self.shards = shards
+        self.parts = list(range(shards)) if parts is None else list(parts)
 
     def __len__(self) -> int:
         return self.store.n
 
-    def __getitem__(self, indices: np.ndarray) -> tuple[list[Any], Any]:
+    def __getitem__(self, indices: np.ndarray) -> tuple[dict[int, list[Any]], Any]:
+        """The features of each part read (part number -> one ``(rows, d_m)`` tensor per modality) and the
+        ``(batch, modalities)`` presence mask of the whole batch."""
         import torch
 
         indices = np.asarray(indices)
-        order = np.argsort(indices, kind="stable")
-        sorted_rows = indices[order]
-        back = np.empty_like(order)
-        back[order] = np.arange(len(order))
-        xs, masks = [], []
+        bounds = shard_bounds(len(indices), self.shards)
+        order, back = _file_order(indices)
+        masks = []
         for m in self.names:
-            if m in self.store.values:
-                raw = np.asarray(self.store.values[m][sorted_rows])[back]
-                have = np.asarray(self.store.present[m][sorted_rows])[back]
-                xs.append(torch.from_numpy(standardise(raw, self.mean[m], self.scale[m])))
+            if m in self.store.present:
+                masks.append(np.asarray(self.store.present[m][indices[order]])[back])
             else:  # a trained modality this store lacks: absent everywhere
-                xs.append(torch.zeros((len(indices), len(self.mean[m])), dtype=torch.float32))
-                have = np.zeros(len(indices), bool)
-            masks.append(have)
-        return xs, torch.from_numpy(np.column_stack(masks))
+                masks.append(np.zeros(len(indices), bool))
+        parts = {}
+        for k in self.parts:
+            begin, end = bounds[k]
+            rows = indices[begin:end]
+            order, back = _file_order(rows)
+            xs = []
+            for m in self.names:
+                if m in self.store.values:
+                    raw = np.asarray(self.store.values[m][rows[order]])[back]
+                    xs.append(torch.from_numpy(standardise(raw, self.mean[m], self.scale[m])))
+                else:
+                    xs.append(torch.zeros((len(rows), len(self.mean[m])), dtype=torch.float32))
+            parts[k] = xs
+        return parts, torch.from_numpy(np.column_stack(masks))
+
+
+def _file_order(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The order that sorts ``indices`` (read in file order) and the one that puts the rows read back."""
+    order = np.argsort(indices, kind="stable")
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return order, back
 
 
 class EpochBatches:

@@ -4,7 +4,8 @@ Every worker opens the same modality store (:mod:`~urbanprofile.embedders.multim
 it must sit on storage every node reads at the same path), builds the model from the same seed, and walks the
 same seeded permutation of locations: each global mini-batch of ``batch_size`` locations is cut into
 ``num_workers`` contiguous parts, the two modality views are drawn for the whole batch from the shared seeded
-generator, and worker ``k`` computes the loss of part ``k`` (its dropout reseeded from the seed, the epoch, the
+generator (over every row's presence mask, which is all a worker reads of the other parts), and worker ``k`` reads
+the features of part ``k``'s rows and computes their loss (its dropout reseeded from the seed, the epoch, the
 step and ``k``). DDP averages the gradients, so a step is the step of ``UrbanFusionEmbedder(shards=num_workers)``
 in one process, up to the order of floating-point sums (see ``tests/embedders/multimodal/test_ray_train.py``).
 
@@ -151,7 +152,7 @@ def _worker(config: dict[str, Any]) -> None:
         dist.all_reduce(total)
         return float(total.item()) / world
 
-    embedder.train_epochs(objective, opt, embedder.batch_source(store), store.n, rng, shard=rank,
+    embedder.train_epochs(objective, opt, embedder.batch_source(store, shard=rank), store.n, rng, shard=rank,
                           mean_over_workers=mean_over_workers)
     metrics = {"loss_history": embedder.loss_history_, "epoch_seconds": embedder.epoch_seconds_}
     with tempfile.TemporaryDirectory() as folder:

@@ -25,7 +25,6 @@ in the same seeded batches as the in-memory path (same seed, same batches: the s
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +50,7 @@ from urbanprofile.embedders.multimodal.pretrain_store import (
     batch_loader,
     moments,
     open_store,
+    shard_bounds,
     standardise,
 )
 from urbanprofile.errors import DataError, MethodUnavailableError, TrainingError, unknown_name
@@ -244,7 +244,7 @@ class UrbanFusionEmbedder(Embedder):
         Args:
             objective: :func:`smf_objective` of ``model_``, or its DDP wrapper.
             opt: The optimiser.
-            batches: From an epoch's permutation to its mini-batches (:meth:`batch_source`).
+            batches: From an epoch's permutation to its mini-batches (:meth:`batch_source`, for ``shard``).
             n: Number of pretraining locations.
             rng: The generator of the permutations and the views (seeded alike in every worker).
             shard: This data-parallel worker's part of each batch (``None``: one process).
@@ -257,8 +257,8 @@ class UrbanFusionEmbedder(Embedder):
         for epoch in range(self.epochs):
             began = time.perf_counter()
             total, steps = 0.0, 0
-            for step, (batch, avail) in enumerate(batches(rng.permutation(n))):
-                loss = smf_step(objective, opt, batch, avail, rng, self.keep_prob, shards=self.shards,
+            for step, (parts, avail) in enumerate(batches(rng.permutation(n))):
+                loss = smf_step(objective, opt, parts, avail, rng, self.keep_prob, shards=self.shards,
                                 seed=self._step_seed(epoch, step), shard=shard)
                 if loss is None:
                     continue
@@ -291,10 +291,16 @@ class UrbanFusionEmbedder(Embedder):
             self.mean_[m] = mean.astype(np.float32)
             self.scale_[m] = (std + 1e-6).astype(np.float32)
 
-    def batch_source(self, store: ModalityStore) -> Callable[[np.ndarray], Any]:
-        """A function from an epoch's permutation to its mini-batches ``(features per modality, mask)``."""
+    def batch_source(self, store: ModalityStore, shard: int | None = None) -> Callable[[np.ndarray], Any]:
+        """A function from an epoch's permutation to its mini-batches ``(parts, mask)``.
+
+        Each batch is cut into ``shards`` contiguous parts; ``parts`` maps a part's number to its features (one
+        tensor per modality), ``mask`` is the presence of every modality over the whole batch (the views are drawn
+        over it). Only part ``shard``'s features are read (a data-parallel worker's), or every part's if ``None``.
+        """
         import torch
 
+        wanted = list(range(self.shards)) if shard is None else [shard]
         if store.folder is None:  # held in memory: standardise once, index tensors
             xs = [torch.from_numpy(self.standardise(m, store.values[m])) for m in self.names_]
             pres = torch.from_numpy(np.column_stack([store.present[m] for m in self.names_]))
@@ -302,11 +308,13 @@ class UrbanFusionEmbedder(Embedder):
             def in_memory(order: np.ndarray) -> Any:
                 for begin in range(0, len(order), self.batch_size):
                     idx = torch.from_numpy(order[begin:begin + self.batch_size])
-                    yield [v[idx] for v in xs], pres[idx]
+                    bounds = shard_bounds(len(idx), self.shards)
+                    yield {k: [v[idx[bounds[k][0]:bounds[k][1]]] for v in xs] for k in wanted}, pres[idx]
 
             return in_memory
         sampler = EpochBatches(self.batch_size)
-        loader = batch_loader(StoreBatches(store, self.names_, self.mean_, self.scale_), sampler, self.loader_workers)
+        dataset = StoreBatches(store, self.names_, self.mean_, self.scale_, shards=self.shards, parts=wanted)
+        loader = batch_loader(dataset, sampler, self.loader_workers)
 
         def from_disk(order: np.ndarray) -> Any:
             sampler.set_order(order)
@@ -442,12 +450,6 @@ def step_seed(random_state: int | None, epoch: int, step: int) -> int:
     return int(seq.generate_state(1)[0])
 
 
-def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
-    """Contiguous ``(begin, end)`` rows of each of ``shards`` near-equal parts of a batch of ``n``."""
-    edges = [n * k // shards for k in range(shards + 1)]
-    return list(itertools.pairwise(edges))
-
-
 def smf_loss(model: Any, batch: list[Any], avail: Any, view1: Any, view2: Any, lambda_rec: float) -> Any:
     """The SMF objective on one batch: symmetric InfoNCE between two views plus their reconstruction loss."""
     fused1, fused2 = model(batch, view1), model(batch, view2)
@@ -473,8 +475,8 @@ def smf_objective(model: Any, lambda_rec: float) -> Any:
     return Objective()
 
 
-def smf_step(objective: Any, opt: Any, batch: list[Any], avail: Any, rng: np.random.Generator, keep_prob: float,
-             *, shards: int = 1, seed: int | None = None, shard: int | None = None) -> float | None:
+def smf_step(objective: Any, opt: Any, parts: dict[int, list[Any]], avail: Any, rng: np.random.Generator,
+             keep_prob: float, *, shards: int = 1, seed: int | None = None, shard: int | None = None) -> float | None:
     """One optimiser step of stochastic multimodal fusion; the loss, or ``None`` if the batch was skipped.
 
     The two views are drawn for the whole batch from ``rng`` (so every data-parallel worker draws the same). With
@@ -485,6 +487,10 @@ def smf_step(objective: Any, opt: Any, batch: list[Any], avail: Any, rng: np.ran
 
     Args:
         objective: :func:`smf_objective` of the model, or its DDP wrapper.
+        parts: The features (one tensor per modality) of each part this process computes, by part number
+            (:func:`~urbanprofile.embedders.multimodal.pretrain_store.shard_bounds` of the batch): part 0 only
+            when ``shards`` is 1, part ``shard`` alone in a data-parallel worker.
+        avail: ``(batch, modalities)`` presence over the whole batch, every part's rows.
     """
     import torch
 
@@ -494,16 +500,14 @@ def smf_step(objective: Any, opt: Any, batch: list[Any], avail: Any, rng: np.ran
         return None
     view1, view2 = _subset(avail, keep_prob, rng), _subset(avail, keep_prob, rng)
     if shards == 1:
-        loss = objective(batch, avail, view1, view2)
+        loss = objective(parts[0], avail, view1, view2)
         value = loss
     else:
-        parts = [k for k in range(shards) if shard is None or k == shard]
         losses = []
-        for k in parts:
+        for k in (range(shards) if shard is None else [shard]):
             begin, end = bounds[k]
             torch.manual_seed((seed or 0) + k)
-            losses.append(objective([v[begin:end] for v in batch], avail[begin:end], view1[begin:end],
-                                    view2[begin:end]))
+            losses.append(objective(parts[k], avail[begin:end], view1[begin:end], view2[begin:end]))
         loss = torch.stack(losses).mean()
         value = loss
     if not torch.isfinite(value):

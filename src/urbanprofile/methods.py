@@ -447,3 +447,20 @@ def register_checkpoint(folder: str | os.PathLike[str], method: str | None = Non
                                 source=root)
     register_method(spec, replace=True)
     return spec
+
+
+def register_checkpoints(folders: list[str]) -> list[str]:
+    """Register each checkpoint folder (:func:`register_checkpoint`); returns the method names.
+
+    Raises:
+        UrbanProfileError: No folder, or two folders holding the same checkpoint (one name, one result).
+    """
+    if not folders:
+        raise UrbanProfileError("--checkpoints: no checkpoint folder given")
+    names: dict[str, str] = {}
+    for folder in folders:
+        name = register_checkpoint(folder).name
+        if name in names:
+            raise UrbanProfileError(f"--checkpoints: {names[name]} and {folder} hold the same checkpoint ({name})")
+        names[name] = folder
+    return list(names)

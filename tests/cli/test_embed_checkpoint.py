@@ -155,6 +155,39 @@ def test_results_are_keyed_by_the_checkpoints_content(ckpt: Path, tmp_path: Path
     assert changed["r2"] != first["r2"]
 
 
+def test_benchmark_runs_checkpoints_beside_methods(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    probe = ("-t", "crime", "-p", "spatial", "--seeds", "0", "--json")
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "evaluate", "hafusion-one", "--checkpoint", str(ckpt), *probe)
+    assert code == 0, stderr
+    (alone,) = _json_rows(stdout)
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "benchmark", "--datasets", "hafusion-one", "--methods",
+                                   "raw-poi", "--checkpoints", str(ckpt), "--tasks", "crime", "--protocols", "spatial",
+                                   "--seeds", "0", "--store", str(tmp_path / "grid.duckdb"), "--json")
+    assert code == 0, stderr
+    rows = {r["method"]: r for r in _json_rows(stdout)}
+    name = f"urbanfusion:ckpt-{checkpoint_hash(ckpt)}"
+    assert set(rows) == {"raw-poi", name}
+    assert rows[name]["r2"] == pytest.approx(alone["r2"], rel=1e-9)  # the same probe as evaluate --checkpoint
+
+
+@pytest.mark.parametrize("case", ["same checkpoint twice", "blank", "no checkpoint"])
+def test_benchmark_checkpoints_bad_input_is_one_error(case: str, ckpt: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpt, copy)
+    given = {"same checkpoint twice": f"{ckpt},{copy}", "blank": " , ", "no checkpoint": str(tmp_path / "nowhere")}
+    expected = {"same checkpoint twice": "hold the same checkpoint", "blank": "no checkpoint folder given",
+                "no checkpoint": "no such checkpoint folder"}
+    store = tmp_path / "grid.duckdb"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "benchmark", "--datasets", "hafusion-one", "--checkpoints",
+                                   given[case], "--tasks", "crime", "--protocols", "spatial", "--seeds", "0",
+                                   "--store", str(store))
+    assert_one_error(code, stderr, expected[case])
+    assert not stdout and not store.exists()
+
+
 def open_store_folder(ckpt: Path) -> Path:
     """The store the module's checkpoint was pretrained on (beside it)."""
     return ckpt.parent / "store"

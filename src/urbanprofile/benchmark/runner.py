@@ -77,6 +77,8 @@ class StudyConfig:
         seeds: Seeds of stochastic methods (0 to :data:`MAX_SEED`).
         suite: Task suites instead of ``tasks`` (adds an aggregate per method over each suite).
         embeddings: Embeddings made elsewhere, ``NAME=FILE,...``, run as methods ``file:NAME``.
+        checkpoints: Pretrained UrbanFusion checkpoint folders, run frozen as methods
+            ``urbanfusion:ckpt-<content hash>``.
         store: DuckDB results store.
         executor: ``serial``, ``processes`` or ``ray``.
         jobs: Local worker processes (or CPUs of a local Ray instance); ``None``: the executor's choice.
@@ -92,6 +94,7 @@ class StudyConfig:
     heads: list[str] | None = None
     suite: list[str] | None = None
     embeddings: str | None = None
+    checkpoints: list[str] | None = None
     store: Path = DEFAULT_STORE
     executor: str = "serial"
     jobs: int | None = None

@@ -289,6 +289,10 @@ def benchmark(
     embeddings: Annotated[str | None, typer.Option(
         "--embeddings", help="Embeddings made elsewhere, NAME=FILE,... (.parquet/.csv with region_id), run as "
         "methods file:NAME beside --methods (alone when --methods is not given).", show_default=False)] = None,
+    checkpoints: Annotated[str | None, typer.Option(
+        "--checkpoints", help="Pretrained urbanfusion checkpoint folders, DIR,... (urbanprofile pretrain --out), "
+        "run frozen as methods urbanfusion:ckpt-<content hash> beside --methods (alone when --methods is not "
+        "given).", show_default=False)] = None,
     suite: Annotated[str | None, typer.Option(
         "--suite", help="Task suites instead of --tasks: core, socioeconomic, all (comma-separated); adds an "
         "aggregate per method over each suite.", show_default=False)] = None,
@@ -313,13 +317,18 @@ def benchmark(
         protocols=None if protocols is None else split_list(protocols) or [],
         seeds=None if seeds is None else _seeds(seeds), heads=split_list(heads),
         suite=None if suite is None else split_list(suite) or [""],  # --suite "" stays the error it was
-        embeddings=embeddings, store=store_path, executor=executor, jobs=jobs, address=address, retries=retries))
+        embeddings=embeddings, checkpoints=None if checkpoints is None else split_list(checkpoints) or [],
+        store=store_path, executor=executor, jobs=jobs, address=address, retries=retries))
     _check_seeds(study.seeds, f"{config}: seeds" if config and seeds is None else "--seeds")
     method_names = study.methods
     if study.embeddings is not None:
         from urbanprofile.methods import register_embeddings
 
         method_names = [*(method_names or []), *register_embeddings(study.embeddings)]
+    if study.checkpoints is not None:
+        from urbanprofile.methods import register_checkpoints
+
+        method_names = [*(method_names or []), *register_checkpoints(study.checkpoints)]
     plan = BenchmarkPlan(
         datasets=study.datasets, methods=method_names, tasks=study.tasks,
         protocols=study.protocols, seeds=study.seeds, heads=study.heads,

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 from common import RESULTS, environment, md_table, parse_seeds, parser, write_results
 
-from urbanprofile.evaluation.suites import suite_aggregate
+from urbanprofile.evaluation.suites import suite_aggregate, wins_text
 
 #: Methods that count as baselines for the goal (the issue's list); every other method counts as learned.
 BASELINE_PREFIXES = ("raw-",)
@@ -111,7 +111,7 @@ def goal(board: pd.DataFrame) -> dict[str, Any]:
 
 def aggregate_md(board: pd.DataFrame) -> str:
     body = [[r["method"], r["head"], r["mean_r2"], f"{r['mean_rank']:.2f} [{r['rank_low']:.2f}, {r['rank_high']:.2f}]",
-             f"{r['wins']}/{r['n_compared']}"] for r in board.to_dict("records")]
+             wins_text(r)] for r in board.to_dict("records")]
     return md_table(["method", "head", "mean R²", "mean rank [95% CI]", "wins vs best raw"], body)
 
 

@@ -13,7 +13,7 @@ from helpers import run_cli_process as run_cli
 from urbanprofile.benchmark.runner import BenchmarkPlan, run_benchmark
 from urbanprofile.data import CityData
 from urbanprofile.errors import UnknownNameError
-from urbanprofile.evaluation.suites import SUITES, Suite, get_suite, plan_suite, suite_aggregate
+from urbanprofile.evaluation.suites import SUITES, Suite, get_suite, plan_suite, suite_aggregate, wins_text
 
 
 def test_named_suites_and_unknown_name() -> None:
@@ -67,6 +67,16 @@ def test_aggregate_means_ranks_and_wins_over_common_pairs() -> None:
     assert board.index[0] == "learned"
     again = suite_aggregate(rows, suite).set_index("method")
     np.testing.assert_allclose(again["rank_low"], board["rank_low"])  # the bootstrap is seeded
+
+
+def test_wins_read_as_a_dash_where_there_is_no_other_raw_baseline() -> None:
+    rows = [_row("a", "t1", "raw-x", 0.5), _row("a", "t1", "learned", 0.7),
+            _row("a", "t2", "raw-x", 0.4), _row("a", "t2", "learned", 0.3)]
+    board = suite_aggregate(rows).set_index("method")
+    assert wins_text(board.loc["learned"].to_dict()) == "1/2"  # beats raw-x on t1 only
+    assert board.loc["raw-x", "n_compared"] == 0 and wins_text(board.loc["raw-x"].to_dict()) == "-"
+    alone = suite_aggregate([_row("a", "t1", "learned", 0.7)]).iloc[0].to_dict()  # no raw baseline at all
+    assert wins_text(alone) == "-"
 
 
 def test_runner_runs_each_dataset_tasks_and_says_what_is_missing(city: CityData) -> None:

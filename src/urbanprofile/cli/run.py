@@ -404,7 +404,7 @@ def _plan_suites(plan: Any, names: str, data_dir: Path | None) -> tuple[list[Any
 
 
 def _print_suite_aggregate(rows: list[dict[str, Any]], suite: Any, console: Console, as_json: bool) -> None:
-    from urbanprofile.evaluation.suites import suite_aggregate
+    from urbanprofile.evaluation.suites import suite_aggregate, wins_text
 
     board = suite_aggregate(rows, suite)
     if board.empty:
@@ -423,7 +423,7 @@ def _print_suite_aggregate(rows: list[dict[str, Any]], suite: Any, console: Cons
         protocol = "paper†" if r["protocol"] == "paper" else r["protocol"]
         table.add_row(protocol, r["method"], r["head"], str(r["n_pairs"]), str(r["n_common"]), fmt(r["mean_r2"]),
                       f"{r['mean_rank']:.2f} [{fmt(r['rank_low'], 2)}, {fmt(r['rank_high'], 2)}]",
-                      f"{r['wins']}/{r['n_compared']}")
+                      wins_text(r))
         if as_json:
             _print_rows_json({"row": "suite-aggregate", "suite": suite.name, **{str(k): v for k, v in r.items()}})
     console.print(table)

@@ -8,7 +8,7 @@ so every method of a pair is scored on the same folds).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,3 +165,9 @@ def suite_aggregate(rows: list[dict[str, Any]], suite: Suite | None = None) -> p
     result = pd.DataFrame(out)
     return result.sort_values(["protocol", "mean_rank", "mean_r2"], ascending=[True, True, False]).reset_index(
         drop=True)
+
+
+def wins_text(row: Mapping[Any, Any]) -> str:
+    """An aggregate row's wins against the best raw baseline, ``wins/n_compared``; ``-`` where no other ``raw-*``
+    baseline ran on its pairs (a ``raw-*`` method alone among them, or none at all: nothing to win against)."""
+    return f"{row['wins']}/{row['n_compared']}" if row["n_compared"] else "-"

@@ -27,7 +27,7 @@ from urbanprofile.data.registry import get_entry
 from urbanprofile.errors import UrbanProfileError
 from urbanprofile.evaluation.protocols import N_BIAS_BLOCKS, PROTOCOLS
 from urbanprofile.evaluation.spatial import spatial_blocks
-from urbanprofile.evaluation.suites import SUITES, suite_aggregate
+from urbanprofile.evaluation.suites import SUITES, suite_aggregate, wins_text
 from urbanprofile.methods import get_method
 from urbanprofile.report.maps import BLOCK_R2_BOUND, diverging_colour, svg_paths
 from urbanprofile.report.tables import PUBLISHED_R2
@@ -348,7 +348,7 @@ def _suite_summary(ok: list[dict[str, Any]]) -> str:
             body = "".join(
                 f"<tr><td>{esc(r['method'])}</td><td>{esc(r['head'])}</td><td>{_f(r['mean_r2'])}</td>"
                 f"<td>{r['mean_rank']:.2f} [{r['rank_low']:.2f}, {r['rank_high']:.2f}]</td>"
-                f"<td>{r['wins']}/{r['n_compared']}</td><td>{r['n_pairs']}</td></tr>"
+                f"<td>{wins_text(r)}</td><td>{r['n_pairs']}</td></tr>"
                 for r in group.to_dict("records"))
             n_common = int(group["n_common"].iloc[0])
             caveats = "".join(f" {esc(c)}." for c in SUITES[str(name)].caveats)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +42,10 @@ def city() -> CityData:
 
 @pytest.fixture(scope="module")
 def h3_city() -> CityData:
+    return make_h3_city()
+
+
+def make_h3_city() -> CityData:
     """61 H3 cells (a Berlin cell and four rings around it) with Poisson POI counts."""
     cells = sorted(h3.grid_disk(h3.latlng_to_cell(52.52, 13.40, 9), 4))
     ids = pd.Index(cells, name="region_id")
@@ -139,6 +145,18 @@ def test_hex2vec_is_seeded_quiet_and_writes_nothing(city: CityData, tmp_path: Pa
     assert list(tmp_path.iterdir()) == []  # no lightning_logs/ or checkpoints
     out = capsys.readouterr()
     assert "GPU available" not in out.out + out.err
+
+
+def test_hex2vec_on_h3_cells_is_the_same_in_every_process(tmp_path: Path) -> None:
+    # H3 ids are strings, and Python walks a set of strings in an order set by its per-process hash seed: the
+    # same seed once trained another hex2vec in each process (srai builds its training pairs from such sets).
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy as np; "
+              "from test_srai import FAST_HEX2VEC, _build, make_h3_city; "
+              "np.save(sys.argv[2], _build('hex2vec', 0, **FAST_HEX2VEC).fit_transform(make_h3_city()).to_numpy())")
+    for hash_seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path / f"{hash_seed}.npy")],
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True, capture_output=True)
+    assert np.array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "2.npy"))
 
 
 def test_hex2vec_embedding_can_be_probed(city: CityData) -> None:

@@ -184,6 +184,32 @@ def _table_neighbourhood(table: dict[Any, set[Any]]) -> Any:
     return TableNeighbourhood(table)
 
 
+def _integer_ids(city: CityData, regions: gpd.GeoDataFrame, joint: pd.DataFrame,
+                 neighbourhood: Any = None) -> tuple[gpd.GeoDataFrame, pd.DataFrame, Any]:
+    """srai's frames (and neighbourhood) with the regions numbered 0..N-1, where the city's ids are not integers.
+
+    srai's neighbourhoods answer in Python sets, and hex2vec builds its training pairs by walking them: a set of
+    strings (H3 cells) is walked in an order set by the interpreter's per-process string hashing, so the same seed
+    trained another model in each process. Sets of integers filled in the same order are walked in the same order in
+    every process.
+    Integer ids are returned as they are (their results do not move).
+    """
+    ids = city.region_ids
+    if pd.api.types.is_integer_dtype(ids.dtype):
+        return regions, joint, neighbourhood
+    position = pd.Series(np.arange(len(ids)), index=ids)
+    numbered = regions.set_axis(pd.RangeIndex(len(ids), name=regions.index.name))
+    region_level = joint.index.get_level_values(0)
+    joint_numbered = joint.set_axis(pd.MultiIndex.from_arrays(
+        [position.reindex(region_level).to_numpy(), joint.index.get_level_values(1)], names=joint.index.names))
+    if neighbourhood is not None:
+        # Filled in sorted order: even a set of integers is walked in an order that depends on its insertions.
+        table = {int(position[r]): set(sorted(int(position[n]) for n in neighbourhood.get_neighbours(r)
+                                              if n in position.index and n != r)) for r in ids}
+        neighbourhood = _table_neighbourhood(table)
+    return numbered, joint_numbered, neighbourhood
+
+
 # -- seeded, quiet, one-thread training ----------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
@@ -391,6 +417,7 @@ class SraiHex2Vec(_SraiEmbedder):
         regions, features, joint = self._frames(city)
         neighbourhood, self.neighbourhood_source_ = city_neighbourhood(city)
         _check_negatives(city, neighbourhood, self.negative_distance)
+        regions, joint, neighbourhood = _integer_ids(city, regions, joint, neighbourhood)
         self.columns_ = list(city.view("poi_counts").columns)
         embedder = _in_region_order(Hex2VecEmbedder(encoder_sizes=list(self.encoder_sizes),
                                                     expected_output_features=_expected_columns(city, "poi_counts"),
@@ -406,8 +433,9 @@ class SraiHex2Vec(_SraiEmbedder):
         self._check_fitted("embedder_")
         self._check_columns(city)
         regions, features, joint = self._frames(city)
+        regions, joint, _ = _integer_ids(city, regions, joint)
         with _seeded_training(self.random_state):
-            embedding = self.embedder_.transform(regions, features, joint).reindex(city.region_ids)
+            embedding = self.embedder_.transform(regions, features, joint).reindex(regions.index)
         return _finite("hex2vec", as_embedding(embedding.to_numpy(dtype=float), city.region_ids))
 
 

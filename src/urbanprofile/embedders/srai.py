@@ -197,15 +197,14 @@ def _integer_ids(city: CityData, regions: gpd.GeoDataFrame, joint: pd.DataFrame,
     ids = city.region_ids
     if pd.api.types.is_integer_dtype(ids.dtype):
         return regions, joint, neighbourhood
-    position = pd.Series(np.arange(len(ids)), index=ids)
     numbered = regions.set_axis(pd.RangeIndex(len(ids), name=regions.index.name))
-    region_level = joint.index.get_level_values(0)
     joint_numbered = joint.set_axis(pd.MultiIndex.from_arrays(
-        [position.reindex(region_level).to_numpy(), joint.index.get_level_values(1)], names=joint.index.names))
+        [ids.get_indexer(joint.index.get_level_values(0)), joint.index.get_level_values(1)], names=joint.index.names))
     if neighbourhood is not None:
+        position = {r: k for k, r in enumerate(ids)}  # a dict: one lookup per neighbour of every region
         # Filled in sorted order: even a set of integers is walked in an order that depends on its insertions.
-        table = {int(position[r]): set(sorted(int(position[n]) for n in neighbourhood.get_neighbours(r)
-                                              if n in position.index and n != r)) for r in ids}
+        table = {k: set(sorted(position[n] for n in neighbourhood.get_neighbours(r) if n in position and n != r))
+                 for r, k in position.items()}
         neighbourhood = _table_neighbourhood(table)
     return numbered, joint_numbered, neighbourhood
 
